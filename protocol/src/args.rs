@@ -1,0 +1,426 @@
+//! `TrainArgs`: LLaMA-Factory's model, data, fine-tuning, generation and training arguments in one
+//! flat namespace, exactly as they are spelled in a training YAML. Defaults are LLaMA-Factory's
+//! (and Hugging Face `Seq2SeqTrainingArguments`' where LLaMA-Factory inherits them).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainArgs {
+    // ---- model ----
+    pub model_name_or_path: Option<String>,
+    pub adapter_name_or_path: Option<String>,
+    pub adapter_folder: Option<String>,
+    pub cache_dir: Option<String>,
+    pub trust_remote_code: bool,
+    pub use_fast_tokenizer: bool,
+    pub resize_vocab: bool,
+    pub split_special_tokens: bool,
+    pub add_tokens: Option<String>,
+    pub add_special_tokens: Option<String>,
+    pub model_revision: String,
+    pub low_cpu_mem_usage: bool,
+    pub rope_scaling: Option<String>,
+    pub flash_attn: String,
+    pub shift_attn: bool,
+    pub use_unsloth: bool,
+    pub enable_liger_kernel: bool,
+    pub disable_gradient_checkpointing: bool,
+    pub upcast_layernorm: bool,
+    pub upcast_lmhead_output: bool,
+    pub train_from_scratch: bool,
+    pub infer_backend: String,
+    pub infer_dtype: String,
+    pub use_kv_cache: bool,
+    pub print_param_status: bool,
+    pub quantization_method: String,
+    pub quantization_bit: Option<u32>,
+    pub hf_hub_token: Option<String>,
+    // ---- export ----
+    pub export_dir: Option<String>,
+    pub export_size: u32,
+    pub export_device: String,
+    pub export_legacy_format: bool,
+    pub export_quantization_bit: Option<u32>,
+    // ---- data ----
+    pub template: Option<String>,
+    pub dataset: Option<String>,
+    pub eval_dataset: Option<String>,
+    pub dataset_dir: String,
+    pub media_dir: Option<String>,
+    pub cutoff_len: usize,
+    pub train_on_prompt: bool,
+    pub mask_history: bool,
+    pub streaming: bool,
+    pub buffer_size: usize,
+    pub mix_strategy: String,
+    pub interleave_probs: Option<String>,
+    pub overwrite_cache: bool,
+    pub preprocessing_batch_size: usize,
+    pub preprocessing_num_workers: Option<usize>,
+    pub max_samples: Option<usize>,
+    pub eval_num_beams: Option<usize>,
+    pub ignore_pad_token_for_loss: bool,
+    /// A fraction of the data when below 1, a number of examples otherwise.
+    pub val_size: f64,
+    pub eval_on_each_dataset: bool,
+    /// `None` means: on for `pt`, off otherwise.
+    pub packing: Option<bool>,
+    pub neat_packing: bool,
+    pub tool_format: Option<String>,
+    pub default_system: Option<String>,
+    pub enable_thinking: bool,
+    pub preserve_thinking: bool,
+    pub tokenized_path: Option<String>,
+    // ---- fine-tuning method ----
+    pub stage: String,
+    pub finetuning_type: String,
+    pub pure_bf16: bool,
+    pub use_llama_pro: bool,
+    pub freeze_trainable_layers: i64,
+    pub freeze_trainable_modules: String,
+    pub freeze_extra_modules: Option<String>,
+    pub lora_rank: usize,
+    /// `None` means twice `lora_rank`.
+    pub lora_alpha: Option<f64>,
+    pub lora_dropout: f64,
+    pub lora_target: String,
+    pub additional_target: Option<String>,
+    pub loraplus_lr_ratio: Option<f64>,
+    pub loraplus_lr_embedding: f64,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub pissa_init: bool,
+    pub pissa_iter: i64,
+    pub pissa_convert: bool,
+    pub create_new_adapter: bool,
+    // ---- preference / reward ----
+    pub pref_beta: f64,
+    pub pref_ftx: f64,
+    pub pref_bco_weight: f64,
+    pub pref_loss: String,
+    pub dpo_label_smoothing: f64,
+    pub simpo_gamma: f64,
+    pub ld_alpha: Option<f64>,
+    pub kto_chosen_weight: f64,
+    pub kto_rejected_weight: f64,
+    pub ppo_buffer_size: usize,
+    pub ppo_epochs: usize,
+    pub ppo_score_norm: bool,
+    pub ppo_target: f64,
+    pub ppo_whiten_rewards: bool,
+    pub ref_model: Option<String>,
+    pub ref_model_adapters: Option<String>,
+    pub reward_model: Option<String>,
+    pub reward_model_adapters: Option<String>,
+    pub reward_model_type: String,
+    pub compute_accuracy: bool,
+    pub disable_shuffling: bool,
+    pub early_stopping_steps: Option<usize>,
+    pub plot_loss: bool,
+    pub include_effective_tokens_per_second: bool,
+    // ---- generation ----
+    pub do_sample: bool,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub num_beams: usize,
+    pub max_length: usize,
+    pub max_new_tokens: usize,
+    pub repetition_penalty: f64,
+    pub length_penalty: f64,
+    pub skip_special_tokens: bool,
+    // ---- training loop ----
+    pub output_dir: Option<String>,
+    pub overwrite_output_dir: bool,
+    pub do_train: bool,
+    pub do_eval: bool,
+    pub do_predict: bool,
+    pub per_device_train_batch_size: usize,
+    pub per_device_eval_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub num_train_epochs: f64,
+    pub max_steps: i64,
+    pub lr_scheduler_type: String,
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    pub logging_steps: usize,
+    pub save_steps: usize,
+    pub save_strategy: String,
+    pub save_total_limit: Option<usize>,
+    pub save_only_model: bool,
+    pub save_safetensors: bool,
+    pub eval_strategy: String,
+    pub eval_steps: Option<usize>,
+    pub bf16: bool,
+    pub fp16: bool,
+    pub gradient_checkpointing: bool,
+    pub report_to: Option<String>,
+    pub run_name: Option<String>,
+    pub ddp_timeout: u64,
+    pub deepspeed: Option<String>,
+    pub resume_from_checkpoint: Option<String>,
+    pub predict_with_generate: bool,
+    pub dataloader_num_workers: usize,
+    pub seed: u64,
+    pub optim: String,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        Self {
+            model_name_or_path: None,
+            adapter_name_or_path: None,
+            adapter_folder: None,
+            cache_dir: None,
+            trust_remote_code: false,
+            use_fast_tokenizer: true,
+            resize_vocab: false,
+            split_special_tokens: false,
+            add_tokens: None,
+            add_special_tokens: None,
+            model_revision: "main".into(),
+            low_cpu_mem_usage: true,
+            rope_scaling: None,
+            flash_attn: "auto".into(),
+            shift_attn: false,
+            use_unsloth: false,
+            enable_liger_kernel: false,
+            disable_gradient_checkpointing: false,
+            upcast_layernorm: false,
+            upcast_lmhead_output: false,
+            train_from_scratch: false,
+            infer_backend: "huggingface".into(),
+            infer_dtype: "auto".into(),
+            use_kv_cache: true,
+            print_param_status: false,
+            quantization_method: "bnb".into(),
+            quantization_bit: None,
+            hf_hub_token: None,
+            export_dir: None,
+            export_size: 5,
+            export_device: "cpu".into(),
+            export_legacy_format: false,
+            export_quantization_bit: None,
+            template: None,
+            dataset: None,
+            eval_dataset: None,
+            dataset_dir: "data".into(),
+            media_dir: None,
+            cutoff_len: 2048,
+            train_on_prompt: false,
+            mask_history: false,
+            streaming: false,
+            buffer_size: 16384,
+            mix_strategy: "concat".into(),
+            interleave_probs: None,
+            overwrite_cache: false,
+            preprocessing_batch_size: 1000,
+            preprocessing_num_workers: None,
+            max_samples: None,
+            eval_num_beams: None,
+            ignore_pad_token_for_loss: true,
+            val_size: 0.0,
+            eval_on_each_dataset: false,
+            packing: None,
+            neat_packing: false,
+            tool_format: None,
+            default_system: None,
+            enable_thinking: true,
+            preserve_thinking: false,
+            tokenized_path: None,
+            stage: "sft".into(),
+            finetuning_type: "lora".into(),
+            pure_bf16: false,
+            use_llama_pro: false,
+            freeze_trainable_layers: 2,
+            freeze_trainable_modules: "all".into(),
+            freeze_extra_modules: None,
+            lora_rank: 8,
+            lora_alpha: None,
+            lora_dropout: 0.0,
+            lora_target: "all".into(),
+            additional_target: None,
+            loraplus_lr_ratio: None,
+            loraplus_lr_embedding: 1e-6,
+            use_rslora: false,
+            use_dora: false,
+            pissa_init: false,
+            pissa_iter: 16,
+            pissa_convert: false,
+            create_new_adapter: false,
+            pref_beta: 0.1,
+            pref_ftx: 0.0,
+            pref_bco_weight: 0.0,
+            pref_loss: "sigmoid".into(),
+            dpo_label_smoothing: 0.0,
+            simpo_gamma: 0.5,
+            ld_alpha: None,
+            kto_chosen_weight: 1.0,
+            kto_rejected_weight: 1.0,
+            ppo_buffer_size: 1,
+            ppo_epochs: 4,
+            ppo_score_norm: false,
+            ppo_target: 6.0,
+            ppo_whiten_rewards: false,
+            ref_model: None,
+            ref_model_adapters: None,
+            reward_model: None,
+            reward_model_adapters: None,
+            reward_model_type: "lora".into(),
+            compute_accuracy: false,
+            disable_shuffling: false,
+            early_stopping_steps: None,
+            plot_loss: false,
+            include_effective_tokens_per_second: false,
+            do_sample: true,
+            temperature: 0.95,
+            top_p: 0.7,
+            top_k: 50,
+            num_beams: 1,
+            max_length: 1024,
+            max_new_tokens: 1024,
+            repetition_penalty: 1.0,
+            length_penalty: 1.0,
+            skip_special_tokens: true,
+            output_dir: None,
+            overwrite_output_dir: false,
+            do_train: false,
+            do_eval: false,
+            do_predict: false,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-5,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            num_train_epochs: 3.0,
+            max_steps: -1,
+            lr_scheduler_type: "linear".into(),
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            logging_steps: 500,
+            save_steps: 500,
+            save_strategy: "steps".into(),
+            save_total_limit: None,
+            save_only_model: false,
+            save_safetensors: true,
+            eval_strategy: "no".into(),
+            eval_steps: None,
+            bf16: false,
+            fp16: false,
+            gradient_checkpointing: false,
+            report_to: None,
+            run_name: None,
+            ddp_timeout: 1800,
+            deepspeed: None,
+            resume_from_checkpoint: None,
+            predict_with_generate: false,
+            dataloader_num_workers: 0,
+            seed: 42,
+            optim: "adamw_torch".into(),
+        }
+    }
+}
+
+/// Keys LLaMA-Factory accepts that change nothing in this engine (multi-process, hub and
+/// CUDA-library knobs). They are read so LLaMA-Factory YAMLs run unchanged; a non-default value
+/// earns a warning, never silence.
+pub const NO_EFFECT_KEYS: &[&str] = &[
+    "trust_remote_code",
+    "use_fast_tokenizer",
+    "low_cpu_mem_usage",
+    "flash_attn",
+    "use_unsloth",
+    "enable_liger_kernel",
+    "preprocessing_num_workers",
+    "preprocessing_batch_size",
+    "dataloader_num_workers",
+    "overwrite_cache",
+    "ddp_timeout",
+    "report_to",
+    "model_revision",
+    "infer_backend",
+    "save_safetensors",
+    "optim",
+];
+
+impl TrainArgs {
+    /// Every key of the namespace, in declaration order.
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(Self::default()) {
+            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => unreachable!("TrainArgs serializes to an object"),
+        }
+    }
+
+    /// LoRA alpha with LLaMA-Factory's default of twice the rank.
+    pub fn lora_alpha(&self) -> f64 {
+        self.lora_alpha.unwrap_or(2.0 * self.lora_rank as f64)
+    }
+
+    /// Packing is on by default for pre-training only.
+    pub fn packing(&self) -> bool {
+        self.packing.unwrap_or(self.stage == "pt") || self.neat_packing
+    }
+
+    /// Dataset names of a comma-separated list, trimmed, empties dropped.
+    pub fn split_list(value: Option<&str>) -> Vec<String> {
+        value
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The keys whose value differs from the default, as a YAML-ready JSON object; this is what
+    /// a run's `training_args.yaml` holds.
+    pub fn non_default(&self) -> serde_json::Map<String, serde_json::Value> {
+        let defaults = serde_json::to_value(Self::default()).unwrap_or_default();
+        let mine = serde_json::to_value(self).unwrap_or_default();
+        let (Some(d), Some(m)) = (defaults.as_object(), mine.as_object()) else {
+            return Default::default();
+        };
+        m.iter()
+            .filter(|(k, v)| d.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_llamafactory_defaults() {
+        let a = TrainArgs::default();
+        assert_eq!(a.cutoff_len, 2048);
+        assert_eq!(a.lora_alpha(), 16.0);
+        assert!(a.packing() == false);
+        let pt = TrainArgs { stage: "pt".into(), ..TrainArgs::default() };
+        assert!(pt.packing());
+        assert!(TrainArgs::keys().contains(&"lora_target".to_string()));
+        for k in NO_EFFECT_KEYS {
+            assert!(TrainArgs::keys().contains(&k.to_string()), "{k}");
+        }
+    }
+
+    #[test]
+    fn non_default_lists_only_changed_keys() {
+        let a = TrainArgs { learning_rate: 1e-4, ..TrainArgs::default() };
+        let keys: Vec<_> = a.non_default().keys().cloned().collect();
+        assert_eq!(keys, vec!["learning_rate"]);
+    }
+}

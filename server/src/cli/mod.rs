@@ -1,0 +1,50 @@
+//! Command-line interface; subcommand names follow `llamafactory-cli`.
+
+mod demo;
+mod env;
+mod preview;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "llamafactory", version, about = "Fine-tune LLMs with LLaMA-Factory configs, natively")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the processed training examples of a config, exactly as training would see them.
+    PreviewData(preview::PreviewArgs),
+    /// Build the tiny demo model (random init) and its tokenizer in Hugging Face layout.
+    Demo {
+        /// Output folder.
+        #[arg(long, default_value = "models/demo")]
+        out: PathBuf,
+        /// Dataset dir whose demo data trains the tokenizer.
+        #[arg(long, default_value = "data")]
+        dataset_dir: PathBuf,
+    },
+    /// Print versions, device, threads and data/model dirs.
+    Env,
+    /// Print the version.
+    Version,
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::PreviewData(a) => preview::run(a),
+        Command::Demo { out, dataset_dir } => demo::run(&out, &dataset_dir),
+        Command::Env => env::run(),
+        Command::Version => {
+            println!("llamafactory {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

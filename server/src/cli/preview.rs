@@ -1,0 +1,114 @@
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use trainer::data::pipeline::{get_dataset, load_tokenizer_and_template};
+use trainer::data::processor::Features;
+use trainer::data::IGNORE_INDEX;
+use trainer::tokenizer::HfTokenizer;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Json,
+    Text,
+}
+
+#[derive(Args)]
+pub struct PreviewArgs {
+    /// LLaMA-Factory training YAML.
+    config: PathBuf,
+    /// `key=value` overrides, applied after the file.
+    overrides: Vec<String>,
+    /// How many examples to print (0 = all).
+    #[arg(long, default_value_t = 3)]
+    num: usize,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Show the evaluation set instead of the training set.
+    #[arg(long)]
+    eval: bool,
+}
+
+pub fn run(a: PreviewArgs) -> Result<ExitCode> {
+    let (args, warnings) = trainer::config::load_args(&a.config, &a.overrides)?;
+    trainer::config::validate(&args)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let (tok, template, warnings) = load_tokenizer_and_template(&args)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let module = get_dataset(&args, &tok, &template)?;
+    for s in module.skipped.iter().take(20) {
+        eprintln!("warning: skipped {s}");
+    }
+    let rows = if a.eval { &module.eval } else { &module.train };
+    eprintln!(
+        "{} {} examples ({} records skipped)",
+        rows.len(),
+        if a.eval { "eval" } else { "train" },
+        module.skipped.len()
+    );
+    let take = if a.num == 0 { rows.len() } else { a.num.min(rows.len()) };
+    let mut out = std::io::stdout().lock();
+    for (i, f) in rows.iter().take(take).enumerate() {
+        match a.format {
+            Format::Json => writeln!(out, "{}", serde_json::to_string(f)?)?,
+            Format::Text => write_text(&mut out, &tok, i + 1, f)?,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Decoded text with trained spans between ⟦ and ⟧, so people see what the loss covers.
+fn marked(tok: &HfTokenizer, ids: &[u32], labels: Option<&[i64]>) -> String {
+    let Some(labels) = labels else {
+        return tok.decode(ids, false);
+    };
+    let mut out = String::new();
+    let mut start = 0;
+    while start < ids.len() {
+        let trained = labels.get(start).is_some_and(|&l| l != IGNORE_INDEX);
+        let mut end = start;
+        while end < ids.len() && labels.get(end).is_some_and(|&l| l != IGNORE_INDEX) == trained {
+            end += 1;
+        }
+        let text = tok.decode(&ids[start..end], false);
+        if trained {
+            out += &format!("⟦{text}⟧");
+        } else {
+            out += &text;
+        }
+        start = end;
+    }
+    out
+}
+
+fn write_text(out: &mut impl Write, tok: &HfTokenizer, n: usize, f: &Features) -> Result<()> {
+    let trained = |l: &Option<Vec<i64>>| l.as_ref().map(|l| l.iter().filter(|&&x| x != IGNORE_INDEX).count());
+    if let (Some(ci), Some(ri)) = (&f.chosen_input_ids, &f.rejected_input_ids) {
+        writeln!(out, "━━ example {n} (pairwise) ━━")?;
+        writeln!(out, "── chosen ({} tokens, {} trained):", ci.len(), trained(&f.chosen_labels).unwrap_or(0))?;
+        writeln!(out, "{}", marked(tok, ci, f.chosen_labels.as_deref()))?;
+        writeln!(out, "── rejected ({} tokens, {} trained):", ri.len(), trained(&f.rejected_labels).unwrap_or(0))?;
+        writeln!(out, "{}", marked(tok, ri, f.rejected_labels.as_deref()))?;
+        return Ok(());
+    }
+    let ids = f.input_ids.as_deref().unwrap_or_default();
+    let tag = match f.kto_tags {
+        Some(true) => ", desirable",
+        Some(false) => ", undesirable",
+        None => "",
+    };
+    let count = trained(&f.labels).map(|t| format!(", {t} trained")).unwrap_or_default();
+    writeln!(out, "━━ example {n} ({} tokens{count}{tag}) ━━", ids.len())?;
+    writeln!(out, "{}", marked(tok, ids, f.labels.as_deref()))?;
+    if let Some(kl) = &f.kl_input_ids {
+        writeln!(out, "── KL pair ({} tokens):", kl.len())?;
+        writeln!(out, "{}", marked(tok, kl, f.kl_labels.as_deref()))?;
+    }
+    Ok(())
+}

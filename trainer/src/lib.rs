@@ -1,0 +1,7 @@
+//! Everything about models and data: configs, datasets, templates, processors, the demo model.
+
+pub mod config;
+pub mod data;
+pub mod demo;
+pub mod hub;
+pub mod tokenizer;
