@@ -408,8 +408,11 @@ mod tests {
         let a = TrainArgs::default();
         assert_eq!(a.cutoff_len, 2048);
         assert_eq!(a.lora_alpha(), 16.0);
-        assert!(a.packing() == false);
-        let pt = TrainArgs { stage: "pt".into(), ..TrainArgs::default() };
+        assert!(!a.packing());
+        let pt = TrainArgs {
+            stage: "pt".into(),
+            ..TrainArgs::default()
+        };
         assert!(pt.packing());
         assert!(TrainArgs::keys().contains(&"lora_target".to_string()));
         for k in NO_EFFECT_KEYS {
@@ -419,7 +422,10 @@ mod tests {
 
     #[test]
     fn non_default_lists_only_changed_keys() {
-        let a = TrainArgs { learning_rate: 1e-4, ..TrainArgs::default() };
+        let a = TrainArgs {
+            learning_rate: 1e-4,
+            ..TrainArgs::default()
+        };
         let keys: Vec<_> = a.non_default().keys().cloned().collect();
         assert_eq!(keys, vec!["learning_rate"]);
     }

@@ -6,14 +6,36 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum WorkerEvent {
-    Started { total_steps: u64, num_examples: u64, skipped_examples: u64 },
+    Started {
+        total_steps: u64,
+        num_examples: u64,
+        skipped_examples: u64,
+    },
     Step(StepMetrics),
-    Eval { step: u64, metrics: serde_json::Map<String, serde_json::Value> },
-    Checkpoint { step: u64, path: String },
-    Log { level: String, message: String },
-    Finished { step: u64, metrics: serde_json::Map<String, serde_json::Value> },
-    Aborted { step: u64, checkpoint: Option<String> },
-    Failed { step: Option<u64>, error: String },
+    Eval {
+        step: u64,
+        metrics: serde_json::Map<String, serde_json::Value>,
+    },
+    Checkpoint {
+        step: u64,
+        path: String,
+    },
+    Log {
+        level: String,
+        message: String,
+    },
+    Finished {
+        step: u64,
+        metrics: serde_json::Map<String, serde_json::Value>,
+    },
+    Aborted {
+        step: u64,
+        checkpoint: Option<String>,
+    },
+    Failed {
+        step: Option<u64>,
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,7 +57,10 @@ mod tests {
 
     #[test]
     fn events_are_tagged_json_lines() {
-        let e = WorkerEvent::Log { level: "warn".into(), message: "x".into() };
+        let e = WorkerEvent::Log {
+            level: "warn".into(),
+            message: "x".into(),
+        };
         let line = serde_json::to_string(&e).unwrap();
         assert_eq!(line, r#"{"event":"log","level":"warn","message":"x"}"#);
         assert_eq!(serde_json::from_str::<WorkerEvent>(&line).unwrap(), e);

@@ -9,9 +9,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder, TokenizerImpl};
 use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{
+    AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, TokenizerBuilder, TokenizerImpl,
+};
 
 use crate::data::dataset_info::DatasetInfo;
 use crate::data::loader::load_records;
@@ -53,13 +56,18 @@ fn corpus(dataset_dir: &Path) -> Result<Vec<String>> {
     let info = DatasetInfo::load(dataset_dir)?;
     let mut texts = Vec::new();
     for attr in info.all() {
-        let Ok(records) = load_records(&attr, dataset_dir) else { continue };
+        let Ok(records) = load_records(&attr, dataset_dir) else {
+            continue;
+        };
         for r in records {
             collect_strings(&Value::Object(r.value), &mut texts);
         }
     }
     if texts.is_empty() {
-        return Err(anyhow!("no text found in the datasets of {}", dataset_dir.display()));
+        return Err(anyhow!(
+            "no text found in the datasets of {}",
+            dataset_dir.display()
+        ));
     }
     Ok(texts)
 }
@@ -73,7 +81,13 @@ fn collect_strings(v: &Value, out: &mut Vec<String>) {
     }
 }
 
-type Tok = TokenizerImpl<ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
+type Tok = TokenizerImpl<
+    ModelWrapper,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
 
 fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tok> {
     let byte_level = ByteLevel::default().add_prefix_space(false);
@@ -85,7 +99,10 @@ fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tok> {
         .with_decoder(Some(DecoderWrapper::ByteLevel(byte_level)))
         .build()
         .map_err(|e| anyhow!("building tokenizer: {e}"))?;
-    let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
+    let specials: Vec<AddedToken> = SPECIAL_TOKENS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
     let trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
@@ -94,8 +111,10 @@ fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tok> {
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut trainer = TrainerWrapper::BpeTrainer(trainer);
-    tok.train(&mut trainer, texts.iter()).map_err(|e| anyhow!("training tokenizer: {e}"))?;
-    tok.add_special_tokens(specials).map_err(|e| anyhow!("adding special tokens: {e}"))?;
+    tok.train(&mut trainer, texts.iter())
+        .map_err(|e| anyhow!("training tokenizer: {e}"))?;
+    tok.add_special_tokens(specials)
+        .map_err(|e| anyhow!("adding special tokens: {e}"))?;
     Ok(tok)
 }
 
@@ -118,8 +137,13 @@ fn write_weights(path: &Path, cfg: &DemoConfig, vocab: usize) -> Result<usize> {
     let head_dim = h / cfg.num_attention_heads;
     let kv = cfg.num_key_value_heads * head_dim;
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, data: Vec<f32>| tensors.push((name, shape, data));
-    add("model.embed_tokens.weight".into(), vec![vocab, h], normal(&mut rng, vocab * h, 0.02));
+    let mut add =
+        |name: String, shape: Vec<usize>, data: Vec<f32>| tensors.push((name, shape, data));
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![vocab, h],
+        normal(&mut rng, vocab * h, 0.02),
+    );
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         for (name, out, inp) in [
@@ -131,10 +155,18 @@ fn write_weights(path: &Path, cfg: &DemoConfig, vocab: usize) -> Result<usize> {
             ("mlp.up_proj", cfg.intermediate_size, h),
             ("mlp.down_proj", h, cfg.intermediate_size),
         ] {
-            add(format!("{p}.{name}.weight"), vec![out, inp], normal(&mut rng, out * inp, 0.02));
+            add(
+                format!("{p}.{name}.weight"),
+                vec![out, inp],
+                normal(&mut rng, out * inp, 0.02),
+            );
         }
         add(format!("{p}.input_layernorm.weight"), vec![h], vec![1.0; h]);
-        add(format!("{p}.post_attention_layernorm.weight"), vec![h], vec![1.0; h]);
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            vec![1.0; h],
+        );
     }
     add("model.norm.weight".into(), vec![h], vec![1.0; h]);
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
@@ -143,11 +175,20 @@ fn write_weights(path: &Path, cfg: &DemoConfig, vocab: usize) -> Result<usize> {
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
         .iter()
-        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
+        .map(|(n, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let params: usize = bytes.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
+    let params: usize = bytes
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<usize>())
+        .sum();
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), path).with_context(|| format!("writing {}", path.display()))?;
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(params)
 }
 
@@ -156,7 +197,8 @@ pub fn build_demo_model(out: &Path, dataset_dir: &Path, cfg: &DemoConfig) -> Res
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let texts = corpus(dataset_dir)?;
     let tok = train_tokenizer(&texts, cfg.vocab_size)?;
-    tok.save(out.join("tokenizer.json"), false).map_err(|e| anyhow!("saving tokenizer: {e}"))?;
+    tok.save(out.join("tokenizer.json"), false)
+        .map_err(|e| anyhow!("saving tokenizer: {e}"))?;
     let vocab = tok.get_vocab_size(true);
     let added: serde_json::Map<String, Value> = SPECIAL_TOKENS
         .iter()
@@ -179,11 +221,14 @@ pub fn build_demo_model(out: &Path, dataset_dir: &Path, cfg: &DemoConfig) -> Res
         "unk_token": null
     });
     write_json(&out.join("tokenizer_config.json"), &tok_cfg)?;
-    write_json(&out.join("special_tokens_map.json"), &json!({
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>"
-    }))?;
+    write_json(
+        &out.join("special_tokens_map.json"),
+        &json!({
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>"
+        }),
+    )?;
     let id = |t: &str| tok.token_to_id(t).map(Value::from).unwrap_or(Value::Null);
     let config = json!({
         "architectures": ["LlamaForCausalLM"],
@@ -212,12 +257,15 @@ pub fn build_demo_model(out: &Path, dataset_dir: &Path, cfg: &DemoConfig) -> Res
         "vocab_size": vocab
     });
     write_json(&out.join("config.json"), &config)?;
-    write_json(&out.join("generation_config.json"), &json!({
-        "bos_token_id": id("<|endoftext|>"),
-        "eos_token_id": [id("<|im_end|>"), id("<|endoftext|>")],
-        "pad_token_id": id("<|endoftext|>"),
-        "do_sample": true, "temperature": 0.7, "top_p": 0.8, "top_k": 20
-    }))?;
+    write_json(
+        &out.join("generation_config.json"),
+        &json!({
+            "bos_token_id": id("<|endoftext|>"),
+            "eos_token_id": [id("<|im_end|>"), id("<|endoftext|>")],
+            "pad_token_id": id("<|endoftext|>"),
+            "do_sample": true, "temperature": 0.7, "top_p": 0.8, "top_k": 20
+        }),
+    )?;
     let params = write_weights(&out.join("model.safetensors"), cfg, vocab)?;
     Ok(format!(
         "demo model written to {} ({} parameters, vocab {vocab}, tokenizer trained on {} texts)",
@@ -228,5 +276,6 @@ pub fn build_demo_model(out: &Path, dataset_dir: &Path, cfg: &DemoConfig) -> Res
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n").with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
 }

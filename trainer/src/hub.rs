@@ -27,7 +27,11 @@ pub fn cached_snapshot(cache: &Path, repo_id: &str, revision: &str) -> Option<Pa
         return Some(snap);
     }
     // A cache without refs (copied by hand): take the only snapshot there is.
-    let mut snaps: Vec<_> = std::fs::read_dir(repo.join("snapshots")).ok()?.flatten().map(|e| e.path()).collect();
+    let mut snaps: Vec<_> = std::fs::read_dir(repo.join("snapshots"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     (snaps.len() == 1).then(|| snaps.remove(0))
 }
 
@@ -40,7 +44,8 @@ pub fn resolve_model_dir(name_or_path: &str, revision: &str) -> Result<PathBuf> 
     if path.exists() {
         bail!("model path {name_or_path} is a file; give the folder that holds config.json");
     }
-    let looks_like_id = name_or_path.split('/').count() == 2 && !name_or_path.starts_with(['.', '/']);
+    let looks_like_id =
+        name_or_path.split('/').count() == 2 && !name_or_path.starts_with(['.', '/']);
     if looks_like_id {
         if let Some(cache) = hub_cache_dir() {
             if let Some(snap) = cached_snapshot(&cache, name_or_path, revision) {
@@ -64,15 +69,23 @@ mod tests {
     #[test]
     fn resolves_local_dirs_and_cached_ids() {
         let tmp = tempfile::tempdir().unwrap();
-        assert_eq!(resolve_model_dir(tmp.path().to_str().unwrap(), "main").unwrap(), tmp.path());
+        assert_eq!(
+            resolve_model_dir(tmp.path().to_str().unwrap(), "main").unwrap(),
+            tmp.path()
+        );
         let cache = tmp.path().join("hub");
         let repo = cache.join("models--Qwen--Qwen2.5-0.5B");
         std::fs::create_dir_all(repo.join("snapshots/abc123")).unwrap();
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
-        assert_eq!(cached_snapshot(&cache, "Qwen/Qwen2.5-0.5B", "main").unwrap(), repo.join("snapshots/abc123"));
+        assert_eq!(
+            cached_snapshot(&cache, "Qwen/Qwen2.5-0.5B", "main").unwrap(),
+            repo.join("snapshots/abc123")
+        );
         assert!(cached_snapshot(&cache, "Qwen/Other", "main").is_none());
-        let e = resolve_model_dir("/no/such/model", "main").unwrap_err().to_string();
+        let e = resolve_model_dir("/no/such/model", "main")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/no/such/model does not exist"), "{e}");
     }
 }

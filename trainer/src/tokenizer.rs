@@ -40,11 +40,14 @@ impl HfTokenizer {
                 dir.display()
             );
         }
-        let inner = Tokenizer::from_file(&file).map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
+        let inner = Tokenizer::from_file(&file)
+            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let config: serde_json::Map<String, Value> = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("invalid JSON in {}", cfg_path.display()))?
+            let text = std::fs::read_to_string(&cfg_path)
+                .with_context(|| format!("cannot read {}", cfg_path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("invalid JSON in {}", cfg_path.display()))?
         } else {
             Default::default()
         };
@@ -67,7 +70,10 @@ impl HfTokenizer {
             Some(b) => b,
             None => {
                 // No flag: the post-processor tells whether bos is added (Llama 3 style).
-                let probe = inner.encode("a", true).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+                let probe = inner
+                    .encode("a", true)
+                    .map(|e| e.get_ids().to_vec())
+                    .unwrap_or_default();
                 let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
                 bos_id.is_some() && probe.first().copied() == bos_id
             }
@@ -90,7 +96,10 @@ impl HfTokenizer {
         if text.is_empty() {
             return Vec::new();
         }
-        self.inner.encode(text, false).map(|e| e.get_ids().to_vec()).unwrap_or_default()
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default()
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
@@ -128,10 +137,18 @@ impl HfTokenizer {
     pub fn add_special_tokens(&mut self, tokens: &[String]) -> Result<usize> {
         // Tokens already in the vocabulary are registered too, so text containing them is split
         // on them, as `transformers` does; only the missing ones get new ids.
-        let missing: Vec<String> =
-            tokens.iter().filter(|t| self.token_to_id(t).is_none()).cloned().collect();
-        let added: Vec<AddedToken> = tokens.iter().map(|t| AddedToken::from(t.clone(), true)).collect();
-        self.inner.add_special_tokens(added).map_err(|e| anyhow!("cannot add special tokens {tokens:?}: {e}"))?;
+        let missing: Vec<String> = tokens
+            .iter()
+            .filter(|t| self.token_to_id(t).is_none())
+            .cloned()
+            .collect();
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .map(|t| AddedToken::from(t.clone(), true))
+            .collect();
+        self.inner
+            .add_special_tokens(added)
+            .map_err(|e| anyhow!("cannot add special tokens {tokens:?}: {e}"))?;
         self.new_tokens.extend(missing.iter().cloned());
         Ok(missing.len())
     }

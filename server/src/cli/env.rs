@@ -3,19 +3,32 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 pub fn run() -> Result<ExitCode> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let cwd = std::env::current_dir()?;
     println!("- `llamafactory` version: {}", env!("CARGO_PKG_VERSION"));
-    println!("- Platform: {} {}", std::env::consts::OS, std::env::consts::ARCH);
+    println!(
+        "- Platform: {} {}",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
     println!("- Device: CPU (GPU support is built with `--features cuda` or `--features metal`)");
     println!("- CPU threads: {threads}");
     if let Ok(t) = std::env::var("RAYON_NUM_THREADS") {
         println!("- RAYON_NUM_THREADS: {t}");
     }
     println!("- Work dir: {}", cwd.display());
-    println!("- Dataset dir (default `dataset_dir`): {}", cwd.join("data").display());
+    println!(
+        "- Dataset dir (default `dataset_dir`): {}",
+        cwd.join("data").display()
+    );
     match trainer::hub::hub_cache_dir() {
-        Some(p) => println!("- Hugging Face cache: {}{}", p.display(), if p.is_dir() { "" } else { " (not present)" }),
+        Some(p) => println!(
+            "- Hugging Face cache: {}{}",
+            p.display(),
+            if p.is_dir() { "" } else { " (not present)" }
+        ),
         None => println!("- Hugging Face cache: unknown (no HOME)"),
     }
     Ok(ExitCode::SUCCESS)

@@ -11,7 +11,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "llamafactory", version, about = "Fine-tune LLMs with LLaMA-Factory configs, natively")]
+#[command(
+    name = "llamafactory",
+    version,
+    about = "Fine-tune LLMs with LLaMA-Factory configs, natively"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

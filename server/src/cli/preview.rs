@@ -52,7 +52,11 @@ pub fn run(a: PreviewArgs) -> Result<ExitCode> {
         if a.eval { "eval" } else { "train" },
         module.skipped.len()
     );
-    let take = if a.num == 0 { rows.len() } else { a.num.min(rows.len()) };
+    let take = if a.num == 0 {
+        rows.len()
+    } else {
+        a.num.min(rows.len())
+    };
     let mut out = std::io::stdout().lock();
     for (i, f) in rows.iter().take(take).enumerate() {
         match a.format {
@@ -88,12 +92,25 @@ fn marked(tok: &HfTokenizer, ids: &[u32], labels: Option<&[i64]>) -> String {
 }
 
 fn write_text(out: &mut impl Write, tok: &HfTokenizer, n: usize, f: &Features) -> Result<()> {
-    let trained = |l: &Option<Vec<i64>>| l.as_ref().map(|l| l.iter().filter(|&&x| x != IGNORE_INDEX).count());
+    let trained = |l: &Option<Vec<i64>>| {
+        l.as_ref()
+            .map(|l| l.iter().filter(|&&x| x != IGNORE_INDEX).count())
+    };
     if let (Some(ci), Some(ri)) = (&f.chosen_input_ids, &f.rejected_input_ids) {
         writeln!(out, "━━ example {n} (pairwise) ━━")?;
-        writeln!(out, "── chosen ({} tokens, {} trained):", ci.len(), trained(&f.chosen_labels).unwrap_or(0))?;
+        writeln!(
+            out,
+            "── chosen ({} tokens, {} trained):",
+            ci.len(),
+            trained(&f.chosen_labels).unwrap_or(0)
+        )?;
         writeln!(out, "{}", marked(tok, ci, f.chosen_labels.as_deref()))?;
-        writeln!(out, "── rejected ({} tokens, {} trained):", ri.len(), trained(&f.rejected_labels).unwrap_or(0))?;
+        writeln!(
+            out,
+            "── rejected ({} tokens, {} trained):",
+            ri.len(),
+            trained(&f.rejected_labels).unwrap_or(0)
+        )?;
         writeln!(out, "{}", marked(tok, ri, f.rejected_labels.as_deref()))?;
         return Ok(());
     }
@@ -103,7 +120,9 @@ fn write_text(out: &mut impl Write, tok: &HfTokenizer, n: usize, f: &Features) -
         Some(false) => ", undesirable",
         None => "",
     };
-    let count = trained(&f.labels).map(|t| format!(", {t} trained")).unwrap_or_default();
+    let count = trained(&f.labels)
+        .map(|t| format!(", {t} trained"))
+        .unwrap_or_default();
     writeln!(out, "━━ example {n} ({} tokens{count}{tag}) ━━", ids.len())?;
     writeln!(out, "{}", marked(tok, ids, f.labels.as_deref()))?;
     if let Some(kl) = &f.kl_input_ids {

@@ -33,7 +33,10 @@ pub fn load_args(path: &Path, overrides: &[String]) -> Result<(TrainArgs, Vec<St
     }
     let mut merged = Map::new();
     for (key, value) in values {
-        let source = if overrides.iter().any(|o| o.split('=').next() == Some(key.as_str())) {
+        let source = if overrides
+            .iter()
+            .any(|o| o.split('=').next() == Some(key.as_str()))
+        {
             ArgSource::CommandLine
         } else {
             ArgSource::File(path)
@@ -66,7 +69,8 @@ pub fn parse_overrides(overrides: &[String]) -> Result<Vec<(String, Value)>> {
             let (k, v) = o
                 .split_once('=')
                 .ok_or_else(|| anyhow!("command line: `{o}` is not of the form key=value"))?;
-            let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(v).unwrap_or(serde_yaml_ng::Value::String(v.into()));
+            let value: serde_yaml_ng::Value =
+                serde_yaml_ng::from_str(v).unwrap_or(serde_yaml_ng::Value::String(v.into()));
             Ok((k.trim().to_string(), yaml_to_json(value, k)?))
         })
         .collect()
@@ -148,13 +152,19 @@ fn coerce(value: &Value) -> Option<Value> {
             _ => Some(Value::String(n.to_string())),
         },
         Value::Bool(b) => Some(Value::String(b.to_string())),
-        Value::Array(items) if items.iter().all(|i| !i.is_object() && !i.is_array()) => Some(Value::String(
-            items
-                .iter()
-                .map(|i| i.as_str().map(str::to_string).unwrap_or_else(|| i.to_string()))
-                .collect::<Vec<_>>()
-                .join(","),
-        )),
+        Value::Array(items) if items.iter().all(|i| !i.is_object() && !i.is_array()) => {
+            Some(Value::String(
+                items
+                    .iter()
+                    .map(|i| {
+                        i.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| i.to_string())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ))
+        }
         _ => None,
     }
 }
@@ -198,7 +208,11 @@ mod tests {
     #[test]
     fn reads_llamafactory_example_with_overrides() {
         let f = write("model_name_or_path: m\nlearning_rate: 1.0e-4\nnum_train_epochs: 3\nlora_target: all\nbf16: true\nddp_timeout: 180000000\nresume_from_checkpoint: null\n");
-        let (a, warnings) = load_args(f.path(), &["learning_rate=2e-5".into(), "cutoff_len=512".into()]).unwrap();
+        let (a, warnings) = load_args(
+            f.path(),
+            &["learning_rate=2e-5".into(), "cutoff_len=512".into()],
+        )
+        .unwrap();
         assert_eq!(a.learning_rate, 2e-5);
         assert_eq!(a.cutoff_len, 512);
         assert_eq!(a.num_train_epochs, 3.0);
@@ -220,12 +234,23 @@ mod tests {
     fn wrong_type_names_key_value_and_expected_type() {
         let f = write("cutoff_len: lots\n");
         let e = load_args(f.path(), &[]).unwrap_err().to_string();
-        assert!(e.contains("key `cutoff_len` has value \"lots\", expected a non-negative integer"), "{e}");
+        assert!(
+            e.contains("key `cutoff_len` has value \"lots\", expected a non-negative integer"),
+            "{e}"
+        );
         let f = write("bf16: maybe\n");
         let e = load_args(f.path(), &[]).unwrap_err().to_string();
-        assert!(e.contains("key `bf16`") && e.contains("true or false"), "{e}");
-        let e = load_args(write("").path(), &["learning_rate=fast".into()]).unwrap_err().to_string();
-        assert!(e.starts_with("command line: key `learning_rate`") && e.contains("a number"), "{e}");
+        assert!(
+            e.contains("key `bf16`") && e.contains("true or false"),
+            "{e}"
+        );
+        let e = load_args(write("").path(), &["learning_rate=fast".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("command line: key `learning_rate`") && e.contains("a number"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -244,7 +269,9 @@ mod tests {
         let f = write("a: [1,\n");
         let e = load_args(f.path(), &[]).unwrap_err().to_string();
         assert!(e.contains("invalid YAML") && e.contains("line"), "{e}");
-        let e = load_args(write("").path(), &["noequals".into()]).unwrap_err().to_string();
+        let e = load_args(write("").path(), &["noequals".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key=value"), "{e}");
     }
 }

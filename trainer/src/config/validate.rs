@@ -22,7 +22,10 @@ fn one_of(key: &str, value: &str, allowed: &[&str]) -> Result<()> {
     let hint = super::closest(value, allowed.iter().copied())
         .map(|s| format!(" (did you mean `{s}`?)"))
         .unwrap_or_default();
-    bail!("key `{key}` has value `{value}`, expected one of {}{hint}", allowed.join(", "))
+    bail!(
+        "key `{key}` has value `{value}`, expected one of {}{hint}",
+        allowed.join(", ")
+    )
 }
 
 /// LLaMA-Factory's cross-argument rules (its parser's post-init checks) for what this engine runs.
@@ -40,7 +43,10 @@ pub fn validate(a: &TrainArgs) -> Result<()> {
             ("mask_history", a.mask_history),
         ] {
             if on {
-                bail!("`{key}` is only valid for stage sft (stage is `{}`)", a.stage);
+                bail!(
+                    "`{key}` is only valid for stage sft (stage is `{}`)",
+                    a.stage
+                );
             }
         }
     }
@@ -70,7 +76,10 @@ pub fn validate(a: &TrainArgs) -> Result<()> {
             ("loraplus_lr_ratio", a.loraplus_lr_ratio.is_some()),
         ] {
             if on {
-                bail!("`{key}` is only valid for LoRA training (finetuning_type is `{}`)", a.finetuning_type);
+                bail!(
+                    "`{key}` is only valid for LoRA training (finetuning_type is `{}`)",
+                    a.finetuning_type
+                );
             }
         }
     }
@@ -104,12 +113,29 @@ mod tests {
 
     #[test]
     fn rejects_bad_choices_with_hint() {
-        let a = TrainArgs { stage: "stf".into(), ..TrainArgs::default() };
+        let a = TrainArgs {
+            stage: "stf".into(),
+            ..TrainArgs::default()
+        };
         let e = validate(&a).unwrap_err().to_string();
-        assert!(e.contains("`stage` has value `stf`") && e.contains("did you mean `sft`"), "{e}");
-        let a = TrainArgs { stage: "pt".into(), train_on_prompt: true, ..TrainArgs::default() };
-        assert!(validate(&a).unwrap_err().to_string().contains("only valid for stage sft"));
-        let a = TrainArgs { val_size: 0.1, eval_dataset: Some("x".into()), ..TrainArgs::default() };
+        assert!(
+            e.contains("`stage` has value `stf`") && e.contains("did you mean `sft`"),
+            "{e}"
+        );
+        let a = TrainArgs {
+            stage: "pt".into(),
+            train_on_prompt: true,
+            ..TrainArgs::default()
+        };
+        assert!(validate(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("only valid for stage sft"));
+        let a = TrainArgs {
+            val_size: 0.1,
+            eval_dataset: Some("x".into()),
+            ..TrainArgs::default()
+        };
         assert!(validate(&a).is_err());
         assert!(validate(&TrainArgs::default()).is_ok());
     }

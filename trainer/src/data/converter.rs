@@ -30,7 +30,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into() }
+        Self {
+            role,
+            content: content.into(),
+        }
     }
 }
 
@@ -55,7 +58,10 @@ type Conv<T> = Result<T, String>;
 /// `example[column]` with Python's truthiness helpers; a missing key reads as null like a
 /// `datasets` column absent from one row.
 fn col<'a>(rec: &'a Map<String, Value>, column: &Option<String>) -> Option<&'a Value> {
-    column.as_ref().and_then(|c| rec.get(c)).filter(|v| !v.is_null())
+    column
+        .as_ref()
+        .and_then(|c| rec.get(c))
+        .filter(|v| !v.is_null())
 }
 
 fn text(v: Option<&Value>, what: &str) -> Conv<String> {
@@ -86,7 +92,11 @@ fn medias(v: Option<&Value>, media_dir: &Path) -> Conv<Vec<String>> {
         match item {
             Value::String(p) => {
                 let joined = media_dir.join(p);
-                out.push(if joined.is_file() { joined.display().to_string() } else { p.clone() });
+                out.push(if joined.is_file() {
+                    joined.display().to_string()
+                } else {
+                    p.clone()
+                });
             }
             // Video frames come as nested lists; keep them as JSON text.
             other => out.push(other.to_string()),
@@ -152,8 +162,13 @@ fn alpaca(v: &Map<String, Value>, attr: &DatasetAttr) -> Conv<Aligned> {
     if let Some(Value::Array(history)) = col(v, &attr.history) {
         for (i, turn) in history.iter().enumerate() {
             let pair = turn.as_array().filter(|p| p.len() == 2);
-            let (Some(Value::String(q)), Some(Value::String(a))) = (pair.map(|p| &p[0]), pair.map(|p| &p[1])) else {
-                return Err(format!("history entry {} must be a [prompt, response] pair of strings", i + 1));
+            let (Some(Value::String(q)), Some(Value::String(a))) =
+                (pair.map(|p| &p[0]), pair.map(|p| &p[1]))
+            else {
+                return Err(format!(
+                    "history entry {} must be a [prompt, response] pair of strings",
+                    i + 1
+                ));
             };
             prompt.push(Message::new(Role::User, q.clone()));
             prompt.push(Message::new(Role::Assistant, a.clone()));
@@ -161,7 +176,10 @@ fn alpaca(v: &Map<String, Value>, attr: &DatasetAttr) -> Conv<Aligned> {
     }
     let mut query = Vec::new();
     for (column, what) in [(&attr.prompt, "prompt"), (&attr.query, "query")] {
-        let t = text(col(v, column), &format!("{what} column `{}`", column.as_deref().unwrap_or("")))?;
+        let t = text(
+            col(v, column),
+            &format!("{what} column `{}`", column.as_deref().unwrap_or("")),
+        )?;
         if !t.is_empty() {
             query.push(t);
         }
@@ -173,7 +191,10 @@ fn alpaca(v: &Map<String, Value>, attr: &DatasetAttr) -> Conv<Aligned> {
     } else if let (true, Some(Value::String(c)), Some(Value::String(r))) =
         (attr.ranking, col(v, &attr.chosen), col(v, &attr.rejected))
     {
-        vec![Message::new(Role::Assistant, c.clone()), Message::new(Role::Assistant, r.clone())]
+        vec![
+            Message::new(Role::Assistant, c.clone()),
+            Message::new(Role::Assistant, r.clone()),
+        ]
     } else if let Some(Value::String(r)) = response_text {
         vec![Message::new(Role::Assistant, r.clone())]
     } else {
@@ -183,22 +204,38 @@ fn alpaca(v: &Map<String, Value>, attr: &DatasetAttr) -> Conv<Aligned> {
     Ok((prompt, response, system, tools_text(col(v, &attr.tools))))
 }
 
-fn messages_of<'a>(v: &'a Map<String, Value>, attr: &DatasetAttr) -> Conv<Vec<&'a Map<String, Value>>> {
+fn messages_of<'a>(
+    v: &'a Map<String, Value>,
+    attr: &DatasetAttr,
+) -> Conv<Vec<&'a Map<String, Value>>> {
     let name = attr.messages.as_deref().unwrap_or("conversations");
     let Some(Value::Array(list)) = col(v, &attr.messages) else {
-        return Err(format!("column `{name}` is missing or not a list of messages"));
+        return Err(format!(
+            "column `{name}` is missing or not a list of messages"
+        ));
     };
     list.iter()
         .enumerate()
-        .map(|(i, m)| m.as_object().ok_or_else(|| format!("message {} of `{name}` is not an object", i + 1)))
+        .map(|(i, m)| {
+            m.as_object()
+                .ok_or_else(|| format!("message {} of `{name}` is not an object", i + 1))
+        })
         .collect()
 }
 
-fn field<'a>(m: &'a Map<String, Value>, tag: &Option<String>, i: usize, what: &str) -> Conv<&'a str> {
+fn field<'a>(
+    m: &'a Map<String, Value>,
+    tag: &Option<String>,
+    i: usize,
+    what: &str,
+) -> Conv<&'a str> {
     let name = tag.as_deref().unwrap_or(what);
     match m.get(name) {
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(format!("message {}: `{name}` must be a string, got {other}", i + 1)),
+        Some(other) => Err(format!(
+            "message {}: `{name}` must be a string, got {other}",
+            i + 1
+        )),
         None => Err(format!("message {}: field `{name}` is missing", i + 1)),
     }
 }
@@ -210,7 +247,11 @@ fn split_system<'a>(
     msgs: Vec<&'a Map<String, Value>>,
 ) -> Conv<(String, Vec<&'a Map<String, Value>>)> {
     if let (Some(tag), Some(first)) = (&attr.system_tag, msgs.first()) {
-        if first.get(attr.role_tag.as_deref().unwrap_or("from")).and_then(Value::as_str) == Some(tag.as_str()) {
+        if first
+            .get(attr.role_tag.as_deref().unwrap_or("from"))
+            .and_then(Value::as_str)
+            == Some(tag.as_str())
+        {
             let sys = field(first, &attr.content_tag, 0, "value")?.to_string();
             return Ok((sys, msgs[1..].to_vec()));
         }
@@ -226,7 +267,7 @@ fn is_even_role(r: Role) -> bool {
 }
 
 fn check_count(n: usize, ranking: bool) -> Conv<()> {
-    if (!ranking && n % 2 != 0) || (ranking && n % 2 == 0) {
+    if n.is_multiple_of(2) == ranking {
         return Err(format!(
             "Invalid message count: {n} messages, expected an {} number",
             if ranking { "odd" } else { "even" }
@@ -236,21 +277,29 @@ fn check_count(n: usize, ranking: bool) -> Conv<()> {
 }
 
 /// Pairwise, KTO or plain split of checked messages into prompt and response.
-fn finish(v: &Map<String, Value>, attr: &DatasetAttr, mut aligned: Vec<Message>) -> Conv<(Vec<Message>, Vec<Message>)> {
+fn finish(
+    v: &Map<String, Value>,
+    attr: &DatasetAttr,
+    mut aligned: Vec<Message>,
+) -> Conv<(Vec<Message>, Vec<Message>)> {
     if let Some(tag) = kto_flag(v, attr) {
         let last = aligned.pop().ok_or("no messages")?;
         return Ok((aligned, kto_response(last, tag)));
     }
     if attr.ranking {
-        if let (Some(Value::Object(c)), Some(Value::Object(r))) = (col(v, &attr.chosen), col(v, &attr.rejected)) {
+        if let (Some(Value::Object(c)), Some(Value::Object(r))) =
+            (col(v, &attr.chosen), col(v, &attr.rejected))
+        {
             let mut response = Vec::new();
             for (m, what) in [(c, "chosen"), (r, "rejected")] {
-                let role_tag = field(m, &attr.role_tag, 0, "from").map_err(|e| format!("{what}: {e}"))?;
+                let role_tag =
+                    field(m, &attr.role_tag, 0, "from").map_err(|e| format!("{what}: {e}"))?;
                 let role = tag_role(attr, role_tag).filter(|r| is_even_role(*r));
                 let Some(role) = role else {
                     return Err(format!("Invalid role tag `{role_tag}` in {what}: expected an assistant or function message"));
                 };
-                let content = field(m, &attr.content_tag, 0, "value").map_err(|e| format!("{what}: {e}"))?;
+                let content =
+                    field(m, &attr.content_tag, 0, "value").map_err(|e| format!("{what}: {e}"))?;
                 response.push(Message::new(role, content));
             }
             return Ok((aligned, response));
@@ -275,10 +324,17 @@ fn sharegpt(v: &Map<String, Value>, attr: &DatasetAttr) -> Conv<Aligned> {
             return Err(format!(
                 "Invalid role tag `{tag}` in message {}: expected {}",
                 i + 1,
-                if i % 2 == 0 { "a user or observation turn" } else { "an assistant or function turn" }
+                if i % 2 == 0 {
+                    "a user or observation turn"
+                } else {
+                    "an assistant or function turn"
+                }
             ));
         }
-        aligned.push(Message::new(role.unwrap_or(Role::User), field(m, &attr.content_tag, i, "value")?));
+        aligned.push(Message::new(
+            role.unwrap_or(Role::User),
+            field(m, &attr.content_tag, i, "value")?,
+        ));
     }
     check_count(aligned.len(), attr.ranking)?;
     let (prompt, response) = finish(v, attr, aligned)?;
@@ -295,12 +351,20 @@ fn openai(v: &Map<String, Value>, attr: &DatasetAttr) -> Conv<Aligned> {
         let mut content = match m.get(attr.content_tag.as_deref().unwrap_or("content")) {
             Some(Value::String(s)) => s.clone(),
             None | Some(Value::Null) => String::new(),
-            Some(other) => return Err(format!("message {}: content must be a string, got {other}", i + 1)),
+            Some(other) => {
+                return Err(format!(
+                    "message {}: content must be a string, got {other}",
+                    i + 1
+                ))
+            }
         };
         if Some(&tag) == attr.assistant_tag.as_ref() || Some(&tag) == attr.function_tag.as_ref() {
             if let Some(Value::Array(calls)) = m.get("tool_calls") {
                 if !calls.is_empty() {
-                    let functions: Vec<Value> = calls.iter().map(|c| c.get("function").cloned().unwrap_or(Value::Null)).collect();
+                    let functions: Vec<Value> = calls
+                        .iter()
+                        .map(|c| c.get("function").cloned().unwrap_or(Value::Null))
+                        .collect();
                     content = pyjson::dumps(&Value::Array(functions), None);
                     tag = attr.function_tag.clone().unwrap_or_default();
                 }
@@ -310,16 +374,27 @@ fn openai(v: &Map<String, Value>, attr: &DatasetAttr) -> Conv<Aligned> {
             tool_responses.push(content);
             continue;
         } else if !tool_responses.is_empty() {
-            aligned.push(Message::new(Role::Observation, tool_responses.join("\n</tool_response>\n<tool_response>\n")));
+            aligned.push(Message::new(
+                Role::Observation,
+                tool_responses.join("\n</tool_response>\n<tool_response>\n"),
+            ));
             tool_responses.clear();
         }
-        let role = tag_role(attr, &tag).ok_or_else(|| format!("Invalid role tag `{tag}` in message {}", i + 1))?;
+        let role = tag_role(attr, &tag)
+            .ok_or_else(|| format!("Invalid role tag `{tag}` in message {}", i + 1))?;
         aligned.push(Message::new(role, content));
     }
     for (i, m) in aligned.iter().enumerate() {
-        let ok = if i % 2 == 0 { is_odd_role(m.role) } else { is_even_role(m.role) };
+        let ok = if i % 2 == 0 {
+            is_odd_role(m.role)
+        } else {
+            is_even_role(m.role)
+        };
         if !ok {
-            return Err(format!("Invalid role order at message {}: roles must alternate user/assistant", i + 1));
+            return Err(format!(
+                "Invalid role order at message {}: roles must alternate user/assistant",
+                i + 1
+            ));
         }
     }
     check_count(aligned.len(), attr.ranking)?;
@@ -350,12 +425,20 @@ mod tests {
 
     fn attr(entry: Value) -> DatasetAttr {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("dataset_info.json"), json!({ "d": entry }).to_string()).unwrap();
+        std::fs::write(
+            dir.path().join("dataset_info.json"),
+            json!({ "d": entry }).to_string(),
+        )
+        .unwrap();
         DatasetInfo::load(dir.path()).unwrap().attr("d").unwrap()
     }
 
     fn rec(v: Value) -> Record {
-        Record { file: Arc::from("f.json"), row: 1, value: v.as_object().unwrap().clone() }
+        Record {
+            file: Arc::from("f.json"),
+            row: 1,
+            value: v.as_object().unwrap().clone(),
+        }
     }
 
     fn conv(entry: Value, v: Value) -> Conv<Example> {
@@ -369,10 +452,21 @@ mod tests {
             json!({"instruction": "Add", "input": "1 2", "output": "3", "system": "S", "history": [["q0", "a0"]]}),
         )
         .unwrap();
-        assert_eq!(e.prompt, vec![Message::new(Role::User, "q0"), Message::new(Role::Assistant, "a0"), Message::new(Role::User, "Add\n1 2")]);
+        assert_eq!(
+            e.prompt,
+            vec![
+                Message::new(Role::User, "q0"),
+                Message::new(Role::Assistant, "a0"),
+                Message::new(Role::User, "Add\n1 2")
+            ]
+        );
         assert_eq!(e.response, vec![Message::new(Role::Assistant, "3")]);
         assert_eq!(e.system, "S");
-        let e = conv(json!({"file_name": "x"}), json!({"instruction": "Hi", "input": ""})).unwrap();
+        let e = conv(
+            json!({"file_name": "x"}),
+            json!({"instruction": "Hi", "input": ""}),
+        )
+        .unwrap();
         assert!(e.response.is_empty());
     }
 
@@ -389,7 +483,13 @@ mod tests {
             json!({"instruction": "Q", "output": "bad", "label": false}),
         )
         .unwrap();
-        assert_eq!(e.response, vec![Message::new(Role::Assistant, ""), Message::new(Role::Assistant, "bad")]);
+        assert_eq!(
+            e.response,
+            vec![
+                Message::new(Role::Assistant, ""),
+                Message::new(Role::Assistant, "bad")
+            ]
+        );
     }
 
     #[test]
@@ -407,7 +507,11 @@ mod tests {
         assert_eq!(e.tools, "[]");
         let err = conv(entry.clone(), json!({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]})).unwrap_err();
         assert!(err.contains("Invalid role tag `gpt` in message 1"), "{err}");
-        let err = conv(entry.clone(), json!({"conversations": [{"from": "human", "value": "q"}]})).unwrap_err();
+        let err = conv(
+            entry.clone(),
+            json!({"conversations": [{"from": "human", "value": "q"}]}),
+        )
+        .unwrap_err();
         assert!(err.contains("Invalid message count"), "{err}");
         let err = conv(entry.clone(), json!({"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]})).unwrap_err();
         assert!(err.contains("message 1: `value` must be a string"), "{err}");
@@ -429,8 +533,17 @@ mod tests {
                    "tools": [{"name": "f"}]}),
         )
         .unwrap();
-        assert_eq!(e.prompt[1], Message::new(Role::Function, r#"[{"name": "f", "arguments": {"x": 1}}]"#));
-        assert_eq!(e.prompt[2], Message::new(Role::Observation, "r1\n</tool_response>\n<tool_response>\nr2"));
+        assert_eq!(
+            e.prompt[1],
+            Message::new(Role::Function, r#"[{"name": "f", "arguments": {"x": 1}}]"#)
+        );
+        assert_eq!(
+            e.prompt[2],
+            Message::new(
+                Role::Observation,
+                "r1\n</tool_response>\n<tool_response>\nr2"
+            )
+        );
         assert_eq!(e.tools, r#"[{"name": "f"}]"#);
         assert_eq!(e.system, "");
         let e = conv(entry, json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})).unwrap();

@@ -117,9 +117,15 @@ impl DatasetAttr {
         let load_from = if let Some(url) = string("hf_hub_url")? {
             let ms = string("ms_hub_url")?;
             let om = string("om_hub_url")?;
-            match (std::env::var("USE_MODELSCOPE_HUB").is_ok_and(|v| v == "1"), ms, om) {
+            match (
+                std::env::var("USE_MODELSCOPE_HUB").is_ok_and(|v| v == "1"),
+                ms,
+                om,
+            ) {
                 (true, Some(ms), _) => LoadFrom::MsHub(ms),
-                (_, _, Some(om)) if std::env::var("USE_OPENMIND_HUB").is_ok_and(|v| v == "1") => LoadFrom::OmHub(om),
+                (_, _, Some(om)) if std::env::var("USE_OPENMIND_HUB").is_ok_and(|v| v == "1") => {
+                    LoadFrom::OmHub(om)
+                }
                 _ => LoadFrom::HfHub(url),
             }
         } else if let Some(ms) = string("ms_hub_url")? {
@@ -143,7 +149,10 @@ impl DatasetAttr {
             None | Some("alpaca") => Formatting::Alpaca,
             Some("sharegpt") => Formatting::Sharegpt,
             Some("openai") => Formatting::Openai,
-            Some(other) => bail!("{} has value `{other}`, expected alpaca, sharegpt or openai", at("formatting")),
+            Some(other) => bail!(
+                "{} has value `{other}`, expected alpaca, sharegpt or openai",
+                at("formatting")
+            ),
         };
         attr.ranking = match entry.get("ranking") {
             None | Some(Value::Null) => false,
@@ -155,11 +164,19 @@ impl DatasetAttr {
         attr.folder = string("folder")?;
         attr.num_samples = match entry.get("num_samples") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_u64().ok_or_else(|| anyhow!("{} must be a non-negative integer, got {v}", at("num_samples")))? as usize),
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                anyhow!(
+                    "{} must be a non-negative integer, got {v}",
+                    at("num_samples")
+                )
+            })? as usize),
         };
         if let Some(tags) = entry.get("tags") {
             attr.tags_list = match tags {
-                Value::Array(items) => items.iter().filter_map(|t| t.as_str().map(str::to_string)).collect(),
+                Value::Array(items) => items
+                    .iter()
+                    .filter_map(|t| t.as_str().map(str::to_string))
+                    .collect(),
                 Value::String(t) => vec![t.clone()],
                 _ => Vec::new(),
             };
@@ -167,12 +184,17 @@ impl DatasetAttr {
         // `tags` is overloaded: sharegpt role tags (an object) or descriptive tags (a list).
         let columns = entry.get("columns");
         if let Some(columns) = columns {
-            let columns = columns.as_object().ok_or_else(|| anyhow!("{} must be an object", at("columns")))?;
+            let columns = columns
+                .as_object()
+                .ok_or_else(|| anyhow!("{} must be an object", at("columns")))?;
             let get = |k: &str| -> Result<Option<String>> {
                 match columns.get(k) {
                     None | Some(Value::Null) => Ok(None),
                     Some(Value::String(s)) => Ok(Some(s.clone())),
-                    Some(other) => bail!("{} must be a column name string, got {other}", at(&format!("columns.{k}"))),
+                    Some(other) => bail!(
+                        "{} must be a column name string, got {other}",
+                        at(&format!("columns.{k}"))
+                    ),
                 }
             };
             attr.prompt = get("prompt")?;
@@ -194,7 +216,9 @@ impl DatasetAttr {
                 match tags.get(k) {
                     None | Some(Value::Null) => Ok(None),
                     Some(Value::String(s)) => Ok(Some(s.clone())),
-                    Some(other) => bail!("{} must be a string, got {other}", at(&format!("tags.{k}"))),
+                    Some(other) => {
+                        bail!("{} must be a string, got {other}", at(&format!("tags.{k}")))
+                    }
                 }
             };
             attr.role_tag = get("role_tag")?;
@@ -222,11 +246,19 @@ impl DatasetInfo {
         let file = dataset_dir.join(DATA_CONFIG);
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("cannot open {} (is `dataset_dir` right?)", file.display()))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", file.display()))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}: invalid JSON: {e}", file.display()))?;
         let Value::Object(entries) = value else {
-            bail!("{}: expected an object mapping dataset names to their attributes", file.display());
+            bail!(
+                "{}: expected an object mapping dataset names to their attributes",
+                file.display()
+            );
         };
-        Ok(Self { dir: dataset_dir.to_path_buf(), file, entries })
+        Ok(Self {
+            dir: dataset_dir.to_path_buf(),
+            file,
+            entries,
+        })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -240,9 +272,12 @@ impl DatasetInfo {
                 .unwrap_or_default();
             bail!("Undefined dataset {name} in {}{hint}", self.file.display());
         };
-        let entry = entry
-            .as_object()
-            .ok_or_else(|| anyhow!("{}: dataset `{name}` must be an object", self.file.display()))?;
+        let entry = entry.as_object().ok_or_else(|| {
+            anyhow!(
+                "{}: dataset `{name}` must be an object",
+                self.file.display()
+            )
+        })?;
         DatasetAttr::from_entry(name, entry, &self.file)
     }
 
@@ -285,16 +320,27 @@ mod tests {
         assert_eq!(m.observation_tag, None);
         let k = info.attr("k").unwrap();
         assert_eq!(k.load_from, LoadFrom::HfHub("org/k".into()));
-        assert_eq!((k.num_samples, k.ranking, k.split.as_str()), (Some(5), true, "test"));
+        assert_eq!(
+            (k.num_samples, k.ranking, k.split.as_str()),
+            (Some(5), true, "test")
+        );
         assert_eq!(k.tags_list, vec!["x"]);
     }
 
     #[test]
     fn unknown_dataset_and_bad_attributes_are_named() {
-        let (_d, info) = info(r#"{"alpaca_en": {"file_name": "a.json"}, "bad": {"file_name": "b.json", "formatting": "xml"}}"#);
+        let (_d, info) = info(
+            r#"{"alpaca_en": {"file_name": "a.json"}, "bad": {"file_name": "b.json", "formatting": "xml"}}"#,
+        );
         let e = info.attr("alpaca_eng").unwrap_err().to_string();
-        assert!(e.contains("Undefined dataset alpaca_eng") && e.contains("did you mean `alpaca_en`"), "{e}");
+        assert!(
+            e.contains("Undefined dataset alpaca_eng") && e.contains("did you mean `alpaca_en`"),
+            "{e}"
+        );
         let e = info.attr("bad").unwrap_err().to_string();
-        assert!(e.contains("dataset `bad`: attribute `formatting` has value `xml`"), "{e}");
+        assert!(
+            e.contains("dataset `bad`: attribute `formatting` has value `xml`"),
+            "{e}"
+        );
     }
 }

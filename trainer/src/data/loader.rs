@@ -31,13 +31,19 @@ enum FileType {
 }
 
 fn file_type(path: &Path) -> Result<FileType> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
     Ok(match ext {
         "json" | "jsonl" => FileType::Json,
         "csv" => FileType::Csv,
         "txt" => FileType::Text,
         "parquet" => FileType::Parquet,
-        "arrow" => bail!("{}: Arrow files are not supported yet; convert it to Parquet or JSON Lines", path.display()),
+        "arrow" => bail!(
+            "{}: Arrow files are not supported yet; convert it to Parquet or JSON Lines",
+            path.display()
+        ),
         _ => bail!("{}: Allowed file types: {ALLOWED}.", path.display()),
     })
 }
@@ -66,15 +72,27 @@ pub fn dataset_files(attr: &DatasetAttr, dataset_dir: &Path) -> Result<Vec<PathB
     } else if local.is_file() {
         vec![local.clone()]
     } else {
-        bail!("File {} not found (dataset `{}`).", local.display(), attr.name);
+        bail!(
+            "File {} not found (dataset `{}`).",
+            local.display(),
+            attr.name
+        );
     };
     if files.is_empty() {
-        bail!("{}: the folder of dataset `{}` has no files", local.display(), attr.name);
+        bail!(
+            "{}: the folder of dataset `{}` has no files",
+            local.display(),
+            attr.name
+        );
     }
     let first = file_type(&files[0])?;
     for f in &files {
         if file_type(f)? != first {
-            bail!("{}: File types should be identical (dataset `{}`).", f.display(), attr.name);
+            bail!(
+                "{}: File types should be identical (dataset `{}`).",
+                f.display(),
+                attr.name
+            );
         }
     }
     files.dedup();
@@ -97,8 +115,15 @@ pub fn load_records(attr: &DatasetAttr, dataset_dir: &Path) -> Result<Vec<Record
 
 fn object(value: Value, file: &Arc<str>, row: usize) -> Result<Record> {
     match value {
-        Value::Object(value) => Ok(Record { file: file.clone(), row, value }),
-        other => bail!("{file} record {row}: expected a JSON object, got {}", kind(&other)),
+        Value::Object(value) => Ok(Record {
+            file: file.clone(),
+            row,
+            value,
+        }),
+        other => bail!(
+            "{file} record {row}: expected a JSON object, got {}",
+            kind(&other)
+        ),
     }
 }
 
@@ -114,11 +139,18 @@ fn kind(v: &Value) -> &'static str {
 }
 
 fn read_json(path: &Path, file: &Arc<str>, out: &mut Vec<Record>) -> Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
-        let rows: Vec<Value> =
-            serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON at line {}, column {}: {e}", path.display(), e.line(), e.column()))?;
+        let rows: Vec<Value> = serde_json::from_str(&text).map_err(|e| {
+            anyhow!(
+                "{}: invalid JSON at line {}, column {}: {e}",
+                path.display(),
+                e.line(),
+                e.column()
+            )
+        })?;
         for (i, v) in rows.into_iter().enumerate() {
             out.push(object(v, file, i + 1)?);
         }
@@ -127,8 +159,14 @@ fn read_json(path: &Path, file: &Arc<str>, out: &mut Vec<Record>) -> Result<()> 
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(line)
-                .map_err(|e| anyhow!("{}: invalid JSON at line {}, column {}: {e}", path.display(), i + 1, e.column()))?;
+            let v: Value = serde_json::from_str(line).map_err(|e| {
+                anyhow!(
+                    "{}: invalid JSON at line {}, column {}: {e}",
+                    path.display(),
+                    i + 1,
+                    e.column()
+                )
+            })?;
             out.push(object(v, file, i + 1)?);
         }
     }
@@ -136,23 +174,42 @@ fn read_json(path: &Path, file: &Arc<str>, out: &mut Vec<Record>) -> Result<()> 
 }
 
 fn read_csv(path: &Path, file: &Arc<str>, out: &mut Vec<Record>) -> Result<()> {
-    let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let headers = reader.headers().map_err(|e| anyhow!("{}: bad CSV header: {e}", path.display()))?.clone();
+    let mut reader =
+        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let headers = reader
+        .headers()
+        .map_err(|e| anyhow!("{}: bad CSV header: {e}", path.display()))?
+        .clone();
     for (i, rec) in reader.records().enumerate() {
         let rec = rec.map_err(|e| anyhow!("{}: bad CSV record {}: {e}", path.display(), i + 1))?;
-        let value = headers.iter().zip(rec.iter()).map(|(h, v)| (h.to_string(), Value::String(v.to_string()))).collect();
-        out.push(Record { file: file.clone(), row: i + 1, value });
+        let value = headers
+            .iter()
+            .zip(rec.iter())
+            .map(|(h, v)| (h.to_string(), Value::String(v.to_string())))
+            .collect();
+        out.push(Record {
+            file: file.clone(),
+            row: i + 1,
+            value,
+        });
     }
     Ok(())
 }
 
 fn read_text(path: &Path, file: &Arc<str>, out: &mut Vec<Record>) -> Result<()> {
-    let reader = BufReader::new(File::open(path).with_context(|| format!("cannot read {}", path.display()))?);
+    let reader = BufReader::new(
+        File::open(path).with_context(|| format!("cannot read {}", path.display()))?,
+    );
     for (i, line) in reader.lines().enumerate() {
-        let line = line.with_context(|| format!("{}: line {} is not UTF-8 text", path.display(), i + 1))?;
+        let line =
+            line.with_context(|| format!("{}: line {} is not UTF-8 text", path.display(), i + 1))?;
         let mut value = Map::new();
         value.insert("text".into(), Value::String(line));
-        out.push(Record { file: file.clone(), row: i + 1, value });
+        out.push(Record {
+            file: file.clone(),
+            row: i + 1,
+            value,
+        });
     }
     Ok(())
 }
@@ -160,8 +217,11 @@ fn read_text(path: &Path, file: &Arc<str>, out: &mut Vec<Record>) -> Result<()> 
 fn read_parquet(path: &Path, file: &Arc<str>, out: &mut Vec<Record>) -> Result<()> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let reader = SerializedFileReader::new(f).map_err(|e| anyhow!("{}: not a readable Parquet file: {e}", path.display()))?;
-    let rows = reader.get_row_iter(None).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let reader = SerializedFileReader::new(f)
+        .map_err(|e| anyhow!("{}: not a readable Parquet file: {e}", path.display()))?;
+    let rows = reader
+        .get_row_iter(None)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     for (i, row) in rows.enumerate() {
         let row = row.map_err(|e| anyhow!("{}: record {}: {e}", path.display(), i + 1))?;
         out.push(object(row.to_json_value(), file, i + 1)?);
@@ -191,7 +251,10 @@ mod tests {
         let (dir, info) = setup(
             &[
                 ("a.json", r#"[{"instruction": "a"}, {"instruction": "b"}]"#),
-                ("b.jsonl", "{\"instruction\": \"a\"}\n\n{\"instruction\": \"c\"}\n"),
+                (
+                    "b.jsonl",
+                    "{\"instruction\": \"a\"}\n\n{\"instruction\": \"c\"}\n",
+                ),
                 ("c.csv", "instruction,output\nhi,there\n\"x, y\",z\n"),
                 ("d.txt", "line one\n\nline three\n"),
                 ("folder/1.jsonl", "{\"instruction\": \"1\"}\n"),
@@ -229,7 +292,11 @@ mod tests {
                 "m": {"file_name": "mixed"}, "missing": {"file_name": "nope.json"}, "n": {"file_name": "n.json"},
                 "hub": {"hf_hub_url": "org/data"}}"#,
         );
-        let err = |n: &str| load_records(&info.attr(n).unwrap(), dir.path()).unwrap_err().to_string();
+        let err = |n: &str| {
+            load_records(&info.attr(n).unwrap(), dir.path())
+                .unwrap_err()
+                .to_string()
+        };
         let e = err("l");
         assert!(e.contains("bad.jsonl: invalid JSON at line 2"), "{e}");
         let e = err("j");

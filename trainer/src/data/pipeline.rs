@@ -34,13 +34,21 @@ fn data_stage(stage: &str) -> &str {
 }
 
 /// Reads, samples, truncates and converts the named datasets, concatenated in order.
-pub fn load_examples(names: &[String], args: &TrainArgs, skipped: &mut Vec<Skipped>) -> Result<Vec<Example>> {
+pub fn load_examples(
+    names: &[String],
+    args: &TrainArgs,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<Example>> {
     if names.is_empty() {
         return Ok(Vec::new());
     }
     let dataset_dir = PathBuf::from(&args.dataset_dir);
     let info = DatasetInfo::load(&dataset_dir)?;
-    let media_dir = args.media_dir.as_deref().map(Path::new).unwrap_or(&dataset_dir);
+    let media_dir = args
+        .media_dir
+        .as_deref()
+        .map(Path::new)
+        .unwrap_or(&dataset_dir);
     let stage = data_stage(&args.stage);
     let mut all = Vec::new();
     for name in names {
@@ -62,7 +70,11 @@ pub fn load_examples(names: &[String], args: &TrainArgs, skipped: &mut Vec<Skipp
         for rec in &records {
             match convert(rec, &attr, media_dir) {
                 Ok(ex) => all.push(ex),
-                Err(reason) => skipped.push(Skipped { file: rec.file.to_string(), row: rec.row, reason }),
+                Err(reason) => skipped.push(Skipped {
+                    file: rec.file.to_string(),
+                    row: rec.row,
+                    reason,
+                }),
             }
         }
     }
@@ -90,13 +102,29 @@ fn split(mut examples: Vec<Example>, val_size: f64, seed: u64) -> (Vec<Example>,
         return (examples, Vec::new());
     }
     let n = examples.len();
-    let n_eval = if val_size < 1.0 { ((n as f64) * val_size).ceil() as usize } else { val_size as usize }.min(n - 1);
+    let n_eval = if val_size < 1.0 {
+        ((n as f64) * val_size).ceil() as usize
+    } else {
+        val_size as usize
+    }
+    .min(n - 1);
     examples.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
     let eval = examples.split_off(n - n_eval);
     (examples, eval)
 }
 
-pub fn get_dataset(args: &TrainArgs, tok: &HfTokenizer, template: &Template) -> Result<DatasetModule> {
+pub fn get_dataset(
+    args: &TrainArgs,
+    tok: &HfTokenizer,
+    template: &Template,
+) -> Result<DatasetModule> {
+    // LLaMA-Factory shortens `cutoff_len` by one when packing is asked for explicitly, so a packed
+    // row plus its pad is exactly `cutoff_len` long.
+    let mut args = args.clone();
+    if args.packing == Some(true) || args.neat_packing {
+        args.cutoff_len = args.cutoff_len.saturating_sub(1).max(1);
+    }
+    let args = &args;
     let mut skipped = Vec::new();
     let train_names = TrainArgs::split_list(args.dataset.as_deref());
     let eval_names = TrainArgs::split_list(args.eval_dataset.as_deref());
@@ -107,20 +135,51 @@ pub fn get_dataset(args: &TrainArgs, tok: &HfTokenizer, template: &Template) -> 
         eval_examples = split_eval;
     }
     let train_kind = ProcessorKind::for_stage(args, false);
-    let train_proc = Processor { kind: train_kind, template, tok, args };
+    let train_proc = Processor {
+        kind: train_kind,
+        template,
+        tok,
+        args,
+    };
     let (train, s) = train_proc.process_all(&train_examples);
     skipped.extend(s);
-    let eval_proc = Processor { kind: ProcessorKind::for_stage(args, args.predict_with_generate), template, tok, args };
+    let eval_proc = Processor {
+        kind: ProcessorKind::for_stage(args, args.predict_with_generate),
+        template,
+        tok,
+        args,
+    };
     let (eval, s) = eval_proc.process_all(&eval_examples);
     skipped.extend(s);
     if !train_names.is_empty() && train.is_empty() {
         if args.stage == "pt" {
             bail!("Cannot find sufficient samples, consider increasing dataset size (pre-training needs at least `cutoff_len` = {} tokens).", args.cutoff_len);
         }
-        let first = skipped.first().map(|s| format!(" First problem: {s}.")).unwrap_or_default();
+        let first = skipped
+            .first()
+            .map(|s| format!(" First problem: {s}."))
+            .unwrap_or_default();
         bail!("Cannot find valid samples, check `data/README.md` for the data format.{first}");
     }
-    Ok(DatasetModule { train, eval, skipped, train_kind })
+    Ok(DatasetModule {
+        train,
+        eval,
+        skipped,
+        train_kind,
+    })
+}
+
+/// The tokenizer of `model_name_or_path` with the run's template applied to it.
+pub fn load_tokenizer_and_template(
+    args: &TrainArgs,
+) -> Result<(HfTokenizer, Template, Vec<String>)> {
+    let Some(model) = args.model_name_or_path.as_deref() else {
+        bail!("`model_name_or_path` is required");
+    };
+    let dir = crate::hub::resolve_model_dir(model, &args.model_revision)?;
+    let mut tok = HfTokenizer::load(&dir)?;
+    let (template, warnings) = super::template::get_template_and_fix_tokenizer(&mut tok, args)?;
+    Ok((tok, template, warnings))
 }
 
 #[cfg(test)]
@@ -136,15 +195,4 @@ mod tests {
         assert_eq!(first, vec![0, 1, 2, 3, 4]);
         assert_eq!(sample((0..5).collect(), 3, 1).len(), 3);
     }
-}
-
-/// The tokenizer of `model_name_or_path` with the run's template applied to it.
-pub fn load_tokenizer_and_template(args: &TrainArgs) -> Result<(HfTokenizer, Template, Vec<String>)> {
-    let Some(model) = args.model_name_or_path.as_deref() else {
-        bail!("`model_name_or_path` is required");
-    };
-    let dir = crate::hub::resolve_model_dir(model, &args.model_revision)?;
-    let mut tok = HfTokenizer::load(&dir)?;
-    let (template, warnings) = super::template::get_template_and_fix_tokenizer(&mut tok, args)?;
-    Ok((tok, template, warnings))
 }

@@ -100,10 +100,18 @@ pub fn py_float_repr(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // `{:e}` gives the shortest round-trip digits as d.ddddde±x.
     let sci = format!("{:e}", f.abs());
@@ -112,7 +120,11 @@ pub fn py_float_repr(f: f64) -> String {
     let digits: String = mantissa.chars().filter(|c| c.is_ascii_digit()).collect();
     let sign = if f < 0.0 { "-" } else { "" };
     if !(-4..16).contains(&exp) {
-        let m = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits.clone() };
+        let m = if digits.len() > 1 {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        } else {
+            digits.clone()
+        };
         let esign = if exp < 0 { '-' } else { '+' };
         return format!("{sign}{m}e{esign}{:02}", exp.abs());
     }
@@ -122,7 +134,11 @@ pub fn py_float_repr(f: f64) -> String {
     } else if point as usize >= digits.len() {
         format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
     } else {
-        format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+        format!(
+            "{}.{}",
+            &digits[..point as usize],
+            &digits[point as usize..]
+        )
     };
     format!("{sign}{body}")
 }
@@ -144,7 +160,17 @@ mod tests {
 
     #[test]
     fn floats_like_python_repr() {
-        for (f, s) in [(1.0, "1.0"), (0.1, "0.1"), (1e-5, "1e-05"), (1.5e16, "1.5e+16"), (123456.0, "123456.0"), (0.0001, "0.0001"), (-2.5, "-2.5"), (1e22, "1e+22"), (3.14159, "3.14159")] {
+        for (f, s) in [
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (1e-5, "1e-05"),
+            (1.5e16, "1.5e+16"),
+            (123456.0, "123456.0"),
+            (0.0001, "0.0001"),
+            (-2.5, "-2.5"),
+            (1e22, "1e+22"),
+            (2.71, "2.71"),
+        ] {
             assert_eq!(py_float_repr(f), s, "{f}");
         }
     }

@@ -11,13 +11,25 @@ fn pick(response: &[Message]) -> Option<&Message> {
     }
 }
 
-fn encode_one(p: &Processor, ex: &Example, answer: &Message) -> Result<(Vec<u32>, Vec<i64>), String> {
-    let messages: Vec<_> = ex.prompt.iter().chain(std::iter::once(answer)).cloned().collect();
-    let (prompt_ids, mut response_ids) = p.template.encode_oneturn(p.tok, &messages, &ex.system, &ex.tools)?;
+fn encode_one(
+    p: &Processor,
+    ex: &Example,
+    answer: &Message,
+) -> Result<(Vec<u32>, Vec<i64>), String> {
+    let messages: Vec<_> = ex
+        .prompt
+        .iter()
+        .chain(std::iter::once(answer))
+        .cloned()
+        .collect();
+    let (prompt_ids, mut response_ids) = p
+        .template
+        .encode_oneturn(p.tok, &messages, &ex.system, &ex.tools)?;
     if p.template.efficient_eos {
         response_ids.extend(p.tok.eos_id());
     }
-    let (source_len, target_len) = infer_seqlen(prompt_ids.len(), response_ids.len(), p.args.cutoff_len);
+    let (source_len, target_len) =
+        infer_seqlen(prompt_ids.len(), response_ids.len(), p.args.cutoff_len);
     response_ids.truncate(target_len);
     let ids = [&prompt_ids[..source_len], &response_ids[..]].concat();
     let labels = [vec![IGNORE_INDEX; source_len], as_labels(&response_ids)].concat();
@@ -26,7 +38,12 @@ fn encode_one(p: &Processor, ex: &Example, answer: &Message) -> Result<(Vec<u32>
 
 /// KTO: each example with its desirability tag, plus a KL example pairing its prompt with the
 /// previous example's answer (the batch shifted by one, the first taking the last).
-pub(super) fn process(p: &Processor, batch: &[Example], out: &mut Vec<Features>, skips: &mut Vec<Skipped>) {
+pub(super) fn process(
+    p: &Processor,
+    batch: &[Example],
+    out: &mut Vec<Features>,
+    skips: &mut Vec<Skipped>,
+) {
     let n = batch.len();
     for (i, ex) in batch.iter().enumerate() {
         if ex.prompt.len() % 2 != 1 || ex.response.len() < 2 {
@@ -41,7 +58,8 @@ pub(super) fn process(p: &Processor, batch: &[Example], out: &mut Vec<Features>,
             continue;
         }
         let kl_source = &batch[(i + n - 1) % n];
-        let (Some(answer), Some(kl_answer)) = (pick(&ex.response), pick(&kl_source.response)) else {
+        let (Some(answer), Some(kl_answer)) = (pick(&ex.response), pick(&kl_source.response))
+        else {
             skips.push(skipped(ex, "KTO example without an answer"));
             continue;
         };

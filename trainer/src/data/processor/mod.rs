@@ -128,12 +128,21 @@ pub struct Processor<'a> {
 }
 
 fn skipped(ex: &Example, reason: impl Into<String>) -> Skipped {
-    Skipped { file: ex.file.to_string(), row: ex.row, reason: reason.into() }
+    Skipped {
+        file: ex.file.to_string(),
+        row: ex.row,
+        reason: reason.into(),
+    }
 }
 
 impl Processor<'_> {
     /// Processes one `datasets.map` batch.
-    pub fn process_batch(&self, batch: &[Example], out: &mut Vec<Features>, skips: &mut Vec<Skipped>) {
+    pub fn process_batch(
+        &self,
+        batch: &[Example],
+        out: &mut Vec<Features>,
+        skips: &mut Vec<Skipped>,
+    ) {
         match self.kind {
             ProcessorKind::Pretrain => pretrain::process(self, batch, out),
             ProcessorKind::Supervised => supervised::process(self, batch, out, skips),

@@ -6,8 +6,18 @@ type Pair = (Vec<u32>, Vec<i64>, Vec<u32>, Vec<i64>);
 
 fn encode(p: &Processor, ex: &Example) -> Result<Pair, String> {
     let tpl = p.template;
-    let chosen: Vec<_> = ex.prompt.iter().chain(std::iter::once(&ex.response[0])).cloned().collect();
-    let rejected: Vec<_> = ex.prompt.iter().chain(std::iter::once(&ex.response[1])).cloned().collect();
+    let chosen: Vec<_> = ex
+        .prompt
+        .iter()
+        .chain(std::iter::once(&ex.response[0]))
+        .cloned()
+        .collect();
+    let rejected: Vec<_> = ex
+        .prompt
+        .iter()
+        .chain(std::iter::once(&ex.response[1]))
+        .cloned()
+        .collect();
     let (prompt_ids, mut chosen_ids) = tpl.encode_oneturn(p.tok, &chosen, &ex.system, &ex.tools)?;
     let (_, mut rejected_ids) = tpl.encode_oneturn(p.tok, &rejected, &ex.system, &ex.tools)?;
     if tpl.efficient_eos {
@@ -15,8 +25,11 @@ fn encode(p: &Processor, ex: &Example) -> Result<Pair, String> {
         rejected_ids.extend(p.tok.eos_id());
     }
     // The response is what matters: the longer one decides the split.
-    let (source_len, target_len) =
-        infer_seqlen(prompt_ids.len(), chosen_ids.len().max(rejected_ids.len()), p.args.cutoff_len);
+    let (source_len, target_len) = infer_seqlen(
+        prompt_ids.len(),
+        chosen_ids.len().max(rejected_ids.len()),
+        p.args.cutoff_len,
+    );
     let prompt = &prompt_ids[..source_len];
     chosen_ids.truncate(target_len);
     rejected_ids.truncate(target_len);
@@ -29,7 +42,12 @@ fn encode(p: &Processor, ex: &Example) -> Result<Pair, String> {
     ))
 }
 
-pub(super) fn process(p: &Processor, batch: &[Example], out: &mut Vec<Features>, skips: &mut Vec<Skipped>) {
+pub(super) fn process(
+    p: &Processor,
+    batch: &[Example],
+    out: &mut Vec<Features>,
+    skips: &mut Vec<Skipped>,
+) {
     for ex in batch {
         if ex.prompt.len() % 2 != 1 || ex.response.len() < 2 {
             skips.push(skipped(

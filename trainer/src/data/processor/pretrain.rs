@@ -9,11 +9,22 @@ pub(super) fn process(p: &Processor, batch: &[Example], out: &mut Vec<Features>)
     } else {
         p.tok.eos_token.clone().unwrap_or_default()
     };
-    let texts = batch.iter().map(|ex| ex.prompt.first().map(|m| m.content.as_str()).unwrap_or_default().to_string() + &eos);
+    let texts = batch.iter().map(|ex| {
+        ex.prompt
+            .first()
+            .map(|m| m.content.as_str())
+            .unwrap_or_default()
+            .to_string()
+            + &eos
+    });
     let cutoff = p.args.cutoff_len;
     let bos = p.tok.bos_token.clone().filter(|_| p.tok.add_bos_token);
     let push = |out: &mut Vec<Features>, ids: Vec<u32>| {
-        out.push(Features { attention_mask: Some(ones(ids.len())), input_ids: Some(ids), ..Default::default() })
+        out.push(Features {
+            attention_mask: Some(ones(ids.len())),
+            input_ids: Some(ids),
+            ..Default::default()
+        })
     };
     if !p.args.packing() {
         for text in texts {

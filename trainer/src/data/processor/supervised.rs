@@ -1,6 +1,8 @@
 use std::collections::HashMap;
 
-use super::{as_labels, infer_seqlen, ones, skipped, with_media, Features, PackingParams, Processor};
+use super::{
+    as_labels, infer_seqlen, ones, skipped, with_media, Features, PackingParams, Processor,
+};
 use crate::data::converter::Example;
 use crate::data::{Skipped, IGNORE_INDEX};
 
@@ -21,7 +23,13 @@ pub(super) fn encode(p: &Processor, ex: &Example) -> Result<(Vec<u32>, Vec<i64>)
     let tpl = p.template;
     let messages: Vec<_> = ex.prompt.iter().chain(&ex.response).cloned().collect();
     let discarding_history_cot = args.mask_history && !tpl.preserve_thinking;
-    let mut pairs = tpl.encode_multiturn(p.tok, &messages, &ex.system, &ex.tools, discarding_history_cot)?;
+    let mut pairs = tpl.encode_multiturn(
+        p.tok,
+        &messages,
+        &ex.system,
+        &ex.tools,
+        discarding_history_cot,
+    )?;
     let eos = p.tok.eos_id().map(|e| e as i64).unwrap_or(IGNORE_INDEX);
     let mut total_length = usize::from(tpl.efficient_eos);
     if args.mask_history {
@@ -33,19 +41,28 @@ pub(super) fn encode(p: &Processor, ex: &Example) -> Result<(Vec<u32>, Vec<i64>)
         if total_length >= args.cutoff_len {
             break;
         }
-        let (source_len, target_len) = infer_seqlen(source.len(), target.len(), args.cutoff_len - total_length);
+        let (source_len, target_len) =
+            infer_seqlen(source.len(), target.len(), args.cutoff_len - total_length);
         let source = &source[..source_len];
         let target = &target[..target_len];
         total_length += source_len + target_len;
         let source_label: Vec<i64> = if args.train_on_prompt {
             as_labels(source)
         } else if tpl.efficient_eos && turn_idx != 0 {
-            std::iter::once(eos).chain(std::iter::repeat_n(IGNORE_INDEX, source_len.saturating_sub(1))).collect()
+            std::iter::once(eos)
+                .chain(std::iter::repeat_n(
+                    IGNORE_INDEX,
+                    source_len.saturating_sub(1),
+                ))
+                .collect()
         } else {
             vec![IGNORE_INDEX; source_len]
         };
-        let target_label: Vec<i64> =
-            if args.mask_history && turn_idx != 0 { vec![IGNORE_INDEX; target_len] } else { as_labels(target) };
+        let target_label: Vec<i64> = if args.mask_history && turn_idx != 0 {
+            vec![IGNORE_INDEX; target_len]
+        } else {
+            as_labels(target)
+        };
         if args.mask_history {
             input_ids = [source, target, &input_ids].concat();
             labels = [source_label, target_label, labels].concat();
@@ -65,7 +82,12 @@ pub(super) fn encode(p: &Processor, ex: &Example) -> Result<(Vec<u32>, Vec<i64>)
     Ok((input_ids, labels))
 }
 
-pub(super) fn process(p: &Processor, batch: &[Example], out: &mut Vec<Features>, skips: &mut Vec<Skipped>) {
+pub(super) fn process(
+    p: &Processor,
+    batch: &[Example],
+    out: &mut Vec<Features>,
+    skips: &mut Vec<Skipped>,
+) {
     for ex in batch {
         match check(ex).and_then(|_| encode(p, ex)) {
             Ok((input_ids, labels)) => out.push(with_media(
@@ -106,7 +128,12 @@ fn greedy_knapsack(mut numbers: Vec<usize>, capacity: usize) -> Vec<Vec<usize>> 
     knapsacks
 }
 
-pub(super) fn process_packed(p: &Processor, batch: &[Example], out: &mut Vec<Features>, skips: &mut Vec<Skipped>) {
+pub(super) fn process_packed(
+    p: &Processor,
+    batch: &[Example],
+    out: &mut Vec<Features>,
+    skips: &mut Vec<Skipped>,
+) {
     let cutoff = p.args.cutoff_len;
     let neat = p.args.neat_packing;
     let mut encoded: Vec<(Vec<u32>, Vec<i64>, &Example)> = Vec::new();
@@ -117,10 +144,16 @@ pub(super) fn process_packed(p: &Processor, batch: &[Example], out: &mut Vec<Fea
             Ok((ids, labels)) => {
                 let length = ids.len();
                 if length > cutoff {
-                    skips.push(skipped(ex, format!("Dropped lengthy example with length {length} > {cutoff}.")));
+                    skips.push(skipped(
+                        ex,
+                        format!("Dropped lengthy example with length {length} > {cutoff}."),
+                    ));
                 } else {
                     lengths.push(length);
-                    length2indexes.entry(length).or_default().push(encoded.len());
+                    length2indexes
+                        .entry(length)
+                        .or_default()
+                        .push(encoded.len());
                     encoded.push((ids, labels, ex));
                 }
             }
@@ -130,15 +163,22 @@ pub(super) fn process_packed(p: &Processor, batch: &[Example], out: &mut Vec<Fea
     let pad = p.tok.pad_id().unwrap_or(0);
     for knapsack in greedy_knapsack(lengths, cutoff) {
         let mut f = Features::default();
-        let (mut ids, mut mask, mut pos, mut labels) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ids, mut mask, mut pos, mut labels) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut boundaries = vec![0usize];
         for (i, length) in knapsack.iter().enumerate() {
-            let index = length2indexes.get_mut(length).and_then(Vec::pop).expect("length was recorded");
+            let index = length2indexes
+                .get_mut(length)
+                .and_then(Vec::pop)
+                .expect("length was recorded");
             let (e_ids, e_labels, ex) = &encoded[index];
             ids.extend_from_slice(e_ids);
             pos.extend(0..e_ids.len() as u32);
             labels.extend_from_slice(e_labels);
-            mask.extend(std::iter::repeat_n(if neat { i as u32 + 1 } else { 1 }, e_ids.len()));
+            mask.extend(std::iter::repeat_n(
+                if neat { i as u32 + 1 } else { 1 },
+                e_ids.len(),
+            ));
             boundaries.push(boundaries[boundaries.len() - 1] + e_ids.len());
             f.images.extend(ex.images.iter().cloned());
             f.videos.extend(ex.videos.iter().cloned());
@@ -152,7 +192,10 @@ pub(super) fn process_packed(p: &Processor, batch: &[Example], out: &mut Vec<Fea
         mask.extend(std::iter::repeat_n(u32::from(!neat), pad_length));
         boundaries.push(boundaries[boundaries.len() - 1] + pad_length);
         if neat {
-            f.packing_params = Some(PackingParams { sequence_boundaries: boundaries, right_padding_length: pad_length });
+            f.packing_params = Some(PackingParams {
+                sequence_boundaries: boundaries,
+                right_padding_length: pad_length,
+            });
         }
         f.input_ids = Some(ids);
         f.attention_mask = Some(mask);
@@ -168,7 +211,10 @@ mod tests {
 
     #[test]
     fn knapsack_matches_llamafactory() {
-        assert_eq!(greedy_knapsack(vec![3, 5, 2, 8, 1], 10), vec![vec![8, 2], vec![5, 3, 1]]);
+        assert_eq!(
+            greedy_knapsack(vec![3, 5, 2, 8, 1], 10),
+            vec![vec![8, 2], vec![5, 3, 1]]
+        );
         assert_eq!(greedy_knapsack(vec![10, 10], 10), vec![vec![10], vec![10]]);
     }
 }

@@ -3,7 +3,12 @@ use crate::data::converter::{Example, Message, Role};
 use crate::data::Skipped;
 
 /// Prompt as `input_ids`, the reference answer (or nothing) as `labels`, for generation.
-pub(super) fn process(p: &Processor, batch: &[Example], out: &mut Vec<Features>, skips: &mut Vec<Skipped>) {
+pub(super) fn process(
+    p: &Processor,
+    batch: &[Example],
+    out: &mut Vec<Features>,
+    skips: &mut Vec<Skipped>,
+) {
     for ex in batch {
         if ex.prompt.len() % 2 != 1 {
             skips.push(skipped(ex, format!("Dropped invalid example: the prompt has {} messages; it must end in a user turn", ex.prompt.len())));
@@ -15,12 +20,16 @@ pub(super) fn process(p: &Processor, batch: &[Example], out: &mut Vec<Features>,
         } else {
             messages.push(Message::new(Role::Assistant, ""));
         }
-        match p.template.encode_oneturn(p.tok, &messages, &ex.system, &ex.tools) {
+        match p
+            .template
+            .encode_oneturn(p.tok, &messages, &ex.system, &ex.tools)
+        {
             Ok((mut input_ids, mut labels)) => {
                 if p.template.efficient_eos {
                     labels.extend(p.tok.eos_id());
                 }
-                let (source_len, target_len) = infer_seqlen(input_ids.len(), labels.len(), p.args.cutoff_len);
+                let (source_len, target_len) =
+                    infer_seqlen(input_ids.len(), labels.len(), p.args.cutoff_len);
                 input_ids.truncate(source_len);
                 labels.truncate(target_len);
                 out.push(with_media(

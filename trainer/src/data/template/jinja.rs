@@ -54,7 +54,10 @@ pub(super) fn template_to_jinja(tpl: &Template, tok: &HfTokenizer) -> Option<Str
         j += &format!("{{{{ {prefix} }}}}");
     }
     if !tpl.default_system.is_empty() {
-        j += &format!("{{% set system_message = '{}' %}}", escape(&tpl.default_system));
+        j += &format!(
+            "{{% set system_message = '{}' %}}",
+            escape(&tpl.default_system)
+        );
     }
     j += "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% endif %}";
     if tpl.kind == TemplateKind::Llama2 {
@@ -77,7 +80,9 @@ pub fn chat_environment(source: &str) -> Result<Environment<'static>> {
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
-    env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
+    env.add_function("strftime_now", |fmt: String| {
+        chrono::Local::now().format(&fmt).to_string()
+    });
     env.add_template_owned("chat", source.to_string())
         .map_err(|e| anyhow!("the tokenizer's chat_template does not parse: {e}"))?;
     Ok(env)
@@ -90,7 +95,10 @@ pub fn apply_chat_template(
     messages: &[(&str, &str)],
     add_generation_prompt: bool,
 ) -> Result<String> {
-    let msgs: Vec<_> = messages.iter().map(|(r, c)| context! { role => r, content => c }).collect();
+    let msgs: Vec<_> = messages
+        .iter()
+        .map(|(r, c)| context! { role => r, content => c })
+        .collect();
     env.get_template("chat")?
         .render(context! {
             messages => msgs,
@@ -125,19 +133,36 @@ fn tail(s: &str, chars: usize) -> String {
 
 /// Builds a template from the tokenizer's own chat template by rendering probe conversations.
 pub fn parse_template(tok: &HfTokenizer) -> Result<Template> {
-    let source = tok.chat_template.as_deref().ok_or_else(|| anyhow!("the tokenizer has no chat_template"))?;
+    let source = tok
+        .chat_template
+        .as_deref()
+        .ok_or_else(|| anyhow!("the tokenizer has no chat_template"))?;
     let env = chat_environment(source)?;
-    let prefix_ids = tok.inner.encode("", true).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+    let prefix_ids = tok
+        .inner
+        .encode("", true)
+        .map(|e| e.get_ids().to_vec())
+        .unwrap_or_default();
     let prefix = tok.decode(&prefix_ids, false);
     let plen = prefix.chars().count();
     let c = "{{content}}";
-    let system_slot = tail(&apply_chat_template(&env, tok, &[("system", c)], false)?, plen);
-    let user_slot_empty_system = tail(&apply_chat_template(&env, tok, &[("system", ""), ("user", c)], true)?, plen);
+    let system_slot = tail(
+        &apply_chat_template(&env, tok, &[("system", c)], false)?,
+        plen,
+    );
+    let user_slot_empty_system = tail(
+        &apply_chat_template(&env, tok, &[("system", ""), ("user", c)], true)?,
+        plen,
+    );
     let mut user_slot = tail(&apply_chat_template(&env, tok, &[("user", c)], true)?, plen);
     let assistant_full = apply_chat_template(&env, tok, &[("user", c), ("assistant", c)], false)?;
     let assistant_slot = tail(&assistant_full, plen + user_slot.chars().count());
     let reasoning = assistant_slot.contains("<think>");
-    let assistant_slot = assistant_slot.replace("<think>", "").replace("</think>", "").trim_start_matches('\n').to_string();
+    let assistant_slot = assistant_slot
+        .replace("<think>", "")
+        .replace("</think>", "")
+        .trim_start_matches('\n')
+        .to_string();
     let mut default_system = String::new();
     if user_slot.chars().count() > user_slot_empty_system.chars().count() {
         default_system = find_diff(&user_slot_empty_system, &user_slot);
@@ -145,13 +170,21 @@ pub fn parse_template(tok: &HfTokenizer) -> Result<Template> {
         user_slot = tail(&user_slot, sole_system.chars().count());
     }
     let mut tpl = Template::builder("parsed");
-    tpl.kind = if reasoning { TemplateKind::Reasoning } else { TemplateKind::Plain };
+    tpl.kind = if reasoning {
+        TemplateKind::Reasoning
+    } else {
+        TemplateKind::Plain
+    };
     tpl.format_user = vec![t(&user_slot)];
     tpl.format_assistant = vec![t(&assistant_slot)];
     tpl.format_system = vec![t(&system_slot)];
     tpl.format_function = vec![t(&assistant_slot)];
     tpl.format_observation = vec![t(&user_slot)];
-    tpl.format_prefix = if prefix.is_empty() { Vec::new() } else { vec![t(&prefix)] };
+    tpl.format_prefix = if prefix.is_empty() {
+        Vec::new()
+    } else {
+        vec![t(&prefix)]
+    };
     tpl.default_system = default_system;
     Ok(tpl)
 }

@@ -127,7 +127,11 @@ impl Template {
     pub fn with_overrides(mut self, args: &protocol::TrainArgs) -> Result<Self, String> {
         if let Some(fmt) = &args.tool_format {
             let fmt = ToolFormat::parse(fmt)?;
-            self.format_function = if self.efficient_eos { vec![t("{{content}}")] } else { vec![t("{{content}}"), Slot::Eos] };
+            self.format_function = if self.efficient_eos {
+                vec![t("{{content}}")]
+            } else {
+                vec![t("{{content}}"), Slot::Eos]
+            };
             self.function_tool_format = fmt;
             self.tool_format = fmt;
         }
@@ -145,8 +149,8 @@ impl Template {
     }
 
     fn format_tools(&self, tools: &str) -> Encoded<String> {
-        let parsed: Value =
-            serde_json::from_str(tools).map_err(|e| format!("Invalid JSON format in tool description: {e}"))?;
+        let parsed: Value = serde_json::from_str(tools)
+            .map_err(|e| format!("Invalid JSON format in tool description: {e}"))?;
         let list = match parsed {
             Value::Array(a) => a,
             Value::Object(o) if o.is_empty() => Vec::new(),
@@ -168,17 +172,29 @@ impl Template {
             };
             list.iter()
                 .map(|tc| {
-                    let name = tc.get("name").and_then(Value::as_str).ok_or("function call has no `name`")?;
-                    let args = tc.get("arguments").ok_or("function call has no `arguments`")?;
-                    Ok(FunctionCall { name: name.to_string(), arguments: crate::data::pyjson::dumps(args, None) })
+                    let name = tc
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .ok_or("function call has no `name`")?;
+                    let args = tc
+                        .get("arguments")
+                        .ok_or("function call has no `arguments`")?;
+                    Ok(FunctionCall {
+                        name: name.to_string(),
+                        arguments: crate::data::pyjson::dumps(args, None),
+                    })
                 })
                 .collect()
         };
         let fmt = self.function_tool_format;
-        let tool_match = with_words.then(|| find_between(content, &self.tool_call_words.0, &self.tool_call_words.1)).flatten();
+        let tool_match = with_words
+            .then(|| find_between(content, &self.tool_call_words.0, &self.tool_call_words.1))
+            .flatten();
         let function_str = match tool_match {
             None => {
-                let thought = with_words.then(|| find_between(content, &self.thought_words.0, &self.thought_words.1)).flatten();
+                let thought = with_words
+                    .then(|| find_between(content, &self.thought_words.0, &self.thought_words.1))
+                    .flatten();
                 match thought {
                     Some((s, e, _)) => {
                         let whole = &content[s..e];
@@ -209,8 +225,18 @@ impl Template {
         ids
     }
 
-    fn encode(&self, tok: &HfTokenizer, messages: &[Message], system: &str, tools: &str) -> Encoded<Vec<Vec<u32>>> {
-        let system = if system.is_empty() { self.default_system.as_str() } else { system };
+    fn encode(
+        &self,
+        tok: &HfTokenizer,
+        messages: &[Message],
+        system: &str,
+        tools: &str,
+    ) -> Encoded<Vec<Vec<u32>>> {
+        let system = if system.is_empty() {
+            self.default_system.as_str()
+        } else {
+            system
+        };
         let mut out = Vec::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
             let mut elements = Vec::new();
@@ -218,8 +244,16 @@ impl Template {
             if i == 0 {
                 elements.extend(self.format_prefix.iter().cloned());
                 if !system.is_empty() || !tools.is_empty() {
-                    let tool_text = if tools.is_empty() { String::new() } else { self.format_tools(tools)? };
-                    let sys = apply(&self.format_system, &(system.to_string() + &tool_text), None);
+                    let tool_text = if tools.is_empty() {
+                        String::new()
+                    } else {
+                        self.format_tools(tools)?
+                    };
+                    let sys = apply(
+                        &self.format_system,
+                        &(system.to_string() + &tool_text),
+                        None,
+                    );
                     if self.kind == TemplateKind::Llama2 {
                         system_text = first_text(sys);
                     } else {
@@ -235,11 +269,15 @@ impl Template {
                     elements.extend(apply(&self.format_user, &content, idx));
                 }
                 Role::Assistant => elements.extend(apply(&self.format_assistant, &m.content, None)),
-                Role::Observation => elements.extend(apply(&self.format_observation, &m.content, None)),
-                Role::Function => {
-                    elements.extend(self.format_function_call(&m.content, self.kind != TemplateKind::Llama2)?)
+                Role::Observation => {
+                    elements.extend(apply(&self.format_observation, &m.content, None))
                 }
-                Role::System => return Err("unexpected system message inside the conversation".into()),
+                Role::Function => elements.extend(
+                    self.format_function_call(&m.content, self.kind != TemplateKind::Llama2)?,
+                ),
+                Role::System => {
+                    return Err("unexpected system message inside the conversation".into())
+                }
             }
             out.push(self.to_ids(tok, &elements));
         }
@@ -247,7 +285,8 @@ impl Template {
     }
 
     fn has_thought(&self, content: &str) -> bool {
-        content.contains(self.thought_words.0.trim()) || content.contains(self.thought_words.1.trim())
+        content.contains(self.thought_words.0.trim())
+            || content.contains(self.thought_words.1.trim())
     }
 
     pub fn remove_thought(&self, content: &str) -> String {
@@ -263,7 +302,13 @@ impl Template {
     }
 
     /// Prompt ids (all messages but the last) and response ids (the last).
-    pub fn encode_oneturn(&self, tok: &HfTokenizer, messages: &[Message], system: &str, tools: &str) -> Encoded<(Vec<u32>, Vec<u32>)> {
+    pub fn encode_oneturn(
+        &self,
+        tok: &HfTokenizer,
+        messages: &[Message],
+        system: &str,
+        tools: &str,
+    ) -> Encoded<(Vec<u32>, Vec<u32>)> {
         let mut messages = messages.to_vec();
         if self.kind == TemplateKind::Reasoning {
             let n = messages.len();
@@ -279,7 +324,9 @@ impl Template {
         let mut encoded = self.encode(tok, &messages, system, tools)?;
         let mut response = encoded.pop().unwrap_or_default();
         let mut prompt: Vec<u32> = encoded.concat();
-        if self.kind == TemplateKind::Reasoning && !self.has_thought(&messages[messages.len() - 1].content) {
+        if self.kind == TemplateKind::Reasoning
+            && !self.has_thought(&messages[messages.len() - 1].content)
+        {
             if self.enable_thinking {
                 response = [self.thought_ids(tok), response].concat();
             } else {
@@ -314,12 +361,16 @@ impl Template {
         }
         let mut encoded = self.encode(tok, &messages, system, tools)?;
         if reasoning {
-            let turns: Vec<usize> =
-                if discarding_history_cot { vec![messages.len() - 2] } else { (0..messages.len()).step_by(2).collect() };
+            let turns: Vec<usize> = if discarding_history_cot {
+                vec![messages.len() - 2]
+            } else {
+                (0..messages.len()).step_by(2).collect()
+            };
             for i in turns {
                 if i + 1 < messages.len() && !self.has_thought(&messages[i + 1].content) {
                     if self.enable_thinking {
-                        encoded[i + 1] = [self.thought_ids(tok), std::mem::take(&mut encoded[i + 1])].concat();
+                        encoded[i + 1] =
+                            [self.thought_ids(tok), std::mem::take(&mut encoded[i + 1])].concat();
                     } else {
                         let ids = self.thought_ids(tok);
                         encoded[i].extend(ids);
@@ -345,8 +396,14 @@ impl Template {
             if tok.eos_token.as_deref() == Some(eos) && tok.eos_id().is_some() {
                 return Ok(());
             }
-            if tok.add_special_tokens(&[eos.to_string()]).map_err(|e| e.to_string())? > 0 {
-                warnings.push(format!("New token {eos} has been added as eos, make sure `resize_vocab` is True."));
+            if tok
+                .add_special_tokens(&[eos.to_string()])
+                .map_err(|e| e.to_string())?
+                > 0
+            {
+                warnings.push(format!(
+                    "New token {eos} has been added as eos, make sure `resize_vocab` is True."
+                ));
             }
             tok.eos_token = Some(eos.to_string());
             Ok::<(), String>(())
@@ -364,8 +421,16 @@ impl Template {
         if tok.pad_id().is_none() {
             tok.pad_token = tok.eos_token.clone();
         }
-        if !stop_words.is_empty() && tok.add_special_tokens(stop_words).map_err(|e| e.to_string())? > 0 {
-            warnings.push(format!("New tokens {} have been added, make sure `resize_vocab` is True.", stop_words.join(",")));
+        if !stop_words.is_empty()
+            && tok
+                .add_special_tokens(stop_words)
+                .map_err(|e| e.to_string())?
+                > 0
+        {
+            warnings.push(format!(
+                "New tokens {} have been added, make sure `resize_vocab` is True.",
+                stop_words.join(",")
+            ));
         }
         Ok(warnings)
     }
@@ -422,7 +487,11 @@ pub fn get_template_and_fix_tokenizer(
         },
     };
     let template = template.with_overrides(args).map_err(anyhow::Error::msg)?;
-    warnings.extend(template.fix_special_tokens(tok).map_err(anyhow::Error::msg)?);
+    warnings.extend(
+        template
+            .fix_special_tokens(tok)
+            .map_err(anyhow::Error::msg)?,
+    );
     template.fix_jinja_template(tok);
     Ok((template, warnings))
 }

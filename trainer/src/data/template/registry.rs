@@ -22,7 +22,9 @@ pub const TEMPLATE_NAMES: &[&str] = &[
 
 fn qwen_family(name: &str) -> Template {
     let mut tpl = Template::builder(name);
-    tpl.format_user = vec![t("<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n")];
+    tpl.format_user = vec![t(
+        "<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",
+    )];
     tpl.format_assistant = vec![t("{{content}}<|im_end|>\n")];
     tpl.format_system = vec![t("<|im_start|>system\n{{content}}<|im_end|>\n")];
     tpl.format_function = vec![t("{{content}}<|im_end|>\n")];
@@ -55,18 +57,23 @@ pub fn get_template(name: &str) -> Result<Template> {
             tpl.replace_jinja_template = true;
         }
         "chatml" => {
-            tpl.format_user = vec![t("<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n")];
+            tpl.format_user = vec![t(
+                "<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",
+            )];
             tpl.format_assistant = vec![t("{{content}}<|im_end|>\n")];
             tpl.format_system = vec![t("<|im_start|>system\n{{content}}<|im_end|>\n")];
             tpl.format_function = tpl.format_assistant.clone();
-            tpl.format_observation = vec![t("<|im_start|>tool\n{{content}}<|im_end|>\n<|im_start|>assistant\n")];
+            tpl.format_observation = vec![t(
+                "<|im_start|>tool\n{{content}}<|im_end|>\n<|im_start|>assistant\n",
+            )];
             tpl.stop_words = vec!["<|im_end|>".into(), "<|im_start|>".into()];
             tpl.replace_eos = true;
             tpl.replace_jinja_template = true;
         }
         "qwen" => {
             tpl = qwen_family(name);
-            tpl.default_system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into();
+            tpl.default_system =
+                "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into();
         }
         "qwen3" => {
             tpl = qwen_family(name);
@@ -82,7 +89,9 @@ pub fn get_template(name: &str) -> Result<Template> {
         "llama3" => {
             tpl.format_user = vec![t("<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")];
             tpl.format_assistant = vec![t("{{content}}<|eot_id|>")];
-            tpl.format_system = vec![t("<|start_header_id|>system<|end_header_id|>\n\n{{content}}<|eot_id|>")];
+            tpl.format_system = vec![t(
+                "<|start_header_id|>system<|end_header_id|>\n\n{{content}}<|eot_id|>",
+            )];
             tpl.format_function = vec![t("{{content}}<|eot_id|>")];
             tpl.function_tool_format = ToolFormat::Llama3;
             tpl.format_observation = vec![t("<|start_header_id|>ipython<|end_header_id|>\n\n{{content}}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")];
@@ -97,17 +106,23 @@ pub fn get_template(name: &str) -> Result<Template> {
             tpl.format_system = vec![t("{{content}}\n\n")];
             tpl.format_function = vec![t("[TOOL_CALLS] {{content}}"), Slot::Eos];
             tpl.function_tool_format = ToolFormat::Mistral;
-            tpl.format_observation = vec![t(r#"[TOOL_RESULTS] {"content": {{content}}}[/TOOL_RESULTS]"#)];
+            tpl.format_observation = vec![t(
+                r#"[TOOL_RESULTS] {"content": {{content}}}[/TOOL_RESULTS]"#,
+            )];
             tpl.tool_format = ToolFormat::Mistral;
             tpl.format_prefix = vec![Slot::Bos];
             tpl.kind = TemplateKind::Llama2;
         }
         "gemma" => {
-            tpl.format_user = vec![t("<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n")];
+            tpl.format_user = vec![t(
+                "<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n",
+            )];
             tpl.format_assistant = vec![t("{{content}}<end_of_turn>\n")];
             tpl.format_system = vec![t("{{content}}\n\n")];
             tpl.format_function = tpl.format_assistant.clone();
-            tpl.format_observation = vec![t("<start_of_turn>tool\n{{content}}<end_of_turn>\n<start_of_turn>model\n")];
+            tpl.format_observation = vec![t(
+                "<start_of_turn>tool\n{{content}}<end_of_turn>\n<start_of_turn>model\n",
+            )];
             tpl.format_prefix = vec![Slot::Bos];
             tpl.stop_words = vec!["<end_of_turn>".into()];
             tpl.replace_eos = true;
@@ -130,7 +145,10 @@ pub fn get_template(name: &str) -> Result<Template> {
             let hint = crate::config::closest(other, TEMPLATE_NAMES.iter().copied())
                 .map(|n| format!(" (did you mean `{n}`?)"))
                 .unwrap_or_default();
-            bail!("Template {other} does not exist{hint}; available: {}", TEMPLATE_NAMES.join(", "));
+            bail!(
+                "Template {other} does not exist{hint}; available: {}",
+                TEMPLATE_NAMES.join(", ")
+            );
         }
     }
     Ok(tpl)

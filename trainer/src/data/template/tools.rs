@@ -25,7 +25,12 @@ impl ToolFormat {
             "mistral" => Self::Mistral,
             "qwen" => Self::Qwen,
             "glm4" => Self::Glm4,
-            other => return Err(format!("unknown tool_format `{other}`; supported: {}", TOOL_FORMATS.join(", "))),
+            other => {
+                return Err(format!(
+                    "unknown tool_format `{other}`; supported: {}",
+                    TOOL_FORMATS.join(", ")
+                ))
+            }
         })
     }
 }
@@ -55,7 +60,8 @@ fn wrapped(tool: &Value) -> Value {
 }
 
 fn parse_args(arguments: &str) -> Result<Value, String> {
-    serde_json::from_str(arguments).map_err(|e| format!("function arguments are not valid JSON: {e}"))
+    serde_json::from_str(arguments)
+        .map_err(|e| format!("function arguments are not valid JSON: {e}"))
 }
 
 const QWEN_TOOL_PROMPT_HEAD: &str = "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>";
@@ -71,16 +77,25 @@ impl ToolFormat {
                 let mut names = Vec::new();
                 for tool in tools {
                     let tool = if tool.get("type").and_then(Value::as_str) == Some("function") {
-                        tool.get("function").cloned().unwrap_or(Value::String(String::new()))
+                        tool.get("function")
+                            .cloned()
+                            .unwrap_or(Value::String(String::new()))
                     } else {
                         tool.clone()
                     };
-                    let name = tool.get("name").map(|n| py_str(Some(n))).ok_or("a tool has no `name`")?;
-                    let params = tool.get("parameters").ok_or_else(|| format!("tool `{name}` has no `parameters`"))?;
+                    let name = tool
+                        .get("name")
+                        .map(|n| py_str(Some(n)))
+                        .ok_or("a tool has no `name`")?;
+                    let params = tool
+                        .get("parameters")
+                        .ok_or_else(|| format!("tool `{name}` has no `parameters`"))?;
                     let props = params
                         .get("properties")
                         .and_then(Value::as_object)
-                        .ok_or_else(|| format!("tool `{name}`: `parameters.properties` is missing"))?;
+                        .ok_or_else(|| {
+                            format!("tool `{name}`: `parameters.properties` is missing")
+                        })?;
                     let required: Vec<&str> = params
                         .get("required")
                         .and_then(Value::as_array)
@@ -88,10 +103,20 @@ impl ToolFormat {
                         .unwrap_or_default();
                     let mut param_text = String::new();
                     for (pname, param) in props {
-                        let req = if required.contains(&pname.as_str()) { ", required" } else { "" };
+                        let req = if required.contains(&pname.as_str()) {
+                            ", required"
+                        } else {
+                            ""
+                        };
                         let enum_text = match param.get("enum") {
                             Some(Value::Array(e)) if !e.is_empty() => {
-                                format!(", should be one of [{}]", e.iter().map(|x| py_str(Some(x))).collect::<Vec<_>>().join(", "))
+                                format!(
+                                    ", should be one of [{}]",
+                                    e.iter()
+                                        .map(|x| py_str(Some(x)))
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                )
                             }
                             _ => String::new(),
                         };
@@ -119,17 +144,26 @@ impl ToolFormat {
                 )
             }
             Self::Llama3 => {
-                let tool_text: String = tools.iter().map(|t| dumps(&wrapped(t), Some(4)) + "\n\n").collect();
+                let tool_text: String = tools
+                    .iter()
+                    .map(|t| dumps(&wrapped(t), Some(4)) + "\n\n")
+                    .collect();
                 format!(
                     "Cutting Knowledge Date: December 2023\nToday Date: {today}\n\nYou have access to the following functions. To call a function, please respond with JSON for a function call. Respond in the format {{\"name\": function name, \"parameters\": dictionary of argument name and its value}}. Do not use variables.\n\n{tool_text}"
                 )
             }
             Self::Mistral => {
                 let list: Vec<Value> = tools.iter().map(wrapped).collect();
-                format!("[AVAILABLE_TOOLS] {}[/AVAILABLE_TOOLS]", dumps(&Value::Array(list), None))
+                format!(
+                    "[AVAILABLE_TOOLS] {}[/AVAILABLE_TOOLS]",
+                    dumps(&Value::Array(list), None)
+                )
             }
             Self::Qwen => {
-                let tool_text: String = tools.iter().map(|t| "\n".to_string() + &dumps(&wrapped(t), None)).collect();
+                let tool_text: String = tools
+                    .iter()
+                    .map(|t| "\n".to_string() + &dumps(&wrapped(t), None))
+                    .collect();
                 format!("{QWEN_TOOL_PROMPT_HEAD}{tool_text}{QWEN_TOOL_PROMPT_TAIL}")
             }
             Self::Glm4 => {
@@ -180,7 +214,10 @@ impl ToolFormat {
             Self::Qwen => functions
                 .iter()
                 .map(|f| {
-                    let text = dumps(&json!({"name": f.name, "arguments": parse_args(&f.arguments)?}), None);
+                    let text = dumps(
+                        &json!({"name": f.name, "arguments": parse_args(&f.arguments)?}),
+                        None,
+                    );
                     Ok(format!("<tool_call>\n{text}\n</tool_call>"))
                 })
                 .collect::<Result<Vec<_>, String>>()?
@@ -197,7 +234,10 @@ impl ToolFormat {
 
     /// Function calls found in generated text, or `None` when it is a plain reply.
     pub fn tool_extractor(self, content: &str) -> Option<Vec<FunctionCall>> {
-        let call = |name: &str, args: &Value| FunctionCall { name: name.to_string(), arguments: dumps(args, None) };
+        let call = |name: &str, args: &Value| FunctionCall {
+            name: name.to_string(),
+            arguments: dumps(args, None),
+        };
         match self {
             Self::Default => {
                 let mut out = Vec::new();
@@ -206,12 +246,17 @@ impl ToolFormat {
                     let after = &rest[pos + "Action:".len()..];
                     let input_pos = after.find("Action Input:")?;
                     let name = after[..input_pos].trim();
-                    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    if name.is_empty()
+                        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
                         return None;
                     }
                     let after_input = &after[input_pos + "Action Input:".len()..];
                     let end = after_input.find("Action:").unwrap_or(after_input.len());
-                    let raw = after_input[..end].trim().trim_matches('"').trim_matches('`');
+                    let raw = after_input[..end]
+                        .trim()
+                        .trim_matches('"')
+                        .trim_matches('`');
                     let args: Value = serde_json::from_str(raw).ok()?;
                     out.push(call(name, &args));
                     rest = &after_input[end..];
@@ -219,13 +264,19 @@ impl ToolFormat {
                 (!out.is_empty()).then_some(out)
             }
             Self::Llama3 | Self::Mistral => {
-                let key = if self == Self::Llama3 { "parameters" } else { "arguments" };
+                let key = if self == Self::Llama3 {
+                    "parameters"
+                } else {
+                    "arguments"
+                };
                 let v: Value = serde_json::from_str(content.trim()).ok()?;
                 let list = match v {
                     Value::Array(a) => a,
                     other => vec![other],
                 };
-                list.iter().map(|t| Some(call(t.get("name")?.as_str()?, t.get(key)?))).collect()
+                list.iter()
+                    .map(|t| Some(call(t.get("name")?.as_str()?, t.get(key)?)))
+                    .collect()
             }
             Self::Qwen => {
                 let mut out = Vec::new();
@@ -272,12 +323,28 @@ mod tests {
 
     #[test]
     fn function_calls_round_trip() {
-        let calls = vec![FunctionCall { name: "f".into(), arguments: r#"{"a": 1}"#.into() }];
-        for fmt in [ToolFormat::Default, ToolFormat::Llama3, ToolFormat::Mistral, ToolFormat::Qwen, ToolFormat::Glm4] {
+        let calls = vec![FunctionCall {
+            name: "f".into(),
+            arguments: r#"{"a": 1}"#.into(),
+        }];
+        for fmt in [
+            ToolFormat::Default,
+            ToolFormat::Llama3,
+            ToolFormat::Mistral,
+            ToolFormat::Qwen,
+            ToolFormat::Glm4,
+        ] {
             let text = fmt.function_formatter(&calls).unwrap();
-            assert_eq!(fmt.tool_extractor(&text), Some(calls.clone()), "{fmt:?}: {text}");
+            assert_eq!(
+                fmt.tool_extractor(&text),
+                Some(calls.clone()),
+                "{fmt:?}: {text}"
+            );
         }
-        assert_eq!(ToolFormat::Qwen.function_formatter(&calls).unwrap(), "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>");
+        assert_eq!(
+            ToolFormat::Qwen.function_formatter(&calls).unwrap(),
+            "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>"
+        );
         assert_eq!(ToolFormat::Qwen.tool_extractor("plain reply"), None);
     }
 }

@@ -1,0 +1,40 @@
+"""The golden cases shared by scripts/lf_reference.py and tests/fixtures/lf/cases.json."""
+import json
+import os
+
+TEMPLATES = ["default", "alpaca", "chatml", "qwen", "qwen3", "qwen3_nothink", "llama2", "llama3", "mistral",
+             "gemma", "phi", "empty"]
+CASES = {}
+for t in TEMPLATES:
+    CASES[f"{t}_sft"] = dict(stage="sft", template=t, dataset="alpaca_en_demo,glaive_toolcall_en_demo",
+                             max_samples=12, cutoff_len=384)
+    CASES[f"{t}_rm"] = dict(stage="rm", template=t, dataset="dpo_en_demo", max_samples=8, cutoff_len=256)
+    CASES[f"{t}_kto"] = dict(stage="kto", template=t, dataset="kto_en_demo", max_samples=8, cutoff_len=256)
+CASES["qwen_pt_packed"] = dict(stage="pt", template="qwen", dataset="c4_demo", max_samples=6, cutoff_len=128)
+CASES["llama3_pt"] = dict(stage="pt", template="llama3", dataset="c4_demo", max_samples=6, cutoff_len=128,
+                          packing=False)
+CASES["pt_no_template"] = dict(stage="pt", dataset="wiki_demo", max_samples=2, cutoff_len=512)
+CASES["qwen_sft_mask_history"] = dict(stage="sft", template="qwen", dataset="glaive_toolcall_en_demo",
+                                      max_samples=12, cutoff_len=200, mask_history=True)
+CASES["qwen3_sft_mask_history"] = dict(stage="sft", template="qwen3", dataset="glaive_toolcall_en_demo",
+                                       max_samples=12, cutoff_len=200, mask_history=True)
+CASES["qwen3_sft_nothinking"] = dict(stage="sft", template="qwen3", dataset="glaive_toolcall_en_demo",
+                                     max_samples=12, cutoff_len=300, enable_thinking=False)
+CASES["llama3_sft_train_on_prompt"] = dict(stage="sft", template="llama3", dataset="identity,alpaca_en_demo",
+                                           max_samples=10, cutoff_len=128, train_on_prompt=True)
+CASES["chatml_sft_packing"] = dict(stage="sft", template="chatml", dataset="alpaca_en_demo", max_samples=20,
+                                   cutoff_len=256, packing=True)
+CASES["chatml_sft_neat_packing"] = dict(stage="sft", template="chatml", dataset="alpaca_en_demo", max_samples=20,
+                                        cutoff_len=256, neat_packing=True)
+CASES["mistral_sft_toolformat_qwen"] = dict(stage="sft", template="mistral", tool_format="qwen",
+                                            dataset="glaive_toolcall_en_demo", max_samples=6, cutoff_len=512,
+                                            default_system="Be brief.")
+CASES["qwen_predict"] = dict(stage="sft", template="qwen", eval_dataset="alpaca_en_demo,identity", max_samples=6,
+                             cutoff_len=128, do_train=False, do_predict=True, predict_with_generate=True)
+CASES["jinja_sft"] = dict(stage="sft", dataset="alpaca_en_demo,glaive_toolcall_en_demo", max_samples=8,
+                          cutoff_len=256)
+
+if __name__ == "__main__":
+    out = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "lf", "cases.json")
+    with open(out, "w") as fh:
+        json.dump(CASES, fh, indent=1)
