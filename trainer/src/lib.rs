@@ -1,5 +1,6 @@
 //! Everything about models and data: configs, datasets, templates, processors, the demo model.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod demo;

@@ -97,7 +97,7 @@ impl HfTokenizer {
             return Vec::new();
         }
         self.inner
-            .encode(text, false)
+            .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
             .unwrap_or_default()
     }

@@ -1,5 +1,6 @@
 //! Command-line interface; subcommand names follow `llamafactory-cli`.
 
+mod bench;
 mod demo;
 mod env;
 mod preview;
@@ -36,6 +37,9 @@ enum Command {
     },
     /// Print versions, device, threads and data/model dirs.
     Env,
+    /// Run a benchmark and print a table.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Print the version.
     Version,
 }
@@ -46,6 +50,7 @@ pub fn run() -> Result<ExitCode> {
         Command::PreviewData(a) => preview::run(a),
         Command::Demo { out, dataset_dir } => demo::run(&out, &dataset_dir),
         Command::Env => env::run(),
+        Command::Bench(b) => bench::run(b),
         Command::Version => {
             println!("llamafactory {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
