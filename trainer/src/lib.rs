@@ -5,4 +5,5 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod hub;
+pub mod model;
 pub mod tokenizer;

@@ -1,0 +1,54 @@
+"""Dev-only: tiny random models of each supported architecture, with reference logits from
+`transformers` (and PEFT adapters), for trainer/tests/model_reference.rs.
+
+    python scripts/make_reference_models.py   # writes tests/fixtures/models/
+"""
+import json
+import os
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+
+OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "models")
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6)
+VARIANTS = {
+    "llama": LlamaConfig(**COMMON, tie_word_embeddings=False, rope_theta=10000.0),
+    "llama3_scaled_tied": LlamaConfig(**COMMON, tie_word_embeddings=True, rope_theta=500000.0,
+                                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 16}),
+    "mistral": MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=None),
+    "qwen2": Qwen2Config(**COMMON, tie_word_embeddings=True),
+    "qwen3": Qwen3Config(**{**COMMON, "num_key_value_heads": 4}, head_dim=16, tie_word_embeddings=False),
+}
+IDS = torch.tensor([[3, 17, 42, 5, 88, 9, 61, 23, 7, 50], [11, 2, 95, 33, 70, 4, 19, 66, 28, 81]])
+
+for name, cfg in VARIANTS.items():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    with torch.no_grad():  # random norms too, so a wrong norm weight shows
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    d = os.path.join(OUT, name)
+    model.save_pretrained(d, safe_serialization=True)
+    with torch.no_grad():
+        base = model(IDS).logits
+    expected = {"input_ids": IDS.tolist(), "logits": base.flatten().tolist()}
+    for adapter, use_dora in [("lora", False), ("dora", True)]:
+        if use_dora and name not in ("llama", "qwen2"):
+            continue
+        torch.manual_seed(1)
+        peft_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+                              init_lora_weights=False, use_dora=use_dora, task_type="CAUSAL_LM")
+        pm = get_peft_model(AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32), peft_cfg).eval()
+        with torch.no_grad():
+            expected[f"{adapter}_logits"] = pm(IDS).logits.flatten().tolist()
+        pm.save_pretrained(os.path.join(d, adapter))
+    with open(os.path.join(d, "expected.json"), "w") as fh:
+        json.dump(expected, fh)
+    print(name, base.shape)

@@ -1,0 +1,413 @@
+//! Which tensors train (LoRA, freeze, full), and LoRA adapters in PEFT's file format:
+//! `adapter_config.json` + `adapter_model.safetensors` with keys
+//! `base_model.model.<module>.lora_A.weight` / `lora_B.weight` / `lora_magnitude_vector`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+use super::llama::{LoraLayer, Model};
+use protocol::TrainArgs;
+
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// LoRA hyper-parameters as PEFT stores them.
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<String>,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub modules_to_save: Vec<String>,
+}
+
+impl LoraSpec {
+    pub fn from_args(a: &TrainArgs) -> Self {
+        let targets = if a.lora_target.trim() == "all" {
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec()
+        } else {
+            TrainArgs::split_list(Some(&a.lora_target))
+        };
+        Self {
+            rank: a.lora_rank,
+            alpha: a.lora_alpha(),
+            dropout: a.lora_dropout,
+            targets,
+            use_rslora: a.use_rslora,
+            use_dora: a.use_dora,
+            modules_to_save: TrainArgs::split_list(a.additional_target.as_deref()),
+        }
+    }
+
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    /// PEFT's `adapter_config.json`.
+    pub fn peft_config(&self, base_model: &str) -> Value {
+        let mut targets = self.targets.clone();
+        targets.sort();
+        json!({
+            "alpha_pattern": {},
+            "auto_mapping": null,
+            "base_model_name_or_path": base_model,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "layer_replication": null,
+            "layers_pattern": null,
+            "layers_to_transform": null,
+            "loftq_config": {},
+            "lora_alpha": self.alpha,
+            "lora_bias": false,
+            "lora_dropout": self.dropout,
+            "megatron_config": null,
+            "megatron_core": "megatron.core",
+            "modules_to_save": if self.modules_to_save.is_empty() { Value::Null } else { json!(self.modules_to_save) },
+            "peft_type": "LORA",
+            "r": self.rank,
+            "rank_pattern": {},
+            "revision": null,
+            "target_modules": targets,
+            "task_type": "CAUSAL_LM",
+            "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora
+        })
+    }
+
+    pub fn from_peft_config(v: &Value, file: &Path) -> Result<Self> {
+        if v.get("peft_type").and_then(Value::as_str) != Some("LORA") {
+            bail!(
+                "{}: only LoRA adapters (`peft_type: LORA`) are supported",
+                file.display()
+            );
+        }
+        let rank = v
+            .get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| anyhow!("{}: `r` missing", file.display()))? as usize;
+        let targets = match v.get("target_modules") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
+            Some(Value::String(s)) => vec![s.clone()],
+            _ => bail!("{}: `target_modules` missing", file.display()),
+        };
+        Ok(Self {
+            rank,
+            alpha: v
+                .get("lora_alpha")
+                .and_then(Value::as_f64)
+                .unwrap_or(rank as f64),
+            dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+            targets,
+            use_rslora: v
+                .get("use_rslora")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            use_dora: v.get("use_dora").and_then(Value::as_bool).unwrap_or(false),
+            modules_to_save: match v.get("modules_to_save") {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect(),
+                _ => Vec::new(),
+            },
+        })
+    }
+}
+
+impl Model {
+    /// Linear module names (full paths) whose last component is one of `targets`.
+    pub fn target_modules(&self, targets: &[String]) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for l in 0..self.cfg.num_hidden_layers {
+            for m in self.linear_modules() {
+                let short = m.rsplit('.').next().unwrap_or(m);
+                if targets.iter().any(|t| t == short || t == m) {
+                    out.push(format!("model.layers.{l}.{m}"));
+                }
+            }
+        }
+        for t in targets {
+            if !self
+                .linear_modules()
+                .iter()
+                .any(|m| m.ends_with(t.as_str()))
+            {
+                bail!(
+                    "lora_target `{t}` matches no linear layer; choose from q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or `all`"
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds fresh LoRA layers: A ~ U(±1/√fan_in) (PEFT's Kaiming-uniform with a=√5), B = 0,
+    /// DoRA magnitudes = row norms of W. Seeded for reproducible runs.
+    pub fn add_lora(&mut self, spec: &LoraSpec, seed: u64) -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for module in self.target_modules(&spec.targets)? {
+            let w = self.param(&format!("{module}.weight"))?.clone();
+            let (out_f, in_f) = w.dims2()?;
+            let bound = 1.0 / (in_f as f64).sqrt();
+            let a: Vec<f64> = (0..spec.rank * in_f)
+                .map(|_| rng.gen_range(-bound..bound))
+                .collect();
+            let a = Tensor::from_vec(a, (spec.rank, in_f), &self.device)?.to_dtype(self.dtype)?;
+            let b = Tensor::zeros((out_f, spec.rank), self.dtype, &self.device)?;
+            let magnitude = if spec.use_dora {
+                Some(Var::from_tensor(&w.sqr()?.sum(1)?.sqrt()?)?)
+            } else {
+                None
+            };
+            self.lora.insert(
+                module,
+                LoraLayer {
+                    a: Var::from_tensor(&a)?,
+                    b: Var::from_tensor(&b)?,
+                    scale: spec.scale(),
+                    dropout: spec.dropout,
+                    magnitude,
+                },
+            );
+        }
+        self.make_trainable(
+            &spec
+                .modules_to_save
+                .iter()
+                .map(|m| format!(".{m}."))
+                .collect::<Vec<_>>(),
+            true,
+        )?;
+        Ok(())
+    }
+
+    /// Marks parameters whose dotted name contains any of `patterns` trainable.
+    fn make_trainable(&mut self, patterns: &[String], dotted: bool) -> Result<usize> {
+        let mut n = 0;
+        for (name, p) in self.params.iter_mut() {
+            let hay = if dotted {
+                format!(".{name}")
+            } else {
+                name.clone()
+            };
+            if p.var.is_none() && patterns.iter().any(|pat| hay.contains(pat.as_str())) {
+                p.var = Some(Var::from_tensor(&p.tensor)?);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Every parameter trains (`finetuning_type: full`).
+    pub fn setup_full(&mut self) -> Result<()> {
+        self.make_trainable(&[String::new()], false)?;
+        Ok(())
+    }
+
+    /// LLaMA-Factory's freeze tuning: the last (or, negative, first) N layers, restricted to
+    /// `freeze_trainable_modules`, plus `freeze_extra_modules` outside the layers.
+    pub fn setup_freeze(&mut self, a: &TrainArgs) -> Result<()> {
+        let n = self.cfg.num_hidden_layers as i64;
+        let k = a.freeze_trainable_layers;
+        let ids: Vec<i64> = if k > 0 {
+            ((n - k).max(0)..n).collect()
+        } else {
+            (0..(-k).min(n)).collect()
+        };
+        let hidden: Vec<String> = self
+            .params
+            .keys()
+            .filter_map(|name| {
+                name.split(".0.")
+                    .nth(1)
+                    .map(|rest| rest.split('.').next().unwrap_or_default().to_string())
+            })
+            .collect();
+        let mut patterns = Vec::new();
+        for module in TrainArgs::split_list(Some(&a.freeze_trainable_modules)) {
+            if module != "all" && !hidden.contains(&module) {
+                let mut choices = hidden.clone();
+                choices.sort();
+                choices.dedup();
+                bail!(
+                    "Module {module} is not found, please choose from {}",
+                    choices.join(", ")
+                );
+            }
+            for idx in &ids {
+                patterns.push(format!(
+                    ".{idx}.{}",
+                    if module == "all" { "" } else { &module }
+                ));
+            }
+        }
+        let non_hidden: Vec<String> = self
+            .params
+            .keys()
+            .filter(|n| !n.contains(".layers."))
+            .filter_map(|n| n.rsplit('.').nth(1).map(String::from))
+            .collect();
+        for extra in TrainArgs::split_list(a.freeze_extra_modules.as_deref()) {
+            if !non_hidden.contains(&extra) {
+                bail!(
+                    "Module {extra} is not found, please choose from {}",
+                    non_hidden.join(", ")
+                );
+            }
+            patterns.push(extra);
+        }
+        self.make_trainable(&patterns, false)?;
+        Ok(())
+    }
+
+    /// Trainable tensors with their names (PEFT names for LoRA tensors).
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (name, l) in &self.lora {
+            out.push((format!("{PEFT_PREFIX}{name}.lora_A.weight"), l.a.clone()));
+            out.push((format!("{PEFT_PREFIX}{name}.lora_B.weight"), l.b.clone()));
+            if let Some(m) = &l.magnitude {
+                out.push((
+                    format!("{PEFT_PREFIX}{name}.lora_magnitude_vector"),
+                    m.clone(),
+                ));
+            }
+        }
+        for (name, p) in &self.params {
+            if let Some(v) = &p.var {
+                out.push((name.clone(), v.clone()));
+            }
+        }
+        out
+    }
+
+    /// The adapter's tensors under PEFT's key names, in `dtype`.
+    pub fn adapter_tensors(&self, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for (name, var) in self.trainable() {
+            let key = if name.starts_with(PEFT_PREFIX) {
+                name
+            } else {
+                format!("{PEFT_PREFIX}{name}")
+            };
+            out.insert(key, var.as_tensor().detach().to_dtype(dtype)?);
+        }
+        Ok(out)
+    }
+
+    /// Loads a PEFT LoRA adapter (ours or one written by PEFT / LLaMA-Factory). `trainable`
+    /// keeps its tensors as variables to continue training it.
+    pub fn load_adapter(&mut self, dir: &Path, trainable: bool) -> Result<LoraSpec> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+            format!(
+                "{} is not a PEFT adapter folder (no adapter_config.json)",
+                dir.display()
+            )
+        })?;
+        let spec = LoraSpec::from_peft_config(&serde_json::from_str(&text)?, &cfg_path)?;
+        let file = dir.join("adapter_model.safetensors");
+        if !file.exists() {
+            bail!("{}: adapter_model.safetensors is missing (only safetensors adapters are supported)", dir.display());
+        }
+        let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&file, &self.device)?;
+        let get = |k: &str| -> Result<Tensor> {
+            Ok(tensors
+                .get(k)
+                .ok_or_else(|| anyhow!("{}: tensor `{k}` missing", file.display()))?
+                .to_dtype(self.dtype)?)
+        };
+        for module in self.target_modules(&spec.targets)? {
+            let a = get(&format!("{PEFT_PREFIX}{module}.lora_A.weight"))?;
+            let b = get(&format!("{PEFT_PREFIX}{module}.lora_B.weight"))?;
+            let magnitude = if spec.use_dora {
+                let key = format!("{PEFT_PREFIX}{module}.lora_magnitude_vector");
+                let t = tensors
+                    .get(&key)
+                    .or_else(|| tensors.get(&format!("{key}.weight")));
+                Some(Var::from_tensor(
+                    &t.ok_or_else(|| anyhow!("{}: `{key}` missing", file.display()))?
+                        .to_dtype(self.dtype)?,
+                )?)
+            } else {
+                None
+            };
+            self.lora.insert(
+                module,
+                LoraLayer {
+                    a: Var::from_tensor(&a)?,
+                    b: Var::from_tensor(&b)?,
+                    scale: spec.scale(),
+                    dropout: spec.dropout,
+                    magnitude,
+                },
+            );
+        }
+        // modules_to_save: full copies of base tensors.
+        for (key, t) in &tensors {
+            if let Some(name) = key.strip_prefix(PEFT_PREFIX) {
+                if !name.contains("lora_") {
+                    let p = self.params.get_mut(name).ok_or_else(|| {
+                        anyhow!("{}: `{key}` matches no model weight", file.display())
+                    })?;
+                    p.tensor = t.to_dtype(self.dtype)?;
+                    p.var = if trainable {
+                        Some(Var::from_tensor(&p.tensor)?)
+                    } else {
+                        None
+                    };
+                }
+            }
+        }
+        if !trainable {
+            self.merge_lora()?;
+        }
+        Ok(spec)
+    }
+
+    /// Folds every LoRA layer into its base weight (W + s·B·A, DoRA-rescaled) and drops it.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let layers = std::mem::take(&mut self.lora);
+        for (module, l) in layers {
+            let key = format!("{module}.weight");
+            let w = self.param(&key)?.detach();
+            let mut merged = (&w + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?)?;
+            if let Some(m) = &l.magnitude {
+                let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?;
+                merged =
+                    merged.broadcast_mul(&m.as_tensor().unsqueeze(1)?.broadcast_div(&norm)?)?;
+            }
+            let p = self
+                .params
+                .get_mut(&key)
+                .ok_or_else(|| anyhow!("missing {key}"))?;
+            p.tensor = merged;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,426 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::config::ModelConfig;
+use crate::data::IGNORE_INDEX;
+
+/// A model tensor: frozen (`var` is none) or trainable.
+pub struct Param {
+    pub tensor: Tensor,
+    pub var: Option<Var>,
+}
+
+impl Param {
+    pub fn t(&self) -> &Tensor {
+        self.var
+            .as_ref()
+            .map(Var::as_tensor)
+            .unwrap_or(&self.tensor)
+    }
+}
+
+/// `y = W x + scale · B A dropout(x)`, optionally DoRA-rescaled per output row.
+pub struct LoraLayer {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+    /// DoRA magnitude (one per output feature).
+    pub magnitude: Option<Var>,
+}
+
+/// One padded batch, flattened row-major (`B × T`).
+pub struct Batch {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+    /// Position of each token (restarting per packed sub-sequence).
+    pub positions: Vec<u32>,
+    /// Packed sub-sequence of each token (neat packing); tokens attend within their segment only.
+    pub segments: Option<Vec<u32>>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl Batch {
+    /// Right-pads examples into one batch; positions count from 0 unless given.
+    pub fn pad(rows: &[(&[u32], &[i64], Option<&[u32]>)], pad_id: u32) -> Self {
+        let seq = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
+        let mut b = Batch {
+            input_ids: Vec::with_capacity(rows.len() * seq),
+            labels: Vec::with_capacity(rows.len() * seq),
+            positions: Vec::with_capacity(rows.len() * seq),
+            segments: None,
+            batch: rows.len(),
+            seq,
+        };
+        for (ids, labels, pos) in rows {
+            let n = ids.len();
+            b.input_ids.extend_from_slice(ids);
+            b.input_ids.extend(std::iter::repeat_n(pad_id, seq - n));
+            b.labels.extend_from_slice(labels);
+            b.labels
+                .extend(std::iter::repeat_n(IGNORE_INDEX, seq - labels.len()));
+            match pos {
+                Some(p) => b.positions.extend_from_slice(p),
+                None => b.positions.extend(0..n as u32),
+            }
+            b.positions.extend(n as u32..seq as u32);
+        }
+        b
+    }
+
+    /// Tokens that carry loss after the causal shift.
+    pub fn num_targets(&self) -> usize {
+        (0..self.batch)
+            .map(|b| {
+                (1..self.seq)
+                    .filter(|&t| self.labels[b * self.seq + t] != IGNORE_INDEX)
+                    .count()
+            })
+            .sum()
+    }
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub params: BTreeMap<String, Param>,
+    /// LoRA layers by module name (`model.layers.0.self_attn.q_proj`).
+    pub lora: BTreeMap<String, LoraLayer>,
+    pub lora_enabled: bool,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+const MASK_VALUE: f64 = -1e9;
+
+/// Softmax over the last dim from differentiable ops; the max is detached, which is exact
+/// because softmax does not depend on it.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
+}
+
+impl Model {
+    /// Loads a Hugging Face model folder with every weight frozen.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = ModelConfig::load(dir)?;
+        let weights = super::weights::load_weights(dir, dtype, device)?;
+        Self::from_weights(cfg, weights, dtype, device)
+    }
+
+    pub fn from_weights(
+        cfg: ModelConfig,
+        weights: std::collections::HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut params = BTreeMap::new();
+        for (name, tensor) in weights {
+            params.insert(name, Param { tensor, var: None });
+        }
+        let model = Self {
+            cfg,
+            params,
+            lora: BTreeMap::new(),
+            lora_enabled: true,
+            dtype,
+            device: device.clone(),
+        };
+        for name in model.expected_params() {
+            if !model.params.contains_key(&name) {
+                bail!("weights are incomplete: tensor `{name}` is missing");
+            }
+        }
+        Ok(model)
+    }
+
+    /// The names of every weight the architecture reads.
+    pub fn expected_params(&self) -> Vec<String> {
+        let c = &self.cfg;
+        let mut names = vec![
+            "model.embed_tokens.weight".to_string(),
+            "model.norm.weight".to_string(),
+        ];
+        if !c.tie_word_embeddings {
+            names.push("lm_head.weight".into());
+        }
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for m in self.linear_modules() {
+                names.push(format!("{p}.{m}.weight"));
+            }
+            if c.qkv_bias {
+                for m in ["q_proj", "k_proj", "v_proj"] {
+                    names.push(format!("{p}.self_attn.{m}.bias"));
+                }
+            }
+            if c.o_bias {
+                names.push(format!("{p}.self_attn.o_proj.bias"));
+            }
+            names.push(format!("{p}.input_layernorm.weight"));
+            names.push(format!("{p}.post_attention_layernorm.weight"));
+            if c.qk_norm {
+                names.push(format!("{p}.self_attn.q_norm.weight"));
+                names.push(format!("{p}.self_attn.k_norm.weight"));
+            }
+        }
+        names
+    }
+
+    /// Linear modules inside a decoder layer, relative to the layer.
+    pub fn linear_modules(&self) -> [&'static str; 7] {
+        [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+    }
+
+    pub fn param(&self, name: &str) -> Result<&Tensor> {
+        self.params
+            .get(name)
+            .map(Param::t)
+            .ok_or_else(|| anyhow!("missing weight `{name}`"))
+    }
+
+    fn lm_head_weight(&self) -> Result<&Tensor> {
+        if self.cfg.tie_word_embeddings {
+            self.param("model.embed_tokens.weight")
+        } else {
+            self.param("lm_head.weight")
+        }
+    }
+
+    /// `x (N, in) → (N, out)` through a linear module and its LoRA layer, if any.
+    pub fn linear(&self, module: &str, x: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let w = self.param(&format!("{module}.weight"))?;
+        let mut y = x.matmul(&w.t()?)?;
+        if let Some(lora) = self.lora.get(module).filter(|_| self.lora_enabled) {
+            let xd = match rng {
+                Some(rng) if lora.dropout > 0.0 => dropout(x, lora.dropout, rng)?,
+                _ => x.clone(),
+            };
+            let delta = (xd
+                .matmul(&lora.a.as_tensor().t()?)?
+                .matmul(&lora.b.as_tensor().t()?)?
+                * lora.scale)?;
+            y = match &lora.magnitude {
+                None => (y + delta)?,
+                Some(m) => {
+                    // DoRA: (W + sBA) rescaled row-wise to the learned magnitude; the norm is
+                    // detached as in PEFT.
+                    let merged =
+                        (w + (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scale)?)?;
+                    let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?.detach().squeeze(1)?;
+                    let factor = m.as_tensor().broadcast_div(&norm)?;
+                    (y + delta)?.broadcast_mul(&factor)?
+                }
+            };
+        }
+        if let Some(b) = self.params.get(&format!("{module}.bias")) {
+            y = y.broadcast_add(b.t())?;
+        }
+        Ok(y)
+    }
+
+    fn rope_tables(&self, positions: &[u32], batch: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+        let inv = self.cfg.inv_freq();
+        let half = inv.len();
+        let d = half * 2;
+        let mut cos = Vec::with_capacity(positions.len() * d);
+        let mut sin = Vec::with_capacity(positions.len() * d);
+        for &p in positions {
+            for _ in 0..2 {
+                for f in &inv {
+                    let a = p as f64 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let shape = (batch, 1, seq, d);
+        let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    fn attention_mask(&self, b: &Batch) -> Result<Tensor> {
+        let (bs, t) = (b.batch, b.seq);
+        let mut m = vec![0f64; bs * t * t];
+        for r in 0..bs {
+            for i in 0..t {
+                for j in 0..t {
+                    let mut blocked = j > i;
+                    if let Some(seg) = &b.segments {
+                        blocked |= seg[r * t + i] != seg[r * t + j];
+                    }
+                    if blocked {
+                        m[(r * t + i) * t + j] = MASK_VALUE;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (bs, 1, t, t), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Final hidden states, `(B·T, hidden)`. `rng` turns on dropout (training).
+    pub fn hidden(&self, b: &Batch, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (bs, t) = (b.batch, b.seq);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let ids = Tensor::from_slice(&b.input_ids, bs * t, &self.device)?;
+        let mut x = self
+            .param("model.embed_tokens.weight")?
+            .index_select(&ids, 0)?;
+        let (cos, sin) = self.rope_tables(&b.positions, bs, t)?;
+        let mask = self.attention_mask(b)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let h = rms_norm(
+                &x,
+                self.param(&format!("{p}.input_layernorm.weight"))?,
+                c.rms_norm_eps,
+            )?;
+            let heads = |name: &str, n: usize, rng: Option<&mut ChaCha8Rng>| -> Result<Tensor> {
+                let y = self
+                    .linear(&format!("{p}.self_attn.{name}_proj"), &h, rng)?
+                    .reshape((bs, t, n, hd))?;
+                let y = if c.qk_norm && name != "v" {
+                    rms_norm(
+                        &y,
+                        self.param(&format!("{p}.self_attn.{name}_norm.weight"))?,
+                        c.rms_norm_eps,
+                    )?
+                } else {
+                    y
+                };
+                Ok(y.transpose(1, 2)?.contiguous()?)
+            };
+            let q = heads("q", nh, rng.as_deref_mut())?;
+            let k = heads("k", nkv, rng.as_deref_mut())?;
+            let v = heads("v", nkv, rng.as_deref_mut())?;
+            let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
+            let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
+            let (k, v) = if nkv != nh {
+                let rep = nh / nkv;
+                let expand = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.unsqueeze(2)?
+                        .broadcast_as((bs, nkv, rep, t, hd))?
+                        .reshape((bs, nh, t, hd))?)
+                };
+                (expand(&k)?, expand(&v)?)
+            } else {
+                (k, v)
+            };
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let attn = softmax(&scores)?.matmul(&v)?;
+            let attn = attn.transpose(1, 2)?.reshape((bs * t, nh * hd))?;
+            let o = self.linear(&format!("{p}.self_attn.o_proj"), &attn, rng.as_deref_mut())?;
+            x = (x + o)?;
+            let h = rms_norm(
+                &x,
+                self.param(&format!("{p}.post_attention_layernorm.weight"))?,
+                c.rms_norm_eps,
+            )?;
+            let gate = self
+                .linear(&format!("{p}.mlp.gate_proj"), &h, rng.as_deref_mut())?
+                .silu()?;
+            let up = self.linear(&format!("{p}.mlp.up_proj"), &h, rng.as_deref_mut())?;
+            let down = self.linear(
+                &format!("{p}.mlp.down_proj"),
+                &(gate * up)?,
+                rng.as_deref_mut(),
+            )?;
+            x = (x + down)?;
+        }
+        rms_norm(&x, self.param("model.norm.weight")?, c.rms_norm_eps)
+    }
+
+    /// Logits for every position, `(B, T, vocab)`.
+    pub fn logits(&self, b: &Batch) -> Result<Tensor> {
+        let h = self.hidden(b, None)?;
+        let logits = h.matmul(&self.lm_head_weight()?.t()?)?;
+        Ok(logits.reshape((b.batch, b.seq, ()))?)
+    }
+
+    /// Summed token cross-entropy over labels != -100, shifted like Hugging Face (position t
+    /// predicts label t+1). Only rows that carry a label reach the LM head.
+    pub fn loss_sum(&self, b: &Batch, rng: Option<&mut ChaCha8Rng>) -> Result<(Tensor, usize)> {
+        let h = self.hidden(b, rng)?;
+        let (rows, targets) = shifted_targets(b);
+        if rows.is_empty() {
+            return Ok((Tensor::zeros((), self.dtype, &self.device)?, 0));
+        }
+        let n = rows.len();
+        let idx = Tensor::from_vec(rows, n, &self.device)?;
+        let logits = h
+            .index_select(&idx, 0)?
+            .matmul(&self.lm_head_weight()?.t()?)?;
+        let logp = log_softmax(&logits)?;
+        let tgt = Tensor::from_vec(targets, (n, 1), &self.device)?;
+        let nll = logp.gather(&tgt, 1)?.sum_all()?.neg()?;
+        Ok((nll, n))
+    }
+}
+
+/// Row index (into `B·T`) and target id of every position whose next label is trained.
+pub fn shifted_targets(b: &Batch) -> (Vec<u32>, Vec<u32>) {
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for r in 0..b.batch {
+        for t in 0..b.seq.saturating_sub(1) {
+            let label = b.labels[r * b.seq + t + 1];
+            if label != IGNORE_INDEX {
+                rows.push((r * b.seq + t) as u32);
+                targets.push(label as u32);
+            }
+        }
+    }
+    (rows, targets)
+}
+
+fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    let n = x.elem_count();
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f64> = (0..n)
+        .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
+/// Loads a model for training or inference from `model_name_or_path`.
+pub fn load_for(path: &str, revision: &str, dtype: DType, device: &Device) -> Result<Model> {
+    let dir = crate::hub::resolve_model_dir(path, revision)?;
+    Model::load(&dir, dtype, device).with_context(|| format!("loading model {}", dir.display()))
+}

@@ -1,0 +1,141 @@
+//! Model forward against `transformers` (and PEFT) logits for each architecture variant:
+//! Llama (untied), Llama 3 rope scaling with tied embeddings, Mistral, Qwen2 (q/k/v bias, tied),
+//! Qwen3 (q/k norm, head_dim ≠ hidden/heads). Fixtures: `scripts/make_reference_models.py`.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use trainer::model::{Batch, Model};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models")
+}
+
+fn expected(name: &str) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(name).join("expected.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn batch(e: &serde_json::Value) -> Batch {
+    let rows: Vec<Vec<u32>> = e["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    let labels: Vec<Vec<i64>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&x| x as i64).collect())
+        .collect();
+    let refs: Vec<(&[u32], &[i64], Option<&[u32]>)> = rows
+        .iter()
+        .zip(&labels)
+        .map(|(r, l)| (r.as_slice(), l.as_slice(), None))
+        .collect();
+    Batch::pad(&refs, 0)
+}
+
+fn rel_err(ours: &[f64], theirs: &[f64]) -> f64 {
+    assert_eq!(ours.len(), theirs.len());
+    let max_diff = ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    let scale = theirs.iter().map(|x| x.abs()).fold(0.0, f64::max);
+    max_diff / scale
+}
+
+fn logits(model: &Model, b: &Batch) -> Vec<f64> {
+    model
+        .logits(b)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn want(e: &serde_json::Value, key: &str) -> Vec<f64> {
+    e[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn logits_match_transformers_for_every_variant() {
+    for name in ["llama", "llama3_scaled_tied", "mistral", "qwen2", "qwen3"] {
+        let e = expected(name);
+        let b = batch(&e);
+        for dtype in [DType::F32, DType::F64] {
+            let model = Model::load(&fixtures().join(name), dtype, &Device::Cpu).unwrap();
+            let err = rel_err(&logits(&model, &b), &want(&e, "logits"));
+            assert!(err < 1e-4, "{name} {dtype:?}: relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn peft_adapters_match_unmerged_and_merged() {
+    for (name, adapter) in [
+        ("llama", "lora"),
+        ("qwen2", "lora"),
+        ("qwen3", "lora"),
+        ("llama", "dora"),
+        ("qwen2", "dora"),
+    ] {
+        let e = expected(name);
+        let b = batch(&e);
+        let reference = want(&e, &format!("{adapter}_logits"));
+        let mut model = Model::load(&fixtures().join(name), DType::F32, &Device::Cpu).unwrap();
+        let spec = model
+            .load_adapter(&fixtures().join(name).join(adapter), true)
+            .unwrap();
+        assert_eq!(spec.use_dora, adapter == "dora");
+        assert_eq!(model.lora.len(), 2 * 5, "two layers × five targets");
+        let err = rel_err(&logits(&model, &b), &reference);
+        assert!(
+            err < 1e-4,
+            "{name}/{adapter} unmerged: relative error {err}"
+        );
+        model.merge_lora().unwrap();
+        assert!(model.lora.is_empty());
+        let err = rel_err(&logits(&model, &b), &reference);
+        assert!(err < 1e-4, "{name}/{adapter} merged: relative error {err}");
+    }
+}
+
+#[test]
+fn incomplete_models_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = Model::load(tmp.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("has no config.json"), "{e}");
+    std::fs::copy(
+        fixtures().join("llama/config.json"),
+        tmp.path().join("config.json"),
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        Model::load(tmp.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("incomplete: no model.safetensors"), "{e}");
+}
