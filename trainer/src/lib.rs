@@ -6,4 +6,6 @@ pub mod data;
 pub mod demo;
 pub mod hub;
 pub mod model;
+pub mod plot;
 pub mod tokenizer;
+pub mod train;

@@ -153,3 +153,50 @@ impl HfTokenizer {
         Ok(missing.len())
     }
 }
+
+impl HfTokenizer {
+    /// Writes `tokenizer.json`, `tokenizer_config.json` (with the run's eos, pad and chat
+    /// template) and `special_tokens_map.json`, as `save_pretrained` does after LLaMA-Factory
+    /// fixed the tokenizer.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        self.inner
+            .save(dir.join("tokenizer.json"), false)
+            .map_err(|e| anyhow!("cannot write {}: {e}", dir.join("tokenizer.json").display()))?;
+        let mut cfg = self.config.clone();
+        let opt = |t: &Option<String>| t.clone().map(Value::String).unwrap_or(Value::Null);
+        cfg.insert("eos_token".into(), opt(&self.eos_token));
+        cfg.insert("pad_token".into(), opt(&self.pad_token));
+        cfg.insert("bos_token".into(), opt(&self.bos_token));
+        if let Some(t) = &self.chat_template {
+            cfg.insert("chat_template".into(), Value::String(t.clone()));
+        }
+        if !self.new_tokens.is_empty() {
+            let mut extra: Vec<Value> = match cfg.get("additional_special_tokens") {
+                Some(Value::Array(a)) => a.clone(),
+                _ => Vec::new(),
+            };
+            extra.extend(self.new_tokens.iter().cloned().map(Value::String));
+            cfg.insert("additional_special_tokens".into(), Value::Array(extra));
+        }
+        let write = |name: &str, v: &Value| -> Result<()> {
+            let p = dir.join(name);
+            std::fs::write(&p, serde_json::to_string_pretty(v)? + "\n")
+                .with_context(|| format!("cannot write {}", p.display()))
+        };
+        write("tokenizer_config.json", &Value::Object(cfg.clone()))?;
+        let mut map = serde_json::Map::new();
+        for key in [
+            "bos_token",
+            "eos_token",
+            "pad_token",
+            "unk_token",
+            "additional_special_tokens",
+        ] {
+            if let Some(v) = cfg.get(key).filter(|v| !v.is_null()) {
+                map.insert(key.into(), v.clone());
+            }
+        }
+        write("special_tokens_map.json", &Value::Object(map))
+    }
+}

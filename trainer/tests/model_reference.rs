@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use trainer::model::{Batch, Model};
+use trainer::model::{Batch, Model, RowRef};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models")
@@ -35,7 +35,7 @@ fn batch(e: &serde_json::Value) -> Batch {
         .iter()
         .map(|r| r.iter().map(|&x| x as i64).collect())
         .collect();
-    let refs: Vec<(&[u32], &[i64], Option<&[u32]>)> = rows
+    let refs: Vec<RowRef> = rows
         .iter()
         .zip(&labels)
         .map(|(r, l)| (r.as_slice(), l.as_slice(), None))

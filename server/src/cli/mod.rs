@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod env;
 mod preview;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train from a LLaMA-Factory YAML (`key=value` overrides after the file).
+    Train(train::TrainCmd),
     /// Print the processed training examples of a config, exactly as training would see them.
     PreviewData(preview::PreviewArgs),
     /// Build the tiny demo model (random init) and its tokenizer in Hugging Face layout.
@@ -47,6 +50,7 @@ enum Command {
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Train(a) => train::run(a),
         Command::PreviewData(a) => preview::run(a),
         Command::Demo { out, dataset_dir } => demo::run(&out, &dataset_dir),
         Command::Env => env::run(),

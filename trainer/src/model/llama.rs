@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -34,6 +34,9 @@ pub struct LoraLayer {
     pub magnitude: Option<Var>,
 }
 
+/// One example for [`Batch::pad`]: ids, labels and optional positions.
+pub type RowRef<'a> = (&'a [u32], &'a [i64], Option<&'a [u32]>);
+
 /// One padded batch, flattened row-major (`B × T`).
 pub struct Batch {
     pub input_ids: Vec<u32>,
@@ -48,7 +51,7 @@ pub struct Batch {
 
 impl Batch {
     /// Right-pads examples into one batch; positions count from 0 unless given.
-    pub fn pad(rows: &[(&[u32], &[i64], Option<&[u32]>)], pad_id: u32) -> Self {
+    pub fn pad(rows: &[RowRef], pad_id: u32) -> Self {
         let seq = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
         let mut b = Batch {
             input_ids: Vec::with_capacity(rows.len() * seq),
@@ -417,10 +420,4 @@ fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)
-}
-
-/// Loads a model for training or inference from `model_name_or_path`.
-pub fn load_for(path: &str, revision: &str, dtype: DType, device: &Device) -> Result<Model> {
-    let dir = crate::hub::resolve_model_dir(path, revision)?;
-    Model::load(&dir, dtype, device).with_context(|| format!("loading model {}", dir.display()))
 }

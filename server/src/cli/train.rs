@@ -1,0 +1,64 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use protocol::WorkerEvent;
+use trainer::train::report::{BarReporter, JsonReporter, Reporter};
+use trainer::train::{run_training, Outcome, TrainOptions};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Events {
+    /// One JSON object per line on stdout (for the web server).
+    Json,
+}
+
+#[derive(Args)]
+pub struct TrainCmd {
+    /// LLaMA-Factory training YAML.
+    config: PathBuf,
+    /// `key=value` overrides, applied after the file.
+    overrides: Vec<String>,
+    /// Machine-readable progress instead of a progress bar.
+    #[arg(long, value_enum)]
+    events: Option<Events>,
+}
+
+pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
+    let mut reporter: Box<dyn Reporter> = match cmd.events {
+        Some(Events::Json) => Box::new(JsonReporter),
+        None => Box::new(BarReporter::new()),
+    };
+    let opts = TrainOptions::default();
+    let stop = opts.stop.clone();
+    // First signal: finish the step, save, exit cleanly. A second one kills at once.
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    })?;
+    let result =
+        trainer::config::load_args(&cmd.config, &cmd.overrides).and_then(|(args, warnings)| {
+            for w in warnings {
+                reporter.event(&WorkerEvent::Log {
+                    level: "warning".into(),
+                    message: w,
+                });
+            }
+            run_training(&args, &opts, reporter.as_mut())
+        });
+    match result {
+        Ok(Outcome::Finished) | Ok(Outcome::Aborted) => Ok(ExitCode::SUCCESS),
+        Ok(Outcome::Failed(_)) => Ok(ExitCode::from(1)),
+        Err(e) => {
+            if cmd.events.is_some() {
+                reporter.event(&WorkerEvent::Failed {
+                    step: None,
+                    error: format!("{e:#}"),
+                });
+            }
+            Err(e)
+        }
+    }
+}
