@@ -1,59 +1,8 @@
 //! End-to-end tests of the `llamafactory` binary: what a user types, what they see.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llamafactory"))
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn run(args: &[&str], cwd: &Path) -> Output {
-    bin()
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("binary runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A work dir with the demo model built from the repo's demo data.
-fn workdir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let data = repo().join("data");
-    let o = run(
-        &[
-            "demo",
-            "--out",
-            "model",
-            "--dataset-dir",
-            data.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    dir
-}
-
-fn write_config(dir: &Path, body: &str) -> PathBuf {
-    let data = repo().join("data");
-    let text = format!(
-        "model_name_or_path: model\ndataset_dir: {}\noutput_dir: out\n{body}",
-        data.display()
-    );
-    let p = dir.join("cfg.yaml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
+use common::{read_json, repo, run, stderr, stdout, workdir, write_config};
 
 #[test]
 fn version_and_env() {
@@ -81,12 +30,9 @@ fn demo_model_is_a_hugging_face_folder() {
     ] {
         assert!(m.join(f).is_file(), "{f} missing");
     }
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    let cfg = read_json(&m.join("config.json"));
     assert_eq!(cfg["model_type"], "llama");
-    let tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(m.join("tokenizer_config.json")).unwrap())
-            .unwrap();
+    let tok = read_json(&m.join("tokenizer_config.json"));
     assert!(tok["chat_template"]
         .as_str()
         .unwrap()

@@ -192,6 +192,7 @@ impl Model {
                     scale: spec.scale(),
                     dropout: spec.dropout,
                     magnitude,
+                    detach_norm: true,
                 },
             );
         }
@@ -365,6 +366,7 @@ impl Model {
                     scale: spec.scale(),
                     dropout: spec.dropout,
                     magnitude,
+                    detach_norm: true,
                 },
             );
         }

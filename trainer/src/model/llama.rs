@@ -32,6 +32,9 @@ pub struct LoraLayer {
     pub dropout: f64,
     /// DoRA magnitude (one per output feature).
     pub magnitude: Option<Var>,
+    /// Treat DoRA's weight norm as a constant in backward, as PEFT does (DoRA paper §4.3);
+    /// off, gradients are those of the exact function.
+    pub detach_norm: bool,
 }
 
 /// One example for [`Batch::pad`]: ids, labels and optional positions.
@@ -243,7 +246,10 @@ impl Model {
                     // detached as in PEFT.
                     let merged =
                         (w + (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scale)?)?;
-                    let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?.detach().squeeze(1)?;
+                    let mut norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?;
+                    if lora.detach_norm {
+                        norm = norm.detach();
+                    }
                     let factor = m.as_tensor().broadcast_div(&norm)?;
                     (y + delta)?.broadcast_mul(&factor)?
                 }

@@ -1,0 +1,301 @@
+//! `llamafactory train` end to end on the demo model: LLaMA-Factory's own example YAML, the
+//! files it leaves, resuming, aborting, and the errors a user can hit.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+
+use common::{bin, jsonl, read_json, repo, run, stderr, workdir, write_config};
+
+fn losses(log: &Path) -> Vec<(u64, f64)> {
+    jsonl(log)
+        .iter()
+        .filter_map(|l| Some((l["current_steps"].as_u64()?, l["loss"].as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn llamafactory_example_yaml_trains_and_writes_its_files() {
+    let dir = workdir();
+    let example =
+        repo().join("../shared/compat/llamafactory-examples/train_lora/qwen3_lora_sft.yaml");
+    assert!(
+        example.exists(),
+        "LLaMA-Factory examples not found at {}",
+        example.display()
+    );
+    let data = repo().join("data");
+    let o = run(
+        &[
+            "train",
+            example.to_str().unwrap(),
+            "model_name_or_path=model",
+            &format!("dataset_dir={}", data.display()),
+            "dataset=demo_sft",
+            "output_dir=out",
+            "max_samples=96",
+            "cutoff_len=64",
+            "per_device_train_batch_size=4",
+            "gradient_accumulation_steps=2",
+            "max_steps=24",
+            "logging_steps=4",
+            "save_steps=12",
+            "learning_rate=2e-3",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "trainer_log.jsonl",
+        "train_results.json",
+        "all_results.json",
+        "trainer_state.json",
+        "training_loss.png",
+        "checkpoint-12/adapter_model.safetensors",
+        "checkpoint-12/optimizer.safetensors",
+        "checkpoint-12/trainer_state.json",
+        "checkpoint-24/adapter_model.safetensors",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(
+        cfg["target_modules"].as_array().unwrap().len(),
+        7,
+        "lora_target: all"
+    );
+    let tok = read_json(&out.join("tokenizer_config.json"));
+    assert_eq!(tok["eos_token"], "<|im_end|>", "qwen3_nothink replaces eos");
+    let l = losses(&out.join("trainer_log.jsonl"));
+    assert_eq!(
+        l.iter().map(|x| x.0).collect::<Vec<_>>(),
+        vec![4, 8, 12, 16, 20, 24]
+    );
+    assert!(l.last().unwrap().1 < l[0].1 - 0.3, "loss falls: {l:?}");
+    let line = &jsonl(&out.join("trainer_log.jsonl"))[0];
+    for k in [
+        "total_steps",
+        "lr",
+        "epoch",
+        "percentage",
+        "elapsed_time",
+        "remaining_time",
+        "throughput",
+    ] {
+        assert!(line.get(k).is_some(), "trainer_log.jsonl lacks {k}");
+    }
+    let results = read_json(&out.join("all_results.json"));
+    for k in [
+        "epoch",
+        "train_loss",
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+    ] {
+        assert!(results.get(k).is_some(), "all_results.json lacks {k}");
+    }
+    let png = std::fs::read(out.join("training_loss.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+}
+
+fn train_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["train", "cfg.yaml"];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn resumed_run_continues_the_same_loss_curve() {
+    let dir = workdir();
+    let body = "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 48\nmax_samples: 64\n\
+                per_device_train_batch_size: 4\nmax_steps: 12\nlogging_steps: 1\nsave_steps: 4\nlearning_rate: 1.0e-3\n\
+                lora_dropout: 0.1\nlr_scheduler_type: cosine\nwarmup_steps: 2\n";
+    write_config(dir.path(), body);
+    let o = run(&train_args(&["output_dir=straight"]), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&train_args(&["output_dir=resumed"]), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Lose everything after checkpoint-8, as a crash would.
+    let r = dir.path().join("resumed");
+    std::fs::remove_dir_all(r.join("checkpoint-12")).unwrap();
+    std::fs::remove_file(r.join("adapter_model.safetensors")).unwrap();
+    let o = run(&train_args(&["output_dir=resumed"]), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("Resuming training from") && stderr(&o).contains("checkpoint-8"),
+        "{}",
+        stderr(&o)
+    );
+    let a = losses(&dir.path().join("straight/trainer_log.jsonl"));
+    let b = losses(&r.join("trainer_log.jsonl"));
+    assert_eq!(a.len(), 12);
+    assert_eq!(
+        a, b,
+        "the resumed run repeats the uninterrupted curve exactly"
+    );
+    // A finished output dir without checkpoints is not silently overwritten.
+    std::fs::remove_dir_all(r.join("checkpoint-4")).unwrap();
+    std::fs::remove_dir_all(r.join("checkpoint-8")).unwrap();
+    std::fs::remove_dir_all(r.join("checkpoint-12")).unwrap();
+    let o = run(&train_args(&["output_dir=resumed"]), dir.path());
+    assert!(
+        stderr(&o).contains("already exists and is not empty")
+            && stderr(&o).contains("overwrite_output_dir"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn sigterm_finishes_the_step_saves_and_reports_aborted() {
+    let dir = workdir();
+    write_config(
+        dir.path(),
+        "dataset: demo_sft\ntemplate: qwen\ncutoff_len: 64\nper_device_train_batch_size: 2\nnum_train_epochs: 50\nlogging_steps: 1\nsave_steps: 100000\ndo_train: true\n",
+    );
+    let mut child = bin()
+        .args(["train", "cfg.yaml", "--events", "json"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut events = Vec::new();
+    let mut signalled = false;
+    for line in BufReader::new(stdout).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(&line.unwrap()).expect("every stdout line is a JSON event");
+        if v["event"] == "step" && v["step"].as_u64() >= Some(3) && !signalled {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            signalled = true;
+        }
+        events.push(v);
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit 0 after an abort");
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "aborted", "{events:?}");
+    let ckpt = last["checkpoint"].as_str().unwrap();
+    assert!(
+        dir.path()
+            .join(ckpt)
+            .join("adapter_model.safetensors")
+            .exists()
+            || Path::new(ckpt).join("adapter_model.safetensors").exists()
+    );
+    assert_eq!(events[0]["event"], "log");
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "started" && e["total_steps"].as_u64() > Some(100)));
+}
+
+#[test]
+fn bad_runs_fail_clearly() {
+    let dir = workdir();
+    write_config(dir.path(), "dataset: demo_sft\ntemplate: qwen\ncutoff_len: 32\nmax_samples: 16\nmax_steps: 6\ndo_train: true\n");
+    // Exploding learning rate: stop, save, report the step.
+    let o = run(
+        &train_args(&["learning_rate=1e30", "output_dir=nan", "--events", "json"]),
+        dir.path(),
+    );
+    assert!(!o.status.success());
+    let events: Vec<serde_json::Value> = common::stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let failed = events
+        .iter()
+        .find(|e| e["event"] == "failed")
+        .expect("a failed event");
+    let msg = failed["error"].as_str().unwrap();
+    assert!(
+        msg.contains("the loss became") && msg.contains("at step"),
+        "{msg}"
+    );
+    // More memory than the machine has: refused before starting, with the numbers.
+    let o = run(
+        &train_args(&["per_device_train_batch_size=100000000", "output_dir=big"]),
+        dir.path(),
+    );
+    assert!(
+        stderr(&o).contains("GiB") && stderr(&o).contains("available"),
+        "{}",
+        stderr(&o)
+    );
+    // A model folder without weights; a folder without a tokenizer.
+    std::fs::create_dir_all(dir.path().join("broken")).unwrap();
+    std::fs::copy(
+        dir.path().join("model/config.json"),
+        dir.path().join("broken/config.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        dir.path().join("model/tokenizer.json"),
+        dir.path().join("broken/tokenizer.json"),
+    )
+    .unwrap();
+    let o = run(
+        &train_args(&["model_name_or_path=broken", "output_dir=b"]),
+        dir.path(),
+    );
+    assert!(
+        stderr(&o).contains("incomplete: no model.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_file(dir.path().join("broken/tokenizer.json")).unwrap();
+    let o = run(
+        &train_args(&["model_name_or_path=broken", "output_dir=b"]),
+        dir.path(),
+    );
+    assert!(stderr(&o).contains("tokenizer not found"), "{}", stderr(&o));
+    let o = run(
+        &train_args(&["model_name_or_path=/no/such/dir", "output_dir=b"]),
+        dir.path(),
+    );
+    assert!(
+        stderr(&o).contains("/no/such/dir does not exist"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn freeze_and_full_pretraining_write_full_weights() {
+    let dir = workdir();
+    write_config(dir.path(), "stage: pt\ndataset: demo_pt\ncutoff_len: 64\nmax_samples: 40\nmax_steps: 4\nlogging_steps: 2\ndo_train: true\nval_size: 0.1\neval_strategy: steps\neval_steps: 2\n");
+    for (ft, out) in [("freeze", "frz"), ("full", "full")] {
+        let o = run(
+            &train_args(&[
+                &format!("finetuning_type={ft}"),
+                &format!("output_dir={out}"),
+            ]),
+            dir.path(),
+        );
+        assert!(o.status.success(), "{ft}: {}", stderr(&o));
+        let d = dir.path().join(out);
+        assert!(
+            d.join("model.safetensors").exists() && d.join("config.json").exists(),
+            "{ft}"
+        );
+        let results = read_json(&d.join("all_results.json"));
+        assert!(
+            results["eval_loss"].as_f64().is_some()
+                && results["eval_perplexity"].as_f64().is_some(),
+            "{results}"
+        );
+        assert!(jsonl(&d.join("trainer_log.jsonl"))
+            .iter()
+            .any(|l| l.get("eval_loss").is_some()));
+    }
+}

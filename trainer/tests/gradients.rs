@@ -1,0 +1,210 @@
+//! Every trainable tensor gets a gradient, and f64 gradients match central finite differences,
+//! for LoRA, DoRA, rsLoRA, freeze and full fine-tuning on every architecture variant.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+use protocol::TrainArgs;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use trainer::model::adapter::LoraSpec;
+use trainer::model::{Batch, Model, RowRef};
+
+fn model(name: &str) -> Model {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models")
+        .join(name);
+    Model::load(&dir, DType::F64, &Device::Cpu).unwrap()
+}
+
+/// Two rows of different lengths, prompts masked, one padded.
+fn batch() -> Batch {
+    let a: Vec<u32> = vec![3, 17, 42, 5, 88, 9, 61, 23];
+    let b: Vec<u32> = vec![11, 2, 95, 33, 70, 4];
+    let la: Vec<i64> = vec![-100, -100, -100, 5, 88, 9, 61, 23];
+    let lb: Vec<i64> = vec![-100, -100, 95, 33, 70, 4];
+    let rows: Vec<RowRef> = vec![(&a, &la, None), (&b, &lb, None)];
+    Batch::pad(&rows, 0)
+}
+
+fn mean_loss(m: &Model, b: &Batch) -> Tensor {
+    let (sum, n) = m.loss_sum(b, None).unwrap();
+    (sum / n as f64).unwrap()
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_scalar::<f64>().unwrap()
+}
+
+fn set_entry(v: &Var, i: usize, value: f64) {
+    let shape = v.shape().clone();
+    let mut data = v
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    data[i] = value;
+    v.set(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap())
+        .unwrap();
+}
+
+/// Checks `samples` entries of every trainable tensor against central differences.
+fn check(m: &Model, what: &str, samples: usize) {
+    let b = batch();
+    let trainable = m.trainable();
+    assert!(!trainable.is_empty(), "{what}: nothing trainable");
+    let grads = mean_loss(m, &b).backward().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    // Fourth-order central differences: truncation O(h⁴), roundoff ~1e-12 at h = 1e-4.
+    let h = 1e-4;
+    for (name, var) in &trainable {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+        let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        let n = g.len();
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for _ in 0..samples.min(n) {
+            let i = rng.gen_range(0..n);
+            let x0 = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[i];
+            let at = |dx: f64| {
+                set_entry(var, i, x0 + dx);
+                scalar(&mean_loss(m, &b))
+            };
+            let fd = (8.0 * (at(h) - at(-h)) - (at(2.0 * h) - at(-2.0 * h))) / (12.0 * h);
+            set_entry(var, i, x0);
+            diff += (g[i] - fd).powi(2);
+            norm += fd.powi(2);
+        }
+        let (diff, norm) = (diff.sqrt(), norm.sqrt());
+        // Differences carry ~1e-12 of roundoff; below |g| = 1e-5 that is too coarse for a
+        // relative bound (a k_proj bias barely moves softmax), so bound the absolute error.
+        if norm > 1e-5 {
+            assert!(
+                diff / norm < 1e-6,
+                "{what} {name}: relative error {:.2e} (|g| {norm:.2e})",
+                diff / norm
+            );
+        } else {
+            assert!(
+                diff < 1e-11,
+                "{what} {name}: abs error {diff:.2e} on a tiny gradient ({norm:.2e})"
+            );
+        }
+    }
+}
+
+/// LoRA with B randomised so that every path (A and B) carries gradient.
+fn with_lora(name: &str, args: &TrainArgs) -> Model {
+    let mut m = model(name);
+    m.add_lora(&LoraSpec::from_args(args), 1).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for l in m.lora.values() {
+        let shape = l.b.shape().clone();
+        let data: Vec<f64> = (0..shape.elem_count())
+            .map(|_| rng.gen_range(-0.2..0.2))
+            .collect();
+        l.b.set(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    m
+}
+
+const VARIANTS: [&str; 5] = ["llama", "llama3_scaled_tied", "mistral", "qwen2", "qwen3"];
+
+#[test]
+fn lora_variants_match_finite_differences() {
+    for name in VARIANTS {
+        let args = TrainArgs {
+            lora_rank: 4,
+            lora_target: "all".into(),
+            ..TrainArgs::default()
+        };
+        check(&with_lora(name, &args), &format!("{name}/lora"), 4);
+        let args = TrainArgs {
+            lora_rank: 2,
+            lora_target: "q_proj,down_proj".into(),
+            use_rslora: true,
+            additional_target: Some("norm".into()),
+            ..TrainArgs::default()
+        };
+        let m = with_lora(name, &args);
+        assert!(
+            m.trainable().iter().any(|(n, _)| n == "model.norm.weight"),
+            "additional_target trains model.norm"
+        );
+        check(&m, &format!("{name}/rslora+additional"), 4);
+    }
+}
+
+#[test]
+fn dora_matches_finite_differences() {
+    for name in ["llama", "qwen2"] {
+        let args = TrainArgs {
+            lora_rank: 4,
+            lora_target: "v_proj,up_proj".into(),
+            use_dora: true,
+            ..TrainArgs::default()
+        };
+        let mut m = with_lora(name, &args);
+        assert!(m
+            .trainable()
+            .iter()
+            .any(|(n, _)| n.ends_with("lora_magnitude_vector")));
+        assert!(
+            m.lora.values().all(|l| l.detach_norm),
+            "PEFT's detached norm by default"
+        );
+        // The detached norm makes A/B gradients deliberately inexact; check the exact function.
+        for l in m.lora.values_mut() {
+            l.detach_norm = false;
+        }
+        check(&m, &format!("{name}/dora"), 4);
+    }
+}
+
+#[test]
+fn full_and_freeze_match_finite_differences() {
+    for name in VARIANTS {
+        let mut m = model(name);
+        m.setup_full().unwrap();
+        assert_eq!(m.trainable().len(), m.params.len());
+        check(&m, &format!("{name}/full"), 2);
+        let mut m = model(name);
+        let args = TrainArgs {
+            freeze_trainable_layers: 1,
+            freeze_extra_modules: Some("embed_tokens".into()),
+            ..TrainArgs::default()
+        };
+        m.setup_freeze(&args).unwrap();
+        let names: Vec<String> = m.trainable().into_iter().map(|(n, _)| n).collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| n.contains(".1.") || n.contains("embed_tokens")),
+            "{names:?}"
+        );
+        assert!(names.iter().any(|n| n.contains("embed_tokens")));
+        check(&m, &format!("{name}/freeze"), 3);
+    }
+}
+
+#[test]
+fn freeze_rejects_unknown_modules() {
+    let mut m = model("llama");
+    let args = TrainArgs {
+        freeze_trainable_modules: "attention".into(),
+        ..TrainArgs::default()
+    };
+    let e = m.setup_freeze(&args).unwrap_err().to_string();
+    assert!(
+        e.contains("Module attention is not found") && e.contains("self_attn"),
+        "{e}"
+    );
+}
