@@ -299,3 +299,68 @@ fn freeze_and_full_pretraining_write_full_weights() {
             .any(|l| l.get("eval_loss").is_some()));
     }
 }
+
+#[test]
+fn continues_training_an_existing_adapter() {
+    let dir = workdir();
+    write_config(dir.path(), "dataset: demo_sft\ntemplate: qwen\ncutoff_len: 48\nmax_samples: 32\nmax_steps: 3\ndo_train: true\nlora_rank: 4\nlora_target: q_proj,v_proj\n");
+    let o = run(&train_args(&["output_dir=first"]), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The adapter's own rank and targets are kept, not the config's defaults.
+    let o = run(
+        &train_args(&[
+            "output_dir=second",
+            "adapter_name_or_path=first",
+            "lora_rank=8",
+            "lora_target=all",
+        ]),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg = read_json(&dir.path().join("second/adapter_config.json"));
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    let first = std::fs::read(dir.path().join("first/adapter_model.safetensors")).unwrap();
+    let second = std::fs::read(dir.path().join("second/adapter_model.safetensors")).unwrap();
+    assert_ne!(first, second, "training went on");
+}
+
+#[test]
+fn full_disk_while_saving_keeps_the_previous_checkpoint() {
+    let dir = workdir();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    // A 1.5 MB filesystem: one checkpoint (~0.95 MB) fits, a second copy beside it does not.
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=1536k",
+            "tmpfs",
+            out.to_str().unwrap(),
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!(
+            "skipped: cannot mount a tmpfs here (not root?); checkpoint::tests covers the logic"
+        );
+        return;
+    }
+    write_config(dir.path(), "dataset: demo_sft\ntemplate: qwen\ncutoff_len: 32\nmax_samples: 32\nmax_steps: 6\nsave_steps: 2\ndo_train: true\noverwrite_output_dir: true\n");
+    let o = run(&train_args(&[]), dir.path());
+    let ckpt_ok = out.join("checkpoint-2/adapter_model.safetensors").exists();
+    let _ = std::process::Command::new("umount").arg(&out).status();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is the disk full?")
+            && stderr(&o).contains("earlier checkpoints are intact"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(ckpt_ok, "checkpoint-2 survived");
+}

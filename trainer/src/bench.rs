@@ -69,3 +69,213 @@ pub fn data_pipeline(
         },
     ])
 }
+
+/// The shapes of `shared/bench/bench_torch_lora.py`, so both sides train the same model.
+pub struct TrainBenchConfig {
+    pub name: &'static str,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub tied: bool,
+    pub eps: f64,
+    pub seq: usize,
+    pub batch: usize,
+}
+
+pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
+    Ok(match name {
+        "tiny" => TrainBenchConfig {
+            name: "tiny",
+            vocab: 8192,
+            hidden: 256,
+            intermediate: 688,
+            layers: 4,
+            heads: 8,
+            kv_heads: 4,
+            tied: false,
+            eps: 1e-6,
+            seq: 256,
+            batch: 4,
+        },
+        "smol" => TrainBenchConfig {
+            name: "smol",
+            vocab: 49152,
+            hidden: 576,
+            intermediate: 1536,
+            layers: 30,
+            heads: 9,
+            kv_heads: 3,
+            tied: true,
+            eps: 1e-5,
+            seq: 256,
+            batch: 1,
+        },
+        other => anyhow::bail!("unknown bench config `{other}` (tiny, smol)"),
+    })
+}
+
+pub struct StepTiming {
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+    pub total: f64,
+    pub loss: f64,
+}
+
+/// Median timings of LoRA (or full) training steps on random weights and tokens, the first 32
+/// labels of each row masked, AdamW lr 1e-4 / weight decay 0.01, after 3 warm-up steps.
+pub fn train_steps(c: &TrainBenchConfig, full: bool, steps: usize) -> Result<(StepTiming, usize)> {
+    use crate::model::adapter::LoraSpec;
+    use crate::model::{Batch, Model, ModelConfig, RowRef};
+    use crate::train::optim::{decays, AdamW, ParamGroup};
+    use candle_core::{DType, Device, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    let raw = json!({"model_type": "llama", "vocab_size": c.vocab, "hidden_size": c.hidden, "intermediate_size": c.intermediate,
+        "num_hidden_layers": c.layers, "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads,
+        "rms_norm_eps": c.eps, "rope_theta": 10000.0, "tie_word_embeddings": c.tied, "max_position_embeddings": 1024});
+    let cfg = ModelConfig::from_json(raw, Path::new("bench"))?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let dev = Device::Cpu;
+    let mut weights = std::collections::HashMap::new();
+    let mut add = |name: String,
+                   shape: &[usize],
+                   ones: bool,
+                   rng: &mut rand_chacha::ChaCha8Rng|
+     -> Result<()> {
+        let n: usize = shape.iter().product();
+        let data = if ones {
+            vec![1f32; n]
+        } else {
+            crate::demo::normal(rng, n, 0.02)
+        };
+        weights.insert(name, Tensor::from_vec(data, shape, &dev)?);
+        Ok(())
+    };
+    let hd = c.hidden / c.heads;
+    add(
+        "model.embed_tokens.weight".into(),
+        &[c.vocab, c.hidden],
+        false,
+        &mut rng,
+    )?;
+    if !c.tied {
+        add(
+            "lm_head.weight".into(),
+            &[c.vocab, c.hidden],
+            false,
+            &mut rng,
+        )?;
+    }
+    add("model.norm.weight".into(), &[c.hidden], true, &mut rng)?;
+    for l in 0..c.layers {
+        let p = format!("model.layers.{l}");
+        for (m, o, i) in [
+            ("self_attn.q_proj", c.heads * hd, c.hidden),
+            ("self_attn.k_proj", c.kv_heads * hd, c.hidden),
+            ("self_attn.v_proj", c.kv_heads * hd, c.hidden),
+            ("self_attn.o_proj", c.hidden, c.heads * hd),
+            ("mlp.gate_proj", c.intermediate, c.hidden),
+            ("mlp.up_proj", c.intermediate, c.hidden),
+            ("mlp.down_proj", c.hidden, c.intermediate),
+        ] {
+            add(format!("{p}.{m}.weight"), &[o, i], false, &mut rng)?;
+        }
+        add(
+            format!("{p}.input_layernorm.weight"),
+            &[c.hidden],
+            true,
+            &mut rng,
+        )?;
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[c.hidden],
+            true,
+            &mut rng,
+        )?;
+    }
+    let mut model = Model::from_weights(cfg, weights, DType::F32, &dev)?;
+    if full {
+        model.setup_full()?;
+    } else {
+        let args = TrainArgs {
+            lora_rank: 8,
+            lora_alpha: Some(16.0),
+            ..TrainArgs::default()
+        };
+        model.add_lora(&LoraSpec::from_args(&args), 0)?;
+    }
+    let groups = model
+        .trainable()
+        .into_iter()
+        .map(|(name, var)| ParamGroup {
+            weight_decay: if decays(&name) { 0.01 } else { 0.0 },
+            name,
+            var,
+            lr_scale: 1.0,
+        })
+        .collect();
+    let mut opt = AdamW::new(groups, 0.9, 0.999, 1e-8)?;
+    let ids: Vec<Vec<u32>> = (0..c.batch)
+        .map(|_| {
+            (0..c.seq)
+                .map(|_| rng.gen_range(0..c.vocab as u32))
+                .collect()
+        })
+        .collect();
+    let labels: Vec<Vec<i64>> = ids
+        .iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .map(|(i, &x)| if i < 32 { -100 } else { x as i64 })
+                .collect()
+        })
+        .collect();
+    let rows: Vec<RowRef> = ids
+        .iter()
+        .zip(&labels)
+        .map(|(i, l)| (i.as_slice(), l.as_slice(), None))
+        .collect();
+    let batch = Batch::pad(&rows, 0);
+    let mut timings = Vec::new();
+    for step in 0..3 + steps {
+        let t0 = Instant::now();
+        let (sum, n) = model.loss_sum(&batch, None)?;
+        let loss = (sum / n as f64)?;
+        let lv = loss.to_scalar::<f32>()? as f64;
+        let t1 = Instant::now();
+        let store = loss.backward()?;
+        let grads = opt.grads_of(&store);
+        drop(store);
+        let t2 = Instant::now();
+        opt.update(&grads, 1e-4)?;
+        let t3 = Instant::now();
+        if step >= 3 {
+            timings.push(StepTiming {
+                forward: (t1 - t0).as_secs_f64(),
+                backward: (t2 - t1).as_secs_f64(),
+                optimizer: (t3 - t2).as_secs_f64(),
+                total: (t3 - t0).as_secs_f64(),
+                loss: lv,
+            });
+        }
+    }
+    timings.sort_by(|a, b| a.total.total_cmp(&b.total));
+    let median = timings.swap_remove(timings.len() / 2);
+    Ok((median, c.batch * c.seq))
+}
+
+/// Peak resident memory of this process so far (`VmHWM`), in bytes.
+pub fn peak_rss() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}

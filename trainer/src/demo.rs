@@ -120,7 +120,7 @@ fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tok> {
 
 /// N(0, std) samples from a seeded generator (Box–Muller), so the demo model is the same on
 /// every machine.
-fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
+pub fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
     use rand::Rng;
     (0..n)
         .map(|_| {

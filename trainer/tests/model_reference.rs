@@ -139,3 +139,33 @@ fn incomplete_models_are_clear_errors() {
     );
     assert!(e.contains("incomplete: no model.safetensors"), "{e}");
 }
+
+#[test]
+fn sharded_weights_load_like_a_single_file() {
+    use std::collections::BTreeMap;
+    let src = fixtures().join("qwen3");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+    let weights: BTreeMap<_, _> =
+        trainer::model::weights::load_weights(&src, DType::F32, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    let files = trainer::train::checkpoint::write_sharded(tmp.path(), &weights, 20_000).unwrap();
+    assert!(files.len() > 2, "small shards: {}", files.len());
+    assert!(tmp.path().join("model.safetensors.index.json").exists());
+    let e = expected("qwen3");
+    let model = Model::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
+    assert!(rel_err(&logits(&model, &batch(&e)), &want(&e, "logits")) < 1e-4);
+    std::fs::remove_file(&files[1]).unwrap();
+    let err = format!(
+        "{:#}",
+        Model::load(tmp.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        err.contains("is missing") && err.contains("incomplete"),
+        "{err}"
+    );
+}

@@ -16,10 +16,78 @@ pub enum BenchCommand {
         #[arg(long, default_value = "qwen")]
         template: String,
     },
+    /// Training step time and peak memory for the shapes of `bench_torch_lora.py`, and the
+    /// PyTorch + PEFT figures side by side when that script and a Python with torch can run.
+    Train {
+        #[arg(long, default_value = "tiny")]
+        config: String,
+        /// Full fine-tuning instead of LoRA.
+        #[arg(long)]
+        full: bool,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// The PyTorch side (dev machines keep it in the shared folder).
+        #[arg(long, default_value = "../shared/bench/bench_torch_lora.py")]
+        torch_script: PathBuf,
+        /// Python with torch, transformers and peft.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
 }
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
+        BenchCommand::Train {
+            config,
+            full,
+            steps,
+            torch_script,
+            python,
+        } => {
+            let c = trainer::bench::train_bench_config(&config)?;
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
+            let (t, tokens) = trainer::bench::train_steps(&c, full, steps)?;
+            let rss = trainer::bench::peak_rss().unwrap_or(0);
+            let method = if full { "full" } else { "LoRA" };
+            println!("| engine | config | method | step (s) | fwd | bwd | opt | tokens/s | peak RSS (GB) |");
+            println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+            println!(
+                "| llamafactory (candle) | {} | {method} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.2} |",
+                c.name,
+                t.total,
+                t.forward,
+                t.backward,
+                t.optimizer,
+                tokens as f64 / t.total,
+                rss as f64 / 1e9
+            );
+            if torch_script.exists() {
+                match run_torch(&python, &torch_script, &config, full, steps, threads) {
+                    Ok((step, tps, torch_rss)) => {
+                        println!(
+                            "| PyTorch + PEFT | {} | {method} | {step:.3} | | | | {tps:.0} | {:.2} |",
+                            c.name,
+                            torch_rss as f64 / 1e9
+                        );
+                        println!();
+                        println!(
+                            "step time ratio (ours / PyTorch): {:.2}×; peak RSS ratio: {:.2}×",
+                            t.total / step,
+                            rss as f64 / torch_rss as f64
+                        );
+                    }
+                    Err(e) => println!("\n(PyTorch side not run: {e:#})"),
+                }
+            } else {
+                println!(
+                    "\n(PyTorch side not run: {} not found)",
+                    torch_script.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::Data { n, model, template } => {
             let work = tempfile_dir()?;
             let model = match model {
@@ -56,4 +124,54 @@ fn tempfile_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("llamafactory-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// Runs the PyTorch benchmark; returns its median step time, tokens/s and peak RSS.
+fn run_torch(
+    python: &str,
+    script: &std::path::Path,
+    config: &str,
+    full: bool,
+    steps: usize,
+    threads: usize,
+) -> Result<(f64, f64, u64)> {
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(script).args([
+        "--config",
+        config,
+        "--no-decode",
+        "--steps",
+        &steps.to_string(),
+        "--threads",
+        &threads.to_string(),
+    ]);
+    if full {
+        cmd.arg("--full");
+    }
+    let out = cmd.output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("failed")
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RESULT cfg="))
+        .ok_or_else(|| anyhow::anyhow!("no RESULT line"))?;
+    let field = |k: &str| -> Option<f64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .map(|v| v.trim_end_matches('s').parse().ok())?
+    };
+    let step = field("median_step=").ok_or_else(|| anyhow::anyhow!("no median_step"))?;
+    let tps = field("tokens_per_s=").unwrap_or(0.0);
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    Ok((step, tps, usage.ru_maxrss as u64 * 1024))
 }

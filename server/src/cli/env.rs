@@ -13,7 +13,15 @@ pub fn run() -> Result<ExitCode> {
         std::env::consts::OS,
         std::env::consts::ARCH
     );
-    println!("- Device: CPU (GPU support is built with `--features cuda` or `--features metal`)");
+    let device = trainer::device::default_device();
+    let built = if cfg!(feature = "cuda") {
+        "built with CUDA support"
+    } else if cfg!(feature = "metal") {
+        "built with Metal support"
+    } else {
+        "GPU support is built with `--features cuda` or `--features metal`"
+    };
+    println!("- Device: {} ({built})", trainer::device::describe(&device));
     println!("- CPU threads: {threads}");
     if let Ok(t) = std::env::var("RAYON_NUM_THREADS") {
         println!("- RAYON_NUM_THREADS: {t}");

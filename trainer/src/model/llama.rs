@@ -218,18 +218,33 @@ impl Model {
             .ok_or_else(|| anyhow!("missing weight `{name}`"))
     }
 
-    fn lm_head_weight(&self) -> Result<&Tensor> {
-        if self.cfg.tie_word_embeddings {
-            self.param("model.embed_tokens.weight")
+    fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
+        let name = if self.cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
         } else {
-            self.param("lm_head.weight")
-        }
+            "lm_head.weight"
+        };
+        let p = self
+            .params
+            .get(name)
+            .ok_or_else(|| anyhow!("missing weight `{name}`"))?;
+        Ok(match &p.var {
+            Some(v) => h.matmul(&v.as_tensor().t()?)?,
+            None => crate::ops::frozen_linear(h, &p.tensor)?,
+        })
     }
 
     /// `x (N, in) → (N, out)` through a linear module and its LoRA layer, if any.
     pub fn linear(&self, module: &str, x: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let w = self.param(&format!("{module}.weight"))?;
-        let mut y = x.matmul(&w.t()?)?;
+        let p = self
+            .params
+            .get(&format!("{module}.weight"))
+            .ok_or_else(|| anyhow!("missing weight `{module}.weight`"))?;
+        let w = p.t();
+        let mut y = match p.var {
+            Some(_) => x.matmul(&w.t()?)?,
+            None => crate::ops::frozen_linear(x, w)?,
+        };
         if let Some(lora) = self.lora.get(module).filter(|_| self.lora_enabled) {
             let xd = match rng {
                 Some(rng) if lora.dropout > 0.0 => dropout(x, lora.dropout, rng)?,
@@ -378,7 +393,7 @@ impl Model {
     /// Logits for every position, `(B, T, vocab)`.
     pub fn logits(&self, b: &Batch) -> Result<Tensor> {
         let h = self.hidden(b, None)?;
-        let logits = h.matmul(&self.lm_head_weight()?.t()?)?;
+        let logits = self.lm_head(&h)?;
         Ok(logits.reshape((b.batch, b.seq, ()))?)
     }
 
@@ -392,9 +407,7 @@ impl Model {
         }
         let n = rows.len();
         let idx = Tensor::from_vec(rows, n, &self.device)?;
-        let logits = h
-            .index_select(&idx, 0)?
-            .matmul(&self.lm_head_weight()?.t()?)?;
+        let logits = self.lm_head(&h.index_select(&idx, 0)?)?;
         let logp = log_softmax(&logits)?;
         let tgt = Tensor::from_vec(targets, (n, 1), &self.device)?;
         let nll = logp.gather(&tgt, 1)?.sum_all()?.neg()?;

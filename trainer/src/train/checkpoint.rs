@@ -225,3 +225,46 @@ pub fn rotate_checkpoints(output_dir: &Path, limit: usize) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_save_leaves_the_previous_checkpoint_intact() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("checkpoint-2");
+        atomic_dir(&dir, |d| Ok(std::fs::write(d.join("weights"), b"good")?)).unwrap();
+        let err = atomic_dir(&dir, |d| {
+            std::fs::write(d.join("weights"), b"partial")?;
+            Err(std::io::Error::from_raw_os_error(28).into()) // ENOSPC
+        })
+        .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("is the disk full?") && msg.contains("earlier checkpoints are intact"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read(dir.join("weights")).unwrap(), b"good");
+        assert!(
+            !dir.with_extension("tmp").exists(),
+            "the partial copy is cleaned up"
+        );
+    }
+
+    #[test]
+    fn finds_and_rotates_checkpoints() {
+        let tmp = tempfile::tempdir().unwrap();
+        for n in [5, 10, 15] {
+            std::fs::create_dir(tmp.path().join(format!("checkpoint-{n}"))).unwrap();
+        }
+        assert_eq!(
+            last_checkpoint(tmp.path()).unwrap(),
+            tmp.path().join("checkpoint-15")
+        );
+        rotate_checkpoints(tmp.path(), 2).unwrap();
+        assert!(
+            !tmp.path().join("checkpoint-5").exists() && tmp.path().join("checkpoint-10").exists()
+        );
+    }
+}
