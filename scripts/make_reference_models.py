@@ -39,6 +39,10 @@ for name, cfg in VARIANTS.items():
     with torch.no_grad():
         base = model(IDS).logits
     expected = {"input_ids": IDS.tolist(), "logits": base.flatten().tolist()}
+    with torch.no_grad():  # greedy decoding: prompt = first row, 12 new tokens, no eos stop
+        gen = model.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]), max_new_tokens=12, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    expected["greedy"] = gen[0, IDS.shape[1]:].tolist()
     for adapter, use_dora in [("lora", False), ("dora", True)]:
         if use_dora and name not in ("llama", "qwen2"):
             continue
@@ -48,6 +52,9 @@ for name, cfg in VARIANTS.items():
         pm = get_peft_model(AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32), peft_cfg).eval()
         with torch.no_grad():
             expected[f"{adapter}_logits"] = pm(IDS).logits.flatten().tolist()
+            gen = pm.generate(input_ids=IDS[:1], attention_mask=torch.ones_like(IDS[:1]), max_new_tokens=12,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)
+            expected[f"{adapter}_greedy"] = gen[0, IDS.shape[1]:].tolist()
         pm.save_pretrained(os.path.join(d, adapter))
     with open(os.path.join(d, "expected.json"), "w") as fh:
         json.dump(expected, fh)

@@ -169,3 +169,38 @@ fn sharded_weights_load_like_a_single_file() {
         "{err}"
     );
 }
+
+#[test]
+fn greedy_generation_matches_transformers_with_and_without_adapters() {
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for name in ["llama", "llama3_scaled_tied", "mistral", "qwen2", "qwen3"] {
+        let e = expected(name);
+        let prompt = ids(&e["input_ids"][0]);
+        let model = Model::load(&fixtures().join(name), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            trainer::infer::generate_ids(&model, &prompt, 12).unwrap(),
+            ids(&e["greedy"]),
+            "{name}"
+        );
+        for adapter in ["lora", "dora"] {
+            let Some(want) = e.get(format!("{adapter}_greedy")) else {
+                continue;
+            };
+            let mut model = Model::load(&fixtures().join(name), DType::F32, &Device::Cpu).unwrap();
+            model
+                .load_adapter(&fixtures().join(name).join(adapter), false)
+                .unwrap();
+            assert_eq!(
+                trainer::infer::generate_ids(&model, &prompt, 12).unwrap(),
+                ids(want),
+                "{name}/{adapter}"
+            );
+        }
+    }
+}

@@ -1,8 +1,10 @@
 //! Command-line interface; subcommand names follow `llamafactory-cli`.
 
 mod bench;
+mod chat;
 mod demo;
 mod env;
+mod export;
 mod preview;
 mod train;
 
@@ -27,6 +29,10 @@ struct Cli {
 enum Command {
     /// Train from a LLaMA-Factory YAML (`key=value` overrides after the file).
     Train(train::TrainCmd),
+    /// Chat with a model (and adapters) in the terminal.
+    Chat(chat::ChatCmd),
+    /// Merge adapters and export a Hugging Face model folder with an Ollama Modelfile.
+    Export(export::ExportCmd),
     /// Print the processed training examples of a config, exactly as training would see them.
     PreviewData(preview::PreviewArgs),
     /// Build the tiny demo model (random init) and its tokenizer in Hugging Face layout.
@@ -51,6 +57,8 @@ pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(a) => train::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Export(a) => export::run(a),
         Command::PreviewData(a) => preview::run(a),
         Command::Demo { out, dataset_dir } => demo::run(&out, &dataset_dir),
         Command::Env => env::run(),

@@ -390,6 +390,97 @@ impl Model {
         rms_norm(&x, self.param("model.norm.weight")?, c.rms_norm_eps)
     }
 
+    /// Next-token logits `(vocab,)` for `new` tokens appended to the sequence in `cache`
+    /// (batch 1). Weights should be merged and frozen: nothing here is differentiated.
+    pub fn forward_cached(&self, new: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.cfg;
+        let n = new.len();
+        let start = cache.len;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let ids = Tensor::from_slice(new, n, &self.device)?;
+        let mut x = self
+            .param("model.embed_tokens.weight")?
+            .index_select(&ids, 0)?;
+        let positions: Vec<u32> = (start as u32..(start + n) as u32).collect();
+        let (cos, sin) = self.rope_tables(&positions, 1, n)?;
+        let total = start + n;
+        let mut m = vec![0f64; n * total];
+        for i in 0..n {
+            for j in start + i + 1..total {
+                m[i * total + j] = MASK_VALUE;
+            }
+        }
+        let mask = Tensor::from_vec(m, (1, 1, n, total), &self.device)?.to_dtype(self.dtype)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let h = rms_norm(
+                &x,
+                self.param(&format!("{p}.input_layernorm.weight"))?,
+                c.rms_norm_eps,
+            )?;
+            let heads = |name: &str, nheads: usize| -> Result<Tensor> {
+                let y = self
+                    .linear(&format!("{p}.self_attn.{name}_proj"), &h, None)?
+                    .reshape((1, n, nheads, hd))?;
+                let y = if c.qk_norm && name != "v" {
+                    rms_norm(
+                        &y,
+                        self.param(&format!("{p}.self_attn.{name}_norm.weight"))?,
+                        c.rms_norm_eps,
+                    )?
+                } else {
+                    y
+                };
+                Ok(y.transpose(1, 2)?.contiguous()?)
+            };
+            let q = heads("q", nh)?;
+            let k = heads("k", nkv)?;
+            let v = heads("v", nkv)?;
+            let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
+            let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
+            let (k, v) = match cache.layers.get(l) {
+                Some(Some((pk, pv))) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                _ => (k, v),
+            };
+            if cache.layers.len() <= l {
+                cache.layers.resize(l + 1, None);
+            }
+            cache.layers[l] = Some((k.clone(), v.clone()));
+            let (k, v) = if nkv != nh {
+                let rep = nh / nkv;
+                let expand = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.unsqueeze(2)?
+                        .broadcast_as((1, nkv, rep, total, hd))?
+                        .reshape((1, nh, total, hd))?)
+                };
+                (expand(&k)?, expand(&v)?)
+            } else {
+                (k, v)
+            };
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let attn = softmax(&scores)?
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((n, nh * hd))?;
+            x = (x + self.linear(&format!("{p}.self_attn.o_proj"), &attn, None)?)?;
+            let h = rms_norm(
+                &x,
+                self.param(&format!("{p}.post_attention_layernorm.weight"))?,
+                c.rms_norm_eps,
+            )?;
+            let gate = self
+                .linear(&format!("{p}.mlp.gate_proj"), &h, None)?
+                .silu()?;
+            let up = self.linear(&format!("{p}.mlp.up_proj"), &h, None)?;
+            x = (x + self.linear(&format!("{p}.mlp.down_proj"), &(gate * up)?, None)?)?;
+        }
+        cache.len = total;
+        let last = x.narrow(0, n - 1, 1)?;
+        let h = rms_norm(&last, self.param("model.norm.weight")?, c.rms_norm_eps)?;
+        Ok(self.lm_head(&h)?.squeeze(0)?)
+    }
+
     /// Logits for every position, `(B, T, vocab)`.
     pub fn logits(&self, b: &Batch) -> Result<Tensor> {
         let h = self.hidden(b, None)?;
@@ -413,6 +504,13 @@ impl Model {
         let nll = logp.gather(&tgt, 1)?.sum_all()?.neg()?;
         Ok((nll, n))
     }
+}
+
+/// Keys and values of the tokens seen so far, per layer (after RoPE), for decoding.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    pub len: usize,
 }
 
 /// Row index (into `B·T`) and target id of every position whose next label is trained.

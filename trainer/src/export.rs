@@ -1,0 +1,101 @@
+//! `llamafactory export`: merge adapters into the base weights and write a Hugging Face folder
+//! (sharded safetensors, config, generation config, tokenizer with chat template) plus an
+//! Ollama `Modelfile`, as LLaMA-Factory's export does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+
+use crate::infer::ChatModel;
+use crate::train::checkpoint::{write_json, write_sharded};
+use protocol::TrainArgs;
+
+fn export_dtype(args: &TrainArgs, config_dtype: &str) -> Result<(DType, &'static str)> {
+    let name = if args.infer_dtype == "auto" {
+        config_dtype
+    } else {
+        args.infer_dtype.as_str()
+    };
+    Ok(match name {
+        "float32" | "fp32" => (DType::F32, "float32"),
+        "bfloat16" | "bf16" => (DType::BF16, "bfloat16"),
+        "float16" | "fp16" => (DType::F16, "float16"),
+        other => {
+            bail!("`infer_dtype` has value `{other}`, expected auto, float32, bfloat16 or float16")
+        }
+    })
+}
+
+/// Writes the merged model; returns the files written.
+pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
+    let dir = PathBuf::from(
+        args.export_dir
+            .as_deref()
+            .ok_or_else(|| anyhow!("`export_dir` is required"))?,
+    );
+    if args.export_legacy_format {
+        bail!("`export_legacy_format` (PyTorch .bin files) is not supported; remove it to export safetensors");
+    }
+    if args.export_quantization_bit.is_some() {
+        bail!("`export_quantization_bit` (GPTQ) is not supported yet");
+    }
+    let mut chat = ChatModel::load(args, &Device::Cpu)?;
+    let (dtype, dtype_name) = export_dtype(args, &chat.model.cfg.torch_dtype)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tensors: BTreeMap<String, Tensor> = chat
+        .model
+        .params
+        .iter()
+        .map(|(k, p)| Ok((k.clone(), p.tensor.to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
+    let max_bytes = (args.export_size as u64).max(1) * 1_000_000_000;
+    let mut files = write_sharded(&dir, &tensors, max_bytes)?;
+    let mut cfg = Value::Object(chat.model.cfg.raw.clone());
+    cfg["torch_dtype"] = json!(dtype_name);
+    if cfg.get("dtype").is_some() {
+        cfg["dtype"] = json!(dtype_name);
+    }
+    write_json(&dir.join("config.json"), &cfg)?;
+    let model_dir = crate::hub::resolve_model_dir(
+        args.model_name_or_path.as_deref().unwrap_or_default(),
+        &args.model_revision,
+    )?;
+    let gen = model_dir.join("generation_config.json");
+    if gen.exists() {
+        std::fs::copy(&gen, dir.join("generation_config.json"))?;
+    } else {
+        let eos = chat.template.stop_token_ids(&chat.tok);
+        write_json(
+            &dir.join("generation_config.json"),
+            &json!({"eos_token_id": eos, "do_sample": true}),
+        )?;
+    }
+    chat.tok.config.insert("padding_side".into(), json!("left"));
+    chat.tok.save(&dir)?;
+    std::fs::write(
+        dir.join("Modelfile"),
+        chat.template.ollama_modelfile(&chat.tok),
+    )?;
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "Modelfile",
+    ] {
+        files.push(dir.join(f));
+    }
+    if dir.join("model.safetensors.index.json").exists() {
+        files.push(dir.join("model.safetensors.index.json"));
+    }
+    Ok(files)
+}
+
+/// Whether `dir` holds a complete export (for callers that check before loading it).
+pub fn is_export(dir: &Path) -> bool {
+    dir.join("config.json").exists() && crate::model::weights::weight_files(dir).is_ok()
+}

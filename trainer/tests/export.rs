@@ -1,0 +1,104 @@
+//! A merged export reproduces the adapter model's logits and is a complete model folder.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use protocol::TrainArgs;
+use rand::{Rng, SeedableRng};
+use trainer::model::adapter::LoraSpec;
+use trainer::model::{Batch, Model, RowRef};
+use trainer::train::checkpoint::{save_model, SaveKind};
+
+fn logits(m: &Model) -> Vec<f32> {
+    let ids: Vec<u32> = vec![5, 40, 77, 120, 9, 300, 17, 64];
+    let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+    let rows: Vec<RowRef> = vec![(&ids, &labels, None)];
+    m.logits(&Batch::pad(&rows, 0))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn merged_export_reproduces_adapter_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data");
+    trainer::demo::build_demo_model(&base, &data, &Default::default()).unwrap();
+    for use_dora in [false, true] {
+        let mut model = Model::load(&base, DType::F32, &Device::Cpu).unwrap();
+        let args = TrainArgs {
+            lora_rank: 4,
+            use_dora,
+            ..TrainArgs::default()
+        };
+        let spec = LoraSpec::from_args(&args);
+        model.add_lora(&spec, 3).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for l in model.lora.values() {
+            let shape = l.b.shape().clone();
+            let v: Vec<f32> = (0..shape.elem_count())
+                .map(|_| rng.gen_range(-0.05..0.05))
+                .collect();
+            l.b.set(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let want = logits(&model);
+        let adapter = tmp.path().join(format!("adapter-{use_dora}"));
+        let tok = trainer::tokenizer::HfTokenizer::load(&base).unwrap();
+        save_model(
+            &adapter,
+            &model,
+            &SaveKind::Adapter(&spec),
+            base.to_str().unwrap(),
+            &tok,
+        )
+        .unwrap();
+        let out = tmp.path().join(format!("export-{use_dora}"));
+        let export_args = TrainArgs {
+            model_name_or_path: Some(base.display().to_string()),
+            adapter_name_or_path: Some(adapter.display().to_string()),
+            template: Some("qwen".into()),
+            export_dir: Some(out.display().to_string()),
+            ..TrainArgs::default()
+        };
+        trainer::export::export_model(&export_args).unwrap();
+        for f in [
+            "model.safetensors",
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "Modelfile",
+        ] {
+            assert!(out.join(f).exists(), "{f} missing");
+        }
+        let merged = Model::load(&out, DType::F32, &Device::Cpu).unwrap();
+        let got = logits(&merged);
+        let max_diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let scale = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        assert!(
+            max_diff / scale <= 1e-5,
+            "dora={use_dora}: relative {}",
+            max_diff / scale
+        );
+        let modelfile = std::fs::read_to_string(out.join("Modelfile")).unwrap();
+        assert!(
+            modelfile.contains("FROM .")
+                && modelfile.contains("<|im_start|>user")
+                && modelfile.contains("PARAMETER stop \"<|im_end|>\""),
+            "{modelfile}"
+        );
+        let tok_cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(tok_cfg["padding_side"], "left");
+    }
+}
