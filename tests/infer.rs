@@ -79,3 +79,81 @@ fn export_writes_a_merged_model_folder() {
         stderr(&o)
     );
 }
+
+#[test]
+fn predict_with_llamafactory_example_writes_predictions_and_scores() {
+    let dir = workdir();
+    write_config(dir.path(), "dataset: demo_sft\ntemplate: qwen\ncutoff_len: 32\nmax_samples: 16\nmax_steps: 2\ndo_train: true\n");
+    assert!(run(&["train", "cfg.yaml"], dir.path()).status.success());
+    let example = common::repo()
+        .join("../shared/compat/llamafactory-examples/extras/nlg_eval/llama3_lora_predict.yaml");
+    let data = common::repo().join("data");
+    let o = run(
+        &[
+            "train",
+            example.to_str().unwrap(),
+            "model_name_or_path=model",
+            "adapter_name_or_path=out",
+            "template=qwen",
+            &format!("dataset_dir={}", data.display()),
+            "eval_dataset=demo_sft,demo_chat",
+            "max_samples=3",
+            "max_new_tokens=6",
+            "output_dir=pred",
+            "--events",
+            "json",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let events: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events.iter().any(|e| e["event"] == "progress"));
+    let fin = events.last().unwrap();
+    assert_eq!(fin["event"], "finished");
+    for k in [
+        "predict_bleu-4",
+        "predict_rouge-1",
+        "predict_rouge-2",
+        "predict_rouge-l",
+        "predict_samples_per_second",
+    ] {
+        assert!(fin["metrics"][k].is_number(), "{k} in {fin}");
+    }
+    let lines = common::jsonl(&dir.path().join("pred/generated_predictions.jsonl"));
+    assert_eq!(lines.len(), 6);
+    assert!(lines[0]["prompt"]
+        .as_str()
+        .unwrap()
+        .contains("<|im_start|>user"));
+    assert!(lines
+        .iter()
+        .all(|l| l["predict"].is_string() && l["label"].is_string()));
+    assert!(
+        dir.path().join("pred/predict_results.json").exists()
+            && dir.path().join("pred/all_results.json").exists()
+    );
+    // Evaluation without generation: loss and token accuracy.
+    let o = run(
+        &[
+            "train",
+            "cfg.yaml",
+            "do_train=false",
+            "do_eval=true",
+            "eval_dataset=demo_sft",
+            "dataset=null",
+            "compute_accuracy=true",
+            "adapter_name_or_path=out",
+            "output_dir=ev",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = common::read_json(&dir.path().join("ev/eval_results.json"));
+    assert!(
+        r["eval_loss"].as_f64().unwrap() > 0.0 && r["eval_accuracy"].as_f64().unwrap() >= 0.0,
+        "{r}"
+    );
+}

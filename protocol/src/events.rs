@@ -12,6 +12,13 @@ pub enum WorkerEvent {
         skipped_examples: u64,
     },
     Step(StepMetrics),
+    /// Progress of work without a loss (prediction, export).
+    Progress {
+        step: u64,
+        total: u64,
+        elapsed_s: f64,
+        eta_s: f64,
+    },
     Eval {
         step: u64,
         metrics: serde_json::Map<String, serde_json::Value>,

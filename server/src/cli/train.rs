@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 use protocol::WorkerEvent;
 use trainer::train::report::{BarReporter, JsonReporter, Reporter};
-use trainer::train::{run_training, Outcome, TrainOptions};
+use trainer::train::{run_job, Outcome, TrainOptions};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Events {
@@ -46,10 +46,10 @@ pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
                     message: w,
                 });
             }
-            run_training(&args, &opts, reporter.as_mut())
+            run_job(&args, &opts, reporter.as_mut())
         });
     match result {
-        Ok(Outcome::Finished) | Ok(Outcome::Aborted) => Ok(ExitCode::SUCCESS),
+        Ok(Outcome::Finished(_)) | Ok(Outcome::Aborted) => Ok(ExitCode::SUCCESS),
         Ok(Outcome::Failed(_)) => Ok(ExitCode::from(1)),
         Err(e) => {
             if cmd.events.is_some() {

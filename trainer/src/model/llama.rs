@@ -488,17 +488,29 @@ impl Model {
         Ok(logits.reshape((b.batch, b.seq, ()))?)
     }
 
-    /// Summed token cross-entropy over labels != -100, shifted like Hugging Face (position t
-    /// predicts label t+1). Only rows that carry a label reach the LM head.
-    pub fn loss_sum(&self, b: &Batch, rng: Option<&mut ChaCha8Rng>) -> Result<(Tensor, usize)> {
+    /// LM-head logits `(n, vocab)` of every position whose next label is trained, with those
+    /// labels. Only these rows reach the LM head: prompt rows cost nothing there.
+    pub fn target_logits(
+        &self,
+        b: &Batch,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Option<(Tensor, Vec<u32>)>> {
         let h = self.hidden(b, rng)?;
         let (rows, targets) = shifted_targets(b);
         if rows.is_empty() {
-            return Ok((Tensor::zeros((), self.dtype, &self.device)?, 0));
+            return Ok(None);
         }
-        let n = rows.len();
-        let idx = Tensor::from_vec(rows, n, &self.device)?;
-        let logits = self.lm_head(&h.index_select(&idx, 0)?)?;
+        let idx = Tensor::from_vec(rows, targets.len(), &self.device)?;
+        Ok(Some((self.lm_head(&h.index_select(&idx, 0)?)?, targets)))
+    }
+
+    /// Summed token cross-entropy over labels != -100, shifted like Hugging Face (position t
+    /// predicts label t+1), and the number of such tokens.
+    pub fn loss_sum(&self, b: &Batch, rng: Option<&mut ChaCha8Rng>) -> Result<(Tensor, usize)> {
+        let Some((logits, targets)) = self.target_logits(b, rng)? else {
+            return Ok((Tensor::zeros((), self.dtype, &self.device)?, 0));
+        };
+        let n = targets.len();
         let logp = log_softmax(&logits)?;
         let tgt = Tensor::from_vec(targets, (n, 1), &self.device)?;
         let nll = logp.gather(&tgt, 1)?.sum_all()?.neg()?;

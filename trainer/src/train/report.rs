@@ -58,6 +58,14 @@ impl Reporter for BarReporter {
                 );
                 self.bar = Some(bar);
             }
+            WorkerEvent::Progress { step, total, .. } => {
+                if self.bar.is_none() {
+                    self.bar = Some(ProgressBar::new(*total));
+                }
+                if let Some(bar) = &self.bar {
+                    bar.set_position(*step);
+                }
+            }
             WorkerEvent::Step(s) => {
                 if let Some(bar) = &self.bar {
                     bar.set_position(s.step);

@@ -44,7 +44,8 @@ impl Default for TrainOptions {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Finished,
+    /// Done; the metrics for the `finished` event.
+    Finished(Map<String, Value>),
     Aborted,
     /// Training stopped on a problem after it started; a checkpoint was saved.
     Failed(String),
@@ -308,9 +309,6 @@ pub fn run_training(
             "stage `{}` is not available yet in this version; supported: sft, pt",
             args.stage
         );
-    }
-    if !args.do_train {
-        bail!("nothing to do: set `do_train: true` to train");
     }
     let output_dir = PathBuf::from(
         args.output_dir
@@ -732,11 +730,8 @@ pub fn run_training(
     if args.plot_loss {
         crate::plot::plot_losses(&output_dir, &run.log_history)?;
     }
-    rep.event(&WorkerEvent::Finished {
-        step: total_steps as u64,
-        metrics: all,
-    });
-    Ok(Outcome::Finished)
+    all.insert("global_step".into(), json!(total_steps));
+    Ok(Outcome::Finished(all))
 }
 
 fn record_eval(

@@ -1,0 +1,186 @@
+//! `do_predict` (generation with BLEU / ROUGE, `generated_predictions.jsonl`) and `do_eval`
+//! without training (eval loss, token accuracy), writing LLaMA-Factory's result files.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, D};
+use protocol::{TrainArgs, WorkerEvent};
+use serde_json::{json, Map, Value};
+
+use crate::data::pipeline::get_dataset;
+use crate::data::IGNORE_INDEX;
+use crate::infer::{generate, ChatModel};
+use crate::model::{Batch, RowRef};
+use crate::train::checkpoint::write_json;
+use crate::train::report::Reporter;
+
+fn merge_results(dir: &Path, metrics: &Map<String, Value>) -> Result<()> {
+    let path = dir.join("all_results.json");
+    let mut all = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default();
+    all.extend(metrics.clone());
+    write_json(&path, &Value::Object(all))
+}
+
+fn output_dir(args: &TrainArgs) -> Result<PathBuf> {
+    let d = PathBuf::from(
+        args.output_dir
+            .as_deref()
+            .ok_or_else(|| anyhow!("`output_dir` is required"))?,
+    );
+    std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+    Ok(d)
+}
+
+/// Generates an answer for every eval example and scores it against the label.
+pub fn run_predict(
+    args: &TrainArgs,
+    device: &candle_core::Device,
+    rep: &mut dyn Reporter,
+) -> Result<Map<String, Value>> {
+    if args.eval_dataset.is_none() && args.val_size <= 0.0 {
+        bail!("`do_predict` needs `eval_dataset` (or `val_size`) naming the data to predict");
+    }
+    let out = output_dir(args)?;
+    let chat = ChatModel::load(args, device)?;
+    let mut pargs = args.clone();
+    pargs.predict_with_generate = true;
+    let data = get_dataset(&pargs, &chat.tok, &chat.template)?;
+    let rows = &data.eval;
+    if rows.is_empty() {
+        bail!("no examples to predict");
+    }
+    let stop = chat.template.stop_token_ids(&chat.tok);
+    let skip = args.skip_special_tokens;
+    let file = out.join("generated_predictions.jsonl");
+    let mut writer = std::io::BufWriter::new(
+        std::fs::File::create(&file).with_context(|| format!("cannot write {}", file.display()))?,
+    );
+    let mut sums: Vec<(&'static str, f64)> = Vec::new();
+    let start = Instant::now();
+    rep.event(&WorkerEvent::Started {
+        total_steps: rows.len() as u64,
+        num_examples: rows.len() as u64,
+        skipped_examples: data.skipped.len() as u64,
+    });
+    for (i, f) in rows.iter().enumerate() {
+        let prompt = f.input_ids.clone().unwrap_or_default();
+        let label_ids: Vec<u32> = f
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&l| l != IGNORE_INDEX)
+            .map(|l| l as u32)
+            .collect();
+        let (ids, _) = generate(&chat.model, &prompt, &chat.gen, &stop, |_, _| true)?;
+        let predict = chat.tok.decode(&ids, skip);
+        let label = chat.tok.decode(&label_ids, skip);
+        let line =
+            json!({"prompt": chat.tok.decode(&prompt, false), "predict": predict, "label": label});
+        writeln!(writer, "{}", crate::data::pyjson::dumps(&line, None))?;
+        for (k, v) in crate::metrics::similarity(&predict, &label) {
+            match sums.iter_mut().find(|(n, _)| *n == k) {
+                Some(e) => e.1 += v,
+                None => sums.push((k, v)),
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let eta = elapsed / (i + 1) as f64 * (rows.len() - i - 1) as f64;
+        rep.event(&WorkerEvent::Progress {
+            step: (i + 1) as u64,
+            total: rows.len() as u64,
+            elapsed_s: elapsed,
+            eta_s: eta,
+        });
+    }
+    writer.flush()?;
+    let runtime = start.elapsed().as_secs_f64();
+    let mut metrics = Map::new();
+    for (k, v) in sums {
+        metrics.insert(format!("predict_{k}"), json!(v / rows.len() as f64));
+    }
+    metrics.insert(
+        "predict_runtime".into(),
+        json!((runtime * 10000.0).round() / 10000.0),
+    );
+    metrics.insert(
+        "predict_samples_per_second".into(),
+        json!(((rows.len() as f64 / runtime) * 1000.0).round() / 1000.0),
+    );
+    write_json(
+        &out.join("predict_results.json"),
+        &Value::Object(metrics.clone()),
+    )?;
+    merge_results(&out, &metrics)?;
+    Ok(metrics)
+}
+
+/// Eval loss (and token accuracy when `compute_accuracy`) of the model on the eval set.
+pub fn run_eval(args: &TrainArgs, device: &candle_core::Device) -> Result<Map<String, Value>> {
+    let out = output_dir(args)?;
+    let chat = ChatModel::load(args, device)?;
+    let data = get_dataset(args, &chat.tok, &chat.template)?;
+    if data.eval.is_empty() {
+        bail!("`do_eval` needs `eval_dataset` (or `val_size`)");
+    }
+    let pad = chat.tok.pad_id().or(chat.tok.eos_id()).unwrap_or(0);
+    let (mut loss, mut n, mut correct) = (0.0, 0usize, 0usize);
+    for chunk in data.eval.chunks(args.per_device_eval_batch_size.max(1)) {
+        let owned: Vec<(Vec<u32>, Vec<i64>)> = chunk
+            .iter()
+            .filter_map(|f| {
+                let ids = f.input_ids.clone()?;
+                Some((
+                    ids.clone(),
+                    f.labels
+                        .clone()
+                        .unwrap_or_else(|| ids.iter().map(|&x| x as i64).collect()),
+                ))
+            })
+            .collect();
+        let refs: Vec<RowRef> = owned
+            .iter()
+            .map(|(i, l)| (i.as_slice(), l.as_slice(), None))
+            .collect();
+        let b = Batch::pad(&refs, pad);
+        let Some((logits, targets)) = chat.model.target_logits(&b, None)? else {
+            continue;
+        };
+        let logp = crate::model::log_softmax(&logits)?;
+        let tgt =
+            candle_core::Tensor::from_vec(targets.clone(), (targets.len(), 1), logits.device())?;
+        loss -= logp
+            .gather(&tgt, 1)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        correct += pred.iter().zip(&targets).filter(|(a, b)| a == b).count();
+        n += targets.len();
+    }
+    let mut metrics = Map::new();
+    let eval_loss = loss / n.max(1) as f64;
+    metrics.insert("eval_loss".into(), json!(eval_loss));
+    if args.compute_accuracy {
+        metrics.insert(
+            "eval_accuracy".into(),
+            json!(correct as f64 / n.max(1) as f64),
+        );
+    }
+    if args.stage == "pt" {
+        metrics.insert("eval_perplexity".into(), json!(eval_loss.exp()));
+    }
+    write_json(
+        &out.join("eval_results.json"),
+        &Value::Object(metrics.clone()),
+    )?;
+    merge_results(&out, &metrics)?;
+    Ok(metrics)
+}
