@@ -1,5 +1,6 @@
 //! `llamafactory`: one binary for the CLI, the trainer worker and the web UI.
 
+mod api;
 mod cli;
 
 // Tokenization and autograd allocate many small buffers; mimalloc halves the time glibc spends there.

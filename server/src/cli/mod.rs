@@ -1,5 +1,6 @@
 //! Command-line interface; subcommand names follow `llamafactory-cli`.
 
+mod api;
 mod bench;
 mod chat;
 mod demo;
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Train from a LLaMA-Factory YAML (`key=value` overrides after the file).
     Train(train::TrainCmd),
+    /// Serve a model through an OpenAI-compatible API.
+    Api(api::ApiCmd),
     /// Chat with a model (and adapters) in the terminal.
     Chat(chat::ChatCmd),
     /// Merge adapters and export a Hugging Face model folder with an Ollama Modelfile.
@@ -58,6 +61,7 @@ pub fn run() -> Result<ExitCode> {
     match cli.command {
         Command::Train(a) => train::run(a),
         Command::Chat(a) => chat::run(a),
+        Command::Api(a) => api::run(a),
         Command::Export(a) => export::run(a),
         Command::PreviewData(a) => preview::run(a),
         Command::Demo { out, dataset_dir } => demo::run(&out, &dataset_dir),

@@ -1,0 +1,191 @@
+//! `llamafactory api`: OpenAI-shaped requests and responses over real HTTP, streaming included.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+
+use common::{bin, workdir, write_config};
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &std::path::Path, key: Option<&str>) -> Server {
+    let mut cmd = bin();
+    cmd.args(["api", "cfg.yaml", "--port", "0"])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    cmd.env_remove("API_KEY")
+        .env_remove("API_HOST")
+        .env_remove("API_PORT");
+    if let Some(k) = key {
+        cmd.env("API_KEY", k);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    Server { child, addr }
+}
+
+/// A minimal HTTP/1.1 exchange; returns status and body.
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    req += body;
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out += &rest[..n];
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+#[test]
+fn openai_client_shaped_requests() {
+    let dir = workdir();
+    write_config(dir.path(), "template: qwen\nmax_new_tokens: 16\n");
+    let srv = start(dir.path(), None);
+    let (status, body) = http(&srv.addr, "GET", "/v1/models", "", &[]);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "model");
+
+    let req = r#"{"model": "model", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is a banana?"}], "temperature": 0, "max_tokens": 5}"#;
+    let (status, body) = http(&srv.addr, "POST", "/v1/chat/completions", req, &[]);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let usage = &v["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 5);
+    assert!(usage["completion_tokens"].as_u64().unwrap() <= 5);
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
+    if usage["completion_tokens"] == 5 {
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+    }
+
+    // Streaming: the same greedy text, chunk by chunk, then [DONE].
+    let stream_req = req.replace("\"max_tokens\": 5", "\"max_tokens\": 5, \"stream\": true");
+    let (status, body) = http(&srv.addr, "POST", "/v1/chat/completions", &stream_req, &[]);
+    assert_eq!(status, 200);
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        streamed, text,
+        "stream and non-stream agree under greedy decoding"
+    );
+    assert!(chunks.last().unwrap()["choices"][0]["finish_reason"].is_string());
+
+    // Errors in OpenAI's shape.
+    let (status, body) = http(&srv.addr, "POST", "/v1/chat/completions", "{not json", &[]);
+    assert_eq!(status, 400);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let (status, body) = http(
+        &srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": "assistant", "content": "hi"}]}"#,
+        &[],
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("alternate"), "{body}");
+    let (status, _) = http(&srv.addr, "GET", "/v2/nothing", "", &[]);
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn api_key_is_required_when_set() {
+    let dir = workdir();
+    write_config(dir.path(), "template: qwen\n");
+    let srv = start(dir.path(), Some("sekrit"));
+    let (status, body) = http(&srv.addr, "GET", "/v1/models", "", &[]);
+    assert_eq!(status, 401);
+    assert!(body.contains("authentication_error"));
+    let (status, _) = http(
+        &srv.addr,
+        "GET",
+        "/v1/models",
+        "",
+        &[("Authorization", "Bearer sekrit")],
+    );
+    assert_eq!(status, 200);
+}
