@@ -42,6 +42,10 @@ pub struct TrainArgs {
     pub export_device: String,
     pub export_legacy_format: bool,
     pub export_quantization_bit: Option<u32>,
+    /// `safetensors` (a Hugging Face folder) or `gguf` (one llama.cpp / Ollama file).
+    pub export_format: String,
+    /// GGUF weight type: `f16`, `q8_0` or `q4_k_m`.
+    pub export_gguf_type: String,
     // ---- data ----
     pub template: Option<String>,
     pub dataset: Option<String>,
@@ -208,6 +212,8 @@ impl Default for TrainArgs {
             export_device: "cpu".into(),
             export_legacy_format: false,
             export_quantization_bit: None,
+            export_format: "safetensors".into(),
+            export_gguf_type: "f16".into(),
             template: None,
             dataset: None,
             eval_dataset: None,

@@ -102,3 +102,73 @@ fn merged_export_reproduces_adapter_logits() {
         assert_eq!(tok_cfg["padding_side"], "left");
     }
 }
+
+#[test]
+fn gguf_round_trips_through_candles_reader() {
+    use candle_core::quantized::gguf_file;
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data");
+    trainer::demo::build_demo_model(&base, &data, &Default::default()).unwrap();
+    let original = Model::load(&base, DType::F32, &Device::Cpu).unwrap();
+    for kind in ["f16", "q8_0", "q4_k_m"] {
+        let out = tmp.path().join(format!("gguf-{kind}"));
+        let args = TrainArgs {
+            model_name_or_path: Some(base.display().to_string()),
+            template: Some("qwen".into()),
+            export_dir: Some(out.display().to_string()),
+            export_format: "gguf".into(),
+            export_gguf_type: kind.into(),
+            ..TrainArgs::default()
+        };
+        let files = trainer::export::export_model(&args).unwrap();
+        let path = &files[0];
+        assert!(path.to_string_lossy().ends_with(&format!("-{kind}.gguf")));
+        assert!(std::fs::read_to_string(out.join("Modelfile"))
+            .unwrap()
+            .contains(".gguf"));
+        let mut f = std::fs::File::open(path).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        let md = &content.metadata;
+        assert_eq!(md["general.architecture"].to_string().unwrap(), "llama");
+        assert_eq!(md["llama.block_count"].to_u32().unwrap(), 4);
+        assert_eq!(md["llama.embedding_length"].to_u32().unwrap(), 128);
+        assert_eq!(md["llama.attention.head_count_kv"].to_u32().unwrap(), 2);
+        assert_eq!(md["tokenizer.ggml.model"].to_string().unwrap(), "gpt2");
+        let tokens = md["tokenizer.ggml.tokens"].to_vec().unwrap();
+        assert_eq!(tokens.len(), original.cfg.vocab_size);
+        assert!(!md["tokenizer.ggml.merges"].to_vec().unwrap().is_empty());
+        let tok = trainer::tokenizer::HfTokenizer::load(&base).unwrap();
+        assert_eq!(
+            md["tokenizer.ggml.eos_token_id"].to_u32().unwrap(),
+            tok.token_to_id("<|im_end|>").unwrap()
+        );
+        assert!(md["tokenizer.chat_template"]
+            .to_string()
+            .unwrap()
+            .contains("<|im_start|>"));
+        // 4 layers × 9 tensors + embeddings + final norm (tied: no output.weight).
+        assert_eq!(content.tensor_infos.len(), 4 * 9 + 2);
+        let emb = content
+            .tensor(&mut f, "token_embd.weight", &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let want = original.params["model.embed_tokens.weight"].tensor.clone();
+        assert_eq!(emb.dims(), want.dims());
+        let err = (emb - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let bound = if kind == "f16" { 1e-4 } else { 5e-3 };
+        assert!(err < bound, "{kind}: embedding error {err}");
+        let norm = content
+            .tensor(&mut f, "blk.0.attn_norm.weight", &Device::Cpu)
+            .unwrap();
+        assert_eq!(norm.dtype(), candle_core::quantized::GgmlDType::F32);
+    }
+}

@@ -9,6 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+pub mod gguf;
+
 use crate::infer::ChatModel;
 use crate::train::checkpoint::{write_json, write_sharded};
 use protocol::TrainArgs;
@@ -43,8 +45,33 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
         bail!("`export_quantization_bit` (GPTQ) is not supported yet");
     }
     let mut chat = ChatModel::load(args, &Device::Cpu)?;
-    let (dtype, dtype_name) = export_dtype(args, &chat.model.cfg.torch_dtype)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    match args.export_format.as_str() {
+        "safetensors" => {}
+        "gguf" => {
+            let kind = gguf::GgufType::parse(&args.export_gguf_type)?;
+            let stem = dir
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            let path = dir.join(format!(
+                "{stem}-{}.gguf",
+                args.export_gguf_type.to_ascii_lowercase()
+            ));
+            gguf::write_gguf(&chat, &path, kind)?;
+            let modelfile = chat.template.ollama_modelfile(&chat.tok).replace(
+                "FROM .",
+                &format!(
+                    "FROM ./{}",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ),
+            );
+            std::fs::write(dir.join("Modelfile"), modelfile)?;
+            return Ok(vec![path, dir.join("Modelfile")]);
+        }
+        other => bail!("`export_format` has value `{other}`, expected safetensors or gguf"),
+    }
+    let (dtype, dtype_name) = export_dtype(args, &chat.model.cfg.torch_dtype)?;
     let tensors: BTreeMap<String, Tensor> = chat
         .model
         .params
