@@ -80,7 +80,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third between.
 fn more_bits(layer: usize, n: usize) -> bool {
-    layer < n / 8 || layer >= 7 * n / 8 || (layer >= n / 8 && (layer - n / 8) % 3 == 2)
+    layer < n / 8 || layer >= 7 * n / 8 || (layer - n / 8) % 3 == 2
 }
 
 fn pick_type(t: GgufType, name: &str, cols: usize, n_layers: usize) -> GgmlDType {
