@@ -128,12 +128,80 @@ pub struct StepTiming {
 /// Median timings of LoRA (or full) training steps on random weights and tokens, the first 32
 /// labels of each row masked, AdamW lr 1e-4 / weight decay 0.01, after 3 warm-up steps.
 pub fn train_steps(c: &TrainBenchConfig, full: bool, steps: usize) -> Result<(StepTiming, usize)> {
-    use crate::model::adapter::LoraSpec;
-    use crate::model::{Batch, Model, ModelConfig, RowRef};
+    use crate::model::{Batch, RowRef};
     use crate::train::optim::{decays, AdamW, ParamGroup};
-    use candle_core::{DType, Device, Tensor};
     use rand::{Rng, SeedableRng};
 
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let model = random_model(c, full)?;
+    let groups = model
+        .trainable()
+        .into_iter()
+        .map(|(name, var)| ParamGroup {
+            weight_decay: if decays(&name) { 0.01 } else { 0.0 },
+            name,
+            var,
+            lr_scale: 1.0,
+        })
+        .collect();
+    let mut opt = AdamW::new(groups, 0.9, 0.999, 1e-8)?;
+    let ids: Vec<Vec<u32>> = (0..c.batch)
+        .map(|_| {
+            (0..c.seq)
+                .map(|_| rng.gen_range(0..c.vocab as u32))
+                .collect()
+        })
+        .collect();
+    let labels: Vec<Vec<i64>> = ids
+        .iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .map(|(i, &x)| if i < 32 { -100 } else { x as i64 })
+                .collect()
+        })
+        .collect();
+    let rows: Vec<RowRef> = ids
+        .iter()
+        .zip(&labels)
+        .map(|(i, l)| (i.as_slice(), l.as_slice(), None))
+        .collect();
+    let batch = Batch::pad(&rows, 0);
+    let mut timings = Vec::new();
+    for step in 0..3 + steps {
+        let t0 = Instant::now();
+        let (sum, n) = model.loss_sum(&batch, None)?;
+        let loss = (sum / n as f64)?;
+        let lv = loss.to_scalar::<f32>()? as f64;
+        let t1 = Instant::now();
+        let store = loss.backward()?;
+        let grads = opt.grads_of(&store);
+        drop(store);
+        let t2 = Instant::now();
+        opt.update(&grads, 1e-4)?;
+        let t3 = Instant::now();
+        if step >= 3 {
+            timings.push(StepTiming {
+                forward: (t1 - t0).as_secs_f64(),
+                backward: (t2 - t1).as_secs_f64(),
+                optimizer: (t3 - t2).as_secs_f64(),
+                total: (t3 - t0).as_secs_f64(),
+                loss: lv,
+            });
+        }
+    }
+    timings.sort_by(|a, b| a.total.total_cmp(&b.total));
+    let median = timings.swap_remove(timings.len() / 2);
+    Ok((median, c.batch * c.seq))
+}
+
+/// A seeded random Llama of the bench shapes, with LoRA (rank 8, alpha 16, all linears) unless
+/// `full`, in which case every weight trains.
+pub fn random_model(c: &TrainBenchConfig, full: bool) -> Result<crate::model::Model> {
+    use crate::model::adapter::LoraSpec;
+    use crate::model::{Model, ModelConfig};
+    use candle_core::{DType, Device, Tensor};
+    use rand::SeedableRng;
     let raw = json!({"model_type": "llama", "vocab_size": c.vocab, "hidden_size": c.hidden, "intermediate_size": c.intermediate,
         "num_hidden_layers": c.layers, "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads,
         "rms_norm_eps": c.eps, "rope_theta": 10000.0, "tie_word_embeddings": c.tied, "max_position_embeddings": 1024});
@@ -208,65 +276,41 @@ pub fn train_steps(c: &TrainBenchConfig, full: bool, steps: usize) -> Result<(St
         };
         model.add_lora(&LoraSpec::from_args(&args), 0)?;
     }
-    let groups = model
-        .trainable()
-        .into_iter()
-        .map(|(name, var)| ParamGroup {
-            weight_decay: if decays(&name) { 0.01 } else { 0.0 },
-            name,
-            var,
-            lr_scale: 1.0,
-        })
-        .collect();
-    let mut opt = AdamW::new(groups, 0.9, 0.999, 1e-8)?;
-    let ids: Vec<Vec<u32>> = (0..c.batch)
-        .map(|_| {
-            (0..c.seq)
-                .map(|_| rng.gen_range(0..c.vocab as u32))
-                .collect()
-        })
-        .collect();
-    let labels: Vec<Vec<i64>> = ids
-        .iter()
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .map(|(i, &x)| if i < 32 { -100 } else { x as i64 })
-                .collect()
-        })
-        .collect();
-    let rows: Vec<RowRef> = ids
-        .iter()
-        .zip(&labels)
-        .map(|(i, l)| (i.as_slice(), l.as_slice(), None))
-        .collect();
-    let batch = Batch::pad(&rows, 0);
-    let mut timings = Vec::new();
-    for step in 0..3 + steps {
-        let t0 = Instant::now();
-        let (sum, n) = model.loss_sum(&batch, None)?;
-        let loss = (sum / n as f64)?;
-        let lv = loss.to_scalar::<f32>()? as f64;
-        let t1 = Instant::now();
-        let store = loss.backward()?;
-        let grads = opt.grads_of(&store);
-        drop(store);
-        let t2 = Instant::now();
-        opt.update(&grads, 1e-4)?;
-        let t3 = Instant::now();
-        if step >= 3 {
-            timings.push(StepTiming {
-                forward: (t1 - t0).as_secs_f64(),
-                backward: (t2 - t1).as_secs_f64(),
-                optimizer: (t3 - t2).as_secs_f64(),
-                total: (t3 - t0).as_secs_f64(),
-                loss: lv,
-            });
+    Ok(model)
+}
+
+/// Greedy decoding speed: a 32-token prompt, 64 new tokens with a KV cache, LoRA unmerged as
+/// in the PyTorch script; median of three timed repetitions after one warm-up. Returns tokens/s
+/// for batch 1 and for `batch` prompts decoded together.
+pub fn decode_speed(c: &TrainBenchConfig, batch: usize) -> Result<(f64, f64)> {
+    use crate::infer::{generate_batch, GenerationConfig};
+    let model = random_model(c, false)?;
+    let prompt: Vec<u32> = (0..32u32).map(|i| (i * 7919) % c.vocab as u32).collect();
+    let cfg = GenerationConfig::greedy(64);
+    let time = |prompts: &[Vec<u32>]| -> Result<f64> {
+        let mut times = Vec::new();
+        for rep in 0..4 {
+            let t = Instant::now();
+            let out = generate_batch(&model, prompts, &cfg, &[], 0)?;
+            anyhow::ensure!(out.iter().all(|o| o.len() == 64), "decode stopped early");
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
         }
-    }
-    timings.sort_by(|a, b| a.total.total_cmp(&b.total));
-    let median = timings.swap_remove(timings.len() / 2);
-    Ok((median, c.batch * c.seq))
+        times.sort_by(f64::total_cmp);
+        Ok(times[1])
+    };
+    let single = 64.0 / time(std::slice::from_ref(&prompt))?;
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            prompt
+                .iter()
+                .map(|t| (t + b as u32) % c.vocab as u32)
+                .collect()
+        })
+        .collect();
+    let batched = (64 * batch) as f64 / time(&prompts)?;
+    Ok((single, batched))
 }
 
 /// Peak resident memory of this process so far (`VmHWM`), in bytes.

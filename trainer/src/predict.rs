@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 use crate::data::pipeline::get_dataset;
 use crate::data::IGNORE_INDEX;
-use crate::infer::{generate, ChatModel};
+use crate::infer::{generate_batch, ChatModel};
 use crate::model::{Batch, RowRef};
 use crate::train::checkpoint::write_json;
 use crate::train::report::Reporter;
@@ -69,32 +69,39 @@ pub fn run_predict(
         num_examples: rows.len() as u64,
         skipped_examples: data.skipped.len() as u64,
     });
-    for (i, f) in rows.iter().enumerate() {
-        let prompt = f.input_ids.clone().unwrap_or_default();
-        let label_ids: Vec<u32> = f
-            .labels
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|&l| l != IGNORE_INDEX)
-            .map(|l| l as u32)
+    let pad = chat.tok.pad_id().or(chat.tok.eos_id()).unwrap_or(0);
+    let mut done = 0usize;
+    for chunk in rows.chunks(args.per_device_eval_batch_size.max(1)) {
+        let prompts: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|f| f.input_ids.clone().unwrap_or_default())
             .collect();
-        let (ids, _) = generate(&chat.model, &prompt, &chat.gen, &stop, |_, _| true)?;
-        let predict = chat.tok.decode(&ids, skip);
-        let label = chat.tok.decode(&label_ids, skip);
-        let line =
-            json!({"prompt": chat.tok.decode(&prompt, false), "predict": predict, "label": label});
-        writeln!(writer, "{}", crate::data::pyjson::dumps(&line, None))?;
-        for (k, v) in crate::metrics::similarity(&predict, &label) {
-            match sums.iter_mut().find(|(n, _)| *n == k) {
-                Some(e) => e.1 += v,
-                None => sums.push((k, v)),
+        let outputs = generate_batch(&chat.model, &prompts, &chat.gen, &stop, pad)?;
+        for ((f, prompt), ids) in chunk.iter().zip(&prompts).zip(outputs) {
+            let label_ids: Vec<u32> = f
+                .labels
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|&l| l != IGNORE_INDEX)
+                .map(|l| l as u32)
+                .collect();
+            let predict = chat.tok.decode(&ids, skip);
+            let label = chat.tok.decode(&label_ids, skip);
+            let line = json!({"prompt": chat.tok.decode(prompt, false), "predict": predict, "label": label});
+            writeln!(writer, "{}", crate::data::pyjson::dumps(&line, None))?;
+            for (k, v) in crate::metrics::similarity(&predict, &label) {
+                match sums.iter_mut().find(|(n, _)| *n == k) {
+                    Some(e) => e.1 += v,
+                    None => sums.push((k, v)),
+                }
             }
         }
+        done += chunk.len();
         let elapsed = start.elapsed().as_secs_f64();
-        let eta = elapsed / (i + 1) as f64 * (rows.len() - i - 1) as f64;
+        let eta = elapsed / done as f64 * (rows.len() - done) as f64;
         rep.event(&WorkerEvent::Progress {
-            step: (i + 1) as u64,
+            step: done as u64,
             total: rows.len() as u64,
             elapsed_s: elapsed,
             eta_s: eta,

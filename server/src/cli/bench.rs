@@ -16,6 +16,18 @@ pub enum BenchCommand {
         #[arg(long, default_value = "qwen")]
         template: String,
     },
+    /// Greedy decoding tokens/s (batch 1 and batched), next to PyTorch `generate()` when it can run.
+    Decode {
+        #[arg(long, default_value = "tiny")]
+        config: String,
+        /// Prompts decoded together in the batched measurement.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value = "../shared/bench/bench_torch_lora.py")]
+        torch_script: PathBuf,
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
     /// Training step time and peak memory for the shapes of `bench_torch_lora.py`, and the
     /// PyTorch + PEFT figures side by side when that script and a Python with torch can run.
     Train {
@@ -37,6 +49,50 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
+        BenchCommand::Decode {
+            config,
+            batch,
+            torch_script,
+            python,
+        } => {
+            let c = trainer::bench::train_bench_config(&config)?;
+            let (single, batched) = trainer::bench::decode_speed(&c, batch)?;
+            println!("| engine | config | decode tok/s (batch 1) | decode tok/s (batch {batch}) |");
+            println!("|---|---|---:|---:|");
+            println!(
+                "| llamafactory (candle) | {} | {single:.1} | {batched:.1} |",
+                c.name
+            );
+            if torch_script.exists() {
+                let threads = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+                    .to_string();
+                let out = std::process::Command::new(&python)
+                    .arg(&torch_script)
+                    .args(["--config", &config, "--no-train", "--threads", &threads])
+                    .output();
+                let parsed = out.ok().and_then(|o| {
+                    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                    let line = text
+                        .lines()
+                        .find(|l| l.starts_with("RESULT decode"))?
+                        .to_string();
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix("tok_per_s="))?
+                        .parse::<f64>()
+                        .ok()
+                });
+                match parsed {
+                    Some(t) => {
+                        println!("| PyTorch generate() | {} | {t:.1} | |", c.name);
+                        println!("\ndecode speed ratio (ours / PyTorch, batch 1): {:.2}×", single / t);
+                    }
+                    None => println!("\n(PyTorch side not run: {python} with torch, transformers and peft is needed)"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::Train {
             config,
             full,

@@ -393,24 +393,43 @@ impl Model {
     /// Next-token logits `(vocab,)` for `new` tokens appended to the sequence in `cache`
     /// (batch 1). Weights should be merged and frozen: nothing here is differentiated.
     pub fn forward_cached(&self, new: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        Ok(self.forward_cached_batch(new, 1, &[0], cache)?.squeeze(0)?)
+    }
+
+    /// Batched decoding step: `new` holds `batch` rows of equal length (row-major); row `r`
+    /// starts with `pad_left[r]` padding positions that no token attends to, and its positions
+    /// count from its first real token. Returns next-token logits `(batch, vocab)`.
+    pub fn forward_cached_batch(
+        &self,
+        new: &[u32],
+        batch: usize,
+        pad_left: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let c = &self.cfg;
-        let n = new.len();
+        let n = new.len() / batch;
         let start = cache.len;
+        let total = start + n;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let ids = Tensor::from_slice(new, n, &self.device)?;
+        let ids = Tensor::from_slice(new, batch * n, &self.device)?;
         let mut x = self
             .param("model.embed_tokens.weight")?
             .index_select(&ids, 0)?;
-        let positions: Vec<u32> = (start as u32..(start + n) as u32).collect();
-        let (cos, sin) = self.rope_tables(&positions, 1, n)?;
-        let total = start + n;
-        let mut m = vec![0f64; n * total];
-        for i in 0..n {
-            for j in start + i + 1..total {
-                m[i * total + j] = MASK_VALUE;
+        let mut positions = Vec::with_capacity(batch * n);
+        let mut m = vec![0f64; batch * n * total];
+        for (r, &pad) in pad_left.iter().enumerate().take(batch) {
+            for i in 0..n {
+                let q = start + i;
+                positions.push(q.saturating_sub(pad) as u32);
+                for j in 0..total {
+                    if j > q || j < pad {
+                        m[(r * n + i) * total + j] = MASK_VALUE;
+                    }
+                }
             }
         }
-        let mask = Tensor::from_vec(m, (1, 1, n, total), &self.device)?.to_dtype(self.dtype)?;
+        let (cos, sin) = self.rope_tables(&positions, batch, n)?;
+        let mask = Tensor::from_vec(m, (batch, 1, n, total), &self.device)?.to_dtype(self.dtype)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -422,7 +441,7 @@ impl Model {
             let heads = |name: &str, nheads: usize| -> Result<Tensor> {
                 let y = self
                     .linear(&format!("{p}.self_attn.{name}_proj"), &h, None)?
-                    .reshape((1, n, nheads, hd))?;
+                    .reshape((batch, n, nheads, hd))?;
                 let y = if c.qk_norm && name != "v" {
                     rms_norm(
                         &y,
@@ -451,8 +470,8 @@ impl Model {
                 let rep = nh / nkv;
                 let expand = |x: &Tensor| -> Result<Tensor> {
                     Ok(x.unsqueeze(2)?
-                        .broadcast_as((1, nkv, rep, total, hd))?
-                        .reshape((1, nh, total, hd))?)
+                        .broadcast_as((batch, nkv, rep, total, hd))?
+                        .reshape((batch, nh, total, hd))?)
                 };
                 (expand(&k)?, expand(&v)?)
             } else {
@@ -462,7 +481,7 @@ impl Model {
             let attn = softmax(&scores)?
                 .matmul(&v)?
                 .transpose(1, 2)?
-                .reshape((n, nh * hd))?;
+                .reshape((batch * n, nh * hd))?;
             x = (x + self.linear(&format!("{p}.self_attn.o_proj"), &attn, None)?)?;
             let h = rms_norm(
                 &x,
@@ -476,9 +495,9 @@ impl Model {
             x = (x + self.linear(&format!("{p}.mlp.down_proj"), &(gate * up)?, None)?)?;
         }
         cache.len = total;
-        let last = x.narrow(0, n - 1, 1)?;
+        let last = x.reshape((batch, n, ()))?.narrow(1, n - 1, 1)?.squeeze(1)?;
         let h = rms_norm(&last, self.param("model.norm.weight")?, c.rms_norm_eps)?;
-        Ok(self.lm_head(&h)?.squeeze(0)?)
+        self.lm_head(&h)
     }
 
     /// Logits for every position, `(B, T, vocab)`.
