@@ -140,6 +140,19 @@ impl LoraSpec {
     }
 }
 
+impl LoraLayer {
+    fn new(a: &Tensor, b: &Tensor, magnitude: Option<Var>, spec: &LoraSpec) -> Result<Self> {
+        Ok(Self {
+            a: Var::from_tensor(a)?,
+            b: Var::from_tensor(b)?,
+            scale: spec.scale(),
+            dropout: spec.dropout,
+            magnitude,
+            detach_norm: true,
+        })
+    }
+}
+
 impl Model {
     /// Linear module names (full paths) whose last component is one of `targets`.
     pub fn target_modules(&self, targets: &[String]) -> Result<Vec<String>> {
@@ -184,17 +197,8 @@ impl Model {
             } else {
                 None
             };
-            self.lora.insert(
-                module,
-                LoraLayer {
-                    a: Var::from_tensor(&a)?,
-                    b: Var::from_tensor(&b)?,
-                    scale: spec.scale(),
-                    dropout: spec.dropout,
-                    magnitude,
-                    detach_norm: true,
-                },
-            );
+            self.lora
+                .insert(module, LoraLayer::new(&a, &b, magnitude, spec)?);
         }
         self.make_trainable(
             &spec
@@ -358,17 +362,8 @@ impl Model {
             } else {
                 None
             };
-            self.lora.insert(
-                module,
-                LoraLayer {
-                    a: Var::from_tensor(&a)?,
-                    b: Var::from_tensor(&b)?,
-                    scale: spec.scale(),
-                    dropout: spec.dropout,
-                    magnitude,
-                    detach_norm: true,
-                },
-            );
+            self.lora
+                .insert(module, LoraLayer::new(&a, &b, magnitude, spec)?);
         }
         // modules_to_save: full copies of base tensors.
         for (key, t) in &tensors {

@@ -316,78 +316,111 @@ impl Model {
         Ok(Tensor::from_vec(m, (bs, 1, t, t), &self.device)?.to_dtype(self.dtype)?)
     }
 
+    /// One decoder layer over `x (B·n, hidden)`. With a cache, keys and values are appended to
+    /// those of earlier tokens (decoding); without, the pass is self-contained (training).
+    fn layer(
+        &self,
+        l: usize,
+        x: Tensor,
+        pass: &mut Pass,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (bs, n) = (pass.batch, pass.n);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let p = format!("model.layers.{l}");
+        let h = rms_norm(
+            &x,
+            self.param(&format!("{p}.input_layernorm.weight"))?,
+            c.rms_norm_eps,
+        )?;
+        let heads = |name: &str, count: usize, rng: Option<&mut ChaCha8Rng>| -> Result<Tensor> {
+            let y = self
+                .linear(&format!("{p}.self_attn.{name}_proj"), &h, rng)?
+                .reshape((bs, n, count, hd))?;
+            let y = if c.qk_norm && name != "v" {
+                rms_norm(
+                    &y,
+                    self.param(&format!("{p}.self_attn.{name}_norm.weight"))?,
+                    c.rms_norm_eps,
+                )?
+            } else {
+                y
+            };
+            Ok(y.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads("q", nh, rng.as_deref_mut())?;
+        let k = heads("k", nkv, rng.as_deref_mut())?;
+        let v = heads("v", nkv, rng.as_deref_mut())?;
+        let q = (q.broadcast_mul(&pass.cos)? + rotate_half(&q)?.broadcast_mul(&pass.sin)?)?;
+        let mut k = (k.broadcast_mul(&pass.cos)? + rotate_half(&k)?.broadcast_mul(&pass.sin)?)?;
+        let mut v = v;
+        if let Some(cache) = pass.cache.as_deref_mut() {
+            if let Some(Some((pk, pv))) = cache.layers.get(l) {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            if cache.layers.len() <= l {
+                cache.layers.resize(l + 1, None);
+            }
+            cache.layers[l] = Some((k.clone(), v.clone()));
+        }
+        let total = k.dim(2)?;
+        let (k, v) = if nkv != nh {
+            // GQA: each kv head serves `rep` query heads.
+            let rep = nh / nkv;
+            let expand = |x: &Tensor| -> Result<Tensor> {
+                Ok(x.unsqueeze(2)?
+                    .broadcast_as((bs, nkv, rep, total, hd))?
+                    .reshape((bs, nh, total, hd))?)
+            };
+            (expand(&k)?, expand(&v)?)
+        } else {
+            (k, v)
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&pass.mask)?;
+        let attn = softmax(&scores)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((bs * n, nh * hd))?;
+        let x = (x + self.linear(&format!("{p}.self_attn.o_proj"), &attn, rng.as_deref_mut())?)?;
+        let h = rms_norm(
+            &x,
+            self.param(&format!("{p}.post_attention_layernorm.weight"))?,
+            c.rms_norm_eps,
+        )?;
+        let gate = self
+            .linear(&format!("{p}.mlp.gate_proj"), &h, rng.as_deref_mut())?
+            .silu()?;
+        let up = self.linear(&format!("{p}.mlp.up_proj"), &h, rng.as_deref_mut())?;
+        let down = self.linear(
+            &format!("{p}.mlp.down_proj"),
+            &(gate * up)?,
+            rng.as_deref_mut(),
+        )?;
+        Ok((x + down)?)
+    }
+
     /// Final hidden states, `(B·T, hidden)`. `rng` turns on dropout (training).
     pub fn hidden(&self, b: &Batch, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let c = &self.cfg;
-        let (bs, t) = (b.batch, b.seq);
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let ids = Tensor::from_slice(&b.input_ids, bs * t, &self.device)?;
+        let ids = Tensor::from_slice(&b.input_ids, b.batch * b.seq, &self.device)?;
         let mut x = self
             .param("model.embed_tokens.weight")?
             .index_select(&ids, 0)?;
-        let (cos, sin) = self.rope_tables(&b.positions, bs, t)?;
-        let mask = self.attention_mask(b)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let h = rms_norm(
-                &x,
-                self.param(&format!("{p}.input_layernorm.weight"))?,
-                c.rms_norm_eps,
-            )?;
-            let heads = |name: &str, n: usize, rng: Option<&mut ChaCha8Rng>| -> Result<Tensor> {
-                let y = self
-                    .linear(&format!("{p}.self_attn.{name}_proj"), &h, rng)?
-                    .reshape((bs, t, n, hd))?;
-                let y = if c.qk_norm && name != "v" {
-                    rms_norm(
-                        &y,
-                        self.param(&format!("{p}.self_attn.{name}_norm.weight"))?,
-                        c.rms_norm_eps,
-                    )?
-                } else {
-                    y
-                };
-                Ok(y.transpose(1, 2)?.contiguous()?)
-            };
-            let q = heads("q", nh, rng.as_deref_mut())?;
-            let k = heads("k", nkv, rng.as_deref_mut())?;
-            let v = heads("v", nkv, rng.as_deref_mut())?;
-            let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
-            let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
-            let (k, v) = if nkv != nh {
-                let rep = nh / nkv;
-                let expand = |x: &Tensor| -> Result<Tensor> {
-                    Ok(x.unsqueeze(2)?
-                        .broadcast_as((bs, nkv, rep, t, hd))?
-                        .reshape((bs, nh, t, hd))?)
-                };
-                (expand(&k)?, expand(&v)?)
-            } else {
-                (k, v)
-            };
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let attn = softmax(&scores)?.matmul(&v)?;
-            let attn = attn.transpose(1, 2)?.reshape((bs * t, nh * hd))?;
-            let o = self.linear(&format!("{p}.self_attn.o_proj"), &attn, rng.as_deref_mut())?;
-            x = (x + o)?;
-            let h = rms_norm(
-                &x,
-                self.param(&format!("{p}.post_attention_layernorm.weight"))?,
-                c.rms_norm_eps,
-            )?;
-            let gate = self
-                .linear(&format!("{p}.mlp.gate_proj"), &h, rng.as_deref_mut())?
-                .silu()?;
-            let up = self.linear(&format!("{p}.mlp.up_proj"), &h, rng.as_deref_mut())?;
-            let down = self.linear(
-                &format!("{p}.mlp.down_proj"),
-                &(gate * up)?,
-                rng.as_deref_mut(),
-            )?;
-            x = (x + down)?;
+        let (cos, sin) = self.rope_tables(&b.positions, b.batch, b.seq)?;
+        let mut pass = Pass {
+            batch: b.batch,
+            n: b.seq,
+            cos,
+            sin,
+            mask: self.attention_mask(b)?,
+            cache: None,
+        };
+        for l in 0..self.cfg.num_hidden_layers {
+            x = self.layer(l, x, &mut pass, rng.as_deref_mut())?;
         }
-        rms_norm(&x, self.param("model.norm.weight")?, c.rms_norm_eps)
+        rms_norm(&x, self.param("model.norm.weight")?, self.cfg.rms_norm_eps)
     }
 
     /// Next-token logits `(vocab,)` for `new` tokens appended to the sequence in `cache`
@@ -406,11 +439,9 @@ impl Model {
         pad_left: &[usize],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let c = &self.cfg;
         let n = new.len() / batch;
         let start = cache.len;
         let total = start + n;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let ids = Tensor::from_slice(new, batch * n, &self.device)?;
         let mut x = self
             .param("model.embed_tokens.weight")?
@@ -430,73 +461,26 @@ impl Model {
         }
         let (cos, sin) = self.rope_tables(&positions, batch, n)?;
         let mask = Tensor::from_vec(m, (batch, 1, n, total), &self.device)?.to_dtype(self.dtype)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let h = rms_norm(
-                &x,
-                self.param(&format!("{p}.input_layernorm.weight"))?,
-                c.rms_norm_eps,
-            )?;
-            let heads = |name: &str, nheads: usize| -> Result<Tensor> {
-                let y = self
-                    .linear(&format!("{p}.self_attn.{name}_proj"), &h, None)?
-                    .reshape((batch, n, nheads, hd))?;
-                let y = if c.qk_norm && name != "v" {
-                    rms_norm(
-                        &y,
-                        self.param(&format!("{p}.self_attn.{name}_norm.weight"))?,
-                        c.rms_norm_eps,
-                    )?
-                } else {
-                    y
-                };
-                Ok(y.transpose(1, 2)?.contiguous()?)
-            };
-            let q = heads("q", nh)?;
-            let k = heads("k", nkv)?;
-            let v = heads("v", nkv)?;
-            let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
-            let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
-            let (k, v) = match cache.layers.get(l) {
-                Some(Some((pk, pv))) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                _ => (k, v),
-            };
-            if cache.layers.len() <= l {
-                cache.layers.resize(l + 1, None);
-            }
-            cache.layers[l] = Some((k.clone(), v.clone()));
-            let (k, v) = if nkv != nh {
-                let rep = nh / nkv;
-                let expand = |x: &Tensor| -> Result<Tensor> {
-                    Ok(x.unsqueeze(2)?
-                        .broadcast_as((batch, nkv, rep, total, hd))?
-                        .reshape((batch, nh, total, hd))?)
-                };
-                (expand(&k)?, expand(&v)?)
-            } else {
-                (k, v)
-            };
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let attn = softmax(&scores)?
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((batch * n, nh * hd))?;
-            x = (x + self.linear(&format!("{p}.self_attn.o_proj"), &attn, None)?)?;
-            let h = rms_norm(
-                &x,
-                self.param(&format!("{p}.post_attention_layernorm.weight"))?,
-                c.rms_norm_eps,
-            )?;
-            let gate = self
-                .linear(&format!("{p}.mlp.gate_proj"), &h, None)?
-                .silu()?;
-            let up = self.linear(&format!("{p}.mlp.up_proj"), &h, None)?;
-            x = (x + self.linear(&format!("{p}.mlp.down_proj"), &(gate * up)?, None)?)?;
+        let mut pass = Pass {
+            batch,
+            n,
+            cos,
+            sin,
+            mask,
+            cache: Some(cache),
+        };
+        for l in 0..self.cfg.num_hidden_layers {
+            x = self.layer(l, x, &mut pass, None)?;
         }
-        cache.len = total;
+        if let Some(cache) = pass.cache {
+            cache.len = total;
+        }
         let last = x.reshape((batch, n, ()))?.narrow(1, n - 1, 1)?.squeeze(1)?;
-        let h = rms_norm(&last, self.param("model.norm.weight")?, c.rms_norm_eps)?;
+        let h = rms_norm(
+            &last,
+            self.param("model.norm.weight")?,
+            self.cfg.rms_norm_eps,
+        )?;
         self.lm_head(&h)
     }
 
@@ -535,6 +519,17 @@ impl Model {
         let nll = logp.gather(&tgt, 1)?.sum_all()?.neg()?;
         Ok((nll, n))
     }
+}
+
+/// What one forward pass shares across its layers.
+struct Pass<'a> {
+    batch: usize,
+    /// New tokens per row in this pass.
+    n: usize,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    cache: Option<&'a mut KvCache>,
 }
 
 /// Keys and values of the tokens seen so far, per layer (after RoPE), for decoding.
