@@ -363,7 +363,7 @@ impl Model {
                 None
             };
             self.lora
-                .insert(module, LoraLayer::new(&a, &b, magnitude, spec)?);
+                .insert(module, LoraLayer::new(&a, &b, magnitude, &spec)?);
         }
         // modules_to_save: full copies of base tensors.
         for (key, t) in &tensors {
