@@ -394,11 +394,7 @@ impl Model {
             .linear(&format!("{p}.mlp.gate_proj"), &h, rng.as_deref_mut())?
             .silu()?;
         let up = self.linear(&format!("{p}.mlp.up_proj"), &h, rng.as_deref_mut())?;
-        let down = self.linear(
-            &format!("{p}.mlp.down_proj"),
-            &(gate * up)?,
-            rng.as_deref_mut(),
-        )?;
+        let down = self.linear(&format!("{p}.mlp.down_proj"), &(gate * up)?, rng)?;
         Ok((x + down)?)
     }
 
