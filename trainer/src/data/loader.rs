@@ -278,6 +278,19 @@ mod tests {
     }
 
     #[test]
+    fn reads_parquet_written_by_pyarrow() {
+        let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/data/sample.parquet");
+        let (dir, info) = setup(&[], r#"{"p": {"file_name": "sample.parquet"}}"#);
+        std::fs::copy(&fixture, dir.path().join("sample.parquet")).unwrap();
+        let rows = load_records(&info.attr("p").unwrap(), dir.path()).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].value["output"], "2 plus 3 is 5.");
+        assert_eq!(rows[1].value["input"], "");
+        assert_eq!(rows[1].row, 2);
+    }
+
+    #[test]
     fn bad_files_name_path_and_line() {
         let (dir, info) = setup(
             &[
