@@ -3,7 +3,7 @@
 //! Ollama `Modelfile`, as LLaMA-Factory's export does.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -120,9 +120,4 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
         files.push(dir.join("model.safetensors.index.json"));
     }
     Ok(files)
-}
-
-/// Whether `dir` holds a complete export (for callers that check before loading it).
-pub fn is_export(dir: &Path) -> bool {
-    dir.join("config.json").exists() && crate::model::weights::weight_files(dir).is_ok()
 }
