@@ -315,11 +315,5 @@ pub fn decode_speed(c: &TrainBenchConfig, batch: usize) -> Result<(f64, f64)> {
 
 /// Peak resident memory of this process so far (`VmHWM`), in bytes.
 pub fn peak_rss() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()
-        .map(|kb| kb * 1024)
+    crate::sysinfo::proc_kib("/proc/self/status", "VmHWM:").map(|kb| kb * 1024)
 }

@@ -13,5 +13,6 @@ pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod predict;
+pub mod sysinfo;
 pub mod tokenizer;
 pub mod train;

@@ -223,52 +223,30 @@ pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
         ),
         ("general.file_type".into(), Value::U32(kind.file_type())),
         ("general.quantization_version".into(), Value::U32(2)),
-        (
-            format!("{a}.context_length"),
-            Value::U32(c.max_position_embeddings as u32),
-        ),
-        (
-            format!("{a}.embedding_length"),
-            Value::U32(c.hidden_size as u32),
-        ),
-        (
-            format!("{a}.block_count"),
-            Value::U32(c.num_hidden_layers as u32),
-        ),
-        (
-            format!("{a}.feed_forward_length"),
-            Value::U32(c.intermediate_size as u32),
-        ),
-        (
-            format!("{a}.attention.head_count"),
-            Value::U32(c.num_attention_heads as u32),
-        ),
-        (
-            format!("{a}.attention.head_count_kv"),
-            Value::U32(c.num_key_value_heads as u32),
-        ),
-        (
-            format!("{a}.attention.layer_norm_rms_epsilon"),
-            Value::F32(c.rms_norm_eps as f32),
-        ),
-        (
-            format!("{a}.rope.freq_base"),
-            Value::F32(c.rope_theta as f32),
-        ),
-        (
-            format!("{a}.rope.dimension_count"),
-            Value::U32(c.head_dim as u32),
-        ),
-        (
-            format!("{a}.attention.key_length"),
-            Value::U32(c.head_dim as u32),
-        ),
-        (
-            format!("{a}.attention.value_length"),
-            Value::U32(c.head_dim as u32),
-        ),
-        (format!("{a}.vocab_size"), Value::U32(c.vocab_size as u32)),
     ];
+    let counts = [
+        ("context_length", c.max_position_embeddings),
+        ("embedding_length", c.hidden_size),
+        ("block_count", c.num_hidden_layers),
+        ("feed_forward_length", c.intermediate_size),
+        ("attention.head_count", c.num_attention_heads),
+        ("attention.head_count_kv", c.num_key_value_heads),
+        ("rope.dimension_count", c.head_dim),
+        ("attention.key_length", c.head_dim),
+        ("attention.value_length", c.head_dim),
+        ("vocab_size", c.vocab_size),
+    ];
+    for (key, n) in counts {
+        meta.push((format!("{a}.{key}"), Value::U32(n as u32)));
+    }
+    meta.push((
+        format!("{a}.attention.layer_norm_rms_epsilon"),
+        Value::F32(c.rms_norm_eps as f32),
+    ));
+    meta.push((
+        format!("{a}.rope.freq_base"),
+        Value::F32(c.rope_theta as f32),
+    ));
     tokenizer_metadata(chat, &mut meta)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (hf, p) in &chat.model.params {

@@ -120,13 +120,7 @@ fn round(x: f64, digits: i32) -> f64 {
 }
 
 fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    line.split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()
-        .map(|kb| kb * 1024)
+    crate::sysinfo::proc_kib("/proc/meminfo", "MemAvailable:").map(|kb| kb * 1024)
 }
 
 /// Refuses runs that clearly cannot fit in memory, with the numbers.
