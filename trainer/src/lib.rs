@@ -13,6 +13,7 @@ pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod predict;
+pub mod stages;
 pub mod sysinfo;
 pub mod tokenizer;
 pub mod train;

@@ -1,0 +1,64 @@
+//! The attach trick: compute a result outside the autograd graph (fused or stable code), then
+//! re-attach it to its input with a hand-written input gradient. The forward is one copy of
+//! the precomputed result.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+type InputGrad = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+struct Attach {
+    name: &'static str,
+    /// (input, gradient of the result) → gradient of the input.
+    input_grad: InputGrad,
+}
+
+impl CustomOp2 for Attach {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !l2.is_contiguous() || l2.start_offset() != 0 {
+            candle_core::bail!("{}: precomputed result must be contiguous", self.name);
+        }
+        Ok((s2.clone(), l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y0: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.input_grad)(x, grad)?), None))
+    }
+}
+
+/// `y0` (computed from `x` outside the graph) as a differentiable function of `x` whose
+/// gradient is `input_grad(x, dy)`. On non-CPU devices returns `None`: callers then use their
+/// composed version.
+pub fn attach(
+    name: &'static str,
+    x: &Tensor,
+    y0: Tensor,
+    input_grad: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let y0 = y0.contiguous()?;
+    let op = Attach {
+        name,
+        input_grad: Box::new(input_grad),
+    };
+    Ok(Some(
+        x.apply_op2_arc(&y0, std::sync::Arc::new(Box::new(op)))?,
+    ))
+}

@@ -1,0 +1,3 @@
+//! Training objectives beyond causal-LM cross-entropy.
+
+pub mod preference;
