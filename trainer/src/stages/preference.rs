@@ -196,7 +196,7 @@ mod tests {
         )
         .unwrap();
         close(&vals(&out.losses), &logits.map(|l| -ls(beta * l)));
-        close(&vals(&out.chosen_rewards), &[beta * 0.2, beta * -1.0]);
+        close(&vals(&out.chosen_rewards), &[beta * 0.2, -beta]);
         let smooth = preference_loss(
             PrefLoss::Sigmoid {
                 label_smoothing: 0.2,
