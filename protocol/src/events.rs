@@ -56,6 +56,9 @@ pub struct StepMetrics {
     pub tokens_per_sec: f64,
     pub elapsed_s: f64,
     pub eta_s: f64,
+    /// Stage-specific values under their TRL names (`rewards/accuracies`, `rewards/margins`, ...).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 #[cfg(test)]

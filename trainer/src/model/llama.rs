@@ -97,7 +97,9 @@ pub struct Model {
     pub params: BTreeMap<String, Param>,
     /// LoRA layers by module name (`model.layers.0.self_attn.q_proj`).
     pub lora: BTreeMap<String, LoraLayer>,
-    pub lora_enabled: bool,
+    /// Reference mode: the base weights as loaded, LoRA off (the frozen reference model of
+    /// DPO/KTO without a second copy in memory).
+    pub reference: std::sync::atomic::AtomicBool,
     pub dtype: DType,
     pub device: Device,
 }
@@ -153,7 +155,7 @@ impl Model {
             cfg,
             params,
             lora: BTreeMap::new(),
-            lora_enabled: true,
+            reference: std::sync::atomic::AtomicBool::new(false),
             dtype,
             device: device.clone(),
         };
@@ -211,10 +213,22 @@ impl Model {
         ]
     }
 
+    fn in_reference(&self) -> bool {
+        self.reference.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The weight to compute with and whether it trains (never in reference mode).
+    fn weight<'a>(&self, p: &'a Param) -> (&'a Tensor, bool) {
+        match &p.var {
+            Some(v) if !self.in_reference() => (v.as_tensor(), true),
+            _ => (&p.tensor, false),
+        }
+    }
+
     pub fn param(&self, name: &str) -> Result<&Tensor> {
         self.params
             .get(name)
-            .map(Param::t)
+            .map(|p| self.weight(p).0)
             .ok_or_else(|| anyhow!("missing weight `{name}`"))
     }
 
@@ -228,9 +242,9 @@ impl Model {
             .params
             .get(name)
             .ok_or_else(|| anyhow!("missing weight `{name}`"))?;
-        Ok(match &p.var {
-            Some(v) => h.matmul(&v.as_tensor().t()?)?,
-            None => crate::ops::frozen_linear(h, &p.tensor)?,
+        Ok(match self.weight(p) {
+            (w, true) => h.matmul(&w.t()?)?,
+            (w, false) => crate::ops::frozen_linear(h, w)?,
         })
     }
 
@@ -240,12 +254,13 @@ impl Model {
             .params
             .get(&format!("{module}.weight"))
             .ok_or_else(|| anyhow!("missing weight `{module}.weight`"))?;
-        let w = p.t();
-        let mut y = match p.var {
-            Some(_) => x.matmul(&w.t()?)?,
-            None => crate::ops::frozen_linear(x, w)?,
+        let (w, trainable) = self.weight(p);
+        let mut y = if trainable {
+            x.matmul(&w.t()?)?
+        } else {
+            crate::ops::frozen_linear(x, w)?
         };
-        if let Some(lora) = self.lora.get(module).filter(|_| self.lora_enabled) {
+        if let Some(lora) = self.lora.get(module).filter(|_| !self.in_reference()) {
             let xd = match rng {
                 Some(rng) if lora.dropout > 0.0 => dropout(x, lora.dropout, rng)?,
                 _ => x.clone(),
@@ -271,7 +286,7 @@ impl Model {
             };
         }
         if let Some(b) = self.params.get(&format!("{module}.bias")) {
-            y = y.broadcast_add(b.t())?;
+            y = y.broadcast_add(self.weight(b).0)?;
         }
         Ok(y)
     }
@@ -501,6 +516,41 @@ impl Model {
         }
         let idx = Tensor::from_vec(rows, targets.len(), &self.device)?;
         Ok(Some((self.lm_head(&h.index_select(&idx, 0)?)?, targets)))
+    }
+
+    /// Per-sequence sums of the log-probabilities of the labelled tokens `(B,)`, and how many
+    /// labelled tokens each sequence has (for length-averaged losses).
+    pub fn sequence_logps(
+        &self,
+        b: &Batch,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let (rows, _) = shifted_targets(b);
+        let mut counts = vec![0usize; b.batch];
+        for r in &rows {
+            counts[*r as usize / b.seq] += 1;
+        }
+        let Some((logits, targets)) = self.target_logits(b, rng)? else {
+            return Ok((Tensor::zeros(b.batch, self.dtype, &self.device)?, counts));
+        };
+        let n = targets.len();
+        let tgt = Tensor::from_vec(targets, (n, 1), &self.device)?;
+        let logp = log_softmax(&logits)?.gather(&tgt, 1)?;
+        let mut member = vec![0f64; b.batch * n];
+        for (k, r) in rows.iter().enumerate() {
+            member[(*r as usize / b.seq) * n + k] = 1.0;
+        }
+        let member = Tensor::from_vec(member, (b.batch, n), &self.device)?.to_dtype(self.dtype)?;
+        Ok((member.matmul(&logp)?.squeeze(1)?, counts))
+    }
+
+    /// [`Model::sequence_logps`] of the reference model (base weights, LoRA off), detached.
+    pub fn reference_logps(&self, b: &Batch) -> Result<Tensor> {
+        use std::sync::atomic::Ordering;
+        self.reference.store(true, Ordering::Relaxed);
+        let out = self.sequence_logps(b, None);
+        self.reference.store(false, Ordering::Relaxed);
+        Ok(out?.0.detach())
     }
 
     /// Summed token cross-entropy over labels != -100, shifted like Hugging Face (position t

@@ -23,6 +23,7 @@ use crate::data::pipeline::{get_dataset, load_tokenizer_and_template};
 use crate::data::processor::Features;
 use crate::model::adapter::LoraSpec;
 use crate::model::{Batch, Model, RowRef};
+use crate::stages::preference::{preference_loss, PrefLoss};
 use crate::tokenizer::HfTokenizer;
 
 pub struct TrainOptions {
@@ -76,6 +77,97 @@ fn rows_of(features: &[Features], neat: bool) -> Vec<Row> {
             })
         })
         .collect()
+}
+
+/// Chosen and rejected rows of pairwise examples, index-aligned.
+fn pair_rows(features: &[Features]) -> (Vec<Row>, Vec<Row>) {
+    let row = |ids: &Option<Vec<u32>>, labels: &Option<Vec<i64>>| -> Option<Row> {
+        Some(Row {
+            ids: ids.clone()?,
+            labels: labels.clone()?,
+            positions: None,
+            segments: None,
+        })
+    };
+    features
+        .iter()
+        .filter_map(|f| {
+            Some((
+                row(&f.chosen_input_ids, &f.chosen_labels)?,
+                row(&f.rejected_input_ids, &f.rejected_labels)?,
+            ))
+        })
+        .unzip()
+}
+
+/// DPO-family loss of one micro-batch whose first half holds chosen and second half rejected
+/// sequences, with TRL's logged metrics.
+fn preference_step(
+    model: &Model,
+    b: &Batch,
+    kind: PrefLoss,
+    args: &TrainArgs,
+    rng: Option<&mut ChaCha8Rng>,
+) -> Result<(Tensor, Vec<(String, f64)>)> {
+    let pairs = b.batch / 2;
+    let (sums, counts) = model.sequence_logps(b, rng)?;
+    let lens = Tensor::from_vec(
+        counts.iter().map(|&c| c.max(1) as f64).collect::<Vec<_>>(),
+        b.batch,
+        &model.device,
+    )?
+    .to_dtype(model.dtype)?;
+    let avg = (&sums / &lens)?;
+    let used = if kind.length_averaged() {
+        avg.clone()
+    } else {
+        sums.clone()
+    };
+    let (pc, pr) = (used.narrow(0, 0, pairs)?, used.narrow(0, pairs, pairs)?);
+    let reference = if kind.needs_reference() {
+        let r = model.reference_logps(b)?;
+        let r = if kind.length_averaged() {
+            (r / &lens)?
+        } else {
+            r
+        };
+        Some((r.narrow(0, 0, pairs)?, r.narrow(0, pairs, pairs)?))
+    } else {
+        None
+    };
+    let out = preference_loss(
+        kind,
+        args.pref_beta,
+        &pc,
+        &pr,
+        reference.as_ref().map(|(c, r)| (c, r)),
+    )?;
+    let mut loss = out.losses.mean_all()?;
+    if args.pref_ftx > 0.0 {
+        let sft = avg.narrow(0, 0, pairs)?.neg()?.mean_all()?;
+        loss = (loss + (sft * args.pref_ftx)?)?;
+    }
+    let v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
+    let (cr, rr) = (v(&out.chosen_rewards)?, v(&out.rejected_rewards)?);
+    let acc: Vec<f64> = cr
+        .iter()
+        .zip(&rr)
+        .map(|(c, r)| f64::from(u8::from(c > r)))
+        .collect();
+    let margins: Vec<f64> = cr.iter().zip(&rr).map(|(c, r)| c - r).collect();
+    let all = v(&sums)?;
+    Ok((
+        loss,
+        vec![
+            ("rewards/chosen".into(), mean(&cr)),
+            ("rewards/rejected".into(), mean(&rr)),
+            ("rewards/accuracies".into(), mean(&acc)),
+            ("rewards/margins".into(), mean(&margins)),
+            ("logps/chosen".into(), mean(&all[..pairs])),
+            ("logps/rejected".into(), mean(&all[pairs..])),
+        ],
+    ))
 }
 
 fn make_batch(rows: &[&Row], pad_id: u32) -> Batch {
@@ -298,9 +390,9 @@ pub fn run_training(
     rep: &mut dyn Reporter,
 ) -> Result<Outcome> {
     crate::config::validate(args)?;
-    if !matches!(args.stage.as_str(), "sft" | "pt") {
+    if !matches!(args.stage.as_str(), "sft" | "pt" | "dpo") {
         bail!(
-            "stage `{}` is not available yet in this version; supported: sft, pt",
+            "stage `{}` is not available yet in this version; supported: sft, pt, dpo",
             args.stage
         );
     }
@@ -418,8 +510,29 @@ pub fn run_training(
     });
 
     let neat = args.neat_packing;
-    let train_rows = rows_of(&data.train, neat);
-    let eval_rows = rows_of(&data.eval, neat);
+    let pref = if args.stage == "dpo" {
+        Some(PrefLoss::from_args(args)?)
+    } else {
+        None
+    };
+    let (train_rows, rejected_rows) = if pref.is_some() {
+        let (c, r) = pair_rows(&data.train);
+        (c, Some(r))
+    } else {
+        (rows_of(&data.train, neat), None)
+    };
+    let eval_rows = if pref.is_some() {
+        if !data.eval.is_empty() {
+            rep.event(&WorkerEvent::Log {
+                level: "warning".into(),
+                message: "evaluation is not available for stage dpo yet; the eval set is ignored"
+                    .into(),
+            });
+        }
+        Vec::new()
+    } else {
+        rows_of(&data.eval, neat)
+    };
     let max_seq = train_rows.iter().map(|r| r.ids.len()).max().unwrap_or(1);
     check_memory(&model, n_trainable, args, max_seq)?;
 
@@ -517,6 +630,7 @@ pub fn run_training(
 
     let mut first_step_checked = false;
     let mut window_loss = 0.0;
+    let mut window_extra: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
     let mut window_steps = 0usize;
     let mut losses_for_result = Vec::new();
     let mut perm: Vec<usize> = Vec::new();
@@ -539,7 +653,10 @@ pub fn run_training(
         let micro: Vec<Batch> = (in_epoch * accum..((in_epoch + 1) * accum).min(n_micro))
             .map(|m| {
                 let idx = &perm[m * bs..((m + 1) * bs).min(perm.len())];
-                let rows: Vec<&Row> = idx.iter().map(|&i| &train_rows[i]).collect();
+                let mut rows: Vec<&Row> = idx.iter().map(|&i| &train_rows[i]).collect();
+                if let Some(rej) = &rejected_rows {
+                    rows.extend(idx.iter().map(|&i| &rej[i]));
+                }
                 run.tokens_seen += rows.iter().map(|r| r.ids.len() as u64).sum::<u64>();
                 make_batch(&rows, pad)
             })
@@ -551,8 +668,22 @@ pub fn run_training(
             args.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
         for b in &micro {
-            let (loss_sum, _) = run.model.loss_sum(b, Some(&mut rng))?;
-            let loss = (loss_sum / n_targets as f64)?;
+            let loss = match pref {
+                None => {
+                    let (loss_sum, _) = run.model.loss_sum(b, Some(&mut rng))?;
+                    (loss_sum / n_targets as f64)?
+                }
+                Some(kind) => {
+                    let (loss, metrics) =
+                        preference_step(&run.model, b, kind, args, Some(&mut rng))?;
+                    for (k, v) in metrics {
+                        let e = window_extra.entry(k).or_insert((0.0, 0));
+                        e.0 += v;
+                        e.1 += 1;
+                    }
+                    (loss / micro.len() as f64)?
+                }
+            };
             step_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let store = loss.backward()?;
             for (slot, g) in grads.iter_mut().zip(run.opt.grads_of(&store)) {
@@ -609,13 +740,27 @@ pub fn run_training(
             window_loss = 0.0;
             window_steps = 0;
             let epoch = round(run.epoch_at(step), 4);
-            run.log_history.push(json!({"epoch": epoch, "grad_norm": grad_norm, "learning_rate": logged_lr, "loss": loss, "step": step}));
-            let line = json!({
+            let extra: Map<String, Value> = std::mem::take(&mut window_extra)
+                .into_iter()
+                .map(|(k, (sum, n))| (k, json!(round(sum / n as f64, 4))))
+                .collect();
+            let mut entry = json!({"epoch": epoch, "grad_norm": grad_norm, "learning_rate": logged_lr, "loss": loss, "step": step});
+            let mut line = json!({
                 "current_steps": step, "total_steps": total_steps, "loss": loss, "lr": logged_lr, "epoch": epoch,
                 "percentage": round(step as f64 / total_steps as f64 * 100.0, 2),
                 "elapsed_time": timedelta(elapsed), "remaining_time": timedelta(eta),
                 "throughput": round(tps, 2), "total_tokens": run.tokens_seen,
             });
+            for (k, v) in &extra {
+                entry[k] = v.clone();
+                // LLaMA-Factory's log line names the DPO accuracy `accuracy`.
+                line[if k == "rewards/accuracies" {
+                    "accuracy"
+                } else {
+                    k.as_str()
+                }] = v.clone();
+            }
+            run.log_history.push(entry);
             run.log_line(&log_path, &line)?;
             rep.event(&WorkerEvent::Step(StepMetrics {
                 step: step as u64,
@@ -627,6 +772,7 @@ pub fn run_training(
                 tokens_per_sec: tps,
                 elapsed_s: elapsed,
                 eta_s: eta,
+                extra,
             }));
         }
         let epoch_end = in_epoch + 1 == steps_per_epoch;
