@@ -410,3 +410,31 @@ fn dpo_separates_chosen_from_rejected() {
         assert!(o.status.success(), "{pl}: {}", stderr(&o));
     }
 }
+
+#[test]
+fn kto_pushes_desirable_up_and_undesirable_down() {
+    let dir = workdir();
+    write_config(
+        dir.path(),
+        "stage: kto\ndo_train: true\ndataset: demo_kto\ntemplate: qwen\ncutoff_len: 96\nper_device_train_batch_size: 4\n\
+         max_steps: 30\nlogging_steps: 10\nlearning_rate: 5.0e-3\npref_beta: 0.1\n",
+    );
+    let o = run(&train_args(&["output_dir=kto"]), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = jsonl(&dir.path().join("kto/trainer_log.jsonl"));
+    let last = log.last().unwrap();
+    for k in ["rewards/chosen", "rewards/rejected", "kl"] {
+        assert!(last.get(k).is_some(), "trainer_log.jsonl lacks {k}: {last}");
+    }
+    let gap = |l: &serde_json::Value| {
+        l["rewards/chosen"].as_f64().unwrap() - l["rewards/rejected"].as_f64().unwrap()
+    };
+    assert!(
+        gap(last) > gap(&log[0]) + 0.3,
+        "desirable and undesirable rewards separate: {log:?}"
+    );
+    assert!(
+        last["loss"].as_f64() < log[0]["loss"].as_f64(),
+        "loss falls"
+    );
+}

@@ -100,6 +100,113 @@ fn pair_rows(features: &[Features]) -> (Vec<Row>, Vec<Row>) {
         .unzip()
 }
 
+/// Examples, their KL partner rows and desirability tags (KTO data).
+fn kto_rows(features: &[Features]) -> (Vec<Row>, Vec<Row>, Vec<bool>) {
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for f in features {
+        let (Some(ids), Some(labels), Some(kl_ids), Some(kl_labels), Some(tag)) = (
+            &f.input_ids,
+            &f.labels,
+            &f.kl_input_ids,
+            &f.kl_labels,
+            f.kto_tags,
+        ) else {
+            continue;
+        };
+        out.0.push(Row {
+            ids: ids.clone(),
+            labels: labels.clone(),
+            positions: None,
+            segments: None,
+        });
+        out.1.push(Row {
+            ids: kl_ids.clone(),
+            labels: kl_labels.clone(),
+            positions: None,
+            segments: None,
+        });
+        out.2.push(tag);
+    }
+    out
+}
+
+/// KTO loss of one micro-batch: first half the examples, second half their KL completions.
+fn kto_step(
+    model: &Model,
+    b: &Batch,
+    tags: &[bool],
+    args: &TrainArgs,
+    rng: Option<&mut ChaCha8Rng>,
+) -> Result<(Tensor, Vec<(String, f64)>)> {
+    use crate::stages::preference::kto_loss;
+    let n = b.batch / 2;
+    let (sums, counts) = model.sequence_logps(b, rng)?;
+    let reference = model.reference_logps(b)?;
+    let pick = |t: &Tensor, want: bool| -> Result<Option<Tensor>> {
+        let idx: Vec<u32> = (0..n)
+            .filter(|&i| tags[i] == want)
+            .map(|i| i as u32)
+            .collect();
+        if idx.is_empty() {
+            return Ok(None);
+        }
+        let k = idx.len();
+        Ok(Some(
+            t.index_select(&Tensor::from_vec(idx, k, t.device())?, 0)?,
+        ))
+    };
+    let (policy, policy_kl) = (sums.narrow(0, 0, n)?, sums.narrow(0, n, n)?);
+    let (refp, ref_kl) = (reference.narrow(0, 0, n)?, reference.narrow(0, n, n)?);
+    let chosen = (pick(&policy, true)?, pick(&refp, true)?);
+    let rejected = (pick(&policy, false)?, pick(&refp, false)?);
+    let pair = |p: &(Option<Tensor>, Option<Tensor>)| -> Option<(Tensor, Tensor)> {
+        Some((p.0.clone()?, p.1.clone()?))
+    };
+    let (c, r) = (pair(&chosen), pair(&rejected));
+    let losses = kto_loss(
+        args.pref_beta,
+        args.kto_chosen_weight,
+        args.kto_rejected_weight,
+        c.as_ref().map(|(a, b)| (a, b)),
+        r.as_ref().map(|(a, b)| (a, b)),
+        (&policy_kl, &ref_kl),
+    )?;
+    let mut loss = losses.mean_all()?;
+    if args.pref_ftx > 0.0 {
+        if let Some((pc, _)) = &c {
+            let lens: Vec<f64> = (0..n)
+                .filter(|&i| tags[i])
+                .map(|i| counts[i].max(1) as f64)
+                .collect();
+            let k = lens.len();
+            let lens = Tensor::from_vec(lens, k, pc.device())?.to_dtype(pc.dtype())?;
+            loss = (loss + ((pc / lens)?.neg()?.mean_all()? * args.pref_ftx)?)?;
+        }
+    }
+    let mean_reward = |p: &Option<(Tensor, Tensor)>| -> Result<Option<f64>> {
+        let Some((a, b)) = p else { return Ok(None) };
+        Ok(Some(
+            ((a - b)? * args.pref_beta)?
+                .to_dtype(DType::F64)?
+                .mean_all()?
+                .to_scalar::<f64>()?,
+        ))
+    };
+    let kl = (&policy_kl - &ref_kl)?
+        .to_dtype(DType::F64)?
+        .mean_all()?
+        .to_scalar::<f64>()?
+        .max(0.0);
+    let mut metrics = vec![("kl".to_string(), kl)];
+    if let Some(v) = mean_reward(&c)? {
+        metrics.push(("rewards/chosen".into(), v));
+    }
+    if let Some(v) = mean_reward(&r)? {
+        metrics.push(("rewards/rejected".into(), v));
+    }
+    Ok((loss, metrics))
+}
+
 /// DPO-family loss of one micro-batch whose first half holds chosen and second half rejected
 /// sequences, with TRL's logged metrics.
 fn preference_step(
@@ -390,9 +497,9 @@ pub fn run_training(
     rep: &mut dyn Reporter,
 ) -> Result<Outcome> {
     crate::config::validate(args)?;
-    if !matches!(args.stage.as_str(), "sft" | "pt" | "dpo") {
+    if !matches!(args.stage.as_str(), "sft" | "pt" | "dpo" | "kto") {
         bail!(
-            "stage `{}` is not available yet in this version; supported: sft, pt, dpo",
+            "stage `{}` is not available yet in this version; supported: sft, pt, dpo, kto",
             args.stage
         );
     }
@@ -515,18 +622,25 @@ pub fn run_training(
     } else {
         None
     };
-    let (train_rows, rejected_rows) = if pref.is_some() {
+    let kto = args.stage == "kto";
+    // Paired stages keep a partner row per example: the rejected answer (DPO) or the
+    // mismatched KL completion (KTO).
+    let (train_rows, rejected_rows, kto_tags) = if pref.is_some() {
         let (c, r) = pair_rows(&data.train);
-        (c, Some(r))
+        (c, Some(r), Vec::new())
+    } else if kto {
+        let (m, k, t) = kto_rows(&data.train);
+        (m, Some(k), t)
     } else {
-        (rows_of(&data.train, neat), None)
+        (rows_of(&data.train, neat), None, Vec::new())
     };
-    let eval_rows = if pref.is_some() {
+    let eval_rows = if pref.is_some() || kto {
         if !data.eval.is_empty() {
             rep.event(&WorkerEvent::Log {
                 level: "warning".into(),
-                message: "evaluation is not available for stage dpo yet; the eval set is ignored"
-                    .into(),
+                message:
+                    "evaluation is not available for preference stages yet; the eval set is ignored"
+                        .into(),
             });
         }
         Vec::new()
@@ -661,14 +775,32 @@ pub fn run_training(
                 make_batch(&rows, pad)
             })
             .collect();
+        let micro_tags: Vec<Vec<bool>> = (in_epoch * accum..((in_epoch + 1) * accum).min(n_micro))
+            .map(|m| {
+                perm[m * bs..((m + 1) * bs).min(perm.len())]
+                    .iter()
+                    .map(|&i| kto_tags.get(i).copied().unwrap_or(true))
+                    .collect()
+            })
+            .collect();
         let n_targets: usize = micro.iter().map(Batch::num_targets).sum::<usize>().max(1);
         let mut grads: Vec<Option<Tensor>> = vec![None; run.opt.params.len()];
         let mut step_loss = 0.0;
         let mut rng = ChaCha8Rng::seed_from_u64(
             args.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        for b in &micro {
+        for (mi, b) in micro.iter().enumerate() {
             let loss = match pref {
+                None if kto => {
+                    let (loss, metrics) =
+                        kto_step(&run.model, b, &micro_tags[mi], args, Some(&mut rng))?;
+                    for (k, v) in metrics {
+                        let e = window_extra.entry(k).or_insert((0.0, 0));
+                        e.0 += v;
+                        e.1 += 1;
+                    }
+                    (loss / micro.len() as f64)?
+                }
                 None => {
                     let (loss_sum, _) = run.model.loss_sum(b, Some(&mut rng))?;
                     (loss_sum / n_targets as f64)?
