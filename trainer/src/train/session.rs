@@ -790,32 +790,27 @@ pub fn run_training(
             args.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
         for (mi, b) in micro.iter().enumerate() {
-            let loss = match pref {
+            // Token-level losses weigh micro-batches by their labelled tokens; preference
+            // losses are means over examples, so each micro-batch counts equally.
+            let (loss, metrics) = match pref {
+                Some(kind) => {
+                    let (l, m) = preference_step(&run.model, b, kind, args, Some(&mut rng))?;
+                    ((l / micro.len() as f64)?, m)
+                }
                 None if kto => {
-                    let (loss, metrics) =
-                        kto_step(&run.model, b, &micro_tags[mi], args, Some(&mut rng))?;
-                    for (k, v) in metrics {
-                        let e = window_extra.entry(k).or_insert((0.0, 0));
-                        e.0 += v;
-                        e.1 += 1;
-                    }
-                    (loss / micro.len() as f64)?
+                    let (l, m) = kto_step(&run.model, b, &micro_tags[mi], args, Some(&mut rng))?;
+                    ((l / micro.len() as f64)?, m)
                 }
                 None => {
                     let (loss_sum, _) = run.model.loss_sum(b, Some(&mut rng))?;
-                    (loss_sum / n_targets as f64)?
-                }
-                Some(kind) => {
-                    let (loss, metrics) =
-                        preference_step(&run.model, b, kind, args, Some(&mut rng))?;
-                    for (k, v) in metrics {
-                        let e = window_extra.entry(k).or_insert((0.0, 0));
-                        e.0 += v;
-                        e.1 += 1;
-                    }
-                    (loss / micro.len() as f64)?
+                    ((loss_sum / n_targets as f64)?, Vec::new())
                 }
             };
+            for (k, v) in metrics {
+                let e = window_extra.entry(k).or_insert((0.0, 0));
+                e.0 += v;
+                e.1 += 1;
+            }
             step_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let store = loss.backward()?;
             for (slot, g) in grads.iter_mut().zip(run.opt.grads_of(&store)) {
