@@ -157,20 +157,17 @@ pub fn run_eval(args: &TrainArgs, device: &candle_core::Device) -> Result<Map<St
             .map(|(i, l)| (i.as_slice(), l.as_slice(), None))
             .collect();
         let b = Batch::pad(&refs, pad);
-        let Some((logits, targets)) = chat.model.target_logits(&b, None)? else {
+        let Some(t) = chat.model.target_logits(&b, None)? else {
             continue;
         };
-        let logp = crate::model::log_softmax(&logits)?;
-        let tgt =
-            candle_core::Tensor::from_vec(targets.clone(), (targets.len(), 1), logits.device())?;
-        loss -= logp
-            .gather(&tgt, 1)?
+        loss -= t
+            .token_logps()?
             .sum_all()?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
-        let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-        correct += pred.iter().zip(&targets).filter(|(a, b)| a == b).count();
-        n += targets.len();
+        let pred: Vec<u32> = t.logits.argmax(D::Minus1)?.to_vec1()?;
+        correct += pred.iter().zip(&t.targets).filter(|(a, b)| a == b).count();
+        n += t.targets.len();
     }
     let mut metrics = Map::new();
     let eval_loss = loss / n.max(1) as f64;

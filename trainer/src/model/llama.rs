@@ -502,20 +502,24 @@ impl Model {
         Ok(logits.reshape((b.batch, b.seq, ()))?)
     }
 
-    /// LM-head logits `(n, vocab)` of every position whose next label is trained, with those
-    /// labels. Only these rows reach the LM head: prompt rows cost nothing there.
+    /// LM-head logits of every position whose next label is trained. Only these rows reach the
+    /// LM head: prompt rows cost nothing there.
     pub fn target_logits(
         &self,
         b: &Batch,
         rng: Option<&mut ChaCha8Rng>,
-    ) -> Result<Option<(Tensor, Vec<u32>)>> {
+    ) -> Result<Option<TargetLogits>> {
         let h = self.hidden(b, rng)?;
         let (rows, targets) = shifted_targets(b);
         if rows.is_empty() {
             return Ok(None);
         }
-        let idx = Tensor::from_vec(rows, targets.len(), &self.device)?;
-        Ok(Some((self.lm_head(&h.index_select(&idx, 0)?)?, targets)))
+        let idx = Tensor::from_slice(&rows, rows.len(), &self.device)?;
+        Ok(Some(TargetLogits {
+            logits: self.lm_head(&h.index_select(&idx, 0)?)?,
+            rows,
+            targets,
+        }))
     }
 
     /// Per-sequence sums of the log-probabilities of the labelled tokens `(B,)`, and how many
@@ -525,23 +529,22 @@ impl Model {
         b: &Batch,
         rng: Option<&mut ChaCha8Rng>,
     ) -> Result<(Tensor, Vec<usize>)> {
-        let (rows, _) = shifted_targets(b);
-        let mut counts = vec![0usize; b.batch];
-        for r in &rows {
-            counts[*r as usize / b.seq] += 1;
-        }
-        let Some((logits, targets)) = self.target_logits(b, rng)? else {
-            return Ok((Tensor::zeros(b.batch, self.dtype, &self.device)?, counts));
+        let Some(t) = self.target_logits(b, rng)? else {
+            return Ok((
+                Tensor::zeros(b.batch, self.dtype, &self.device)?,
+                vec![0; b.batch],
+            ));
         };
-        let n = targets.len();
-        let tgt = Tensor::from_vec(targets, (n, 1), &self.device)?;
-        let logp = log_softmax(&logits)?.gather(&tgt, 1)?;
+        let n = t.targets.len();
+        let mut counts = vec![0usize; b.batch];
         let mut member = vec![0f64; b.batch * n];
-        for (k, r) in rows.iter().enumerate() {
-            member[(*r as usize / b.seq) * n + k] = 1.0;
+        for (k, r) in t.rows.iter().enumerate() {
+            let seq = *r as usize / b.seq;
+            counts[seq] += 1;
+            member[seq * n + k] = 1.0;
         }
         let member = Tensor::from_vec(member, (b.batch, n), &self.device)?.to_dtype(self.dtype)?;
-        Ok((member.matmul(&logp)?.squeeze(1)?, counts))
+        Ok((member.matmul(&t.token_logps()?)?.squeeze(1)?, counts))
     }
 
     /// [`Model::sequence_logps`] of the reference model (base weights, LoRA off), detached.
@@ -556,14 +559,27 @@ impl Model {
     /// Summed token cross-entropy over labels != -100, shifted like Hugging Face (position t
     /// predicts label t+1), and the number of such tokens.
     pub fn loss_sum(&self, b: &Batch, rng: Option<&mut ChaCha8Rng>) -> Result<(Tensor, usize)> {
-        let Some((logits, targets)) = self.target_logits(b, rng)? else {
+        let Some(t) = self.target_logits(b, rng)? else {
             return Ok((Tensor::zeros((), self.dtype, &self.device)?, 0));
         };
-        let n = targets.len();
-        let logp = log_softmax(&logits)?;
-        let tgt = Tensor::from_vec(targets, (n, 1), &self.device)?;
-        let nll = logp.gather(&tgt, 1)?.sum_all()?.neg()?;
-        Ok((nll, n))
+        Ok((t.token_logps()?.sum_all()?.neg()?, t.targets.len()))
+    }
+}
+
+/// Logits of the labelled positions of a batch: their rows in `B·T` and their target ids.
+pub struct TargetLogits {
+    /// `(n, vocab)`.
+    pub logits: Tensor,
+    pub rows: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+impl TargetLogits {
+    /// Log-probability of each target token, `(n, 1)`.
+    pub fn token_logps(&self) -> Result<Tensor> {
+        let n = self.targets.len();
+        let tgt = Tensor::from_slice(&self.targets, (n, 1), self.logits.device())?;
+        Ok(log_softmax(&self.logits)?.gather(&tgt, 1)?)
     }
 }
 

@@ -7,4 +7,6 @@ mod llama;
 pub mod weights;
 
 pub use config::ModelConfig;
-pub use llama::{log_softmax, softmax, Batch, KvCache, LoraLayer, Model, Param, RowRef};
+pub use llama::{
+    log_softmax, softmax, Batch, KvCache, LoraLayer, Model, Param, RowRef, TargetLogits,
+};
