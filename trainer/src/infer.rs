@@ -262,6 +262,8 @@ pub struct ChatModel {
     pub template: Template,
     pub gen: GenerationConfig,
     pub name: String,
+    /// The resolved model folder.
+    pub dir: std::path::PathBuf,
 }
 
 pub struct Reply {
@@ -289,6 +291,7 @@ impl ChatModel {
             template,
             gen: GenerationConfig::from_args(args),
             name,
+            dir,
         })
     }
 

@@ -86,11 +86,7 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
         cfg["dtype"] = json!(dtype_name);
     }
     write_json(&dir.join("config.json"), &cfg)?;
-    let model_dir = crate::hub::resolve_model_dir(
-        args.model_name_or_path.as_deref().unwrap_or_default(),
-        &args.model_revision,
-    )?;
-    let gen = model_dir.join("generation_config.json");
+    let gen = chat.dir.join("generation_config.json");
     if gen.exists() {
         std::fs::copy(&gen, dir.join("generation_config.json"))?;
     } else {
