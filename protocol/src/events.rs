@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum WorkerEvent {
     Started {
@@ -21,6 +22,7 @@ pub enum WorkerEvent {
     },
     Eval {
         step: u64,
+        #[cfg_attr(feature = "openapi", schema(value_type = Object))]
         metrics: serde_json::Map<String, serde_json::Value>,
     },
     Checkpoint {
@@ -33,6 +35,7 @@ pub enum WorkerEvent {
     },
     Finished {
         step: u64,
+        #[cfg_attr(feature = "openapi", schema(value_type = Object))]
         metrics: serde_json::Map<String, serde_json::Value>,
     },
     Aborted {
@@ -46,6 +49,7 @@ pub enum WorkerEvent {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepMetrics {
     pub step: u64,
     pub total: u64,
@@ -58,6 +62,7 @@ pub struct StepMetrics {
     pub eta_s: f64,
     /// Stage-specific values under their TRL names (`rewards/accuracies`, `rewards/margins`, ...).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 

@@ -1,8 +1,10 @@
 //! Types that cross process and network boundaries: the run arguments (LLaMA-Factory's flat
-//! argument namespace, the same keys as the training YAML) and the worker's progress events.
+//! argument namespace, the same keys as the training YAML), the worker's progress events and the
+//! web server's API types.
 
 pub mod args;
 pub mod events;
+pub mod run;
 
 pub use args::TrainArgs;
 pub use events::WorkerEvent;

@@ -1,7 +1,7 @@
 //! `llamafactory api`: an OpenAI-compatible server (`/v1/models`, `/v1/chat/completions` with
 //! and without SSE streaming) for one model, like LLaMA-Factory's API.
 
-mod worker;
+pub mod worker;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -3,6 +3,10 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
+use protocol::WorkerEvent;
+use trainer::train::report::{JsonReporter, Reporter};
+
+use super::train::Events;
 
 #[derive(Args)]
 pub struct ExportCmd {
@@ -10,15 +14,69 @@ pub struct ExportCmd {
     config: PathBuf,
     /// `key=value` overrides, applied after the file.
     overrides: Vec<String>,
+    /// Machine-readable progress (for the web server) instead of the list of files.
+    #[arg(long, value_enum)]
+    events: Option<Events>,
 }
 
 pub fn run(cmd: ExportCmd) -> Result<ExitCode> {
-    let (args, warnings) = trainer::config::load_args(&cmd.config, &cmd.overrides)?;
-    for w in warnings {
-        eprintln!("warning: {w}");
+    let mut json = cmd.events.map(|_| JsonReporter);
+    let result = trainer::config::load_args(&cmd.config, &cmd.overrides).and_then(|(args, warnings)| {
+        for w in warnings {
+            match json.as_mut() {
+                Some(r) => r.event(&WorkerEvent::Log {
+                    level: "warning".into(),
+                    message: w,
+                }),
+                None => eprintln!("warning: {w}"),
+            }
+        }
+        if let Some(r) = json.as_mut() {
+            r.event(&WorkerEvent::Progress {
+                step: 0,
+                total: 1,
+                elapsed_s: 0.0,
+                eta_s: 0.0,
+            });
+        }
+        let t = std::time::Instant::now();
+        let files = trainer::export::export_model(&args)?;
+        Ok((files, t.elapsed().as_secs_f64()))
+    });
+    match (result, json.as_mut()) {
+        (Ok((files, _)), None) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        (Ok((files, secs)), Some(r)) => {
+            r.event(&WorkerEvent::Progress {
+                step: 1,
+                total: 1,
+                elapsed_s: secs,
+                eta_s: 0.0,
+            });
+            let mut metrics = serde_json::Map::new();
+            let listed: Vec<serde_json::Value> = files
+                .iter()
+                .map(|f| {
+                    let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+                    serde_json::json!({"path": f.to_string_lossy(), "size": size})
+                })
+                .collect();
+            metrics.insert("files".into(), listed.into());
+            metrics.insert("export_runtime".into(), secs.into());
+            r.event(&WorkerEvent::Finished { step: 1, metrics });
+            Ok(ExitCode::SUCCESS)
+        }
+        (Err(e), Some(r)) => {
+            r.event(&WorkerEvent::Failed {
+                step: None,
+                error: format!("{e:#}"),
+            });
+            Err(e)
+        }
+        (Err(e), None) => Err(e),
     }
-    for f in trainer::export::export_model(&args)? {
-        println!("{}", f.display());
-    }
-    Ok(ExitCode::SUCCESS)
 }

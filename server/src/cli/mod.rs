@@ -8,6 +8,7 @@ mod env;
 mod export;
 mod preview;
 mod train;
+mod webui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start LlamaBoard, the web UI (and its REST + WebSocket API).
+    Webui(webui::WebuiCmd),
     /// Train from a LLaMA-Factory YAML (`key=value` overrides after the file).
     Train(train::TrainCmd),
     /// Serve a model through an OpenAI-compatible API.
@@ -59,6 +62,7 @@ enum Command {
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Webui(a) => webui::run(a),
         Command::Train(a) => train::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Api(a) => api::run(a),

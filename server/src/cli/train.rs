@@ -32,9 +32,13 @@ pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
     };
     let opts = TrainOptions::default();
     let stop = opts.stop.clone();
-    // First signal: finish the step, save, exit cleanly. A second one kills at once.
+    // First signal: finish the step, save, exit cleanly. A second one, a moment later, exits at
+    // once. Repeats within a second are one event: when the server dies, the kernel re-sends the
+    // parent-death signal each time the worker is handed to another of its dying threads.
+    let first = std::sync::OnceLock::<std::time::Instant>::new();
     ctrlc::set_handler(move || {
-        if stop.swap(true, Ordering::SeqCst) {
+        let t0 = *first.get_or_init(std::time::Instant::now);
+        if stop.swap(true, Ordering::SeqCst) && t0.elapsed() > std::time::Duration::from_secs(1) {
             std::process::exit(130);
         }
     })?;

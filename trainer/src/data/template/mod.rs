@@ -2,7 +2,7 @@
 //! (text, a named special token, bos, eos), slots become ids with `add_special_tokens=False`.
 
 mod jinja;
-mod registry;
+pub mod registry;
 pub mod tools;
 
 use serde_json::Value;

@@ -1,0 +1,102 @@
+//! The Export tab: merge the top bar's model and checkpoint into a Hugging Face folder
+//! (sharded safetensors) or a GGUF file, with progress and the list of written files.
+
+use leptos::prelude::*;
+use leptos::task::spawn_local;
+use protocol::run::Created;
+use serde_json::Value;
+
+use crate::client::send;
+use crate::form::{Field, Form, Select};
+use crate::i18n::use_i18n;
+use crate::runview::{LogTail, Progress};
+use crate::use_ctx;
+
+const EXPORT_DEFAULTS: &[(&str, &str)] = &[
+    ("export_size", "5"),
+    ("export_format", "safetensors"),
+    ("export_gguf_type", "f16"),
+    ("infer_dtype", "auto"),
+    ("export_dir", ""),
+];
+
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+#[component]
+pub fn ExportTab() -> impl IntoView {
+    let i = use_i18n();
+    let ctx = use_ctx();
+    let form = Form::new(EXPORT_DEFAULTS);
+    let view_ = ctx.export;
+    let message = RwSignal::new(None::<String>);
+    let busy = Signal::derive(move || view_.is_active());
+    let gguf = Signal::derive(move || form.get("export_format") != "gguf");
+    let on_export = move |_| {
+        form.clear_errors();
+        ctx.top.clear_errors();
+        message.set(None);
+        let mut body = ctx.top_args();
+        let mut own = form.to_json();
+        if form.get_untracked("export_format") != "gguf" {
+            own.remove("export_gguf_type");
+        }
+        body.extend(own);
+        spawn_local(async move {
+            match send::<_, Created>("POST", "/api/export", &body).await {
+                Ok(c) => view_.attach(c.id),
+                Err(e) => message.set(ctx.place_error(&e, &[form])),
+            }
+        });
+    };
+    let files = move || -> Vec<(String, u64)> {
+        view_
+            .result
+            .get()
+            .get("files")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|f| {
+                        (
+                            f.get("path").and_then(Value::as_str).unwrap_or_default().to_string(),
+                            f.get("size").and_then(Value::as_u64).unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    view! {
+        <div class="grid">
+            <Field form key="export_size" label="export_size" kind="number" min="1" max="100"/>
+            <Select form key="export_format" label="export_format" options=vec![("safetensors", ""), ("gguf", "")]/>
+            <Select form key="export_gguf_type" label="export_gguf_type" options=vec![("f16", ""), ("q8_0", ""), ("q4_k_m", "")] disabled=gguf/>
+            <Select form key="infer_dtype" label="export_dtype" options=vec![("auto", ""), ("float32", ""), ("bfloat16", ""), ("float16", "")]/>
+            <Field form key="export_dir" label="export_dir" placeholder="export_<time>"/>
+        </div>
+        <div class="actions">
+            <button class="primary" data-testid="export-start" disabled=busy on:click=on_export>{i.t("export")}</button>
+        </div>
+        {move || message.get().map(|m| view! { <p class="message" role="status">{m}</p> })}
+        <Progress view=view_/>
+        {move || {
+            let list = files();
+            (!list.is_empty()).then(|| view! {
+                <h4>{i.t("exported")}" "{i.t("exported_files")}</h4>
+                <table data-testid="export-files">
+                    <thead><tr><th>{i.t("export_dir")}</th><th>{i.t("size")}</th></tr></thead>
+                    <tbody>{list.into_iter().map(|(p, s)| view! { <tr><td class="pre">{p}</td><td>{size(s)}</td></tr> }).collect_view()}</tbody>
+                </table>
+            })
+        }}
+        <LogTail view=view_/>
+    }
+    .into_any()
+}

@@ -1,0 +1,540 @@
+//! The Train tab: every LlamaBoard training control our trainer supports, Preview command,
+//! Save / Load arguments, Start / Abort, live progress, loss chart and log, and the run history
+//! with overlaid curves and config diffs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use leptos::prelude::*;
+use leptos::task::spawn_local;
+use protocol::run::{ArgSet, CommandPreview, Created, DatasetEntry, DatasetPage, MetricPoint, Run, RunKind, RunStatus};
+use serde_json::{Map, Value};
+
+use crate::chart::{LossChart, Overlay};
+use crate::client::{enc, get, send};
+use crate::form::{hms, Check, Field, Form, Group, Select};
+use crate::i18n::use_i18n;
+use crate::runview::{LogTail, Progress};
+use crate::use_ctx;
+
+pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
+    ("stage", "sft"),
+    ("dataset_dir", "data"),
+    ("dataset", ""),
+    ("learning_rate", "5e-5"),
+    ("num_train_epochs", "3.0"),
+    ("max_grad_norm", "1.0"),
+    ("seed", "42"),
+    ("max_samples", "100000"),
+    ("compute_type", "fp32"),
+    ("cutoff_len", "2048"),
+    ("per_device_train_batch_size", "2"),
+    ("gradient_accumulation_steps", "8"),
+    ("val_size", "0"),
+    ("lr_scheduler_type", "cosine"),
+    ("logging_steps", "5"),
+    ("save_steps", "100"),
+    ("warmup_steps", "0"),
+    ("neftune_noise_alpha", "0"),
+    ("packing", "false"),
+    ("neat_packing", "false"),
+    ("train_on_prompt", "false"),
+    ("mask_history", "false"),
+    ("resize_vocab", "false"),
+    ("enable_thinking", "true"),
+    ("freeze_trainable_layers", "2"),
+    ("freeze_trainable_modules", "all"),
+    ("freeze_extra_modules", ""),
+    ("lora_rank", "8"),
+    ("lora_alpha", "16"),
+    ("lora_dropout", "0"),
+    ("loraplus_lr_ratio", "0"),
+    ("create_new_adapter", "false"),
+    ("use_rslora", "false"),
+    ("use_dora", "false"),
+    ("lora_target", ""),
+    ("additional_target", ""),
+    ("pref_beta", "0.1"),
+    ("pref_ftx", "0"),
+    ("pref_loss", "sigmoid"),
+    ("simpo_gamma", "0.5"),
+    ("output_dir", ""),
+    ("config_name", ""),
+];
+
+/// Which datasets a stage can use, like LlamaBoard's filter (pairwise data for rm / dpo).
+pub fn dataset_fits(stage: &str, d: &DatasetEntry) -> bool {
+    match stage {
+        "rm" | "dpo" => d.ranking,
+        "kto" => d.kind == "kto",
+        "pt" => !d.ranking && d.kind != "kto",
+        _ => !d.ranking && d.kind != "kto",
+    }
+}
+
+/// The Train form as run arguments, with LlamaBoard's derived keys.
+pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
+    let mut m = top;
+    let mut own = form.to_json();
+    own.remove("config_name");
+    let stage = form.get_untracked("stage");
+    match own.remove("compute_type").and_then(|v| v.as_str().map(str::to_string)).as_deref() {
+        Some("bf16") => {
+            m.insert("bf16".into(), Value::Bool(true));
+        }
+        Some("fp16") => {
+            m.insert("fp16".into(), Value::Bool(true));
+        }
+        Some("pure_bf16") => {
+            m.insert("pure_bf16".into(), Value::Bool(true));
+        }
+        _ => {}
+    }
+    for zero_is_none in ["neftune_noise_alpha", "loraplus_lr_ratio"] {
+        if own.get(zero_is_none).and_then(Value::as_str).and_then(|s| s.parse::<f64>().ok()) == Some(0.0) {
+            own.remove(zero_is_none);
+        }
+    }
+    let ft = m.get("finetuning_type").and_then(Value::as_str).unwrap_or("lora").to_string();
+    let group_keys: &[(&str, &[&str])] = &[
+        ("freeze", &["freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"]),
+        ("lora", &["lora_rank", "lora_alpha", "lora_dropout", "loraplus_lr_ratio", "create_new_adapter", "use_rslora", "use_dora", "lora_target", "additional_target"]),
+    ];
+    for (method, keys) in group_keys {
+        if *method != ft {
+            for k in *keys {
+                own.remove(*k);
+            }
+        }
+    }
+    if !matches!(stage.as_str(), "dpo" | "kto") {
+        for k in ["pref_beta", "pref_ftx", "pref_loss", "simpo_gamma"] {
+            own.remove(k);
+        }
+    }
+    let val: f64 = form.get_untracked("val_size").parse().unwrap_or(0.0);
+    if val > 1e-6 {
+        own.insert("eval_strategy".into(), "steps".into());
+        own.insert("eval_steps".into(), Value::String(form.get_untracked("save_steps")));
+        own.insert("per_device_eval_batch_size".into(), Value::String(form.get_untracked("per_device_train_batch_size")));
+    } else {
+        own.remove("val_size");
+    }
+    own.insert("plot_loss".into(), Value::Bool(true));
+    m.extend(own);
+    m
+}
+
+#[component]
+pub fn TrainTab() -> impl IntoView {
+    let i = use_i18n();
+    let ctx = use_ctx();
+    let form = Form::new(TRAIN_DEFAULTS);
+    let view_ = ctx.train;
+    let message = RwSignal::new(None::<String>);
+    let command = RwSignal::new(None::<CommandPreview>);
+    let datasets = RwSignal::new(Vec::<DatasetEntry>::new());
+    let preview = RwSignal::new(None::<DatasetPage>);
+    let arg_sets = RwSignal::new(Vec::<ArgSet>::new());
+    let busy = Signal::derive(move || view_.is_active());
+
+    // Datasets of the data dir, refreshed when it changes.
+    Effect::new(move |_| {
+        let dir = form.get("dataset_dir");
+        spawn_local(async move {
+            match get::<Vec<DatasetEntry>>(&format!("/api/datasets?dataset_dir={}", enc(&dir))).await {
+                Ok(list) => {
+                    form.errors.update(|e| {
+                        e.remove("dataset_dir");
+                    });
+                    datasets.set(list);
+                }
+                Err(e) => {
+                    datasets.set(Vec::new());
+                    form.show_error("dataset_dir", &e.message);
+                }
+            }
+        });
+    });
+    let load_arg_sets = move || {
+        spawn_local(async move {
+            if let Ok(sets) = get::<Vec<ArgSet>>("/api/arg-sets").await {
+                arg_sets.set(sets);
+            }
+        })
+    };
+    Effect::new(move |_| load_arg_sets());
+
+    let chosen = move || -> BTreeSet<String> {
+        form.get("dataset").split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    };
+    let toggle = move |name: String, on: bool| {
+        let mut set = chosen();
+        if on {
+            set.insert(name);
+        } else {
+            set.remove(&name);
+        }
+        form.set("dataset", set.into_iter().collect::<Vec<_>>().join(","));
+    };
+    let open_preview = move |name: String, offset: u64| {
+        let dir = form.get_untracked("dataset_dir");
+        spawn_local(async move {
+            let url = format!("/api/datasets/{}/preview?dataset_dir={}&offset={offset}&limit=2", enc(&name), enc(&dir));
+            match get::<DatasetPage>(&url).await {
+                Ok(p) => preview.set(Some(p)),
+                Err(e) => message.set(Some(e.message)),
+            }
+        });
+    };
+    let args = move || train_args(ctx.top_args(), &form);
+    let report = move |e: crate::client::ApiErr| {
+        message.set(ctx.place_error(&e, &[form]));
+    };
+    let on_preview = move |_| {
+        form.clear_errors();
+        ctx.top.clear_errors();
+        let body = args();
+        spawn_local(async move {
+            match send::<_, CommandPreview>("POST", "/api/preview-command", &body).await {
+                Ok(c) => {
+                    message.set(None);
+                    command.set(Some(c));
+                }
+                Err(e) => report(e),
+            }
+        });
+    };
+    let on_start = move |_| {
+        form.clear_errors();
+        ctx.top.clear_errors();
+        message.set(None);
+        if ctx.top.get_untracked("model_name_or_path").is_empty() {
+            ctx.top.show_error("model_name_or_path", i.now("err_no_model"));
+            return;
+        }
+        if form.get_untracked("dataset").is_empty() {
+            form.show_error("dataset", i.now("err_no_dataset"));
+            return;
+        }
+        let body = args();
+        spawn_local(async move {
+            match send::<_, Created>("POST", "/api/runs", &body).await {
+                Ok(c) => {
+                    view_.attach(c.id);
+                    ctx.refresh.update(|n| *n += 1);
+                }
+                Err(e) => report(e),
+            }
+        });
+    };
+    let on_abort = move |_| {
+        if let Some(id) = view_.id.get_untracked() {
+            spawn_local(async move {
+                if let Err(e) = send::<_, Run>("POST", &format!("/api/runs/{id}/abort"), &Value::Null).await {
+                    message.set(Some(e.message));
+                }
+            });
+        }
+    };
+    let on_save = move |_| {
+        let name = form.get_untracked("config_name");
+        if name.trim().is_empty() {
+            form.show_error("config_name", i.now("config_name"));
+            return;
+        }
+        // Saved as the run would see it, so a loaded set is also a valid `POST /api/runs` body.
+        let run_config = train_args(ctx.top_args(), &form);
+        let body = serde_json::json!({"name": name, "config": run_config});
+        spawn_local(async move {
+            match send::<_, Value>("POST", "/api/arg-sets", &body).await {
+                Ok(_) => {
+                    message.set(Some(i.now("saved").into()));
+                    load_arg_sets();
+                }
+                Err(e) => report(e),
+            }
+        });
+    };
+    let on_load = move |name: String| {
+        if let Some(set) = arg_sets.get_untracked().into_iter().find(|s| s.name == name) {
+            ctx.top.load(&set.config);
+            form.load(&set.config);
+            form.set("config_name", name);
+            message.set(Some(i.now("loaded").into()));
+        }
+    };
+    // A run that ends refreshes the checkpoint list and the history.
+    Effect::new(move |_| {
+        if view_.finished.get() > 0 {
+            ctx.refresh.update(|n| *n += 1);
+        }
+    });
+
+    let stage_options = vec![("sft", "stage_sft"), ("rm", "stage_rm"), ("dpo", "stage_dpo"), ("kto", "stage_kto"), ("pt", "stage_pt")];
+    view! {
+        <div class="grid">
+            <Select form key="stage" label="stage" options=stage_options disabled=busy/>
+            <Field form key="dataset_dir" label="dataset_dir" disabled=busy/>
+        </div>
+        <div class="field datasets" class:invalid=move || form.errors.with(|e| e.contains_key("dataset"))>
+            <span class="label">{i.t("dataset")}</span>
+            <div class="chips" data-testid="datasets">
+                {move || {
+                    let stage = form.get("stage");
+                    let list: Vec<DatasetEntry> = datasets.get().into_iter().filter(|d| dataset_fits(&stage, d)).collect();
+                    if list.is_empty() {
+                        return view! { <span class="muted">{i.t("no_datasets")}</span> }.into_any();
+                    }
+                    list.into_iter().map(|d| {
+                        let name = d.name.clone();
+                        let n2 = name.clone();
+                        let n3 = name.clone();
+                        let checked = move || chosen().contains(&n2);
+                        view! {
+                            <span class="chip">
+                                <label>
+                                    <input type="checkbox" name="dataset" value=name.clone() prop:checked=checked
+                                        on:change=move |ev| toggle(name.clone(), event_target_checked(&ev))/>
+                                    {d.name.clone()}
+                                </label>
+                                <button class="link" type="button" title=i.t("preview_dataset")
+                                    on:click=move |_| open_preview(n3.clone(), 0)>"👁"</button>
+                            </span>
+                        }
+                    }).collect_view().into_any()
+                }}
+            </div>
+            {move || form.errors.with(|e| e.get("dataset").cloned()).map(|m| view! { <p class="field-error" role="alert" data-field="dataset">{m}</p> })}
+        </div>
+        {move || preview.get().map(|p| {
+            let name = p.name.clone();
+            let n2 = name.clone();
+            let off = p.offset;
+            let total = p.total;
+            view! {
+                <div class="modal" role="dialog" aria-modal="true" data-testid="dataset-preview">
+                    <div class="modal-box">
+                        <h3>{p.name.clone()}" · "{format!("{}–{} / {}", off + 1, (off + p.rows.len() as u64).min(total), total)}</h3>
+                        <pre class="json">{p.rows.iter().map(|r| serde_json::to_string_pretty(r).unwrap_or_default()).collect::<Vec<_>>().join("\n\n")}</pre>
+                        <div class="actions">
+                            <button disabled=off == 0 on:click=move |_| open_preview(name.clone(), off.saturating_sub(2))>{i.t("prev")}</button>
+                            <button disabled={off + 2 >= total} on:click=move |_| open_preview(n2.clone(), off + 2)>{i.t("next")}</button>
+                            <button on:click=move |_| preview.set(None)>{i.t("close")}</button>
+                        </div>
+                    </div>
+                </div>
+            }
+        })}
+        <div class="grid">
+            <Field form key="learning_rate" label="learning_rate"/>
+            <Field form key="num_train_epochs" label="num_train_epochs"/>
+            <Field form key="max_grad_norm" label="max_grad_norm"/>
+            <Field form key="seed" label="seed" kind="number"/>
+            <Field form key="max_samples" label="max_samples" kind="number" min="1"/>
+            <Select form key="compute_type" label="compute_type" options=vec![("fp32", ""), ("bf16", ""), ("fp16", ""), ("pure_bf16", "")]/>
+            <Field form key="cutoff_len" label="cutoff_len" kind="number" min="4" max="131072"/>
+            <Field form key="per_device_train_batch_size" label="batch_size" kind="number" min="1" max="1024"/>
+            <Field form key="gradient_accumulation_steps" label="gradient_accumulation_steps" kind="number" min="1" max="1024"/>
+            <Field form key="val_size" label="val_size" kind="number" min="0" max="1" step="0.001"/>
+            <Select form key="lr_scheduler_type" label="lr_scheduler_type" options=vec![
+                ("linear", ""), ("cosine", ""), ("cosine_with_restarts", ""), ("polynomial", ""), ("constant", ""),
+                ("constant_with_warmup", ""), ("inverse_sqrt", ""), ("cosine_with_min_lr", ""), ("warmup_stable_decay", ""),
+            ]/>
+        </div>
+        <Group label="extra_group">
+            <Field form key="logging_steps" label="logging_steps" kind="number" min="1"/>
+            <Field form key="save_steps" label="save_steps" kind="number" min="1"/>
+            <Field form key="warmup_steps" label="warmup_steps" kind="number" min="0"/>
+            <Field form key="neftune_noise_alpha" label="neftune_alpha" kind="number" min="0" step="0.1"/>
+            <Check form key="packing" label="packing"/>
+            <Check form key="neat_packing" label="neat_packing"/>
+            <Check form key="train_on_prompt" label="train_on_prompt"/>
+            <Check form key="mask_history" label="mask_history"/>
+            <Check form key="resize_vocab" label="resize_vocab"/>
+            <Check form key="enable_thinking" label="enable_thinking"/>
+        </Group>
+        <Group label="freeze_group">
+            <Field form key="freeze_trainable_layers" label="freeze_trainable_layers" kind="number"/>
+            <Field form key="freeze_trainable_modules" label="freeze_trainable_modules"/>
+            <Field form key="freeze_extra_modules" label="freeze_extra_modules"/>
+        </Group>
+        <Group label="lora_group">
+            <Field form key="lora_rank" label="lora_rank" kind="number" min="1" max="1024"/>
+            <Field form key="lora_alpha" label="lora_alpha" kind="number" min="1" max="2048"/>
+            <Field form key="lora_dropout" label="lora_dropout" kind="number" min="0" max="1" step="0.01"/>
+            <Field form key="loraplus_lr_ratio" label="loraplus_lr_ratio" kind="number" min="0" max="64" step="0.01"/>
+            <Check form key="create_new_adapter" label="create_new_adapter"/>
+            <Check form key="use_rslora" label="use_rslora"/>
+            <Check form key="use_dora" label="use_dora"/>
+            <Field form key="lora_target" label="lora_target" placeholder="all"/>
+            <Field form key="additional_target" label="additional_target"/>
+        </Group>
+        <Group label="rlhf_group">
+            <Field form key="pref_beta" label="pref_beta" kind="number" min="0" max="1" step="0.01"/>
+            <Field form key="pref_ftx" label="pref_ftx" kind="number" min="0" max="10" step="0.01"/>
+            <Select form key="pref_loss" label="pref_loss" options=vec![("sigmoid", ""), ("hinge", ""), ("ipo", ""), ("orpo", ""), ("simpo", "")]/>
+            <Field form key="simpo_gamma" label="simpo_gamma" kind="number" step="0.1"/>
+        </Group>
+        <div class="grid">
+            <Field form key="output_dir" label="output_dir" placeholder="train_<time>" disabled=busy/>
+            <Field form key="config_name" label="config_name" placeholder="my_config"/>
+            <div class="field">
+                <label for="f-argset">{i.t("load_args")}</label>
+                <select id="f-argset" on:change=move |ev| on_load(event_target_value(&ev))>
+                    <option value="">{move || if arg_sets.get().is_empty() { i.tr("no_arg_sets") } else { "—" }}</option>
+                    {move || arg_sets.get().into_iter().map(|s| view! { <option value=s.name.clone()>{s.name.clone()}</option> }).collect_view()}
+                </select>
+            </div>
+        </div>
+        <div class="actions">
+            <button on:click=on_preview>{i.t("preview_command")}</button>
+            <button on:click=on_save>{i.t("save_args")}</button>
+            <button class="primary" data-testid="start" disabled=busy on:click=on_start>{i.t("start")}</button>
+            <button class="danger" data-testid="abort" disabled=move || !busy.get() on:click=on_abort>{i.t("abort")}</button>
+        </div>
+        {move || message.get().map(|m| view! { <p class="message" role="status" data-testid="train-message">{m}</p> })}
+        {move || command.get().map(|c| view! {
+            <div class="command" data-testid="command">
+                <pre>{c.command.clone()}</pre>
+                <pre class="yaml">{c.yaml.clone()}</pre>
+            </div>
+        })}
+        <Progress view=view_/>
+        <History/>
+        <LogTail view=view_/>
+    }
+    .into_any()
+}
+
+/// Run history from the registry: select runs to overlay their curves and diff their configs.
+#[component]
+fn History() -> impl IntoView {
+    let i = use_i18n();
+    let ctx = use_ctx();
+    let runs = RwSignal::new(Vec::<Run>::new());
+    let selected = RwSignal::new(BTreeSet::<i64>::new());
+    let curves = RwSignal::new(BTreeMap::<i64, Vec<MetricPoint>>::new());
+    Effect::new(move |_| {
+        ctx.refresh.get();
+        ctx.train.finished.get();
+        spawn_local(async move {
+            if let Ok(list) = get::<Vec<Run>>("/api/runs?kind=train&limit=100").await {
+                runs.set(list);
+            }
+        });
+    });
+    let toggle = move |id: i64, on: bool| {
+        selected.update(|s| {
+            if on {
+                s.insert(id);
+            } else {
+                s.remove(&id);
+            }
+        });
+        if on && !curves.with_untracked(|c| c.contains_key(&id)) {
+            spawn_local(async move {
+                if let Ok(pts) = get::<Vec<MetricPoint>>(&format!("/api/runs/{id}/metrics")).await {
+                    curves.update(|c| {
+                        c.insert(id, pts);
+                    });
+                }
+            });
+        }
+    };
+    let overlays = Signal::derive(move || {
+        let sel = selected.get();
+        let c = curves.get();
+        let current = ctx.train.id.get();
+        sel.iter()
+            .filter(|id| Some(**id) != current)
+            .filter_map(|id| c.get(id).map(|pts| Overlay { label: format!("#{id}"), points: pts.clone() }))
+            .collect::<Vec<_>>()
+    });
+    let diff = move || -> Vec<(String, Vec<String>)> {
+        let sel = selected.get();
+        let list = runs.get();
+        let chosen: Vec<&Run> = list.iter().filter(|r| sel.contains(&r.id)).collect();
+        if chosen.len() < 2 {
+            return Vec::new();
+        }
+        let keys: BTreeSet<&String> = chosen.iter().flat_map(|r| r.config.keys()).collect();
+        keys.into_iter()
+            .filter_map(|k| {
+                let vals: Vec<String> = chosen.iter().map(|r| r.config.get(k).map(|v| v.to_string()).unwrap_or_else(|| "—".into())).collect();
+                (vals.iter().any(|v| v != &vals[0])).then(|| (k.clone(), vals))
+            })
+            .collect()
+    };
+    let resume = move |id: i64| {
+        spawn_local(async move {
+            if send::<_, Run>("POST", &format!("/api/runs/{id}/resume"), &Value::Null).await.is_ok() {
+                ctx.train.attach(id);
+            }
+        });
+    };
+    view! {
+        <LossChart points=ctx.train.points overlays=overlays/>
+        <details class="history" open>
+            <summary>{i.t("history")}</summary>
+            <p class="muted">{i.t("history_hint")}</p>
+            <div class="table-wrap">
+                <table data-testid="history">
+                    <thead><tr>
+                        <th></th><th>{i.t("id")}</th><th>{i.t("status")}</th><th>{i.t("model")}</th>
+                        <th>{i.t("dataset_col")}</th><th>{i.t("final_loss")}</th><th>{i.t("duration")}</th><th></th>
+                    </tr></thead>
+                    <tbody>
+                        {move || {
+                            let list = runs.get();
+                            if list.is_empty() {
+                                return view! { <tr><td colspan="8" class="muted">{i.t("no_runs")}</td></tr> }.into_any();
+                            }
+                            list.into_iter().map(|r| {
+                                let id = r.id;
+                                let dur = match (r.started_at, r.finished_at) {
+                                    (Some(a), Some(b)) => hms(b - a),
+                                    _ => "—".into(),
+                                };
+                                let resumable = r.kind == RunKind::Train && matches!(r.status, RunStatus::Aborted | RunStatus::Interrupted | RunStatus::Failed);
+                                view! {
+                                    <tr data-run=id>
+                                        <td><input type="checkbox" aria-label=format!("select run {id}")
+                                            prop:checked=move || selected.get().contains(&id)
+                                            on:change=move |ev| toggle(id, event_target_checked(&ev))/></td>
+                                        <td>{id}</td>
+                                        <td><span class=format!("badge {}", r.status.as_str())>{i.tr(r.status.as_str())}</span></td>
+                                        <td>{crate::short(&r.model)}</td>
+                                        <td>{r.dataset.clone()}</td>
+                                        <td>{r.final_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "—".into())}</td>
+                                        <td>{dur}</td>
+                                        <td class="row-actions">
+                                            <button class="small" on:click=move |_| ctx.train.attach(id)>{i.t("attach")}</button>
+                                            {resumable.then(|| view! { <button class="small" on:click=move |_| resume(id)>{i.t("resume")}</button> })}
+                                        </td>
+                                    </tr>
+                                }
+                            }).collect_view().into_any()
+                        }}
+                    </tbody>
+                </table>
+            </div>
+            {move || {
+                let d = diff();
+                (!d.is_empty()).then(|| {
+                    let ids: Vec<i64> = selected.get().into_iter().collect();
+                    view! {
+                        <h4>{i.t("config_diff")}</h4>
+                        <div class="table-wrap">
+                            <table data-testid="config-diff">
+                                <thead><tr><th>{i.t("key")}</th>{ids.iter().map(|id| view! { <th>"#"{*id}</th> }).collect_view()}</tr></thead>
+                                <tbody>{d.into_iter().map(|(k, vals)| view! {
+                                    <tr><td>{k}</td>{vals.into_iter().map(|v| view! { <td>{v}</td> }).collect_view()}</tr>
+                                }).collect_view()}</tbody>
+                            </table>
+                        </div>
+                    }
+                })
+            }}
+        </details>
+    }
+}

@@ -1,0 +1,240 @@
+//! From a browser's argument object to checked `TrainArgs`: every key checked like a YAML key
+//! (errors name the field), paths canonicalized and required to be what they claim, output dirs
+//! kept inside the work dir's `saves/` unless the user gave an absolute path.
+
+use std::path::{Component, Path, PathBuf};
+
+use protocol::run::RunKind;
+use protocol::TrainArgs;
+use serde_json::{Map, Value};
+
+use super::error::{ApiError, ApiResult};
+
+/// Checks each key alone so the error can name it.
+pub fn parse_args(values: Map<String, Value>) -> ApiResult<TrainArgs> {
+    for (k, v) in &values {
+        let one: Map<String, Value> = [(k.clone(), v.clone())].into_iter().collect();
+        if let Err(e) = trainer::config::args_from_json(one) {
+            return Err(ApiError::field(k.clone(), format!("{e:#}")));
+        }
+    }
+    trainer::config::args_from_json(values).map_err(|e| ApiError::bad(format!("{e:#}")))
+}
+
+/// The argument a validation message is about: the first backticked word that is a key.
+fn field_of(message: &str) -> Option<String> {
+    let keys = TrainArgs::keys();
+    message
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .find(|w| keys.iter().any(|k| k == w))
+        .map(str::to_string)
+}
+
+pub fn validation_error(e: anyhow::Error) -> ApiError {
+    let message = format!("{e:#}");
+    match field_of(&message) {
+        Some(f) => ApiError::field(f, message),
+        None => ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_arguments",
+            message,
+        ),
+    }
+}
+
+fn canonical(workdir: &Path, p: &str) -> Option<PathBuf> {
+    let path = Path::new(p);
+    let full = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        workdir.join(path)
+    };
+    full.canonicalize().ok()
+}
+
+/// A model folder with `config.json`, or a hub id found in the local Hugging Face cache.
+pub fn model_dir(workdir: &Path, value: &str) -> ApiResult<PathBuf> {
+    let field = "model_name_or_path";
+    if value.trim().is_empty() {
+        return Err(ApiError::field(field, "choose a model (a folder with config.json or a Hugging Face id)"));
+    }
+    if let Some(dir) = canonical(workdir, value) {
+        if dir.join("config.json").is_file() {
+            return Ok(dir);
+        }
+        return Err(ApiError::field(
+            field,
+            format!("{} is not a model folder: it has no config.json", dir.display()),
+        ));
+    }
+    if value.matches('/').count() == 1 && !value.starts_with(['.', '/']) {
+        return trainer::hub::resolve_model_dir(value, "main")
+            .map_err(|e| ApiError::field(field, format!("{e:#}")));
+    }
+    Err(ApiError::field(field, format!("model folder {value} does not exist")))
+}
+
+/// Adapter folders (comma-separated), each with `adapter_config.json` or `config.json`.
+fn adapter_dirs(workdir: &Path, value: &str) -> ApiResult<String> {
+    let field = "adapter_name_or_path";
+    let mut out = Vec::new();
+    for a in TrainArgs::split_list(Some(value)) {
+        let dir = canonical(workdir, &a)
+            .ok_or_else(|| ApiError::field(field, format!("checkpoint folder {a} does not exist")))?;
+        if !dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file() {
+            return Err(ApiError::field(
+                field,
+                format!("{} is not a checkpoint: it has neither adapter_config.json nor config.json", dir.display()),
+            ));
+        }
+        out.push(dir.to_string_lossy().into_owned());
+    }
+    Ok(out.join(","))
+}
+
+/// A dataset dir with `dataset_info.json`.
+pub fn dataset_dir(workdir: &Path, value: &str) -> ApiResult<PathBuf> {
+    let field = "dataset_dir";
+    let dir = canonical(workdir, value)
+        .ok_or_else(|| ApiError::field(field, format!("dataset dir {value} does not exist")))?;
+    if !dir.join("dataset_info.json").is_file() {
+        return Err(ApiError::field(
+            field,
+            format!("{} is not a dataset dir: it has no dataset_info.json", dir.display()),
+        ));
+    }
+    Ok(dir)
+}
+
+fn check_datasets(dir: &Path, field: &str, value: Option<&str>) -> ApiResult<()> {
+    let names = TrainArgs::split_list(value);
+    if names.is_empty() {
+        return Ok(());
+    }
+    let info = trainer::data::dataset_info::DatasetInfo::load(dir)
+        .map_err(|e| ApiError::field("dataset_dir", format!("{e:#}")))?;
+    for n in names {
+        info.attr(&n).map_err(|e| ApiError::field(field, format!("{e:#}")))?;
+    }
+    Ok(())
+}
+
+/// A relative output dir lives under `<workdir>/saves/`; `..` may not climb out of it. An
+/// absolute path is the user's explicit choice and is kept.
+pub fn output_dir(workdir: &Path, field: &str, value: &str) -> ApiResult<PathBuf> {
+    let p = Path::new(value);
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    if p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Err(ApiError::field(
+            field,
+            format!("{value}: a relative output dir may not contain `..`; give an absolute path to write elsewhere"),
+        ));
+    }
+    let rel = p.strip_prefix("saves").unwrap_or(p);
+    if rel.as_os_str().is_empty() {
+        return Err(ApiError::field(field, "name the output dir"));
+    }
+    Ok(workdir.join("saves").join(rel))
+}
+
+/// The name a model's saves are grouped under, like LlamaBoard's `saves/<model>/<method>/`.
+pub fn model_label(model: &str) -> String {
+    Path::new(model.trim_end_matches('/'))
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+fn default_dir(args: &TrainArgs, prefix: &str) -> String {
+    format!(
+        "{}/{}/{prefix}_{}",
+        model_label(args.model_name_or_path.as_deref().unwrap_or("model")),
+        args.finetuning_type,
+        chrono::Local::now().format("%Y-%m-%d-%H-%M-%S")
+    )
+}
+
+/// Checks and completes the arguments of a job of `kind`; `None` prepares a chat model load.
+pub fn prepare(workdir: &Path, kind: Option<&RunKind>, values: Map<String, Value>) -> ApiResult<TrainArgs> {
+    let mut args = parse_args(values)?;
+    let model = model_dir(workdir, args.model_name_or_path.as_deref().unwrap_or(""))?;
+    let given_model = args.model_name_or_path.clone().unwrap_or_default();
+    // A hub id stays an id (the worker resolves it the same way); a folder becomes absolute.
+    if canonical(workdir, &given_model).is_some() {
+        args.model_name_or_path = Some(model.to_string_lossy().into_owned());
+    }
+    if let Some(a) = args.adapter_name_or_path.clone().filter(|a| !a.trim().is_empty()) {
+        args.adapter_name_or_path = Some(adapter_dirs(workdir, &a)?);
+    } else {
+        args.adapter_name_or_path = None;
+    }
+    match kind {
+        Some(RunKind::Train) | Some(RunKind::Predict) => {
+            let dir = dataset_dir(workdir, &args.dataset_dir)?;
+            args.dataset_dir = dir.to_string_lossy().into_owned();
+            if kind == Some(&RunKind::Train) {
+                args.do_train = true;
+                if args.dataset.as_deref().unwrap_or("").trim().is_empty() {
+                    return Err(ApiError::field("dataset", "choose at least one dataset"));
+                }
+            } else {
+                args.do_train = false;
+                if !args.do_eval {
+                    args.do_predict = true;
+                }
+                args.predict_with_generate = args.do_predict;
+                if args.eval_dataset.is_none() {
+                    args.eval_dataset = args.dataset.take();
+                }
+                if args.eval_dataset.as_deref().unwrap_or("").trim().is_empty() {
+                    return Err(ApiError::field("eval_dataset", "choose at least one dataset"));
+                }
+            }
+            check_datasets(&dir, "dataset", args.dataset.as_deref())?;
+            check_datasets(&dir, "eval_dataset", args.eval_dataset.as_deref())?;
+            let out = match args.output_dir.as_deref().filter(|d| !d.trim().is_empty()) {
+                Some(d) => d.to_string(),
+                None => default_dir(&args, if kind == Some(&RunKind::Train) { "train" } else { "eval" }),
+            };
+            args.output_dir = Some(output_dir(workdir, "output_dir", &out)?.to_string_lossy().into_owned());
+        }
+        Some(RunKind::Export) => {
+            let out = match args.export_dir.as_deref().filter(|d| !d.trim().is_empty()) {
+                Some(d) => d.to_string(),
+                None => default_dir(&args, "export"),
+            };
+            args.export_dir = Some(output_dir(workdir, "export_dir", &out)?.to_string_lossy().into_owned());
+        }
+        None => {}
+    }
+    if kind.is_some() {
+        trainer::config::validate(&args).map_err(validation_error)?;
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_output_dirs_stay_in_saves() {
+        let w = Path::new("/w");
+        assert_eq!(output_dir(w, "output_dir", "demo/lora/x").unwrap(), Path::new("/w/saves/demo/lora/x"));
+        assert_eq!(output_dir(w, "output_dir", "saves/demo/x").unwrap(), Path::new("/w/saves/demo/x"));
+        assert_eq!(output_dir(w, "output_dir", "/tmp/x").unwrap(), Path::new("/tmp/x"));
+        let e = output_dir(w, "output_dir", "../../etc").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("output_dir"));
+    }
+
+    #[test]
+    fn validation_messages_name_their_field() {
+        assert_eq!(field_of("`lora_rank` must be positive").as_deref(), Some("lora_rank"));
+        assert_eq!(field_of("use `foo` with `stage`").as_deref(), Some("stage"));
+        assert_eq!(field_of("nothing here"), None);
+    }
+}

@@ -1,0 +1,167 @@
+// LlamaBoard in a real headless Chromium: hydration, language switch, a LoRA run started from the
+// form with a live chart, the run history, chat with the result (streamed), export.
+// Env: LLAMAFACTORY_BIN (server binary), LLAMAFACTORY_SITE_ROOT (browser bundle),
+//      CHROMIUM (default /usr/bin/chromium), SCREENSHOTS (folder for the screenshots).
+import { chromium } from 'playwright-core';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, mkdirSync, readdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { createInterface } from 'node:readline';
+
+const repo = resolve(new URL('../..', import.meta.url).pathname);
+const bin = process.env.LLAMAFACTORY_BIN || join(repo, 'target/debug/llamafactory');
+const shots = process.env.SCREENSHOTS || join(repo, 'target/e2e-screenshots');
+mkdirSync(shots, { recursive: true });
+const work = mkdtempSync(join(tmpdir(), 'llamaboard-e2e-'));
+
+function fail(msg) {
+  console.error(`FAIL: ${msg}`);
+  process.exitCode = 1;
+  throw new Error(msg);
+}
+
+async function startServer() {
+  const srv = spawn(bin, ['webui', '--port', '0', '--workdir', work], {
+    env: { ...process.env, GRADIO_SERVER_NAME: '127.0.0.1' },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const lines = createInterface({ input: srv.stdout });
+  const url = await new Promise((ok, bad) => {
+    const timer = setTimeout(() => bad(new Error('server did not start in 120 s')), 120000);
+    lines.on('line', (l) => {
+      const m = l.match(/Visit (http:\/\/\S+)/);
+      if (m) { clearTimeout(timer); ok(m[1]); }
+    });
+    srv.on('exit', (c) => bad(new Error(`server exited with ${c}`)));
+  });
+  return { srv, url };
+}
+
+const { srv, url } = await startServer();
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync'],
+});
+const errors = [];
+let tokenFrames = 0;
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
+  page.on('pageerror', (e) => errors.push(String(e)));
+  page.on('websocket', (ws) => {
+    if (ws.url().endsWith('/api/chat')) {
+      ws.on('framereceived', (f) => { if (String(f.payload).includes('"type":"token"')) tokenFrames++; });
+    }
+  });
+  await page.goto(url);
+  await page.waitForSelector('#hydrated[data-state="hydrated"]', { timeout: 30000 });
+  console.log('hydrated');
+
+  // Language: every tab label follows.
+  await page.selectOption('#f-lang', 'zh');
+  await page.waitForFunction(() => document.querySelector('[data-tab="tab_train"]').textContent === '训练');
+  if ((await page.textContent('[data-tab="tab_chat"]')) !== '对话') fail('chat tab not translated');
+  if (!(await page.textContent('body')).includes('学习率')) fail('learning rate label not translated');
+  await page.selectOption('#f-lang', 'en');
+  await page.waitForFunction(() => document.querySelector('[data-tab="tab_train"]').textContent === 'Train');
+  console.log('language switch ok');
+
+  // The demo model is picked and its template filled in.
+  await page.waitForFunction(() => document.querySelector('#f-model_name_or_path').value.includes('demo'));
+  if ((await page.inputValue('#f-template')) !== 'qwen') fail('template not auto-filled from the model');
+
+  // A validation message next to its field, not an alert.
+  await page.click('[data-testid="start"]');
+  await page.waitForSelector('.field-error[data-field="dataset"]');
+  console.log('validation ok');
+
+  // A LoRA run from the form.
+  await page.check('input[name="dataset"][value="demo_sft"]');
+  const fill = async (key, v) => page.fill(`#f-${key}`, v);
+  await fill('learning_rate', '1e-3');
+  await fill('num_train_epochs', '2');
+  await fill('max_samples', '48');
+  await fill('cutoff_len', '64');
+  await fill('per_device_train_batch_size', '2');
+  await fill('gradient_accumulation_steps', '1');
+  await page.click('summary:has-text("Extra configurations")');
+  await fill('logging_steps', '1');
+  await fill('save_steps', '20');
+  await fill('output_dir', 'e2e_run');
+  await page.click('button:has-text("Preview command")');
+  await page.waitForSelector('[data-testid="command"]');
+  const yaml = await page.textContent('[data-testid="command"] pre.yaml');
+  if (!yaml.includes('lora_target') && !yaml.includes('learning_rate: 0.001')) fail(`preview lacks the form's values: ${yaml}`);
+  await page.click('[data-testid="start"]');
+  await page.waitForFunction(() => /running|queued/.test(document.querySelector('[data-testid="run-status"]').className));
+  if (await page.isEnabled('[data-testid="start"]')) fail('Start stays enabled while a run is active');
+  const count = () => page.evaluate(() => {
+    const p = document.querySelector('[data-testid="loss-raw"]').getAttribute('points') || '';
+    return p.trim() ? p.trim().split(' ').length : 0;
+  });
+  await page.waitForFunction(() => (document.querySelector('[data-testid="loss-raw"]').getAttribute('points') || '').trim().split(' ').length >= 3, null, { timeout: 120000 });
+  const early = await count();
+  await page.waitForFunction((n) => (document.querySelector('[data-testid="loss-raw"]').getAttribute('points') || '').trim().split(' ').length > n + 3, early, { timeout: 120000 });
+  console.log(`chart grew past ${early} points`);
+  await page.hover('[data-testid="loss-chart"]');
+  await page.waitForFunction(() => document.querySelector('[data-testid="chart-hover"]').textContent.includes('Loss'));
+  await page.screenshot({ path: join(shots, 'train-running.png'), fullPage: true });
+  await page.waitForFunction(() => document.querySelector('[data-testid="run-status"]').className.includes('succeeded'), null, { timeout: 300000 });
+  console.log(`run finished with ${await count()} points`);
+  await page.waitForSelector('[data-testid="history"] tr[data-run] .badge.succeeded');
+  await page.screenshot({ path: join(shots, 'train.png'), fullPage: true });
+
+  // Reopening the page shows the finished run in the history.
+  await page.reload();
+  await page.waitForSelector('#hydrated[data-state="hydrated"]');
+  await page.waitForSelector('[data-testid="history"] tr[data-run] .badge.succeeded');
+
+  // Load the result in Chat: pick the adapter in the top bar.
+  await page.waitForFunction(() => [...document.querySelectorAll('#f-checkpoint option')].some((o) => o.value.endsWith('e2e_run')));
+  const ckpt = await page.evaluate(() => [...document.querySelectorAll('#f-checkpoint option')].find((o) => o.value.endsWith('e2e_run')).value);
+  await page.selectOption('#f-checkpoint', ckpt);
+  await page.click('[data-tab="tab_eval"]');
+  await page.screenshot({ path: join(shots, 'evaluate.png'), fullPage: true });
+  await page.click('[data-tab="tab_chat"]');
+  await page.click('[data-testid="chat-load"]');
+  await page.waitForFunction(() => document.querySelector('[data-testid="chat-status"]').textContent.includes('Model loaded'), null, { timeout: 60000 });
+  await page.fill('#f-max_new_tokens', '24');
+  await page.fill('[data-testid="chat-input"]', 'Give three tips for staying healthy.');
+  await page.click('[data-testid="chat-submit"]');
+  await page.waitForFunction(() => {
+    const b = document.querySelectorAll('[data-testid="chat-log"] .bubble.assistant');
+    return b.length === 1 && b[0].textContent.length > 0 && !document.querySelector('[data-testid="chat-submit"]').disabled;
+  }, null, { timeout: 60000 });
+  if (tokenFrames < 2) fail(`the reply was not streamed (${tokenFrames} token frames)`);
+  console.log(`chat reply streamed in ${tokenFrames} frames`);
+  await page.screenshot({ path: join(shots, 'chat.png'), fullPage: true });
+
+  // Export the merged model.
+  await page.click('[data-tab="tab_export"]');
+  await page.fill('#f-export_dir', 'e2e_export');
+  await page.click('[data-testid="export-start"]');
+  await page.waitForSelector('[data-testid="export-files"]', { timeout: 120000 });
+  const files = await page.textContent('[data-testid="export-files"]');
+  if (!files.includes('model.safetensors') || !files.includes('Modelfile')) fail(`export files: ${files}`);
+  const written = readdirSync(join(work, 'saves', 'e2e_export'));
+  if (!written.includes('config.json')) fail(`export dir holds ${written}`);
+  console.log('export ok');
+  await page.screenshot({ path: join(shots, 'export.png'), fullPage: true });
+
+  // A phone-width screen.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.click('[data-tab="tab_train"]');
+  await page.screenshot({ path: join(shots, 'train-phone.png'), fullPage: true });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  if (overflow > 4) fail(`the page is ${overflow}px wider than a phone screen`);
+
+  if (errors.length) fail(`console errors: ${errors.join(' | ')}`);
+  console.log(`1 passed, 0 failed (screenshots in ${shots})`);
+} catch (e) {
+  if (!process.exitCode) { console.error(e); process.exitCode = 1; }
+} finally {
+  await browser.close();
+  srv.kill('SIGTERM');
+}
