@@ -51,12 +51,19 @@ fn start(dir: &Path) -> Server {
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "server exited before listening");
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "server exited before listening"
+        );
         if line.starts_with("Visit http://") {
             break;
         }
     }
-    let addr = line["Visit http://".len()..].split_whitespace().next().unwrap().to_string();
+    let addr = line["Visit http://".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
     // Keep draining stdout so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in out.lines() {});
     Server { child, addr }
@@ -64,12 +71,18 @@ fn start(dir: &Path) -> Server {
 
 fn get(s: &Server, path: &str) -> (u16, Value) {
     let (code, body) = http(&s.addr, "GET", path, "", &[]);
-    (code, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+    (
+        code,
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
+    )
 }
 
 fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
     let (code, text) = http(&s.addr, "POST", path, &body.to_string(), &[]);
-    (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn quick_run(dir: &Path, extra: Value) -> Value {
@@ -132,10 +145,12 @@ fn read_to_end(sock: &mut Ws) -> Vec<Value> {
     let mut events = Vec::new();
     loop {
         let msg = sock.read().expect("event stream ended before the run did");
-        let tungstenite::Message::Text(t) = msg else { continue };
+        let tungstenite::Message::Text(t) = msg else {
+            continue;
+        };
         let v: Value = serde_json::from_str(&t).unwrap();
-        let last = v["type"] == "status"
-            && !matches!(v["status"].as_str(), Some("queued" | "running"));
+        let last =
+            v["type"] == "status" && !matches!(v["status"].as_str(), Some("queued" | "running"));
         events.push(v);
         if last {
             return events;
@@ -146,7 +161,10 @@ fn read_to_end(sock: &mut Ws) -> Vec<Value> {
 fn assert_gapless(events: &[Value]) {
     let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
     let want: Vec<i64> = (1..=seqs.len() as i64).collect();
-    assert_eq!(seqs, want, "sequence numbers must run 1..n without gaps or repeats");
+    assert_eq!(
+        seqs, want,
+        "sequence numbers must run 1..n without gaps or repeats"
+    );
 }
 
 #[test]
@@ -155,17 +173,35 @@ fn lora_run_streams_loss_to_completion_and_records_metrics() {
     let s = start(dir.path());
     let (code, models) = get(&s, "/api/models");
     assert_eq!(code, 200);
-    assert!(models.as_array().unwrap().iter().any(|m| m["source"] == "demo"), "{models}");
+    assert!(
+        models
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["source"] == "demo"),
+        "{models}"
+    );
     let (_, ds) = get(&s, "/api/datasets?dataset_dir=data");
-    assert!(ds.as_array().unwrap().iter().any(|d| d["name"] == "demo_dpo" && d["kind"] == "rm"), "{ds}");
+    assert!(
+        ds.as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "demo_dpo" && d["kind"] == "rm"),
+        "{ds}"
+    );
 
     let id = start_run(&s, &quick_run(dir.path(), json!({})));
     // 50 subscribers, some before the first step and some late: every one gets the whole stream.
-    let mut subs: Vec<Ws> = (0..25).map(|_| ws(&s, &format!("/api/runs/{id}/events"))).collect();
+    let mut subs: Vec<Ws> = (0..25)
+        .map(|_| ws(&s, &format!("/api/runs/{id}/events")))
+        .collect();
     std::thread::sleep(Duration::from_millis(1500));
     subs.extend((0..25).map(|_| ws(&s, &format!("/api/runs/{id}/events"))));
     let streams: Vec<Vec<Value>> = std::thread::scope(|sc| {
-        let hs: Vec<_> = subs.iter_mut().map(|w| sc.spawn(move || read_to_end(w))).collect();
+        let hs: Vec<_> = subs
+            .iter_mut()
+            .map(|w| sc.spawn(move || read_to_end(w)))
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let first = &streams[0];
@@ -173,7 +209,12 @@ fn lora_run_streams_loss_to_completion_and_records_metrics() {
     for st in &streams {
         assert_eq!(st, first, "every subscriber sees the same events");
     }
-    assert_eq!(first.last().unwrap()["status"], "succeeded", "{:?}", first.last());
+    assert_eq!(
+        first.last().unwrap()["status"],
+        "succeeded",
+        "{:?}",
+        first.last()
+    );
     let losses: Vec<f64> = first
         .iter()
         .filter(|e| e["type"] == "metric")
@@ -189,23 +230,51 @@ fn lora_run_streams_loss_to_completion_and_records_metrics() {
     assert!(out.join("adapter_model.safetensors").is_file());
     assert!(out.join("training_args.yaml").is_file());
     let (_, pts) = get(&s, &format!("/api/runs/{id}/metrics"));
-    let db_losses: Vec<f64> = pts.as_array().unwrap().iter().filter_map(|p| p["loss"].as_f64()).collect();
-    assert_eq!(db_losses, losses, "metrics in SQLite equal the streamed ones");
+    let db_losses: Vec<f64> = pts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["loss"].as_f64())
+        .collect();
+    assert_eq!(
+        db_losses, losses,
+        "metrics in SQLite equal the streamed ones"
+    );
     assert!(dir.path().join("llamaboard.db").is_file());
 
     // The finished adapter is offered as a checkpoint, and predict/export runs work from it.
-    let (_, ckpts) = get(&s, "/api/checkpoints?model=models/demo&finetuning_type=lora");
-    assert!(ckpts.as_array().unwrap().iter().any(|c| Path::new(c["path"].as_str().unwrap()) == out), "{ckpts}");
+    let (_, ckpts) = get(
+        &s,
+        "/api/checkpoints?model=models/demo&finetuning_type=lora",
+    );
+    assert!(
+        ckpts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| Path::new(c["path"].as_str().unwrap()) == out),
+        "{ckpts}"
+    );
     let (code, e) = post(
         &s,
         "/api/export",
         &json!({"model_name_or_path": "models/demo", "adapter_name_or_path": out, "template": "qwen", "export_dir": "exported"}),
     );
     assert_eq!(code, 201, "{e}");
-    let ex = wait_status(&s, e["id"].as_i64().unwrap(), &["succeeded", "failed"], Duration::from_secs(60));
+    let ex = wait_status(
+        &s,
+        e["id"].as_i64().unwrap(),
+        &["succeeded", "failed"],
+        Duration::from_secs(60),
+    );
     assert_eq!(ex["status"], "succeeded", "{ex}");
     let files = ex["result"]["files"].as_array().unwrap();
-    assert!(files.iter().any(|f| f["path"].as_str().unwrap().ends_with("model.safetensors")), "{files:?}");
+    assert!(
+        files
+            .iter()
+            .any(|f| f["path"].as_str().unwrap().ends_with("model.safetensors")),
+        "{files:?}"
+    );
     assert!(dir.path().join("saves/exported/config.json").is_file());
 }
 
@@ -219,7 +288,9 @@ fn abort_keeps_a_checkpoint_and_kill_is_a_failure_with_the_log() {
     let queued = start_run(&s, &quick_run(dir.path(), long.clone()));
     let mut sock = ws(&s, &format!("/api/runs/{id}/events"));
     loop {
-        let tungstenite::Message::Text(t) = sock.read().unwrap() else { continue };
+        let tungstenite::Message::Text(t) = sock.read().unwrap() else {
+            continue;
+        };
         let v: Value = serde_json::from_str(&t).unwrap();
         if v["type"] == "metric" && v["step"].as_u64() >= Some(3) {
             break;
@@ -230,14 +301,23 @@ fn abort_keeps_a_checkpoint_and_kill_is_a_failure_with_the_log() {
     assert_eq!(q["queue_position"], 1);
     let (code, _) = post(&s, &format!("/api/runs/{id}/abort"), &json!(null));
     assert_eq!(code, 200);
-    let run = wait_status(&s, id, &["aborted", "failed", "succeeded"], Duration::from_secs(60));
+    let run = wait_status(
+        &s,
+        id,
+        &["aborted", "failed", "succeeded"],
+        Duration::from_secs(60),
+    );
     assert_eq!(run["status"], "aborted", "{run}");
     let out = PathBuf::from(run["output_dir"].as_str().unwrap());
     let ckpt = std::fs::read_dir(&out)
         .unwrap()
         .flatten()
         .find(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"));
-    assert!(ckpt.is_some(), "an aborted run keeps a checkpoint in {}", out.display());
+    assert!(
+        ckpt.is_some(),
+        "an aborted run keeps a checkpoint in {}",
+        out.display()
+    );
 
     // The queued run starts; SIGKILL its worker: failed, with the log tail.
     let run = wait_status(&s, queued, &["running"], Duration::from_secs(30));
@@ -256,7 +336,12 @@ fn abort_keeps_a_checkpoint_and_kill_is_a_failure_with_the_log() {
     unsafe {
         libc::kill(pid, libc::SIGKILL);
     }
-    let run = wait_status(&s, queued, &["failed", "aborted", "succeeded"], Duration::from_secs(30));
+    let run = wait_status(
+        &s,
+        queued,
+        &["failed", "aborted", "succeeded"],
+        Duration::from_secs(30),
+    );
     assert_eq!(run["status"], "failed", "{run}");
     let err = run["error"].as_str().unwrap();
     assert!(err.contains("SIGKILL"), "{err}");
@@ -270,9 +355,16 @@ fn abort_keeps_a_checkpoint_and_kill_is_a_failure_with_the_log() {
 /// The worker of a run: a child of the server whose command line names the output dir.
 fn worker_pid(server: u32, output_dir: &str) -> Option<i32> {
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid: u32 = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let ppid: u32 = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if ppid == server && String::from_utf8_lossy(&cmd).contains(output_dir) {
             return Some(pid);
@@ -285,10 +377,18 @@ fn worker_pid(server: u32, output_dir: &str) -> Option<i32> {
 fn a_restarted_server_marks_lost_runs_interrupted_and_can_resume_them() {
     let dir = workdir();
     let mut s = start(dir.path());
-    let id = start_run(&s, &quick_run(dir.path(), json!({"num_train_epochs": 200, "max_samples": 64, "save_steps": 1000})));
+    let id = start_run(
+        &s,
+        &quick_run(
+            dir.path(),
+            json!({"num_train_epochs": 200, "max_samples": 64, "save_steps": 1000}),
+        ),
+    );
     let mut sock = ws(&s, &format!("/api/runs/{id}/events"));
     loop {
-        let tungstenite::Message::Text(t) = sock.read().unwrap() else { continue };
+        let tungstenite::Message::Text(t) = sock.read().unwrap() else {
+            continue;
+        };
         let v: Value = serde_json::from_str(&t).unwrap();
         if v["type"] == "metric" && v["step"].as_u64() >= Some(2) {
             break;
@@ -307,8 +407,15 @@ fn a_restarted_server_marks_lost_runs_interrupted_and_can_resume_them() {
     // The orphaned worker was told to save and stop: a checkpoint appears.
     let out = PathBuf::from(run["output_dir"].as_str().unwrap());
     let t = Instant::now();
-    while !std::fs::read_dir(&out).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")) {
-        assert!(t.elapsed() < Duration::from_secs(30), "the orphaned worker saved no checkpoint");
+    while !std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the orphaned worker saved no checkpoint"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // Resume continues from that checkpoint; then abort it again.
@@ -317,10 +424,18 @@ fn a_restarted_server_marks_lost_runs_interrupted_and_can_resume_them() {
     wait_status(&s, id, &["running"], Duration::from_secs(30));
     let (code, _) = post(&s, &format!("/api/runs/{id}/abort"), &json!(null));
     assert_eq!(code, 200);
-    let run = wait_status(&s, id, &["aborted", "failed", "succeeded"], Duration::from_secs(60));
+    let run = wait_status(
+        &s,
+        id,
+        &["aborted", "failed", "succeeded"],
+        Duration::from_secs(60),
+    );
     assert_eq!(run["status"], "aborted", "{run}");
     let (_, log) = http(&s.addr, "GET", &format!("/api/runs/{id}/log"), "", &[]);
-    assert!(log.contains("Resuming training from"), "the resumed worker says it resumed: {log}");
+    assert!(
+        log.contains("Resuming training from"),
+        "the resumed worker says it resumed: {log}"
+    );
 }
 
 #[test]
@@ -341,36 +456,76 @@ fn bad_requests_get_clear_errors() {
     let (c, kind, _, _) = err(code, &v);
     assert_eq!((c, kind.as_str()), (400, "malformed_json"), "{v}");
     // Unknown key, with a suggestion.
-    let (code, v) = post(&s, "/api/runs", &quick_run(dir.path(), json!({"lerning_rate": 1})));
+    let (code, v) = post(
+        &s,
+        "/api/runs",
+        &quick_run(dir.path(), json!({"lerning_rate": 1})),
+    );
     let (c, _, msg, field) = err(code, &v);
     assert_eq!((c, field.as_deref()), (422, Some("lerning_rate")), "{v}");
     assert!(msg.contains("did you mean `learning_rate`"), "{msg}");
     // A wrong type.
-    let (code, v) = post(&s, "/api/runs", &quick_run(dir.path(), json!({"lora_rank": "eight"})));
+    let (code, v) = post(
+        &s,
+        "/api/runs",
+        &quick_run(dir.path(), json!({"lora_rank": "eight"})),
+    );
     assert_eq!(err(code, &v).3.as_deref(), Some("lora_rank"), "{v}");
     // Paths that are not what they claim.
     std::fs::create_dir_all(dir.path().join("not_a_model")).unwrap();
-    let (code, v) = post(&s, "/api/runs", &quick_run(dir.path(), json!({"model_name_or_path": "not_a_model"})));
+    let (code, v) = post(
+        &s,
+        "/api/runs",
+        &quick_run(dir.path(), json!({"model_name_or_path": "not_a_model"})),
+    );
     let (c, _, msg, field) = err(code, &v);
-    assert_eq!((c, field.as_deref()), (422, Some("model_name_or_path")), "{v}");
+    assert_eq!(
+        (c, field.as_deref()),
+        (422, Some("model_name_or_path")),
+        "{v}"
+    );
     assert!(msg.contains("no config.json"), "{msg}");
-    let (code, v) = post(&s, "/api/runs", &quick_run(dir.path(), json!({"dataset_dir": "models"})));
+    let (code, v) = post(
+        &s,
+        "/api/runs",
+        &quick_run(dir.path(), json!({"dataset_dir": "models"})),
+    );
     let (c, _, msg, field) = err(code, &v);
     assert_eq!((c, field.as_deref()), (422, Some("dataset_dir")), "{v}");
     assert!(msg.contains("dataset_info.json"), "{msg}");
-    let (code, v) = post(&s, "/api/runs", &quick_run(dir.path(), json!({"output_dir": "../../etc"})));
+    let (code, v) = post(
+        &s,
+        "/api/runs",
+        &quick_run(dir.path(), json!({"output_dir": "../../etc"})),
+    );
     assert_eq!(err(code, &v).3.as_deref(), Some("output_dir"), "{v}");
-    let (code, v) = post(&s, "/api/runs", &quick_run(dir.path(), json!({"dataset": "demo_sfy"})));
+    let (code, v) = post(
+        &s,
+        "/api/runs",
+        &quick_run(dir.path(), json!({"dataset": "demo_sfy"})),
+    );
     let (c, _, msg, field) = err(code, &v);
     assert_eq!((c, field.as_deref()), (422, Some("dataset")), "{v}");
     assert!(msg.contains("did you mean `demo_sft`"), "{msg}");
     let (code, v) = get(&s, "/api/datasets?dataset_dir=/etc");
     assert_eq!(err(code, &v).3.as_deref(), Some("dataset_dir"), "{v}");
     // A foreign Origin and a foreign Host (DNS rebinding) are refused.
-    let (code, text) = http(&s.addr, "POST", "/api/runs", "{}", &[("Origin", "http://evil.example")]);
+    let (code, text) = http(
+        &s.addr,
+        "POST",
+        "/api/runs",
+        "{}",
+        &[("Origin", "http://evil.example")],
+    );
     assert_eq!(code, 403, "{text}");
     assert!(text.contains("cross-origin"), "{text}");
-    let (code, _) = http(&s.addr, "GET", "/api/runs", "", &[("Host", "evil.example:80")]);
+    let (code, _) = http(
+        &s.addr,
+        "GET",
+        "/api/runs",
+        "",
+        &[("Host", "evil.example:80")],
+    );
     assert_eq!(code, 403);
     // Oversize body.
     let big = format!("{{\"x\": \"{}\"}}", "a".repeat(2 << 20));
@@ -383,12 +538,23 @@ fn bad_requests_get_clear_errors() {
     // The OpenAPI document describes the fixed points.
     let (code, doc) = get(&s, "/api/openapi.json");
     assert_eq!(code, 200);
-    for p in ["/api/runs", "/api/runs/{id}", "/api/runs/{id}/metrics", "/api/datasets"] {
-        assert!(doc["paths"].get(p).is_some(), "{p} missing from the OpenAPI document");
+    for p in [
+        "/api/runs",
+        "/api/runs/{id}",
+        "/api/runs/{id}/metrics",
+        "/api/datasets",
+    ] {
+        assert!(
+            doc["paths"].get(p).is_some(),
+            "{p} missing from the OpenAPI document"
+        );
     }
     assert!(doc["components"]["schemas"]["TrainArgs"]["properties"]["lora_rank"].is_object());
     // The page itself is served, server-rendered.
     let (code, html) = http(&s.addr, "GET", "/", "", &[]);
     assert_eq!(code, 200);
-    assert!(html.contains("LlamaBoard") && html.contains("data-tab=\"tab_train\""), "{html}");
+    assert!(
+        html.contains("LlamaBoard") && html.contains("data-tab=\"tab_train\""),
+        "{html}"
+    );
 }

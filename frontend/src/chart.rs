@@ -13,7 +13,9 @@ const PAD_R: f64 = 12.0;
 const PAD_T: f64 = 12.0;
 const PAD_B: f64 = 28.0;
 
-const OVERLAY_COLORS: &[&str] = &["#7c3aed", "#059669", "#d97706", "#db2777", "#0891b2", "#65a30d"];
+const OVERLAY_COLORS: &[&str] = &[
+    "#7c3aed", "#059669", "#d97706", "#db2777", "#0891b2", "#65a30d",
+];
 
 /// LLaMA-Factory's `smooth`: an EMA whose weight grows with the number of points.
 pub fn smooth(values: &[f64]) -> Vec<f64> {
@@ -93,7 +95,11 @@ pub fn LossChart(
             if s < x0 || s > x1 {
                 continue;
             }
-            for v in [p.loss, p.eval_loss].into_iter().flatten().filter(|v| v.is_finite()) {
+            for v in [p.loss, p.eval_loss]
+                .into_iter()
+                .flatten()
+                .filter(|v| v.is_finite())
+            {
                 lo = lo.min(v);
                 hi = hi.max(v);
             }
@@ -146,7 +152,9 @@ pub fn LossChart(
         #[cfg(feature = "hydrate")]
         {
             use wasm_bindgen::JsCast;
-            let svg = ev.current_target().and_then(|t| t.dyn_into::<web_sys::Element>().ok());
+            let svg = ev
+                .current_target()
+                .and_then(|t| t.dyn_into::<web_sys::Element>().ok());
             if let Some(svg) = svg {
                 let r = svg.get_bounding_client_rect();
                 let svg_x = (ev.client_x() as f64 - r.left()) / r.width().max(1.0) * W;
@@ -163,7 +171,11 @@ pub fn LossChart(
         let p = pts
             .iter()
             .filter(|p| p.loss.is_some() || p.eval_loss.is_some())
-            .min_by(|a, b| (a.step as f64 - s).abs().total_cmp(&(b.step as f64 - s).abs()))?
+            .min_by(|a, b| {
+                (a.step as f64 - s)
+                    .abs()
+                    .total_cmp(&(b.step as f64 - s).abs())
+            })?
             .clone();
         Some(p)
     };

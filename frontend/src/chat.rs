@@ -76,7 +76,7 @@ fn Bubble(turn: Turn) -> impl IntoView {
 pub fn ChatTab() -> impl IntoView {
     let i = use_i18n();
     let ctx = use_ctx();
-    let form = Form::new(CHAT_DEFAULTS);
+    let form = Form::new("chat", CHAT_DEFAULTS);
     let status = RwSignal::new(None::<ChatStatus>);
     let history = RwSignal::new(Vec::<Turn>::new());
     let query = RwSignal::new(String::new());
@@ -96,7 +96,10 @@ pub fn ChatTab() -> impl IntoView {
         message.set(None);
         ctx.top.clear_errors();
         let mut body = ctx.top_args();
-        body.insert("infer_dtype".into(), Value::String(form.get_untracked("infer_dtype")));
+        body.insert(
+            "infer_dtype".into(),
+            Value::String(form.get_untracked("infer_dtype")),
+        );
         status.update(|s| {
             if let Some(s) = s {
                 s.state = "loading".into();
@@ -123,7 +126,9 @@ pub fn ChatTab() -> impl IntoView {
         });
     };
     let on_reply = move |text: String| {
-        let Ok(r) = serde_json::from_str::<ChatReply>(&text) else { return };
+        let Ok(r) = serde_json::from_str::<ChatReply>(&text) else {
+            return;
+        };
         match r {
             ChatReply::Token { text } => history.update(|h| {
                 if let Some(last) = h.last_mut() {
@@ -144,11 +149,23 @@ pub fn ChatTab() -> impl IntoView {
         }
         message.set(None);
         history.update(|h| {
-            h.push(Turn { role: form.get_untracked("role"), content: q });
+            h.push(Turn {
+                role: form.get_untracked("role"),
+                content: q,
+            });
         });
         query.set(String::new());
-        let messages: Vec<Value> = history.get_untracked().iter().map(|t| json!({"role": t.role, "content": t.content})).collect();
-        history.update(|h| h.push(Turn { role: "assistant".into(), content: String::new() }));
+        let messages: Vec<Value> = history
+            .get_untracked()
+            .iter()
+            .map(|t| json!({"role": t.role, "content": t.content}))
+            .collect();
+        history.update(|h| {
+            h.push(Turn {
+                role: "assistant".into(),
+                content: String::new(),
+            })
+        });
         let num = |k: &str| form.get_untracked(k).parse::<f64>().ok();
         let req = json!({
             "type": "generate",
@@ -193,7 +210,10 @@ pub fn ChatTab() -> impl IntoView {
         </div>
         <p class="message" role="status" data-testid="chat-status">
             {move || match status.get() {
-                Some(s) if s.state == "loaded" => format!("{} ({})", i.tr("model_loaded"), s.model.unwrap_or_default()),
+                Some(s) if s.state == "loaded" => {
+                    let adapter = s.adapter.map(|a| format!(" + {}", crate::short(&a))).unwrap_or_default();
+                    format!("{} ({}{adapter})", i.tr("model_loaded"), crate::short(&s.model.unwrap_or_default()))
+                }
                 Some(s) if s.state == "loading" => i.tr("model_loading").to_string(),
                 Some(s) if s.state == "failed" => format!("{}: {}", i.tr("load_failed"), s.error.unwrap_or_default()),
                 _ => i.tr("model_unloaded").to_string(),

@@ -29,10 +29,18 @@ pub async fn get_text(url: &str) -> Result<String, ApiErr> {
     imp::request("GET", url, None).await
 }
 
-pub async fn send<B: Serialize, T: DeserializeOwned>(method: &str, url: &str, body: &B) -> Result<T, ApiErr> {
+pub async fn send<B: Serialize, T: DeserializeOwned>(
+    method: &str,
+    url: &str,
+    body: &B,
+) -> Result<T, ApiErr> {
     let body = serde_json::to_string(body).map_err(|e| ApiErr::plain(e.to_string()))?;
     let text = imp::request(method, url, Some(body)).await?;
-    let text = if text.trim().is_empty() { "null".to_string() } else { text };
+    let text = if text.trim().is_empty() {
+        "null".to_string()
+    } else {
+        text
+    };
     serde_json::from_str(&text).map_err(|e| ApiErr::plain(format!("{url}: {e}")))
 }
 
@@ -41,7 +49,9 @@ pub fn enc(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -70,7 +80,9 @@ mod imp {
         }
         let req = web_sys::Request::new_with_str_and_init(url, &opts).map_err(js_err)?;
         if body.is_some() {
-            req.headers().set("Content-Type", "application/json").map_err(js_err)?;
+            req.headers()
+                .set("Content-Type", "application/json")
+                .map_err(js_err)?;
         }
         let window = web_sys::window().ok_or_else(|| ApiErr::plain("no window"))?;
         let resp: web_sys::Response = JsFuture::from(window.fetch_with_request(&req))
@@ -102,14 +114,20 @@ mod imp {
         /// Connects to `path` on this host and calls `on_text` with every text message.
         pub fn open(path: &str, on_text: impl Fn(String) + 'static) -> Option<Self> {
             let loc = web_sys::window()?.location();
-            let proto = if loc.protocol().ok()? == "https:" { "wss" } else { "ws" };
+            let proto = if loc.protocol().ok()? == "https:" {
+                "wss"
+            } else {
+                "ws"
+            };
             let url = format!("{proto}://{}{path}", loc.host().ok()?);
             let ws = web_sys::WebSocket::new(&url).ok()?;
-            let cb = Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |e: web_sys::MessageEvent| {
-                if let Some(t) = e.data().as_string() {
-                    on_text(t);
-                }
-            });
+            let cb = Closure::<dyn FnMut(web_sys::MessageEvent)>::new(
+                move |e: web_sys::MessageEvent| {
+                    if let Some(t) = e.data().as_string() {
+                        on_text(t);
+                    }
+                },
+            );
             ws.set_onmessage(Some(cb.as_ref().unchecked_ref()));
             cb.forget();
             Some(Socket(SendWrapper::new(ws)))
@@ -151,8 +169,14 @@ mod imp {
 mod imp {
     use super::ApiErr;
 
-    pub async fn request(_method: &str, url: &str, _body: Option<String>) -> Result<String, ApiErr> {
-        Err(ApiErr::plain(format!("{url}: requests are made by the browser only")))
+    pub async fn request(
+        _method: &str,
+        url: &str,
+        _body: Option<String>,
+    ) -> Result<String, ApiErr> {
+        Err(ApiErr::plain(format!(
+            "{url}: requests are made by the browser only"
+        )))
     }
 
     /// On the server the page never opens sockets.

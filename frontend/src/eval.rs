@@ -30,7 +30,7 @@ const EVAL_DEFAULTS: &[(&str, &str)] = &[
 pub fn EvalTab() -> impl IntoView {
     let i = use_i18n();
     let ctx = use_ctx();
-    let form = Form::new(EVAL_DEFAULTS);
+    let form = Form::new("eval", EVAL_DEFAULTS);
     let view_ = ctx.eval;
     let message = RwSignal::new(None::<String>);
     let command = RwSignal::new(None::<CommandPreview>);
@@ -41,8 +41,14 @@ pub fn EvalTab() -> impl IntoView {
     Effect::new(move |_| {
         let dir = form.get("dataset_dir");
         spawn_local(async move {
-            match get::<Vec<DatasetEntry>>(&format!("/api/datasets?dataset_dir={}", enc(&dir))).await {
-                Ok(list) => datasets.set(list.into_iter().filter(|d| !d.ranking && d.kind != "kto").collect()),
+            match get::<Vec<DatasetEntry>>(&format!("/api/datasets?dataset_dir={}", enc(&dir)))
+                .await
+            {
+                Ok(list) => datasets.set(
+                    list.into_iter()
+                        .filter(|d| !d.ranking && d.kind != "kto")
+                        .collect(),
+                ),
                 Err(e) => {
                     datasets.set(Vec::new());
                     form.show_error("dataset_dir", &e.message);
@@ -51,9 +57,15 @@ pub fn EvalTab() -> impl IntoView {
         });
     });
     let load_rows = move |offset: u64| {
-        let Some(id) = view_.id.get_untracked() else { return };
+        let Some(id) = view_.id.get_untracked() else {
+            return;
+        };
         spawn_local(async move {
-            if let Ok(p) = get::<DatasetPage>(&format!("/api/runs/{id}/predictions?offset={offset}&limit=10")).await {
+            if let Ok(p) = get::<DatasetPage>(&format!(
+                "/api/runs/{id}/predictions?offset={offset}&limit=10"
+            ))
+            .await
+            {
                 rows.set(Some(p));
             }
         });
@@ -83,7 +95,9 @@ pub fn EvalTab() -> impl IntoView {
         form.clear_errors();
         let body = args();
         spawn_local(async move {
-            match send::<_, CommandPreview>("POST", "/api/preview-command?kind=predict", &body).await {
+            match send::<_, CommandPreview>("POST", "/api/preview-command?kind=predict", &body)
+                .await
+            {
                 Ok(c) => command.set(Some(c)),
                 Err(e) => report(e),
             }
@@ -108,7 +122,8 @@ pub fn EvalTab() -> impl IntoView {
     let on_abort = move |_| {
         if let Some(id) = view_.id.get_untracked() {
             spawn_local(async move {
-                let _ = send::<_, Run>("POST", &format!("/api/runs/{id}/abort"), &Value::Null).await;
+                let _ =
+                    send::<_, Run>("POST", &format!("/api/runs/{id}/abort"), &Value::Null).await;
             });
         }
     };

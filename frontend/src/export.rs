@@ -33,7 +33,7 @@ fn size(bytes: u64) -> String {
 pub fn ExportTab() -> impl IntoView {
     let i = use_i18n();
     let ctx = use_ctx();
-    let form = Form::new(EXPORT_DEFAULTS);
+    let form = Form::new("export", EXPORT_DEFAULTS);
     let view_ = ctx.export;
     let message = RwSignal::new(None::<String>);
     let busy = Signal::derive(move || view_.is_active());
@@ -65,7 +65,10 @@ pub fn ExportTab() -> impl IntoView {
                 a.iter()
                     .map(|f| {
                         (
-                            f.get("path").and_then(Value::as_str).unwrap_or_default().to_string(),
+                            f.get("path")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_string(),
                             f.get("size").and_then(Value::as_u64).unwrap_or(0),
                         )
                     })

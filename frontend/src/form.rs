@@ -11,24 +11,34 @@ use crate::i18n::use_i18n;
 
 #[derive(Clone, Copy)]
 pub struct Form {
+    /// Prefix of the controls' element ids, unique per form on the page.
+    pub scope: &'static str,
     pub values: RwSignal<BTreeMap<String, String>>,
     pub errors: RwSignal<BTreeMap<String, String>>,
 }
 
 impl Form {
-    pub fn new(defaults: &[(&str, &str)]) -> Self {
+    pub fn new(scope: &'static str, defaults: &[(&str, &str)]) -> Self {
         Self {
-            values: RwSignal::new(defaults.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            scope,
+            values: RwSignal::new(
+                defaults
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             errors: RwSignal::new(BTreeMap::new()),
         }
     }
 
     pub fn get(&self, key: &str) -> String {
-        self.values.with(|m| m.get(key).cloned().unwrap_or_default())
+        self.values
+            .with(|m| m.get(key).cloned().unwrap_or_default())
     }
 
     pub fn get_untracked(&self, key: &str) -> String {
-        self.values.with_untracked(|m| m.get(key).cloned().unwrap_or_default())
+        self.values
+            .with_untracked(|m| m.get(key).cloned().unwrap_or_default())
     }
 
     pub fn set(&self, key: &str, value: impl Into<String>) {
@@ -116,7 +126,7 @@ pub fn Field(
     #[prop(optional, into)] disabled: Option<Signal<bool>>,
 ) -> impl IntoView {
     let i = use_i18n();
-    let id = format!("f-{key}");
+    let id = format!("f-{}-{key}", form.scope);
     view! {
         <div class="field" class:invalid=move || form.errors.with(|e| e.contains_key(key))>
             <label for=id.clone()>{i.t(label)}</label>
@@ -147,7 +157,7 @@ pub fn Select(
     #[prop(optional, into)] disabled: Option<Signal<bool>>,
 ) -> impl IntoView {
     let i = use_i18n();
-    let id = format!("f-{key}");
+    let id = format!("f-{}-{key}", form.scope);
     view! {
         <div class="field" class:invalid=move || form.errors.with(|e| e.contains_key(key))>
             <label for=id.clone()>{i.t(label)}</label>
@@ -175,7 +185,7 @@ pub fn Select(
 #[component]
 pub fn Check(form: Form, key: &'static str, label: &'static str) -> impl IntoView {
     let i = use_i18n();
-    let id = format!("f-{key}");
+    let id = format!("f-{}-{key}", form.scope);
     view! {
         <div class="field check">
             <input

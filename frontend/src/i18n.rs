@@ -28,11 +28,19 @@ impl Lang {
 /// (key, English, Chinese)
 pub const TABLE: &[(&str, &str, &str)] = &[
     ("title", "LlamaBoard", "LlamaBoard"),
-    ("subtitle", "Fine-tune LLMs natively: no Python, one binary", "原生大模型微调：无需 Python，一个程序"),
+    (
+        "subtitle",
+        "Fine-tune LLMs natively: no Python, one binary",
+        "原生大模型微调：无需 Python，一个程序",
+    ),
     ("lang", "Language", "语言"),
     ("model", "Model", "模型"),
     ("model_path", "Model path", "模型路径"),
-    ("model_path_hint", "A folder with config.json or a Hugging Face id in the local cache", "含 config.json 的目录，或本地缓存中的 Hugging Face 模型名"),
+    (
+        "model_path_hint",
+        "A folder with config.json or a Hugging Face id in the local cache",
+        "含 config.json 的目录，或本地缓存中的 Hugging Face 模型名",
+    ),
     ("finetuning_type", "Finetuning method", "微调方法"),
     ("checkpoint", "Checkpoint path", "检查点路径"),
     ("none", "none", "无"),
@@ -52,7 +60,11 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("dataset_dir", "Data dir", "数据路径"),
     ("dataset", "Dataset", "数据集"),
     ("preview_dataset", "Preview dataset", "预览数据集"),
-    ("no_datasets", "No dataset of this stage in the data dir", "数据路径中没有适用于该阶段的数据集"),
+    (
+        "no_datasets",
+        "No dataset of this stage in the data dir",
+        "数据路径中没有适用于该阶段的数据集",
+    ),
     ("learning_rate", "Learning rate", "学习率"),
     ("num_train_epochs", "Epochs", "训练轮数"),
     ("max_grad_norm", "Maximum gradient norm", "最大梯度范数"),
@@ -61,7 +73,11 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("compute_type", "Compute type", "计算类型"),
     ("cutoff_len", "Cutoff length", "截断长度"),
     ("batch_size", "Batch size", "批处理大小"),
-    ("gradient_accumulation_steps", "Gradient accumulation", "梯度累积"),
+    (
+        "gradient_accumulation_steps",
+        "Gradient accumulation",
+        "梯度累积",
+    ),
     ("val_size", "Val size", "验证集比例"),
     ("lr_scheduler_type", "LR scheduler", "学习率调节器"),
     ("extra_group", "Extra configurations", "其它参数设置"),
@@ -75,9 +91,17 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("mask_history", "Mask history", "不学习历史对话"),
     ("resize_vocab", "Resize token embeddings", "更改词表大小"),
     ("enable_thinking", "Enable thinking", "启用思考模式"),
-    ("freeze_group", "Freeze tuning configurations", "部分参数微调设置"),
+    (
+        "freeze_group",
+        "Freeze tuning configurations",
+        "部分参数微调设置",
+    ),
     ("freeze_trainable_layers", "Trainable layers", "可训练层数"),
-    ("freeze_trainable_modules", "Trainable modules", "可训练模块"),
+    (
+        "freeze_trainable_modules",
+        "Trainable modules",
+        "可训练模块",
+    ),
     ("freeze_extra_modules", "Extra modules", "额外模块"),
     ("lora_group", "LoRA configurations", "LoRA 参数设置"),
     ("lora_rank", "LoRA rank", "LoRA 秩"),
@@ -122,7 +146,11 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("step", "Step", "步数"),
     ("log", "Log", "日志"),
     ("history", "Run history", "运行历史"),
-    ("history_hint", "Select runs to overlay their loss curves and compare their configs", "选择多个运行以叠加损失曲线并比较配置"),
+    (
+        "history_hint",
+        "Select runs to overlay their loss curves and compare their configs",
+        "选择多个运行以叠加损失曲线并比较配置",
+    ),
     ("refresh", "Refresh", "刷新"),
     ("id", "ID", "编号"),
     ("dataset_col", "Dataset", "数据集"),
@@ -151,11 +179,23 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("infer_dtype", "Inference data type", "推理数据类型"),
     ("load_model", "Load model", "加载模型"),
     ("unload_model", "Unload model", "卸载模型"),
-    ("model_unloaded", "Model unloaded, please load a model first.", "模型未加载，请先加载模型。"),
+    (
+        "model_unloaded",
+        "Model unloaded, please load a model first.",
+        "模型未加载，请先加载模型。",
+    ),
     ("model_loading", "Loading model...", "加载中……"),
-    ("model_loaded", "Model loaded, now you can chat with your model!", "模型已加载，可以开始聊天了！"),
+    (
+        "model_loaded",
+        "Model loaded, now you can chat with your model!",
+        "模型已加载，可以开始聊天了！",
+    ),
     ("load_failed", "Loading failed", "加载失败"),
-    ("system_prompt", "System prompt (optional)", "系统提示词（非必填）"),
+    (
+        "system_prompt",
+        "System prompt (optional)",
+        "系统提示词（非必填）",
+    ),
     ("tools", "Tools (optional)", "工具列表（非必填）"),
     ("role", "Role", "角色"),
     ("user", "user", "用户"),
@@ -176,8 +216,16 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("size", "Size", "大小"),
     ("error", "Error", "错误"),
     ("err_no_model", "Please select a model.", "请选择模型。"),
-    ("err_no_dataset", "Please choose a dataset.", "请选择数据集。"),
-    ("err_running", "A process is in running, please abort it first.", "任务进行中，请先中断训练。"),
+    (
+        "err_no_dataset",
+        "Please choose a dataset.",
+        "请选择数据集。",
+    ),
+    (
+        "err_running",
+        "A process is in running, please abort it first.",
+        "任务进行中，请先中断训练。",
+    ),
     ("command", "Command", "命令"),
     ("saved", "Saved.", "已保存。"),
     ("loaded", "Loaded.", "已载入。"),
@@ -229,7 +277,10 @@ mod tests {
     fn every_key_is_unique_and_translated() {
         for (i, (k, en, zh)) in TABLE.iter().enumerate() {
             assert!(!en.is_empty() && !zh.is_empty(), "{k}");
-            assert!(TABLE[i + 1..].iter().all(|(o, _, _)| o != k), "duplicate key {k}");
+            assert!(
+                TABLE[i + 1..].iter().all(|(o, _, _)| o != k),
+                "duplicate key {k}"
+            );
         }
         assert_eq!(lookup(Lang::Zh, "tab_train"), "训练");
         assert_eq!(lookup(Lang::En, "missing"), "?");

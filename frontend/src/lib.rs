@@ -84,7 +84,10 @@ impl Ctx {
         let mut m = Map::new();
         let s = |v: String| Value::String(v);
         let ft = t.get_untracked("finetuning_type");
-        m.insert("model_name_or_path".into(), s(t.get_untracked("model_name_or_path")));
+        m.insert(
+            "model_name_or_path".into(),
+            s(t.get_untracked("model_name_or_path")),
+        );
         m.insert("finetuning_type".into(), s(ft.clone()));
         let ckpt = t.get_untracked("checkpoint");
         if !ckpt.is_empty() {
@@ -143,7 +146,11 @@ impl Ctx {
             return;
         }
         spawn_local(async move {
-            let url = format!("/api/checkpoints?model={}&finetuning_type={}", enc(&model), enc(&ft));
+            let url = format!(
+                "/api/checkpoints?model={}&finetuning_type={}",
+                enc(&model),
+                enc(&ft)
+            );
             if let Ok(list) = get::<Vec<CheckpointEntry>>(&url).await {
                 ctx.checkpoints.set(list);
             }
@@ -174,7 +181,7 @@ fn Board() -> impl IntoView {
     let i = I18n(lang);
     provide_context(i);
     let ctx = Ctx {
-        top: Form::new(TOP_DEFAULTS),
+        top: Form::new("top", TOP_DEFAULTS),
         models: RwSignal::new(Vec::new()),
         templates: RwSignal::new(Vec::new()),
         checkpoints: RwSignal::new(Vec::new()),
@@ -192,31 +199,45 @@ fn Board() -> impl IntoView {
         hydrated.set(true);
         spawn_local(async move {
             let settings: Map<String, Value> = get("/api/settings").await.unwrap_or_default();
-            if let Some(l) = settings.get("language").and_then(Value::as_str).and_then(Lang::parse) {
+            if let Some(l) = settings
+                .get("language")
+                .and_then(Value::as_str)
+                .and_then(Lang::parse)
+            {
                 lang.set(l);
             }
             if let Ok(t) = get::<Vec<String>>("/api/templates").await {
                 ctx.templates.set(t);
             }
             let models: Vec<ModelEntry> = get("/api/models").await.unwrap_or_default();
-            let last = settings.get("last_model").and_then(Value::as_str).map(str::to_string);
+            let last = settings
+                .get("last_model")
+                .and_then(Value::as_str)
+                .map(str::to_string);
             let pick = last
                 .filter(|l| !l.is_empty())
                 .or_else(|| models.first().map(|m| m.path.clone()));
             ctx.models.set(models.clone());
             if let Some(p) = pick {
                 ctx.top.set("model_name_or_path", p.clone());
-                if let Some(t) = models.iter().find(|m| m.path == p).and_then(|m| m.template.clone()) {
+                if let Some(t) = models
+                    .iter()
+                    .find(|m| m.path == p)
+                    .and_then(|m| m.template.clone())
+                {
                     ctx.top.set("template", t);
                 }
                 ctx.load_checkpoints();
             }
             let runs: Vec<Run> = get("/api/runs?limit=50").await.unwrap_or_default();
-            for (kind, view) in [(RunKind::Train, ctx.train), (RunKind::Predict, ctx.eval), (RunKind::Export, ctx.export)] {
-                if let Some(r) = runs
-                    .iter()
-                    .find(|r| r.kind == kind && matches!(r.status, RunStatus::Queued | RunStatus::Running))
-                {
+            for (kind, view) in [
+                (RunKind::Train, ctx.train),
+                (RunKind::Predict, ctx.eval),
+                (RunKind::Export, ctx.export),
+            ] {
+                if let Some(r) = runs.iter().find(|r| {
+                    r.kind == kind && matches!(r.status, RunStatus::Queued | RunStatus::Running)
+                }) {
                     view.attach(r.id);
                 }
             }
@@ -272,7 +293,13 @@ fn TopBar() -> impl IntoView {
     let choose_model = move |path: String| {
         top.set("model_name_or_path", path.clone());
         top.set("checkpoint", "");
-        if let Some(t) = ctx.models.get_untracked().iter().find(|m| m.path == path).and_then(|m| m.template.clone()) {
+        if let Some(t) = ctx
+            .models
+            .get_untracked()
+            .iter()
+            .find(|m| m.path == path)
+            .and_then(|m| m.template.clone())
+        {
             top.set("template", t);
         }
         ctx.load_checkpoints();
@@ -343,7 +370,11 @@ fn TopBar() -> impl IntoView {
 
 /// The last component of a path, for tables.
 pub fn short(path: &str) -> String {
-    path.trim_end_matches('/').rsplit('/').next().unwrap_or(path).to_string()
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(path)
+        .to_string()
 }
 
 fn use_i18n_ctx() -> I18n {

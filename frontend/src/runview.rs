@@ -50,7 +50,10 @@ impl RunView {
     }
 
     pub fn is_active(&self) -> bool {
-        matches!(self.status.get(), Some(RunStatus::Queued | RunStatus::Running))
+        matches!(
+            self.status.get(),
+            Some(RunStatus::Queued | RunStatus::Running)
+        )
     }
 
     fn reset(&self) {
@@ -121,7 +124,9 @@ impl RunView {
                 self.elapsed.set(elapsed_s);
                 self.eta.set(eta_s);
             }
-            RunEvent::Checkpoint { step, path } => self.push_log(format!("checkpoint at step {step}: {path}")),
+            RunEvent::Checkpoint { step, path } => {
+                self.push_log(format!("checkpoint at step {step}: {path}"))
+            }
             RunEvent::Log { line } => self.push_log(line),
             RunEvent::Finished { metrics } => self.result.set(metrics),
         }

@@ -6,7 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use protocol::run::{ArgSet, CommandPreview, Created, DatasetEntry, DatasetPage, MetricPoint, Run, RunKind, RunStatus};
+use protocol::run::{
+    ArgSet, CommandPreview, Created, DatasetEntry, DatasetPage, MetricPoint, Run, RunKind,
+    RunStatus,
+};
 use serde_json::{Map, Value};
 
 use crate::chart::{LossChart, Overlay};
@@ -77,7 +80,11 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
     let mut own = form.to_json();
     own.remove("config_name");
     let stage = form.get_untracked("stage");
-    match own.remove("compute_type").and_then(|v| v.as_str().map(str::to_string)).as_deref() {
+    match own
+        .remove("compute_type")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .as_deref()
+    {
         Some("bf16") => {
             m.insert("bf16".into(), Value::Bool(true));
         }
@@ -90,14 +97,43 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
         _ => {}
     }
     for zero_is_none in ["neftune_noise_alpha", "loraplus_lr_ratio"] {
-        if own.get(zero_is_none).and_then(Value::as_str).and_then(|s| s.parse::<f64>().ok()) == Some(0.0) {
+        if own
+            .get(zero_is_none)
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse::<f64>().ok())
+            == Some(0.0)
+        {
             own.remove(zero_is_none);
         }
     }
-    let ft = m.get("finetuning_type").and_then(Value::as_str).unwrap_or("lora").to_string();
+    let ft = m
+        .get("finetuning_type")
+        .and_then(Value::as_str)
+        .unwrap_or("lora")
+        .to_string();
     let group_keys: &[(&str, &[&str])] = &[
-        ("freeze", &["freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"]),
-        ("lora", &["lora_rank", "lora_alpha", "lora_dropout", "loraplus_lr_ratio", "create_new_adapter", "use_rslora", "use_dora", "lora_target", "additional_target"]),
+        (
+            "freeze",
+            &[
+                "freeze_trainable_layers",
+                "freeze_trainable_modules",
+                "freeze_extra_modules",
+            ],
+        ),
+        (
+            "lora",
+            &[
+                "lora_rank",
+                "lora_alpha",
+                "lora_dropout",
+                "loraplus_lr_ratio",
+                "create_new_adapter",
+                "use_rslora",
+                "use_dora",
+                "lora_target",
+                "additional_target",
+            ],
+        ),
     ];
     for (method, keys) in group_keys {
         if *method != ft {
@@ -114,8 +150,14 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
     let val: f64 = form.get_untracked("val_size").parse().unwrap_or(0.0);
     if val > 1e-6 {
         own.insert("eval_strategy".into(), "steps".into());
-        own.insert("eval_steps".into(), Value::String(form.get_untracked("save_steps")));
-        own.insert("per_device_eval_batch_size".into(), Value::String(form.get_untracked("per_device_train_batch_size")));
+        own.insert(
+            "eval_steps".into(),
+            Value::String(form.get_untracked("save_steps")),
+        );
+        own.insert(
+            "per_device_eval_batch_size".into(),
+            Value::String(form.get_untracked("per_device_train_batch_size")),
+        );
     } else {
         own.remove("val_size");
     }
@@ -128,7 +170,7 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
 pub fn TrainTab() -> impl IntoView {
     let i = use_i18n();
     let ctx = use_ctx();
-    let form = Form::new(TRAIN_DEFAULTS);
+    let form = Form::new("train", TRAIN_DEFAULTS);
     let view_ = ctx.train;
     let message = RwSignal::new(None::<String>);
     let command = RwSignal::new(None::<CommandPreview>);
@@ -141,7 +183,9 @@ pub fn TrainTab() -> impl IntoView {
     Effect::new(move |_| {
         let dir = form.get("dataset_dir");
         spawn_local(async move {
-            match get::<Vec<DatasetEntry>>(&format!("/api/datasets?dataset_dir={}", enc(&dir))).await {
+            match get::<Vec<DatasetEntry>>(&format!("/api/datasets?dataset_dir={}", enc(&dir)))
+                .await
+            {
                 Ok(list) => {
                     form.errors.update(|e| {
                         e.remove("dataset_dir");
@@ -165,7 +209,12 @@ pub fn TrainTab() -> impl IntoView {
     Effect::new(move |_| load_arg_sets());
 
     let chosen = move || -> BTreeSet<String> {
-        form.get("dataset").split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+        form.get("dataset")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
     };
     let toggle = move |name: String, on: bool| {
         let mut set = chosen();
@@ -179,7 +228,11 @@ pub fn TrainTab() -> impl IntoView {
     let open_preview = move |name: String, offset: u64| {
         let dir = form.get_untracked("dataset_dir");
         spawn_local(async move {
-            let url = format!("/api/datasets/{}/preview?dataset_dir={}&offset={offset}&limit=2", enc(&name), enc(&dir));
+            let url = format!(
+                "/api/datasets/{}/preview?dataset_dir={}&offset={offset}&limit=2",
+                enc(&name),
+                enc(&dir)
+            );
             match get::<DatasetPage>(&url).await {
                 Ok(p) => preview.set(Some(p)),
                 Err(e) => message.set(Some(e.message)),
@@ -209,7 +262,8 @@ pub fn TrainTab() -> impl IntoView {
         ctx.top.clear_errors();
         message.set(None);
         if ctx.top.get_untracked("model_name_or_path").is_empty() {
-            ctx.top.show_error("model_name_or_path", i.now("err_no_model"));
+            ctx.top
+                .show_error("model_name_or_path", i.now("err_no_model"));
             return;
         }
         if form.get_untracked("dataset").is_empty() {
@@ -230,7 +284,9 @@ pub fn TrainTab() -> impl IntoView {
     let on_abort = move |_| {
         if let Some(id) = view_.id.get_untracked() {
             spawn_local(async move {
-                if let Err(e) = send::<_, Run>("POST", &format!("/api/runs/{id}/abort"), &Value::Null).await {
+                if let Err(e) =
+                    send::<_, Run>("POST", &format!("/api/runs/{id}/abort"), &Value::Null).await
+                {
                     message.set(Some(e.message));
                 }
             });
@@ -256,7 +312,11 @@ pub fn TrainTab() -> impl IntoView {
         });
     };
     let on_load = move |name: String| {
-        if let Some(set) = arg_sets.get_untracked().into_iter().find(|s| s.name == name) {
+        if let Some(set) = arg_sets
+            .get_untracked()
+            .into_iter()
+            .find(|s| s.name == name)
+        {
             ctx.top.load(&set.config);
             form.load(&set.config);
             form.set("config_name", name);
@@ -270,7 +330,13 @@ pub fn TrainTab() -> impl IntoView {
         }
     });
 
-    let stage_options = vec![("sft", "stage_sft"), ("rm", "stage_rm"), ("dpo", "stage_dpo"), ("kto", "stage_kto"), ("pt", "stage_pt")];
+    let stage_options = vec![
+        ("sft", "stage_sft"),
+        ("rm", "stage_rm"),
+        ("dpo", "stage_dpo"),
+        ("kto", "stage_kto"),
+        ("pt", "stage_pt"),
+    ];
     view! {
         <div class="grid">
             <Select form key="stage" label="stage" options=stage_options disabled=busy/>
@@ -288,7 +354,6 @@ pub fn TrainTab() -> impl IntoView {
                     list.into_iter().map(|d| {
                         let name = d.name.clone();
                         let n2 = name.clone();
-                        let n3 = name.clone();
                         let checked = move || chosen().contains(&n2);
                         view! {
                             <span class="chip">
@@ -297,14 +362,19 @@ pub fn TrainTab() -> impl IntoView {
                                         on:change=move |ev| toggle(name.clone(), event_target_checked(&ev))/>
                                     {d.name.clone()}
                                 </label>
-                                <button class="link" type="button" title=i.t("preview_dataset")
-                                    on:click=move |_| open_preview(n3.clone(), 0)>"👁"</button>
                             </span>
                         }
                     }).collect_view().into_any()
                 }}
             </div>
             {move || form.errors.with(|e| e.get("dataset").cloned()).map(|m| view! { <p class="field-error" role="alert" data-field="dataset">{m}</p> })}
+            <div>
+                // Like LlamaBoard: previews the first chosen dataset, two rows a page.
+                <button class="small" data-testid="preview-dataset" disabled=move || chosen().is_empty()
+                    on:click=move |_| if let Some(first) = chosen().into_iter().next() { open_preview(first, 0) }>
+                    {i.t("preview_dataset")}
+                </button>
+            </div>
         </div>
         {move || preview.get().map(|p| {
             let name = p.name.clone();
@@ -447,7 +517,12 @@ fn History() -> impl IntoView {
         let current = ctx.train.id.get();
         sel.iter()
             .filter(|id| Some(**id) != current)
-            .filter_map(|id| c.get(id).map(|pts| Overlay { label: format!("#{id}"), points: pts.clone() }))
+            .filter_map(|id| {
+                c.get(id).map(|pts| Overlay {
+                    label: format!("#{id}"),
+                    points: pts.clone(),
+                })
+            })
             .collect::<Vec<_>>()
     });
     let diff = move || -> Vec<(String, Vec<String>)> {
@@ -460,14 +535,25 @@ fn History() -> impl IntoView {
         let keys: BTreeSet<&String> = chosen.iter().flat_map(|r| r.config.keys()).collect();
         keys.into_iter()
             .filter_map(|k| {
-                let vals: Vec<String> = chosen.iter().map(|r| r.config.get(k).map(|v| v.to_string()).unwrap_or_else(|| "—".into())).collect();
+                let vals: Vec<String> = chosen
+                    .iter()
+                    .map(|r| {
+                        r.config
+                            .get(k)
+                            .map(|v| v.to_string())
+                            .unwrap_or_else(|| "—".into())
+                    })
+                    .collect();
                 (vals.iter().any(|v| v != &vals[0])).then(|| (k.clone(), vals))
             })
             .collect()
     };
     let resume = move |id: i64| {
         spawn_local(async move {
-            if send::<_, Run>("POST", &format!("/api/runs/{id}/resume"), &Value::Null).await.is_ok() {
+            if send::<_, Run>("POST", &format!("/api/runs/{id}/resume"), &Value::Null)
+                .await
+                .is_ok()
+            {
                 ctx.train.attach(id);
             }
         });

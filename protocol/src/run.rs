@@ -325,7 +325,14 @@ mod tests {
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(s, r#"{"seq":3,"type":"log","line":"hi"}"#);
         assert_eq!(serde_json::from_str::<RunEventMsg>(&s).unwrap(), m);
-        for st in ["queued", "running", "succeeded", "failed", "aborted", "interrupted"] {
+        for st in [
+            "queued",
+            "running",
+            "succeeded",
+            "failed",
+            "aborted",
+            "interrupted",
+        ] {
             assert_eq!(RunStatus::parse(st).unwrap().as_str(), st);
         }
     }

@@ -202,12 +202,14 @@ impl Db {
 
     pub async fn set_result(&self, id: i64, result: &Map<String, Value>) -> Result<()> {
         let loss = result.get("train_loss").and_then(Value::as_f64);
-        sqlx::query("UPDATE runs SET result = ?, final_loss = COALESCE(?, final_loss) WHERE id = ?")
-            .bind(serde_json::to_string(result)?)
-            .bind(loss)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE runs SET result = ?, final_loss = COALESCE(?, final_loss) WHERE id = ?",
+        )
+        .bind(serde_json::to_string(result)?)
+        .bind(loss)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -291,11 +293,13 @@ impl Db {
     }
 
     pub async fn events_after(&self, id: i64, after: i64) -> Result<Vec<RunEventMsg>> {
-        let rows = sqlx::query("SELECT seq, payload FROM events WHERE run_id = ? AND seq > ? ORDER BY seq")
-            .bind(id)
-            .bind(after)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT seq, payload FROM events WHERE run_id = ? AND seq > ? ORDER BY seq",
+        )
+        .bind(id)
+        .bind(after)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .iter()
             .filter_map(|r| {
@@ -322,9 +326,10 @@ impl Db {
     }
 
     pub async fn arg_sets(&self) -> Result<Vec<ArgSet>> {
-        let rows = sqlx::query("SELECT name, config, updated_at FROM arg_sets ORDER BY updated_at DESC")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT name, config, updated_at FROM arg_sets ORDER BY updated_at DESC")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(rows
             .iter()
             .map(|r| ArgSet {

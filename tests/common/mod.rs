@@ -123,4 +123,3 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
-

@@ -69,7 +69,7 @@ try {
   console.log('language switch ok');
 
   // The demo model is picked and its template filled in.
-  await page.waitForFunction(() => document.querySelector('#f-model_name_or_path').value.includes('demo'));
+  await page.waitForFunction(() => document.querySelector('#f-top-model_name_or_path').value.includes('demo'));
   if ((await page.inputValue('#f-template')) !== 'qwen') fail('template not auto-filled from the model');
 
   // A validation message next to its field, not an alert.
@@ -79,7 +79,15 @@ try {
 
   // A LoRA run from the form.
   await page.check('input[name="dataset"][value="demo_sft"]');
-  const fill = async (key, v) => page.fill(`#f-${key}`, v);
+  // The dataset preview pages through the raw records.
+  await page.click('[data-testid="preview-dataset"]');
+  await page.waitForSelector('[data-testid="dataset-preview"]');
+  const first = await page.textContent('[data-testid="dataset-preview"] pre');
+  await page.click('[data-testid="dataset-preview"] button:has-text("Next")');
+  await page.waitForFunction((f) => document.querySelector('[data-testid="dataset-preview"] pre').textContent !== f, first);
+  if (!(await page.textContent('[data-testid="dataset-preview"] h3')).includes('3–4')) fail('preview did not page');
+  await page.click('[data-testid="dataset-preview"] button:has-text("Close")');
+  const fill = async (key, v) => page.fill(`#f-train-${key}`, v);
   await fill('learning_rate', '1e-3');
   await fill('num_train_epochs', '2');
   await fill('max_samples', '48');
@@ -127,7 +135,7 @@ try {
   await page.click('[data-tab="tab_chat"]');
   await page.click('[data-testid="chat-load"]');
   await page.waitForFunction(() => document.querySelector('[data-testid="chat-status"]').textContent.includes('Model loaded'), null, { timeout: 60000 });
-  await page.fill('#f-max_new_tokens', '24');
+  await page.fill('#f-chat-max_new_tokens', '24');
   await page.fill('[data-testid="chat-input"]', 'Give three tips for staying healthy.');
   await page.click('[data-testid="chat-submit"]');
   await page.waitForFunction(() => {
@@ -140,7 +148,7 @@ try {
 
   // Export the merged model.
   await page.click('[data-tab="tab_export"]');
-  await page.fill('#f-export_dir', 'e2e_export');
+  await page.fill('#f-export-export_dir', 'e2e_export');
   await page.click('[data-testid="export-start"]');
   await page.waitForSelector('[data-testid="export-files"]', { timeout: 120000 });
   const files = await page.textContent('[data-testid="export-files"]');

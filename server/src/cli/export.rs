@@ -21,28 +21,29 @@ pub struct ExportCmd {
 
 pub fn run(cmd: ExportCmd) -> Result<ExitCode> {
     let mut json = cmd.events.map(|_| JsonReporter);
-    let result = trainer::config::load_args(&cmd.config, &cmd.overrides).and_then(|(args, warnings)| {
-        for w in warnings {
-            match json.as_mut() {
-                Some(r) => r.event(&WorkerEvent::Log {
-                    level: "warning".into(),
-                    message: w,
-                }),
-                None => eprintln!("warning: {w}"),
+    let result =
+        trainer::config::load_args(&cmd.config, &cmd.overrides).and_then(|(args, warnings)| {
+            for w in warnings {
+                match json.as_mut() {
+                    Some(r) => r.event(&WorkerEvent::Log {
+                        level: "warning".into(),
+                        message: w,
+                    }),
+                    None => eprintln!("warning: {w}"),
+                }
             }
-        }
-        if let Some(r) = json.as_mut() {
-            r.event(&WorkerEvent::Progress {
-                step: 0,
-                total: 1,
-                elapsed_s: 0.0,
-                eta_s: 0.0,
-            });
-        }
-        let t = std::time::Instant::now();
-        let files = trainer::export::export_model(&args)?;
-        Ok((files, t.elapsed().as_secs_f64()))
-    });
+            if let Some(r) = json.as_mut() {
+                r.event(&WorkerEvent::Progress {
+                    step: 0,
+                    total: 1,
+                    elapsed_s: 0.0,
+                    eta_s: 0.0,
+                });
+            }
+            let t = std::time::Instant::now();
+            let files = trainer::export::export_model(&args)?;
+            Ok((files, t.elapsed().as_secs_f64()))
+        });
     match (result, json.as_mut()) {
         (Ok((files, _)), None) => {
             for f in files {

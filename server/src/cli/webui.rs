@@ -36,9 +36,15 @@ pub struct WebuiCmd {
 
 /// The demo datasets, built into the binary so a fresh work dir has something to train on.
 const DEMO_DATA: &[(&str, &str)] = &[
-    ("dataset_info.json", include_str!("../../../data/dataset_info.json")),
+    (
+        "dataset_info.json",
+        include_str!("../../../data/dataset_info.json"),
+    ),
     ("demo_sft.json", include_str!("../../../data/demo_sft.json")),
-    ("demo_chat.json", include_str!("../../../data/demo_chat.json")),
+    (
+        "demo_chat.json",
+        include_str!("../../../data/demo_chat.json"),
+    ),
     ("demo_dpo.json", include_str!("../../../data/demo_dpo.json")),
     ("demo_kto.json", include_str!("../../../data/demo_kto.json")),
     ("demo_pt.txt", include_str!("../../../data/demo_pt.txt")),
@@ -47,9 +53,11 @@ const DEMO_DATA: &[(&str, &str)] = &[
 fn ensure_demo(workdir: &Path) -> Result<()> {
     let data = workdir.join("data");
     if !data.join("dataset_info.json").exists() {
-        std::fs::create_dir_all(&data).with_context(|| format!("cannot create {}", data.display()))?;
+        std::fs::create_dir_all(&data)
+            .with_context(|| format!("cannot create {}", data.display()))?;
         for (name, text) in DEMO_DATA {
-            std::fs::write(data.join(name), text).with_context(|| format!("cannot write {}", data.join(name).display()))?;
+            std::fs::write(data.join(name), text)
+                .with_context(|| format!("cannot write {}", data.join(name).display()))?;
         }
         println!("wrote the demo datasets to {}", data.display());
     }
@@ -57,8 +65,12 @@ fn ensure_demo(workdir: &Path) -> Result<()> {
         return Ok(());
     }
     let out = workdir.join("models").join("demo");
-    println!("no model found: building the demo model in {} ...", out.display());
-    let summary = trainer::demo::build_demo_model(&out, &data, &trainer::demo::DemoConfig::default())?;
+    println!(
+        "no model found: building the demo model in {} ...",
+        out.display()
+    );
+    let summary =
+        trainer::demo::build_demo_model(&out, &data, &trainer::demo::DemoConfig::default())?;
     println!("{summary}");
     Ok(())
 }
@@ -67,7 +79,9 @@ fn site_root(given: Option<PathBuf>) -> PathBuf {
     if let Some(p) = given {
         return p;
     }
-    let exe_dir = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf));
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(d) = exe_dir {
         candidates.push(d.join("site"));
@@ -82,7 +96,8 @@ fn site_root(given: Option<PathBuf>) -> PathBuf {
 }
 
 pub fn run(cmd: WebuiCmd) -> Result<ExitCode> {
-    std::fs::create_dir_all(&cmd.workdir).with_context(|| format!("cannot create the work dir {}", cmd.workdir.display()))?;
+    std::fs::create_dir_all(&cmd.workdir)
+        .with_context(|| format!("cannot create the work dir {}", cmd.workdir.display()))?;
     let workdir = cmd.workdir.canonicalize()?;
     ensure_demo(&workdir)?;
     let site_root = site_root(cmd.site_root);
@@ -105,7 +120,9 @@ pub fn run(cmd: WebuiCmd) -> Result<ExitCode> {
         .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on {addr}: {e} (is another server using the port? try --port)")
+            anyhow::anyhow!(
+                "cannot listen on {addr}: {e} (is another server using the port? try --port)"
+            )
         })?;
         let addr = listener.local_addr()?;
         let db = Db::open(&workdir.join("llamaboard.db")).await?;
@@ -130,11 +147,21 @@ pub fn run(cmd: WebuiCmd) -> Result<ExitCode> {
             },
             stopping: tokio::sync::watch::channel(false).0,
         });
-        let shown = if cmd.host.is_unspecified() { "127.0.0.1".to_string() } else { cmd.host.to_string() };
+        let shown = if cmd.host.is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            cmd.host.to_string()
+        };
         let port = addr.port();
         match &token {
-            Some(t) => println!("Visit http://{shown}:{port}/?token={t} for Web UI (work dir {})", workdir.display()),
-            None => println!("Visit http://{shown}:{port} for Web UI (work dir {})", workdir.display()),
+            Some(t) => println!(
+                "Visit http://{shown}:{port}/?token={t} for Web UI (work dir {})",
+                workdir.display()
+            ),
+            None => println!(
+                "Visit http://{shown}:{port} for Web UI (work dir {})",
+                workdir.display()
+            ),
         }
         web::serve(app, listener).await
     })?;
@@ -144,5 +171,7 @@ pub fn run(cmd: WebuiCmd) -> Result<ExitCode> {
 fn random_token() -> String {
     use rand::Rng;
     let mut rng = rand::thread_rng();
-    (0..32).map(|_| format!("{:x}", rng.gen_range(0..16u8))).collect()
+    (0..32)
+        .map(|_| format!("{:x}", rng.gen_range(0..16u8)))
+        .collect()
 }

@@ -160,7 +160,12 @@ impl Manager {
             .await?;
         let log = self.log_path(id);
         self.db.set_log_path(id, &log.to_string_lossy()).await?;
-        let file = args_file(&kind, Path::new(&output_dir), &self.cfg.workdir.join("logs"), id);
+        let file = args_file(
+            &kind,
+            Path::new(&output_dir),
+            &self.cfg.workdir.join("logs"),
+            id,
+        );
         if let Err(e) = write_args(&file, &config) {
             let msg = format!("{e:#}");
             self.db
@@ -173,7 +178,9 @@ impl Manager {
     }
 
     async fn enqueue(&self, id: i64) -> Result<()> {
-        self.db.set_status(id, RunStatus::Queued, None, None).await?;
+        self.db
+            .set_status(id, RunStatus::Queued, None, None)
+            .await?;
         self.record(
             id,
             RunEvent::Status {
@@ -244,10 +251,16 @@ impl Manager {
             bail!("run {id} does not exist");
         };
         if !run.status.is_final() {
-            bail!("run {id} is {}; only a stopped run can be resumed", run.status.as_str());
+            bail!(
+                "run {id} is {}; only a stopped run can be resumed",
+                run.status.as_str()
+            );
         }
         if run.kind != RunKind::Train {
-            bail!("only training runs can be resumed; start a new {} run instead", run.kind.as_str());
+            bail!(
+                "only training runs can be resumed; start a new {} run instead",
+                run.kind.as_str()
+            );
         }
         let mut config = run.config.clone();
         let out = Path::new(&run.output_dir);
@@ -306,7 +319,13 @@ impl Manager {
             RunKind::Export => "export",
             _ => "train",
         };
-        let spawned = worker::spawn(&self.cfg.exe, sub, &file, &self.cfg.workdir, &self.log_path(id))?;
+        let spawned = worker::spawn(
+            &self.cfg.exe,
+            sub,
+            &file,
+            &self.cfg.workdir,
+            &self.log_path(id),
+        )?;
         self.state.lock().unwrap().active.insert(
             id,
             Active {
@@ -315,7 +334,9 @@ impl Manager {
                 shutting_down: false,
             },
         );
-        self.db.set_status(id, RunStatus::Running, None, None).await?;
+        self.db
+            .set_status(id, RunStatus::Running, None, None)
+            .await?;
         self.record(
             id,
             RunEvent::Status {
@@ -440,7 +461,9 @@ impl Manager {
                 )
                 .await
             }
-            W::Checkpoint { step, path } => self.record(id, RunEvent::Checkpoint { step, path }).await,
+            W::Checkpoint { step, path } => {
+                self.record(id, RunEvent::Checkpoint { step, path }).await
+            }
             W::Log { level, message } => {
                 self.record(
                     id,
@@ -495,7 +518,14 @@ impl Manager {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let left: Vec<u32> = self.state.lock().unwrap().active.values().map(|a| a.pid).collect();
+        let left: Vec<u32> = self
+            .state
+            .lock()
+            .unwrap()
+            .active
+            .values()
+            .map(|a| a.pid)
+            .collect();
         for pid in left {
             worker::signal(pid, libc::SIGKILL);
         }
@@ -506,5 +536,6 @@ fn write_args(file: &Path, config: &Map<String, Value>) -> Result<()> {
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    std::fs::write(file, to_yaml(config)?).with_context(|| format!("cannot write {}", file.display()))
+    std::fs::write(file, to_yaml(config)?)
+        .with_context(|| format!("cannot write {}", file.display()))
 }

@@ -16,7 +16,8 @@ use super::AppState;
 
 /// The template LlamaBoard would fill in for a model, from its `config.json` and name.
 pub fn guess_template(dir: &Path) -> Option<String> {
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
     let model_type = cfg.get("model_type")?.as_str()?;
     let name = dir.to_string_lossy().to_ascii_lowercase();
     let t = match model_type {
@@ -35,7 +36,8 @@ pub fn guess_template(dir: &Path) -> Option<String> {
 }
 
 fn model_type(dir: &Path) -> Option<String> {
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
     cfg.get("model_type")?.as_str().map(str::to_string)
 }
 
@@ -76,7 +78,12 @@ pub fn list_models(workdir: &Path, extra_dirs: &[String]) -> Vec<ModelEntry> {
         if let Ok(rd) = std::fs::read_dir(&cache) {
             let mut repos: Vec<String> = rd
                 .flatten()
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix("models--").map(str::to_string))
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_prefix("models--")
+                        .map(str::to_string)
+                })
                 .collect();
             repos.sort();
             for r in repos {
@@ -131,7 +138,10 @@ fn kind_of(attr: &trainer::data::dataset_info::DatasetAttr) -> &'static str {
         "rm"
     } else if attr.is_kto() {
         "kto"
-    } else if matches!(attr.formatting, Formatting::Alpaca) && attr.response.is_none() && attr.history.is_none() {
+    } else if matches!(attr.formatting, Formatting::Alpaca)
+        && attr.response.is_none()
+        && attr.history.is_none()
+    {
         "pt"
     } else {
         "sft"
@@ -139,9 +149,13 @@ fn kind_of(attr: &trainer::data::dataset_info::DatasetAttr) -> &'static str {
 }
 
 #[utoipa::path(get, path = "/api/datasets", params(DatasetQuery), responses((status = 200, body = Vec<DatasetEntry>), (status = 422, body = protocol::run::ErrorBody)))]
-pub async fn datasets(State(app): State<AppState>, Query(q): Query<DatasetQuery>) -> ApiResult<Json<Vec<DatasetEntry>>> {
+pub async fn datasets(
+    State(app): State<AppState>,
+    Query(q): Query<DatasetQuery>,
+) -> ApiResult<Json<Vec<DatasetEntry>>> {
     let dir = dataset_dir(&app.cfg.workdir, q.dataset_dir.as_deref().unwrap_or("data"))?;
-    let info = DatasetInfo::load(&dir).map_err(|e| ApiError::field("dataset_dir", format!("{e:#}")))?;
+    let info =
+        DatasetInfo::load(&dir).map_err(|e| ApiError::field("dataset_dir", format!("{e:#}")))?;
     Ok(Json(
         info.all()
             .iter()
@@ -173,22 +187,36 @@ pub async fn preview(
     Query(q): Query<PreviewQuery>,
 ) -> ApiResult<Json<DatasetPage>> {
     let dir = dataset_dir(&app.cfg.workdir, q.dataset_dir.as_deref().unwrap_or("data"))?;
-    let info = DatasetInfo::load(&dir).map_err(|e| ApiError::field("dataset_dir", format!("{e:#}")))?;
-    let attr = info.attr(&name).map_err(|e| ApiError::not_found(format!("{e:#}")))?;
-    if !matches!(attr.load_from, trainer::data::dataset_info::LoadFrom::File(_)) {
-        return Err(ApiError::bad(format!("dataset `{name}` is not a local file; only local datasets can be previewed")));
+    let info =
+        DatasetInfo::load(&dir).map_err(|e| ApiError::field("dataset_dir", format!("{e:#}")))?;
+    let attr = info
+        .attr(&name)
+        .map_err(|e| ApiError::not_found(format!("{e:#}")))?;
+    if !matches!(
+        attr.load_from,
+        trainer::data::dataset_info::LoadFrom::File(_)
+    ) {
+        return Err(ApiError::bad(format!(
+            "dataset `{name}` is not a local file; only local datasets can be previewed"
+        )));
     }
-    let records = tokio::task::spawn_blocking(move || trainer::data::loader::load_records(&attr, &dir))
-        .await
-        .map_err(|e| ApiError::internal(e.into()))?
-        .map_err(|e| ApiError::bad(format!("{e:#}")))?;
+    let records =
+        tokio::task::spawn_blocking(move || trainer::data::loader::load_records(&attr, &dir))
+            .await
+            .map_err(|e| ApiError::internal(e.into()))?
+            .map_err(|e| ApiError::bad(format!("{e:#}")))?;
     let offset = q.offset.unwrap_or(0);
     let limit = q.limit.unwrap_or(10).clamp(1, 100);
     Ok(Json(DatasetPage {
         name,
         total: records.len() as u64,
         offset: offset as u64,
-        rows: records.into_iter().skip(offset).take(limit).map(|r| Value::Object(r.value)).collect(),
+        rows: records
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .map(|r| Value::Object(r.value))
+            .collect(),
     }))
 }
 
@@ -202,22 +230,51 @@ pub struct CheckpointQuery {
 /// Saved outputs of a model (`saves/<model>/<finetuning_type>/*`) and their `checkpoint-N`
 /// folders: what the checkpoint picker offers.
 #[utoipa::path(get, path = "/api/checkpoints", params(CheckpointQuery), responses((status = 200, body = Vec<CheckpointEntry>)))]
-pub async fn checkpoints(State(app): State<AppState>, Query(q): Query<CheckpointQuery>) -> ApiResult<Json<Vec<CheckpointEntry>>> {
+pub async fn checkpoints(
+    State(app): State<AppState>,
+    Query(q): Query<CheckpointQuery>,
+) -> ApiResult<Json<Vec<CheckpointEntry>>> {
     let ft = q.finetuning_type.unwrap_or_else(|| "lora".into());
     if ft.contains(['/', '\\', '.']) {
-        return Err(ApiError::field("finetuning_type", "expected lora, freeze or full"));
+        return Err(ApiError::field(
+            "finetuning_type",
+            "expected lora, freeze or full",
+        ));
     }
-    let root = app.cfg.workdir.join("saves").join(model_label(&q.model)).join(&ft);
-    let runs = app.manager.db().runs(&Default::default()).await.unwrap_or_default();
+    let root = app
+        .cfg
+        .workdir
+        .join("saves")
+        .join(model_label(&q.model))
+        .join(&ft);
+    let runs = app
+        .manager
+        .db()
+        .runs(&Default::default())
+        .await
+        .unwrap_or_default();
     let mut out = Vec::new();
-    let is_ckpt = |d: &Path| d.join("adapter_config.json").is_file() || d.join("config.json").is_file();
+    let is_ckpt =
+        |d: &Path| d.join("adapter_config.json").is_file() || d.join("config.json").is_file();
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
         .unwrap_or_default();
     dirs.sort();
     for d in dirs {
-        let run_id = runs.iter().find(|r| Path::new(&r.output_dir) == d).map(|r| r.id);
-        let base = d.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let run_id = runs
+            .iter()
+            .find(|r| Path::new(&r.output_dir) == d)
+            .map(|r| r.id);
+        let base = d
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         if is_ckpt(&d) {
             out.push(CheckpointEntry {
                 path: d.to_string_lossy().into_owned(),
@@ -230,7 +287,12 @@ pub async fn checkpoints(State(app): State<AppState>, Query(q): Query<Checkpoint
             .map(|rd| {
                 rd.flatten()
                     .map(|e| e.path())
-                    .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("checkpoint-")) && is_ckpt(p))
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with("checkpoint-"))
+                            && is_ckpt(p)
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -244,7 +306,10 @@ pub async fn checkpoints(State(app): State<AppState>, Query(q): Query<Checkpoint
         for s in subs {
             out.push(CheckpointEntry {
                 path: s.to_string_lossy().into_owned(),
-                name: format!("{base}/{}", s.file_name().unwrap_or_default().to_string_lossy()),
+                name: format!(
+                    "{base}/{}",
+                    s.file_name().unwrap_or_default().to_string_lossy()
+                ),
                 finetuning_type: ft.clone(),
                 run_id,
             });
@@ -262,22 +327,32 @@ const SETTING_KEYS: &[&str] = &["language", "last_model", "model_dirs", "last_da
 
 #[utoipa::path(put, path = "/api/settings", request_body(content = Object, description = "language, last_model, model_dirs (list of folders), last_dataset_dir"),
     responses((status = 200, body = Object), (status = 422, body = protocol::run::ErrorBody)))]
-pub async fn put_settings(State(app): State<AppState>, Body(values): Body<Map<String, Value>>) -> ApiResult<Json<Map<String, Value>>> {
+pub async fn put_settings(
+    State(app): State<AppState>,
+    Body(values): Body<Map<String, Value>>,
+) -> ApiResult<Json<Map<String, Value>>> {
     for (k, v) in &values {
         if !SETTING_KEYS.contains(&k.as_str()) {
-            return Err(ApiError::field(k.clone(), format!("unknown setting `{k}`; known: {}", SETTING_KEYS.join(", "))));
+            return Err(ApiError::field(
+                k.clone(),
+                format!("unknown setting `{k}`; known: {}", SETTING_KEYS.join(", ")),
+            ));
         }
         match k.as_str() {
             "language" if !matches!(v.as_str(), Some("en" | "zh")) => {
                 return Err(ApiError::field(k.clone(), "language must be `en` or `zh`"));
             }
             "model_dirs" => {
-                let dirs: Vec<String> = serde_json::from_value(v.clone())
-                    .map_err(|_| ApiError::field(k.clone(), "model_dirs must be a list of folders"))?;
+                let dirs: Vec<String> = serde_json::from_value(v.clone()).map_err(|_| {
+                    ApiError::field(k.clone(), "model_dirs must be a list of folders")
+                })?;
                 for d in &dirs {
                     let p = Path::new(d);
                     if !p.is_absolute() || !p.is_dir() {
-                        return Err(ApiError::field(k.clone(), format!("{d} is not an absolute path of an existing folder")));
+                        return Err(ApiError::field(
+                            k.clone(),
+                            format!("{d} is not an absolute path of an existing folder"),
+                        ));
                     }
                 }
             }

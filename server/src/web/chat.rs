@@ -40,7 +40,10 @@ fn unloaded() -> ChatStatus {
 }
 
 fn backend() -> String {
-    format!("candle (native Rust) on {}", trainer::device::describe(&trainer::device::default_device()))
+    format!(
+        "candle (native Rust) on {}",
+        trainer::device::describe(&trainer::device::default_device())
+    )
 }
 
 impl ChatService {
@@ -76,7 +79,10 @@ pub async fn status(State(app): State<AppState>) -> Json<ChatStatus> {
 /// Loads a model (and adapters) for chat, replacing the loaded one; answers when it is ready.
 #[utoipa::path(post, path = "/api/chat/load", request_body(content = Object, description = "model_name_or_path, adapter_name_or_path, finetuning_type, template, infer_dtype, default_system, max_new_tokens, top_p, temperature"),
     responses((status = 200, body = ChatStatus), (status = 409, body = protocol::run::ErrorBody), (status = 422, body = protocol::run::ErrorBody)))]
-pub async fn load(State(app): State<AppState>, Body(values): Body<Map<String, Value>>) -> ApiResult<Json<ChatStatus>> {
+pub async fn load(
+    State(app): State<AppState>,
+    Body(values): Body<Map<String, Value>>,
+) -> ApiResult<Json<ChatStatus>> {
     let args = super::prepare::prepare(&app.cfg.workdir, None, values)?;
     {
         let mut st = app.chat.state.lock().unwrap();
@@ -113,7 +119,11 @@ pub async fn load(State(app): State<AppState>, Body(values): Body<Map<String, Va
             st.0 = Loaded::Failed;
             st.1.state = "failed".into();
             st.1.error = Some(msg.clone());
-            Err(ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, "load_failed", msg))
+            Err(ApiError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "load_failed",
+                msg,
+            ))
         }
     }
 }
@@ -122,7 +132,9 @@ pub async fn load(State(app): State<AppState>, Body(values): Body<Map<String, Va
 pub async fn unload(State(app): State<AppState>) -> ApiResult<Json<ChatStatus>> {
     let mut st = app.chat.state.lock().unwrap();
     if matches!(st.0, Loaded::Loading) {
-        return Err(ApiError::conflict("a model is being loaded; unload it when it is ready"));
+        return Err(ApiError::conflict(
+            "a model is being loaded; unload it when it is ready",
+        ));
     }
     // Dropping the last handle ends the model thread once its queue is empty.
     st.0 = Loaded::None;
@@ -152,7 +164,11 @@ fn to_messages(turns: Vec<protocol::run::ChatTurn>) -> Result<Vec<Message>, Stri
                 "assistant" => Role::Assistant,
                 "observation" | "tool" => Role::Observation,
                 "function" => Role::Function,
-                other => return Err(format!("unknown role `{other}`: user, assistant, observation or function")),
+                other => {
+                    return Err(format!(
+                        "unknown role `{other}`: user, assistant, observation or function"
+                    ))
+                }
             };
             Ok(Message::new(role, t.content))
         })

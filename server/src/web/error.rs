@@ -53,7 +53,11 @@ impl ApiError {
     }
 
     pub fn internal(e: anyhow::Error) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}"))
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{e:#}"),
+        )
     }
 }
 

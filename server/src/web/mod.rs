@@ -69,7 +69,10 @@ pub fn router(app: AppState) -> Router {
         .route("/runs/{id}/events", get(runs::events))
         .route("/arg-sets", get(runs::arg_sets).post(runs::save_arg_set))
         .route("/arg-sets/{name}", delete(runs::delete_arg_set))
-        .route("/settings", get(catalog::settings).put(catalog::put_settings))
+        .route(
+            "/settings",
+            get(catalog::settings).put(catalog::put_settings),
+        )
         .route("/chat/status", get(chat::status))
         .route("/chat/load", post(chat::load))
         .route("/chat/unload", post(chat::unload))
@@ -118,10 +121,8 @@ async fn guard(State(app): State<AppState>, req: Request, next: Next) -> Respons
             .or_else(|| origin.strip_prefix("https://"))
             == Some(host.as_str());
         if !same {
-            return ApiError::forbidden(format!(
-                "cross-origin request from `{origin}` refused"
-            ))
-            .into_response();
+            return ApiError::forbidden(format!("cross-origin request from `{origin}` refused"))
+                .into_response();
         }
     }
     let mut set_cookie = None;
@@ -144,7 +145,10 @@ async fn guard(State(app): State<AppState>, req: Request, next: Next) -> Respons
             .flat_map(|q| q.split('&'))
             .filter_map(|kv| kv.strip_prefix("token="))
             .next();
-        let ok = [bearer, cookie, query].iter().flatten().any(|t| *t == token);
+        let ok = [bearer, cookie, query]
+            .iter()
+            .flatten()
+            .any(|t| *t == token);
         if !ok {
             return ApiError::new(
                 axum::http::StatusCode::UNAUTHORIZED,

@@ -58,7 +58,10 @@ fn canonical(workdir: &Path, p: &str) -> Option<PathBuf> {
 pub fn model_dir(workdir: &Path, value: &str) -> ApiResult<PathBuf> {
     let field = "model_name_or_path";
     if value.trim().is_empty() {
-        return Err(ApiError::field(field, "choose a model (a folder with config.json or a Hugging Face id)"));
+        return Err(ApiError::field(
+            field,
+            "choose a model (a folder with config.json or a Hugging Face id)",
+        ));
     }
     if let Some(dir) = canonical(workdir, value) {
         if dir.join("config.json").is_file() {
@@ -66,14 +69,20 @@ pub fn model_dir(workdir: &Path, value: &str) -> ApiResult<PathBuf> {
         }
         return Err(ApiError::field(
             field,
-            format!("{} is not a model folder: it has no config.json", dir.display()),
+            format!(
+                "{} is not a model folder: it has no config.json",
+                dir.display()
+            ),
         ));
     }
     if value.matches('/').count() == 1 && !value.starts_with(['.', '/']) {
         return trainer::hub::resolve_model_dir(value, "main")
             .map_err(|e| ApiError::field(field, format!("{e:#}")));
     }
-    Err(ApiError::field(field, format!("model folder {value} does not exist")))
+    Err(ApiError::field(
+        field,
+        format!("model folder {value} does not exist"),
+    ))
 }
 
 /// Adapter folders (comma-separated), each with `adapter_config.json` or `config.json`.
@@ -81,12 +90,16 @@ fn adapter_dirs(workdir: &Path, value: &str) -> ApiResult<String> {
     let field = "adapter_name_or_path";
     let mut out = Vec::new();
     for a in TrainArgs::split_list(Some(value)) {
-        let dir = canonical(workdir, &a)
-            .ok_or_else(|| ApiError::field(field, format!("checkpoint folder {a} does not exist")))?;
+        let dir = canonical(workdir, &a).ok_or_else(|| {
+            ApiError::field(field, format!("checkpoint folder {a} does not exist"))
+        })?;
         if !dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file() {
             return Err(ApiError::field(
                 field,
-                format!("{} is not a checkpoint: it has neither adapter_config.json nor config.json", dir.display()),
+                format!(
+                    "{} is not a checkpoint: it has neither adapter_config.json nor config.json",
+                    dir.display()
+                ),
             ));
         }
         out.push(dir.to_string_lossy().into_owned());
@@ -102,7 +115,10 @@ pub fn dataset_dir(workdir: &Path, value: &str) -> ApiResult<PathBuf> {
     if !dir.join("dataset_info.json").is_file() {
         return Err(ApiError::field(
             field,
-            format!("{} is not a dataset dir: it has no dataset_info.json", dir.display()),
+            format!(
+                "{} is not a dataset dir: it has no dataset_info.json",
+                dir.display()
+            ),
         ));
     }
     Ok(dir)
@@ -116,7 +132,8 @@ fn check_datasets(dir: &Path, field: &str, value: Option<&str>) -> ApiResult<()>
     let info = trainer::data::dataset_info::DatasetInfo::load(dir)
         .map_err(|e| ApiError::field("dataset_dir", format!("{e:#}")))?;
     for n in names {
-        info.attr(&n).map_err(|e| ApiError::field(field, format!("{e:#}")))?;
+        info.attr(&n)
+            .map_err(|e| ApiError::field(field, format!("{e:#}")))?;
     }
     Ok(())
 }
@@ -128,7 +145,9 @@ pub fn output_dir(workdir: &Path, field: &str, value: &str) -> ApiResult<PathBuf
     if p.is_absolute() {
         return Ok(p.to_path_buf());
     }
-    if p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+    if p.components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
         return Err(ApiError::field(
             field,
             format!("{value}: a relative output dir may not contain `..`; give an absolute path to write elsewhere"),
@@ -141,6 +160,18 @@ pub fn output_dir(workdir: &Path, field: &str, value: &str) -> ApiResult<PathBuf
     Ok(workdir.join("saves").join(rel))
 }
 
+/// LlamaBoard's layout: a bare name goes to `saves/<model>/<finetuning_type>/<name>`, where the
+/// checkpoint picker finds it; a path with folders is kept as given under `saves/`.
+fn run_dir(workdir: &Path, args: &TrainArgs, value: &str) -> ApiResult<PathBuf> {
+    let p = Path::new(value);
+    if !p.is_absolute() && p.components().count() == 1 && !value.starts_with('.') {
+        let label = model_label(args.model_name_or_path.as_deref().unwrap_or("model"));
+        let grouped = format!("{label}/{}/{value}", args.finetuning_type);
+        return output_dir(workdir, "output_dir", &grouped);
+    }
+    output_dir(workdir, "output_dir", value)
+}
+
 /// The name a model's saves are grouped under, like LlamaBoard's `saves/<model>/<method>/`.
 pub fn model_label(model: &str) -> String {
     Path::new(model.trim_end_matches('/'))
@@ -149,17 +180,19 @@ pub fn model_label(model: &str) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-fn default_dir(args: &TrainArgs, prefix: &str) -> String {
+fn default_dir(prefix: &str) -> String {
     format!(
-        "{}/{}/{prefix}_{}",
-        model_label(args.model_name_or_path.as_deref().unwrap_or("model")),
-        args.finetuning_type,
+        "{prefix}_{}",
         chrono::Local::now().format("%Y-%m-%d-%H-%M-%S")
     )
 }
 
 /// Checks and completes the arguments of a job of `kind`; `None` prepares a chat model load.
-pub fn prepare(workdir: &Path, kind: Option<&RunKind>, values: Map<String, Value>) -> ApiResult<TrainArgs> {
+pub fn prepare(
+    workdir: &Path,
+    kind: Option<&RunKind>,
+    values: Map<String, Value>,
+) -> ApiResult<TrainArgs> {
     let mut args = parse_args(values)?;
     let model = model_dir(workdir, args.model_name_or_path.as_deref().unwrap_or(""))?;
     let given_model = args.model_name_or_path.clone().unwrap_or_default();
@@ -167,7 +200,11 @@ pub fn prepare(workdir: &Path, kind: Option<&RunKind>, values: Map<String, Value
     if canonical(workdir, &given_model).is_some() {
         args.model_name_or_path = Some(model.to_string_lossy().into_owned());
     }
-    if let Some(a) = args.adapter_name_or_path.clone().filter(|a| !a.trim().is_empty()) {
+    if let Some(a) = args
+        .adapter_name_or_path
+        .clone()
+        .filter(|a| !a.trim().is_empty())
+    {
         args.adapter_name_or_path = Some(adapter_dirs(workdir, &a)?);
     } else {
         args.adapter_name_or_path = None;
@@ -191,23 +228,42 @@ pub fn prepare(workdir: &Path, kind: Option<&RunKind>, values: Map<String, Value
                     args.eval_dataset = args.dataset.take();
                 }
                 if args.eval_dataset.as_deref().unwrap_or("").trim().is_empty() {
-                    return Err(ApiError::field("eval_dataset", "choose at least one dataset"));
+                    return Err(ApiError::field(
+                        "eval_dataset",
+                        "choose at least one dataset",
+                    ));
                 }
             }
             check_datasets(&dir, "dataset", args.dataset.as_deref())?;
             check_datasets(&dir, "eval_dataset", args.eval_dataset.as_deref())?;
             let out = match args.output_dir.as_deref().filter(|d| !d.trim().is_empty()) {
                 Some(d) => d.to_string(),
-                None => default_dir(&args, if kind == Some(&RunKind::Train) { "train" } else { "eval" }),
+                None => default_dir(if kind == Some(&RunKind::Train) {
+                    "train"
+                } else {
+                    "eval"
+                }),
             };
-            args.output_dir = Some(output_dir(workdir, "output_dir", &out)?.to_string_lossy().into_owned());
+            args.output_dir = Some(
+                run_dir(workdir, &args, &out)?
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
         Some(RunKind::Export) => {
             let out = match args.export_dir.as_deref().filter(|d| !d.trim().is_empty()) {
                 Some(d) => d.to_string(),
-                None => default_dir(&args, "export"),
+                None => format!(
+                    "{}/{}",
+                    model_label(args.model_name_or_path.as_deref().unwrap_or("model")),
+                    default_dir("export")
+                ),
             };
-            args.export_dir = Some(output_dir(workdir, "export_dir", &out)?.to_string_lossy().into_owned());
+            args.export_dir = Some(
+                output_dir(workdir, "export_dir", &out)?
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
         None => {}
     }
@@ -224,16 +280,28 @@ mod tests {
     #[test]
     fn relative_output_dirs_stay_in_saves() {
         let w = Path::new("/w");
-        assert_eq!(output_dir(w, "output_dir", "demo/lora/x").unwrap(), Path::new("/w/saves/demo/lora/x"));
-        assert_eq!(output_dir(w, "output_dir", "saves/demo/x").unwrap(), Path::new("/w/saves/demo/x"));
-        assert_eq!(output_dir(w, "output_dir", "/tmp/x").unwrap(), Path::new("/tmp/x"));
+        assert_eq!(
+            output_dir(w, "output_dir", "demo/lora/x").unwrap(),
+            Path::new("/w/saves/demo/lora/x")
+        );
+        assert_eq!(
+            output_dir(w, "output_dir", "saves/demo/x").unwrap(),
+            Path::new("/w/saves/demo/x")
+        );
+        assert_eq!(
+            output_dir(w, "output_dir", "/tmp/x").unwrap(),
+            Path::new("/tmp/x")
+        );
         let e = output_dir(w, "output_dir", "../../etc").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("output_dir"));
     }
 
     #[test]
     fn validation_messages_name_their_field() {
-        assert_eq!(field_of("`lora_rank` must be positive").as_deref(), Some("lora_rank"));
+        assert_eq!(
+            field_of("`lora_rank` must be positive").as_deref(),
+            Some("lora_rank")
+        );
         assert_eq!(field_of("use `foo` with `stage`").as_deref(), Some("stage"));
         assert_eq!(field_of("nothing here"), None);
     }

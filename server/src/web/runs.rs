@@ -8,7 +8,9 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use protocol::run::{ArgSet, CommandPreview, Created, MetricPoint, Run, RunEventMsg, RunKind, RunStatus};
+use protocol::run::{
+    ArgSet, CommandPreview, Created, MetricPoint, Run, RunEventMsg, RunKind, RunStatus,
+};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::broadcast::error::RecvError;
@@ -19,7 +21,11 @@ use super::AppState;
 use crate::db::RunFilter;
 use crate::runs::{args_file, to_yaml};
 
-async fn start(app: &AppState, kind: RunKind, values: Map<String, Value>) -> ApiResult<(StatusCode, Json<Created>)> {
+async fn start(
+    app: &AppState,
+    kind: RunKind,
+    values: Map<String, Value>,
+) -> ApiResult<(StatusCode, Json<Created>)> {
     let args = prepare(&app.cfg.workdir, Some(&kind), values)?;
     let out = match kind {
         RunKind::Export => args.export_dir.clone(),
@@ -33,7 +39,11 @@ async fn start(app: &AppState, kind: RunKind, values: Map<String, Value>) -> Api
         .await?
     {
         if r.output_dir == out {
-            let field = if kind == RunKind::Export { "export_dir" } else { "output_dir" };
+            let field = if kind == RunKind::Export {
+                "export_dir"
+            } else {
+                "output_dir"
+            };
             let mut e = ApiError::conflict(format!("run {} is already writing to {out}", r.id));
             e.field = Some(field.into());
             return Err(e);
@@ -45,19 +55,28 @@ async fn start(app: &AppState, kind: RunKind, values: Map<String, Value>) -> Api
 
 #[utoipa::path(post, path = "/api/runs", request_body(content = Object, description = "Training arguments under LLaMA-Factory's names (the YAML keys); unset keys take the defaults"),
     responses((status = 201, body = Created), (status = 422, body = protocol::run::ErrorBody)))]
-pub async fn start_train(State(app): State<AppState>, Body(values): Body<Map<String, Value>>) -> ApiResult<(StatusCode, Json<Created>)> {
+pub async fn start_train(
+    State(app): State<AppState>,
+    Body(values): Body<Map<String, Value>>,
+) -> ApiResult<(StatusCode, Json<Created>)> {
     start(&app, RunKind::Train, values).await
 }
 
 #[utoipa::path(post, path = "/api/predict", request_body(content = Object, description = "Arguments of a prediction run (`do_predict`)"),
     responses((status = 201, body = Created), (status = 422, body = protocol::run::ErrorBody)))]
-pub async fn start_predict(State(app): State<AppState>, Body(values): Body<Map<String, Value>>) -> ApiResult<(StatusCode, Json<Created>)> {
+pub async fn start_predict(
+    State(app): State<AppState>,
+    Body(values): Body<Map<String, Value>>,
+) -> ApiResult<(StatusCode, Json<Created>)> {
     start(&app, RunKind::Predict, values).await
 }
 
 #[utoipa::path(post, path = "/api/export", request_body(content = Object, description = "Export arguments (`export_dir`, `export_size`, `export_format`, ...)"),
     responses((status = 201, body = Created), (status = 422, body = protocol::run::ErrorBody)))]
-pub async fn start_export(State(app): State<AppState>, Body(values): Body<Map<String, Value>>) -> ApiResult<(StatusCode, Json<Created>)> {
+pub async fn start_export(
+    State(app): State<AppState>,
+    Body(values): Body<Map<String, Value>>,
+) -> ApiResult<(StatusCode, Json<Created>)> {
     start(&app, RunKind::Export, values).await
 }
 
@@ -76,7 +95,9 @@ pub async fn preview_command(
 ) -> ApiResult<Json<CommandPreview>> {
     let kind = match q.kind.as_deref() {
         None => RunKind::Train,
-        Some(k) => RunKind::parse(k).ok_or_else(|| ApiError::bad(format!("unknown kind `{k}`: train, predict or export")))?,
+        Some(k) => RunKind::parse(k).ok_or_else(|| {
+            ApiError::bad(format!("unknown kind `{k}`: train, predict or export"))
+        })?,
     };
     let args = prepare(&app.cfg.workdir, Some(&kind), values)?;
     let out = match kind {
@@ -85,7 +106,11 @@ pub async fn preview_command(
     }
     .unwrap_or_default();
     let file = args_file(&kind, Path::new(&out), &app.cfg.workdir.join("logs"), 0);
-    let sub = if kind == RunKind::Export { "export" } else { "train" };
+    let sub = if kind == RunKind::Export {
+        "export"
+    } else {
+        "train"
+    };
     Ok(Json(CommandPreview {
         command: format!("llamafactory {sub} {}", file.display()),
         yaml: to_yaml(&args.non_default())?,
@@ -102,7 +127,10 @@ pub struct ListQuery {
 }
 
 #[utoipa::path(get, path = "/api/runs", params(ListQuery), responses((status = 200, body = Vec<Run>)))]
-pub async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Json<Vec<Run>>> {
+pub async fn list(
+    State(app): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Vec<Run>>> {
     if let Some(s) = &q.status {
         if RunStatus::parse(s).is_none() {
             return Err(ApiError::field("status", format!("unknown status `{s}`")));
@@ -132,12 +160,18 @@ async fn find(app: &AppState, id: i64) -> ApiResult<Run> {
 }
 
 #[utoipa::path(get, path = "/api/runs/{id}", responses((status = 200, body = Run), (status = 404, body = protocol::run::ErrorBody)))]
-pub async fn detail(State(app): State<AppState>, UrlPath(id): UrlPath<i64>) -> ApiResult<Json<Run>> {
+pub async fn detail(
+    State(app): State<AppState>,
+    UrlPath(id): UrlPath<i64>,
+) -> ApiResult<Json<Run>> {
     Ok(Json(find(&app, id).await?))
 }
 
 #[utoipa::path(get, path = "/api/runs/{id}/metrics", responses((status = 200, body = Vec<MetricPoint>)))]
-pub async fn metrics(State(app): State<AppState>, UrlPath(id): UrlPath<i64>) -> ApiResult<Json<Vec<MetricPoint>>> {
+pub async fn metrics(
+    State(app): State<AppState>,
+    UrlPath(id): UrlPath<i64>,
+) -> ApiResult<Json<Vec<MetricPoint>>> {
     find(&app, id).await?;
     Ok(Json(app.manager.db().metrics(id).await?))
 }
@@ -149,7 +183,11 @@ pub struct LogQuery {
 }
 
 #[utoipa::path(get, path = "/api/runs/{id}/log", params(LogQuery), responses((status = 200, content_type = "text/plain", body = String)))]
-pub async fn log(State(app): State<AppState>, UrlPath(id): UrlPath<i64>, Query(q): Query<LogQuery>) -> ApiResult<String> {
+pub async fn log(
+    State(app): State<AppState>,
+    UrlPath(id): UrlPath<i64>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<String> {
     find(&app, id).await?;
     // The path comes from our own database, never from the request.
     let path = app.manager.db().log_path(id).await?.unwrap_or_default();
@@ -171,8 +209,12 @@ pub async fn predictions(
 ) -> ApiResult<Json<protocol::run::DatasetPage>> {
     let run = find(&app, id).await?;
     let file = Path::new(&run.output_dir).join("generated_predictions.jsonl");
-    let text = std::fs::read_to_string(&file)
-        .map_err(|_| ApiError::not_found(format!("run {id} has no predictions yet ({})", file.display())))?;
+    let text = std::fs::read_to_string(&file).map_err(|_| {
+        ApiError::not_found(format!(
+            "run {id} has no predictions yet ({})",
+            file.display()
+        ))
+    })?;
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let offset = q.offset.unwrap_or(0);
     let limit = q.limit.unwrap_or(20).clamp(1, 200);
@@ -201,7 +243,10 @@ pub async fn abort(State(app): State<AppState>, UrlPath(id): UrlPath<i64>) -> Ap
 }
 
 #[utoipa::path(post, path = "/api/runs/{id}/resume", responses((status = 200, body = Run), (status = 409, body = protocol::run::ErrorBody)))]
-pub async fn resume(State(app): State<AppState>, UrlPath(id): UrlPath<i64>) -> ApiResult<Json<Run>> {
+pub async fn resume(
+    State(app): State<AppState>,
+    UrlPath(id): UrlPath<i64>,
+) -> ApiResult<Json<Run>> {
     find(&app, id).await?;
     app.manager
         .resume(id)
@@ -211,7 +256,10 @@ pub async fn resume(State(app): State<AppState>, UrlPath(id): UrlPath<i64>) -> A
 }
 
 #[utoipa::path(delete, path = "/api/runs/{id}", responses((status = 204), (status = 409, body = protocol::run::ErrorBody)))]
-pub async fn remove(State(app): State<AppState>, UrlPath(id): UrlPath<i64>) -> ApiResult<StatusCode> {
+pub async fn remove(
+    State(app): State<AppState>,
+    UrlPath(id): UrlPath<i64>,
+) -> ApiResult<StatusCode> {
     find(&app, id).await?;
     app.manager
         .delete(id)
@@ -223,7 +271,11 @@ pub async fn remove(State(app): State<AppState>, UrlPath(id): UrlPath<i64>) -> A
 /// The run's events: first its history from the database, then live ones, each exactly once
 /// (by sequence number). A client too slow for the live channel catches up from the database.
 #[utoipa::path(get, path = "/api/runs/{id}/events", responses((status = 101, description = "WebSocket of RunEventMsg JSON texts", body = RunEventMsg)))]
-pub async fn events(State(app): State<AppState>, UrlPath(id): UrlPath<i64>, ws: WebSocketUpgrade) -> Response {
+pub async fn events(
+    State(app): State<AppState>,
+    UrlPath(id): UrlPath<i64>,
+    ws: WebSocketUpgrade,
+) -> Response {
     if let Err(e) = find(&app, id).await {
         return e.into_response();
     }
@@ -301,10 +353,16 @@ pub struct SaveArgSet {
 }
 
 #[utoipa::path(post, path = "/api/arg-sets", request_body = SaveArgSet, responses((status = 204), (status = 422, body = protocol::run::ErrorBody)))]
-pub async fn save_arg_set(State(app): State<AppState>, Body(body): Body<SaveArgSet>) -> ApiResult<StatusCode> {
+pub async fn save_arg_set(
+    State(app): State<AppState>,
+    Body(body): Body<SaveArgSet>,
+) -> ApiResult<StatusCode> {
     let name = body.name.trim();
     if name.is_empty() || name.len() > 100 {
-        return Err(ApiError::field("name", "give the argument set a name of 1 to 100 characters"));
+        return Err(ApiError::field(
+            "name",
+            "give the argument set a name of 1 to 100 characters",
+        ));
     }
     super::prepare::parse_args(body.config.clone())?;
     app.manager.db().save_arg_set(name, &body.config).await?;
@@ -312,10 +370,15 @@ pub async fn save_arg_set(State(app): State<AppState>, Body(body): Body<SaveArgS
 }
 
 #[utoipa::path(delete, path = "/api/arg-sets/{name}", responses((status = 204), (status = 404, body = protocol::run::ErrorBody)))]
-pub async fn delete_arg_set(State(app): State<AppState>, UrlPath(name): UrlPath<String>) -> ApiResult<StatusCode> {
+pub async fn delete_arg_set(
+    State(app): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<StatusCode> {
     if app.manager.db().delete_arg_set(&name).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::not_found(format!("no argument set named `{name}`")))
+        Err(ApiError::not_found(format!(
+            "no argument set named `{name}`"
+        )))
     }
 }

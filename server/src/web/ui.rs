@@ -24,7 +24,9 @@ pub fn routes(app: AppState) -> Router {
     Router::new()
         .route(
             "/style.css",
-            get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE).into_response() }),
+            get(|| async {
+                ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE).into_response()
+            }),
         )
         .leptos_routes(&opts, routes, {
             let o = opts.clone();

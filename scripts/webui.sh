@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs what is missing (the wasm target, wasm-bindgen-cli), builds the server and the browser
+# bundle in release mode, then starts LlamaBoard at http://127.0.0.1:7860 with this folder as the
+# work dir (the demo model is built on first start). Arguments go to `llamafactory webui`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/build-web.sh release
+cargo build --release --locked -p server
+exec "${CARGO_TARGET_DIR:-target}/release/llamafactory" webui "$@"
