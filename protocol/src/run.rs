@@ -170,6 +170,9 @@ wire! {
 wire! {
     pub struct RunEventMsg {
         pub seq: i64,
+        /// When the worker printed the event (unix seconds), for events that come from it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub worker_ts: Option<f64>,
         #[serde(flatten)]
         pub event: RunEvent,
     }
@@ -320,6 +323,7 @@ mod tests {
     fn events_carry_seq_and_type() {
         let m = RunEventMsg {
             seq: 3,
+            worker_ts: None,
             event: RunEvent::Log { line: "hi".into() },
         };
         let s = serde_json::to_string(&m).unwrap();

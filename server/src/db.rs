@@ -276,8 +276,17 @@ impl Db {
     }
 
     /// Appends an event with the next sequence number of its run.
-    pub async fn append_event(&self, id: i64, event: &RunEvent) -> Result<RunEventMsg> {
-        let payload = serde_json::to_string(event)?;
+    pub async fn append_event(
+        &self,
+        id: i64,
+        event: &RunEvent,
+        worker_ts: Option<f64>,
+    ) -> Result<RunEventMsg> {
+        let payload = serde_json::to_string(&RunEventMsg {
+            seq: 0,
+            worker_ts,
+            event: event.clone(),
+        })?;
         let seq: i64 = sqlx::query_scalar(
             "INSERT INTO events (run_id, seq, payload) VALUES \
              (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE run_id = ?1), ?2) RETURNING seq",
@@ -288,6 +297,7 @@ impl Db {
         .await?;
         Ok(RunEventMsg {
             seq,
+            worker_ts,
             event: event.clone(),
         })
     }
@@ -303,11 +313,9 @@ impl Db {
         Ok(rows
             .iter()
             .filter_map(|r| {
-                let event = serde_json::from_str(r.get("payload")).ok()?;
-                Some(RunEventMsg {
-                    seq: r.get("seq"),
-                    event,
-                })
+                let mut m: RunEventMsg = serde_json::from_str(r.get("payload")).ok()?;
+                m.seq = r.get("seq");
+                Some(m)
             })
             .collect())
     }

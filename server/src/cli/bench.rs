@@ -6,6 +6,15 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Web server: event latency (worker print → WebSocket client) during a demo LoRA run with
+    /// N subscribers, and server memory at idle and while streaming.
+    Server {
+        #[arg(long, default_value_t = 50)]
+        subscribers: usize,
+        /// Training steps of the demo run (one event each).
+        #[arg(long, default_value_t = 200)]
+        steps: usize,
+    },
     /// Data pipeline throughput: read, convert, template and tokenize N Alpaca examples.
     Data {
         #[arg(long, default_value_t = 100_000)]
@@ -49,6 +58,7 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
+        BenchCommand::Server { subscribers, steps } => super::bench_server::run(subscribers, steps),
         BenchCommand::Decode {
             config,
             batch,

@@ -120,8 +120,12 @@ impl Manager {
     }
 
     pub async fn record(&self, id: i64, event: RunEvent) -> Result<()> {
+        self.record_at(id, event, None).await
+    }
+
+    async fn record_at(&self, id: i64, event: RunEvent, worker_ts: Option<f64>) -> Result<()> {
         let _guard = self.record_lock.lock().await;
-        let msg = self.db.append_event(id, &event).await?;
+        let msg = self.db.append_event(id, &event, worker_ts).await?;
         // No receiver is fine; a slow one lags and re-reads from the database.
         let _ = self.events.send((id, msg));
         Ok(())
@@ -391,8 +395,8 @@ impl Manager {
 
     /// One line of a worker's stdout or stderr: an event, or text for the log.
     async fn on_line(&self, id: i64, line: worker::Line) -> Result<()> {
-        let event = match line {
-            worker::Line::Event(e) => e,
+        let (event, ts) = match line {
+            worker::Line::Event(e, ts) => (e, ts),
             worker::Line::Text(line) => return self.record(id, RunEvent::Log { line }).await,
         };
         use protocol::WorkerEvent as W;
@@ -403,12 +407,13 @@ impl Manager {
                 ..
             } => {
                 self.db.set_progress(id, 0, total_steps).await?;
-                self.record(
+                self.record_at(
                     id,
                     RunEvent::Started {
                         total_steps,
                         num_examples,
                     },
+                    ts,
                 )
                 .await
             }
@@ -428,7 +433,7 @@ impl Manager {
                 };
                 self.db.upsert_metric(id, &p).await?;
                 self.db.set_progress(id, s.step, s.total).await?;
-                self.record(id, RunEvent::Metric(p)).await
+                self.record_at(id, RunEvent::Metric(p), ts).await
             }
             W::Eval { step, metrics } => {
                 let mut p = MetricPoint {
@@ -441,7 +446,7 @@ impl Manager {
                     .filter(|(k, _)| k != "eval_loss")
                     .collect();
                 self.db.upsert_metric(id, &p).await?;
-                self.record(id, RunEvent::Metric(p)).await
+                self.record_at(id, RunEvent::Metric(p), ts).await
             }
             W::Progress {
                 step,
@@ -450,7 +455,7 @@ impl Manager {
                 eta_s,
             } => {
                 self.db.set_progress(id, step, total).await?;
-                self.record(
+                self.record_at(
                     id,
                     RunEvent::Progress {
                         step,
@@ -458,38 +463,41 @@ impl Manager {
                         elapsed_s,
                         eta_s,
                     },
+                    ts,
                 )
                 .await
             }
             W::Checkpoint { step, path } => {
-                self.record(id, RunEvent::Checkpoint { step, path }).await
+                self.record_at(id, RunEvent::Checkpoint { step, path }, ts)
+                    .await
             }
             W::Log { level, message } => {
-                self.record(
+                self.record_at(
                     id,
                     RunEvent::Log {
                         line: format!("[{level}] {message}"),
                     },
+                    ts,
                 )
                 .await
             }
             W::Finished { metrics, .. } => {
                 self.db.set_result(id, &metrics).await?;
-                self.record(id, RunEvent::Finished { metrics }).await
+                self.record_at(id, RunEvent::Finished { metrics }, ts).await
             }
             W::Aborted { step, checkpoint } => {
                 let line = match checkpoint {
                     Some(c) => format!("aborted at step {step}; checkpoint saved at {c}"),
                     None => format!("aborted at step {step}"),
                 };
-                self.record(id, RunEvent::Log { line }).await
+                self.record_at(id, RunEvent::Log { line }, ts).await
             }
             W::Failed { step, error } => {
                 let line = match step {
                     Some(s) => format!("[error] step {s}: {error}"),
                     None => format!("[error] {error}"),
                 };
-                self.record(id, RunEvent::Log { line }).await
+                self.record_at(id, RunEvent::Log { line }, ts).await
             }
         }
     }

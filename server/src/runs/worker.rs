@@ -21,7 +21,8 @@ pub struct Spawned {
 }
 
 pub enum Line {
-    Event(WorkerEvent),
+    /// An event and when the worker printed it.
+    Event(WorkerEvent, Option<f64>),
     Text(String),
 }
 
@@ -140,19 +141,26 @@ where
             let _ = f.write_all(format!("{text}\n").as_bytes()).await;
         }
         let parsed = if from_stdout {
-            serde_json::from_str::<WorkerEvent>(&text).ok()
+            serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| {
+                    let ts = v.get("ts").and_then(serde_json::Value::as_f64);
+                    serde_json::from_value::<WorkerEvent>(v)
+                        .ok()
+                        .map(|e| (e, ts))
+                })
         } else {
             None
         };
         let line = match parsed {
-            Some(e) => {
+            Some((e, ts)) => {
                 match &e {
                     WorkerEvent::Finished { .. } => end.finished = true,
                     WorkerEvent::Aborted { .. } => end.aborted = true,
                     WorkerEvent::Failed { error, .. } => end.failure = Some(error.clone()),
                     _ => {}
                 }
-                Line::Event(e)
+                Line::Event(e, ts)
             }
             None => Line::Text(text),
         };

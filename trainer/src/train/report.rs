@@ -16,8 +16,15 @@ pub struct JsonReporter;
 impl Reporter for JsonReporter {
     fn event(&mut self, e: &WorkerEvent) {
         let mut out = std::io::stdout().lock();
-        if let Ok(line) = serde_json::to_string(e) {
-            let _ = writeln!(out, "{line}");
+        // `ts` (unix seconds when printed) lets the server measure event latency; readers of
+        // `WorkerEvent` ignore it.
+        if let Ok(serde_json::Value::Object(mut m)) = serde_json::to_value(e) {
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            m.insert("ts".into(), ts.into());
+            let _ = writeln!(out, "{}", serde_json::Value::Object(m));
             let _ = out.flush();
         }
     }
