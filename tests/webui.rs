@@ -558,3 +558,36 @@ fn bad_requests_get_clear_errors() {
         "{html}"
     );
 }
+
+#[test]
+fn off_loopback_the_access_token_is_required() {
+    let dir = workdir();
+    let mut child = bin()
+        .args(["webui", "--host", "0.0.0.0", "--port", "0", "--workdir"])
+        .arg(dir.path())
+        .env("LLAMAFACTORY_TOKEN", "s3cret")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("Visit http://") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0);
+    }
+    assert!(line.contains("?token=s3cret"), "{line}");
+    let addr = line["Visit http://".len()..].split('/').next().unwrap().to_string();
+    let s = Server { child, addr };
+    let (code, body) = http(&s.addr, "GET", "/api/runs", "", &[]);
+    assert_eq!(code, 401, "{body}");
+    let (code, _) = http(&s.addr, "GET", "/api/runs", "", &[("Authorization", "Bearer wrong")]);
+    assert_eq!(code, 401);
+    let (code, _) = http(&s.addr, "GET", "/api/runs", "", &[("Authorization", "Bearer s3cret")]);
+    assert_eq!(code, 200);
+    // Opening the printed URL sets a cookie that later requests carry.
+    let (code, _) = http(&s.addr, "GET", "/?token=s3cret", "", &[]);
+    assert_eq!(code, 200);
+    let (code, _) = http(&s.addr, "GET", "/api/runs", "", &[("Cookie", "lf_token=s3cret")]);
+    assert_eq!(code, 200);
+}

@@ -113,6 +113,11 @@ try {
   const early = await count();
   await page.waitForFunction((n) => (document.querySelector('[data-testid="loss-raw"]').getAttribute('points') || '').trim().split(' ').length > n + 3, early, { timeout: 120000 });
   console.log(`chart grew past ${early} points`);
+  // Reopening the page mid-run re-attaches: the history replays and live points keep coming.
+  await page.reload();
+  await page.waitForSelector('#hydrated[data-state="hydrated"]');
+  await page.waitForFunction((n) => (document.querySelector('[data-testid="loss-raw"]').getAttribute('points') || '').trim().split(' ').length > n + 3, early, { timeout: 120000 });
+  console.log('re-attached after reload');
   await page.hover('[data-testid="loss-chart"]');
   await page.waitForFunction(() => document.querySelector('[data-testid="chart-hover"]').textContent.includes('Loss'));
   await page.screenshot({ path: join(shots, 'train-running.png'), fullPage: true });
