@@ -412,6 +412,53 @@ fn dpo_separates_chosen_from_rejected() {
 }
 
 #[test]
+fn reward_model_ranks_held_out_pairs_better_than_chance() {
+    let dir = workdir();
+    write_config(
+        dir.path(),
+        "stage: rm\ndo_train: true\ndataset: demo_dpo\ntemplate: qwen\ncutoff_len: 96\nmax_samples: 100\n\
+         val_size: 0.2\nper_device_train_batch_size: 4\nper_device_eval_batch_size: 8\nmax_steps: 24\n\
+         logging_steps: 4\nlearning_rate: 2.0e-3\n",
+    );
+    let o = run(&train_args(&["output_dir=rm"]), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("rm");
+    for f in [
+        "value_head.safetensors",
+        "adapter_model.safetensors",
+        "eval_results.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let log = jsonl(&out.join("trainer_log.jsonl"));
+    assert!(log[0].get("accuracy").is_some(), "{:?}", log[0]);
+    let eval = read_json(&out.join("eval_results.json"));
+    let acc = eval["eval_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.7, "held-out ranking accuracy {acc}");
+    // Scoring the held-out pairs with the saved adapter and value head.
+    let o = run(
+        &train_args(&[
+            "do_train=false",
+            "do_predict=true",
+            "eval_dataset=demo_dpo",
+            "val_size=0",
+            "max_samples=20",
+            "adapter_name_or_path=rm",
+            "output_dir=rm_predict",
+        ]),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let preds = jsonl(&dir.path().join("rm_predict/generated_predictions.jsonl"));
+    assert_eq!(preds.len(), 20);
+    let right = preds
+        .iter()
+        .filter(|p| p["chosen"].as_f64().unwrap() > p["rejected"].as_f64().unwrap())
+        .count();
+    assert!(right > 12, "{right} of 20 pairs ranked right");
+}
+
+#[test]
 fn kto_pushes_desirable_up_and_undesirable_down() {
     let dir = workdir();
     write_config(

@@ -577,17 +577,39 @@ fn off_loopback_the_access_token_is_required() {
         assert!(out.read_line(&mut line).unwrap() > 0);
     }
     assert!(line.contains("?token=s3cret"), "{line}");
-    let addr = line["Visit http://".len()..].split('/').next().unwrap().to_string();
+    let addr = line["Visit http://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
     let s = Server { child, addr };
     let (code, body) = http(&s.addr, "GET", "/api/runs", "", &[]);
     assert_eq!(code, 401, "{body}");
-    let (code, _) = http(&s.addr, "GET", "/api/runs", "", &[("Authorization", "Bearer wrong")]);
+    let (code, _) = http(
+        &s.addr,
+        "GET",
+        "/api/runs",
+        "",
+        &[("Authorization", "Bearer wrong")],
+    );
     assert_eq!(code, 401);
-    let (code, _) = http(&s.addr, "GET", "/api/runs", "", &[("Authorization", "Bearer s3cret")]);
+    let (code, _) = http(
+        &s.addr,
+        "GET",
+        "/api/runs",
+        "",
+        &[("Authorization", "Bearer s3cret")],
+    );
     assert_eq!(code, 200);
     // Opening the printed URL sets a cookie that later requests carry.
     let (code, _) = http(&s.addr, "GET", "/?token=s3cret", "", &[]);
     assert_eq!(code, 200);
-    let (code, _) = http(&s.addr, "GET", "/api/runs", "", &[("Cookie", "lf_token=s3cret")]);
+    let (code, _) = http(
+        &s.addr,
+        "GET",
+        "/api/runs",
+        "",
+        &[("Cookie", "lf_token=s3cret")],
+    );
     assert_eq!(code, 200);
 }

@@ -28,7 +28,7 @@ fn merge_results(dir: &Path, metrics: &Map<String, Value>) -> Result<()> {
     write_json(&path, &Value::Object(all))
 }
 
-fn output_dir(args: &TrainArgs) -> Result<PathBuf> {
+pub(crate) fn output_dir(args: &TrainArgs) -> Result<PathBuf> {
     let d = PathBuf::from(
         args.output_dir
             .as_deref()

@@ -208,3 +208,78 @@ fn freeze_rejects_unknown_modules() {
         "{e}"
     );
 }
+
+/// Reward modelling: the value head scores the last real token of each row, and the pairwise
+/// loss's gradients (value head and LoRA) match finite differences.
+#[test]
+fn reward_model_matches_hand_values_and_finite_differences() {
+    use trainer::stages::reward::{pairwise_step, ValueHead};
+    let args = TrainArgs {
+        lora_target: "all".into(),
+        ..TrainArgs::default()
+    };
+    let m = with_lora("llama", &args);
+    let head = ValueHead::new(m.cfg.hidden_size, 5, DType::F64, &Device::Cpu).unwrap();
+    let b = batch(); // row 0 (8 tokens) is "chosen", row 1 (6 tokens, padded) "rejected"
+                     // By hand: w · h[last real token] + bias.
+    let h = m.hidden(&b, None).unwrap();
+    let w: Vec<f64> = head
+        .weight
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let bias = head.bias.as_tensor().to_vec1::<f64>().unwrap()[0];
+    let row = |i: usize| -> Vec<f64> { h.get(i).unwrap().to_vec1().unwrap() };
+    let dot = |x: Vec<f64>| x.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>() + bias;
+    let (c, r) = (dot(row(7)), dot(row(b.seq + 5)));
+    let (loss, acc, cs, rs) = pairwise_step(&head, &m, &b, None).unwrap();
+    assert!(
+        (cs[0] - c).abs() < 1e-12 && (rs[0] - r).abs() < 1e-12,
+        "{cs:?} {rs:?} vs {c} {r}"
+    );
+    let want = -(1.0 / (1.0 + (-(c - r)).exp())).ln();
+    assert!((scalar(&loss) - want).abs() < 1e-12);
+    assert_eq!(acc, f64::from(u8::from(c > r)));
+
+    let mut vars: Vec<(String, Var)> = m.trainable();
+    vars.push(("v_head.summary.weight".into(), head.weight.clone()));
+    vars.push(("v_head.summary.bias".into(), head.bias.clone()));
+    let f = || scalar(&pairwise_step(&head, &m, &b, None).unwrap().0);
+    let grads = pairwise_step(&head, &m, &b, None)
+        .unwrap()
+        .0
+        .backward()
+        .unwrap();
+    let hstep = 1e-4;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for (name, var) in &vars {
+        let g: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let i = rng.gen_range(0..g.len());
+        let x0 = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[i];
+        let at = |dx: f64| {
+            set_entry(var, i, x0 + dx);
+            f()
+        };
+        let fd = (8.0 * (at(hstep) - at(-hstep)) - (at(2.0 * hstep) - at(-2.0 * hstep)))
+            / (12.0 * hstep);
+        set_entry(var, i, x0);
+        assert!(
+            (g[i] - fd).abs() <= 1e-6 * fd.abs().max(1e-5),
+            "{name}[{i}]: {} vs {fd}",
+            g[i]
+        );
+    }
+}

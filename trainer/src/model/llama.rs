@@ -48,6 +48,8 @@ pub struct Batch {
     pub positions: Vec<u32>,
     /// Packed sub-sequence of each token (neat packing); tokens attend within their segment only.
     pub segments: Option<Vec<u32>>,
+    /// Unpadded length of each row.
+    pub lens: Vec<usize>,
     pub batch: usize,
     pub seq: usize,
 }
@@ -61,6 +63,7 @@ impl Batch {
             labels: Vec::with_capacity(rows.len() * seq),
             positions: Vec::with_capacity(rows.len() * seq),
             segments: None,
+            lens: rows.iter().map(|r| r.0.len()).collect(),
             batch: rows.len(),
             seq,
         };

@@ -1,3 +1,4 @@
 //! Training objectives beyond causal-LM cross-entropy.
 
 pub mod preference;
+pub mod reward;

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod optim;
 pub mod report;
+mod reward_predict;
 pub mod schedule;
 mod session;
 
@@ -38,11 +39,12 @@ pub fn run_job(args: &TrainArgs, opts: &TrainOptions, rep: &mut dyn Reporter) ->
     }
     if args.do_predict {
         crate::config::validate(args)?;
-        metrics.extend(crate::predict::run_predict(
-            &predict_args,
-            &opts.device,
-            rep,
-        )?);
+        let predicted = if args.stage == "rm" {
+            reward_predict::run(&predict_args, &opts.device, rep)?
+        } else {
+            crate::predict::run_predict(&predict_args, &opts.device, rep)?
+        };
+        metrics.extend(predicted);
     }
     let step = metrics
         .get("global_step")

@@ -24,6 +24,7 @@ use crate::data::processor::Features;
 use crate::model::adapter::LoraSpec;
 use crate::model::{Batch, Model, RowRef};
 use crate::stages::preference::{preference_loss, PrefLoss};
+use crate::stages::reward::{self, ValueHead, VALUE_HEAD_FILE};
 use crate::tokenizer::HfTokenizer;
 
 pub struct TrainOptions {
@@ -53,7 +54,7 @@ pub enum Outcome {
 }
 
 /// One training example's tensors, ready to batch.
-struct Row {
+pub(crate) struct Row {
     ids: Vec<u32>,
     labels: Vec<i64>,
     positions: Option<Vec<u32>>,
@@ -80,7 +81,7 @@ fn rows_of(features: &[Features], neat: bool) -> Vec<Row> {
 }
 
 /// Chosen and rejected rows of pairwise examples, index-aligned.
-fn pair_rows(features: &[Features]) -> (Vec<Row>, Vec<Row>) {
+pub(crate) fn pair_rows(features: &[Features]) -> (Vec<Row>, Vec<Row>) {
     let row = |ids: &Option<Vec<u32>>, labels: &Option<Vec<i64>>| -> Option<Row> {
         Some(Row {
             ids: ids.clone()?,
@@ -277,7 +278,7 @@ fn preference_step(
     ))
 }
 
-fn make_batch(rows: &[&Row], pad_id: u32) -> Batch {
+pub(crate) fn make_batch(rows: &[&Row], pad_id: u32) -> Batch {
     let refs: Vec<RowRef> = rows
         .iter()
         .map(|r| {
@@ -386,6 +387,7 @@ struct Run<'a> {
     model: Model,
     tok: HfTokenizer,
     lora: Option<LoraSpec>,
+    value_head: Option<ValueHead>,
     opt: AdamW,
     log_history: Vec<Value>,
     total_steps: usize,
@@ -447,6 +449,9 @@ impl Run<'_> {
         let base = self.args.model_name_or_path.clone().unwrap_or_default();
         atomic_dir(&dir, |tmp| {
             save_model(tmp, &self.model, &self.save_kind(), &base, &self.tok)?;
+            if let Some(h) = &self.value_head {
+                h.save(tmp)?;
+            }
             if !self.args.save_only_model {
                 write_safetensors(
                     &tmp.join("optimizer.safetensors"),
@@ -478,6 +483,22 @@ impl Run<'_> {
         Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
     }
 
+    /// RM evaluation: mean pairwise loss and ranking accuracy over `(chosen, rejected)` rows.
+    fn reward_eval(&self, pairs: &(Vec<Row>, Vec<Row>), pad: u32) -> Result<(f64, f64)> {
+        let head = self.value_head.as_ref().expect("rm has a value head");
+        let bs = self.args.per_device_eval_batch_size.max(1);
+        let (mut loss, mut correct, mut n) = (0.0, 0.0, 0usize);
+        for (c, r) in pairs.0.chunks(bs).zip(pairs.1.chunks(bs)) {
+            let rows: Vec<&Row> = c.iter().chain(r.iter()).collect();
+            let (l, acc, _, _) =
+                reward::pairwise_step(head, &self.model, &make_batch(&rows, pad), None)?;
+            loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * c.len() as f64;
+            correct += acc * c.len() as f64;
+            n += c.len();
+        }
+        Ok((loss / n.max(1) as f64, correct / n.max(1) as f64))
+    }
+
     fn log_line(&self, path: &Path, entry: &Value) -> Result<()> {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
@@ -497,9 +518,9 @@ pub fn run_training(
     rep: &mut dyn Reporter,
 ) -> Result<Outcome> {
     crate::config::validate(args)?;
-    if !matches!(args.stage.as_str(), "sft" | "pt" | "dpo" | "kto") {
+    if !matches!(args.stage.as_str(), "sft" | "pt" | "rm" | "dpo" | "kto") {
         bail!(
-            "stage `{}` is not available yet in this version; supported: sft, pt, dpo, kto",
+            "stage `{}` is not available yet in this version; supported: sft, pt, rm, dpo, kto",
             args.stage
         );
     }
@@ -593,7 +614,28 @@ pub fn run_training(
         "freeze" => model.setup_freeze(args)?,
         _ => model.setup_full()?,
     }
-    let trainable = model.trainable();
+    let mut trainable = model.trainable();
+    let value_head = if args.stage == "rm" {
+        let head = match (&resume, lora.is_some()) {
+            // Continuing an adapter that already has a value head next to it.
+            (None, true) => TrainArgs::split_list(args.adapter_name_or_path.as_deref())
+                .last()
+                .map(Path::new)
+                .filter(|d| d.join(VALUE_HEAD_FILE).exists() && !args.create_new_adapter)
+                .map(|d| ValueHead::load(d, opts.dtype, &opts.device))
+                .transpose()?,
+            _ => None,
+        };
+        let head = match head {
+            Some(h) => h,
+            None => ValueHead::new(model.cfg.hidden_size, args.seed, opts.dtype, &opts.device)?,
+        };
+        trainable.push((reward::WEIGHT.into(), head.weight.clone()));
+        trainable.push((reward::BIAS.into(), head.bias.clone()));
+        Some(head)
+    } else {
+        None
+    };
     if trainable.is_empty() {
         bail!("no parameter is trainable with these settings");
     }
@@ -623,9 +665,10 @@ pub fn run_training(
         None
     };
     let kto = args.stage == "kto";
-    // Paired stages keep a partner row per example: the rejected answer (DPO) or the
+    let rm = value_head.is_some();
+    // Paired stages keep a partner row per example: the rejected answer (DPO, RM) or the
     // mismatched KL completion (KTO).
-    let (train_rows, rejected_rows, kto_tags) = if pref.is_some() {
+    let (train_rows, rejected_rows, kto_tags) = if pref.is_some() || rm {
         let (c, r) = pair_rows(&data.train);
         (c, Some(r), Vec::new())
     } else if kto {
@@ -634,8 +677,14 @@ pub fn run_training(
     } else {
         (rows_of(&data.train, neat), None, Vec::new())
     };
-    let eval_rows = if pref.is_some() || kto {
-        if !data.eval.is_empty() {
+    // RM evaluates pairs: chosen rows, then their rejected partners.
+    let eval_pairs = if rm {
+        Some(pair_rows(&data.eval))
+    } else {
+        None
+    };
+    let eval_rows = if pref.is_some() || kto || rm {
+        if !data.eval.is_empty() && !rm {
             rep.event(&WorkerEvent::Log {
                 level: "warning".into(),
                 message:
@@ -702,6 +751,7 @@ pub fn run_training(
         model,
         tok,
         lora,
+        value_head,
         opt,
         log_history: Vec::new(),
         total_steps,
@@ -795,6 +845,18 @@ pub fn run_training(
             let (loss, metrics) = match pref {
                 Some(kind) => {
                     let (l, m) = preference_step(&run.model, b, kind, args, Some(&mut rng))?;
+                    ((l / micro.len() as f64)?, m)
+                }
+                None if rm => {
+                    let head = run.value_head.as_ref().expect("rm has a value head");
+                    let (l, acc, c, r) =
+                        reward::pairwise_step(head, &run.model, b, Some(&mut rng))?;
+                    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
+                    let m = vec![
+                        ("accuracy".to_string(), acc),
+                        ("rewards/chosen".to_string(), mean(&c)),
+                        ("rewards/rejected".to_string(), mean(&r)),
+                    ];
                     ((l / micro.len() as f64)?, m)
                 }
                 None if kto => {
@@ -908,7 +970,17 @@ pub fn run_training(
                 || (args.eval_strategy == "epoch" && epoch_end));
         if eval_now {
             let el = run.eval_loss(&eval_rows, pad)?;
-            record_eval(&mut run, &log_path, step, el, rep)?;
+            record_eval(&mut run, &log_path, step, el, Map::new(), rep)?;
+        }
+        let rm_eval_now = eval_pairs.as_ref().is_some_and(|p| !p.0.is_empty())
+            && ((args.eval_strategy == "steps" && step % eval_every == 0)
+                || (args.eval_strategy == "epoch" && epoch_end));
+        if let (true, Some(pairs)) = (rm_eval_now, &eval_pairs) {
+            let (el, acc) = run.reward_eval(pairs, pad)?;
+            let extra: Map<String, Value> = [("eval_accuracy".to_string(), json!(acc))]
+                .into_iter()
+                .collect();
+            record_eval(&mut run, &log_path, step, el, extra, rep)?;
         }
         let save_now = (args.save_strategy == "steps" && step % args.save_steps.max(1) == 0)
             || (args.save_strategy == "epoch" && epoch_end);
@@ -934,6 +1006,9 @@ pub fn run_training(
     }
     let base = model_name.clone();
     save_model(&output_dir, &run.model, &run.save_kind(), &base, &run.tok)?;
+    if let Some(h) = &run.value_head {
+        h.save(&output_dir)?;
+    }
     let runtime = run.elapsed();
     let mut metrics = Map::new();
     metrics.insert("epoch".into(), json!(round(run.epoch_at(total_steps), 4)));
@@ -982,6 +1057,24 @@ pub fn run_training(
         )?;
         all.extend(eval);
     }
+    if let Some(pairs) = eval_pairs.as_ref().filter(|p| !p.0.is_empty()) {
+        let (el, acc) = run.reward_eval(pairs, pad)?;
+        let eval: Map<String, Value> = [
+            (
+                "epoch".to_string(),
+                json!(round(run.epoch_at(total_steps), 4)),
+            ),
+            ("eval_loss".to_string(), json!(el)),
+            ("eval_accuracy".to_string(), json!(acc)),
+        ]
+        .into_iter()
+        .collect();
+        write_json(
+            &output_dir.join("eval_results.json"),
+            &Value::Object(eval.clone()),
+        )?;
+        all.extend(eval);
+    }
     write_json(
         &output_dir.join("train_results.json"),
         &Value::Object(metrics),
@@ -1006,11 +1099,15 @@ fn record_eval(
     log_path: &Path,
     step: usize,
     eval_loss: f64,
+    extra: Map<String, Value>,
     rep: &mut dyn Reporter,
 ) -> Result<()> {
     let epoch = round(run.epoch_at(step), 4);
-    run.log_history
-        .push(json!({"epoch": epoch, "eval_loss": eval_loss, "step": step}));
+    let mut entry = json!({"epoch": epoch, "eval_loss": eval_loss, "step": step});
+    for (k, v) in &extra {
+        entry[k] = v.clone();
+    }
+    run.log_history.push(entry);
     let line = json!({
         "current_steps": step, "total_steps": run.total_steps, "eval_loss": eval_loss, "epoch": epoch,
         "percentage": round(step as f64 / run.total_steps as f64 * 100.0, 2),
@@ -1022,6 +1119,7 @@ fn record_eval(
     if run.args.stage == "pt" {
         metrics.insert("eval_perplexity".into(), json!(eval_loss.exp()));
     }
+    metrics.extend(extra);
     rep.event(&WorkerEvent::Eval {
         step: step as u64,
         metrics,
@@ -1047,10 +1145,17 @@ fn restore(run: &mut Run, ckpt: &Path) -> Result<usize> {
     } else {
         "model.safetensors"
     };
-    let tensors = candle_core::safetensors::load(ckpt.join(weights_file), &run.opts.device)
+    let mut tensors = candle_core::safetensors::load(ckpt.join(weights_file), &run.opts.device)
         .map_err(|e| anyhow!("cannot read {}: {e}", ckpt.join(weights_file).display()))?;
+    if run.value_head.is_some() {
+        let head = ValueHead::load(ckpt, run.opts.dtype, &run.opts.device)?;
+        tensors.extend(head.tensors()?);
+    }
     for p in &run.opt.params {
-        let key = if run.lora.is_some() && !p.name.starts_with("base_model.model.") {
+        let key = if run.lora.is_some()
+            && !p.name.starts_with("base_model.model.")
+            && !p.name.starts_with("v_head.")
+        {
             format!("base_model.model.{}", p.name)
         } else {
             p.name.clone()
