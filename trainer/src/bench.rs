@@ -128,6 +128,21 @@ pub struct StepTiming {
 /// Median timings of LoRA (or full) training steps on random weights and tokens, the first 32
 /// labels of each row masked, AdamW lr 1e-4 / weight decay 0.01, after 3 warm-up steps.
 pub fn train_steps(c: &TrainBenchConfig, full: bool, steps: usize) -> Result<(StepTiming, usize)> {
+    train_steps_for(c, full, steps, false)
+}
+
+/// A DPO step (sigmoid loss, β 0.1) on `batch` pairs: policy forward/backward over the chosen
+/// and rejected rows plus a reference forward with the adapter switched off.
+pub fn dpo_steps(c: &TrainBenchConfig, full: bool, steps: usize) -> Result<(StepTiming, usize)> {
+    train_steps_for(c, full, steps, true)
+}
+
+fn train_steps_for(
+    c: &TrainBenchConfig,
+    full: bool,
+    steps: usize,
+    dpo: bool,
+) -> Result<(StepTiming, usize)> {
     use crate::model::{Batch, RowRef};
     use crate::train::optim::{decays, AdamW, ParamGroup};
     use rand::{Rng, SeedableRng};
@@ -145,7 +160,8 @@ pub fn train_steps(c: &TrainBenchConfig, full: bool, steps: usize) -> Result<(St
         })
         .collect();
     let mut opt = AdamW::new(groups, 0.9, 0.999, 1e-8)?;
-    let ids: Vec<Vec<u32>> = (0..c.batch)
+    let rows_n = if dpo { 2 * c.batch } else { c.batch };
+    let ids: Vec<Vec<u32>> = (0..rows_n)
         .map(|_| {
             (0..c.seq)
                 .map(|_| rng.gen_range(0..c.vocab as u32))
@@ -170,8 +186,19 @@ pub fn train_steps(c: &TrainBenchConfig, full: bool, steps: usize) -> Result<(St
     let mut timings = Vec::new();
     for step in 0..3 + steps {
         let t0 = Instant::now();
-        let (sum, n) = model.loss_sum(&batch, None)?;
-        let loss = (sum / n as f64)?;
+        let loss = if dpo {
+            let args = protocol::TrainArgs {
+                pref_beta: 0.1,
+                ..Default::default()
+            };
+            let kind = crate::stages::preference::PrefLoss::Sigmoid {
+                label_smoothing: 0.0,
+            };
+            crate::train::preference_step(&model, &batch, kind, &args, None)?.0
+        } else {
+            let (sum, n) = model.loss_sum(&batch, None)?;
+            (sum / n as f64)?
+        };
         let lv = loss.to_scalar::<f32>()? as f64;
         let t1 = Instant::now();
         let store = loss.backward()?;
@@ -192,7 +219,7 @@ pub fn train_steps(c: &TrainBenchConfig, full: bool, steps: usize) -> Result<(St
     }
     timings.sort_by(|a, b| a.total.total_cmp(&b.total));
     let median = timings.swap_remove(timings.len() / 2);
-    Ok((median, c.batch * c.seq))
+    Ok((median, rows_n * c.seq))
 }
 
 /// A seeded random Llama of the bench shapes, with LoRA (rank 8, alpha 16, all linears) unless

@@ -47,6 +47,9 @@ pub enum BenchCommand {
         full: bool,
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// Also time a DPO step on the same shape and report its cost in SFT steps.
+        #[arg(long)]
+        dpo: bool,
         /// The PyTorch side (dev machines keep it in the shared folder).
         #[arg(long, default_value = "../shared/bench/bench_torch_lora.py")]
         torch_script: PathBuf,
@@ -107,6 +110,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             config,
             full,
             steps,
+            dpo,
             torch_script,
             python,
         } => {
@@ -129,6 +133,17 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
                 tokens as f64 / t.total,
                 rss as f64 / 1e9
             );
+            if dpo {
+                let (d, _) = trainer::bench::dpo_steps(&c, full, steps)?;
+                println!(
+                    "| llamafactory (candle), DPO on {} pairs | {} | {method} | {:.3} | {:.3} | {:.3} | {:.3} | | |",
+                    c.batch, c.name, d.total, d.forward, d.backward, d.optimizer
+                );
+                println!(
+                    "\nDPO step / SFT step: {:.2}× (two policy passes over chosen + rejected, plus a reference forward with the adapter off)\n",
+                    d.total / t.total
+                );
+            }
             if torch_script.exists() {
                 match run_torch(&python, &torch_script, &config, full, steps, threads) {
                     Ok((step, tps, torch_rss)) => {

@@ -8,7 +8,7 @@ mod reward_predict;
 pub mod schedule;
 mod session;
 
-pub use session::{run_training, Outcome, TrainOptions};
+pub use session::{preference_step, run_training, Outcome, TrainOptions};
 
 use anyhow::{bail, Result};
 use protocol::{TrainArgs, WorkerEvent};

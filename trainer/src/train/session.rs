@@ -210,7 +210,7 @@ fn kto_step(
 
 /// DPO-family loss of one micro-batch whose first half holds chosen and second half rejected
 /// sequences, with TRL's logged metrics.
-fn preference_step(
+pub fn preference_step(
     model: &Model,
     b: &Batch,
     kind: PrefLoss,
