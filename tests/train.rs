@@ -371,10 +371,14 @@ fn dpo_separates_chosen_from_rejected() {
     write_config(
         dir.path(),
         "stage: dpo\ndo_train: true\ndataset: demo_dpo\ntemplate: qwen\ncutoff_len: 96\nper_device_train_batch_size: 4\n\
-         max_steps: 30\nlogging_steps: 5\nlearning_rate: 5.0e-3\npref_beta: 0.1\n",
+         max_steps: 30\nlogging_steps: 5\nlearning_rate: 5.0e-3\npref_beta: 0.1\nval_size: 0.1\n",
     );
     let o = run(&train_args(&["output_dir=dpo"]), dir.path());
     assert!(o.status.success(), "{}", stderr(&o));
+    // Held-out pairs are evaluated with TRL's metric names.
+    let eval = read_json(&dir.path().join("dpo/eval_results.json"));
+    assert!(eval["eval_loss"].as_f64().unwrap().is_finite(), "{eval}");
+    assert!(eval["eval_rewards/accuracies"].as_f64().is_some(), "{eval}");
     let log = jsonl(&dir.path().join("dpo/trainer_log.jsonl"));
     for k in [
         "accuracy",

@@ -483,20 +483,39 @@ impl Run<'_> {
         Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
     }
 
-    /// RM evaluation: mean pairwise loss and ranking accuracy over `(chosen, rejected)` rows.
-    fn reward_eval(&self, pairs: &(Vec<Row>, Vec<Row>), pad: u32) -> Result<(f64, f64)> {
-        let head = self.value_head.as_ref().expect("rm has a value head");
+    /// Evaluation of a paired stage over `(chosen, rejected)` rows: the mean loss and the
+    /// metrics under `eval_` names (RM: `eval_accuracy`; DPO: TRL's `eval_rewards/*`, `eval_logps/*`).
+    fn pair_eval(
+        &self,
+        pairs: &(Vec<Row>, Vec<Row>),
+        pref: Option<PrefLoss>,
+        pad: u32,
+    ) -> Result<(f64, Map<String, Value>)> {
         let bs = self.args.per_device_eval_batch_size.max(1);
-        let (mut loss, mut correct, mut n) = (0.0, 0.0, 0usize);
+        let (mut loss, mut n) = (0.0, 0usize);
+        let mut sums: std::collections::BTreeMap<String, f64> = Default::default();
         for (c, r) in pairs.0.chunks(bs).zip(pairs.1.chunks(bs)) {
             let rows: Vec<&Row> = c.iter().chain(r.iter()).collect();
-            let (l, acc, _, _) =
-                reward::pairwise_step(head, &self.model, &make_batch(&rows, pad), None)?;
+            let b = make_batch(&rows, pad);
+            let (l, metrics) = match (&self.value_head, pref) {
+                (Some(head), _) => {
+                    let (l, acc, _, _) = reward::pairwise_step(head, &self.model, &b, None)?;
+                    (l, vec![("accuracy".to_string(), acc)])
+                }
+                (None, Some(kind)) => preference_step(&self.model, &b, kind, self.args, None)?,
+                (None, None) => bail!("internal error: pair evaluation without a paired stage"),
+            };
             loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * c.len() as f64;
-            correct += acc * c.len() as f64;
+            for (k, v) in metrics {
+                *sums.entry(format!("eval_{k}")).or_default() += v * c.len() as f64;
+            }
             n += c.len();
         }
-        Ok((loss / n.max(1) as f64, correct / n.max(1) as f64))
+        let n = n.max(1) as f64;
+        Ok((
+            loss / n,
+            sums.into_iter().map(|(k, v)| (k, json!(v / n))).collect(),
+        ))
     }
 
     fn log_line(&self, path: &Path, entry: &Value) -> Result<()> {
@@ -677,19 +696,17 @@ pub fn run_training(
     } else {
         (rows_of(&data.train, neat), None, Vec::new())
     };
-    // RM evaluates pairs: chosen rows, then their rejected partners.
-    let eval_pairs = if rm {
+    // RM and DPO evaluate pairs: chosen rows, then their rejected partners.
+    let eval_pairs = if rm || pref.is_some() {
         Some(pair_rows(&data.eval))
     } else {
         None
     };
     let eval_rows = if pref.is_some() || kto || rm {
-        if !data.eval.is_empty() && !rm {
+        if !data.eval.is_empty() && kto {
             rep.event(&WorkerEvent::Log {
                 level: "warning".into(),
-                message:
-                    "evaluation is not available for preference stages yet; the eval set is ignored"
-                        .into(),
+                message: "evaluation is not available for KTO yet; the eval set is ignored".into(),
             });
         }
         Vec::new()
@@ -972,14 +989,11 @@ pub fn run_training(
             let el = run.eval_loss(&eval_rows, pad)?;
             record_eval(&mut run, &log_path, step, el, Map::new(), rep)?;
         }
-        let rm_eval_now = eval_pairs.as_ref().is_some_and(|p| !p.0.is_empty())
+        let pair_eval_now = eval_pairs.as_ref().is_some_and(|p| !p.0.is_empty())
             && ((args.eval_strategy == "steps" && step % eval_every == 0)
                 || (args.eval_strategy == "epoch" && epoch_end));
-        if let (true, Some(pairs)) = (rm_eval_now, &eval_pairs) {
-            let (el, acc) = run.reward_eval(pairs, pad)?;
-            let extra: Map<String, Value> = [("eval_accuracy".to_string(), json!(acc))]
-                .into_iter()
-                .collect();
+        if let (true, Some(pairs)) = (pair_eval_now, &eval_pairs) {
+            let (el, extra) = run.pair_eval(pairs, pref, pad)?;
             record_eval(&mut run, &log_path, step, el, extra, rep)?;
         }
         let save_now = (args.save_strategy == "steps" && step % args.save_steps.max(1) == 0)
@@ -1058,17 +1072,17 @@ pub fn run_training(
         all.extend(eval);
     }
     if let Some(pairs) = eval_pairs.as_ref().filter(|p| !p.0.is_empty()) {
-        let (el, acc) = run.reward_eval(pairs, pad)?;
-        let eval: Map<String, Value> = [
+        let (el, extra) = run.pair_eval(pairs, pref, pad)?;
+        let mut eval: Map<String, Value> = [
             (
                 "epoch".to_string(),
                 json!(round(run.epoch_at(total_steps), 4)),
             ),
             ("eval_loss".to_string(), json!(el)),
-            ("eval_accuracy".to_string(), json!(acc)),
         ]
         .into_iter()
         .collect();
+        eval.extend(extra);
         write_json(
             &output_dir.join("eval_results.json"),
             &Value::Object(eval.clone()),
