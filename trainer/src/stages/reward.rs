@@ -25,7 +25,7 @@ impl ValueHead {
     /// `nn.Linear`'s default init: uniform in ±1/sqrt(hidden), seeded.
     pub fn new(hidden: usize, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         use rand::{Rng, SeedableRng};
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_0F_7A1E);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x005E_ED0F_7A1E);
         let bound = 1.0 / (hidden as f64).sqrt();
         let w: Vec<f64> = (0..hidden).map(|_| rng.gen_range(-bound..bound)).collect();
         let b = vec![rng.gen_range(-bound..bound)];
