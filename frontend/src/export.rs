@@ -94,7 +94,7 @@ pub fn ExportTab() -> impl IntoView {
             (!list.is_empty()).then(|| view! {
                 <h4>{i.t("exported")}" "{i.t("exported_files")}</h4>
                 <table data-testid="export-files">
-                    <thead><tr><th>{i.t("export_dir")}</th><th>{i.t("size")}</th></tr></thead>
+                    <thead><tr><th>{i.t("file")}</th><th>{i.t("size")}</th></tr></thead>
                     <tbody>{list.into_iter().map(|(p, s)| view! { <tr><td class="pre">{p}</td><td>{size(s)}</td></tr> }).collect_view()}</tbody>
                 </table>
             })

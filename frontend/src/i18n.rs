@@ -214,6 +214,7 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("exporting", "Exporting model...", "正在导出模型……"),
     ("exported", "Model exported.", "模型导出完成。"),
     ("size", "Size", "大小"),
+    ("file", "File", "文件"),
     ("error", "Error", "错误"),
     ("err_no_model", "Please select a model.", "请选择模型。"),
     (

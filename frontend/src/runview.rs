@@ -172,7 +172,9 @@ pub fn Progress(view: RunView) -> impl IntoView {
     let i = use_i18n();
     let pct = move || {
         let t = view.total.get();
-        if t == 0 {
+        if view.status.get() == Some(RunStatus::Succeeded) {
+            100.0
+        } else if t == 0 {
             0.0
         } else {
             (view.step.get() as f64 / t as f64 * 100.0).min(100.0)
