@@ -404,14 +404,18 @@ fn a_restarted_server_marks_lost_runs_interrupted_and_can_resume_them() {
     assert_eq!(run["status"], "interrupted", "{run}");
     let (_, after) = get(&s, &format!("/api/runs/{id}/metrics"));
     assert!(after.as_array().unwrap().len() >= before.as_array().unwrap().len());
-    // The orphaned worker was told to save and stop: a checkpoint appears.
+    // The orphaned worker was told to save and stop: a complete checkpoint appears.
     let out = PathBuf::from(run["output_dir"].as_str().unwrap());
+    let complete = |out: &Path| {
+        std::fs::read_dir(out).unwrap().flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("checkpoint-")
+                .is_some_and(|n| n.parse::<u64>().is_ok())
+                && e.path().join("trainer_state.json").is_file()
+        })
+    };
     let t = Instant::now();
-    while !std::fs::read_dir(&out)
-        .unwrap()
-        .flatten()
-        .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
-    {
+    while !complete(&out) {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "the orphaned worker saved no checkpoint"

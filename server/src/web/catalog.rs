@@ -290,7 +290,9 @@ pub async fn checkpoints(
                     .filter(|p| {
                         p.file_name()
                             .and_then(|n| n.to_str())
-                            .is_some_and(|n| n.starts_with("checkpoint-"))
+                            // `checkpoint-N.tmp` is a save in progress.
+                            .and_then(|n| n.strip_prefix("checkpoint-"))
+                            .is_some_and(|k| k.parse::<u64>().is_ok())
                             && is_ckpt(p)
                     })
                     .collect()
