@@ -69,9 +69,18 @@ fn ensure_demo(workdir: &Path) -> Result<()> {
         "no model found: building the demo model in {} ...",
         out.display()
     );
-    let summary =
-        trainer::demo::build_demo_model(&out, &data, &trainer::demo::DemoConfig::default())?;
-    println!("{summary}");
+    // In a child process, so the tokenizer training's memory never stays with the server.
+    let status = std::process::Command::new(std::env::current_exe()?)
+        .arg("demo")
+        .arg("--out")
+        .arg(&out)
+        .arg("--dataset-dir")
+        .arg(&data)
+        .status()
+        .context("cannot start the demo model build")?;
+    if !status.success() {
+        anyhow::bail!("building the demo model in {} failed", out.display());
+    }
     Ok(())
 }
 
