@@ -22,6 +22,7 @@ if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$wbg_version
 fi
 
 if [ "$profile" = release ]; then
+  # Not `--cfg erase_components` (a third smaller): hydration then needs the server built with it too.
   cargo build -p frontend --lib --target wasm32-unknown-unknown --features hydrate --profile wasm-release --locked
   wasm="$target_dir/wasm32-unknown-unknown/wasm-release/frontend.wasm"
 else
@@ -31,10 +32,20 @@ fi
 site="$target_dir/site"
 rm -rf "$site.tmp" && mkdir -p "$site.tmp/pkg"
 wasm-bindgen --target web --no-typescript --out-dir "$site.tmp/pkg" --out-name frontend "$wasm"
-# Optional: npm's binaryen (never Debian's 108, which corrupts wasm-bindgen output).
-if [ "$profile" = release ] && [ -x node_modules/.bin/wasm-opt ]; then
-  node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int \
-    "$site.tmp/pkg/frontend_bg.wasm" -o "$site.tmp/pkg/frontend_bg.wasm"
+# Release: shrink with wasm-opt from npm's binaryen package (a wasm build run by node; never
+# Debian's binaryen 108, which corrupts wasm-bindgen output). Skipped with a note without node.
+if [ "$profile" = release ]; then
+  wasm_opt="$tools/binaryen/node_modules/.bin/wasm-opt"
+  if [ ! -x "$wasm_opt" ] && command -v npm >/dev/null; then
+    echo "==> installing wasm-opt (npm binaryen@132.0.0)"
+    mkdir -p "$tools/binaryen" && npm install --prefix "$tools/binaryen" --no-audit --no-fund --silent binaryen@132.0.0
+  fi
+  if [ -x "$wasm_opt" ]; then
+    "$wasm_opt" -Oz --enable-bulk-memory --enable-nontrapping-float-to-int \
+      "$site.tmp/pkg/frontend_bg.wasm" -o "$site.tmp/pkg/frontend_bg.wasm"
+  else
+    echo "note: npm not found; the bundle is not shrunk with wasm-opt"
+  fi
 fi
 rm -rf "$site" && mv "$site.tmp" "$site"
 raw=$(cat "$site"/pkg/* | wc -c)
