@@ -135,7 +135,17 @@ try {
   await page.waitForFunction(() => [...document.querySelectorAll('#f-checkpoint option')].some((o) => o.value.endsWith('e2e_run')));
   const ckpt = await page.evaluate(() => [...document.querySelectorAll('#f-checkpoint option')].find((o) => o.value.endsWith('e2e_run')).value);
   await page.selectOption('#f-checkpoint', ckpt);
+  // Evaluate & Predict with the adapter: metrics and the prompt / predict / label rows.
   await page.click('[data-tab="tab_eval"]');
+  await page.selectOption('#f-eval-dataset', 'demo_sft');
+  await page.fill('#f-eval-max_samples', '4');
+  await page.fill('#f-eval-cutoff_len', '128');
+  await page.fill('#f-eval-max_new_tokens', '8');
+  await page.click('[data-testid="eval-start"]');
+  await page.waitForFunction(() => document.querySelectorAll('[data-testid="predictions"] tbody tr').length === 4, null, { timeout: 120000 });
+  const metrics = await page.textContent('[data-testid="eval-metrics"]');
+  if (!metrics.includes('predict_bleu-4') || !metrics.includes('predict_rouge-l')) fail(`eval metrics: ${metrics}`);
+  console.log('predict ok');
   await page.screenshot({ path: join(shots, 'evaluate.png'), fullPage: true });
   await page.click('[data-tab="tab_chat"]');
   await page.click('[data-testid="chat-load"]');
