@@ -339,12 +339,14 @@ fn TopBar() -> impl IntoView {
                 options=vec![("lora", ""), ("freeze", ""), ("full", "")]/>
             <div class="field" class:invalid=move || top.errors.with(|e| e.contains_key("checkpoint"))>
                 <label for="f-checkpoint">{i.t("checkpoint")}</label>
-                <select id="f-checkpoint" name="checkpoint" prop:value=move || top.get("checkpoint")
-                    on:change=move |ev| top.set("checkpoint", event_target_value(&ev))>
-                    <option value="">{i.t("none")}</option>
+                // LoRA adapters stack, so several can be chosen (comma-joined, like LlamaBoard).
+                <select id="f-checkpoint" name="checkpoint"
+                    multiple=move || top.get("finetuning_type") == "lora"
+                    on:change=move |ev| top.set("checkpoint", selected_values(&ev))>
+                    <option value="" selected=move || top.get("checkpoint").is_empty()>{i.t("none")}</option>
                     {move || ctx.checkpoints.get().into_iter().map(|c| {
                         let p = c.path.clone();
-                        view! { <option value=p.clone() selected=move || top.get("checkpoint") == p>{c.name}</option> }
+                        view! { <option value=p.clone() selected=move || top.get("checkpoint").split(',').any(|x| x == p)>{c.name}</option> }
                     }).collect_view()}
                 </select>
                 {move || top.errors.with(|e| e.get("checkpoint").cloned()).map(|m| view! { <p class="field-error" role="alert">{m}</p> })}
@@ -365,6 +367,33 @@ fn TopBar() -> impl IntoView {
             <Select form=top key="booster" label="booster"
                 options=vec![("auto", ""), ("flashattn2", ""), ("unsloth", ""), ("liger_kernel", "")]/>
         </div>
+    }
+}
+
+/// The chosen values of a (possibly multiple) select, comma-joined, empty ones dropped.
+fn selected_values(ev: &leptos::ev::Event) -> String {
+    #[cfg(feature = "hydrate")]
+    {
+        use wasm_bindgen::JsCast;
+        let Some(sel) = ev
+            .target()
+            .and_then(|t| t.dyn_into::<web_sys::HtmlSelectElement>().ok())
+        else {
+            return String::new();
+        };
+        let opts = sel.selected_options();
+        (0..opts.length())
+            .filter_map(|i| opts.item(i))
+            .filter_map(|e| e.dyn_into::<web_sys::HtmlOptionElement>().ok())
+            .map(|o| o.value())
+            .filter(|v| !v.is_empty())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+    #[cfg(not(feature = "hydrate"))]
+    {
+        let _ = ev;
+        String::new()
     }
 }
 

@@ -134,6 +134,7 @@ try {
   // Load the result in Chat: pick the adapter in the top bar.
   await page.waitForFunction(() => [...document.querySelectorAll('#f-checkpoint option')].some((o) => o.value.endsWith('e2e_run')));
   const ckpt = await page.evaluate(() => [...document.querySelectorAll('#f-checkpoint option')].find((o) => o.value.endsWith('e2e_run')).value);
+  if ((await page.getAttribute('#f-checkpoint', 'multiple')) === null) fail('LoRA adapters should be multi-select');
   await page.selectOption('#f-checkpoint', ckpt);
   // Evaluate & Predict with the adapter: metrics and the prompt / predict / label rows.
   await page.click('[data-tab="tab_eval"]');
