@@ -3,21 +3,9 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 
-use common::{bin, http, workdir, write_config};
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{bin, http, workdir, write_config, Server};
 
 fn start(dir: &std::path::Path, key: Option<&str>) -> Server {
     let mut cmd = bin();

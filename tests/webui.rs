@@ -6,23 +6,11 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{bin, http, repo};
+use common::{bin, http, repo, Server};
 use serde_json::{json, Value};
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A work dir with the demo datasets and the demo model at `models/demo`.
 fn workdir() -> tempfile::TempDir {
@@ -158,6 +146,19 @@ fn read_to_end(sock: &mut Ws) -> Vec<Value> {
     }
 }
 
+/// Reads events until a metric point of step `step` or later.
+fn wait_for_step(sock: &mut Ws, step: u64) {
+    loop {
+        let tungstenite::Message::Text(t) = sock.read().unwrap() else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        if v["type"] == "metric" && v["step"].as_u64() >= Some(step) {
+            return;
+        }
+    }
+}
+
 fn assert_gapless(events: &[Value]) {
     let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
     let want: Vec<i64> = (1..=seqs.len() as i64).collect();
@@ -287,15 +288,7 @@ fn abort_keeps_a_checkpoint_and_kill_is_a_failure_with_the_log() {
     // A second run waits in the queue while the first one runs.
     let queued = start_run(&s, &quick_run(dir.path(), long.clone()));
     let mut sock = ws(&s, &format!("/api/runs/{id}/events"));
-    loop {
-        let tungstenite::Message::Text(t) = sock.read().unwrap() else {
-            continue;
-        };
-        let v: Value = serde_json::from_str(&t).unwrap();
-        if v["type"] == "metric" && v["step"].as_u64() >= Some(3) {
-            break;
-        }
-    }
+    wait_for_step(&mut sock, 3);
     let (_, q) = get(&s, &format!("/api/runs/{queued}"));
     assert_eq!(q["status"], "queued");
     assert_eq!(q["queue_position"], 1);
@@ -385,15 +378,7 @@ fn a_restarted_server_marks_lost_runs_interrupted_and_can_resume_them() {
         ),
     );
     let mut sock = ws(&s, &format!("/api/runs/{id}/events"));
-    loop {
-        let tungstenite::Message::Text(t) = sock.read().unwrap() else {
-            continue;
-        };
-        let v: Value = serde_json::from_str(&t).unwrap();
-        if v["type"] == "metric" && v["step"].as_u64() >= Some(2) {
-            break;
-        }
-    }
+    wait_for_step(&mut sock, 2);
     let (_, before) = get(&s, &format!("/api/runs/{id}/metrics"));
     // The server dies without a chance to clean up.
     s.child.kill().unwrap();

@@ -3,10 +3,10 @@
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use protocol::run::{CommandPreview, Created, DatasetEntry, DatasetPage, Run};
+use protocol::run::{CommandPreview, Created, DatasetEntry, DatasetPage};
 use serde_json::Value;
 
-use crate::client::{enc, get, send};
+use crate::client::{get, send};
 use crate::form::{Check, Field, Form};
 use crate::i18n::use_i18n;
 use crate::runview::{LogTail, Progress};
@@ -38,24 +38,7 @@ pub fn EvalTab() -> impl IntoView {
     let rows = RwSignal::new(None::<DatasetPage>);
     let busy = Signal::derive(move || view_.is_active());
 
-    Effect::new(move |_| {
-        let dir = form.get("dataset_dir");
-        spawn_local(async move {
-            match get::<Vec<DatasetEntry>>(&format!("/api/datasets?dataset_dir={}", enc(&dir)))
-                .await
-            {
-                Ok(list) => datasets.set(
-                    list.into_iter()
-                        .filter(|d| !d.ranking && d.kind != "kto")
-                        .collect(),
-                ),
-                Err(e) => {
-                    datasets.set(Vec::new());
-                    form.show_error("dataset_dir", &e.message);
-                }
-            }
-        });
-    });
+    crate::watch_datasets(form, datasets, |d| !d.ranking && d.kind != "kto");
     let load_rows = move |offset: u64| {
         let Some(id) = view_.id.get_untracked() else {
             return;
@@ -119,14 +102,7 @@ pub fn EvalTab() -> impl IntoView {
             }
         });
     };
-    let on_abort = move |_| {
-        if let Some(id) = view_.id.get_untracked() {
-            spawn_local(async move {
-                let _ =
-                    send::<_, Run>("POST", &format!("/api/runs/{id}/abort"), &Value::Null).await;
-            });
-        }
-    };
+    let on_abort = move |_| view_.abort(message);
     let chosen = move || form.get("dataset");
     view! {
         <div class="grid">

@@ -370,6 +370,33 @@ fn TopBar() -> impl IntoView {
     }
 }
 
+/// Keeps `datasets` in step with the form's `dataset_dir` (those `keep` accepts); a dir that is
+/// not a dataset dir shows its error under the field.
+pub fn watch_datasets(
+    form: Form,
+    datasets: RwSignal<Vec<protocol::run::DatasetEntry>>,
+    keep: fn(&protocol::run::DatasetEntry) -> bool,
+) {
+    Effect::new(move |_| {
+        let dir = form.get("dataset_dir");
+        spawn_local(async move {
+            let url = format!("/api/datasets?dataset_dir={}", enc(&dir));
+            match get::<Vec<protocol::run::DatasetEntry>>(&url).await {
+                Ok(list) => {
+                    form.errors.update(|e| {
+                        e.remove("dataset_dir");
+                    });
+                    datasets.set(list.into_iter().filter(keep).collect());
+                }
+                Err(e) => {
+                    datasets.set(Vec::new());
+                    form.show_error("dataset_dir", &e.message);
+                }
+            }
+        });
+    });
+}
+
 /// The chosen values of a (possibly multiple) select, comma-joined, empty ones dropped.
 fn selected_values(ev: &leptos::ev::Event) -> String {
     #[cfg(feature = "hydrate")]

@@ -83,6 +83,23 @@ impl RunView {
         self.socket.set_value(socket);
     }
 
+    /// Asks the server to abort the watched run; a refusal goes to `message`.
+    pub fn abort(&self, message: RwSignal<Option<String>>) {
+        if let Some(id) = self.id.get_untracked() {
+            leptos::task::spawn_local(async move {
+                let url = format!("/api/runs/{id}/abort");
+                let sent = crate::client::send::<_, protocol::run::Run>(
+                    "POST",
+                    &url,
+                    &serde_json::Value::Null,
+                );
+                if let Err(e) = sent.await {
+                    message.set(Some(e.message));
+                }
+            });
+        }
+    }
+
     fn apply(&self, e: RunEvent) {
         match e {
             RunEvent::Status { status, error, .. } => {

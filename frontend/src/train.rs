@@ -179,26 +179,7 @@ pub fn TrainTab() -> impl IntoView {
     let arg_sets = RwSignal::new(Vec::<ArgSet>::new());
     let busy = Signal::derive(move || view_.is_active());
 
-    // Datasets of the data dir, refreshed when it changes.
-    Effect::new(move |_| {
-        let dir = form.get("dataset_dir");
-        spawn_local(async move {
-            match get::<Vec<DatasetEntry>>(&format!("/api/datasets?dataset_dir={}", enc(&dir)))
-                .await
-            {
-                Ok(list) => {
-                    form.errors.update(|e| {
-                        e.remove("dataset_dir");
-                    });
-                    datasets.set(list);
-                }
-                Err(e) => {
-                    datasets.set(Vec::new());
-                    form.show_error("dataset_dir", &e.message);
-                }
-            }
-        });
-    });
+    crate::watch_datasets(form, datasets, |_| true);
     let load_arg_sets = move || {
         spawn_local(async move {
             if let Ok(sets) = get::<Vec<ArgSet>>("/api/arg-sets").await {
@@ -281,17 +262,7 @@ pub fn TrainTab() -> impl IntoView {
             }
         });
     };
-    let on_abort = move |_| {
-        if let Some(id) = view_.id.get_untracked() {
-            spawn_local(async move {
-                if let Err(e) =
-                    send::<_, Run>("POST", &format!("/api/runs/{id}/abort"), &Value::Null).await
-                {
-                    message.set(Some(e.message));
-                }
-            });
-        }
-    };
+    let on_abort = move |_| view_.abort(message);
     let on_save = move |_| {
         let name = form.get_untracked("config_name");
         if name.trim().is_empty() {

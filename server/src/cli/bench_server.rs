@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, ExitCode, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -38,13 +38,6 @@ fn post(addr: &str, path: &str, body: &str) -> Result<String> {
         .unwrap_or_default())
 }
 
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 /// Latencies (seconds) of the metric events one subscriber received, until the run ended.
 fn subscribe(addr: &str, id: i64) -> Result<Vec<f64>> {
     let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/api/runs/{id}/events"))?;
@@ -53,7 +46,7 @@ fn subscribe(addr: &str, id: i64) -> Result<Vec<f64>> {
         let tungstenite::Message::Text(t) = ws.read()? else {
             continue;
         };
-        let received = now();
+        let received = crate::db::now();
         let v: Value = serde_json::from_str(&t)?;
         if v["type"] == "metric" {
             if let Some(ts) = v["worker_ts"].as_f64() {

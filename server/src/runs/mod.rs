@@ -62,6 +62,23 @@ pub fn args_file(kind: &RunKind, output_dir: &Path, logs: &Path, id: i64) -> Pat
     }
 }
 
+/// Where a run writes: `export_dir` for exports, else `output_dir`.
+pub fn run_output_dir(kind: &RunKind, args: &TrainArgs) -> String {
+    match kind {
+        RunKind::Export => args.export_dir.clone(),
+        _ => args.output_dir.clone(),
+    }
+    .unwrap_or_default()
+}
+
+/// The `llamafactory` subcommand that runs a job of `kind`.
+pub fn worker_subcommand(kind: &RunKind) -> &'static str {
+    match kind {
+        RunKind::Export => "export",
+        _ => "train",
+    }
+}
+
 /// The YAML a config becomes: LLaMA-Factory keys with non-default values, in declaration order.
 pub fn to_yaml(config: &Map<String, Value>) -> Result<String> {
     Ok(serde_yaml_ng::to_string(config)?)
@@ -103,18 +120,8 @@ impl Manager {
             .await?
         {
             let msg = "the server stopped while this run was active; resume it to continue from its last checkpoint";
-            self.db
-                .set_status(run.id, RunStatus::Interrupted, None, Some(msg))
+            self.set_status(run.id, RunStatus::Interrupted, None, Some(msg))
                 .await?;
-            self.record(
-                run.id,
-                RunEvent::Status {
-                    status: RunStatus::Interrupted,
-                    error: Some(msg.into()),
-                    exit_code: None,
-                },
-            )
-            .await?;
         }
         Ok(())
     }
@@ -138,10 +145,7 @@ impl Manager {
     /// Registers a run, writes its argument file and queues it.
     pub async fn submit(&self, kind: RunKind, args: &TrainArgs) -> Result<i64> {
         let config = args.non_default();
-        let output_dir = match kind {
-            RunKind::Export => args.export_dir.clone().unwrap_or_default(),
-            _ => args.output_dir.clone().unwrap_or_default(),
-        };
+        let output_dir = run_output_dir(&kind, args);
         let model = args.model_name_or_path.clone().unwrap_or_default();
         let dataset = match kind {
             RunKind::Predict => args.eval_dataset.clone().or(args.dataset.clone()),
@@ -172,8 +176,7 @@ impl Manager {
         );
         if let Err(e) = write_args(&file, &config) {
             let msg = format!("{e:#}");
-            self.db
-                .set_status(id, RunStatus::Failed, None, Some(&msg))
+            self.set_status(id, RunStatus::Failed, None, Some(&msg))
                 .await?;
             return Err(e);
         }
@@ -182,18 +185,7 @@ impl Manager {
     }
 
     async fn enqueue(&self, id: i64) -> Result<()> {
-        self.db
-            .set_status(id, RunStatus::Queued, None, None)
-            .await?;
-        self.record(
-            id,
-            RunEvent::Status {
-                status: RunStatus::Queued,
-                error: None,
-                exit_code: None,
-            },
-        )
-        .await?;
+        self.set_status(id, RunStatus::Queued, None, None).await?;
         self.state.lock().unwrap().queue.push_back(id);
         self.wake.notify_one();
         Ok(())
@@ -229,7 +221,7 @@ impl Manager {
         };
         match pid {
             None => {
-                self.finish(id, RunStatus::Aborted, None, None).await?;
+                self.set_status(id, RunStatus::Aborted, None, None).await?;
                 Ok(RunStatus::Aborted)
             }
             Some(pid) => {
@@ -303,7 +295,9 @@ impl Manager {
                 Some(id) => {
                     if let Err(e) = self.launch(id).await {
                         let msg = format!("{e:#}");
-                        let _ = self.finish(id, RunStatus::Failed, None, Some(&msg)).await;
+                        let _ = self
+                            .set_status(id, RunStatus::Failed, None, Some(&msg))
+                            .await;
                     }
                 }
                 None => self.wake.notified().await,
@@ -319,13 +313,9 @@ impl Manager {
             .with_context(|| format!("run {id} vanished from the database"))?;
         let logs = self.cfg.workdir.join("logs");
         let file = args_file(&run.kind, Path::new(&run.output_dir), &logs, id);
-        let sub = match run.kind {
-            RunKind::Export => "export",
-            _ => "train",
-        };
         let spawned = worker::spawn(
             &self.cfg.exe,
-            sub,
+            worker_subcommand(&run.kind),
             &file,
             &self.cfg.workdir,
             &self.log_path(id),
@@ -338,18 +328,7 @@ impl Manager {
                 shutting_down: false,
             },
         );
-        self.db
-            .set_status(id, RunStatus::Running, None, None)
-            .await?;
-        self.record(
-            id,
-            RunEvent::Status {
-                status: RunStatus::Running,
-                error: None,
-                exit_code: None,
-            },
-        )
-        .await?;
+        self.set_status(id, RunStatus::Running, None, None).await?;
         let me = self.clone();
         tokio::spawn(async move {
             let end = worker::follow(spawned, |line| {
@@ -365,7 +344,7 @@ impl Manager {
                     a.is_some_and(|a| a.shutting_down),
                 )
             };
-            if let Err(e) = me.finish(id, status, exit_code, error.as_deref()).await {
+            if let Err(e) = me.set_status(id, status, exit_code, error.as_deref()).await {
                 eprintln!("run {id}: cannot record the end: {e:#}");
             }
             me.state.lock().unwrap().active.remove(&id);
@@ -374,7 +353,8 @@ impl Manager {
         Ok(())
     }
 
-    async fn finish(
+    /// Sets a run's status in the registry and tells its subscribers.
+    async fn set_status(
         &self,
         id: i64,
         status: RunStatus,

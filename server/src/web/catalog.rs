@@ -14,10 +14,12 @@ use super::error::{ApiError, ApiResult, Body};
 use super::prepare::{dataset_dir, model_label};
 use super::AppState;
 
+fn read_config(dir: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()
+}
+
 /// The template LlamaBoard would fill in for a model, from its `config.json` and name.
-pub fn guess_template(dir: &Path) -> Option<String> {
-    let cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
+pub fn guess_template(dir: &Path, cfg: &Value) -> Option<String> {
     let model_type = cfg.get("model_type")?.as_str()?;
     let name = dir.to_string_lossy().to_ascii_lowercase();
     let t = match model_type {
@@ -35,19 +37,17 @@ pub fn guess_template(dir: &Path) -> Option<String> {
     Some(t.into())
 }
 
-fn model_type(dir: &Path) -> Option<String> {
-    let cfg: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
-    cfg.get("model_type")?.as_str().map(str::to_string)
-}
-
 fn entry(path: String, name: String, source: &str, dir: &Path) -> ModelEntry {
+    let cfg = read_config(dir).unwrap_or_default();
     ModelEntry {
         path,
         name,
         source: source.into(),
-        model_type: model_type(dir),
-        template: guess_template(dir),
+        model_type: cfg
+            .get("model_type")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        template: guess_template(dir, &cfg),
     }
 }
 

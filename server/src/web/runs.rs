@@ -19,7 +19,7 @@ use super::error::{ApiError, ApiResult, Body};
 use super::prepare::prepare;
 use super::AppState;
 use crate::db::RunFilter;
-use crate::runs::{args_file, to_yaml};
+use crate::runs::{args_file, run_output_dir, to_yaml, worker_subcommand};
 
 async fn start(
     app: &AppState,
@@ -27,11 +27,7 @@ async fn start(
     values: Map<String, Value>,
 ) -> ApiResult<(StatusCode, Json<Created>)> {
     let args = prepare(&app.cfg.workdir, Some(&kind), values)?;
-    let out = match kind {
-        RunKind::Export => args.export_dir.clone(),
-        _ => args.output_dir.clone(),
-    }
-    .unwrap_or_default();
+    let out = run_output_dir(&kind, &args);
     for r in app
         .manager
         .db()
@@ -100,19 +96,14 @@ pub async fn preview_command(
         })?,
     };
     let args = prepare(&app.cfg.workdir, Some(&kind), values)?;
-    let out = match kind {
-        RunKind::Export => args.export_dir.clone(),
-        _ => args.output_dir.clone(),
-    }
-    .unwrap_or_default();
+    let out = run_output_dir(&kind, &args);
     let file = args_file(&kind, Path::new(&out), &app.cfg.workdir.join("logs"), 0);
-    let sub = if kind == RunKind::Export {
-        "export"
-    } else {
-        "train"
-    };
     Ok(Json(CommandPreview {
-        command: format!("llamafactory {sub} {}", file.display()),
+        command: format!(
+            "llamafactory {} {}",
+            worker_subcommand(&kind),
+            file.display()
+        ),
         yaml: to_yaml(&args.non_default())?,
         output_dir: out,
     }))
