@@ -319,7 +319,10 @@ pub fn decode_speed(c: &TrainBenchConfig, batch: usize) -> Result<(f64, f64)> {
         for rep in 0..4 {
             let t = Instant::now();
             let out = generate_batch(&model, prompts, &cfg, &[], 0)?;
-            anyhow::ensure!(out.iter().all(|o| o.len() == 64), "decode stopped early");
+            anyhow::ensure!(
+                out.iter().all(|o| o.ids.len() == 64),
+                "decode stopped early"
+            );
             if rep > 0 {
                 times.push(t.elapsed().as_secs_f64());
             }

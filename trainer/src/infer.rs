@@ -198,15 +198,22 @@ pub fn generate(
     Ok((out, FinishReason::Length))
 }
 
-/// Decodes several prompts at once (left-padded); each row stops on its own. Returns the new
-/// ids of every row, without stop tokens.
+/// One row of [`generate_batch`]: the new ids without the stop token, and the stop token
+/// that ended it (none when it ran to `max_new_tokens`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    pub ids: Vec<u32>,
+    pub stop: Option<u32>,
+}
+
+/// Decodes several prompts at once (left-padded); each row stops on its own.
 pub fn generate_batch(
     model: &Model,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     stop_ids: &[u32],
     pad_id: u32,
-) -> Result<Vec<Vec<u32>>> {
+) -> Result<Vec<Generated>> {
     let b = prompts.len();
     if b == 0 {
         return Ok(Vec::new());
@@ -226,7 +233,13 @@ pub fn generate_batch(
         .map(|i| ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(i as u64)))
         .collect();
     let mut histories: Vec<Vec<u32>> = prompts.to_vec();
-    let mut outs: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut outs: Vec<Generated> = vec![
+        Generated {
+            ids: Vec::new(),
+            stop: None
+        };
+        b
+    ];
     let mut done = vec![false; b];
     let mut logits = model.forward_cached_batch(&first, b, &pads, &mut cache)?;
     for _ in 0..cfg.max_new_tokens {
@@ -240,9 +253,10 @@ pub fn generate_batch(
             let t = next_token(&rows[r], &histories[r], cfg, &mut rngs[r]);
             if stop_ids.contains(&t) {
                 done[r] = true;
+                outs[r].stop = Some(t);
                 step.push(pad_id);
             } else {
-                outs[r].push(t);
+                outs[r].ids.push(t);
                 histories[r].push(t);
                 step.push(t);
             }
@@ -405,7 +419,7 @@ mod tests {
         let cfg = GenerationConfig::greedy(7);
         let batched = generate_batch(&model, &prompts, &cfg, &[], 0).unwrap();
         for (p, got) in prompts.iter().zip(&batched) {
-            assert_eq!(&generate_ids(&model, p, 7).unwrap(), got);
+            assert_eq!(generate_ids(&model, p, 7).unwrap(), got.ids);
         }
     }
 

@@ -77,7 +77,8 @@ pub fn run_predict(
             .map(|f| f.input_ids.clone().unwrap_or_default())
             .collect();
         let outputs = generate_batch(&chat.model, &prompts, &chat.gen, &stop, pad)?;
-        for ((f, prompt), ids) in chunk.iter().zip(&prompts).zip(outputs) {
+        for ((f, prompt), out) in chunk.iter().zip(&prompts).zip(outputs) {
+            let ids = out.ids;
             let label_ids: Vec<u32> = f
                 .labels
                 .clone()

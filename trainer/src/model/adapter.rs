@@ -140,6 +140,13 @@ impl LoraSpec {
     }
 }
 
+/// A PEFT adapter read from disk: its LoRA layers by module and its `modules_to_save` copies.
+pub struct Adapter {
+    pub spec: LoraSpec,
+    pub layers: BTreeMap<String, LoraLayer>,
+    pub full_weights: BTreeMap<String, Tensor>,
+}
+
 impl LoraLayer {
     fn new(a: &Tensor, b: &Tensor, magnitude: Option<Var>, spec: &LoraSpec) -> Result<Self> {
         Ok(Self {
@@ -328,6 +335,32 @@ impl Model {
     /// Loads a PEFT LoRA adapter (ours or one written by PEFT / LLaMA-Factory). `trainable`
     /// keeps its tensors as variables to continue training it.
     pub fn load_adapter(&mut self, dir: &Path, trainable: bool) -> Result<LoraSpec> {
+        let adapter = self.read_adapter(dir)?;
+        self.lora.extend(adapter.layers);
+        // modules_to_save: full copies of base tensors.
+        for (name, t) in adapter.full_weights {
+            let p = self.params.get_mut(&name).ok_or_else(|| {
+                anyhow!(
+                    "{}: `{PEFT_PREFIX}{name}` matches no model weight",
+                    dir.display()
+                )
+            })?;
+            p.tensor = t;
+            p.var = if trainable {
+                Some(Var::from_tensor(&p.tensor)?)
+            } else {
+                None
+            };
+        }
+        if !trainable {
+            self.merge_lora()?;
+        }
+        Ok(adapter.spec)
+    }
+
+    /// Reads a PEFT LoRA adapter for this model without attaching it (a second adapter that
+    /// takes turns with the first, like PPO's reward adapter).
+    pub fn read_adapter(&self, dir: &Path) -> Result<Adapter> {
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path).with_context(|| {
             format!(
@@ -347,6 +380,7 @@ impl Model {
                 .ok_or_else(|| anyhow!("{}: tensor `{k}` missing", file.display()))?
                 .to_dtype(self.dtype)?)
         };
+        let mut layers = BTreeMap::new();
         for module in self.target_modules(&spec.targets)? {
             let a = get(&format!("{PEFT_PREFIX}{module}.lora_A.weight"))?;
             let b = get(&format!("{PEFT_PREFIX}{module}.lora_B.weight"))?;
@@ -362,29 +396,21 @@ impl Model {
             } else {
                 None
             };
-            self.lora
-                .insert(module, LoraLayer::new(&a, &b, magnitude, &spec)?);
+            layers.insert(module, LoraLayer::new(&a, &b, magnitude, &spec)?);
         }
-        // modules_to_save: full copies of base tensors.
+        let mut full_weights = BTreeMap::new();
         for (key, t) in &tensors {
             if let Some(name) = key.strip_prefix(PEFT_PREFIX) {
                 if !name.contains("lora_") {
-                    let p = self.params.get_mut(name).ok_or_else(|| {
-                        anyhow!("{}: `{key}` matches no model weight", file.display())
-                    })?;
-                    p.tensor = t.to_dtype(self.dtype)?;
-                    p.var = if trainable {
-                        Some(Var::from_tensor(&p.tensor)?)
-                    } else {
-                        None
-                    };
+                    full_weights.insert(name.to_string(), t.to_dtype(self.dtype)?);
                 }
             }
         }
-        if !trainable {
-            self.merge_lora()?;
-        }
-        Ok(spec)
+        Ok(Adapter {
+            spec,
+            layers,
+            full_weights,
+        })
     }
 
     /// Folds every LoRA layer into its base weight (W + s·B·A, DoRA-rescaled) and drops it.

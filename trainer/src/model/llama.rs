@@ -512,17 +512,32 @@ impl Model {
         b: &Batch,
         rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Option<TargetLogits>> {
+        Ok(self.target_states(b, rng)?.map(|(_, t)| t))
+    }
+
+    /// [`Model::target_logits`] with the final hidden states of those positions `(n, hidden)`
+    /// (what a value head reads).
+    pub fn target_states(
+        &self,
+        b: &Batch,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Option<(Tensor, TargetLogits)>> {
         let h = self.hidden(b, rng)?;
         let (rows, targets) = shifted_targets(b);
         if rows.is_empty() {
             return Ok(None);
         }
         let idx = Tensor::from_slice(&rows, rows.len(), &self.device)?;
-        Ok(Some(TargetLogits {
-            logits: self.lm_head(&h.index_select(&idx, 0)?)?,
-            rows,
-            targets,
-        }))
+        let h = h.index_select(&idx, 0)?;
+        let logits = self.lm_head(&h)?;
+        Ok(Some((
+            h,
+            TargetLogits {
+                logits,
+                rows,
+                targets,
+            },
+        )))
     }
 
     /// Per-sequence sums of the log-probabilities of the labelled tokens `(B,)`, and how many

@@ -1,4 +1,5 @@
 //! Training objectives beyond causal-LM cross-entropy.
 
+pub mod ppo;
 pub mod preference;
 pub mod reward;

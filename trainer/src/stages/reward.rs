@@ -84,9 +84,13 @@ impl ValueHead {
             .map(|(r, &n)| (r * b.seq + n.max(1) - 1) as u32)
             .collect();
         let idx = Tensor::from_vec(idx, lens.len(), &model.device)?;
-        let last = hidden.index_select(&idx, 0)?;
-        let w = self.weight.as_tensor().to_dtype(last.dtype())?;
-        let s = last.matmul(&w.t()?)?.squeeze(1)?;
+        self.apply(&hidden.index_select(&idx, 0)?)
+    }
+
+    /// The head on hidden states `(n, hidden)` → `(n,)`.
+    pub fn apply(&self, h: &Tensor) -> Result<Tensor> {
+        let w = self.weight.as_tensor().to_dtype(h.dtype())?;
+        let s = h.matmul(&w.t()?)?.squeeze(1)?;
         Ok(s.broadcast_add(&self.bias.as_tensor().to_dtype(s.dtype())?)?)
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod optim;
+mod ppo;
 pub mod report;
 mod reward_predict;
 pub mod schedule;

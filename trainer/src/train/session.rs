@@ -17,6 +17,7 @@ use super::checkpoint::{
     SaveKind,
 };
 use super::optim::{decays, AdamW, ParamGroup};
+use super::ppo::Ppo;
 use super::report::Reporter;
 use super::schedule::LrSchedule;
 use crate::data::pipeline::{get_dataset, load_tokenizer_and_template};
@@ -55,10 +56,21 @@ pub enum Outcome {
 
 /// One training example's tensors, ready to batch.
 pub(crate) struct Row {
-    ids: Vec<u32>,
+    pub(crate) ids: Vec<u32>,
     labels: Vec<i64>,
     positions: Option<Vec<u32>>,
     segments: Option<Vec<u32>>,
+}
+
+impl Row {
+    pub(crate) fn new(ids: Vec<u32>, labels: Vec<i64>) -> Self {
+        Self {
+            ids,
+            labels,
+            positions: None,
+            segments: None,
+        }
+    }
 }
 
 fn rows_of(features: &[Features], neat: bool) -> Vec<Row> {
@@ -537,12 +549,6 @@ pub fn run_training(
     rep: &mut dyn Reporter,
 ) -> Result<Outcome> {
     crate::config::validate(args)?;
-    if !matches!(args.stage.as_str(), "sft" | "pt" | "rm" | "dpo" | "kto") {
-        bail!(
-            "stage `{}` is not available yet in this version; supported: sft, pt, rm, dpo, kto",
-            args.stage
-        );
-    }
     let output_dir = PathBuf::from(
         args.output_dir
             .as_deref()
@@ -634,7 +640,8 @@ pub fn run_training(
         _ => model.setup_full()?,
     }
     let mut trainable = model.trainable();
-    let value_head = if args.stage == "rm" {
+    // RM trains a value head as the reward; PPO's policy carries one as its critic.
+    let value_head = if matches!(args.stage.as_str(), "rm" | "ppo") {
         let head = match (&resume, lora.is_some()) {
             // Continuing an adapter that already has a value head next to it.
             (None, true) => TrainArgs::split_list(args.adapter_name_or_path.as_deref())
@@ -684,7 +691,8 @@ pub fn run_training(
         None
     };
     let kto = args.stage == "kto";
-    let rm = value_head.is_some();
+    let rm = args.stage == "rm";
+    let is_ppo = args.stage == "ppo";
     // Paired stages keep a partner row per example: the rejected answer (DPO, RM) or the
     // mismatched KL completion (KTO).
     let (train_rows, rejected_rows, kto_tags) = if pref.is_some() || rm {
@@ -702,25 +710,42 @@ pub fn run_training(
     } else {
         None
     };
-    let eval_rows = if pref.is_some() || kto || rm {
-        if !data.eval.is_empty() && kto {
+    let eval_rows = if pref.is_some() || kto || rm || is_ppo {
+        if !data.eval.is_empty() && (kto || is_ppo) {
             rep.event(&WorkerEvent::Log {
                 level: "warning".into(),
-                message: "evaluation is not available for KTO yet; the eval set is ignored".into(),
+                message: format!(
+                    "evaluation is not available for {} yet; the eval set is ignored",
+                    args.stage.to_uppercase()
+                ),
             });
         }
         Vec::new()
     } else {
         rows_of(&data.eval, neat)
     };
-    let max_seq = train_rows.iter().map(|r| r.ids.len()).max().unwrap_or(1);
+    let mut max_seq = train_rows.iter().map(|r| r.ids.len()).max().unwrap_or(1);
+    let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
+    let mut ppo = if is_ppo {
+        let p = Ppo::new(args, &model, template.stop_token_ids(&tok), pad)?;
+        max_seq += p.max_new_tokens();
+        Some(p)
+    } else {
+        None
+    };
     check_memory(&model, n_trainable, args, max_seq)?;
 
-    // Schedule.
+    // Schedule. A PPO step samples `ppo_buffer_size` batches of prompts.
     let bs = args.per_device_train_batch_size;
     let accum = args.gradient_accumulation_steps;
+    let micro_per_step = accum
+        * if is_ppo {
+            args.ppo_buffer_size.max(1)
+        } else {
+            1
+        };
     let n_micro = train_rows.len().div_ceil(bs);
-    let steps_per_epoch = n_micro.div_ceil(accum).max(1);
+    let steps_per_epoch = n_micro.div_ceil(micro_per_step).max(1);
     let total_steps = if args.max_steps > 0 {
         args.max_steps as usize
     } else {
@@ -759,7 +784,6 @@ pub fn run_training(
         })
         .collect();
     let opt = AdamW::new(groups, args.adam_beta1, args.adam_beta2, args.adam_epsilon)?;
-    let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
     let mut run = Run {
         args,
         opts,
@@ -831,92 +855,119 @@ pub fn run_training(
             }
             perm_epoch = epoch_idx;
         }
-        let micro: Vec<Batch> = (in_epoch * accum..((in_epoch + 1) * accum).min(n_micro))
-            .map(|m| {
-                let idx = &perm[m * bs..((m + 1) * bs).min(perm.len())];
-                let mut rows: Vec<&Row> = idx.iter().map(|&i| &train_rows[i]).collect();
-                if let Some(rej) = &rejected_rows {
-                    rows.extend(idx.iter().map(|&i| &rej[i]));
-                }
-                run.tokens_seen += rows.iter().map(|r| r.ids.len() as u64).sum::<u64>();
-                make_batch(&rows, pad)
-            })
-            .collect();
-        let micro_tags: Vec<Vec<bool>> = (in_epoch * accum..((in_epoch + 1) * accum).min(n_micro))
-            .map(|m| {
-                perm[m * bs..((m + 1) * bs).min(perm.len())]
-                    .iter()
-                    .map(|&i| kto_tags.get(i).copied().unwrap_or(true))
-                    .collect()
-            })
-            .collect();
-        let n_targets: usize = micro.iter().map(Batch::num_targets).sum::<usize>().max(1);
-        let mut grads: Vec<Option<Tensor>> = vec![None; run.opt.params.len()];
-        let mut step_loss = 0.0;
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            args.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
-        for (mi, b) in micro.iter().enumerate() {
-            // Token-level losses weigh micro-batches by their labelled tokens; preference
-            // losses are means over examples, so each micro-batch counts equally.
-            let (loss, metrics) = match pref {
-                Some(kind) => {
-                    let (l, m) = preference_step(&run.model, b, kind, args, Some(&mut rng))?;
-                    ((l / micro.len() as f64)?, m)
-                }
-                None if rm => {
-                    let head = run.value_head.as_ref().expect("rm has a value head");
-                    let (l, acc, c, r) =
-                        reward::pairwise_step(head, &run.model, b, Some(&mut rng))?;
-                    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
-                    let m = vec![
-                        ("accuracy".to_string(), acc),
-                        ("rewards/chosen".to_string(), mean(&c)),
-                        ("rewards/rejected".to_string(), mean(&r)),
-                    ];
-                    ((l / micro.len() as f64)?, m)
-                }
-                None if kto => {
-                    let (l, m) = kto_step(&run.model, b, &micro_tags[mi], args, Some(&mut rng))?;
-                    ((l / micro.len() as f64)?, m)
-                }
-                None => {
-                    let (loss_sum, _) = run.model.loss_sum(b, Some(&mut rng))?;
-                    ((loss_sum / n_targets as f64)?, Vec::new())
-                }
-            };
-            for (k, v) in metrics {
+        let micro_range = in_epoch * micro_per_step..((in_epoch + 1) * micro_per_step).min(n_micro);
+        let lr = args.learning_rate * schedule.factor(step - 1);
+        let (step_loss, grad_norm) = if let Some(ppo) = ppo.as_mut() {
+            let prompts: Vec<&Row> = micro_range
+                .flat_map(|m| perm[m * bs..((m + 1) * bs).min(perm.len())].iter())
+                .map(|&i| &train_rows[i])
+                .collect();
+            let head = run.value_head.as_ref().expect("ppo has a value head");
+            let out = ppo.step(&mut run.model, head, &mut run.opt, args, &prompts, step, lr)?;
+            run.tokens_seen += out.tokens;
+            for (k, v) in out.metrics {
                 let e = window_extra.entry(k).or_insert((0.0, 0));
                 e.0 += v;
                 e.1 += 1;
             }
-            step_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = loss.backward()?;
-            for (slot, g) in grads.iter_mut().zip(run.opt.grads_of(&store)) {
-                *slot = match (slot.take(), g) {
-                    (Some(a), Some(b)) => Some((a + b)?),
-                    (a, b) => a.or(b),
-                };
-            }
-        }
-        if !first_step_checked {
-            let missing: Vec<&str> = run
-                .opt
-                .params
-                .iter()
-                .zip(&grads)
-                .filter(|(_, g)| g.is_none())
-                .map(|(p, _)| p.name.as_str())
+            (out.loss, out.grad_norm)
+        } else {
+            let micro: Vec<Batch> = micro_range
+                .clone()
+                .map(|m| {
+                    let idx = &perm[m * bs..((m + 1) * bs).min(perm.len())];
+                    let mut rows: Vec<&Row> = idx.iter().map(|&i| &train_rows[i]).collect();
+                    if let Some(rej) = &rejected_rows {
+                        rows.extend(idx.iter().map(|&i| &rej[i]));
+                    }
+                    run.tokens_seen += rows.iter().map(|r| r.ids.len() as u64).sum::<u64>();
+                    make_batch(&rows, pad)
+                })
                 .collect();
-            if !missing.is_empty() {
-                bail!(
-                    "internal error: no gradient reached {} trainable tensors (first: {})",
-                    missing.len(),
-                    missing[0]
-                );
+            let micro_tags: Vec<Vec<bool>> = micro_range
+                .map(|m| {
+                    perm[m * bs..((m + 1) * bs).min(perm.len())]
+                        .iter()
+                        .map(|&i| kto_tags.get(i).copied().unwrap_or(true))
+                        .collect()
+                })
+                .collect();
+            let n_targets: usize = micro.iter().map(Batch::num_targets).sum::<usize>().max(1);
+            let mut grads: Vec<Option<Tensor>> = vec![None; run.opt.params.len()];
+            let mut step_loss = 0.0;
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                args.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            for (mi, b) in micro.iter().enumerate() {
+                // Token-level losses weigh micro-batches by their labelled tokens; preference
+                // losses are means over examples, so each micro-batch counts equally.
+                let (loss, metrics) = match pref {
+                    Some(kind) => {
+                        let (l, m) = preference_step(&run.model, b, kind, args, Some(&mut rng))?;
+                        ((l / micro.len() as f64)?, m)
+                    }
+                    None if rm => {
+                        let head = run.value_head.as_ref().expect("rm has a value head");
+                        let (l, acc, c, r) =
+                            reward::pairwise_step(head, &run.model, b, Some(&mut rng))?;
+                        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
+                        let m = vec![
+                            ("accuracy".to_string(), acc),
+                            ("rewards/chosen".to_string(), mean(&c)),
+                            ("rewards/rejected".to_string(), mean(&r)),
+                        ];
+                        ((l / micro.len() as f64)?, m)
+                    }
+                    None if kto => {
+                        let (l, m) =
+                            kto_step(&run.model, b, &micro_tags[mi], args, Some(&mut rng))?;
+                        ((l / micro.len() as f64)?, m)
+                    }
+                    None => {
+                        let (loss_sum, _) = run.model.loss_sum(b, Some(&mut rng))?;
+                        ((loss_sum / n_targets as f64)?, Vec::new())
+                    }
+                };
+                for (k, v) in metrics {
+                    let e = window_extra.entry(k).or_insert((0.0, 0));
+                    e.0 += v;
+                    e.1 += 1;
+                }
+                step_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let store = loss.backward()?;
+                for (slot, g) in grads.iter_mut().zip(run.opt.grads_of(&store)) {
+                    *slot = match (slot.take(), g) {
+                        (Some(a), Some(b)) => Some((a + b)?),
+                        (a, b) => a.or(b),
+                    };
+                }
             }
-            first_step_checked = true;
-        }
+            if !first_step_checked {
+                let missing: Vec<&str> = run
+                    .opt
+                    .params
+                    .iter()
+                    .zip(&grads)
+                    .filter(|(_, g)| g.is_none())
+                    .map(|(p, _)| p.name.as_str())
+                    .collect();
+                if !missing.is_empty() {
+                    bail!(
+                        "internal error: no gradient reached {} trainable tensors (first: {})",
+                        missing.len(),
+                        missing[0]
+                    );
+                }
+                first_step_checked = true;
+            }
+            if !step_loss.is_finite() {
+                (step_loss, f64::NAN)
+            } else {
+                let grad_norm = AdamW::clip_grad_norm(&mut grads, args.max_grad_norm)?;
+                run.opt.update(&grads, lr)?;
+                (step_loss, grad_norm)
+            }
+        };
         if !step_loss.is_finite() {
             let saved = run.save_checkpoint(step - 1, rep).ok();
             let msg = format!(
@@ -929,9 +980,6 @@ pub fn run_training(
             });
             return Ok(Outcome::Failed(msg));
         }
-        let grad_norm = AdamW::clip_grad_norm(&mut grads, args.max_grad_norm)?;
-        let lr = args.learning_rate * schedule.factor(step - 1);
-        run.opt.update(&grads, lr)?;
         window_loss += step_loss;
         window_steps += 1;
         losses_for_result.push(step_loss);
