@@ -468,10 +468,20 @@ fn kto_pushes_desirable_up_and_undesirable_down() {
     write_config(
         dir.path(),
         "stage: kto\ndo_train: true\ndataset: demo_kto\ntemplate: qwen\ncutoff_len: 96\nper_device_train_batch_size: 4\n\
-         max_steps: 30\nlogging_steps: 10\nlearning_rate: 5.0e-3\npref_beta: 0.1\n",
+         max_steps: 30\nlogging_steps: 10\nlearning_rate: 5.0e-3\npref_beta: 0.1\nval_size: 0.2\n\
+         per_device_eval_batch_size: 8\n",
     );
     let o = run(&train_args(&["output_dir=kto"]), dir.path());
     assert!(o.status.success(), "{}", stderr(&o));
+    // Held-out examples: desirable ones end up with a higher implicit reward than undesirable.
+    let eval = read_json(&dir.path().join("kto/eval_results.json"));
+    for k in ["eval_loss", "eval_kl", "eval_rewards/chosen", "eval_rewards/rejected"] {
+        assert!(eval[k].as_f64().is_some_and(f64::is_finite), "{k}: {eval}");
+    }
+    assert!(
+        eval["eval_rewards/chosen"].as_f64() > eval["eval_rewards/rejected"].as_f64(),
+        "{eval}"
+    );
     let log = jsonl(&dir.path().join("kto/trainer_log.jsonl"));
     let last = log.last().unwrap();
     for k in ["rewards/chosen", "rewards/rejected", "kl"] {

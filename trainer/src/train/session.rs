@@ -497,36 +497,51 @@ impl Run<'_> {
 
     /// Evaluation of a paired stage over `(chosen, rejected)` rows: the mean loss and the
     /// metrics under `eval_` names (RM: `eval_accuracy`; DPO: TRL's `eval_rewards/*`, `eval_logps/*`).
+    /// KTO evaluates its examples with their KL partners the same way (`kto_tags` given).
     fn pair_eval(
         &self,
         pairs: &(Vec<Row>, Vec<Row>),
         pref: Option<PrefLoss>,
+        kto_tags: Option<&[bool]>,
         pad: u32,
     ) -> Result<(f64, Map<String, Value>)> {
         let bs = self.args.per_device_eval_batch_size.max(1);
         let (mut loss, mut n) = (0.0, 0usize);
-        let mut sums: std::collections::BTreeMap<String, f64> = Default::default();
-        for (c, r) in pairs.0.chunks(bs).zip(pairs.1.chunks(bs)) {
+        // Weighted sums and weights per metric: a KTO chunk may lack one kind of example.
+        let mut sums: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+        for (i, (c, r)) in pairs.0.chunks(bs).zip(pairs.1.chunks(bs)).enumerate() {
             let rows: Vec<&Row> = c.iter().chain(r.iter()).collect();
             let b = make_batch(&rows, pad);
-            let (l, metrics) = match (&self.value_head, pref) {
-                (Some(head), _) => {
+            let (l, metrics) = match (&self.value_head, pref, kto_tags) {
+                (_, _, Some(tags)) => {
+                    let tags = &tags[i * bs..(i * bs + c.len()).min(tags.len())];
+                    kto_step(&self.model, &b, tags, self.args, None)?
+                }
+                (Some(head), _, None) => {
                     let (l, acc, _, _) = reward::pairwise_step(head, &self.model, &b, None)?;
                     (l, vec![("accuracy".to_string(), acc)])
                 }
-                (None, Some(kind)) => preference_step(&self.model, &b, kind, self.args, None)?,
-                (None, None) => bail!("internal error: pair evaluation without a paired stage"),
+                (None, Some(kind), None) => {
+                    preference_step(&self.model, &b, kind, self.args, None)?
+                }
+                (None, None, None) => {
+                    bail!("internal error: pair evaluation without a paired stage")
+                }
             };
             loss += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * c.len() as f64;
             for (k, v) in metrics {
-                *sums.entry(format!("eval_{k}")).or_default() += v * c.len() as f64;
+                let e = sums.entry(format!("eval_{k}")).or_default();
+                e.0 += v * c.len() as f64;
+                e.1 += c.len() as f64;
             }
             n += c.len();
         }
         let n = n.max(1) as f64;
         Ok((
             loss / n,
-            sums.into_iter().map(|(k, v)| (k, json!(v / n))).collect(),
+            sums.into_iter()
+                .map(|(k, (v, w))| (k, json!(v / w.max(1.0))))
+                .collect(),
         ))
     }
 
@@ -705,19 +720,20 @@ pub fn run_training(
         (rows_of(&data.train, neat), None, Vec::new())
     };
     // RM and DPO evaluate pairs: chosen rows, then their rejected partners.
-    let eval_pairs = if rm || pref.is_some() {
-        Some(pair_rows(&data.eval))
+    let (eval_pairs, eval_tags) = if rm || pref.is_some() {
+        (Some(pair_rows(&data.eval)), None)
+    } else if kto {
+        let (m, k, t) = kto_rows(&data.eval);
+        (Some((m, k)), Some(t))
     } else {
-        None
+        (None, None)
     };
     let eval_rows = if pref.is_some() || kto || rm || is_ppo {
-        if !data.eval.is_empty() && (kto || is_ppo) {
+        if !data.eval.is_empty() && is_ppo {
             rep.event(&WorkerEvent::Log {
                 level: "warning".into(),
-                message: format!(
-                    "evaluation is not available for {} yet; the eval set is ignored",
-                    args.stage.to_uppercase()
-                ),
+                message: "PPO does not evaluate (as in LLaMA-Factory); the eval set is ignored"
+                    .into(),
             });
         }
         Vec::new()
@@ -1041,7 +1057,7 @@ pub fn run_training(
             && ((args.eval_strategy == "steps" && step % eval_every == 0)
                 || (args.eval_strategy == "epoch" && epoch_end));
         if let (true, Some(pairs)) = (pair_eval_now, &eval_pairs) {
-            let (el, extra) = run.pair_eval(pairs, pref, pad)?;
+            let (el, extra) = run.pair_eval(pairs, pref, eval_tags.as_deref(), pad)?;
             record_eval(&mut run, &log_path, step, el, extra, rep)?;
         }
         let save_now = (args.save_strategy == "steps" && step % args.save_steps.max(1) == 0)
@@ -1120,7 +1136,7 @@ pub fn run_training(
         all.extend(eval);
     }
     if let Some(pairs) = eval_pairs.as_ref().filter(|p| !p.0.is_empty()) {
-        let (el, extra) = run.pair_eval(pairs, pref, pad)?;
+        let (el, extra) = run.pair_eval(pairs, pref, eval_tags.as_deref(), pad)?;
         let mut eval: Map<String, Value> = [
             (
                 "epoch".to_string(),
