@@ -475,7 +475,12 @@ fn kto_pushes_desirable_up_and_undesirable_down() {
     assert!(o.status.success(), "{}", stderr(&o));
     // Held-out examples: desirable ones end up with a higher implicit reward than undesirable.
     let eval = read_json(&dir.path().join("kto/eval_results.json"));
-    for k in ["eval_loss", "eval_kl", "eval_rewards/chosen", "eval_rewards/rejected"] {
+    for k in [
+        "eval_loss",
+        "eval_kl",
+        "eval_rewards/chosen",
+        "eval_rewards/rejected",
+    ] {
         assert!(eval[k].as_f64().is_some_and(f64::is_finite), "{k}: {eval}");
     }
     assert!(

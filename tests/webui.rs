@@ -502,6 +502,26 @@ fn bad_requests_get_clear_errors() {
     let (c, _, msg, field) = err(code, &v);
     assert_eq!((c, field.as_deref()), (422, Some("dataset")), "{v}");
     assert!(msg.contains("did you mean `demo_sft`"), "{msg}");
+    // PPO without a reward model, and with a folder that is not one (LlamaBoard's message).
+    let (code, v) = post(
+        &s,
+        "/api/runs",
+        &quick_run(dir.path(), json!({"stage": "ppo"})),
+    );
+    let (c, _, msg, field) = err(code, &v);
+    assert_eq!((c, field.as_deref()), (422, Some("reward_model")), "{v}");
+    assert!(msg.contains("Please select a reward model"), "{msg}");
+    let (code, v) = post(
+        &s,
+        "/api/runs",
+        &quick_run(
+            dir.path(),
+            json!({"stage": "ppo", "reward_model": "models/demo"}),
+        ),
+    );
+    let (c, _, msg, field) = err(code, &v);
+    assert_eq!((c, field.as_deref()), (422, Some("reward_model")), "{v}");
+    assert!(msg.contains("value_head.safetensors"), "{msg}");
     let (code, v) = get(&s, "/api/datasets?dataset_dir=/etc");
     assert_eq!(err(code, &v).3.as_deref(), Some("dataset_dir"), "{v}");
     // A foreign Origin and a foreign Host (DNS rebinding) are refused.

@@ -201,12 +201,29 @@ pub fn Check(form: Form, key: &'static str, label: &'static str) -> impl IntoVie
     }
 }
 
-/// A collapsible group of controls.
+/// A collapsible group of controls; it opens by itself when one of its `keys` has an error,
+/// so a message is never hidden in a closed group.
 #[component]
-pub fn Group(label: &'static str, children: Children) -> impl IntoView {
+pub fn Group(
+    label: &'static str,
+    form: Form,
+    keys: &'static [&'static str],
+    children: Children,
+) -> impl IntoView {
     let i = use_i18n();
+    let node = NodeRef::<leptos::html::Details>::new();
+    Effect::new(move |_| {
+        if form
+            .errors
+            .with(|e| keys.iter().any(|k| e.contains_key(*k)))
+        {
+            if let Some(d) = node.get() {
+                d.set_open(true);
+            }
+        }
+    });
     view! {
-        <details class="group">
+        <details class="group" node_ref=node>
             <summary>{i.t(label)}</summary>
             <div class="grid">{children()}</div>
         </details>

@@ -56,6 +56,15 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("stage_rm", "Reward Modeling", "奖励模型训练"),
     ("stage_dpo", "DPO", "DPO"),
     ("stage_kto", "KTO", "KTO"),
+    ("stage_ppo", "PPO", "PPO"),
+    ("reward_model", "Reward model", "奖励模型"),
+    (
+        "ppo_max_new_tokens",
+        "Max new tokens (PPO responses)",
+        "最大生成长度（PPO 回复）",
+    ),
+    ("ppo_score_norm", "Score norm", "奖励模型归一化"),
+    ("ppo_whiten_rewards", "Whiten rewards", "白化奖励"),
     ("stage_pt", "Pre-Training", "预训练"),
     ("dataset_dir", "Data dir", "数据路径"),
     ("dataset", "Dataset", "数据集"),
@@ -221,6 +230,11 @@ pub const TABLE: &[(&str, &str, &str)] = &[
         "err_no_dataset",
         "Please choose a dataset.",
         "请选择数据集。",
+    ),
+    (
+        "err_no_reward_model",
+        "Please select a reward model.",
+        "请选择奖励模型。",
     ),
     (
         "err_running",

@@ -60,6 +60,10 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
     ("pref_ftx", "0"),
     ("pref_loss", "sigmoid"),
     ("simpo_gamma", "0.5"),
+    ("reward_model", ""),
+    ("ppo_score_norm", "false"),
+    ("ppo_whiten_rewards", "false"),
+    ("max_new_tokens", "1024"),
     ("output_dir", ""),
     ("config_name", ""),
 ];
@@ -144,6 +148,23 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
     }
     if !matches!(stage.as_str(), "dpo" | "kto") {
         for k in ["pref_beta", "pref_ftx", "pref_loss", "simpo_gamma"] {
+            own.remove(k);
+        }
+    }
+    if stage == "ppo" {
+        // As LlamaBoard's runner: the reward model's type follows the method, and sampling
+        // uses nucleus sampling without a top-k cut.
+        let kind = if ft == "lora" { "lora" } else { "full" };
+        own.insert("reward_model_type".into(), kind.into());
+        own.insert("top_k".into(), "0".into());
+        own.insert("top_p".into(), "0.9".into());
+    } else {
+        for k in [
+            "reward_model",
+            "ppo_score_norm",
+            "ppo_whiten_rewards",
+            "max_new_tokens",
+        ] {
             own.remove(k);
         }
     }
@@ -251,6 +272,10 @@ pub fn TrainTab() -> impl IntoView {
             form.show_error("dataset", i.now("err_no_dataset"));
             return;
         }
+        if form.get_untracked("stage") == "ppo" && form.get_untracked("reward_model").is_empty() {
+            form.show_error("reward_model", i.now("err_no_reward_model"));
+            return;
+        }
         let body = args();
         spawn_local(async move {
             match send::<_, Created>("POST", "/api/runs", &body).await {
@@ -306,6 +331,7 @@ pub fn TrainTab() -> impl IntoView {
         ("rm", "stage_rm"),
         ("dpo", "stage_dpo"),
         ("kto", "stage_kto"),
+        ("ppo", "stage_ppo"),
         ("pt", "stage_pt"),
     ];
     view! {
@@ -382,7 +408,7 @@ pub fn TrainTab() -> impl IntoView {
                 ("constant_with_warmup", ""), ("inverse_sqrt", ""), ("cosine_with_min_lr", ""), ("warmup_stable_decay", ""),
             ]/>
         </div>
-        <Group label="extra_group">
+        <Group label="extra_group" form keys=&["logging_steps", "save_steps", "warmup_steps", "neftune_noise_alpha", "packing", "neat_packing", "train_on_prompt", "mask_history", "resize_vocab", "enable_thinking"]>
             <Field form key="logging_steps" label="logging_steps" kind="number" min="1"/>
             <Field form key="save_steps" label="save_steps" kind="number" min="1"/>
             <Field form key="warmup_steps" label="warmup_steps" kind="number" min="0"/>
@@ -394,12 +420,12 @@ pub fn TrainTab() -> impl IntoView {
             <Check form key="resize_vocab" label="resize_vocab"/>
             <Check form key="enable_thinking" label="enable_thinking"/>
         </Group>
-        <Group label="freeze_group">
+        <Group label="freeze_group" form keys=&["freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"]>
             <Field form key="freeze_trainable_layers" label="freeze_trainable_layers" kind="number"/>
             <Field form key="freeze_trainable_modules" label="freeze_trainable_modules"/>
             <Field form key="freeze_extra_modules" label="freeze_extra_modules"/>
         </Group>
-        <Group label="lora_group">
+        <Group label="lora_group" form keys=&["lora_rank", "lora_alpha", "lora_dropout", "loraplus_lr_ratio", "create_new_adapter", "use_rslora", "use_dora", "lora_target", "additional_target"]>
             <Field form key="lora_rank" label="lora_rank" kind="number" min="1" max="1024"/>
             <Field form key="lora_alpha" label="lora_alpha" kind="number" min="1" max="2048"/>
             <Field form key="lora_dropout" label="lora_dropout" kind="number" min="0" max="1" step="0.01"/>
@@ -410,11 +436,27 @@ pub fn TrainTab() -> impl IntoView {
             <Field form key="lora_target" label="lora_target" placeholder="all"/>
             <Field form key="additional_target" label="additional_target"/>
         </Group>
-        <Group label="rlhf_group">
+        <Group label="rlhf_group" form keys=&["pref_beta", "pref_ftx", "pref_loss", "simpo_gamma", "max_new_tokens", "ppo_score_norm", "ppo_whiten_rewards", "reward_model"]>
             <Field form key="pref_beta" label="pref_beta" kind="number" min="0" max="1" step="0.01"/>
             <Field form key="pref_ftx" label="pref_ftx" kind="number" min="0" max="10" step="0.01"/>
             <Select form key="pref_loss" label="pref_loss" options=vec![("sigmoid", ""), ("hinge", ""), ("ipo", ""), ("orpo", ""), ("simpo", "")]/>
             <Field form key="simpo_gamma" label="simpo_gamma" kind="number" step="0.1"/>
+            <div class="field" class:invalid=move || form.errors.with(|e| e.contains_key("reward_model"))>
+                <label for="f-train-reward_model">{i.t("reward_model")}</label>
+                <select id="f-train-reward_model" name="reward_model"
+                    prop:value=move || form.get("reward_model")
+                    on:change=move |ev| form.set("reward_model", event_target_value(&ev))>
+                    <option value="" selected=move || form.get("reward_model").is_empty()>{i.t("none")}</option>
+                    {move || ctx.checkpoints.get().into_iter().filter(|c| c.reward_model).map(|c| {
+                        let p = c.path.clone();
+                        view! { <option value=p.clone() selected=move || form.get("reward_model") == p>{c.name}</option> }
+                    }).collect_view()}
+                </select>
+                {move || form.errors.with(|e| e.get("reward_model").cloned()).map(|m| view! { <p class="field-error" role="alert" data-field="reward_model">{m}</p> })}
+            </div>
+            <Field form key="max_new_tokens" label="ppo_max_new_tokens" kind="number" min="1" max="4096"/>
+            <Check form key="ppo_score_norm" label="ppo_score_norm"/>
+            <Check form key="ppo_whiten_rewards" label="ppo_whiten_rewards"/>
         </Group>
         <div class="grid">
             <Field form key="output_dir" label="output_dir" placeholder="train_<time>" disabled=busy/>

@@ -242,6 +242,9 @@ wire! {
         pub name: String,
         pub finetuning_type: String,
         pub run_id: Option<i64>,
+        /// Has `value_head.safetensors`: a reward model PPO can use.
+        #[serde(default)]
+        pub reward_model: bool,
     }
 }
 

@@ -77,6 +77,15 @@ try {
   await page.waitForSelector('.field-error[data-field="dataset"]');
   console.log('validation ok');
 
+  // PPO asks for a reward model under its own control (LlamaBoard's message).
+  await page.selectOption('#f-train-stage', 'ppo');
+  await page.check('input[name="dataset"][value="demo_sft"]');
+  await page.click('[data-testid="start"]');
+  await page.waitForSelector('.field-error[data-field="reward_model"]');
+  if (!(await page.textContent('.field-error[data-field="reward_model"]')).includes('reward model')) fail('PPO without a reward model gave no clear message');
+  await page.selectOption('#f-train-stage', 'sft');
+  console.log('ppo validation ok');
+
   // A LoRA run from the form.
   await page.check('input[name="dataset"][value="demo_sft"]');
   // The dataset preview pages through the raw records.

@@ -281,6 +281,7 @@ pub async fn checkpoints(
                 name: base.clone(),
                 finetuning_type: ft.clone(),
                 run_id,
+                reward_model: d.join("value_head.safetensors").is_file(),
             });
         }
         let mut subs: Vec<PathBuf> = std::fs::read_dir(&d)
@@ -314,6 +315,7 @@ pub async fn checkpoints(
                 ),
                 finetuning_type: ft.clone(),
                 run_id,
+                reward_model: s.join("value_head.safetensors").is_file(),
             });
         }
     }

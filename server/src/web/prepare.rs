@@ -107,6 +107,35 @@ fn adapter_dirs(workdir: &Path, value: &str) -> ApiResult<String> {
     Ok(out.join(","))
 }
 
+/// PPO's reward model: one folder with the `value_head.safetensors` that `stage: rm` writes.
+fn reward_model_dir(workdir: &Path, value: &str) -> ApiResult<String> {
+    let field = "reward_model";
+    let dirs = TrainArgs::split_list(Some(value));
+    let [one] = dirs.as_slice() else {
+        return Err(ApiError::field(
+            field,
+            if dirs.is_empty() {
+                "Please select a reward model.".to_string()
+            } else {
+                format!("choose one reward model, not {}", dirs.len())
+            },
+        ));
+    };
+    let dir = canonical(workdir, one).ok_or_else(|| {
+        ApiError::field(field, format!("reward model folder {one} does not exist"))
+    })?;
+    if !dir.join("value_head.safetensors").is_file() {
+        return Err(ApiError::field(
+            field,
+            format!(
+                "{} is not a reward model: it has no value_head.safetensors (train one with the Reward Modeling stage)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(dir.to_string_lossy().into_owned())
+}
+
 /// A dataset dir with `dataset_info.json`.
 pub fn dataset_dir(workdir: &Path, value: &str) -> ApiResult<PathBuf> {
     let field = "dataset_dir";
@@ -215,6 +244,12 @@ pub fn prepare(
             args.dataset_dir = dir.to_string_lossy().into_owned();
             if kind == Some(&RunKind::Train) {
                 args.do_train = true;
+                if args.stage == "ppo" {
+                    args.reward_model = Some(reward_model_dir(
+                        workdir,
+                        args.reward_model.as_deref().unwrap_or(""),
+                    )?);
+                }
                 if args.dataset.as_deref().unwrap_or("").trim().is_empty() {
                     return Err(ApiError::field("dataset", "choose at least one dataset"));
                 }

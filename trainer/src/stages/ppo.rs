@@ -329,10 +329,7 @@ mod tests {
             let fd = (f(&lp0, &up) - f(&lp0, &dn)) / (2.0 * h);
             assert!((fd - gvp[i]).abs() < 1e-6, "value {i}: {fd} vs {}", gvp[i]);
         }
-        assert!(
-            glp.contains(&0.0),
-            "a clipped token has no policy gradient"
-        );
+        assert!(glp.contains(&0.0), "a clipped token has no policy gradient");
         assert!(glp.iter().any(|x| *x != 0.0));
     }
 }
