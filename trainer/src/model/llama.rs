@@ -125,6 +125,9 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::ops::fused_for(x) {
+        return Ok(crate::ops::rms_norm(x, w, eps)?);
+    }
     let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
 }
@@ -397,8 +400,13 @@ impl Model {
             (k, v)
         };
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&pass.mask)?;
-        let attn = softmax(&scores)?
+        let scores = q.matmul(&k.t()?)?;
+        let probs = if crate::ops::fused_for(&scores) {
+            crate::ops::masked_softmax(&scores, &pass.mask, scale)?
+        } else {
+            softmax(&(scores * scale)?.broadcast_add(&pass.mask)?)?
+        };
+        let attn = probs
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((bs * n, nh * hd))?;
@@ -596,6 +604,12 @@ impl TargetLogits {
     /// Log-probability of each target token, `(n, 1)`.
     pub fn token_logps(&self) -> Result<Tensor> {
         let n = self.targets.len();
+        if crate::ops::fused_for(&self.logits) {
+            return Ok(crate::ops::log_softmax_gather(
+                &self.logits,
+                self.targets.clone(),
+            )?);
+        }
         let tgt = Tensor::from_slice(&self.targets, (n, 1), self.logits.device())?;
         Ok(log_softmax(&self.logits)?.gather(&tgt, 1)?)
     }

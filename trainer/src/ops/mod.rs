@@ -3,6 +3,26 @@
 mod attach;
 mod frozen_linear;
 mod log_sigmoid;
+mod rowwise;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Tensor};
 
 pub use frozen_linear::frozen_linear;
 pub use log_sigmoid::log_sigmoid;
+pub use rowwise::{log_softmax_gather, masked_softmax, rms_norm};
+
+static COMPOSED: AtomicBool = AtomicBool::new(false);
+
+/// Turns the fused row-wise kernels off (benchmarks and tests compare both paths).
+pub fn use_composed_ops(on: bool) {
+    COMPOSED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels apply to `t`: CPU, f32 or f64, and not switched off.
+pub fn fused_for(t: &Tensor) -> bool {
+    !COMPOSED.load(Ordering::Relaxed)
+        && t.device().is_cpu()
+        && matches!(t.dtype(), DType::F32 | DType::F64)
+}
