@@ -50,6 +50,9 @@ pub enum BenchCommand {
         /// Also time a DPO step on the same shape and report its cost in SFT steps.
         #[arg(long)]
         dpo: bool,
+        /// Also time the same step with candle's composed ops instead of our fused kernels.
+        #[arg(long)]
+        composed: bool,
         /// The PyTorch side (dev machines keep it in the shared folder).
         #[arg(long, default_value = "../shared/bench/bench_torch_lora.py")]
         torch_script: PathBuf,
@@ -111,6 +114,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             full,
             steps,
             dpo,
+            composed,
             torch_script,
             python,
         } => {
@@ -133,6 +137,20 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
                 tokens as f64 / t.total,
                 rss as f64 / 1e9
             );
+            if composed {
+                trainer::ops::use_composed_ops(true);
+                let (u, _) = trainer::bench::train_steps(&c, full, steps)?;
+                trainer::ops::use_composed_ops(false);
+                println!(
+                    "| llamafactory, composed candle ops | {} | {method} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | |",
+                    c.name,
+                    u.total,
+                    u.forward,
+                    u.backward,
+                    u.optimizer,
+                    tokens as f64 / u.total
+                );
+            }
             if dpo {
                 let (d, _) = trainer::bench::dpo_steps(&c, full, steps)?;
                 println!(

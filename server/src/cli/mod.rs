@@ -71,10 +71,23 @@ fn keep_freed_pages() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
+/// candle runs large elementwise ops on its own thread pool, whose workers spin after each op
+/// waiting for the next; with few cores they take those cores from the GEMM threads (16 % of a
+/// smol LoRA step was that spinning on 2 cores). Our fused kernels and GEMM use rayon, so on
+/// small machines candle's pool is left single-threaded unless the user chose otherwise.
+fn quiet_elementwise_pool() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores <= 4 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Still single-threaded here: no other thread reads the environment yet.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Train(_) | Command::Bench(_)) {
         keep_freed_pages();
+        quiet_elementwise_pool();
     }
     match cli.command {
         Command::Webui(a) => webui::run(a),

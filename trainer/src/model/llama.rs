@@ -373,8 +373,14 @@ impl Model {
         let q = heads("q", nh, rng.as_deref_mut())?;
         let k = heads("k", nkv, rng.as_deref_mut())?;
         let v = heads("v", nkv, rng.as_deref_mut())?;
-        let q = (q.broadcast_mul(&pass.cos)? + rotate_half(&q)?.broadcast_mul(&pass.sin)?)?;
-        let mut k = (k.broadcast_mul(&pass.cos)? + rotate_half(&k)?.broadcast_mul(&pass.sin)?)?;
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            if crate::ops::fused_for(x) {
+                return Ok(crate::ops::rope(x, &pass.cos, &pass.sin)?);
+            }
+            Ok((x.broadcast_mul(&pass.cos)? + rotate_half(x)?.broadcast_mul(&pass.sin)?)?)
+        };
+        let q = rope(&q)?;
+        let mut k = rope(&k)?;
         let mut v = v;
         if let Some(cache) = pass.cache.as_deref_mut() {
             if let Some(Some((pk, pv))) = cache.layers.get(l) {
@@ -416,11 +422,14 @@ impl Model {
             self.param(&format!("{p}.post_attention_layernorm.weight"))?,
             c.rms_norm_eps,
         )?;
-        let gate = self
-            .linear(&format!("{p}.mlp.gate_proj"), &h, rng.as_deref_mut())?
-            .silu()?;
+        let gate = self.linear(&format!("{p}.mlp.gate_proj"), &h, rng.as_deref_mut())?;
         let up = self.linear(&format!("{p}.mlp.up_proj"), &h, rng.as_deref_mut())?;
-        let down = self.linear(&format!("{p}.mlp.down_proj"), &(gate * up)?, rng)?;
+        let act = if crate::ops::fused_for(&gate) {
+            crate::ops::swiglu(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        let down = self.linear(&format!("{p}.mlp.down_proj"), &act, rng)?;
         Ok((x + down)?)
     }
 

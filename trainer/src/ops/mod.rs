@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 
 pub use frozen_linear::frozen_linear;
 pub use log_sigmoid::log_sigmoid;
-pub use rowwise::{log_softmax_gather, masked_softmax, rms_norm};
+pub use rowwise::{log_softmax_gather, masked_softmax, rms_norm, rope, swiglu};
 
 static COMPOSED: AtomicBool = AtomicBool::new(false);
 

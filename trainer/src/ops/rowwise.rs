@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
-use num_traits::{Float, Zero};
+use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
 fn rows<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
@@ -45,6 +45,89 @@ macro_rules! float_dispatch {
     };
 }
 
+/// `exp` for the softmax-like kernels. libm's `expf` is a scalar call per element (and a slow
+/// path for the masked entries that underflow); the f32 version here is branch-free arithmetic
+/// that the compiler vectorises, accurate to about 2e-7 relative. f64 keeps libm's `exp`, so
+/// the f64 gradient tests compare against exactly the composed ops.
+trait FastExp: Float {
+    fn fast_exp(self) -> Self;
+}
+
+impl FastExp for f64 {
+    #[inline]
+    fn fast_exp(self) -> f64 {
+        self.exp()
+    }
+}
+
+impl FastExp for f32 {
+    #[inline]
+    fn fast_exp(self) -> f32 {
+        // exp(x) = 2^n · exp(r) with n = round(x·log2 e) and r = x − n·ln 2 (|r| ≤ 0.35),
+        // ln 2 split in two (Cody–Waite) so r stays exact; exp(r) by its degree-7 Taylor series.
+        const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds.
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        let x = self.clamp(-87.0, 88.0);
+        let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+        let r = (x - n * LN2_HI) - n * LN2_LO;
+        let p = 1.0
+            + r * (1.0
+                + r * (0.5
+                    + r * (1.0 / 6.0
+                        + r * (1.0 / 24.0
+                            + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // Below -87 the true value is under 1.7e-38: flush to zero like an underflow.
+        if self < -87.0 {
+            0.0
+        } else {
+            p * scale
+        }
+    }
+}
+
+/// Sum and maximum with eight independent accumulators: a plain fold is one long dependency
+/// chain that the compiler may not reorder (and so not vectorise).
+fn lane_sum<T: Float>(x: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = acc[i] + c[i];
+        }
+    }
+    tail.iter().fold(acc.iter().fold(T::zero(), |a, &b| a + b), |a, &b| a + b)
+}
+
+fn lane_max<T: Float>(x: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let m = acc.iter().fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
+    tail.iter().fold(m, |a, &b| if b > a { b } else { a })
+}
+
+/// `log Σ exp(row)` without keeping the exponentials (a small buffer at a time).
+fn log_sum_exp<T: FastExp>(row: &[T]) -> T {
+    let max = lane_max(row);
+    let mut buf = [T::zero(); 256];
+    let mut sum = T::zero();
+    for c in row.chunks(256) {
+        for (b, &x) in buf.iter_mut().zip(c) {
+            *b = (x - max).fast_exp();
+        }
+        sum = sum + lane_sum(&buf[..c.len()]);
+    }
+    max + sum.ln()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention softmax: softmax(scale · s + mask) over the last dim, with `mask (B, 1, T, Tk)`
 // broadcast over the heads of `s (B, H, T, Tk)`.
@@ -53,7 +136,7 @@ struct MaskedSoftmax {
     scale: f64,
 }
 
-fn masked_softmax_rows<T: WithDType + Float>(
+fn masked_softmax_rows<T: WithDType + FastExp>(
     s: &[T],
     m: &[T],
     heads: usize,
@@ -69,17 +152,14 @@ fn masked_softmax_rows<T: WithDType + Float>(
         .for_each(|(r, (o, x))| {
             let (b, q) = (r / (heads * t), r % t);
             let mask = &m[(b * t + q) * tk..(b * t + q + 1) * tk];
-            let mut max = T::neg_infinity();
             for (oj, (&xj, &mj)) in o.iter_mut().zip(x.iter().zip(mask)) {
                 *oj = xj * scale + mj;
-                max = Float::max(max, *oj);
             }
-            let mut sum = T::zero();
+            let max = lane_max(o);
             for oj in o.iter_mut() {
-                *oj = (*oj - max).exp();
-                sum += *oj;
+                *oj = (*oj - max).fast_exp();
             }
-            let inv = T::one() / sum;
+            let inv = T::one() / lane_sum(o);
             o.iter_mut().for_each(|oj| *oj *= inv);
         });
     out
@@ -198,11 +278,7 @@ impl CustomOp1 for LogSoftmaxGather {
             let out: Vec<T> = x
                 .par_chunks(v)
                 .zip(self.targets.par_iter())
-                .map(|(row, &t)| {
-                    let max = row.iter().fold(T::neg_infinity(), |a, &b| Float::max(a, b));
-                    let sum = row.iter().fold(T::zero(), |a, &b| a + (b - max).exp());
-                    row[t as usize] - max - sum.ln()
-                })
+                .map(|(row, &t)| row[t as usize] - log_sum_exp(row))
                 .collect();
             Ok((T::to_cpu_storage_owned(out), Shape::from((n, 1))))
         })
@@ -246,14 +322,10 @@ impl CustomOp2 for LogSoftmaxGatherBwd {
                 .zip(x.par_chunks(v))
                 .zip(g.par_iter().zip(self.targets.par_iter()))
                 .for_each(|((o, row), (&gr, &t))| {
-                    let max = row.iter().fold(T::neg_infinity(), |a, &b| Float::max(a, b));
-                    let mut sum = T::zero();
+                    let lse = log_sum_exp(row);
                     for (oj, &xj) in o.iter_mut().zip(row) {
-                        *oj = (xj - max).exp();
-                        sum += *oj;
+                        *oj = -gr * (xj - lse).fast_exp();
                     }
-                    let k = -gr / sum;
-                    o.iter_mut().for_each(|oj| *oj *= k);
                     o[t as usize] += gr;
                 });
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
@@ -422,6 +494,130 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding: `x · cos + rotate_half(x) · sin` for `x (B, H, T, D)` and tables
+// `(B, 1, T, D)` broadcast over the heads. The backward is the inverse rotation.
+
+struct Rope {
+    inverse: bool,
+}
+
+fn rope_rows<T: WithDType + Float>(x: &[T], cos: &[T], sin: &[T], heads: usize, t: usize, d: usize, inverse: bool) -> Vec<T> {
+    let h = d / 2;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (o, x))| {
+        let (b, q) = (r / (heads * t), r % t);
+        let c = &cos[(b * t + q) * d..(b * t + q + 1) * d];
+        let s = &sin[(b * t + q) * d..(b * t + q + 1) * d];
+        for i in 0..h {
+            if inverse {
+                // Transpose of the rotation: dx[i] = g[i]c[i] + g[i+h]s[i+h], dx[i+h] = g[i+h]c[i+h] − g[i]s[i].
+                o[i] = x[i] * c[i] + x[i + h] * s[i + h];
+                o[i + h] = x[i + h] * c[i + h] - x[i] * s[i];
+            } else {
+                o[i] = x[i] * c[i] - x[i + h] * s[i];
+                o[i + h] = x[i + h] * c[i + h] + x[i] * s[i + h];
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, t, d) = l1.shape().dims4()?;
+        if l2.shape().dims4()? != (b, 1, t, d) || l3.shape() != l2.shape() || d % 2 != 0 {
+            bail!("rope: tables {:?} do not fit {:?}", l2.shape(), l1.shape());
+        }
+        float_dispatch!(s1, self.name(), |T| {
+            let out = rope_rows::<T>(rows(s1, l1, self.name())?, rows(s2, l2, self.name())?, rows(s3, l3, self.name())?, h, t, d, self.inverse);
+            Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = g.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotary position embedding of `x (B, H, T, D)` with `cos`, `sin` of shape `(B, 1, T, D)`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { inverse: false })
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU: `silu(gate) ⊙ up`.
+
+struct SwiGlu;
+
+fn sigmoid<T: Float>(x: T) -> T {
+    T::one() / (T::one() + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
+        }
+        float_dispatch!(s1, self.name(), |T| {
+            let g = rows::<T>(s1, l1, self.name())?;
+            let u = rows::<T>(s2, l2, self.name())?;
+            let out: Vec<T> = g.par_iter().zip(u.par_iter()).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+            Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &g.contiguous()?, &SwiGluBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// Both input gradients in one pass, stacked `(2, …)`: `g ⊙ up ⊙ silu'(gate)` and `g ⊙ silu(gate)`.
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(s1, self.name(), |T| {
+            let a = rows::<T>(s1, l1, self.name())?;
+            let u = rows::<T>(s2, l2, self.name())?;
+            let g = rows::<T>(s3, l3, self.name())?;
+            let n = a.len();
+            let mut out = vec![T::zero(); 2 * n];
+            let (da, du) = out.split_at_mut(n);
+            da.par_iter_mut()
+                .zip(du.par_iter_mut())
+                .zip(a.par_iter().zip(u.par_iter()).zip(g.par_iter()))
+                .for_each(|((da, du), ((&a, &u), &g))| {
+                    let s = sigmoid(a);
+                    *du = g * a * s;
+                    *da = g * u * s * (T::one() + a * (T::one() - s));
+                });
+            let mut dims = vec![2];
+            dims.extend_from_slice(l1.shape().dims());
+            Ok((T::to_cpu_storage_owned(out), Shape::from(dims)))
+        })
+    }
+}
+
+/// `silu(gate) ⊙ up`, the Llama MLP's gated activation.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,5 +751,45 @@ mod tests {
         .to_dtype(candle_core::DType::F64)
         .unwrap();
         assert!(max_diff(&a, &b) < 1e-5);
+    }
+
+    #[test]
+    fn rope_matches_composed_and_finite_differences() {
+        let x = rand_tensor(&[2, 3, 4, 6], 10);
+        let cos = rand_tensor(&[2, 1, 4, 6], 11);
+        let sin = rand_tensor(&[2, 1, 4, 6], 12);
+        let half = |x: &Tensor| {
+            let a = x.narrow(D::Minus1, 0, 3).unwrap();
+            let b = x.narrow(D::Minus1, 3, 3).unwrap();
+            Tensor::cat(&[&b.neg().unwrap(), &a], D::Minus1).unwrap()
+        };
+        let composed = (x.broadcast_mul(&cos).unwrap() + half(&x).broadcast_mul(&sin).unwrap()).unwrap();
+        assert!(max_diff(&rope(&x, &cos, &sin).unwrap(), &composed) < 1e-14);
+        check_fd(&x, |x| weigh(&rope(x, &cos, &sin).unwrap(), 13));
+    }
+
+    #[test]
+    fn swiglu_matches_composed_and_finite_differences_in_both_inputs() {
+        let a = rand_tensor(&[3, 5], 14);
+        let u = rand_tensor(&[3, 5], 15);
+        let composed = (a.silu().unwrap() * &u).unwrap();
+        assert!(max_diff(&swiglu(&a, &u).unwrap(), &composed) < 1e-14);
+        check_fd(&a, |a| weigh(&swiglu(a, &u).unwrap(), 16));
+        check_fd(&u, |u| weigh(&swiglu(&a, u).unwrap(), 16));
+    }
+
+    #[test]
+    fn fast_exp_f32_is_accurate_and_flushes_underflow() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f64 / 200_000.0;
+            let got = (x as f32).fast_exp() as f64;
+            let want = (x as f32 as f64).exp();
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!((-1e9f32).fast_exp(), 0.0);
+        assert_eq!((-100f32).fast_exp(), 0.0);
+        assert_eq!(0f32.fast_exp(), 1.0);
     }
 }
