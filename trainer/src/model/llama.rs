@@ -271,10 +271,10 @@ impl Model {
                 Some(rng) if lora.dropout > 0.0 => dropout(x, lora.dropout, rng)?,
                 _ => x.clone(),
             };
-            let delta = (xd
+            // The scale goes on B (out × r), not on the (tokens × out) product: one pass fewer.
+            let delta = xd
                 .matmul(&lora.a.as_tensor().t()?)?
-                .matmul(&lora.b.as_tensor().t()?)?
-                * lora.scale)?;
+                .matmul(&(lora.b.as_tensor() * lora.scale)?.t()?)?;
             y = match &lora.magnitude {
                 None => (y + delta)?,
                 Some(m) => {

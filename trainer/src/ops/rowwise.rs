@@ -98,7 +98,8 @@ fn lane_sum<T: Float>(x: &[T]) -> T {
             acc[i] = acc[i] + c[i];
         }
     }
-    tail.iter().fold(acc.iter().fold(T::zero(), |a, &b| a + b), |a, &b| a + b)
+    tail.iter()
+        .fold(acc.iter().fold(T::zero(), |a, &b| a + b), |a, &b| a + b)
 }
 
 fn lane_max<T: Float>(x: &[T]) -> T {
@@ -110,7 +111,9 @@ fn lane_max<T: Float>(x: &[T]) -> T {
             acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
         }
     }
-    let m = acc.iter().fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
+    let m = acc
+        .iter()
+        .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
     tail.iter().fold(m, |a, &b| if b > a { b } else { a })
 }
 
@@ -502,24 +505,35 @@ struct Rope {
     inverse: bool,
 }
 
-fn rope_rows<T: WithDType + Float>(x: &[T], cos: &[T], sin: &[T], heads: usize, t: usize, d: usize, inverse: bool) -> Vec<T> {
+fn rope_rows<T: WithDType + Float>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    heads: usize,
+    t: usize,
+    d: usize,
+    inverse: bool,
+) -> Vec<T> {
     let h = d / 2;
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (o, x))| {
-        let (b, q) = (r / (heads * t), r % t);
-        let c = &cos[(b * t + q) * d..(b * t + q + 1) * d];
-        let s = &sin[(b * t + q) * d..(b * t + q + 1) * d];
-        for i in 0..h {
-            if inverse {
-                // Transpose of the rotation: dx[i] = g[i]c[i] + g[i+h]s[i+h], dx[i+h] = g[i+h]c[i+h] − g[i]s[i].
-                o[i] = x[i] * c[i] + x[i + h] * s[i + h];
-                o[i + h] = x[i + h] * c[i + h] - x[i] * s[i];
-            } else {
-                o[i] = x[i] * c[i] - x[i + h] * s[i];
-                o[i + h] = x[i + h] * c[i + h] + x[i] * s[i + h];
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .enumerate()
+        .for_each(|(r, (o, x))| {
+            let (b, q) = (r / (heads * t), r % t);
+            let c = &cos[(b * t + q) * d..(b * t + q + 1) * d];
+            let s = &sin[(b * t + q) * d..(b * t + q + 1) * d];
+            for i in 0..h {
+                if inverse {
+                    // Transpose of the rotation: dx[i] = g[i]c[i] + g[i+h]s[i+h], dx[i+h] = g[i+h]c[i+h] − g[i]s[i].
+                    o[i] = x[i] * c[i] + x[i + h] * s[i + h];
+                    o[i + h] = x[i + h] * c[i + h] - x[i] * s[i];
+                } else {
+                    o[i] = x[i] * c[i] - x[i + h] * s[i];
+                    o[i + h] = x[i + h] * c[i + h] + x[i] * s[i + h];
+                }
             }
-        }
-    });
+        });
     out
 }
 
@@ -528,26 +542,59 @@ impl CustomOp3 for Rope {
         "rope"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (b, h, t, d) = l1.shape().dims4()?;
         if l2.shape().dims4()? != (b, 1, t, d) || l3.shape() != l2.shape() || d % 2 != 0 {
             bail!("rope: tables {:?} do not fit {:?}", l2.shape(), l1.shape());
         }
         float_dispatch!(s1, self.name(), |T| {
-            let out = rope_rows::<T>(rows(s1, l1, self.name())?, rows(s2, l2, self.name())?, rows(s3, l3, self.name())?, h, t, d, self.inverse);
+            let out = rope_rows::<T>(
+                rows(s1, l1, self.name())?,
+                rows(s2, l2, self.name())?,
+                rows(s3, l3, self.name())?,
+                h,
+                t,
+                d,
+                self.inverse,
+            );
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }
 
-    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = g.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = g.contiguous()?.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                inverse: !self.inverse,
+            },
+        )?;
         Ok((Some(dx), None, None))
     }
 }
 
 /// Rotary position embedding of `x (B, H, T, D)` with `cos`, `sin` of shape `(B, 1, T, D)`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { inverse: false })
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope { inverse: false },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -564,20 +611,42 @@ impl CustomOp2 for SwiGlu {
         "swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
-            bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
+            bail!(
+                "swiglu: gate {:?} and up {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
         }
         float_dispatch!(s1, self.name(), |T| {
             let g = rows::<T>(s1, l1, self.name())?;
             let u = rows::<T>(s2, l2, self.name())?;
-            let out: Vec<T> = g.par_iter().zip(u.par_iter()).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+            let out: Vec<T> = g
+                .par_iter()
+                .zip(u.par_iter())
+                .map(|(&g, &u)| g * sigmoid(g) * u)
+                .collect();
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = gate.contiguous()?.apply_op3_no_bwd(&up.contiguous()?, &g.contiguous()?, &SwiGluBwd)?;
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both =
+            gate.contiguous()?
+                .apply_op3_no_bwd(&up.contiguous()?, &g.contiguous()?, &SwiGluBwd)?;
         Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }
@@ -590,7 +659,15 @@ impl CustomOp3 for SwiGluBwd {
         "swiglu-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         float_dispatch!(s1, self.name(), |T| {
             let a = rows::<T>(s1, l1, self.name())?;
             let u = rows::<T>(s2, l2, self.name())?;
@@ -763,7 +840,8 @@ mod tests {
             let b = x.narrow(D::Minus1, 3, 3).unwrap();
             Tensor::cat(&[&b.neg().unwrap(), &a], D::Minus1).unwrap()
         };
-        let composed = (x.broadcast_mul(&cos).unwrap() + half(&x).broadcast_mul(&sin).unwrap()).unwrap();
+        let composed =
+            (x.broadcast_mul(&cos).unwrap() + half(&x).broadcast_mul(&sin).unwrap()).unwrap();
         assert!(max_diff(&rope(&x, &cos, &sin).unwrap(), &composed) < 1e-14);
         check_fd(&x, |x| weigh(&rope(x, &cos, &sin).unwrap(), 13));
     }
