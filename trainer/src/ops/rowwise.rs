@@ -261,6 +261,8 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
 
 struct LogSoftmaxGather {
     targets: Arc<Vec<u32>>,
+    /// Each row's log-sum-exp from the forward pass, for the backward.
+    lse: std::sync::Mutex<Arc<Vec<f64>>>,
 }
 
 impl CustomOp1 for LogSoftmaxGather {
@@ -278,18 +280,32 @@ impl CustomOp1 for LogSoftmaxGather {
         }
         float_dispatch!(s, self.name(), |T| {
             let x = rows::<T>(s, l, self.name())?;
-            let out: Vec<T> = x
-                .par_chunks(v)
-                .zip(self.targets.par_iter())
-                .map(|(row, &t)| row[t as usize] - log_sum_exp(row))
+            let lse: Vec<T> = x.par_chunks(v).map(log_sum_exp).collect();
+            let out: Vec<T> = lse
+                .iter()
+                .zip(self.targets.iter())
+                .enumerate()
+                .map(|(r, (&lse, &t))| x[r * v + t as usize] - lse)
                 .collect();
+            if let Ok(mut keep) = self.lse.lock() {
+                *keep = Arc::new(lse.iter().map(|x| x.to_f64()).collect());
+            }
             Ok((T::to_cpu_storage_owned(out), Shape::from((n, 1))))
         })
     }
 
     fn bwd(&self, logits: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let lse = self
+            .lse
+            .lock()
+            .map(|l| l.clone())
+            .map_err(|_| candle_core::Error::Msg("log-softmax-gather: poisoned".into()))?;
+        if lse.len() != self.targets.len() {
+            bail!("log-softmax-gather: backward before forward");
+        }
         let op = LogSoftmaxGatherBwd {
             targets: self.targets.clone(),
+            lse,
         };
         Ok(Some(
             logits
@@ -302,6 +318,7 @@ impl CustomOp1 for LogSoftmaxGather {
 /// `g_r · (onehot(t_r) − softmax(row_r))`.
 struct LogSoftmaxGatherBwd {
     targets: Arc<Vec<u32>>,
+    lse: Arc<Vec<f64>>,
 }
 
 impl CustomOp2 for LogSoftmaxGatherBwd {
@@ -324,8 +341,9 @@ impl CustomOp2 for LogSoftmaxGatherBwd {
             out.par_chunks_mut(v)
                 .zip(x.par_chunks(v))
                 .zip(g.par_iter().zip(self.targets.par_iter()))
-                .for_each(|((o, row), (&gr, &t))| {
-                    let lse = log_sum_exp(row);
+                .zip(self.lse.par_iter())
+                .for_each(|(((o, row), (&gr, &t)), &lse)| {
+                    let lse = T::from_f64(lse);
                     for (oj, &xj) in o.iter_mut().zip(row) {
                         *oj = -gr * (xj - lse).fast_exp();
                     }
@@ -340,6 +358,7 @@ impl CustomOp2 for LogSoftmaxGatherBwd {
 pub fn log_softmax_gather(logits: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
     logits.contiguous()?.apply_op1(LogSoftmaxGather {
         targets: Arc::new(targets),
+        lse: Default::default(),
     })
 }
 
