@@ -77,6 +77,12 @@ impl RewardModel {
                 })
             }
             "full" => {
+                if dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file() {
+                    bail!(
+                        "reward model {} is a LoRA adapter, not a full model: set `reward_model_type: lora` (with `finetuning_type: lora`)",
+                        dir.display()
+                    );
+                }
                 let mut model = Model::load(dir, policy.dtype, device)
                     .with_context(|| format!("loading the reward model {}", dir.display()))?;
                 for a in TrainArgs::split_list(args.reward_model_adapters.as_deref()) {

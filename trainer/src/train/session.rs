@@ -690,7 +690,10 @@ pub fn run_training(
             .lora
             .values()
             .map(|l| (l.a.elem_count() + l.b.elem_count()) as u64)
-            .sum::<u64>();
+            .sum::<u64>()
+        + value_head
+            .as_ref()
+            .map_or(0, |h| (h.weight.elem_count() + h.bias.elem_count()) as u64);
     rep.event(&WorkerEvent::Log {
         level: "info".into(),
         message: format!(
