@@ -393,27 +393,22 @@ impl Model {
             cache.layers[l] = Some((k.clone(), v.clone()));
         }
         let total = k.dim(2)?;
-        let (k, v) = if nkv != nh {
-            // GQA: each kv head serves `rep` query heads.
-            let rep = nh / nkv;
-            let expand = |x: &Tensor| -> Result<Tensor> {
-                Ok(x.unsqueeze(2)?
-                    .broadcast_as((bs, nkv, rep, total, hd))?
-                    .reshape((bs, nh, total, hd))?)
-            };
-            (expand(&k)?, expand(&v)?)
-        } else {
-            (k, v)
-        };
+        // GQA without copying K and V per query head: the `rep` query heads of a kv head are
+        // stacked along the sequence axis, `(B, nkv, rep·n, hd)`, so one product per kv head
+        // serves them all (and the backward needs no sum over copies).
+        let rep = nh / nkv;
+        let q = q.reshape((bs, nkv, rep * n, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?;
+        let scores = q.matmul(&k.t()?)?.reshape((bs, nh, n, total))?;
         let probs = if crate::ops::fused_for(&scores) {
             crate::ops::masked_softmax(&scores, &pass.mask, scale)?
         } else {
             softmax(&(scores * scale)?.broadcast_add(&pass.mask)?)?
         };
         let attn = probs
+            .reshape((bs, nkv, rep * n, total))?
             .matmul(&v)?
+            .reshape((bs, nh, n, hd))?
             .transpose(1, 2)?
             .reshape((bs * n, nh * hd))?;
         let x = (x + self.linear(&format!("{p}.self_attn.o_proj"), &attn, rng.as_deref_mut())?)?;
