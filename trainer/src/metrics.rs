@@ -145,6 +145,11 @@ pub fn similarity(pred: &str, label: &str) -> [(&'static str, f64); 4] {
     ]
 }
 
+/// Arithmetic mean; 0 for an empty slice (a window that logged nothing).
+pub fn mean(x: &[f64]) -> f64 {
+    x.iter().sum::<f64>() / x.len().max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

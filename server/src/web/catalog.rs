@@ -9,6 +9,7 @@ use protocol::run::{CheckpointEntry, DatasetEntry, DatasetPage, ModelEntry};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use trainer::data::dataset_info::{DatasetInfo, Formatting};
+use trainer::stages::reward::VALUE_HEAD_FILE;
 
 use super::error::{ApiError, ApiResult, Body};
 use super::prepare::{dataset_dir, model_label};
@@ -281,7 +282,7 @@ pub async fn checkpoints(
                 name: base.clone(),
                 finetuning_type: ft.clone(),
                 run_id,
-                reward_model: d.join("value_head.safetensors").is_file(),
+                reward_model: d.join(VALUE_HEAD_FILE).is_file(),
             });
         }
         let mut subs: Vec<PathBuf> = std::fs::read_dir(&d)
@@ -315,7 +316,7 @@ pub async fn checkpoints(
                 ),
                 finetuning_type: ft.clone(),
                 run_id,
-                reward_model: s.join("value_head.safetensors").is_file(),
+                reward_model: s.join(VALUE_HEAD_FILE).is_file(),
             });
         }
     }

@@ -7,6 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use protocol::run::RunKind;
 use protocol::TrainArgs;
 use serde_json::{Map, Value};
+use trainer::stages::reward::VALUE_HEAD_FILE;
 
 use super::error::{ApiError, ApiResult};
 
@@ -124,7 +125,7 @@ fn reward_model_dir(workdir: &Path, value: &str) -> ApiResult<String> {
     let dir = canonical(workdir, one).ok_or_else(|| {
         ApiError::field(field, format!("reward model folder {one} does not exist"))
     })?;
-    if !dir.join("value_head.safetensors").is_file() {
+    if !dir.join(VALUE_HEAD_FILE).is_file() {
         return Err(ApiError::field(
             field,
             format!(

@@ -577,13 +577,21 @@ impl Model {
         Ok((member.matmul(&t.token_logps()?)?.squeeze(1)?, counts))
     }
 
-    /// [`Model::sequence_logps`] of the reference model (base weights, LoRA off), detached.
-    pub fn reference_logps(&self, b: &Batch) -> Result<Tensor> {
+    /// Runs `f` on the reference model: the base weights as loaded, LoRA off.
+    pub fn with_reference<R>(&self, f: impl FnOnce(&Self) -> R) -> R {
         use std::sync::atomic::Ordering;
         self.reference.store(true, Ordering::Relaxed);
-        let out = self.sequence_logps(b, None);
+        let out = f(self);
         self.reference.store(false, Ordering::Relaxed);
-        Ok(out?.0.detach())
+        out
+    }
+
+    /// [`Model::sequence_logps`] of the reference model, detached.
+    pub fn reference_logps(&self, b: &Batch) -> Result<Tensor> {
+        Ok(self
+            .with_reference(|m| m.sequence_logps(b, None))?
+            .0
+            .detach())
     }
 
     /// Summed token cross-entropy over labels != -100, shifted like Hugging Face (position t

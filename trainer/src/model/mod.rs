@@ -8,6 +8,5 @@ pub mod weights;
 
 pub use config::ModelConfig;
 pub use llama::{
-    log_softmax, shifted_targets, softmax, Batch, KvCache, LoraLayer, Model, Param, RowRef,
-    TargetLogits,
+    log_softmax, softmax, Batch, KvCache, LoraLayer, Model, Param, RowRef, TargetLogits,
 };

@@ -28,6 +28,13 @@ fn last_dim(l: &Layout) -> Result<usize> {
         .ok_or_else(|| candle_core::Error::Msg("row-wise op on a scalar".into()).bt())
 }
 
+/// Row `r` of a `(B, H, T, ·)` tensor reads row `(b, t)` of a `(B, 1, T, ·)` table broadcast
+/// over the heads (attention mask, RoPE tables).
+fn broadcast_row<T>(table: &[T], r: usize, heads: usize, t: usize, width: usize) -> &[T] {
+    let row = r / (heads * t) * t + r % t;
+    &table[row * width..(row + 1) * width]
+}
+
 /// Dispatches a generic kernel on the storage's float type.
 macro_rules! float_dispatch {
     ($s:expr, $name:expr, |$t:ident| $body:expr) => {
@@ -153,8 +160,7 @@ fn masked_softmax_rows<T: WithDType + FastExp>(
         .zip(s.par_chunks(tk))
         .enumerate()
         .for_each(|(r, (o, x))| {
-            let (b, q) = (r / (heads * t), r % t);
-            let mask = &m[(b * t + q) * tk..(b * t + q + 1) * tk];
+            let mask = broadcast_row(m, r, heads, t, tk);
             for (oj, (&xj, &mj)) in o.iter_mut().zip(x.iter().zip(mask)) {
                 *oj = xj * scale + mj;
             }
@@ -539,9 +545,8 @@ fn rope_rows<T: WithDType + Float>(
         .zip(x.par_chunks(d))
         .enumerate()
         .for_each(|(r, (o, x))| {
-            let (b, q) = (r / (heads * t), r % t);
-            let c = &cos[(b * t + q) * d..(b * t + q + 1) * d];
-            let s = &sin[(b * t + q) * d..(b * t + q + 1) * d];
+            let c = broadcast_row(cos, r, heads, t, d);
+            let s = broadcast_row(sin, r, heads, t, d);
             for i in 0..h {
                 if inverse {
                     // Transpose of the rotation: dx[i] = g[i]c[i] + g[i+h]s[i+h], dx[i+h] = g[i+h]c[i+h] − g[i]s[i].

@@ -62,6 +62,36 @@ impl AdamW {
             .collect()
     }
 
+    /// Adds a backward pass's gradients to `sum` (gradient accumulation over micro-batches).
+    pub fn accumulate(&self, sum: &mut [Option<Tensor>], store: &GradStore) -> Result<()> {
+        for (slot, g) in sum.iter_mut().zip(self.grads_of(store)) {
+            *slot = match (slot.take(), g) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(())
+    }
+
+    /// Fails when a trainable tensor got no gradient: candle ops without a backward drop
+    /// gradients silently, so the first step of every run checks.
+    pub fn check_gradients(&self, grads: &[Option<Tensor>]) -> Result<()> {
+        let missing: Vec<&str> = self
+            .params
+            .iter()
+            .zip(grads)
+            .filter(|(_, g)| g.is_none())
+            .map(|(p, _)| p.name.as_str())
+            .collect();
+        if let Some(first) = missing.first() {
+            anyhow::bail!(
+                "internal error: no gradient reached {} trainable tensors (first: {first})",
+                missing.len()
+            );
+        }
+        Ok(())
+    }
+
     /// Pre-clipping global L2 norm of the gradients; scales them to `max_norm` when above it.
     pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
         let mut total = 0.0;

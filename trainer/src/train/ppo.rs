@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -19,7 +18,8 @@ use super::optim::AdamW;
 use super::session::{make_batch, Row};
 use crate::data::IGNORE_INDEX;
 use crate::infer::{generate_batch, GenerationConfig};
-use crate::model::{Batch, LoraLayer, Model};
+use crate::metrics::mean;
+use crate::model::{Batch, LoraLayer, Model, TargetLogits};
 use crate::stages::ppo::{
     gae, ppo_loss, token_rewards, whiten, AdaptiveKl, OldTokens, RunningMoments, GAMMA, LAM,
 };
@@ -208,15 +208,11 @@ impl Ppo {
             let refs: Vec<&Row> = rows.iter().map(|r| &r.0).collect();
             let b = make_batch(&refs, self.pad);
             let scores = self.reward.scores(model, &b)?;
-            let (logps, values) = token_outputs(model, head, &b, None)?;
-            let ref_logps = {
-                model.reference.store(true, Ordering::Relaxed);
-                let r = token_outputs(model, head, &b, None);
-                model.reference.store(false, Ordering::Relaxed);
-                r?.0
-            };
-            let split = |x: Vec<f64>| per_sequence(x, &b);
-            let (logps, values, ref_logps) = (split(logps), split(values), split(ref_logps));
+            let (h, t) = response_states(model, &b, None)?;
+            let logps = per_sequence(&t.token_logps()?, &t, &b)?;
+            let values = per_sequence(&head.apply(&h)?, &t, &b)?;
+            let (_, reference) = model.with_reference(|m| response_states(m, &b, None))?;
+            let ref_logps = per_sequence(&reference.token_logps()?, &reference, &b)?;
             for ((((row, query_len), score), (lp, v)), rl) in rows
                 .into_iter()
                 .zip(scores)
@@ -282,7 +278,6 @@ impl Ppo {
             .iter()
             .map(|s| s.logps.iter().zip(&s.ref_logps).map(|(a, b)| a - b).sum())
             .collect();
-        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
         let mean_kl = mean(&seq_kl);
 
         // Optimisation: each backward batch is `bs × accum` samples in minibatches of `bs`.
@@ -333,13 +328,7 @@ impl Ppo {
                     }
                     n_mini += 1;
                     losses.push(stats.total);
-                    let store = (loss / minis.len() as f64)?.backward()?;
-                    for (slot, g) in grads.iter_mut().zip(opt.grads_of(&store)) {
-                        *slot = match (slot.take(), g) {
-                            (Some(a), Some(b)) => Some((a + b)?),
-                            (a, b) => a.or(b),
-                        };
-                    }
+                    opt.accumulate(&mut grads, &(loss / minis.len() as f64)?.backward()?)?;
                 }
                 if !update_loss.is_finite() {
                     // The caller sees the non-finite loss and stops before this update lands.
@@ -351,12 +340,7 @@ impl Ppo {
                     });
                 }
                 if !self.gradients_checked {
-                    if let Some((p, _)) = opt.params.iter().zip(&grads).find(|(_, g)| g.is_none()) {
-                        bail!(
-                            "internal error: no gradient reached trainable tensor {}",
-                            p.name
-                        );
-                    }
+                    opt.check_gradients(&grads)?;
                     self.gradients_checked = true;
                 }
                 norms.push(AdamW::clip_grad_norm(&mut grads, args.max_grad_norm)?);
@@ -385,6 +369,17 @@ impl Ppo {
     }
 }
 
+/// Final hidden states and LM-head outputs of the positions that predict response tokens.
+fn response_states(
+    model: &Model,
+    b: &Batch,
+    rng: Option<&mut ChaCha8Rng>,
+) -> Result<(Tensor, TargetLogits)> {
+    model
+        .target_states(b, rng)?
+        .ok_or_else(|| anyhow!("internal error: a PPO batch without response tokens"))
+}
+
 /// Log-probability of every response token and the value head's estimate at the position
 /// that predicts it, `(n,)` each, in row-major token order.
 fn token_tensors(
@@ -393,30 +388,21 @@ fn token_tensors(
     b: &Batch,
     rng: Option<&mut ChaCha8Rng>,
 ) -> Result<(Tensor, Tensor)> {
-    let (h, t) = model
-        .target_states(b, rng)?
-        .ok_or_else(|| anyhow!("internal error: a PPO batch without response tokens"))?;
+    let (h, t) = response_states(model, b, rng)?;
     Ok((t.token_logps()?.squeeze(1)?, head.apply(&h)?))
 }
 
-fn token_outputs(
-    model: &Model,
-    head: &ValueHead,
-    b: &Batch,
-    rng: Option<&mut ChaCha8Rng>,
-) -> Result<(Vec<f64>, Vec<f64>)> {
-    let (lp, v) = token_tensors(model, head, b, rng)?;
-    let f =
-        |t: Tensor| -> Result<Vec<f64>> { Ok(t.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?) };
-    Ok((f(lp)?, f(v)?))
-}
-
-/// Splits row-major token values into one vector per row of `b`.
-fn per_sequence(values: Vec<f64>, b: &Batch) -> Vec<Vec<f64>> {
-    let (rows, _) = crate::model::shifted_targets(b);
+/// Splits per-token values (`(n,)` or `(n, 1)`, in `t`'s row order) into one vector per row
+/// of `b`.
+fn per_sequence(values: &Tensor, t: &TargetLogits, b: &Batch) -> Result<Vec<Vec<f64>>> {
+    let values = values
+        .detach()
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
     let mut out = vec![Vec::new(); b.batch];
-    for (v, r) in values.into_iter().zip(rows) {
+    for (v, &r) in values.into_iter().zip(&t.rows) {
         out[r as usize / b.seq].push(v);
     }
-    out
+    Ok(out)
 }

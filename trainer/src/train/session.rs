@@ -22,6 +22,7 @@ use super::report::Reporter;
 use super::schedule::LrSchedule;
 use crate::data::pipeline::{get_dataset, load_tokenizer_and_template};
 use crate::data::processor::Features;
+use crate::metrics::mean;
 use crate::model::adapter::LoraSpec;
 use crate::model::{Batch, Model, RowRef};
 use crate::stages::preference::{preference_loss, PrefLoss};
@@ -268,7 +269,6 @@ pub fn preference_step(
         loss = (loss + (sft * args.pref_ftx)?)?;
     }
     let v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
-    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
     let (cr, rr) = (v(&out.chosen_rewards)?, v(&out.rejected_rewards)?);
     let acc: Vec<f64> = cr
         .iter()
@@ -884,11 +884,7 @@ pub fn run_training(
             let head = run.value_head.as_ref().expect("ppo has a value head");
             let out = ppo.step(&mut run.model, head, &mut run.opt, args, &prompts, step, lr)?;
             run.tokens_seen += out.tokens;
-            for (k, v) in out.metrics {
-                let e = window_extra.entry(k).or_insert((0.0, 0));
-                e.0 += v;
-                e.1 += 1;
-            }
+            tally(&mut window_extra, out.metrics);
             (out.loss, out.grad_norm)
         } else {
             let micro: Vec<Batch> = micro_range
@@ -929,7 +925,6 @@ pub fn run_training(
                         let head = run.value_head.as_ref().expect("rm has a value head");
                         let (l, acc, c, r) =
                             reward::pairwise_step(head, &run.model, b, Some(&mut rng))?;
-                        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
                         let m = vec![
                             ("accuracy".to_string(), acc),
                             ("rewards/chosen".to_string(), mean(&c)),
@@ -947,36 +942,12 @@ pub fn run_training(
                         ((loss_sum / n_targets as f64)?, Vec::new())
                     }
                 };
-                for (k, v) in metrics {
-                    let e = window_extra.entry(k).or_insert((0.0, 0));
-                    e.0 += v;
-                    e.1 += 1;
-                }
+                tally(&mut window_extra, metrics);
                 step_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                let store = loss.backward()?;
-                for (slot, g) in grads.iter_mut().zip(run.opt.grads_of(&store)) {
-                    *slot = match (slot.take(), g) {
-                        (Some(a), Some(b)) => Some((a + b)?),
-                        (a, b) => a.or(b),
-                    };
-                }
+                run.opt.accumulate(&mut grads, &loss.backward()?)?;
             }
             if !first_step_checked {
-                let missing: Vec<&str> = run
-                    .opt
-                    .params
-                    .iter()
-                    .zip(&grads)
-                    .filter(|(_, g)| g.is_none())
-                    .map(|(p, _)| p.name.as_str())
-                    .collect();
-                if !missing.is_empty() {
-                    bail!(
-                        "internal error: no gradient reached {} trainable tensors (first: {})",
-                        missing.len(),
-                        missing[0]
-                    );
-                }
+                run.opt.check_gradients(&grads)?;
                 first_step_checked = true;
             }
             if !step_loss.is_finite() {
@@ -1173,6 +1144,18 @@ pub fn run_training(
     }
     all.insert("global_step".into(), json!(total_steps));
     Ok(Outcome::Finished(all))
+}
+
+/// Adds a micro-step's metrics to the sums averaged at the next log line.
+fn tally(
+    window: &mut std::collections::BTreeMap<String, (f64, usize)>,
+    metrics: Vec<(String, f64)>,
+) {
+    for (k, v) in metrics {
+        let e = window.entry(k).or_insert((0.0, 0));
+        e.0 += v;
+        e.1 += 1;
+    }
 }
 
 fn record_eval(
