@@ -88,8 +88,24 @@ pub fn run() -> Result<ExitCode> {
     if matches!(cli.command, Command::Train(_) | Command::Bench(_)) {
         keep_freed_pages();
         quiet_elementwise_pool();
+        return on_compute_pool(move || dispatch(cli.command));
     }
-    match cli.command {
+    dispatch(cli.command)
+}
+
+/// Runs `f` on a worker of a rayon pool instead of the main thread. Every GEMM and fused
+/// kernel fans out over rayon; called from outside the pool, each one also parked the caller on
+/// a futex and woke it at the end (thousands of context switches per step). From inside, the
+/// caller takes a share of the work itself.
+fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match rayon::ThreadPoolBuilder::new().build() {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
         Command::Webui(a) => webui::run(a),
         Command::Train(a) => train::run(a),
         Command::Chat(a) => chat::run(a),

@@ -626,9 +626,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
-fn sigmoid<T: Float>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp())
+fn sigmoid<T: FastExp>(x: T) -> T {
+    T::one() / (T::one() + (-x).fast_exp())
 }
+
+/// Elements per rayon task in the element-wise kernels: one task per element (rayon's default
+/// split of `par_iter`) leaves the loop unvectorised and the scheduler busy.
+const ELEMENTS_PER_TASK: usize = 4096;
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -652,11 +656,15 @@ impl CustomOp2 for SwiGlu {
         float_dispatch!(s1, self.name(), |T| {
             let g = rows::<T>(s1, l1, self.name())?;
             let u = rows::<T>(s2, l2, self.name())?;
-            let out: Vec<T> = g
-                .par_iter()
-                .zip(u.par_iter())
-                .map(|(&g, &u)| g * sigmoid(g) * u)
-                .collect();
+            let mut out = vec![T::zero(); g.len()];
+            out.par_chunks_mut(ELEMENTS_PER_TASK)
+                .zip(g.par_chunks(ELEMENTS_PER_TASK))
+                .zip(u.par_chunks(ELEMENTS_PER_TASK))
+                .for_each(|((out, g), u)| {
+                    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                        *o = g * sigmoid(g) * u;
+                    }
+                });
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }
@@ -699,13 +707,18 @@ impl CustomOp3 for SwiGluBwd {
             let n = a.len();
             let mut out = vec![T::zero(); 2 * n];
             let (da, du) = out.split_at_mut(n);
-            da.par_iter_mut()
-                .zip(du.par_iter_mut())
-                .zip(a.par_iter().zip(u.par_iter()).zip(g.par_iter()))
-                .for_each(|((da, du), ((&a, &u), &g))| {
-                    let s = sigmoid(a);
-                    *du = g * a * s;
-                    *da = g * u * s * (T::one() + a * (T::one() - s));
+            da.par_chunks_mut(ELEMENTS_PER_TASK)
+                .zip(du.par_chunks_mut(ELEMENTS_PER_TASK))
+                .zip(a.par_chunks(ELEMENTS_PER_TASK))
+                .zip(u.par_chunks(ELEMENTS_PER_TASK))
+                .zip(g.par_chunks(ELEMENTS_PER_TASK))
+                .for_each(|((((da, du), a), u), g)| {
+                    for i in 0..da.len() {
+                        let (a, u, g) = (a[i], u[i], g[i]);
+                        let s = sigmoid(a);
+                        du[i] = g * a * s;
+                        da[i] = g * u * s * (T::one() + a * (T::one() - s));
+                    }
                 });
             let mut dims = vec![2];
             dims.extend_from_slice(l1.shape().dims());
