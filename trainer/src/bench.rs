@@ -83,6 +83,8 @@ pub struct TrainBenchConfig {
     pub eps: f64,
     pub seq: usize,
     pub batch: usize,
+    /// Recompute each layer in backward (`gradient_checkpointing: true`).
+    pub checkpointing: bool,
 }
 
 pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
@@ -99,6 +101,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             eps: 1e-6,
             seq: 256,
             batch: 4,
+            checkpointing: false,
         },
         "smol" => TrainBenchConfig {
             name: "smol",
@@ -112,6 +115,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             eps: 1e-5,
             seq: 256,
             batch: 1,
+            checkpointing: false,
         },
         other => anyhow::bail!("unknown bench config `{other}` (tiny, smol)"),
     })
@@ -148,7 +152,8 @@ fn train_steps_for(
     use rand::{Rng, SeedableRng};
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let model = random_model(c, full)?;
+    let mut model = random_model(c, full)?;
+    model.checkpointing = c.checkpointing;
     let groups = model
         .trainable()
         .into_iter()
@@ -201,7 +206,7 @@ fn train_steps_for(
         };
         let lv = loss.to_scalar::<f32>()? as f64;
         let t1 = Instant::now();
-        let store = loss.backward()?;
+        let store = model.backward(&loss)?;
         let grads = opt.grads_of(&store);
         drop(store);
         let t2 = Instant::now();

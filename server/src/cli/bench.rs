@@ -53,6 +53,14 @@ pub enum BenchCommand {
         /// Also time the same step with candle's composed ops instead of our fused kernels.
         #[arg(long)]
         composed: bool,
+        /// Recompute each decoder layer in backward instead of keeping its activations
+        /// (`gradient_checkpointing: true`); the PyTorch side keeps them.
+        #[arg(long)]
+        gradient_checkpointing: bool,
+        /// Sequence length instead of the shape's 256 (ours only: the PyTorch script has no
+        /// such option).
+        #[arg(long)]
+        seq: Option<usize>,
         /// The PyTorch side (dev machines keep it in the shared folder).
         #[arg(long, default_value = "../shared/bench/bench_torch_lora.py")]
         torch_script: PathBuf,
@@ -115,16 +123,28 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             steps,
             dpo,
             composed,
+            gradient_checkpointing,
+            seq,
             torch_script,
             python,
         } => {
-            let c = trainer::bench::train_bench_config(&config)?;
+            let mut c = trainer::bench::train_bench_config(&config)?;
+            c.checkpointing = gradient_checkpointing;
+            if let Some(seq) = seq {
+                anyhow::ensure!(seq > 32, "--seq must exceed the 32 masked prompt tokens");
+                c.seq = seq;
+            }
             let threads = std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1);
             let (t, tokens) = trainer::bench::train_steps(&c, full, steps)?;
             let rss = trainer::bench::peak_rss().unwrap_or(0);
-            let method = if full { "full" } else { "LoRA" };
+            let method = match (full, gradient_checkpointing) {
+                (false, false) => "LoRA",
+                (true, false) => "full",
+                (false, true) => "LoRA, checkpointed",
+                (true, true) => "full, checkpointed",
+            };
             println!("| engine | config | method | step (s) | fwd | bwd | opt | tokens/s | peak RSS (GB) |");
             println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
             println!(
@@ -162,12 +182,15 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
                     d.total / t.total
                 );
             }
-            if torch_script.exists() {
+            if seq.is_some() {
+                println!("\n(PyTorch side not run: its script trains only the shape's own sequence length)");
+            } else if torch_script.exists() {
                 match run_torch(&python, &torch_script, &config, full, steps, threads) {
                     Ok((step, tps, torch_rss)) => {
                         println!(
-                            "| PyTorch + PEFT | {} | {method} | {step:.3} | | | | {tps:.0} | {:.2} |",
+                            "| PyTorch + PEFT | {} | {} | {step:.3} | | | | {tps:.0} | {:.2} |",
                             c.name,
+                            if full { "full" } else { "LoRA" },
                             torch_rss as f64 / 1e9
                         );
                         println!();

@@ -98,7 +98,9 @@ pub fn run() -> Result<ExitCode> {
 /// a futex and woke it at the end (thousands of context switches per step). From inside, the
 /// caller takes a share of the work itself.
 fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    match rayon::ThreadPoolBuilder::new().build() {
+    // candle's backward walks the graph recursively: a deep model needs more than the 2 MiB
+    // that threads get by default (the main thread has 8 MiB).
+    match rayon::ThreadPoolBuilder::new().stack_size(256 << 20).build() {
         Ok(pool) => pool.install(f),
         Err(_) => f(),
     }

@@ -10,6 +10,7 @@ use super::config::ModelConfig;
 use crate::data::IGNORE_INDEX;
 
 /// A model tensor: frozen (`var` is none) or trainable.
+#[derive(Clone)]
 pub struct Param {
     pub tensor: Tensor,
     pub var: Option<Var>,
@@ -25,6 +26,7 @@ impl Param {
 }
 
 /// `y = W x + scale · B A dropout(x)`, optionally DoRA-rescaled per output row.
+#[derive(Clone)]
 pub struct LoraLayer {
     pub a: Var,
     pub b: Var,
@@ -103,6 +105,12 @@ pub struct Model {
     /// Reference mode: the base weights as loaded, LoRA off (the frozen reference model of
     /// DPO/KTO without a second copy in memory).
     pub reference: std::sync::atomic::AtomicBool,
+    /// Gradient checkpointing: training passes keep only each decoder layer's input and
+    /// recompute the layer during backward (`gradient_checkpointing: true`).
+    pub checkpointing: bool,
+    /// Where the recomputed layers leave their trainable tensors' gradients; see
+    /// [`Model::backward`].
+    grad_sink: crate::ops::GradSink,
     pub dtype: DType,
     pub device: Device,
 }
@@ -162,6 +170,8 @@ impl Model {
             params,
             lora: BTreeMap::new(),
             reference: std::sync::atomic::AtomicBool::new(false),
+            checkpointing: false,
+            grad_sink: Default::default(),
             dtype,
             device: device.clone(),
         };
@@ -444,9 +454,92 @@ impl Model {
             cache: None,
         };
         for l in 0..self.cfg.num_hidden_layers {
-            x = self.layer(l, x, &mut pass, rng.as_deref_mut())?;
+            x = if self.checkpointing && !self.in_reference() {
+                self.checkpointed_layer(l, x, &pass, rng.as_deref_mut())?
+            } else {
+                self.layer(l, x, &mut pass, rng.as_deref_mut())?
+            };
         }
         rms_norm(&x, self.param("model.norm.weight")?, self.cfg.rms_norm_eps)
+    }
+
+    /// [`Model::layer`] without keeping its activations: the output joins the graph through a
+    /// checkpoint node whose backward runs the layer again from its saved input (with the same
+    /// dropout draws) and hands the layer's trainable gradients to the sink.
+    fn checkpointed_layer(
+        &self,
+        l: usize,
+        x: Tensor,
+        pass: &Pass,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let view = std::sync::Arc::new(self.layer_view(l));
+        let trainable: Vec<Tensor> = view
+            .trainable()
+            .into_iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        let mut fresh = pass.fresh();
+        let Some(anchor) = trainable.first().cloned() else {
+            // Nothing in this layer trains: its graph only carries `x`'s gradient through.
+            return view.layer(l, x, &mut fresh, rng);
+        };
+        let replay = rng.as_deref().cloned();
+        let y0 = view.layer(l, x.detach(), &mut fresh, rng)?.detach();
+        let sink = self.grad_sink.clone();
+        let recompute = move |x: &Tensor, g: &Tensor| -> candle_core::Result<Tensor> {
+            let run = || -> Result<Tensor> {
+                let input = Var::from_tensor(&x.detach())?;
+                let mut rng = replay.clone();
+                let y = view.layer(l, input.as_tensor().clone(), &mut fresh.fresh(), rng.as_mut())?;
+                let store = (y * g)?.sum_all()?.backward()?;
+                for t in &trainable {
+                    if let Some(gt) = store.get(t) {
+                        sink.push(t.clone(), gt.clone());
+                    }
+                }
+                Ok(match store.get(input.as_tensor()) {
+                    Some(dx) => dx.clone(),
+                    None => input.as_tensor().zeros_like()?,
+                })
+            };
+            run().map_err(|e| candle_core::Error::Msg(format!("checkpointed layer {l}: {e}")))
+        };
+        Ok(crate::ops::checkpoint(&x, y0, &anchor, Box::new(recompute))?)
+    }
+
+    /// A model holding only decoder layer `l`'s tensors (shared, not copied).
+    fn layer_view(&self, l: usize) -> Model {
+        let prefix = format!("model.layers.{l}.");
+        Model {
+            cfg: self.cfg.clone(),
+            params: self
+                .params
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            lora: self
+                .lora
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            reference: std::sync::atomic::AtomicBool::new(self.in_reference()),
+            checkpointing: false,
+            grad_sink: Default::default(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        }
+    }
+
+    /// `loss.backward()`, with the gradients of checkpointed layers merged in. Training code
+    /// calls this rather than `backward()` itself.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        self.grad_sink.clear();
+        let mut store = loss.backward()?;
+        self.grad_sink.drain_into(&mut store)?;
+        Ok(store)
     }
 
     /// Next-token logits `(vocab,)` for `new` tokens appended to the sequence in `cache`
@@ -636,6 +729,20 @@ struct Pass<'a> {
     sin: Tensor,
     mask: Tensor,
     cache: Option<&'a mut KvCache>,
+}
+
+impl Pass<'_> {
+    /// The same tables without the KV cache (a training pass never has one).
+    fn fresh(&self) -> Pass<'static> {
+        Pass {
+            batch: self.batch,
+            n: self.n,
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            mask: self.mask.clone(),
+            cache: None,
+        }
+    }
 }
 
 /// Keys and values of the tokens seen so far, per layer (after RoPE), for decoding.

@@ -1,6 +1,7 @@
 //! CustomOps with hand-written backward passes.
 
 mod attach;
+mod checkpoint;
 mod frozen_linear;
 mod log_sigmoid;
 mod rowwise;
@@ -9,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Tensor};
 
+pub use checkpoint::{checkpoint, GradSink, Recompute};
 pub use frozen_linear::frozen_linear;
 pub use log_sigmoid::log_sigmoid;
 pub use rowwise::{log_softmax_gather, masked_softmax, rms_norm, rope, swiglu};

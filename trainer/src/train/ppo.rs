@@ -328,7 +328,7 @@ impl Ppo {
                     }
                     n_mini += 1;
                     losses.push(stats.total);
-                    opt.accumulate(&mut grads, &(loss / minis.len() as f64)?.backward()?)?;
+                    opt.accumulate(&mut grads, &model.backward(&(loss / minis.len() as f64)?)?)?;
                 }
                 if !update_loss.is_finite() {
                     // The caller sees the non-finite loss and stops before this update lands.

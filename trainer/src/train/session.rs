@@ -629,6 +629,7 @@ pub fn run_training(
         }
         resize_vocab(&mut model, tok.len())?;
     }
+    model.checkpointing = args.gradient_checkpointing && !args.disable_gradient_checkpointing;
 
     // Method.
     let mut lora = None;
@@ -944,7 +945,7 @@ pub fn run_training(
                 };
                 tally(&mut window_extra, metrics);
                 step_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                run.opt.accumulate(&mut grads, &loss.backward()?)?;
+                run.opt.accumulate(&mut grads, &run.model.backward(&loss)?)?;
             }
             if !first_step_checked {
                 run.opt.check_gradients(&grads)?;
