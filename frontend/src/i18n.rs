@@ -101,6 +101,11 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("resize_vocab", "Resize token embeddings", "更改词表大小"),
     ("enable_thinking", "Enable thinking", "启用思考模式"),
     (
+        "gradient_checkpointing",
+        "Gradient checkpointing (less memory, slower steps)",
+        "梯度检查点（省内存，步骤变慢）",
+    ),
+    (
         "freeze_group",
         "Freeze tuning configurations",
         "部分参数微调设置",

@@ -44,6 +44,7 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
     ("mask_history", "false"),
     ("resize_vocab", "false"),
     ("enable_thinking", "true"),
+    ("gradient_checkpointing", "false"),
     ("freeze_trainable_layers", "2"),
     ("freeze_trainable_modules", "all"),
     ("freeze_extra_modules", ""),
@@ -408,7 +409,7 @@ pub fn TrainTab() -> impl IntoView {
                 ("constant_with_warmup", ""), ("inverse_sqrt", ""), ("cosine_with_min_lr", ""), ("warmup_stable_decay", ""),
             ]/>
         </div>
-        <Group label="extra_group" form keys=&["logging_steps", "save_steps", "warmup_steps", "neftune_noise_alpha", "packing", "neat_packing", "train_on_prompt", "mask_history", "resize_vocab", "enable_thinking"]>
+        <Group label="extra_group" form keys=&["logging_steps", "save_steps", "warmup_steps", "neftune_noise_alpha", "packing", "neat_packing", "train_on_prompt", "mask_history", "resize_vocab", "enable_thinking", "gradient_checkpointing"]>
             <Field form key="logging_steps" label="logging_steps" kind="number" min="1"/>
             <Field form key="save_steps" label="save_steps" kind="number" min="1"/>
             <Field form key="warmup_steps" label="warmup_steps" kind="number" min="0"/>
@@ -419,6 +420,7 @@ pub fn TrainTab() -> impl IntoView {
             <Check form key="mask_history" label="mask_history"/>
             <Check form key="resize_vocab" label="resize_vocab"/>
             <Check form key="enable_thinking" label="enable_thinking"/>
+            <Check form key="gradient_checkpointing" label="gradient_checkpointing"/>
         </Group>
         <Group label="freeze_group" form keys=&["freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"]>
             <Field form key="freeze_trainable_layers" label="freeze_trainable_layers" kind="number"/>

@@ -85,6 +85,8 @@ pub struct TrainBenchConfig {
     pub batch: usize,
     /// Recompute each layer in backward (`gradient_checkpointing: true`).
     pub checkpointing: bool,
+    pub device: candle_core::Device,
+    pub dtype: candle_core::DType,
 }
 
 pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
@@ -102,6 +104,8 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             seq: 256,
             batch: 4,
             checkpointing: false,
+            device: candle_core::Device::Cpu,
+            dtype: candle_core::DType::F32,
         },
         "smol" => TrainBenchConfig {
             name: "smol",
@@ -116,8 +120,27 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             seq: 256,
             batch: 1,
             checkpointing: false,
+            device: candle_core::Device::Cpu,
+            dtype: candle_core::DType::F32,
         },
-        other => anyhow::bail!("unknown bench config `{other}` (tiny, smol)"),
+        // Qwen2.5-0.5B's shape (without its q/k/v biases), for GPU runs.
+        "0.5b" => TrainBenchConfig {
+            name: "0.5b",
+            vocab: 151936,
+            hidden: 896,
+            intermediate: 4864,
+            layers: 24,
+            heads: 14,
+            kv_heads: 2,
+            tied: true,
+            eps: 1e-6,
+            seq: 512,
+            batch: 4,
+            checkpointing: false,
+            device: candle_core::Device::Cpu,
+            dtype: candle_core::DType::F32,
+        },
+        other => anyhow::bail!("unknown bench config `{other}` (tiny, smol, 0.5b)"),
     })
 }
 
@@ -209,8 +232,11 @@ fn train_steps_for(
         let store = model.backward(&loss)?;
         let grads = opt.grads_of(&store);
         drop(store);
+        // GPU kernels run asynchronously: wait for them so each phase is timed by itself.
+        c.device.synchronize()?;
         let t2 = Instant::now();
         opt.update(&grads, 1e-4)?;
+        c.device.synchronize()?;
         let t3 = Instant::now();
         if step >= 3 {
             timings.push(StepTiming {
@@ -298,6 +324,9 @@ pub fn random_model(c: &TrainBenchConfig, full: bool) -> Result<crate::model::Mo
         )?;
     }
     let mut model = Model::from_weights(cfg, weights, DType::F32, &dev)?;
+    if !c.device.is_cpu() || c.dtype != DType::F32 {
+        model = model.to_device(&c.device, c.dtype)?;
+    }
     if full {
         model.setup_full()?;
     } else {
@@ -351,4 +380,122 @@ pub fn decode_speed(c: &TrainBenchConfig, batch: usize) -> Result<(f64, f64)> {
 /// Peak resident memory of this process so far (`VmHWM`), in bytes.
 pub fn peak_rss() -> Option<u64> {
     crate::sysinfo::proc_kib("/proc/self/status", "VmHWM:").map(|kb| kb * 1024)
+}
+
+/// Training FLOPs per token of a step on this shape: forward and input-gradient GEMMs of every
+/// linear layer and the LM head (2 + 2 per weight), the weight-gradient GEMMs too when `full`
+/// (2 more), and attention's two products per layer (forward, and twice that in backward), at
+/// the full `seq × seq` size that the kernels compute.
+pub fn train_flops_per_token(c: &TrainBenchConfig, full: bool) -> f64 {
+    let hd = c.hidden / c.heads;
+    let per_layer = c.hidden * (c.heads * hd) * 2
+        + c.hidden * (c.kv_heads * hd) * 2
+        + 3 * c.hidden * c.intermediate;
+    let linear = (per_layer * c.layers + c.vocab * c.hidden) as f64;
+    let attention = (c.layers * 2 * 2 * c.seq * c.heads * hd) as f64 * 3.0;
+    linear * if full { 6.0 } else { 4.0 } + attention
+}
+
+/// One dtype's comparison of a device against the CPU on the same weights and batch.
+pub struct DeviceAgreement {
+    pub dtype: candle_core::DType,
+    /// Largest |logit difference| and the largest |logit| on the CPU, for scale.
+    pub logits_max_diff: f64,
+    pub logits_max: f64,
+    pub loss_cpu: f64,
+    pub loss_device: f64,
+    /// Worst relative L2 error over the LoRA gradients.
+    pub grad_rel_err: f64,
+}
+
+/// Logits, loss and LoRA gradients of the `tiny` shape (2 × 64 tokens, B randomised so every
+/// LoRA path matters) on `device` in each of `dtypes`, against the CPU in f32.
+pub fn device_agreement(
+    device: &candle_core::Device,
+    dtypes: &[candle_core::DType],
+) -> Result<Vec<DeviceAgreement>> {
+    use crate::model::{Batch, RowRef};
+    use candle_core::{DType, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    let mut c = train_bench_config("tiny")?;
+    c.seq = 64;
+    let cpu = random_model(&c, false)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    for l in cpu.lora.values() {
+        let shape = l.b.shape().clone();
+        let data: Vec<f32> = (0..shape.elem_count())
+            .map(|_| rng.gen_range(-0.05..0.05))
+            .collect();
+        l.b.set(&Tensor::from_vec(data, shape, &candle_core::Device::Cpu)?)?;
+    }
+    let ids: Vec<Vec<u32>> = (0..2)
+        .map(|_| {
+            (0..c.seq)
+                .map(|_| rng.gen_range(0..c.vocab as u32))
+                .collect()
+        })
+        .collect();
+    let labels: Vec<Vec<i64>> = ids
+        .iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .map(|(i, &x)| if i < 16 { -100 } else { x as i64 })
+                .collect()
+        })
+        .collect();
+    let rows: Vec<RowRef> = ids
+        .iter()
+        .zip(&labels)
+        .map(|(i, l)| (i.as_slice(), l.as_slice(), None))
+        .collect();
+    let batch = Batch::pad(&rows, 0);
+    let measure = |m: &crate::model::Model| -> Result<(Tensor, f64, Vec<Tensor>)> {
+        let logits = m
+            .logits(&batch)?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(DType::F32)?;
+        let (sum, n) = m.loss_sum(&batch, None)?;
+        let loss = (sum / n as f64)?;
+        let grads = m.backward(&loss)?;
+        let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let g = m
+            .trainable()
+            .iter()
+            .map(|(name, v)| {
+                let g = grads
+                    .get(v.as_tensor())
+                    .ok_or_else(|| anyhow::anyhow!("no gradient for {name}"))?;
+                Ok(g.to_device(&candle_core::Device::Cpu)?
+                    .to_dtype(DType::F32)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((logits, lv, g))
+    };
+    let (ref_logits, ref_loss, ref_grads) = measure(&cpu)?;
+    let logits_max = ref_logits.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    let mut out = Vec::new();
+    for &dtype in dtypes {
+        let (logits, loss, grads) = measure(&cpu.to_device(device, dtype)?)?;
+        let diff = (logits - &ref_logits)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()? as f64;
+        let mut worst = 0f64;
+        for (g, r) in grads.iter().zip(&ref_grads) {
+            let num = (g - r)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+            let den = r.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+            worst = worst.max(num / den.max(1e-30));
+        }
+        out.push(DeviceAgreement {
+            dtype,
+            logits_max_diff: diff,
+            logits_max,
+            loss_cpu: ref_loss,
+            loss_device: loss,
+            grad_rel_err: worst,
+        });
+    }
+    Ok(out)
 }

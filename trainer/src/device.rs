@@ -23,3 +23,31 @@ pub fn describe(d: &Device) -> &'static str {
         Device::Metal(_) => "Metal GPU",
     }
 }
+
+/// The compute dtype of a training run on `device`, and a warning when the request cannot be
+/// honoured. GPUs compute in bf16/f16 when `bf16`/`fp16` (or `pure_bf16`) is set, with f32
+/// masters for the trained tensors ([`crate::model::Model::trainable_dtype`]); the CPU always
+/// trains in f32: candle's CPU matmul has no bf16 kernel and its f16 one is slower than f32.
+pub fn train_dtype(
+    args: &protocol::TrainArgs,
+    device: &Device,
+) -> (candle_core::DType, Option<String>) {
+    use candle_core::DType;
+    let wanted = if args.bf16 || args.pure_bf16 {
+        Some((DType::BF16, "bf16"))
+    } else if args.fp16 {
+        Some((DType::F16, "fp16"))
+    } else {
+        None
+    };
+    match (wanted, device.is_cpu()) {
+        (Some((_, name)), true) => (
+            DType::F32,
+            Some(format!(
+                "`{name}: true` has no effect on the CPU: training computes in f32"
+            )),
+        ),
+        (Some((dtype, _)), false) => (dtype, None),
+        (None, _) => (DType::F32, None),
+    }
+}

@@ -338,7 +338,11 @@ fn gradient_checkpointing_gives_the_same_gradients() {
                     .unwrap()
             };
             let (a, c) = (flat(&plain), flat(&ckpt));
-            let err = a.iter().zip(&c).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+            let err = a
+                .iter()
+                .zip(&c)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
             let scale = a.iter().map(|x| x.abs()).fold(0.0, f64::max);
             assert!(
                 err <= 1e-12 * scale.max(1e-12),
@@ -346,4 +350,81 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             );
         }
     }
+}
+
+/// A half-precision model keeps its trainable tensors in f32 (LoRA matrices, and the weights
+/// of full tuning): each gets an f32 gradient through the cast, the loss is computed in f32 and
+/// stays close to the f32 model's, and an optimizer step moves the masters.
+#[test]
+fn half_precision_models_train_f32_masters() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/qwen2");
+    let b = batch();
+    let reference = {
+        let m = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        scalar_f32(&mean_loss(&m, &b))
+    };
+    for full in [false, true] {
+        let mut m = Model::load(&dir, DType::F16, &Device::Cpu).unwrap();
+        if full {
+            m.setup_full().unwrap();
+        } else {
+            m.add_lora(
+                &LoraSpec::from_args(&TrainArgs {
+                    lora_rank: 4,
+                    lora_target: "all".into(),
+                    ..TrainArgs::default()
+                }),
+                1,
+            )
+            .unwrap();
+        }
+        let loss = mean_loss(&m, &b);
+        assert_eq!(loss.dtype(), DType::F32);
+        let l = scalar_f32(&loss);
+        assert!(
+            (l - reference).abs() < 2e-3 * reference.abs(),
+            "full={full}: f16 loss {l} vs f32 {reference}"
+        );
+        let grads = m.backward(&loss).unwrap();
+        let trainable = m.trainable();
+        for (name, var) in &trainable {
+            assert_eq!(var.dtype(), DType::F32, "{name}");
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("full={full}: no gradient for {name}"));
+            assert_eq!(g.dtype(), DType::F32, "{name}");
+        }
+        let (name, var) = trainable
+            .iter()
+            .find(|(n, _)| {
+                n.ends_with(if full {
+                    "down_proj.weight"
+                } else {
+                    "lora_B.weight"
+                })
+            })
+            .unwrap();
+        let before = var.as_tensor().to_vec2::<f32>().unwrap();
+        let mut opt = trainer::train::optim::AdamW::new(
+            vec![trainer::train::optim::ParamGroup {
+                name: name.clone(),
+                var: var.clone(),
+                weight_decay: 0.0,
+                lr_scale: 1.0,
+            }],
+            0.9,
+            0.999,
+            1e-8,
+        )
+        .unwrap();
+        opt.update(&opt.grads_of(&grads), 1e-3).unwrap();
+        assert!(
+            before != var.as_tensor().to_vec2::<f32>().unwrap(),
+            "full={full}: {name} did not move"
+        );
+    }
+}
+
+fn scalar_f32(t: &Tensor) -> f64 {
+    t.to_scalar::<f32>().unwrap() as f64
 }

@@ -68,10 +68,40 @@ pub enum BenchCommand {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// The compute device (a GPU when built with `--features cuda` or `metal`): logits, loss
+    /// and LoRA gradients against the CPU on the same weights, then LoRA training step time,
+    /// tokens/s and MFU, and decode tokens/s, for one shape (default: a 0.5B-class model).
+    Device {
+        #[arg(long, default_value = "0.5b")]
+        config: String,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Sequences per step (default: the shape's).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Tokens per sequence (default: the shape's).
+        #[arg(long)]
+        seq: Option<usize>,
+        /// Compute dtype for the timed run: bf16, fp16 or fp32.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// The device's dense peak in TFLOPS at that dtype, for MFU (default: an H100/H200
+        /// SXM's bf16 989; its fp32 is 67).
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
+    },
 }
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
     match cmd {
+        BenchCommand::Device {
+            config,
+            steps,
+            batch,
+            seq,
+            dtype,
+            peak_tflops,
+        } => device(&config, steps, batch, seq, &dtype, peak_tflops),
         BenchCommand::Server { subscribers, steps } => super::bench_server::run(subscribers, steps),
         BenchCommand::Decode {
             config,
@@ -296,4 +326,68 @@ fn run_torch(
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
     Ok((step, tps, usage.ru_maxrss as u64 * 1024))
+}
+
+fn device(
+    config: &str,
+    steps: usize,
+    batch: Option<usize>,
+    seq: Option<usize>,
+    dtype: &str,
+    peak_tflops: f64,
+) -> Result<ExitCode> {
+    use candle_core::DType;
+    let dev = trainer::device::default_device();
+    let dtype = match dtype {
+        "bf16" => DType::BF16,
+        "fp16" => DType::F16,
+        "fp32" => DType::F32,
+        other => anyhow::bail!("--dtype {other}: expected bf16, fp16 or fp32"),
+    };
+    println!("device: {}", trainer::device::describe(&dev));
+    // candle's CPU matmul has f16 but no bf16 kernel.
+    let half = if dev.is_cpu() {
+        DType::F16
+    } else {
+        DType::BF16
+    };
+    println!("\n| dtype | max |Δ logit| | max |logit| (CPU f32) | loss CPU | loss device | worst LoRA grad rel. error |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for a in trainer::bench::device_agreement(&dev, &[DType::F32, half])? {
+        println!(
+            "| {:?} | {:.2e} | {:.3} | {:.5} | {:.5} | {:.2e} |",
+            a.dtype, a.logits_max_diff, a.logits_max, a.loss_cpu, a.loss_device, a.grad_rel_err
+        );
+    }
+    let mut c = trainer::bench::train_bench_config(config)?;
+    c.device = dev.clone();
+    c.dtype = dtype;
+    if let Some(b) = batch {
+        c.batch = b;
+    }
+    if let Some(s) = seq {
+        anyhow::ensure!(s > 32, "--seq must exceed the 32 masked prompt tokens");
+        c.seq = s;
+    }
+    let (t, tokens) = trainer::bench::train_steps(&c, false, steps)?;
+    let tps = tokens as f64 / t.total;
+    let mfu = tps * trainer::bench::train_flops_per_token(&c, false) / (peak_tflops * 1e12);
+    println!("\n| config | dtype | batch × seq | step (s) | fwd | bwd | opt | tokens/s | MFU (peak {peak_tflops} TFLOPS) |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {} LoRA r8 | {:?} | {} × {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} % |",
+        c.name,
+        dtype,
+        c.batch,
+        c.seq,
+        t.total,
+        t.forward,
+        t.backward,
+        t.optimizer,
+        tps,
+        mfu * 100.0
+    );
+    let (single, batched) = trainer::bench::decode_speed(&c, 8)?;
+    println!("\ndecode (greedy, KV cache, 32-token prompt, 64 new): {single:.1} tokens/s at batch 1, {batched:.1} at batch 8");
+    Ok(ExitCode::SUCCESS)
 }

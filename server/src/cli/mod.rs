@@ -100,7 +100,10 @@ pub fn run() -> Result<ExitCode> {
 fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     // candle's backward walks the graph recursively: a deep model needs more than the 2 MiB
     // that threads get by default (the main thread has 8 MiB).
-    match rayon::ThreadPoolBuilder::new().stack_size(256 << 20).build() {
+    match rayon::ThreadPoolBuilder::new()
+        .stack_size(256 << 20)
+        .build()
+    {
         Ok(pool) => pool.install(f),
         Err(_) => f(),
     }

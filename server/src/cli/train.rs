@@ -30,7 +30,10 @@ pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
         Some(Events::Json) => Box::new(JsonReporter),
         None => Box::new(BarReporter::new()),
     };
-    let opts = TrainOptions::default();
+    let mut opts = TrainOptions {
+        device: trainer::device::default_device(),
+        ..TrainOptions::default()
+    };
     let stop = opts.stop.clone();
     // First signal: finish the step, save, exit cleanly. A second one, a moment later, exits at
     // once. Repeats within a second are one event: when the server dies, the kernel re-sends the
@@ -43,7 +46,10 @@ pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
         }
     })?;
     let result =
-        trainer::config::load_args(&cmd.config, &cmd.overrides).and_then(|(args, warnings)| {
+        trainer::config::load_args(&cmd.config, &cmd.overrides).and_then(|(args, mut warnings)| {
+            let (dtype, warning) = trainer::device::train_dtype(&args, &opts.device);
+            opts.dtype = dtype;
+            warnings.extend(warning);
             for w in warnings {
                 reporter.event(&WorkerEvent::Log {
                     level: "warning".into(),

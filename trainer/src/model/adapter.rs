@@ -197,10 +197,13 @@ impl Model {
             let a: Vec<f64> = (0..spec.rank * in_f)
                 .map(|_| rng.gen_range(-bound..bound))
                 .collect();
-            let a = Tensor::from_vec(a, (spec.rank, in_f), &self.device)?.to_dtype(self.dtype)?;
-            let b = Tensor::zeros((out_f, spec.rank), self.dtype, &self.device)?;
+            let dtype = self.trainable_dtype();
+            let a = Tensor::from_vec(a, (spec.rank, in_f), &self.device)?.to_dtype(dtype)?;
+            let b = Tensor::zeros((out_f, spec.rank), dtype, &self.device)?;
             let magnitude = if spec.use_dora {
-                Some(Var::from_tensor(&w.sqr()?.sum(1)?.sqrt()?)?)
+                Some(Var::from_tensor(
+                    &w.to_dtype(dtype)?.sqr()?.sum(1)?.sqrt()?,
+                )?)
             } else {
                 None
             };
@@ -221,6 +224,7 @@ impl Model {
     /// Marks parameters whose dotted name contains any of `patterns` trainable.
     fn make_trainable(&mut self, patterns: &[String], dotted: bool) -> Result<usize> {
         let mut n = 0;
+        let dtype = self.trainable_dtype();
         for (name, p) in self.params.iter_mut() {
             let hay = if dotted {
                 format!(".{name}")
@@ -228,7 +232,7 @@ impl Model {
                 name.clone()
             };
             if p.var.is_none() && patterns.iter().any(|pat| hay.contains(pat.as_str())) {
-                p.var = Some(Var::from_tensor(&p.tensor)?);
+                p.var = Some(Var::from_tensor(&p.tensor.to_dtype(dtype)?)?);
                 n += 1;
             }
         }
@@ -338,6 +342,7 @@ impl Model {
         let adapter = self.read_adapter(dir)?;
         self.lora.extend(adapter.layers);
         // modules_to_save: full copies of base tensors.
+        let dtype = self.trainable_dtype();
         for (name, t) in adapter.full_weights {
             let p = self.params.get_mut(&name).ok_or_else(|| {
                 anyhow!(
@@ -347,7 +352,7 @@ impl Model {
             })?;
             p.tensor = t;
             p.var = if trainable {
-                Some(Var::from_tensor(&p.tensor)?)
+                Some(Var::from_tensor(&p.tensor.to_dtype(dtype)?)?)
             } else {
                 None
             };
@@ -378,7 +383,7 @@ impl Model {
             Ok(tensors
                 .get(k)
                 .ok_or_else(|| anyhow!("{}: tensor `{k}` missing", file.display()))?
-                .to_dtype(self.dtype)?)
+                .to_dtype(self.trainable_dtype())?)
         };
         let mut layers = BTreeMap::new();
         for module in self.target_modules(&spec.targets)? {
@@ -391,7 +396,7 @@ impl Model {
                     .or_else(|| tensors.get(&format!("{key}.weight")));
                 Some(Var::from_tensor(
                     &t.ok_or_else(|| anyhow!("{}: `{key}` missing", file.display()))?
-                        .to_dtype(self.dtype)?,
+                        .to_dtype(self.trainable_dtype())?,
                 )?)
             } else {
                 None
@@ -418,13 +423,16 @@ impl Model {
         let layers = std::mem::take(&mut self.lora);
         for (module, l) in layers {
             let key = format!("{module}.weight");
-            let w = self.param(&key)?.detach();
+            // In the trainable dtype (f32 for half models): the product is rounded once, at the end.
+            let dtype = l.a.dtype();
+            let w = self.param(&key)?.detach().to_dtype(dtype)?;
             let mut merged = (&w + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?)?;
             if let Some(m) = &l.magnitude {
                 let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?;
                 merged =
                     merged.broadcast_mul(&m.as_tensor().unsqueeze(1)?.broadcast_div(&norm)?)?;
             }
+            let merged = merged.to_dtype(self.dtype)?;
             let p = self
                 .params
                 .get_mut(&key)

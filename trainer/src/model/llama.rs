@@ -136,8 +136,21 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if crate::ops::fused_for(x) {
         return Ok(crate::ops::rms_norm(x, w, eps)?);
     }
-    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+    in_f32(x, |x| {
+        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_mul(&inv)?)
+    })?
+    .broadcast_mul(w)
+    .map_err(Into::into)
+}
+
+/// `f(x)` computed in f32 when `x` is bf16/f16, as Hugging Face does for norms, attention
+/// probabilities and the loss: their sums lose too much in an 8- or 11-bit mantissa.
+fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => Ok(f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?),
+        _ => f(x),
+    }
 }
 
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
@@ -233,19 +246,41 @@ impl Model {
         self.reference.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The weight to compute with and whether it trains (never in reference mode).
-    fn weight<'a>(&self, p: &'a Param) -> (&'a Tensor, bool) {
-        match &p.var {
-            Some(v) if !self.in_reference() => (v.as_tensor(), true),
-            _ => (&p.tensor, false),
+    /// The weight to compute with and whether it trains (never in reference mode). A trained
+    /// weight of a half-precision model is kept in f32 (see [`Model::trainable_dtype`]) and
+    /// enters the computation cast, so the cast's backward hands the f32 master its gradient.
+    fn weight(&self, p: &Param) -> Result<(Tensor, bool)> {
+        Ok(match &p.var {
+            Some(v) if !self.in_reference() => (self.compute(v.as_tensor())?, true),
+            _ => (p.tensor.clone(), false),
+        })
+    }
+
+    /// `t` in the compute dtype (a no-op unless `t` is an f32 master of a half model).
+    fn compute(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(if t.dtype() == self.dtype {
+            t.clone()
+        } else {
+            t.to_dtype(self.dtype)?
+        })
+    }
+
+    /// The dtype trainable tensors are kept in: f32 when the model computes in bf16/f16
+    /// (updates of 1e-4 relative vanish in bf16's 8-bit mantissa), else the model's own.
+    /// Log-probabilities and losses use it too.
+    pub fn trainable_dtype(&self) -> DType {
+        match self.dtype {
+            DType::BF16 | DType::F16 => DType::F32,
+            d => d,
         }
     }
 
-    pub fn param(&self, name: &str) -> Result<&Tensor> {
-        self.params
+    pub fn param(&self, name: &str) -> Result<Tensor> {
+        let p = self
+            .params
             .get(name)
-            .map(|p| self.weight(p).0)
-            .ok_or_else(|| anyhow!("missing weight `{name}`"))
+            .ok_or_else(|| anyhow!("missing weight `{name}`"))?;
+        Ok(self.weight(p)?.0)
     }
 
     fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
@@ -258,9 +293,9 @@ impl Model {
             .params
             .get(name)
             .ok_or_else(|| anyhow!("missing weight `{name}`"))?;
-        Ok(match self.weight(p) {
+        Ok(match self.weight(p)? {
             (w, true) => h.matmul(&w.t()?)?,
-            (w, false) => crate::ops::frozen_linear(h, w)?,
+            (w, false) => crate::ops::frozen_linear(h, &w)?,
         })
     }
 
@@ -270,11 +305,11 @@ impl Model {
             .params
             .get(&format!("{module}.weight"))
             .ok_or_else(|| anyhow!("missing weight `{module}.weight`"))?;
-        let (w, trainable) = self.weight(p);
+        let (w, trainable) = self.weight(p)?;
         let mut y = if trainable {
             x.matmul(&w.t()?)?
         } else {
-            crate::ops::frozen_linear(x, w)?
+            crate::ops::frozen_linear(x, &w)?
         };
         if let Some(lora) = self.lora.get(module).filter(|_| !self.in_reference()) {
             let xd = match rng {
@@ -282,27 +317,28 @@ impl Model {
                 _ => x.clone(),
             };
             // The scale goes on B (out × r), not on the (tokens × out) product: one pass fewer.
-            let delta = xd
-                .matmul(&lora.a.as_tensor().t()?)?
-                .matmul(&(lora.b.as_tensor() * lora.scale)?.t()?)?;
+            let (a, b) = (
+                self.compute(lora.a.as_tensor())?,
+                self.compute(lora.b.as_tensor())?,
+            );
+            let delta = xd.matmul(&a.t()?)?.matmul(&(&b * lora.scale)?.t()?)?;
             y = match &lora.magnitude {
                 None => (y + delta)?,
                 Some(m) => {
                     // DoRA: (W + sBA) rescaled row-wise to the learned magnitude; the norm is
                     // detached as in PEFT.
-                    let merged =
-                        (w + (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scale)?)?;
+                    let merged = (&w + (b.matmul(&a)? * lora.scale)?)?;
                     let mut norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?;
                     if lora.detach_norm {
                         norm = norm.detach();
                     }
-                    let factor = m.as_tensor().broadcast_div(&norm)?;
+                    let factor = self.compute(m.as_tensor())?.broadcast_div(&norm)?;
                     (y + delta)?.broadcast_mul(&factor)?
                 }
             };
         }
         if let Some(b) = self.params.get(&format!("{module}.bias")) {
-            y = y.broadcast_add(self.weight(b).0)?;
+            y = y.broadcast_add(&self.weight(b)?.0)?;
         }
         Ok(y)
     }
@@ -362,7 +398,7 @@ impl Model {
         let p = format!("model.layers.{l}");
         let h = rms_norm(
             &x,
-            self.param(&format!("{p}.input_layernorm.weight"))?,
+            &self.param(&format!("{p}.input_layernorm.weight"))?,
             c.rms_norm_eps,
         )?;
         let heads = |name: &str, count: usize, rng: Option<&mut ChaCha8Rng>| -> Result<Tensor> {
@@ -372,7 +408,7 @@ impl Model {
             let y = if c.qk_norm && name != "v" {
                 rms_norm(
                     &y,
-                    self.param(&format!("{p}.self_attn.{name}_norm.weight"))?,
+                    &self.param(&format!("{p}.self_attn.{name}_norm.weight"))?,
                     c.rms_norm_eps,
                 )?
             } else {
@@ -413,7 +449,7 @@ impl Model {
         let probs = if crate::ops::fused_for(&scores) {
             crate::ops::masked_softmax(&scores, &pass.mask, scale)?
         } else {
-            softmax(&(scores * scale)?.broadcast_add(&pass.mask)?)?
+            in_f32(&(scores * scale)?.broadcast_add(&pass.mask)?, softmax)?
         };
         let attn = probs
             .reshape((bs, nkv, rep * n, total))?
@@ -424,7 +460,7 @@ impl Model {
         let x = (x + self.linear(&format!("{p}.self_attn.o_proj"), &attn, rng.as_deref_mut())?)?;
         let h = rms_norm(
             &x,
-            self.param(&format!("{p}.post_attention_layernorm.weight"))?,
+            &self.param(&format!("{p}.post_attention_layernorm.weight"))?,
             c.rms_norm_eps,
         )?;
         let gate = self.linear(&format!("{p}.mlp.gate_proj"), &h, rng.as_deref_mut())?;
@@ -460,7 +496,7 @@ impl Model {
                 self.layer(l, x, &mut pass, rng.as_deref_mut())?
             };
         }
-        rms_norm(&x, self.param("model.norm.weight")?, self.cfg.rms_norm_eps)
+        rms_norm(&x, &self.param("model.norm.weight")?, self.cfg.rms_norm_eps)
     }
 
     /// [`Model::layer`] without keeping its activations: the output joins the graph through a
@@ -491,7 +527,12 @@ impl Model {
             let run = || -> Result<Tensor> {
                 let input = Var::from_tensor(&x.detach())?;
                 let mut rng = replay.clone();
-                let y = view.layer(l, input.as_tensor().clone(), &mut fresh.fresh(), rng.as_mut())?;
+                let y = view.layer(
+                    l,
+                    input.as_tensor().clone(),
+                    &mut fresh.fresh(),
+                    rng.as_mut(),
+                )?;
                 let store = (y * g)?.sum_all()?.backward()?;
                 for t in &trainable {
                     if let Some(gt) = store.get(t) {
@@ -505,7 +546,12 @@ impl Model {
             };
             run().map_err(|e| candle_core::Error::Msg(format!("checkpointed layer {l}: {e}")))
         };
-        Ok(crate::ops::checkpoint(&x, y0, &anchor, Box::new(recompute))?)
+        Ok(crate::ops::checkpoint(
+            &x,
+            y0,
+            &anchor,
+            Box::new(recompute),
+        )?)
     }
 
     /// A model holding only decoder layer `l`'s tensors (shared, not copied).
@@ -531,6 +577,38 @@ impl Model {
             dtype: self.dtype,
             device: self.device.clone(),
         }
+    }
+
+    /// This model on `device`, computing in `dtype`; what trains keeps training (in
+    /// [`Model::trainable_dtype`]). Used to compare devices on the same weights.
+    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<Model> {
+        let mut weights = std::collections::HashMap::new();
+        for (name, p) in &self.params {
+            weights.insert(name.clone(), p.t().to_device(device)?.to_dtype(dtype)?);
+        }
+        let mut m = Model::from_weights(self.cfg.clone(), weights, dtype, device)?;
+        let master = m.trainable_dtype();
+        let moved = |v: &Var| -> Result<Var> {
+            Ok(Var::from_tensor(
+                &v.as_tensor().to_device(device)?.to_dtype(master)?,
+            )?)
+        };
+        for (name, p) in &self.params {
+            if let Some(v) = &p.var {
+                m.params.get_mut(name).expect("same names").var = Some(moved(v)?);
+            }
+        }
+        for (name, l) in &self.lora {
+            let layer = LoraLayer {
+                a: moved(&l.a)?,
+                b: moved(&l.b)?,
+                magnitude: l.magnitude.as_ref().map(moved).transpose()?,
+                ..l.clone()
+            };
+            m.lora.insert(name.clone(), layer);
+        }
+        m.checkpointing = self.checkpointing;
+        Ok(m)
     }
 
     /// `loss.backward()`, with the gradients of checkpointed layers merged in. Training code
@@ -597,7 +675,7 @@ impl Model {
         let last = x.reshape((batch, n, ()))?.narrow(1, n - 1, 1)?.squeeze(1)?;
         let h = rms_norm(
             &last,
-            self.param("model.norm.weight")?,
+            &self.param("model.norm.weight")?,
             self.cfg.rms_norm_eps,
         )?;
         self.lm_head(&h)
@@ -654,7 +732,7 @@ impl Model {
     ) -> Result<(Tensor, Vec<usize>)> {
         let Some(t) = self.target_logits(b, rng)? else {
             return Ok((
-                Tensor::zeros(b.batch, self.dtype, &self.device)?,
+                Tensor::zeros(b.batch, self.trainable_dtype(), &self.device)?,
                 vec![0; b.batch],
             ));
         };
@@ -666,8 +744,10 @@ impl Model {
             counts[seq] += 1;
             member[seq * n + k] = 1.0;
         }
-        let member = Tensor::from_vec(member, (b.batch, n), &self.device)?.to_dtype(self.dtype)?;
-        Ok((member.matmul(&t.token_logps()?)?.squeeze(1)?, counts))
+        let logps = t.token_logps()?;
+        let member =
+            Tensor::from_vec(member, (b.batch, n), &self.device)?.to_dtype(logps.dtype())?;
+        Ok((member.matmul(&logps)?.squeeze(1)?, counts))
     }
 
     /// Runs `f` on the reference model: the base weights as loaded, LoRA off.
@@ -691,7 +771,7 @@ impl Model {
     /// predicts label t+1), and the number of such tokens.
     pub fn loss_sum(&self, b: &Batch, rng: Option<&mut ChaCha8Rng>) -> Result<(Tensor, usize)> {
         let Some(t) = self.target_logits(b, rng)? else {
-            return Ok((Tensor::zeros((), self.dtype, &self.device)?, 0));
+            return Ok((Tensor::zeros((), self.trainable_dtype(), &self.device)?, 0));
         };
         Ok((t.token_logps()?.sum_all()?.neg()?, t.targets.len()))
     }
@@ -716,7 +796,12 @@ impl TargetLogits {
             )?);
         }
         let tgt = Tensor::from_slice(&self.targets, (n, 1), self.logits.device())?;
-        Ok(log_softmax(&self.logits)?.gather(&tgt, 1)?)
+        // Half-precision models get f32 log-probabilities (and so an f32 loss).
+        let logits = match self.logits.dtype() {
+            DType::BF16 | DType::F16 => self.logits.to_dtype(DType::F32)?,
+            _ => self.logits.clone(),
+        };
+        Ok(log_softmax(&logits)?.gather(&tgt, 1)?)
     }
 }
 

@@ -121,9 +121,5 @@ impl CustomOp3 for Checkpoint {
 /// of the block's other trainable tensors, goes through the sink, not through this node.
 pub fn checkpoint(x: &Tensor, y0: Tensor, anchor: &Tensor, recompute: Recompute) -> Result<Tensor> {
     let y0 = y0.contiguous()?;
-    x.apply_op3_arc(
-        &y0,
-        anchor,
-        Arc::new(Box::new(Checkpoint { recompute })),
-    )
+    x.apply_op3_arc(&y0, anchor, Arc::new(Box::new(Checkpoint { recompute })))
 }

@@ -945,7 +945,8 @@ pub fn run_training(
                 };
                 tally(&mut window_extra, metrics);
                 step_loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                run.opt.accumulate(&mut grads, &run.model.backward(&loss)?)?;
+                run.opt
+                    .accumulate(&mut grads, &run.model.backward(&loss)?)?;
             }
             if !first_step_checked {
                 run.opt.check_gradients(&grads)?;
@@ -1228,7 +1229,7 @@ fn restore(run: &mut Run, ckpt: &Path) -> Result<usize> {
         let t = tensors
             .get(&key)
             .ok_or_else(|| anyhow!("{}: `{key}` missing in checkpoint", ckpt.display()))?;
-        p.var.set(&t.to_dtype(run.opts.dtype)?)?;
+        p.var.set(&t.to_dtype(p.var.dtype())?)?;
     }
     let opt_file = ckpt.join("optimizer.safetensors");
     if opt_file.exists() {
