@@ -170,9 +170,8 @@ fn train_steps_for(
     steps: usize,
     dpo: bool,
 ) -> Result<(StepTiming, usize)> {
-    use crate::model::{Batch, RowRef};
     use crate::train::optim::{decays, AdamW, ParamGroup};
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut model = random_model(c, full)?;
@@ -189,28 +188,7 @@ fn train_steps_for(
         .collect();
     let mut opt = AdamW::new(groups, 0.9, 0.999, 1e-8)?;
     let rows_n = if dpo { 2 * c.batch } else { c.batch };
-    let ids: Vec<Vec<u32>> = (0..rows_n)
-        .map(|_| {
-            (0..c.seq)
-                .map(|_| rng.gen_range(0..c.vocab as u32))
-                .collect()
-        })
-        .collect();
-    let labels: Vec<Vec<i64>> = ids
-        .iter()
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .map(|(i, &x)| if i < 32 { -100 } else { x as i64 })
-                .collect()
-        })
-        .collect();
-    let rows: Vec<RowRef> = ids
-        .iter()
-        .zip(&labels)
-        .map(|(i, l)| (i.as_slice(), l.as_slice(), None))
-        .collect();
-    let batch = Batch::pad(&rows, 0);
+    let batch = random_batch(&mut rng, rows_n, c.seq, c.vocab, 32);
     let mut timings = Vec::new();
     for step in 0..3 + steps {
         let t0 = Instant::now();
@@ -414,7 +392,6 @@ pub fn device_agreement(
     device: &candle_core::Device,
     dtypes: &[candle_core::DType],
 ) -> Result<Vec<DeviceAgreement>> {
-    use crate::model::{Batch, RowRef};
     use candle_core::{DType, Tensor};
     use rand::{Rng, SeedableRng};
 
@@ -429,28 +406,7 @@ pub fn device_agreement(
             .collect();
         l.b.set(&Tensor::from_vec(data, shape, &candle_core::Device::Cpu)?)?;
     }
-    let ids: Vec<Vec<u32>> = (0..2)
-        .map(|_| {
-            (0..c.seq)
-                .map(|_| rng.gen_range(0..c.vocab as u32))
-                .collect()
-        })
-        .collect();
-    let labels: Vec<Vec<i64>> = ids
-        .iter()
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .map(|(i, &x)| if i < 16 { -100 } else { x as i64 })
-                .collect()
-        })
-        .collect();
-    let rows: Vec<RowRef> = ids
-        .iter()
-        .zip(&labels)
-        .map(|(i, l)| (i.as_slice(), l.as_slice(), None))
-        .collect();
-    let batch = Batch::pad(&rows, 0);
+    let batch = random_batch(&mut rng, 2, c.seq, c.vocab, 16);
     let measure = |m: &crate::model::Model| -> Result<(Tensor, f64, Vec<Tensor>)> {
         let logits = m
             .logits(&batch)?
@@ -498,4 +454,33 @@ pub fn device_agreement(
         });
     }
     Ok(out)
+}
+
+/// `rows` sequences of random tokens, each one's first `masked` labels ignored (the prompt).
+fn random_batch(
+    rng: &mut rand_chacha::ChaCha8Rng,
+    rows: usize,
+    seq: usize,
+    vocab: usize,
+    masked: usize,
+) -> crate::model::Batch {
+    use rand::Rng;
+    let ids: Vec<Vec<u32>> = (0..rows)
+        .map(|_| (0..seq).map(|_| rng.gen_range(0..vocab as u32)).collect())
+        .collect();
+    let labels: Vec<Vec<i64>> = ids
+        .iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .map(|(i, &x)| if i < masked { -100 } else { x as i64 })
+                .collect()
+        })
+        .collect();
+    let refs: Vec<crate::model::RowRef> = ids
+        .iter()
+        .zip(&labels)
+        .map(|(i, l)| (i.as_slice(), l.as_slice(), None))
+        .collect();
+    crate::model::Batch::pad(&refs, 0)
 }

@@ -24,10 +24,7 @@ impl CustomOp2 for Attach {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if !l2.is_contiguous() || l2.start_offset() != 0 {
-            candle_core::bail!("{}: precomputed result must be contiguous", self.name);
-        }
-        Ok((s2.clone(), l2.shape().clone()))
+        precomputed(self.name, s2, l2)
     }
 
     fn bwd(
@@ -39,6 +36,14 @@ impl CustomOp2 for Attach {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some((self.input_grad)(x, grad)?), None))
     }
+}
+
+/// The forward of ops whose result was computed before the op: a copy of that result.
+pub(super) fn precomputed(op: &str, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("{op}: precomputed result must be contiguous");
+    }
+    Ok((s.clone(), l.shape().clone()))
 }
 
 /// `y0` (computed from `x` outside the graph) as a differentiable function of `x` whose

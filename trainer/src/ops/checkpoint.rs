@@ -63,10 +63,7 @@ impl CustomOp3 for Checkpoint {
         _s3: &CpuStorage,
         _l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if !l2.is_contiguous() || l2.start_offset() != 0 {
-            candle_core::bail!("checkpoint: the block output must be contiguous");
-        }
-        Ok((s2.clone(), l2.shape().clone()))
+        super::attach::precomputed(self.name(), s2, l2)
     }
 
     #[cfg(feature = "cuda")]
