@@ -89,6 +89,15 @@ pub struct TrainBenchConfig {
     pub dtype: candle_core::DType,
 }
 
+impl TrainBenchConfig {
+    /// Another sequence length; the first 32 tokens of each row are the masked prompt.
+    pub fn set_seq(&mut self, seq: usize) -> Result<()> {
+        anyhow::ensure!(seq > 32, "--seq must exceed the 32 masked prompt tokens");
+        self.seq = seq;
+        Ok(())
+    }
+}
+
 pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
     Ok(match name {
         "tiny" => TrainBenchConfig {

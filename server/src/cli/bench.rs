@@ -161,8 +161,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             let mut c = trainer::bench::train_bench_config(&config)?;
             c.checkpointing = gradient_checkpointing;
             if let Some(seq) = seq {
-                anyhow::ensure!(seq > 32, "--seq must exceed the 32 masked prompt tokens");
-                c.seq = seq;
+                c.set_seq(seq)?;
             }
             let threads = std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -366,8 +365,7 @@ fn device(
         c.batch = b;
     }
     if let Some(s) = seq {
-        anyhow::ensure!(s > 32, "--seq must exceed the 32 masked prompt tokens");
-        c.seq = s;
+        c.set_seq(s)?;
     }
     let (t, tokens) = trainer::bench::train_steps(&c, false, steps)?;
     let tps = tokens as f64 / t.total;

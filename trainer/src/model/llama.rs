@@ -144,13 +144,19 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     .map_err(Into::into)
 }
 
-/// `f(x)` computed in f32 when `x` is bf16/f16, as Hugging Face does for norms, attention
-/// probabilities and the loss: their sums lose too much in an 8- or 11-bit mantissa.
-fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    match x.dtype() {
-        DType::BF16 | DType::F16 => Ok(f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?),
-        _ => f(x),
+/// f32 for bf16/f16, else `d` itself: where a half-precision model keeps what must not lose
+/// precision (trained tensors and their updates, norms, attention probabilities, the loss).
+fn f32_if_half(d: DType) -> DType {
+    match d {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
     }
+}
+
+/// `f(x)` computed in f32 when `x` is bf16/f16, as Hugging Face does for norms and attention
+/// probabilities: their sums lose too much in an 8- or 11-bit mantissa.
+fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    Ok(f(&x.to_dtype(f32_if_half(x.dtype()))?)?.to_dtype(x.dtype())?)
 }
 
 fn rotate_half(x: &Tensor) -> Result<Tensor> {
@@ -251,17 +257,8 @@ impl Model {
     /// enters the computation cast, so the cast's backward hands the f32 master its gradient.
     fn weight(&self, p: &Param) -> Result<(Tensor, bool)> {
         Ok(match &p.var {
-            Some(v) if !self.in_reference() => (self.compute(v.as_tensor())?, true),
+            Some(v) if !self.in_reference() => (v.as_tensor().to_dtype(self.dtype)?, true),
             _ => (p.tensor.clone(), false),
-        })
-    }
-
-    /// `t` in the compute dtype (a no-op unless `t` is an f32 master of a half model).
-    fn compute(&self, t: &Tensor) -> Result<Tensor> {
-        Ok(if t.dtype() == self.dtype {
-            t.clone()
-        } else {
-            t.to_dtype(self.dtype)?
         })
     }
 
@@ -269,10 +266,7 @@ impl Model {
     /// (updates of 1e-4 relative vanish in bf16's 8-bit mantissa), else the model's own.
     /// Log-probabilities and losses use it too.
     pub fn trainable_dtype(&self) -> DType {
-        match self.dtype {
-            DType::BF16 | DType::F16 => DType::F32,
-            d => d,
-        }
+        f32_if_half(self.dtype)
     }
 
     pub fn param(&self, name: &str) -> Result<Tensor> {
@@ -318,8 +312,8 @@ impl Model {
             };
             // The scale goes on B (out × r), not on the (tokens × out) product: one pass fewer.
             let (a, b) = (
-                self.compute(lora.a.as_tensor())?,
-                self.compute(lora.b.as_tensor())?,
+                lora.a.as_tensor().to_dtype(self.dtype)?,
+                lora.b.as_tensor().to_dtype(self.dtype)?,
             );
             let delta = xd.matmul(&a.t()?)?.matmul(&(&b * lora.scale)?.t()?)?;
             y = match &lora.magnitude {
@@ -332,7 +326,7 @@ impl Model {
                     if lora.detach_norm {
                         norm = norm.detach();
                     }
-                    let factor = self.compute(m.as_tensor())?.broadcast_div(&norm)?;
+                    let factor = m.as_tensor().to_dtype(self.dtype)?.broadcast_div(&norm)?;
                     (y + delta)?.broadcast_mul(&factor)?
                 }
             };
@@ -797,10 +791,7 @@ impl TargetLogits {
         }
         let tgt = Tensor::from_slice(&self.targets, (n, 1), self.logits.device())?;
         // Half-precision models get f32 log-probabilities (and so an f32 loss).
-        let logits = match self.logits.dtype() {
-            DType::BF16 | DType::F16 => self.logits.to_dtype(DType::F32)?,
-            _ => self.logits.clone(),
-        };
+        let logits = self.logits.to_dtype(f32_if_half(self.logits.dtype()))?;
         Ok(log_softmax(&logits)?.gather(&tgt, 1)?)
     }
 }

@@ -2,6 +2,7 @@
 //! re-attach it to its input with a hand-written input gradient. The forward is one copy of
 //! the precomputed result.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 type InputGrad = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
@@ -38,12 +39,13 @@ impl CustomOp2 for Attach {
     }
 }
 
-/// The forward of ops whose result was computed before the op: a copy of that result.
-pub(super) fn precomputed(op: &str, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+/// The forward of ops whose result was computed before the op, on any device: a copy of
+/// that result.
+pub(super) fn precomputed<S: BackendStorage>(op: &str, s: &S, l: &Layout) -> Result<(S, Shape)> {
     if !l.is_contiguous() || l.start_offset() != 0 {
         candle_core::bail!("{op}: precomputed result must be contiguous");
     }
-    Ok((s.clone(), l.shape().clone()))
+    Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
 /// `y0` (computed from `x` outside the graph) as a differentiable function of `x` whose
