@@ -176,7 +176,7 @@ fn bad_inputs_get_clear_errors() {
         (
             "dataset: demo_sft\n",
             &["stage=stf"],
-            "`stage` has value `stf`",
+            "key `stage` has value \"stf\", expected one of sft, rm, dpo, kto, ppo, pt (did you mean `sft`?)",
         ),
         ("dataset: demo_sfft\n", &[], "Undefined dataset demo_sfft"),
         (

@@ -584,6 +584,36 @@ fn ppo_raises_the_reward_of_a_trained_reward_model() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(d.join("ppo_full/value_head.safetensors").is_file());
 
+    // An exploding PPO step: its first update lands, the next minibatch's loss is not finite.
+    // Those weights are not the last good state, so nothing is saved as such.
+    let o = run(
+        &[
+            "train",
+            &ppo,
+            "learning_rate=1e30",
+            "max_steps=2",
+            "output_dir=ppo_nan",
+            "--events",
+            "json",
+        ],
+        d,
+    );
+    assert!(!o.status.success());
+    let failed: serde_json::Value = common::stdout(&o)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "failed")
+        .expect("a failed event");
+    let msg = failed["error"].as_str().unwrap();
+    assert!(
+        msg.contains("the loss became") && msg.contains("already changed the weights"),
+        "{msg}"
+    );
+    assert!(
+        !d.join("ppo_nan/checkpoint-0").exists(),
+        "updated weights saved as the last good state"
+    );
+
     // A reward model without a value head is refused up front, naming the folder.
     let o = run(
         &["train", &ppo, "reward_model=sft", "output_dir=ppo_bad"],
@@ -595,4 +625,150 @@ fn ppo_raises_the_reward_of_a_trained_reward_model() {
         err.contains("value_head.safetensors") && err.contains("sft"),
         "{err}"
     );
+}
+
+/// `transformers.get_scheduler` at learning rate 1e-3, warmup 1 of 6 steps, read after each
+/// step (`scripts/schedule_reference.py`; LLaMA-Factory's extra arguments for `cosine_with_min_lr`
+/// and `warmup_stable_decay`).
+const SCHEDULES: &[(&str, [f64; 6])] = &[
+    ("linear", [0.001, 0.0008, 0.0006, 0.0004, 0.0002, 0.0]),
+    (
+        "cosine",
+        [
+            0.001,
+            0.0009045084971874737,
+            0.0006545084971874737,
+            0.00034549150281252633,
+            9.549150281252633e-05,
+            0.0,
+        ],
+    ),
+    (
+        "cosine_with_restarts",
+        [
+            0.001,
+            0.0009045084971874737,
+            0.0006545084971874737,
+            0.00034549150281252633,
+            9.549150281252633e-05,
+            0.0,
+        ],
+    ),
+    (
+        "polynomial",
+        [
+            0.001,
+            0.0008000199999999999,
+            0.0006000399999999999,
+            0.00040006,
+            0.00020007999999999994,
+            1e-07,
+        ],
+    ),
+    ("constant", [0.001; 6]),
+    ("constant_with_warmup", [0.001; 6]),
+    (
+        "inverse_sqrt",
+        [
+            0.001,
+            0.0007071067811865475,
+            0.0005773502691896259,
+            0.0005,
+            0.00044721359549995795,
+            0.0004082482904638631,
+        ],
+    ),
+    (
+        "cosine_with_min_lr",
+        [
+            0.001,
+            0.0009140576474687263,
+            0.0006890576474687264,
+            0.0004109423525312738,
+            0.00018594235253127373,
+            0.0001,
+        ],
+    ),
+    (
+        "warmup_stable_decay",
+        [
+            0.001,
+            0.001,
+            0.0008535533905932737,
+            0.0005,
+            0.00014644660940672628,
+            0.0,
+        ],
+    ),
+];
+
+#[test]
+fn every_scheduler_the_ui_offers_trains_with_transformers_learning_rates() {
+    use protocol::args::{Choice, SchedulerType};
+    let offered = SchedulerType::names();
+    let covered: Vec<&str> = SCHEDULES.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        offered, covered,
+        "every scheduler needs its reference values"
+    );
+    let dir = workdir();
+    write_config(dir.path(), "dataset: demo_sft\ntemplate: qwen\ncutoff_len: 24\nmax_samples: 12\nper_device_train_batch_size: 2\n\
+         max_steps: 6\nwarmup_steps: 1\nlogging_steps: 1\nlearning_rate: 1.0e-3\nsave_strategy: 'no'\ndo_train: true\n");
+    for (name, want) in SCHEDULES {
+        let out = format!("output_dir=sched_{name}");
+        let kind = format!("lr_scheduler_type={name}");
+        let o = run(&train_args(&[&out, &kind]), dir.path());
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let got: Vec<f64> = jsonl(&dir.path().join(format!("sched_{name}/trainer_log.jsonl")))
+            .iter()
+            .map(|l| l["lr"].as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), 6, "{name}: {got:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() <= 1e-12 + 1e-9 * w.abs(),
+                "{name}: {got:?} vs {want:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn epoch_strategy_saves_and_evaluates_each_epoch_and_the_end() {
+    // 12 examples, batch 2, accumulation 2: 3 steps an epoch, 2 epochs. save_steps 4 does not
+    // divide 6, which used to drop the final checkpoint.
+    let dir = workdir();
+    write_config(dir.path(), "dataset: demo_sft\ntemplate: qwen\ncutoff_len: 24\nmax_samples: 12\nper_device_train_batch_size: 2\n\
+         gradient_accumulation_steps: 2\nnum_train_epochs: 2\nlogging_steps: 1\nsave_strategy: epoch\nsave_steps: 4\n\
+         eval_strategy: epoch\neval_dataset: demo_sft\nper_device_eval_batch_size: 4\ndo_train: true\n");
+    let o = run(&train_args(&["output_dir=out"]), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("out");
+    let mut saved: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    saved.sort();
+    assert_eq!(saved, ["checkpoint-3", "checkpoint-6"]);
+    let evals: Vec<u64> = jsonl(&out.join("trainer_log.jsonl"))
+        .iter()
+        .filter(|l| l.get("eval_loss").is_some())
+        .map(|l| l["current_steps"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [3, 6]);
+    // With `steps`, the last step is saved even when save_steps does not divide it.
+    let o = run(
+        &train_args(&[
+            "output_dir=steps",
+            "save_strategy=steps",
+            "eval_strategy=no",
+        ]),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    for n in [4, 6] {
+        assert!(dir.path().join(format!("steps/checkpoint-{n}")).is_dir());
+    }
 }

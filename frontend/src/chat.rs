@@ -8,9 +8,10 @@ use protocol::run::{ChatReply, ChatStatus};
 use serde_json::{json, Value};
 
 use crate::client::{get, send, Socket};
-use crate::form::{Field, Form, Select};
+use crate::form::{choices, Field, Form, Select};
 use crate::i18n::use_i18n;
 use crate::use_ctx;
+use protocol::args::InferDtype;
 
 const CHAT_DEFAULTS: &[(&str, &str)] = &[
     ("infer_dtype", "auto"),
@@ -202,7 +203,7 @@ pub fn ChatTab() -> impl IntoView {
                 <label for="f-backend">{i.t("infer_backend")}</label>
                 <input id="f-backend" readonly prop:value=move || status.get().map(|s| s.backend).unwrap_or_else(|| "candle".into())/>
             </div>
-            <Select form key="infer_dtype" label="infer_dtype" options=vec![("auto", ""), ("float32", ""), ("bfloat16", ""), ("float16", "")]/>
+            <Select form key="infer_dtype" label="infer_dtype" options={choices::<InferDtype>()}/>
         </div>
         <div class="actions">
             <button class="primary" data-testid="chat-load" disabled=move || status.get().is_some_and(|s| s.state == "loading") on:click=on_load>{i.t("load_model")}</button>

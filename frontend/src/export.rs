@@ -7,10 +7,11 @@ use protocol::run::Created;
 use serde_json::Value;
 
 use crate::client::send;
-use crate::form::{Field, Form, Select};
+use crate::form::{choices, Field, Form, Select};
 use crate::i18n::use_i18n;
 use crate::runview::{LogTail, Progress};
 use crate::use_ctx;
+use protocol::args::{Choice, ExportFormat, GgufType, InferDtype};
 
 const EXPORT_DEFAULTS: &[(&str, &str)] = &[
     ("export_size", "5"),
@@ -37,14 +38,14 @@ pub fn ExportTab() -> impl IntoView {
     let view_ = ctx.export;
     let message = RwSignal::new(None::<String>);
     let busy = Signal::derive(move || view_.is_active());
-    let gguf = Signal::derive(move || form.get("export_format") != "gguf");
+    let gguf = Signal::derive(move || form.get("export_format") != ExportFormat::Gguf.as_str());
     let on_export = move |_| {
         form.clear_errors();
         ctx.top.clear_errors();
         message.set(None);
         let mut body = ctx.top_args();
         let mut own = form.to_json();
-        if form.get_untracked("export_format") != "gguf" {
+        if form.get_untracked("export_format") != ExportFormat::Gguf.as_str() {
             own.remove("export_gguf_type");
         }
         body.extend(own);
@@ -79,9 +80,9 @@ pub fn ExportTab() -> impl IntoView {
     view! {
         <div class="grid">
             <Field form key="export_size" label="export_size" kind="number" min="1" max="100"/>
-            <Select form key="export_format" label="export_format" options=vec![("safetensors", ""), ("gguf", "")]/>
-            <Select form key="export_gguf_type" label="export_gguf_type" options=vec![("f16", ""), ("q8_0", ""), ("q4_k_m", "")] disabled=gguf/>
-            <Select form key="infer_dtype" label="export_dtype" options=vec![("auto", ""), ("float32", ""), ("bfloat16", ""), ("float16", "")]/>
+            <Select form key="export_format" label="export_format" options={choices::<ExportFormat>()}/>
+            <Select form key="export_gguf_type" label="export_gguf_type" options={choices::<GgufType>()} disabled=gguf/>
+            <Select form key="infer_dtype" label="export_dtype" options={choices::<InferDtype>()}/>
             <Field form key="export_dir" label="export_dir" placeholder="export_<time>"/>
         </div>
         <div class="actions">

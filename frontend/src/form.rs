@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use leptos::prelude::*;
+use protocol::args::Choice;
 use serde_json::{Map, Value};
 
 use crate::i18n::use_i18n;
@@ -148,6 +149,12 @@ pub fn Field(
 }
 
 /// A drop-down of fixed choices; `labels` gives translated names per choice (else the value).
+/// The options of a closed choice, in the engine's order and spelling: the form can offer
+/// nothing the engine rejects.
+pub fn choices<C: Choice>() -> Vec<(&'static str, &'static str)> {
+    C::ALL.iter().map(|c| (c.as_str(), "")).collect()
+}
+
 #[component]
 pub fn Select(
     form: Form,

@@ -18,6 +18,7 @@ use leptos::task::spawn_local;
 use leptos_meta::*;
 use leptos_router::components::{Route, Router, Routes};
 use leptos_router::path;
+use protocol::args::{Choice, FinetuningType};
 use protocol::run::{CheckpointEntry, ModelEntry, Run, RunKind, RunStatus};
 use serde_json::{Map, Value};
 
@@ -91,7 +92,7 @@ impl Ctx {
         m.insert("finetuning_type".into(), s(ft.clone()));
         let ckpt = t.get_untracked("checkpoint");
         if !ckpt.is_empty() {
-            if ft == "lora" {
+            if ft == FinetuningType::Lora.as_str() {
                 m.insert("adapter_name_or_path".into(), s(ckpt));
             } else {
                 m.insert("model_name_or_path".into(), s(ckpt));
@@ -336,12 +337,12 @@ fn TopBar() -> impl IntoView {
             </div>
             <Field form=top key="model_name_or_path" label="model_path" placeholder="models/demo"/>
             <Select form=top key="finetuning_type" label="finetuning_type"
-                options=vec![("lora", ""), ("freeze", ""), ("full", "")]/>
+                options={form::choices::<FinetuningType>()}/>
             <div class="field" class:invalid=move || top.errors.with(|e| e.contains_key("checkpoint"))>
                 <label for="f-checkpoint">{i.t("checkpoint")}</label>
                 // LoRA adapters stack, so several can be chosen (comma-joined, like LlamaBoard).
                 <select id="f-checkpoint" name="checkpoint"
-                    multiple=move || top.get("finetuning_type") == "lora"
+                    multiple=move || top.get("finetuning_type") == FinetuningType::Lora.as_str()
                     on:change=move |ev| top.set("checkpoint", selected_values(&ev))>
                     <option value="" selected=move || top.get("checkpoint").is_empty()>{i.t("none")}</option>
                     {move || ctx.checkpoints.get().into_iter().map(|c| {

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
+use protocol::args::{Choice, FinetuningType, PrefLossType, RewardModelType, SchedulerType, Stage};
 use protocol::run::{
     ArgSet, CommandPreview, Created, DatasetEntry, DatasetPage, MetricPoint, Run, RunKind,
     RunStatus,
@@ -14,7 +15,7 @@ use serde_json::{Map, Value};
 
 use crate::chart::{LossChart, Overlay};
 use crate::client::{enc, get, send};
-use crate::form::{hms, Check, Field, Form, Group, Select};
+use crate::form::{choices, hms, Check, Field, Form, Group, Select};
 use crate::i18n::use_i18n;
 use crate::runview::{LogTail, Progress};
 use crate::use_ctx;
@@ -70,12 +71,33 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
 ];
 
 /// Which datasets a stage can use, like LlamaBoard's filter (pairwise data for rm / dpo).
-pub fn dataset_fits(stage: &str, d: &DatasetEntry) -> bool {
+pub fn dataset_fits(stage: Stage, d: &DatasetEntry) -> bool {
     match stage {
-        "rm" | "dpo" => d.ranking,
-        "kto" => d.kind == "kto",
-        "pt" => !d.ranking && d.kind != "kto",
-        _ => !d.ranking && d.kind != "kto",
+        Stage::Rm | Stage::Dpo => d.ranking,
+        Stage::Kto => d.kind == "kto",
+        Stage::Sft | Stage::Pt | Stage::Ppo => !d.ranking && d.kind != "kto",
+    }
+}
+
+/// The stage the form holds (its default when the text is not one).
+fn stage_of(form: &Form, tracked: bool) -> Stage {
+    let text = if tracked {
+        form.get("stage")
+    } else {
+        form.get_untracked("stage")
+    };
+    Stage::parse(&text).unwrap_or(Stage::Sft)
+}
+
+/// LlamaBoard's label of a stage (an i18n key).
+fn stage_label(s: Stage) -> &'static str {
+    match s {
+        Stage::Sft => "stage_sft",
+        Stage::Rm => "stage_rm",
+        Stage::Dpo => "stage_dpo",
+        Stage::Kto => "stage_kto",
+        Stage::Ppo => "stage_ppo",
+        Stage::Pt => "stage_pt",
     }
 }
 
@@ -84,7 +106,7 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
     let mut m = top;
     let mut own = form.to_json();
     own.remove("config_name");
-    let stage = form.get_untracked("stage");
+    let stage = stage_of(form, false);
     match own
         .remove("compute_type")
         .and_then(|v| v.as_str().map(str::to_string))
@@ -114,11 +136,11 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
     let ft = m
         .get("finetuning_type")
         .and_then(Value::as_str)
-        .unwrap_or("lora")
-        .to_string();
-    let group_keys: &[(&str, &[&str])] = &[
+        .and_then(FinetuningType::parse)
+        .unwrap_or(FinetuningType::Lora);
+    let group_keys: &[(FinetuningType, &[&str])] = &[
         (
-            "freeze",
+            FinetuningType::Freeze,
             &[
                 "freeze_trainable_layers",
                 "freeze_trainable_modules",
@@ -126,7 +148,7 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
             ],
         ),
         (
-            "lora",
+            FinetuningType::Lora,
             &[
                 "lora_rank",
                 "lora_alpha",
@@ -147,16 +169,20 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
             }
         }
     }
-    if !matches!(stage.as_str(), "dpo" | "kto") {
+    if !matches!(stage, Stage::Dpo | Stage::Kto) {
         for k in ["pref_beta", "pref_ftx", "pref_loss", "simpo_gamma"] {
             own.remove(k);
         }
     }
-    if stage == "ppo" {
+    if stage == Stage::Ppo {
         // As LlamaBoard's runner: the reward model's type follows the method, and sampling
         // uses nucleus sampling without a top-k cut.
-        let kind = if ft == "lora" { "lora" } else { "full" };
-        own.insert("reward_model_type".into(), kind.into());
+        let kind = if ft == FinetuningType::Lora {
+            RewardModelType::Lora
+        } else {
+            RewardModelType::Full
+        };
+        own.insert("reward_model_type".into(), kind.as_str().into());
         own.insert("top_k".into(), "0".into());
         own.insert("top_p".into(), "0.9".into());
     } else {
@@ -273,7 +299,7 @@ pub fn TrainTab() -> impl IntoView {
             form.show_error("dataset", i.now("err_no_dataset"));
             return;
         }
-        if form.get_untracked("stage") == "ppo" && form.get_untracked("reward_model").is_empty() {
+        if stage_of(&form, false) == Stage::Ppo && form.get_untracked("reward_model").is_empty() {
             form.show_error("reward_model", i.now("err_no_reward_model"));
             return;
         }
@@ -327,14 +353,10 @@ pub fn TrainTab() -> impl IntoView {
         }
     });
 
-    let stage_options = vec![
-        ("sft", "stage_sft"),
-        ("rm", "stage_rm"),
-        ("dpo", "stage_dpo"),
-        ("kto", "stage_kto"),
-        ("ppo", "stage_ppo"),
-        ("pt", "stage_pt"),
-    ];
+    let stage_options: Vec<(&str, &str)> = Stage::ALL
+        .iter()
+        .map(|s| (s.as_str(), stage_label(*s)))
+        .collect();
     view! {
         <div class="grid">
             <Select form key="stage" label="stage" options=stage_options disabled=busy/>
@@ -344,8 +366,8 @@ pub fn TrainTab() -> impl IntoView {
             <span class="label">{i.t("dataset")}</span>
             <div class="chips" data-testid="datasets">
                 {move || {
-                    let stage = form.get("stage");
-                    let list: Vec<DatasetEntry> = datasets.get().into_iter().filter(|d| dataset_fits(&stage, d)).collect();
+                    let stage = stage_of(&form, true);
+                    let list: Vec<DatasetEntry> = datasets.get().into_iter().filter(|d| dataset_fits(stage, d)).collect();
                     if list.is_empty() {
                         return view! { <span class="muted">{i.t("no_datasets")}</span> }.into_any();
                     }
@@ -404,10 +426,7 @@ pub fn TrainTab() -> impl IntoView {
             <Field form key="per_device_train_batch_size" label="batch_size" kind="number" min="1" max="1024"/>
             <Field form key="gradient_accumulation_steps" label="gradient_accumulation_steps" kind="number" min="1" max="1024"/>
             <Field form key="val_size" label="val_size" kind="number" min="0" max="1" step="0.001"/>
-            <Select form key="lr_scheduler_type" label="lr_scheduler_type" options=vec![
-                ("linear", ""), ("cosine", ""), ("cosine_with_restarts", ""), ("polynomial", ""), ("constant", ""),
-                ("constant_with_warmup", ""), ("inverse_sqrt", ""), ("cosine_with_min_lr", ""), ("warmup_stable_decay", ""),
-            ]/>
+            <Select form key="lr_scheduler_type" label="lr_scheduler_type" options={choices::<SchedulerType>()}/>
         </div>
         <Group label="extra_group" form keys=&["logging_steps", "save_steps", "warmup_steps", "neftune_noise_alpha", "packing", "neat_packing", "train_on_prompt", "mask_history", "resize_vocab", "enable_thinking", "gradient_checkpointing"]>
             <Field form key="logging_steps" label="logging_steps" kind="number" min="1"/>
@@ -441,7 +460,7 @@ pub fn TrainTab() -> impl IntoView {
         <Group label="rlhf_group" form keys=&["pref_beta", "pref_ftx", "pref_loss", "simpo_gamma", "max_new_tokens", "ppo_score_norm", "ppo_whiten_rewards", "reward_model"]>
             <Field form key="pref_beta" label="pref_beta" kind="number" min="0" max="1" step="0.01"/>
             <Field form key="pref_ftx" label="pref_ftx" kind="number" min="0" max="10" step="0.01"/>
-            <Select form key="pref_loss" label="pref_loss" options=vec![("sigmoid", ""), ("hinge", ""), ("ipo", ""), ("orpo", ""), ("simpo", "")]/>
+            <Select form key="pref_loss" label="pref_loss" options={choices::<PrefLossType>()}/>
             <Field form key="simpo_gamma" label="simpo_gamma" kind="number" step="0.1"/>
             <div class="field" class:invalid=move || form.errors.with(|e| e.contains_key("reward_model"))>
                 <label for="f-train-reward_model">{i.t("reward_model")}</label>

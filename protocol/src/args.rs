@@ -4,6 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::options::{
+    Choice, ExportFormat, FinetuningType, GgufType, InferDtype, IntervalStrategy, MixStrategy,
+    PrefLossType, RewardModelType, SchedulerType, Stage,
+};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
@@ -31,7 +36,7 @@ pub struct TrainArgs {
     pub upcast_lmhead_output: bool,
     pub train_from_scratch: bool,
     pub infer_backend: String,
-    pub infer_dtype: String,
+    pub infer_dtype: InferDtype,
     pub use_kv_cache: bool,
     pub print_param_status: bool,
     pub quantization_method: String,
@@ -44,9 +49,9 @@ pub struct TrainArgs {
     pub export_legacy_format: bool,
     pub export_quantization_bit: Option<u32>,
     /// `safetensors` (a Hugging Face folder) or `gguf` (one llama.cpp / Ollama file).
-    pub export_format: String,
+    pub export_format: ExportFormat,
     /// GGUF weight type: `f16`, `q8_0` or `q4_k_m`.
-    pub export_gguf_type: String,
+    pub export_gguf_type: GgufType,
     // ---- data ----
     pub template: Option<String>,
     pub dataset: Option<String>,
@@ -58,7 +63,7 @@ pub struct TrainArgs {
     pub mask_history: bool,
     pub streaming: bool,
     pub buffer_size: usize,
-    pub mix_strategy: String,
+    pub mix_strategy: MixStrategy,
     pub interleave_probs: Option<String>,
     pub overwrite_cache: bool,
     pub preprocessing_batch_size: usize,
@@ -78,8 +83,8 @@ pub struct TrainArgs {
     pub preserve_thinking: bool,
     pub tokenized_path: Option<String>,
     // ---- fine-tuning method ----
-    pub stage: String,
-    pub finetuning_type: String,
+    pub stage: Stage,
+    pub finetuning_type: FinetuningType,
     pub pure_bf16: bool,
     pub use_llama_pro: bool,
     pub freeze_trainable_layers: i64,
@@ -103,7 +108,7 @@ pub struct TrainArgs {
     pub pref_beta: f64,
     pub pref_ftx: f64,
     pub pref_bco_weight: f64,
-    pub pref_loss: String,
+    pub pref_loss: PrefLossType,
     pub dpo_label_smoothing: f64,
     pub simpo_gamma: f64,
     pub ld_alpha: Option<f64>,
@@ -118,7 +123,7 @@ pub struct TrainArgs {
     pub ref_model_adapters: Option<String>,
     pub reward_model: Option<String>,
     pub reward_model_adapters: Option<String>,
-    pub reward_model_type: String,
+    pub reward_model_type: RewardModelType,
     pub compute_accuracy: bool,
     pub disable_shuffling: bool,
     pub early_stopping_steps: Option<usize>,
@@ -152,16 +157,16 @@ pub struct TrainArgs {
     pub max_grad_norm: f64,
     pub num_train_epochs: f64,
     pub max_steps: i64,
-    pub lr_scheduler_type: String,
+    pub lr_scheduler_type: SchedulerType,
     pub warmup_ratio: f64,
     pub warmup_steps: usize,
     pub logging_steps: usize,
     pub save_steps: usize,
-    pub save_strategy: String,
+    pub save_strategy: IntervalStrategy,
     pub save_total_limit: Option<usize>,
     pub save_only_model: bool,
     pub save_safetensors: bool,
-    pub eval_strategy: String,
+    pub eval_strategy: IntervalStrategy,
     pub eval_steps: Option<usize>,
     pub bf16: bool,
     pub fp16: bool,
@@ -202,7 +207,7 @@ impl Default for TrainArgs {
             upcast_lmhead_output: false,
             train_from_scratch: false,
             infer_backend: "huggingface".into(),
-            infer_dtype: "auto".into(),
+            infer_dtype: InferDtype::Auto,
             use_kv_cache: true,
             print_param_status: false,
             quantization_method: "bnb".into(),
@@ -213,8 +218,8 @@ impl Default for TrainArgs {
             export_device: "cpu".into(),
             export_legacy_format: false,
             export_quantization_bit: None,
-            export_format: "safetensors".into(),
-            export_gguf_type: "f16".into(),
+            export_format: ExportFormat::Safetensors,
+            export_gguf_type: GgufType::F16,
             template: None,
             dataset: None,
             eval_dataset: None,
@@ -225,7 +230,7 @@ impl Default for TrainArgs {
             mask_history: false,
             streaming: false,
             buffer_size: 16384,
-            mix_strategy: "concat".into(),
+            mix_strategy: MixStrategy::Concat,
             interleave_probs: None,
             overwrite_cache: false,
             preprocessing_batch_size: 1000,
@@ -242,8 +247,8 @@ impl Default for TrainArgs {
             enable_thinking: true,
             preserve_thinking: false,
             tokenized_path: None,
-            stage: "sft".into(),
-            finetuning_type: "lora".into(),
+            stage: Stage::Sft,
+            finetuning_type: FinetuningType::Lora,
             pure_bf16: false,
             use_llama_pro: false,
             freeze_trainable_layers: 2,
@@ -265,7 +270,7 @@ impl Default for TrainArgs {
             pref_beta: 0.1,
             pref_ftx: 0.0,
             pref_bco_weight: 0.0,
-            pref_loss: "sigmoid".into(),
+            pref_loss: PrefLossType::Sigmoid,
             dpo_label_smoothing: 0.0,
             simpo_gamma: 0.5,
             ld_alpha: None,
@@ -280,7 +285,7 @@ impl Default for TrainArgs {
             ref_model_adapters: None,
             reward_model: None,
             reward_model_adapters: None,
-            reward_model_type: "lora".into(),
+            reward_model_type: RewardModelType::Lora,
             compute_accuracy: false,
             disable_shuffling: false,
             early_stopping_steps: None,
@@ -312,16 +317,16 @@ impl Default for TrainArgs {
             max_grad_norm: 1.0,
             num_train_epochs: 3.0,
             max_steps: -1,
-            lr_scheduler_type: "linear".into(),
+            lr_scheduler_type: SchedulerType::Linear,
             warmup_ratio: 0.0,
             warmup_steps: 0,
             logging_steps: 500,
             save_steps: 500,
-            save_strategy: "steps".into(),
+            save_strategy: IntervalStrategy::Steps,
             save_total_limit: None,
             save_only_model: false,
             save_safetensors: true,
-            eval_strategy: "no".into(),
+            eval_strategy: IntervalStrategy::No,
             eval_steps: None,
             bf16: false,
             fp16: false,
@@ -377,7 +382,7 @@ impl TrainArgs {
 
     /// Packing is on by default for pre-training only.
     pub fn packing(&self) -> bool {
-        self.packing.unwrap_or(self.stage == "pt") || self.neat_packing
+        self.packing.unwrap_or(self.stage == Stage::Pt) || self.neat_packing
     }
 
     /// Dataset names of a comma-separated list, trimmed, empties dropped.
@@ -417,7 +422,7 @@ mod tests {
         assert_eq!(a.lora_alpha(), 16.0);
         assert!(!a.packing());
         let pt = TrainArgs {
-            stage: "pt".into(),
+            stage: Stage::Pt,
             ..TrainArgs::default()
         };
         assert!(pt.packing());

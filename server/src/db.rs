@@ -38,11 +38,20 @@ fn json_map(text: &str) -> Map<String, Value> {
 const RUN_COLUMNS: &str = "id, kind, status, config, output_dir, model, dataset, created_at, \
     started_at, finished_at, exit_code, error, step, total_steps, final_loss, result";
 
-fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> Run {
-    Run {
-        id: r.get("id"),
-        kind: RunKind::parse(r.get::<&str, _>("kind")).unwrap_or(RunKind::Train),
-        status: RunStatus::parse(r.get::<&str, _>("status")).unwrap_or(RunStatus::Failed),
+/// A run's row; a kind or status this server does not know (a newer server's database) is an
+/// error, never a guess.
+fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Run> {
+    let id: i64 = r.get("id");
+    let kind: &str = r.get("kind");
+    let kind = RunKind::parse(kind)
+        .with_context(|| format!("run {id} in the database has an unknown kind `{kind}`"))?;
+    let status: &str = r.get("status");
+    let status = RunStatus::parse(status)
+        .with_context(|| format!("run {id} in the database has an unknown status `{status}`"))?;
+    Ok(Run {
+        id,
+        kind,
+        status,
         config: json_map(r.get("config")),
         output_dir: r.get("output_dir"),
         model: r.get("model"),
@@ -57,7 +66,7 @@ fn run_from_row(r: &sqlx::sqlite::SqliteRow) -> Run {
         final_loss: r.get("final_loss"),
         queue_position: None,
         result: json_map(r.get("result")),
-    }
+    })
 }
 
 /// Filters of the run list.
@@ -121,7 +130,7 @@ impl Db {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(run_from_row))
+        row.as_ref().map(run_from_row).transpose()
     }
 
     pub async fn log_path(&self, id: i64) -> Result<Option<String>> {
@@ -142,7 +151,7 @@ impl Db {
         .bind(f.limit.unwrap_or(200).clamp(1, 1000))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(run_from_row).collect())
+        rows.iter().map(run_from_row).collect()
     }
 
     pub async fn runs_with_status(&self, statuses: &[RunStatus]) -> Result<Vec<Run>> {
@@ -154,7 +163,9 @@ impl Db {
             .bind(s.as_str())
             .fetch_all(&self.pool)
             .await?;
-            out.extend(rows.iter().map(run_from_row));
+            for row in &rows {
+                out.push(run_from_row(row)?);
+            }
         }
         Ok(out)
     }
@@ -383,5 +394,43 @@ impl Db {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unknown_status_or_kind_in_the_database_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("runs.db")).await.unwrap();
+        let config = Map::new();
+        let new = |kind| NewRun {
+            kind,
+            config: &config,
+            output_dir: "out",
+            model: "m",
+            dataset: "d",
+        };
+        let id = db.insert_run(new(RunKind::Train), "").await.unwrap();
+        assert_eq!(db.run(id).await.unwrap().unwrap().status, RunStatus::Queued);
+        // A newer server's state, say.
+        sqlx::query("UPDATE runs SET status = 'paused' WHERE id = ?")
+            .bind(id)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let e = db.run(id).await.unwrap_err().to_string();
+        assert!(e.contains("unknown status `paused`"), "{e}");
+        assert!(db.runs(&RunFilter::default()).await.is_err());
+        let other = db.insert_run(new(RunKind::Export), "").await.unwrap();
+        sqlx::query("UPDATE runs SET kind = 'distill' WHERE id = ?")
+            .bind(other)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let e = db.run(other).await.unwrap_err().to_string();
+        assert!(e.contains("unknown kind `distill`"), "{e}");
     }
 }

@@ -110,7 +110,8 @@ try {
   await page.click('button:has-text("Preview command")');
   await page.waitForSelector('[data-testid="command"]');
   const yaml = await page.textContent('[data-testid="command"] pre.yaml');
-  if (!yaml.includes('lora_target') && !yaml.includes('learning_rate: 0.001')) fail(`preview lacks the form's values: ${yaml}`);
+  if (!/^learning_rate: 0\.001$/m.test(yaml)) fail(`preview lacks the learning rate typed in the form: ${yaml}`);
+  if (!/^lr_scheduler_type: cosine$/m.test(yaml)) fail(`preview lacks the form's scheduler: ${yaml}`);
   await page.click('[data-testid="start"]');
   await page.waitForFunction(() => /running|queued/.test(document.querySelector('[data-testid="run-status"]').className));
   if (await page.isEnabled('[data-testid="start"]')) fail('Start stays enabled while a run is active');

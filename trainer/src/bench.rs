@@ -179,37 +179,29 @@ fn train_steps_for(
     steps: usize,
     dpo: bool,
 ) -> Result<(StepTiming, usize)> {
-    use crate::train::optim::{decays, AdamW, ParamGroup};
+    use crate::train::objective::Dpo;
+    use crate::train::optim::AdamW;
     use rand::SeedableRng;
 
+    // The optimizer setup of a training run with these hyper-parameters.
+    let args = protocol::TrainArgs {
+        learning_rate: 1e-4,
+        weight_decay: 0.01,
+        pref_beta: 0.1,
+        ..Default::default()
+    };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut model = random_model(c, full)?;
     model.checkpointing = c.checkpointing;
-    let groups = model
-        .trainable()
-        .into_iter()
-        .map(|(name, var)| ParamGroup {
-            weight_decay: if decays(&name) { 0.01 } else { 0.0 },
-            name,
-            var,
-            lr_scale: 1.0,
-        })
-        .collect();
-    let mut opt = AdamW::new(groups, 0.9, 0.999, 1e-8)?;
+    let mut opt = AdamW::for_training(model.trainable(), &args)?;
+    let dpo_loss = Dpo::from_args(&args);
     let rows_n = if dpo { 2 * c.batch } else { c.batch };
     let batch = random_batch(&mut rng, rows_n, c.seq, c.vocab, 32);
     let mut timings = Vec::new();
     for step in 0..3 + steps {
         let t0 = Instant::now();
         let loss = if dpo {
-            let args = protocol::TrainArgs {
-                pref_beta: 0.1,
-                ..Default::default()
-            };
-            let kind = crate::stages::preference::PrefLoss::Sigmoid {
-                label_smoothing: 0.0,
-            };
-            crate::train::preference_step(&model, &batch, kind, &args, None)?.0
+            dpo_loss.loss(&model, &batch, None)?.0
         } else {
             let (sum, n) = model.loss_sum(&batch, None)?;
             (sum / n as f64)?
@@ -222,7 +214,7 @@ fn train_steps_for(
         // GPU kernels run asynchronously: wait for them so each phase is timed by itself.
         c.device.synchronize()?;
         let t2 = Instant::now();
-        opt.update(&grads, 1e-4)?;
+        opt.update(&grads, args.learning_rate)?;
         c.device.synchronize()?;
         let t3 = Instant::now();
         if step >= 3 {
@@ -408,7 +400,7 @@ pub fn device_agreement(
     c.seq = 64;
     let cpu = random_model(&c, false)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-    for l in cpu.lora.values() {
+    for l in cpu.lora_layers().values() {
         let shape = l.b.shape().clone();
         let data: Vec<f32> = (0..shape.elem_count())
             .map(|_| rng.gen_range(-0.05..0.05))

@@ -1,4 +1,6 @@
-//! Everything about models and data: configs, datasets, templates, processors, the demo model.
+//! The engine behind `llamafactory`: configs, datasets, templates and processors, the model and
+//! its adapters, training (SFT, pre-training, RM, DPO, KTO, PPO), generation, prediction,
+//! export, benchmarks and the demo model.
 
 pub mod bench;
 pub mod config;
@@ -6,6 +8,7 @@ pub mod data;
 pub mod demo;
 pub mod device;
 pub mod export;
+pub mod files;
 pub mod hub;
 pub mod infer;
 pub mod metrics;

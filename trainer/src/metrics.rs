@@ -155,7 +155,7 @@ mod tests {
     use super::*;
 
     /// Values from LLaMA-Factory 0.9.5's ComputeSimilarity (jieba 0.42.1, nltk 3.10.4,
-    /// rouge-chinese 1.0.3) on the same pairs.
+    /// rouge-chinese 1.0.3) on the same pairs, printed by `scripts/metrics_reference.py`.
     #[test]
     fn matches_llamafactory_scores() {
         let cases: &[(&str, &str, [f64; 4])] = &[

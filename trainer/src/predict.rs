@@ -12,9 +12,9 @@ use serde_json::{json, Map, Value};
 
 use crate::data::pipeline::get_dataset;
 use crate::data::IGNORE_INDEX;
+use crate::files::write_json;
 use crate::infer::{generate_batch, ChatModel};
 use crate::model::{Batch, RowRef};
-use crate::train::checkpoint::write_json;
 use crate::train::report::Reporter;
 
 fn merge_results(dir: &Path, metrics: &Map<String, Value>) -> Result<()> {
@@ -179,7 +179,7 @@ pub fn run_eval(args: &TrainArgs, device: &candle_core::Device) -> Result<Map<St
             json!(correct as f64 / n.max(1) as f64),
         );
     }
-    if args.stage == "pt" {
+    if args.stage == protocol::args::Stage::Pt {
         metrics.insert("eval_perplexity".into(), json!(eval_loss.exp()));
     }
     write_json(

@@ -37,7 +37,7 @@ fn merged_export_reproduces_adapter_logits() {
         let spec = LoraSpec::from_args(&args);
         model.add_lora(&spec, 3).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        for l in model.lora.values() {
+        for l in model.lora_layers().values() {
             let shape = l.b.shape().clone();
             let v: Vec<f32> = (0..shape.elem_count())
                 .map(|_| rng.gen_range(-0.05..0.05))
@@ -117,8 +117,8 @@ fn gguf_round_trips_through_candles_reader() {
             model_name_or_path: Some(base.display().to_string()),
             template: Some("qwen".into()),
             export_dir: Some(out.display().to_string()),
-            export_format: "gguf".into(),
-            export_gguf_type: kind.into(),
+            export_format: protocol::args::ExportFormat::Gguf,
+            export_gguf_type: kind.parse().unwrap(),
             ..TrainArgs::default()
         };
         let files = trainer::export::export_model(&args).unwrap();
@@ -154,7 +154,7 @@ fn gguf_round_trips_through_candles_reader() {
             .unwrap()
             .dequantize(&Device::Cpu)
             .unwrap();
-        let want = original.params["model.embed_tokens.weight"].tensor.clone();
+        let want = original.embed.tensor.clone();
         assert_eq!(emb.dims(), want.dims());
         let err = (emb - &want)
             .unwrap()

@@ -33,7 +33,7 @@ fn curve(base: &std::path::Path, out: PathBuf, composed: bool) -> (Vec<f64>, f64
         max_steps: 50,
         logging_steps: 1,
         learning_rate: 2e-3,
-        save_strategy: "no".into(),
+        save_strategy: protocol::args::IntervalStrategy::No,
         output_dir: Some(out.display().to_string()),
         do_train: true,
         ..TrainArgs::default()

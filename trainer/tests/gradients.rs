@@ -105,7 +105,7 @@ fn with_lora(name: &str, args: &TrainArgs) -> Model {
     let mut m = model(name);
     m.add_lora(&LoraSpec::from_args(args), 1).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    for l in m.lora.values() {
+    for l in m.lora_layers().values() {
         let shape = l.b.shape().clone();
         let data: Vec<f64> = (0..shape.elem_count())
             .map(|_| rng.gen_range(-0.2..0.2))
@@ -158,11 +158,11 @@ fn dora_matches_finite_differences() {
             .iter()
             .any(|(n, _)| n.ends_with("lora_magnitude_vector")));
         assert!(
-            m.lora.values().all(|l| l.detach_norm),
+            m.lora_layers().values().all(|l| l.detach_norm),
             "PEFT's detached norm by default"
         );
         // The detached norm makes A/B gradients deliberately inexact; check the exact function.
-        for l in m.lora.values_mut() {
+        for l in m.lora_layers_mut() {
             l.detach_norm = false;
         }
         check(&m, &format!("{name}/dora"), 4);
@@ -174,7 +174,7 @@ fn full_and_freeze_match_finite_differences() {
     for name in VARIANTS {
         let mut m = model(name);
         m.setup_full().unwrap();
-        assert_eq!(m.trainable().len(), m.params.len());
+        assert_eq!(m.trainable().len(), m.params().len());
         check(&m, &format!("{name}/full"), 2);
         let mut m = model(name);
         let args = TrainArgs {
@@ -213,7 +213,8 @@ fn freeze_rejects_unknown_modules() {
 /// loss's gradients (value head and LoRA) match finite differences.
 #[test]
 fn reward_model_matches_hand_values_and_finite_differences() {
-    use trainer::stages::reward::{pairwise_step, ValueHead};
+    use trainer::model::value_head::ValueHead;
+    use trainer::train::objective::pairwise_reward;
     let args = TrainArgs {
         lora_target: "all".into(),
         ..TrainArgs::default()
@@ -234,7 +235,8 @@ fn reward_model_matches_hand_values_and_finite_differences() {
     let row = |i: usize| -> Vec<f64> { h.get(i).unwrap().to_vec1().unwrap() };
     let dot = |x: Vec<f64>| x.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>() + bias;
     let (c, r) = (dot(row(7)), dot(row(b.seq + 5)));
-    let (loss, acc, cs, rs) = pairwise_step(&head, &m, &b, None).unwrap();
+    let out = pairwise_reward(&head, &m, &b, None).unwrap();
+    let (loss, acc, cs, rs) = (out.loss, out.accuracy, out.chosen, out.rejected);
     assert!(
         (cs[0] - c).abs() < 1e-12 && (rs[0] - r).abs() < 1e-12,
         "{cs:?} {rs:?} vs {c} {r}"
@@ -246,10 +248,10 @@ fn reward_model_matches_hand_values_and_finite_differences() {
     let mut vars: Vec<(String, Var)> = m.trainable();
     vars.push(("v_head.summary.weight".into(), head.weight.clone()));
     vars.push(("v_head.summary.bias".into(), head.bias.clone()));
-    let f = || scalar(&pairwise_step(&head, &m, &b, None).unwrap().0);
-    let grads = pairwise_step(&head, &m, &b, None)
+    let f = || scalar(&pairwise_reward(&head, &m, &b, None).unwrap().loss);
+    let grads = pairwise_reward(&head, &m, &b, None)
         .unwrap()
-        .0
+        .loss
         .backward()
         .unwrap();
     let hstep = 1e-4;

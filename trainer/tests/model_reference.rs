@@ -105,14 +105,18 @@ fn peft_adapters_match_unmerged_and_merged() {
             .load_adapter(&fixtures().join(name).join(adapter), true)
             .unwrap();
         assert_eq!(spec.use_dora, adapter == "dora");
-        assert_eq!(model.lora.len(), 2 * 5, "two layers × five targets");
+        assert_eq!(
+            model.lora_layers().len(),
+            2 * 5,
+            "two layers × five targets"
+        );
         let err = rel_err(&logits(&model, &b), &reference);
         assert!(
             err < 1e-4,
             "{name}/{adapter} unmerged: relative error {err}"
         );
         model.merge_lora().unwrap();
-        assert!(model.lora.is_empty());
+        assert!(model.lora_layers().is_empty());
         let err = rel_err(&logits(&model, &b), &reference);
         assert!(err < 1e-4, "{name}/{adapter} merged: relative error {err}");
     }
@@ -151,7 +155,7 @@ fn sharded_weights_load_like_a_single_file() {
             .unwrap()
             .into_iter()
             .collect();
-    let files = trainer::train::checkpoint::write_sharded(tmp.path(), &weights, 20_000).unwrap();
+    let files = trainer::files::write_sharded(tmp.path(), &weights, 20_000).unwrap();
     assert!(files.len() > 2, "small shards: {}", files.len());
     assert!(tmp.path().join("model.safetensors.index.json").exists());
     let e = expected("qwen3");

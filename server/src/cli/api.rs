@@ -1,3 +1,5 @@
+//! `llamafactory api`: an OpenAI-compatible chat completions server for a model.
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

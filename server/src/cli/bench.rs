@@ -1,3 +1,6 @@
+//! `llamafactory bench`: speed and memory tables (training steps, data pipeline, decoding, the
+//! GPU path, the web server's event latency) measured side by side in one run.
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -1,3 +1,5 @@
+//! `llamafactory chat`: an interactive chat with a model (and adapters) in the terminal.
+
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;

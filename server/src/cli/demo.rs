@@ -1,3 +1,5 @@
+//! `llamafactory demo`: builds the small demo model (and its tokenizer) from the demo data.
+
 use std::path::Path;
 use std::process::ExitCode;
 

@@ -1,3 +1,5 @@
+//! `llamafactory env`: the version and platform lines users paste into bug reports.
+
 use std::process::ExitCode;
 
 use anyhow::Result;

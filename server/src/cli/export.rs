@@ -1,3 +1,5 @@
+//! `llamafactory export`: merges adapters into the model and writes safetensors or GGUF.
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

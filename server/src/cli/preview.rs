@@ -1,3 +1,6 @@
+//! `llamafactory preview-data`: what the data pipeline makes of a config's datasets — the
+//! rendered prompts and token ids of the first examples, and the skipped records.
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;

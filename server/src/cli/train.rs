@@ -1,3 +1,7 @@
+//! `llamafactory train`: a training config run in this process, reporting to a terminal
+//! progress bar or as JSON events (`--events json`, what the web server's workers print);
+//! SIGINT/SIGTERM finish the step, save a checkpoint and stop.
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;

@@ -2,8 +2,10 @@
 //! --events json`), their events parsed into SQLite and a broadcast channel, abort with a grace
 //! period, resume, and recovery of runs a previous server lost.
 
+mod error;
 mod worker;
 
+pub use error::{RunError, RunResult};
 pub use worker::tail as worker_tail;
 
 use std::collections::{HashMap, VecDeque};
@@ -11,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use protocol::run::{MetricPoint, Run, RunEvent, RunEventMsg, RunKind, RunStatus};
 use protocol::TrainArgs;
 use serde_json::{Map, Value};
@@ -79,7 +81,8 @@ pub fn worker_subcommand(kind: &RunKind) -> &'static str {
     }
 }
 
-/// The YAML a config becomes: LLaMA-Factory keys with non-default values, in declaration order.
+/// A config as YAML, its keys in the order given (callers pass `TrainArgs::non_default`, which
+/// keeps LLaMA-Factory keys with non-default values in declaration order).
 pub fn to_yaml(config: &Map<String, Value>) -> Result<String> {
     Ok(serde_yaml_ng::to_string(config)?)
 }
@@ -142,10 +145,12 @@ impl Manager {
         self.cfg.workdir.join("logs").join(format!("run-{id}.log"))
     }
 
-    /// Registers a run, writes its argument file and queues it.
-    pub async fn submit(&self, kind: RunKind, args: &TrainArgs) -> Result<i64> {
+    /// Registers a run, writes its argument file and queues it; refused while another active
+    /// run writes to the same folder.
+    pub async fn submit(&self, kind: RunKind, args: &TrainArgs) -> RunResult<i64> {
         let config = args.non_default();
         let output_dir = run_output_dir(&kind, args);
+        self.check_output_dir_free(&kind, &output_dir).await?;
         let model = args.model_name_or_path.clone().unwrap_or_default();
         let dataset = match kind {
             RunKind::Predict => args.eval_dataset.clone().or(args.dataset.clone()),
@@ -178,10 +183,30 @@ impl Manager {
             let msg = format!("{e:#}");
             self.set_status(id, RunStatus::Failed, None, Some(&msg))
                 .await?;
-            return Err(e);
+            return Err(e.into());
         }
         self.enqueue(id).await?;
         Ok(id)
+    }
+
+    /// Fails when an active run writes to `dir`.
+    async fn check_output_dir_free(&self, kind: &RunKind, dir: &str) -> RunResult<()> {
+        let active = self
+            .db
+            .runs_with_status(&[RunStatus::Queued, RunStatus::Running])
+            .await?;
+        match active.into_iter().find(|r| r.output_dir == dir) {
+            Some(r) => Err(RunError::OutputDirBusy {
+                run: r.id,
+                dir: dir.to_string(),
+                key: if *kind == RunKind::Export {
+                    "export_dir"
+                } else {
+                    "output_dir"
+                },
+            }),
+            None => Ok(()),
+        }
     }
 
     async fn enqueue(&self, id: i64) -> Result<()> {
@@ -206,7 +231,7 @@ impl Manager {
 
     /// Asks a run to stop: a queued one leaves the queue; a running worker gets SIGINT, finishes
     /// its step, saves a checkpoint and exits; after the grace period it is killed.
-    pub async fn abort(self: &Arc<Self>, id: i64) -> Result<RunStatus> {
+    pub async fn abort(self: &Arc<Self>, id: i64) -> RunResult<RunStatus> {
         let pid = {
             let mut st = self.state.lock().unwrap();
             if let Some(pos) = st.queue.iter().position(|&q| q == id) {
@@ -216,7 +241,7 @@ impl Manager {
                 a.abort_requested = true;
                 Some(a.pid)
             } else {
-                bail!("run {id} is not queued or running");
+                return Err(RunError::NotActive { id });
             }
         };
         match pid {
@@ -242,21 +267,17 @@ impl Manager {
 
     /// Queues a stopped training run again; the worker resumes from the last checkpoint in its
     /// output dir.
-    pub async fn resume(&self, id: i64) -> Result<()> {
-        let Some(run) = self.db.run(id).await? else {
-            bail!("run {id} does not exist");
-        };
+    pub async fn resume(&self, id: i64) -> RunResult<()> {
+        let run = self.db.run(id).await?.ok_or(RunError::NotFound(id))?;
         if !run.status.is_final() {
-            bail!(
-                "run {id} is {}; only a stopped run can be resumed",
-                run.status.as_str()
-            );
+            return Err(RunError::WrongStatus {
+                id,
+                status: run.status,
+                action: "only a stopped run can be resumed",
+            });
         }
         if run.kind != RunKind::Train {
-            bail!(
-                "only training runs can be resumed; start a new {} run instead",
-                run.kind.as_str()
-            );
+            return Err(RunError::NotResumable(run.kind));
         }
         let mut config = run.config.clone();
         let out = Path::new(&run.output_dir);
@@ -267,18 +288,20 @@ impl Manager {
             );
         }
         write_args(&out.join("training_args.yaml"), &config)?;
-        self.enqueue(id).await
+        Ok(self.enqueue(id).await?)
     }
 
     /// Deletes a stopped run's record (its files stay on disk).
-    pub async fn delete(&self, id: i64) -> Result<()> {
-        let Some(run) = self.db.run(id).await? else {
-            bail!("run {id} does not exist");
-        };
+    pub async fn delete(&self, id: i64) -> RunResult<()> {
+        let run = self.db.run(id).await?.ok_or(RunError::NotFound(id))?;
         if !run.status.is_final() {
-            bail!("run {id} is {}; abort it first", run.status.as_str());
+            return Err(RunError::WrongStatus {
+                id,
+                status: run.status,
+                action: "abort it first",
+            });
         }
-        self.db.delete_run(id).await
+        Ok(self.db.delete_run(id).await?)
     }
 
     async fn schedule(self: Arc<Self>) {

@@ -9,7 +9,7 @@ use protocol::run::{CheckpointEntry, DatasetEntry, DatasetPage, ModelEntry};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use trainer::data::dataset_info::{DatasetInfo, Formatting};
-use trainer::stages::reward::VALUE_HEAD_FILE;
+use trainer::model::value_head::VALUE_HEAD_FILE;
 
 use super::error::{ApiError, ApiResult, Body};
 use super::prepare::{dataset_dir, model_label};

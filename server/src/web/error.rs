@@ -8,6 +8,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use protocol::run::{ErrorBody, ErrorDetail};
 use serde::de::DeserializeOwned;
+use trainer::config::ArgError;
+
+use crate::runs::RunError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -61,9 +64,37 @@ impl ApiError {
     }
 }
 
+/// A failure of the server itself (the registry, the file system): 500, with the cause in the
+/// server's log too.
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
+        eprintln!("internal error: {e:#}");
         Self::internal(e)
+    }
+}
+
+/// The run manager's refusals, each with its status.
+impl From<RunError> for ApiError {
+    fn from(e: RunError) -> Self {
+        let message = e.to_string();
+        match e {
+            RunError::NotFound(_) => Self::not_found(message),
+            RunError::WrongStatus { .. }
+            | RunError::NotActive { .. }
+            | RunError::NotResumable(_) => Self::conflict(message),
+            RunError::OutputDirBusy { key, .. } => Self {
+                field: Some(key.into()),
+                ..Self::conflict(message)
+            },
+            RunError::Internal(e) => e.into(),
+        }
+    }
+}
+
+/// A broken argument rule names its key as the field.
+impl From<ArgError> for ApiError {
+    fn from(e: ArgError) -> Self {
+        Self::field(e.key, e.message)
     }
 }
 
@@ -109,4 +140,39 @@ fn rejection(rej: JsonRejection) -> ApiError {
         _ => rej.body_text(),
     };
     ApiError::new(status, code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::run::RunStatus;
+
+    #[test]
+    fn run_errors_map_to_their_status_in_one_place() {
+        let status = |e: RunError| ApiError::from(e).status;
+        assert_eq!(status(RunError::NotFound(3)), StatusCode::NOT_FOUND);
+        assert_eq!(
+            status(RunError::WrongStatus {
+                id: 3,
+                status: RunStatus::Running,
+                action: "abort it first",
+            }),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(status(RunError::NotActive { id: 3 }), StatusCode::CONFLICT);
+        let busy = ApiError::from(RunError::OutputDirBusy {
+            run: 2,
+            dir: "/w/saves/x".into(),
+            key: "output_dir",
+        });
+        assert_eq!(
+            (busy.status, busy.field.as_deref()),
+            (StatusCode::CONFLICT, Some("output_dir"))
+        );
+        // The registry failing is the server's fault, not a conflict.
+        let db = RunError::Internal(anyhow::anyhow!("database is locked"));
+        let e = ApiError::from(db);
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains("database is locked"));
+    }
 }

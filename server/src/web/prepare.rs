@@ -4,10 +4,11 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use protocol::args::Stage;
 use protocol::run::RunKind;
 use protocol::TrainArgs;
 use serde_json::{Map, Value};
-use trainer::stages::reward::VALUE_HEAD_FILE;
+use trainer::model::value_head::VALUE_HEAD_FILE;
 
 use super::error::{ApiError, ApiResult};
 
@@ -20,29 +21,6 @@ pub fn parse_args(values: Map<String, Value>) -> ApiResult<TrainArgs> {
         }
     }
     trainer::config::args_from_json(values).map_err(|e| ApiError::bad(format!("{e:#}")))
-}
-
-/// The argument a validation message is about: the first backticked word that is a key.
-fn field_of(message: &str) -> Option<String> {
-    let keys = TrainArgs::keys();
-    message
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .find(|w| keys.iter().any(|k| k == w))
-        .map(str::to_string)
-}
-
-pub fn validation_error(e: anyhow::Error) -> ApiError {
-    let message = format!("{e:#}");
-    match field_of(&message) {
-        Some(f) => ApiError::field(f, message),
-        None => ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_arguments",
-            message,
-        ),
-    }
 }
 
 fn canonical(workdir: &Path, p: &str) -> Option<PathBuf> {
@@ -245,7 +223,7 @@ pub fn prepare(
             args.dataset_dir = dir.to_string_lossy().into_owned();
             if kind == Some(&RunKind::Train) {
                 args.do_train = true;
-                if args.stage == "ppo" {
+                if args.stage == Stage::Ppo {
                     args.reward_model = Some(reward_model_dir(
                         workdir,
                         args.reward_model.as_deref().unwrap_or(""),
@@ -304,7 +282,7 @@ pub fn prepare(
         None => {}
     }
     if kind.is_some() {
-        trainer::config::validate(&args).map_err(validation_error)?;
+        trainer::config::validate(&args)?;
     }
     Ok(args)
 }
@@ -333,12 +311,14 @@ mod tests {
     }
 
     #[test]
-    fn validation_messages_name_their_field() {
-        assert_eq!(
-            field_of("`lora_rank` must be positive").as_deref(),
-            Some("lora_rank")
-        );
-        assert_eq!(field_of("use `foo` with `stage`").as_deref(), Some("stage"));
-        assert_eq!(field_of("nothing here"), None);
+    fn a_broken_rule_names_its_key_as_the_field() {
+        let values: Map<String, Value> = serde_json::from_str(
+            r#"{"model_name_or_path": "/", "finetuning_type": "full", "use_dora": true}"#,
+        )
+        .unwrap();
+        let args = parse_args(values).unwrap();
+        let e: ApiError = trainer::config::validate(&args).unwrap_err().into();
+        assert_eq!(e.field.as_deref(), Some("use_dora"));
+        assert_eq!(e.status, axum::http::StatusCode::UNPROCESSABLE_ENTITY);
     }
 }

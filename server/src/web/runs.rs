@@ -27,24 +27,6 @@ async fn start(
     values: Map<String, Value>,
 ) -> ApiResult<(StatusCode, Json<Created>)> {
     let args = prepare(&app.cfg.workdir, Some(&kind), values)?;
-    let out = run_output_dir(&kind, &args);
-    for r in app
-        .manager
-        .db()
-        .runs_with_status(&[RunStatus::Queued, RunStatus::Running])
-        .await?
-    {
-        if r.output_dir == out {
-            let field = if kind == RunKind::Export {
-                "export_dir"
-            } else {
-                "output_dir"
-            };
-            let mut e = ApiError::conflict(format!("run {} is already writing to {out}", r.id));
-            e.field = Some(field.into());
-            return Err(e);
-        }
-    }
     let id = app.manager.submit(kind, &args).await?;
     Ok((StatusCode::CREATED, Json(Created { id })))
 }
@@ -226,10 +208,7 @@ pub async fn predictions(
 #[utoipa::path(post, path = "/api/runs/{id}/abort", responses((status = 200, body = Run), (status = 409, body = protocol::run::ErrorBody)))]
 pub async fn abort(State(app): State<AppState>, UrlPath(id): UrlPath<i64>) -> ApiResult<Json<Run>> {
     find(&app, id).await?;
-    app.manager
-        .abort(id)
-        .await
-        .map_err(|e| ApiError::conflict(format!("{e:#}")))?;
+    app.manager.abort(id).await?;
     Ok(Json(find(&app, id).await?))
 }
 
@@ -238,11 +217,7 @@ pub async fn resume(
     State(app): State<AppState>,
     UrlPath(id): UrlPath<i64>,
 ) -> ApiResult<Json<Run>> {
-    find(&app, id).await?;
-    app.manager
-        .resume(id)
-        .await
-        .map_err(|e| ApiError::conflict(format!("{e:#}")))?;
+    app.manager.resume(id).await?;
     Ok(Json(find(&app, id).await?))
 }
 
@@ -251,11 +226,7 @@ pub async fn remove(
     State(app): State<AppState>,
     UrlPath(id): UrlPath<i64>,
 ) -> ApiResult<StatusCode> {
-    find(&app, id).await?;
-    app.manager
-        .delete(id)
-        .await
-        .map_err(|e| ApiError::conflict(format!("{e:#}")))?;
+    app.manager.delete(id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,3 +1,7 @@
+//! Reading a training config: a YAML (or JSON) file and `key=value` overrides, each key checked
+//! against LLaMA-Factory's namespace and coerced like Hugging Face's argument parser, with errors
+//! that name the file, key, value and what was expected (and the closest key or value).
+
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -122,10 +126,36 @@ fn check_key(key: &str, value: Value, source: &ArgSource) -> Result<Value> {
             }
         }
     }
-    let expected = first_err
-        .map(|e| describe_expected(&e.to_string()))
-        .unwrap_or_else(|| "another type".into());
+    let serde_msg = first_err.map(|e| e.to_string()).unwrap_or_default();
+    if let Some(choices) = variants(&serde_msg) {
+        let hint = value
+            .as_str()
+            .and_then(|v| closest(v, choices.iter().map(String::as_str)))
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
+        bail!(
+            "{source}: key `{key}` has value {value}, expected one of {}{hint}",
+            choices.join(", ")
+        );
+    }
+    let expected = describe_expected(&serde_msg);
     bail!("{source}: key `{key}` has value {value}, expected {expected}")
+}
+
+/// The allowed values named by serde's "unknown variant `x`, expected one of `a`, `b`" (or
+/// "expected `a`" when there is one).
+fn variants(serde_msg: &str) -> Option<Vec<String>> {
+    let rest = serde_msg.strip_prefix("unknown variant ")?;
+    let expected = rest.split_once("expected ")?.1;
+    let expected = expected.split(" at line").next().unwrap_or(expected);
+    Some(
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
 fn coerce(value: &Value) -> Option<Value> {
@@ -251,6 +281,26 @@ mod tests {
             e.starts_with("command line: key `learning_rate`") && e.contains("a number"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_closed_choice_lists_its_values_and_suggests_the_closest() {
+        let f = write("stage: stf\n");
+        let e = load_args(f.path(), &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("key `stage` has value \"stf\", expected one of sft, rm, dpo, kto, ppo, pt")
+                && e.contains("did you mean `sft`"),
+            "{e}"
+        );
+        let e = load_args(
+            write("").path(),
+            &["lr_scheduler_type=cosine_restarts".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("did you mean `cosine_with_restarts`"), "{e}");
+        let (a, _) = load_args(write("save_strategy: epoch\n").path(), &[]).unwrap();
+        assert_eq!(a.save_strategy, protocol::args::IntervalStrategy::Epoch);
     }
 
     #[test]

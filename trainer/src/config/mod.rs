@@ -7,4 +7,4 @@ mod validate;
 
 pub use load::{args_from_json, load_args, parse_overrides, ArgSource};
 pub use suggest::closest;
-pub use validate::validate;
+pub use validate::{validate, ArgError};

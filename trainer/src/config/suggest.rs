@@ -1,3 +1,5 @@
+//! "Did you mean …?": the closest known key or value to a mistyped one.
+
 /// Edit distance counting a swap of neighbours as one edit (optimal string alignment), since
 /// `stf` for `sft` is the typo people make.
 fn distance(a: &str, b: &str) -> usize {

@@ -15,6 +15,7 @@ use super::processor::{Features, Processor, ProcessorKind};
 use super::template::Template;
 use super::Skipped;
 use crate::tokenizer::HfTokenizer;
+use protocol::args::Stage;
 use protocol::TrainArgs;
 
 pub struct DatasetModule {
@@ -23,14 +24,6 @@ pub struct DatasetModule {
     /// Records left out, each with file, record number and reason.
     pub skipped: Vec<Skipped>,
     pub train_kind: ProcessorKind,
-}
-
-/// The stage whose data rules apply: DPO reads pairwise data like RM.
-fn data_stage(stage: &str) -> &str {
-    match stage {
-        "dpo" => "rm",
-        other => other,
-    }
 }
 
 /// Reads, samples, truncates and converts the named datasets, concatenated in order.
@@ -49,11 +42,10 @@ pub fn load_examples(
         .as_deref()
         .map(Path::new)
         .unwrap_or(&dataset_dir);
-    let stage = data_stage(&args.stage);
     let mut all = Vec::new();
     for name in names {
         let attr = info.attr(name)?;
-        if (stage == "rm") != attr.ranking {
+        if args.stage.is_pairwise() != attr.ranking {
             bail!(
                 "The dataset is not applicable in the current training stage: `{name}` is {} data, stage is `{}`",
                 if attr.ranking { "preference (ranking)" } else { "non-preference" },
@@ -152,7 +144,7 @@ pub fn get_dataset(
     let (eval, s) = eval_proc.process_all(&eval_examples);
     skipped.extend(s);
     if !train_names.is_empty() && train.is_empty() {
-        if args.stage == "pt" {
+        if args.stage == Stage::Pt {
             bail!("Cannot find sufficient samples, consider increasing dataset size (pre-training needs at least `cutoff_len` = {} tokens).", args.cutoff_len);
         }
         let first = skipped

@@ -13,29 +13,14 @@ use serde_json::Value as Json;
 
 use crate::infer::ChatModel;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum GgufType {
-    F16,
-    Q8_0,
-    Q4KM,
-}
+pub use protocol::args::GgufType;
 
-impl GgufType {
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "f16" => Self::F16,
-            "q8_0" => Self::Q8_0,
-            "q4_k_m" => Self::Q4KM,
-            other => bail!("`export_gguf_type` has value `{other}`, expected f16, q8_0 or q4_k_m"),
-        })
-    }
-
-    fn file_type(self) -> u32 {
-        match self {
-            Self::F16 => 1,
-            Self::Q8_0 => 7,
-            Self::Q4KM => 15,
-        }
+/// `general.file_type`: llama.cpp's `LLAMA_FTYPE_*` of the file's main weight type.
+fn file_type(t: GgufType) -> u32 {
+    match t {
+        GgufType::F16 => 1,
+        GgufType::Q8_0 => 7,
+        GgufType::Q4KM => 15,
     }
 }
 
@@ -221,7 +206,7 @@ pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
                     .unwrap_or_default(),
             ),
         ),
-        ("general.file_type".into(), Value::U32(kind.file_type())),
+        ("general.file_type".into(), Value::U32(file_type(kind))),
         ("general.quantization_version".into(), Value::U32(2)),
     ];
     let counts = [
@@ -249,8 +234,8 @@ pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
     ));
     tokenizer_metadata(chat, &mut meta)?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    for (hf, p) in &chat.model.params {
-        let Some(name) = gguf_name(hf) else {
+    for (hf, p) in chat.model.params() {
+        let Some(name) = gguf_name(&hf) else {
             bail!("no GGUF name for tensor `{hf}`")
         };
         let mut t = p.tensor.to_dtype(DType::F32)?;

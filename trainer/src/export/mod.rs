@@ -11,22 +11,22 @@ use serde_json::{json, Value};
 
 pub mod gguf;
 
+use crate::files::{write_json, write_sharded};
 use crate::infer::ChatModel;
-use crate::train::checkpoint::{write_json, write_sharded};
+use protocol::args::{Choice, ExportFormat, InferDtype};
 use protocol::TrainArgs;
 
 fn export_dtype(args: &TrainArgs, config_dtype: &str) -> Result<(DType, &'static str)> {
-    let name = if args.infer_dtype == "auto" {
-        config_dtype
-    } else {
-        args.infer_dtype.as_str()
+    let name = match args.infer_dtype {
+        InferDtype::Auto => config_dtype,
+        other => other.as_str(),
     };
     Ok(match name {
         "float32" | "fp32" => (DType::F32, "float32"),
         "bfloat16" | "bf16" => (DType::BF16, "bfloat16"),
         "float16" | "fp16" => (DType::F16, "float16"),
         other => {
-            bail!("`infer_dtype` has value `{other}`, expected auto, float32, bfloat16 or float16")
+            bail!("the model's config.json gives `torch_dtype: {other}`; set `infer_dtype` to float32, bfloat16 or float16")
         }
     })
 }
@@ -46,18 +46,15 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     }
     let mut chat = ChatModel::load(args, &Device::Cpu)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    match args.export_format.as_str() {
-        "safetensors" => {}
-        "gguf" => {
-            let kind = gguf::GgufType::parse(&args.export_gguf_type)?;
+    match args.export_format {
+        ExportFormat::Safetensors => {}
+        ExportFormat::Gguf => {
+            let kind = args.export_gguf_type;
             let stem = dir
                 .file_name()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into());
-            let path = dir.join(format!(
-                "{stem}-{}.gguf",
-                args.export_gguf_type.to_ascii_lowercase()
-            ));
+            let path = dir.join(format!("{stem}-{}.gguf", args.export_gguf_type));
             gguf::write_gguf(&chat, &path, kind)?;
             let modelfile = chat.template.ollama_modelfile(&chat.tok).replace(
                 "FROM .",
@@ -69,14 +66,13 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
             std::fs::write(dir.join("Modelfile"), modelfile)?;
             return Ok(vec![path, dir.join("Modelfile")]);
         }
-        other => bail!("`export_format` has value `{other}`, expected safetensors or gguf"),
     }
     let (dtype, dtype_name) = export_dtype(args, &chat.model.cfg.torch_dtype)?;
     let tensors: BTreeMap<String, Tensor> = chat
         .model
-        .params
-        .iter()
-        .map(|(k, p)| Ok((k.clone(), p.tensor.to_dtype(dtype)?)))
+        .params()
+        .into_iter()
+        .map(|(k, p)| Ok((k, p.tensor.to_dtype(dtype)?)))
         .collect::<Result<_>>()?;
     let max_bytes = (args.export_size as u64).max(1) * 1_000_000_000;
     let mut files = write_sharded(&dir, &tensors, max_bytes)?;

@@ -11,10 +11,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::llama::{LoraLayer, Model};
+use super::layers::{LoraLayer, LINEAR_MODULES};
+use super::llama::Model;
 use protocol::TrainArgs;
 
-const PEFT_PREFIX: &str = "base_model.model.";
+/// The key prefix of every tensor in a PEFT adapter file.
+pub const PEFT_PREFIX: &str = "base_model.model.";
 
 /// LoRA hyper-parameters as PEFT stores them.
 #[derive(Debug, Clone)]
@@ -164,20 +166,15 @@ impl Model {
     /// Linear module names (full paths) whose last component is one of `targets`.
     pub fn target_modules(&self, targets: &[String]) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        for l in 0..self.cfg.num_hidden_layers {
-            for m in self.linear_modules() {
-                let short = m.rsplit('.').next().unwrap_or(m);
-                if targets.iter().any(|t| t == short || t == m) {
-                    out.push(format!("model.layers.{l}.{m}"));
-                }
+        for lin in self.linears() {
+            let m = lin.name.splitn(4, '.').nth(3).unwrap_or_default();
+            let short = m.rsplit('.').next().unwrap_or(m);
+            if targets.iter().any(|t| t == short || t == m) {
+                out.push(lin.name.clone());
             }
         }
         for t in targets {
-            if !self
-                .linear_modules()
-                .iter()
-                .any(|m| m.ends_with(t.as_str()))
-            {
+            if !LINEAR_MODULES.iter().any(|m| m.ends_with(t.as_str())) {
                 bail!(
                     "lora_target `{t}` matches no linear layer; choose from q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or `all`"
                 );
@@ -190,16 +187,20 @@ impl Model {
     /// DoRA magnitudes = row norms of W. Seeded for reproducible runs.
     pub fn add_lora(&mut self, spec: &LoraSpec, seed: u64) -> Result<()> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let dtype = self.trainable_dtype();
+        let device = self.device.clone();
         for module in self.target_modules(&spec.targets)? {
-            let w = self.param(&format!("{module}.weight"))?.clone();
+            let lin = self
+                .linear_mut(&module)
+                .ok_or_else(|| anyhow!("no linear module `{module}`"))?;
+            let w = lin.weight.tensor.clone();
             let (out_f, in_f) = w.dims2()?;
             let bound = 1.0 / (in_f as f64).sqrt();
             let a: Vec<f64> = (0..spec.rank * in_f)
                 .map(|_| rng.gen_range(-bound..bound))
                 .collect();
-            let dtype = self.trainable_dtype();
-            let a = Tensor::from_vec(a, (spec.rank, in_f), &self.device)?.to_dtype(dtype)?;
-            let b = Tensor::zeros((out_f, spec.rank), dtype, &self.device)?;
+            let a = Tensor::from_vec(a, (spec.rank, in_f), &device)?.to_dtype(dtype)?;
+            let b = Tensor::zeros((out_f, spec.rank), dtype, &device)?;
             let magnitude = if spec.use_dora {
                 Some(Var::from_tensor(
                     &w.to_dtype(dtype)?.sqr()?.sum(1)?.sqrt()?,
@@ -207,8 +208,7 @@ impl Model {
             } else {
                 None
             };
-            self.lora
-                .insert(module, LoraLayer::new(&a, &b, magnitude, spec)?);
+            lin.lora = Some(LoraLayer::new(&a, &b, magnitude, spec)?);
         }
         self.make_trainable(
             &spec
@@ -225,12 +225,8 @@ impl Model {
     fn make_trainable(&mut self, patterns: &[String], dotted: bool) -> Result<usize> {
         let mut n = 0;
         let dtype = self.trainable_dtype();
-        for (name, p) in self.params.iter_mut() {
-            let hay = if dotted {
-                format!(".{name}")
-            } else {
-                name.clone()
-            };
+        for (name, p) in self.params_mut() {
+            let hay = if dotted { format!(".{name}") } else { name };
             if p.var.is_none() && patterns.iter().any(|pat| hay.contains(pat.as_str())) {
                 p.var = Some(Var::from_tensor(&p.tensor.to_dtype(dtype)?)?);
                 n += 1;
@@ -255,9 +251,9 @@ impl Model {
         } else {
             (0..(-k).min(n)).collect()
         };
-        let hidden: Vec<String> = self
-            .params
-            .keys()
+        let names: Vec<String> = self.params().into_iter().map(|(n, _)| n).collect();
+        let hidden: Vec<String> = names
+            .iter()
             .filter_map(|name| {
                 name.split(".0.")
                     .nth(1)
@@ -282,9 +278,8 @@ impl Model {
                 ));
             }
         }
-        let non_hidden: Vec<String> = self
-            .params
-            .keys()
+        let non_hidden: Vec<String> = names
+            .iter()
             .filter(|n| !n.contains(".layers."))
             .filter_map(|n| n.rsplit('.').nth(1).map(String::from))
             .collect();
@@ -304,7 +299,7 @@ impl Model {
     /// Trainable tensors with their names (PEFT names for LoRA tensors).
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
-        for (name, l) in &self.lora {
+        for (name, l) in self.lora_layers() {
             out.push((format!("{PEFT_PREFIX}{name}.lora_A.weight"), l.a.clone()));
             out.push((format!("{PEFT_PREFIX}{name}.lora_B.weight"), l.b.clone()));
             if let Some(m) = &l.magnitude {
@@ -314,9 +309,9 @@ impl Model {
                 ));
             }
         }
-        for (name, p) in &self.params {
+        for (name, p) in self.params() {
             if let Some(v) = &p.var {
-                out.push((name.clone(), v.clone()));
+                out.push((name, v.clone()));
             }
         }
         out
@@ -339,12 +334,16 @@ impl Model {
     /// Loads a PEFT LoRA adapter (ours or one written by PEFT / LLaMA-Factory). `trainable`
     /// keeps its tensors as variables to continue training it.
     pub fn load_adapter(&mut self, dir: &Path, trainable: bool) -> Result<LoraSpec> {
-        let adapter = self.read_adapter(dir)?;
-        self.lora.extend(adapter.layers);
+        let mut adapter = self.read_adapter(dir)?;
+        for lin in self.linears_mut() {
+            if let Some(l) = adapter.layers.remove(&lin.name) {
+                lin.lora = Some(l);
+            }
+        }
         // modules_to_save: full copies of base tensors.
         let dtype = self.trainable_dtype();
         for (name, t) in adapter.full_weights {
-            let p = self.params.get_mut(&name).ok_or_else(|| {
+            let p = self.param_mut(&name).ok_or_else(|| {
                 anyhow!(
                     "{}: `{PEFT_PREFIX}{name}` matches no model weight",
                     dir.display()
@@ -420,24 +419,21 @@ impl Model {
 
     /// Folds every LoRA layer into its base weight (W + s·B·A, DoRA-rescaled) and drops it.
     pub fn merge_lora(&mut self) -> Result<()> {
-        let layers = std::mem::take(&mut self.lora);
-        for (module, l) in layers {
-            let key = format!("{module}.weight");
+        let model_dtype = self.dtype;
+        for lin in self.linears_mut() {
+            let Some(l) = lin.lora.take() else {
+                continue;
+            };
             // In the trainable dtype (f32 for half models): the product is rounded once, at the end.
             let dtype = l.a.dtype();
-            let w = self.param(&key)?.detach().to_dtype(dtype)?;
+            let w = lin.weight.t().detach().to_dtype(dtype)?;
             let mut merged = (&w + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?)?;
             if let Some(m) = &l.magnitude {
                 let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?;
                 merged =
                     merged.broadcast_mul(&m.as_tensor().unsqueeze(1)?.broadcast_div(&norm)?)?;
             }
-            let merged = merged.to_dtype(self.dtype)?;
-            let p = self
-                .params
-                .get_mut(&key)
-                .ok_or_else(|| anyhow!("missing {key}"))?;
-            p.tensor = merged;
+            lin.weight.tensor = merged.to_dtype(model_dtype)?;
         }
         Ok(())
     }

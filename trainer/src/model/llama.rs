@@ -1,169 +1,41 @@
-use std::collections::BTreeMap;
+//! The Llama-family decoder (`llama`, `mistral`, `qwen2`, `qwen3`): its weights resolved into
+//! typed parts when the model is built (a missing weight fails the load), the name map PEFT
+//! files, freeze rules and exports use, and the forward passes: training passes with optional
+//! gradient checkpointing, per-sequence log-probabilities, the loss, and cached decoding.
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
-use rand::Rng;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
+use super::batch::{shifted_targets, Batch};
 use super::config::ModelConfig;
-use crate::data::IGNORE_INDEX;
-
-/// A model tensor: frozen (`var` is none) or trainable.
-#[derive(Clone)]
-pub struct Param {
-    pub tensor: Tensor,
-    pub var: Option<Var>,
-}
-
-impl Param {
-    pub fn t(&self) -> &Tensor {
-        self.var
-            .as_ref()
-            .map(Var::as_tensor)
-            .unwrap_or(&self.tensor)
-    }
-}
-
-/// `y = W x + scale · B A dropout(x)`, optionally DoRA-rescaled per output row.
-#[derive(Clone)]
-pub struct LoraLayer {
-    pub a: Var,
-    pub b: Var,
-    pub scale: f64,
-    pub dropout: f64,
-    /// DoRA magnitude (one per output feature).
-    pub magnitude: Option<Var>,
-    /// Treat DoRA's weight norm as a constant in backward, as PEFT does (DoRA paper §4.3);
-    /// off, gradients are those of the exact function.
-    pub detach_norm: bool,
-}
-
-/// One example for [`Batch::pad`]: ids, labels and optional positions.
-pub type RowRef<'a> = (&'a [u32], &'a [i64], Option<&'a [u32]>);
-
-/// One padded batch, flattened row-major (`B × T`).
-pub struct Batch {
-    pub input_ids: Vec<u32>,
-    pub labels: Vec<i64>,
-    /// Position of each token (restarting per packed sub-sequence).
-    pub positions: Vec<u32>,
-    /// Packed sub-sequence of each token (neat packing); tokens attend within their segment only.
-    pub segments: Option<Vec<u32>>,
-    /// Unpadded length of each row.
-    pub lens: Vec<usize>,
-    pub batch: usize,
-    pub seq: usize,
-}
-
-impl Batch {
-    /// Right-pads examples into one batch; positions count from 0 unless given.
-    pub fn pad(rows: &[RowRef], pad_id: u32) -> Self {
-        let seq = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
-        let mut b = Batch {
-            input_ids: Vec::with_capacity(rows.len() * seq),
-            labels: Vec::with_capacity(rows.len() * seq),
-            positions: Vec::with_capacity(rows.len() * seq),
-            segments: None,
-            lens: rows.iter().map(|r| r.0.len()).collect(),
-            batch: rows.len(),
-            seq,
-        };
-        for (ids, labels, pos) in rows {
-            let n = ids.len();
-            b.input_ids.extend_from_slice(ids);
-            b.input_ids.extend(std::iter::repeat_n(pad_id, seq - n));
-            b.labels.extend_from_slice(labels);
-            b.labels
-                .extend(std::iter::repeat_n(IGNORE_INDEX, seq - labels.len()));
-            match pos {
-                Some(p) => b.positions.extend_from_slice(p),
-                None => b.positions.extend(0..n as u32),
-            }
-            b.positions.extend(n as u32..seq as u32);
-        }
-        b
-    }
-
-    /// Tokens that carry loss after the causal shift.
-    pub fn num_targets(&self) -> usize {
-        (0..self.batch)
-            .map(|b| {
-                (1..self.seq)
-                    .filter(|&t| self.labels[b * self.seq + t] != IGNORE_INDEX)
-                    .count()
-            })
-            .sum()
-    }
-}
+use super::layers::{
+    f32_if_half, log_softmax, missing, rms_norm, DecoderLayer, Dims, KvCache, Linear, LoraLayer,
+    Param, Pass, Weights, MASK_VALUE,
+};
 
 pub struct Model {
     pub cfg: ModelConfig,
-    pub params: BTreeMap<String, Param>,
-    /// LoRA layers by module name (`model.layers.0.self_attn.q_proj`).
-    pub lora: BTreeMap<String, LoraLayer>,
-    /// Reference mode: the base weights as loaded, LoRA off (the frozen reference model of
-    /// DPO/KTO without a second copy in memory).
-    pub reference: std::sync::atomic::AtomicBool,
+    pub embed: Param,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Param,
+    /// The output projection; `None` when tied to the embedding.
+    pub lm_head: Option<Param>,
+    /// Tensors of the files that the architecture does not read: kept to be saved again,
+    /// never trained.
+    pub extra: BTreeMap<String, Param>,
     /// Gradient checkpointing: training passes keep only each decoder layer's input and
     /// recompute the layer during backward (`gradient_checkpointing: true`).
     pub checkpointing: bool,
     /// Where the recomputed layers leave their trainable tensors' gradients; see
     /// [`Model::backward`].
     grad_sink: crate::ops::GradSink,
+    dims: Dims,
     pub dtype: DType,
     pub device: Device,
-}
-
-const MASK_VALUE: f64 = -1e9;
-
-/// Softmax over the last dim from differentiable ops; the max is detached, which is exact
-/// because softmax does not depend on it.
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
-pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
-}
-
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if crate::ops::fused_for(x) {
-        return Ok(crate::ops::rms_norm(x, w, eps)?);
-    }
-    in_f32(x, |x| {
-        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&inv)?)
-    })?
-    .broadcast_mul(w)
-    .map_err(Into::into)
-}
-
-/// f32 for bf16/f16, else `d` itself: where a half-precision model keeps what must not lose
-/// precision (trained tensors and their updates, norms, attention probabilities, the loss).
-fn f32_if_half(d: DType) -> DType {
-    match d {
-        DType::BF16 | DType::F16 => DType::F32,
-        d => d,
-    }
-}
-
-/// `f(x)` computed in f32 when `x` is bf16/f16, as Hugging Face does for norms and attention
-/// probabilities: their sums lose too much in an 8- or 11-bit mantissa.
-fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-    Ok(f(&x.to_dtype(f32_if_half(x.dtype()))?)?.to_dtype(x.dtype())?)
-}
-
-fn rotate_half(x: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
 }
 
 impl Model {
@@ -174,92 +46,121 @@ impl Model {
         Self::from_weights(cfg, weights, dtype, device)
     }
 
+    /// Builds the model from tensors by Hugging Face name; every weight the architecture
+    /// reads must be there.
     pub fn from_weights(
         cfg: ModelConfig,
-        weights: std::collections::HashMap<String, Tensor>,
+        mut weights: HashMap<String, Tensor>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let mut params = BTreeMap::new();
-        for (name, tensor) in weights {
-            params.insert(name, Param { tensor, var: None });
-        }
-        let model = Self {
+        let mut take = |name: &str| weights.remove(name).ok_or_else(|| missing(name));
+        let embed = Param::frozen(take("model.embed_tokens.weight")?);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| DecoderLayer::new(l, &cfg, &mut take))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = Param::frozen(take("model.norm.weight")?);
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Param::frozen(take("lm_head.weight")?))
+        };
+        Ok(Self {
+            dims: Dims::new(&cfg, dtype),
             cfg,
-            params,
-            lora: BTreeMap::new(),
-            reference: std::sync::atomic::AtomicBool::new(false),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            extra: weights
+                .into_iter()
+                .map(|(k, t)| (k, Param::frozen(t)))
+                .collect(),
             checkpointing: false,
             grad_sink: Default::default(),
             dtype,
             device: device.clone(),
-        };
-        for name in model.expected_params() {
-            if !model.params.contains_key(&name) {
-                bail!("weights are incomplete: tensor `{name}` is missing");
-            }
-        }
-        Ok(model)
-    }
-
-    /// The names of every weight the architecture reads.
-    pub fn expected_params(&self) -> Vec<String> {
-        let c = &self.cfg;
-        let mut names = vec![
-            "model.embed_tokens.weight".to_string(),
-            "model.norm.weight".to_string(),
-        ];
-        if !c.tie_word_embeddings {
-            names.push("lm_head.weight".into());
-        }
-        for l in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            for m in self.linear_modules() {
-                names.push(format!("{p}.{m}.weight"));
-            }
-            if c.qkv_bias {
-                for m in ["q_proj", "k_proj", "v_proj"] {
-                    names.push(format!("{p}.self_attn.{m}.bias"));
-                }
-            }
-            if c.o_bias {
-                names.push(format!("{p}.self_attn.o_proj.bias"));
-            }
-            names.push(format!("{p}.input_layernorm.weight"));
-            names.push(format!("{p}.post_attention_layernorm.weight"));
-            if c.qk_norm {
-                names.push(format!("{p}.self_attn.q_norm.weight"));
-                names.push(format!("{p}.self_attn.k_norm.weight"));
-            }
-        }
-        names
-    }
-
-    /// Linear modules inside a decoder layer, relative to the layer.
-    pub fn linear_modules(&self) -> [&'static str; 7] {
-        [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        ]
-    }
-
-    fn in_reference(&self) -> bool {
-        self.reference.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// The weight to compute with and whether it trains (never in reference mode). A trained
-    /// weight of a half-precision model is kept in f32 (see [`Model::trainable_dtype`]) and
-    /// enters the computation cast, so the cast's backward hands the f32 master its gradient.
-    fn weight(&self, p: &Param) -> Result<(Tensor, bool)> {
-        Ok(match &p.var {
-            Some(v) if !self.in_reference() => (v.as_tensor().to_dtype(self.dtype)?, true),
-            _ => (p.tensor.clone(), false),
         })
+    }
+
+    /// Every tensor under its Hugging Face name, sorted by name.
+    pub fn params(&self) -> Vec<(String, &Param)> {
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), &self.embed),
+            ("model.norm.weight".to_string(), &self.norm),
+        ];
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".into(), h));
+        }
+        for layer in &self.layers {
+            out.extend(layer.params());
+        }
+        out.extend(self.extra.iter().map(|(k, p)| (k.clone(), p)));
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// [`Model::params`], to change them (sorted by name).
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Param)> {
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), &mut self.embed),
+            ("model.norm.weight".to_string(), &mut self.norm),
+        ];
+        if let Some(h) = &mut self.lm_head {
+            out.push(("lm_head.weight".into(), h));
+        }
+        for layer in &mut self.layers {
+            out.extend(layer.params_mut());
+        }
+        out.extend(self.extra.iter_mut().map(|(k, p)| (k.clone(), p)));
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The weight called `name`, to change it.
+    pub fn param_mut(&mut self, name: &str) -> Option<&mut Param> {
+        self.params_mut()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+    }
+
+    /// Every linear module of the decoder layers, layer by layer.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| l.linears())
+    }
+
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers.iter_mut().flat_map(|l| l.linears_mut())
+    }
+
+    /// The linear module called `name` (`model.layers.0.self_attn.q_proj`).
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        self.linears_mut().find(|l| l.name == name)
+    }
+
+    /// The LoRA layers by module name.
+    pub fn lora_layers(&self) -> BTreeMap<&str, &LoraLayer> {
+        self.linears()
+            .filter_map(|l| Some((l.name.as_str(), l.lora.as_ref()?)))
+            .collect()
+    }
+
+    pub fn lora_layers_mut(&mut self) -> impl Iterator<Item = &mut LoraLayer> {
+        self.linears_mut().filter_map(|l| l.lora.as_mut())
+    }
+
+    /// Exchanges the attached LoRA layers with `other` (by module name): two adapters taking
+    /// turns on the same base weights, like PPO's policy and reward adapters.
+    pub fn swap_lora(&mut self, other: &mut BTreeMap<String, LoraLayer>) {
+        let mut mine = BTreeMap::new();
+        for lin in self.linears_mut() {
+            if let Some(l) = lin.lora.take() {
+                mine.insert(lin.name.clone(), l);
+            }
+            lin.lora = other.remove(&lin.name);
+        }
+        *other = mine;
     }
 
     /// The dtype trainable tensors are kept in: f32 when the model computes in bf16/f16
@@ -269,72 +170,47 @@ impl Model {
         f32_if_half(self.dtype)
     }
 
-    pub fn param(&self, name: &str) -> Result<Tensor> {
-        let p = self
-            .params
-            .get(name)
-            .ok_or_else(|| anyhow!("missing weight `{name}`"))?;
-        Ok(self.weight(p)?.0)
+    /// Elements in the base model's weights.
+    pub fn num_base_params(&self) -> u64 {
+        self.params()
+            .iter()
+            .map(|(_, p)| p.tensor.elem_count() as u64)
+            .sum()
     }
 
-    fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
-        let name = if self.cfg.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        let p = self
-            .params
-            .get(name)
-            .ok_or_else(|| anyhow!("missing weight `{name}`"))?;
-        Ok(match self.weight(p)? {
+    /// Elements in the base weights and the LoRA matrices (PEFT's "all params").
+    pub fn num_params(&self) -> u64 {
+        self.num_base_params()
+            + self
+                .lora_layers()
+                .values()
+                .map(|l| (l.a.elem_count() + l.b.elem_count()) as u64)
+                .sum::<u64>()
+    }
+
+    fn lm_head(&self, h: &Tensor, weights: Weights) -> Result<Tensor> {
+        let p = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(match p.value(weights, self.dtype)? {
             (w, true) => h.matmul(&w.t()?)?,
             (w, false) => crate::ops::frozen_linear(h, &w)?,
         })
     }
 
-    /// `x (N, in) → (N, out)` through a linear module and its LoRA layer, if any.
-    pub fn linear(&self, module: &str, x: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let p = self
-            .params
-            .get(&format!("{module}.weight"))
-            .ok_or_else(|| anyhow!("missing weight `{module}.weight`"))?;
-        let (w, trainable) = self.weight(p)?;
-        let mut y = if trainable {
-            x.matmul(&w.t()?)?
-        } else {
-            crate::ops::frozen_linear(x, &w)?
-        };
-        if let Some(lora) = self.lora.get(module).filter(|_| !self.in_reference()) {
-            let xd = match rng {
-                Some(rng) if lora.dropout > 0.0 => dropout(x, lora.dropout, rng)?,
-                _ => x.clone(),
-            };
-            // The scale goes on B (out × r), not on the (tokens × out) product: one pass fewer.
-            let (a, b) = (
-                lora.a.as_tensor().to_dtype(self.dtype)?,
-                lora.b.as_tensor().to_dtype(self.dtype)?,
-            );
-            let delta = xd.matmul(&a.t()?)?.matmul(&(&b * lora.scale)?.t()?)?;
-            y = match &lora.magnitude {
-                None => (y + delta)?,
-                Some(m) => {
-                    // DoRA: (W + sBA) rescaled row-wise to the learned magnitude; the norm is
-                    // detached as in PEFT.
-                    let merged = (&w + (b.matmul(&a)? * lora.scale)?)?;
-                    let mut norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?;
-                    if lora.detach_norm {
-                        norm = norm.detach();
-                    }
-                    let factor = m.as_tensor().to_dtype(self.dtype)?.broadcast_div(&norm)?;
-                    (y + delta)?.broadcast_mul(&factor)?
-                }
-            };
-        }
-        if let Some(b) = self.params.get(&format!("{module}.bias")) {
-            y = y.broadcast_add(&self.weight(b)?.0)?;
-        }
-        Ok(y)
+    fn embed(&self, ids: &[u32], weights: Weights) -> Result<Tensor> {
+        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        Ok(self
+            .embed
+            .value(weights, self.dtype)?
+            .0
+            .index_select(&ids, 0)?)
+    }
+
+    fn final_norm(&self, x: &Tensor, weights: Weights) -> Result<Tensor> {
+        rms_norm(
+            x,
+            &self.norm.value(weights, self.dtype)?.0,
+            self.cfg.rms_norm_eps,
+        )
     }
 
     fn rope_tables(&self, positions: &[u32], batch: usize, seq: usize) -> Result<(Tensor, Tensor)> {
@@ -377,103 +253,19 @@ impl Model {
         Ok(Tensor::from_vec(m, (bs, 1, t, t), &self.device)?.to_dtype(self.dtype)?)
     }
 
-    /// One decoder layer over `x (B·n, hidden)`. With a cache, keys and values are appended to
-    /// those of earlier tokens (decoding); without, the pass is self-contained (training).
-    fn layer(
-        &self,
-        l: usize,
-        x: Tensor,
-        pass: &mut Pass,
-        mut rng: Option<&mut ChaCha8Rng>,
-    ) -> Result<Tensor> {
-        let c = &self.cfg;
-        let (bs, n) = (pass.batch, pass.n);
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let p = format!("model.layers.{l}");
-        let h = rms_norm(
-            &x,
-            &self.param(&format!("{p}.input_layernorm.weight"))?,
-            c.rms_norm_eps,
-        )?;
-        let heads = |name: &str, count: usize, rng: Option<&mut ChaCha8Rng>| -> Result<Tensor> {
-            let y = self
-                .linear(&format!("{p}.self_attn.{name}_proj"), &h, rng)?
-                .reshape((bs, n, count, hd))?;
-            let y = if c.qk_norm && name != "v" {
-                rms_norm(
-                    &y,
-                    &self.param(&format!("{p}.self_attn.{name}_norm.weight"))?,
-                    c.rms_norm_eps,
-                )?
-            } else {
-                y
-            };
-            Ok(y.transpose(1, 2)?.contiguous()?)
-        };
-        let q = heads("q", nh, rng.as_deref_mut())?;
-        let k = heads("k", nkv, rng.as_deref_mut())?;
-        let v = heads("v", nkv, rng.as_deref_mut())?;
-        let rope = |x: &Tensor| -> Result<Tensor> {
-            if crate::ops::fused_for(x) {
-                return Ok(crate::ops::rope(x, &pass.cos, &pass.sin)?);
-            }
-            Ok((x.broadcast_mul(&pass.cos)? + rotate_half(x)?.broadcast_mul(&pass.sin)?)?)
-        };
-        let q = rope(&q)?;
-        let mut k = rope(&k)?;
-        let mut v = v;
-        if let Some(cache) = pass.cache.as_deref_mut() {
-            if let Some(Some((pk, pv))) = cache.layers.get(l) {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            if cache.layers.len() <= l {
-                cache.layers.resize(l + 1, None);
-            }
-            cache.layers[l] = Some((k.clone(), v.clone()));
-        }
-        let total = k.dim(2)?;
-        // GQA without copying K and V per query head: the `rep` query heads of a kv head are
-        // stacked along the sequence axis, `(B, nkv, rep·n, hd)`, so one product per kv head
-        // serves them all (and the backward needs no sum over copies).
-        let rep = nh / nkv;
-        let q = q.reshape((bs, nkv, rep * n, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?.reshape((bs, nh, n, total))?;
-        let probs = if crate::ops::fused_for(&scores) {
-            crate::ops::masked_softmax(&scores, &pass.mask, scale)?
-        } else {
-            in_f32(&(scores * scale)?.broadcast_add(&pass.mask)?, softmax)?
-        };
-        let attn = probs
-            .reshape((bs, nkv, rep * n, total))?
-            .matmul(&v)?
-            .reshape((bs, nh, n, hd))?
-            .transpose(1, 2)?
-            .reshape((bs * n, nh * hd))?;
-        let x = (x + self.linear(&format!("{p}.self_attn.o_proj"), &attn, rng.as_deref_mut())?)?;
-        let h = rms_norm(
-            &x,
-            &self.param(&format!("{p}.post_attention_layernorm.weight"))?,
-            c.rms_norm_eps,
-        )?;
-        let gate = self.linear(&format!("{p}.mlp.gate_proj"), &h, rng.as_deref_mut())?;
-        let up = self.linear(&format!("{p}.mlp.up_proj"), &h, rng.as_deref_mut())?;
-        let act = if crate::ops::fused_for(&gate) {
-            crate::ops::swiglu(&gate, &up)?
-        } else {
-            (gate.silu()? * up)?
-        };
-        let down = self.linear(&format!("{p}.mlp.down_proj"), &act, rng)?;
-        Ok((x + down)?)
+    /// Final hidden states of the policy, `(B·T, hidden)`. `rng` turns on dropout (training).
+    pub fn hidden(&self, b: &Batch, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        self.hidden_with(b, rng, Weights::Policy)
     }
 
-    /// Final hidden states, `(B·T, hidden)`. `rng` turns on dropout (training).
-    pub fn hidden(&self, b: &Batch, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let ids = Tensor::from_slice(&b.input_ids, b.batch * b.seq, &self.device)?;
-        let mut x = self
-            .param("model.embed_tokens.weight")?
-            .index_select(&ids, 0)?;
+    /// Final hidden states computed with `weights`.
+    pub fn hidden_with(
+        &self,
+        b: &Batch,
+        mut rng: Option<&mut ChaCha8Rng>,
+        weights: Weights,
+    ) -> Result<Tensor> {
+        let mut x = self.embed(&b.input_ids, weights)?;
         let (cos, sin) = self.rope_tables(&b.positions, b.batch, b.seq)?;
         let mut pass = Pass {
             batch: b.batch,
@@ -483,49 +275,50 @@ impl Model {
             mask: self.attention_mask(b)?,
             cache: None,
         };
-        for l in 0..self.cfg.num_hidden_layers {
-            x = if self.checkpointing && !self.in_reference() {
-                self.checkpointed_layer(l, x, &pass, rng.as_deref_mut())?
+        for layer in &self.layers {
+            x = if self.checkpointing && weights == Weights::Policy {
+                self.checkpointed_layer(layer, x, &pass, rng.as_deref_mut())?
             } else {
-                self.layer(l, x, &mut pass, rng.as_deref_mut())?
+                layer.forward(&self.dims, x, &mut pass, rng.as_deref_mut(), weights)?
             };
         }
-        rms_norm(&x, &self.param("model.norm.weight")?, self.cfg.rms_norm_eps)
+        self.final_norm(&x, weights)
     }
 
-    /// [`Model::layer`] without keeping its activations: the output joins the graph through a
+    /// A decoder layer whose activations are not kept: the output joins the graph through a
     /// checkpoint node whose backward runs the layer again from its saved input (with the same
     /// dropout draws) and hands the layer's trainable gradients to the sink.
     fn checkpointed_layer(
         &self,
-        l: usize,
+        layer: &DecoderLayer,
         x: Tensor,
         pass: &Pass,
         rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
-        let view = std::sync::Arc::new(self.layer_view(l));
-        let trainable: Vec<Tensor> = view
-            .trainable()
-            .into_iter()
-            .map(|(_, v)| v.as_tensor().clone())
-            .collect();
+        let trainable = layer.trainable_tensors();
         let mut fresh = pass.fresh();
         let Some(anchor) = trainable.first().cloned() else {
             // Nothing in this layer trains: its graph only carries `x`'s gradient through.
-            return view.layer(l, x, &mut fresh, rng);
+            return layer.forward(&self.dims, x, &mut fresh, rng, Weights::Policy);
         };
         let replay = rng.as_deref().cloned();
-        let y0 = view.layer(l, x.detach(), &mut fresh, rng)?.detach();
-        let sink = self.grad_sink.clone();
+        let y0 = layer
+            .forward(&self.dims, x.detach(), &mut fresh, rng, Weights::Policy)?
+            .detach();
+        // The layer's tensors are shared, not copied: cloning a layer clones handles.
+        let layer = std::sync::Arc::new(layer.clone());
+        let (dims, sink) = (self.dims, self.grad_sink.clone());
+        let l = layer.index;
         let recompute = move |x: &Tensor, g: &Tensor| -> candle_core::Result<Tensor> {
             let run = || -> Result<Tensor> {
                 let input = Var::from_tensor(&x.detach())?;
                 let mut rng = replay.clone();
-                let y = view.layer(
-                    l,
+                let y = layer.forward(
+                    &dims,
                     input.as_tensor().clone(),
                     &mut fresh.fresh(),
                     rng.as_mut(),
+                    Weights::Policy,
                 )?;
                 let store = (y * g)?.sum_all()?.backward()?;
                 for t in &trainable {
@@ -548,37 +341,12 @@ impl Model {
         )?)
     }
 
-    /// A model holding only decoder layer `l`'s tensors (shared, not copied).
-    fn layer_view(&self, l: usize) -> Model {
-        let prefix = format!("model.layers.{l}.");
-        Model {
-            cfg: self.cfg.clone(),
-            params: self
-                .params
-                .iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            lora: self
-                .lora
-                .iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            reference: std::sync::atomic::AtomicBool::new(self.in_reference()),
-            checkpointing: false,
-            grad_sink: Default::default(),
-            dtype: self.dtype,
-            device: self.device.clone(),
-        }
-    }
-
     /// This model on `device`, computing in `dtype`; what trains keeps training (in
     /// [`Model::trainable_dtype`]). Used to compare devices on the same weights.
     pub fn to_device(&self, device: &Device, dtype: DType) -> Result<Model> {
-        let mut weights = std::collections::HashMap::new();
-        for (name, p) in &self.params {
-            weights.insert(name.clone(), p.t().to_device(device)?.to_dtype(dtype)?);
+        let mut weights = HashMap::new();
+        for (name, p) in self.params() {
+            weights.insert(name, p.t().to_device(device)?.to_dtype(dtype)?);
         }
         let mut m = Model::from_weights(self.cfg.clone(), weights, dtype, device)?;
         let master = m.trainable_dtype();
@@ -587,19 +355,30 @@ impl Model {
                 &v.as_tensor().to_device(device)?.to_dtype(master)?,
             )?)
         };
-        for (name, p) in &self.params {
-            if let Some(v) = &p.var {
-                m.params.get_mut(name).expect("same names").var = Some(moved(v)?);
+        let trained: BTreeMap<String, Var> = self
+            .params()
+            .into_iter()
+            .filter_map(|(n, p)| Some((n, p.var.clone()?)))
+            .collect();
+        for (name, p) in m.params_mut() {
+            if let Some(v) = trained.get(&name) {
+                p.var = Some(moved(v)?);
             }
         }
-        for (name, l) in &self.lora {
-            let layer = LoraLayer {
-                a: moved(&l.a)?,
-                b: moved(&l.b)?,
-                magnitude: l.magnitude.as_ref().map(moved).transpose()?,
-                ..l.clone()
-            };
-            m.lora.insert(name.clone(), layer);
+        let lora: BTreeMap<String, LoraLayer> = self
+            .lora_layers()
+            .into_iter()
+            .map(|(name, l)| (name.to_string(), l.clone()))
+            .collect();
+        for lin in m.linears_mut() {
+            if let Some(l) = lora.get(&lin.name) {
+                lin.lora = Some(LoraLayer {
+                    a: moved(&l.a)?,
+                    b: moved(&l.b)?,
+                    magnitude: l.magnitude.as_ref().map(moved).transpose()?,
+                    ..l.clone()
+                });
+            }
         }
         m.checkpointing = self.checkpointing;
         Ok(m)
@@ -633,10 +412,7 @@ impl Model {
         let n = new.len() / batch;
         let start = cache.len;
         let total = start + n;
-        let ids = Tensor::from_slice(new, batch * n, &self.device)?;
-        let mut x = self
-            .param("model.embed_tokens.weight")?
-            .index_select(&ids, 0)?;
+        let mut x = self.embed(new, Weights::Policy)?;
         let mut positions = Vec::with_capacity(batch * n);
         let mut m = vec![0f64; batch * n * total];
         for (r, &pad) in pad_left.iter().enumerate().take(batch) {
@@ -660,25 +436,21 @@ impl Model {
             mask,
             cache: Some(cache),
         };
-        for l in 0..self.cfg.num_hidden_layers {
-            x = self.layer(l, x, &mut pass, None)?;
+        for layer in &self.layers {
+            x = layer.forward(&self.dims, x, &mut pass, None, Weights::Policy)?;
         }
         if let Some(cache) = pass.cache {
             cache.len = total;
         }
         let last = x.reshape((batch, n, ()))?.narrow(1, n - 1, 1)?.squeeze(1)?;
-        let h = rms_norm(
-            &last,
-            &self.param("model.norm.weight")?,
-            self.cfg.rms_norm_eps,
-        )?;
-        self.lm_head(&h)
+        let h = self.final_norm(&last, Weights::Policy)?;
+        self.lm_head(&h, Weights::Policy)
     }
 
     /// Logits for every position, `(B, T, vocab)`.
     pub fn logits(&self, b: &Batch) -> Result<Tensor> {
         let h = self.hidden(b, None)?;
-        let logits = self.lm_head(&h)?;
+        let logits = self.lm_head(&h, Weights::Policy)?;
         Ok(logits.reshape((b.batch, b.seq, ()))?)
     }
 
@@ -689,24 +461,25 @@ impl Model {
         b: &Batch,
         rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Option<TargetLogits>> {
-        Ok(self.target_states(b, rng)?.map(|(_, t)| t))
+        Ok(self.target_states(b, rng, Weights::Policy)?.map(|(_, t)| t))
     }
 
-    /// [`Model::target_logits`] with the final hidden states of those positions `(n, hidden)`
-    /// (what a value head reads).
+    /// [`Model::target_logits`] computed with `weights`, with the final hidden states of those
+    /// positions `(n, hidden)` (what a value head reads).
     pub fn target_states(
         &self,
         b: &Batch,
         rng: Option<&mut ChaCha8Rng>,
+        weights: Weights,
     ) -> Result<Option<(Tensor, TargetLogits)>> {
-        let h = self.hidden(b, rng)?;
+        let h = self.hidden_with(b, rng, weights)?;
         let (rows, targets) = shifted_targets(b);
         if rows.is_empty() {
             return Ok(None);
         }
         let idx = Tensor::from_slice(&rows, rows.len(), &self.device)?;
         let h = h.index_select(&idx, 0)?;
-        let logits = self.lm_head(&h)?;
+        let logits = self.lm_head(&h, weights)?;
         Ok(Some((
             h,
             TargetLogits {
@@ -724,7 +497,16 @@ impl Model {
         b: &Batch,
         rng: Option<&mut ChaCha8Rng>,
     ) -> Result<(Tensor, Vec<usize>)> {
-        let Some(t) = self.target_logits(b, rng)? else {
+        self.sequence_logps_with(b, rng, Weights::Policy)
+    }
+
+    fn sequence_logps_with(
+        &self,
+        b: &Batch,
+        rng: Option<&mut ChaCha8Rng>,
+        weights: Weights,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let Some((_, t)) = self.target_states(b, rng, weights)? else {
             return Ok((
                 Tensor::zeros(b.batch, self.trainable_dtype(), &self.device)?,
                 vec![0; b.batch],
@@ -744,19 +526,10 @@ impl Model {
         Ok((member.matmul(&logps)?.squeeze(1)?, counts))
     }
 
-    /// Runs `f` on the reference model: the base weights as loaded, LoRA off.
-    pub fn with_reference<R>(&self, f: impl FnOnce(&Self) -> R) -> R {
-        use std::sync::atomic::Ordering;
-        self.reference.store(true, Ordering::Relaxed);
-        let out = f(self);
-        self.reference.store(false, Ordering::Relaxed);
-        out
-    }
-
-    /// [`Model::sequence_logps`] of the reference model, detached.
+    /// [`Model::sequence_logps`] of the reference model (base weights, adapters off), detached.
     pub fn reference_logps(&self, b: &Batch) -> Result<Tensor> {
         Ok(self
-            .with_reference(|m| m.sequence_logps(b, None))?
+            .sequence_logps_with(b, None, Weights::Reference)?
             .0
             .detach())
     }
@@ -794,62 +567,4 @@ impl TargetLogits {
         let logits = self.logits.to_dtype(f32_if_half(self.logits.dtype()))?;
         Ok(log_softmax(&logits)?.gather(&tgt, 1)?)
     }
-}
-
-/// What one forward pass shares across its layers.
-struct Pass<'a> {
-    batch: usize,
-    /// New tokens per row in this pass.
-    n: usize,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
-    cache: Option<&'a mut KvCache>,
-}
-
-impl Pass<'_> {
-    /// The same tables without the KV cache (a training pass never has one).
-    fn fresh(&self) -> Pass<'static> {
-        Pass {
-            batch: self.batch,
-            n: self.n,
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-            mask: self.mask.clone(),
-            cache: None,
-        }
-    }
-}
-
-/// Keys and values of the tokens seen so far, per layer (after RoPE), for decoding.
-#[derive(Default, Clone)]
-pub struct KvCache {
-    pub layers: Vec<Option<(Tensor, Tensor)>>,
-    pub len: usize,
-}
-
-/// Row index (into `B·T`) and target id of every position whose next label is trained.
-pub fn shifted_targets(b: &Batch) -> (Vec<u32>, Vec<u32>) {
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    for r in 0..b.batch {
-        for t in 0..b.seq.saturating_sub(1) {
-            let label = b.labels[r * b.seq + t + 1];
-            if label != IGNORE_INDEX {
-                rows.push((r * b.seq + t) as u32);
-                targets.push(label as u32);
-            }
-        }
-    }
-    (rows, targets)
-}
-
-fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
-    let n = x.elem_count();
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f64> = (0..n)
-        .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok((x * mask)?)
 }

@@ -1,12 +1,17 @@
-//! The Llama-family decoder in candle, built only from differentiable ops, with LoRA / DoRA
-//! layers and PEFT-compatible adapter files.
+//! The Llama-family decoder in candle, built only from differentiable ops (or CustomOps with a
+//! backward), its parts (`layers`), batches (`batch`), LoRA / DoRA adapters in PEFT's format and
+//! the freeze / full methods (`adapter`), the value head of reward models and PPO
+//! (`value_head`), and reading configs and weights.
 
 pub mod adapter;
+pub mod batch;
 pub mod config;
+pub mod layers;
 mod llama;
+pub mod value_head;
 pub mod weights;
 
+pub use batch::{shifted_targets, Batch, RowRef};
 pub use config::ModelConfig;
-pub use llama::{
-    log_softmax, softmax, Batch, KvCache, LoraLayer, Model, Param, RowRef, TargetLogits,
-};
+pub use layers::{log_softmax, softmax, DecoderLayer, KvCache, Linear, LoraLayer, Param, Weights};
+pub use llama::{Model, TargetLogits};

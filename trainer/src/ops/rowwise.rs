@@ -1,8 +1,9 @@
 //! Row-wise kernels with hand-written backward passes: the attention softmax (scale and mask
-//! folded in), log-softmax + target gather (cross-entropy), and RMSNorm. Composed from candle
-//! ops each of these is 5–10 full passes over its tensor forward and as many backward, every
-//! one allocating; here each is one pass forward and one backward, over contiguous rows in
-//! parallel. CPU only: other devices keep the composed versions (see `ops::fused`).
+//! folded in), log-softmax + target gather (cross-entropy), RMSNorm, rotary embeddings (RoPE)
+//! and the SwiGLU activation. Composed from candle ops each of these is several full passes
+//! over its tensor forward and as many backward, every one allocating; here each is one pass
+//! forward and one backward, over contiguous rows in parallel. CPU f32/f64 only: other devices
+//! and dtypes keep the composed versions (see `ops::fused_for`).
 
 use std::sync::Arc;
 

@@ -1,5 +1,6 @@
-//! Training objectives beyond causal-LM cross-entropy.
+//! The losses of the training stages beyond causal-LM cross-entropy, as pure math over tensors
+//! and vectors (no model, no data): the DPO family, KTO and the pairwise reward loss
+//! (`preference`), and PPO's rewards, advantages and clipped loss (`ppo`).
 
 pub mod ppo;
 pub mod preference;
-pub mod reward;

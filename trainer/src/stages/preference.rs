@@ -18,21 +18,19 @@ pub enum PrefLoss {
 }
 
 impl PrefLoss {
-    pub fn from_args(a: &protocol::TrainArgs) -> Result<Self> {
-        Ok(match a.pref_loss.as_str() {
-            "sigmoid" => Self::Sigmoid {
+    pub fn from_args(a: &protocol::TrainArgs) -> Self {
+        use protocol::args::PrefLossType as T;
+        match a.pref_loss {
+            T::Sigmoid => Self::Sigmoid {
                 label_smoothing: a.dpo_label_smoothing,
             },
-            "hinge" => Self::Hinge,
-            "ipo" => Self::Ipo,
-            "orpo" => Self::Orpo,
-            "simpo" => Self::Simpo {
+            T::Hinge => Self::Hinge,
+            T::Ipo => Self::Ipo,
+            T::Orpo => Self::Orpo,
+            T::Simpo => Self::Simpo {
                 gamma: a.simpo_gamma,
             },
-            other => bail!(
-                "`pref_loss` has value `{other}`, expected sigmoid, hinge, ipo, orpo or simpo"
-            ),
-        })
+        }
     }
 
     /// ORPO and SimPO need no reference model.

@@ -1,124 +1,20 @@
-//! Output files: adapters or full weights, tokenizer, `trainer_state.json`, results, and
-//! `checkpoint-N/` folders written atomically (to a temporary name, then renamed), so a failed
-//! save (a full disk) never damages the previous checkpoint.
+//! A run's saved model (adapter or full weights, with the tokenizer), `checkpoint-N/` folders
+//! written atomically (to a temporary name, then renamed, so a failed save — a full disk —
+//! never damages the previous checkpoint), their rotation, and resuming from one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::model::adapter::LoraSpec;
+use super::optim::AdamW;
+use crate::files::{write_json, write_safetensors, write_sharded};
+use crate::model::adapter::{LoraSpec, PEFT_PREFIX};
+use crate::model::value_head::ValueHead;
 use crate::model::Model;
 use crate::tokenizer::HfTokenizer;
-
-pub fn write_json(path: &Path, v: &Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
-        .with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// safetensors with `format: pt` metadata, as `transformers` writes.
-pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    let data: Vec<(String, Vec<usize>, DType, Vec<u8>)> = tensors
-        .iter()
-        .map(|(k, t)| {
-            let t = t.contiguous()?;
-            let bytes = tensor_bytes(&t)?;
-            Ok((k.clone(), t.dims().to_vec(), t.dtype(), bytes))
-        })
-        .collect::<Result<_>>()?;
-    let views = data
-        .iter()
-        .map(|(k, shape, dtype, bytes)| {
-            let st = match dtype {
-                DType::F32 => safetensors::Dtype::F32,
-                DType::F64 => safetensors::Dtype::F64,
-                DType::BF16 => safetensors::Dtype::BF16,
-                DType::F16 => safetensors::Dtype::F16,
-                other => return Err(anyhow!("cannot save dtype {other:?}")),
-            };
-            Ok((
-                k.clone(),
-                safetensors::tensor::TensorView::new(st, shape.clone(), bytes)?,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), path)
-        .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
-}
-
-fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let flat = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        DType::F64 => flat
-            .to_vec1::<f64>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        DType::BF16 => flat
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        DType::F16 => flat
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-        other => anyhow::bail!("cannot save dtype {other:?}"),
-    })
-}
-
-/// Full weights, sharded past `max_shard_bytes` with `model.safetensors.index.json`.
-pub fn write_sharded(
-    dir: &Path,
-    tensors: &BTreeMap<String, Tensor>,
-    max_shard_bytes: u64,
-) -> Result<Vec<PathBuf>> {
-    let mut shards: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new()];
-    let mut size = 0u64;
-    let mut total = 0u64;
-    for (k, t) in tensors {
-        let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        if size > 0 && size + bytes > max_shard_bytes {
-            shards.push(BTreeMap::new());
-            size = 0;
-        }
-        size += bytes;
-        total += bytes;
-        shards
-            .last_mut()
-            .expect("one shard")
-            .insert(k.clone(), t.clone());
-    }
-    if shards.len() == 1 {
-        let p = dir.join("model.safetensors");
-        write_safetensors(&p, &shards[0])?;
-        return Ok(vec![p]);
-    }
-    let n = shards.len();
-    let mut weight_map = serde_json::Map::new();
-    let mut files = Vec::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let name = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
-        for k in shard.keys() {
-            weight_map.insert(k.clone(), Value::String(name.clone()));
-        }
-        let p = dir.join(&name);
-        write_safetensors(&p, shard)?;
-        files.push(p);
-    }
-    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_json(&dir.join("model.safetensors.index.json"), &index)?;
-    Ok(files)
-}
 
 /// How a run's model is saved.
 pub enum SaveKind<'a> {
@@ -154,9 +50,9 @@ pub fn save_model(
             max_shard_bytes,
         } => {
             let tensors: BTreeMap<String, Tensor> = model
-                .params
-                .iter()
-                .map(|(k, p)| Ok((k.clone(), p.t().detach().to_dtype(DType::F32)?)))
+                .params()
+                .into_iter()
+                .map(|(k, p)| Ok((k, p.t().detach().to_dtype(DType::F32)?)))
                 .collect::<Result<_>>()?;
             write_sharded(dir, &tensors, *max_shard_bytes)?;
             let mut cfg = Value::Object(model.cfg.raw.clone());
@@ -169,6 +65,68 @@ pub fn save_model(
         }
     }
     tok.save(dir)
+}
+
+/// What a checkpoint holds besides weights: the Trainer's progress.
+pub(crate) struct Restored {
+    pub step: usize,
+    pub log_history: Vec<Value>,
+    pub tokens_seen: u64,
+    /// Seconds the run had trained before the checkpoint.
+    pub elapsed: f64,
+}
+
+/// Restores the optimizer's tensors (the adapter or trained weights, the value head when
+/// `value_head`) and its moments from checkpoint `ckpt`, and returns the progress there.
+pub(crate) fn restore(
+    ckpt: &Path,
+    opt: &mut AdamW,
+    adapter: bool,
+    value_head: bool,
+    dtype: DType,
+    device: &Device,
+) -> Result<Restored> {
+    let state_file = ckpt.join("trainer_state.json");
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(&state_file)
+            .with_context(|| format!("cannot read {}", state_file.display()))?,
+    )
+    .with_context(|| format!("{}: invalid JSON", state_file.display()))?;
+    let step = state["global_step"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("{}: no `global_step`", state_file.display()))?
+        as usize;
+    let weights_file = ckpt.join(if adapter {
+        "adapter_model.safetensors"
+    } else {
+        "model.safetensors"
+    });
+    let mut tensors = candle_core::safetensors::load(&weights_file, device)
+        .map_err(|e| anyhow!("cannot read {}: {e}", weights_file.display()))?;
+    if value_head {
+        tensors.extend(ValueHead::load(ckpt, dtype, device)?.tensors()?);
+    }
+    for p in &opt.params {
+        let key = if adapter && !p.name.starts_with(PEFT_PREFIX) && !p.name.starts_with("v_head.") {
+            format!("{PEFT_PREFIX}{}", p.name)
+        } else {
+            p.name.clone()
+        };
+        let t = tensors
+            .get(&key)
+            .ok_or_else(|| anyhow!("{}: `{key}` missing", weights_file.display()))?;
+        p.var.set(&t.to_dtype(p.var.dtype())?)?;
+    }
+    let opt_file = ckpt.join("optimizer.safetensors");
+    if opt_file.exists() {
+        opt.load_state(&opt_file)?;
+    }
+    Ok(Restored {
+        step,
+        log_history: state["log_history"].as_array().cloned().unwrap_or_default(),
+        tokens_seen: state["num_input_tokens_seen"].as_u64().unwrap_or(0),
+        elapsed: state["train_runtime_so_far"].as_f64().unwrap_or(0.0),
+    })
 }
 
 /// Writes into `dir.tmp` with `fill`, then renames over `dir`; on failure the temporary folder

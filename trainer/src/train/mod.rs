@@ -1,59 +1,58 @@
-//! `llamafactory train`: SFT and pre-training with LoRA, freeze or full fine-tuning, from
-//! LLaMA-Factory's arguments, writing LLaMA-Factory's output files.
+//! `llamafactory train`: every stage (pre-training, SFT, reward modelling, DPO, KTO, PPO) with
+//! LoRA, freeze or full fine-tuning, from LLaMA-Factory's arguments, writing LLaMA-Factory's
+//! output files; then prediction or evaluation with the result when asked.
+//!
+//! `job` runs a config (train, then predict or evaluate). The training loop (`session`) reads
+//! top to bottom; each of its parts has a module: `setup` (resume, model, method, optimizer),
+//! `plan` (steps, data order, learning rate, when to evaluate and save), `batch` (examples and
+//! batches), `objective` (the stage's step and evaluation, reporting through `step`'s types),
+//! `log` (LLaMA-Factory's log and results files), `checkpoint` (saving and restoring).
 
+mod batch;
 pub mod checkpoint;
+mod job;
+pub mod log;
+pub mod objective;
 pub mod optim;
-mod ppo;
+mod plan;
 pub mod report;
 mod reward_predict;
 pub mod schedule;
 mod session;
+mod setup;
+mod step;
 
-pub use session::{preference_step, run_training, Outcome, TrainOptions};
+pub use job::run_job;
+pub use session::run_training;
 
-use anyhow::{bail, Result};
-use protocol::{TrainArgs, WorkerEvent};
-use report::Reporter;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
-/// What `llamafactory train` does with a config: train, then predict with the result when
-/// `do_predict`; or only predict, or only evaluate. Reports `finished` once, at the end.
-pub fn run_job(args: &TrainArgs, opts: &TrainOptions, rep: &mut dyn Reporter) -> Result<Outcome> {
-    let mut metrics = serde_json::Map::new();
-    let mut predict_args = args.clone();
-    if args.do_train {
-        match run_training(args, opts, rep)? {
-            Outcome::Finished(m) => metrics = m,
-            other => return Ok(other),
+use candle_core::{DType, Device};
+use serde_json::{Map, Value};
+
+pub struct TrainOptions {
+    pub dtype: DType,
+    pub device: Device,
+    /// Set by SIGINT/SIGTERM: finish the step, save, stop.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            stop: Arc::new(AtomicBool::new(false)),
         }
-        let out = args.output_dir.clone();
-        if args.finetuning_type == "lora" {
-            predict_args.adapter_name_or_path = out;
-        } else {
-            predict_args.model_name_or_path = out;
-        }
-    } else if !args.do_predict && !args.do_eval {
-        bail!("nothing to do: set `do_train`, `do_eval` or `do_predict` to true");
     }
-    if !args.do_train && args.do_eval {
-        crate::config::validate(args)?;
-        metrics.extend(crate::predict::run_eval(args, &opts.device)?);
-    }
-    if args.do_predict {
-        crate::config::validate(args)?;
-        let predicted = if args.stage == "rm" {
-            reward_predict::run(&predict_args, &opts.device, rep)?
-        } else {
-            crate::predict::run_predict(&predict_args, &opts.device, rep)?
-        };
-        metrics.extend(predicted);
-    }
-    let step = metrics
-        .get("global_step")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0);
-    rep.event(&WorkerEvent::Finished {
-        step,
-        metrics: metrics.clone(),
-    });
-    Ok(Outcome::Finished(metrics))
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Done; the metrics for the `finished` event.
+    Finished(Map<String, Value>),
+    Aborted,
+    /// Training stopped on a problem after it started.
+    Failed(String),
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{anyhow, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
+use protocol::TrainArgs;
 
 pub struct ParamGroup {
     pub name: String,
@@ -24,6 +25,8 @@ pub struct AdamW {
     pub step: usize,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    /// Whether [`AdamW::check_gradients_once`] has checked a step's gradients.
+    gradients_checked: bool,
 }
 
 /// transformers' `get_decay_parameter_names`: no decay for biases and norm weights.
@@ -51,7 +54,31 @@ impl AdamW {
             step: 0,
             m,
             v,
+            gradients_checked: false,
         })
+    }
+
+    /// The optimizer of a training run over `trainable` tensors: `weight_decay` except on
+    /// biases and norms, LoRA+'s `loraplus_lr_ratio` on the B matrices, the Adam betas and
+    /// epsilon of `args`.
+    pub fn for_training(trainable: Vec<(String, Var)>, args: &TrainArgs) -> Result<Self> {
+        let groups = trainable
+            .into_iter()
+            .map(|(name, var)| ParamGroup {
+                lr_scale: match args.loraplus_lr_ratio {
+                    Some(r) if name.contains("lora_B") => r,
+                    _ => 1.0,
+                },
+                weight_decay: if decays(&name) {
+                    args.weight_decay
+                } else {
+                    0.0
+                },
+                name,
+                var,
+            })
+            .collect();
+        Self::new(groups, args.adam_beta1, args.adam_beta2, args.adam_epsilon)
     }
 
     /// This optimizer's gradients out of a backward pass, in parameter order.
@@ -73,8 +100,18 @@ impl AdamW {
         Ok(())
     }
 
+    /// [`AdamW::check_gradients`] on the first gradients this optimizer is given (the first
+    /// step of every run, resumed or not).
+    pub fn check_gradients_once(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
+        if !self.gradients_checked {
+            self.check_gradients(grads)?;
+            self.gradients_checked = true;
+        }
+        Ok(())
+    }
+
     /// Fails when a trainable tensor got no gradient: candle ops without a backward drop
-    /// gradients silently, so the first step of every run checks.
+    /// gradients silently.
     pub fn check_gradients(&self, grads: &[Option<Tensor>]) -> Result<()> {
         let missing: Vec<&str> = self
             .params

@@ -11,11 +11,11 @@ use candle_core::{DType, Device};
 use protocol::{TrainArgs, WorkerEvent};
 use serde_json::{json, Map, Value};
 
+use super::batch::{make_batch, pair_rows, Row};
 use super::report::Reporter;
-use super::session::{make_batch, pair_rows, Row};
 use crate::data::pipeline::get_dataset;
 use crate::infer::ChatModel;
-use crate::stages::reward::{ValueHead, VALUE_HEAD_FILE};
+use crate::model::value_head::{ValueHead, VALUE_HEAD_FILE};
 
 pub fn run(
     args: &TrainArgs,
@@ -89,9 +89,6 @@ pub fn run(
         "predict_samples_per_second".into(),
         json!(chosen.len() as f64 / runtime.max(1e-9)),
     );
-    crate::train::checkpoint::write_json(
-        &out.join("predict_results.json"),
-        &Value::Object(m.clone()),
-    )?;
+    crate::files::write_json(&out.join("predict_results.json"), &Value::Object(m.clone()))?;
     Ok(m)
 }

@@ -1,3 +1,6 @@
+//! `stage: kto` examples: each prompt with its answer, a desirability tag, and the answer of
+//! another example of the batch as its KL completion, like LLaMA-Factory's feedback processor.
+
 use super::{as_labels, infer_seqlen, ones, skipped, with_media, Features, Processor};
 use crate::data::converter::{Example, Message};
 use crate::data::{Skipped, IGNORE_INDEX};

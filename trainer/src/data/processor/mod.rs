@@ -13,6 +13,7 @@ use super::converter::Example;
 use super::template::Template;
 use super::Skipped;
 use crate::tokenizer::HfTokenizer;
+use protocol::args::Stage;
 use protocol::TrainArgs;
 
 /// One processed example under LLaMA-Factory's column names.
@@ -104,17 +105,17 @@ pub enum ProcessorKind {
 
 impl ProcessorKind {
     pub fn for_stage(args: &TrainArgs, do_generate: bool) -> Self {
-        match args.stage.as_str() {
-            "pt" => Self::Pretrain,
-            "sft" if !do_generate => {
+        match args.stage {
+            Stage::Pt => Self::Pretrain,
+            Stage::Sft if !do_generate => {
                 if args.packing() {
                     Self::PackedSupervised
                 } else {
                     Self::Supervised
                 }
             }
-            "rm" | "dpo" => Self::Pairwise,
-            "kto" => Self::Feedback,
+            Stage::Rm | Stage::Dpo => Self::Pairwise,
+            Stage::Kto => Self::Feedback,
             _ => Self::Unsupervised,
         }
     }

@@ -1,3 +1,6 @@
+//! `stage: rm` / `dpo` examples: the prompt with its chosen and its rejected answer, each
+//! truncated like LLaMA-Factory's pairwise processor.
+
 use super::{as_labels, infer_seqlen, ones, skipped, with_media, Features, Processor};
 use crate::data::converter::Example;
 use crate::data::{Skipped, IGNORE_INDEX};

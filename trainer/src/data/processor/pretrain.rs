@@ -1,3 +1,6 @@
+//! `stage: pt` texts: each text with eos, truncated, or concatenated and cut into `cutoff_len`
+//! blocks (`packing`).
+
 use super::{ones, Features, Processor};
 use crate::data::converter::Example;
 

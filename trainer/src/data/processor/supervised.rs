@@ -1,3 +1,7 @@
+//! `stage: sft` examples: the prompt masked in the labels (unless `train_on_prompt`), multi-turn
+//! with `mask_history`, truncated to `cutoff_len` like LLaMA-Factory, and packed (`packing`,
+//! `neat_packing`) into `cutoff_len` sequences.
+
 use std::collections::HashMap;
 
 use super::{

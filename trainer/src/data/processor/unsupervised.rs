@@ -1,3 +1,6 @@
+//! Prediction and PPO prompts: the prompt to generate from, with the reference answer (if any)
+//! as labels.
+
 use super::{as_labels, infer_seqlen, ones, skipped, with_media, Features, Processor};
 use crate::data::converter::{Example, Message, Role};
 use crate::data::Skipped;

@@ -1,6 +1,7 @@
-//! `stage: ppo`: each step samples responses to a batch of prompts from the policy, scores
-//! them with the reward model, and runs `ppo_epochs` passes of clipped PPO over that rollout,
-//! as LLaMA-Factory's `CustomPPOTrainer` drives TRL. The reference model is the policy with
+//! `stage: ppo`'s step: sample responses to a batch of prompts from the policy (the rollout),
+//! score them with the reward model, and run `ppo_epochs` passes of clipped PPO over that
+//! rollout, as LLaMA-Factory's `CustomPPOTrainer` drives TRL (the formulas are in
+//! `stages::ppo`). The reference model is the policy with
 //! its adapter off (LoRA) or the weights as loaded (full / freeze); a LoRA reward model is a
 //! second adapter that takes turns with the policy's on the same base weights.
 
@@ -14,16 +15,19 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::optim::AdamW;
-use super::session::{make_batch, Row};
+use protocol::args::{FinetuningType, RewardModelType};
+
 use crate::data::IGNORE_INDEX;
 use crate::infer::{generate_batch, GenerationConfig};
 use crate::metrics::mean;
-use crate::model::{Batch, LoraLayer, Model, TargetLogits};
+use crate::model::value_head::{ValueHead, VALUE_HEAD_FILE};
+use crate::model::{Batch, LoraLayer, Model, TargetLogits, Weights};
 use crate::stages::ppo::{
     gae, ppo_loss, token_rewards, whiten, AdaptiveKl, OldTokens, RunningMoments, GAMMA, LAM,
 };
-use crate::stages::reward::{ValueHead, VALUE_HEAD_FILE};
+use crate::train::batch::{make_batch, Row};
+use crate::train::optim::AdamW;
+use crate::train::step::StepOutput;
 
 /// The reward model of a PPO run (`reward_model`, `reward_model_type`).
 enum RewardModel {
@@ -57,9 +61,9 @@ impl RewardModel {
                 dir.display()
             );
         }
-        match args.reward_model_type.as_str() {
-            "lora" => {
-                if args.finetuning_type != "lora" {
+        match args.reward_model_type {
+            RewardModelType::Lora => {
+                if args.finetuning_type != FinetuningType::Lora {
                     bail!("`reward_model_type: lora` needs `finetuning_type: lora` (the reward adapter shares the policy's base weights); use `reward_model_type: full` with a full reward model");
                 }
                 let adapter = policy
@@ -76,7 +80,7 @@ impl RewardModel {
                     head: ValueHead::load(dir, policy.dtype, device)?,
                 })
             }
-            "full" => {
+            RewardModelType::Full => {
                 if dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file() {
                     bail!(
                         "reward model {} is a LoRA adapter, not a full model: set `reward_model_type: lora` (with `finetuning_type: lora`)",
@@ -93,8 +97,7 @@ impl RewardModel {
                     head: ValueHead::load(dir, policy.dtype, device)?,
                 })
             }
-            "api" => bail!("`reward_model_type: api` (scores from an HTTP server) is not supported; use a reward model trained with `stage: rm` (`lora` or `full`)"),
-            other => bail!("`reward_model_type` has value `{other}`, expected lora, full or api"),
+            RewardModelType::Api => bail!("`reward_model_type: api` (scores from an HTTP server) is not supported; use a reward model trained with `stage: rm` (`lora` or `full`)"),
         }
     }
 
@@ -102,9 +105,9 @@ impl RewardModel {
     fn scores(&mut self, policy: &mut Model, b: &Batch) -> Result<Vec<f64>> {
         let s = match self {
             Self::Lora { layers, head } => {
-                std::mem::swap(&mut policy.lora, layers);
+                policy.swap_lora(layers);
                 let s = head.scores(policy, b, None);
-                std::mem::swap(&mut policy.lora, layers);
+                policy.swap_lora(layers);
                 s?
             }
             Self::Full { model, head } => head.scores(model, b, None)?,
@@ -131,38 +134,39 @@ impl Sample {
     }
 }
 
-/// What one PPO step reports to the training loop.
-pub(super) struct StepOut {
-    pub loss: f64,
-    pub grad_norm: f64,
-    pub tokens: u64,
-    pub metrics: Vec<(String, f64)>,
-}
-
-pub(super) struct Ppo {
+/// PPO's state across steps: the critic, the reward model, the adaptive KL controller and the
+/// running score moments.
+pub(crate) struct Ppo {
+    /// The critic: a value head on the policy's hidden states, trained with it.
+    pub(super) head: ValueHead,
     reward: RewardModel,
     kl: AdaptiveKl,
     moments: RunningMoments,
     gen: GenerationConfig,
     stop: Vec<u32>,
     pad: u32,
-    gradients_checked: bool,
 }
 
 impl Ppo {
-    pub fn new(args: &TrainArgs, policy: &Model, stop: Vec<u32>, pad: u32) -> Result<Self> {
+    pub fn new(
+        args: &TrainArgs,
+        policy: &Model,
+        head: ValueHead,
+        stop: Vec<u32>,
+        pad: u32,
+    ) -> Result<Self> {
         let gen = GenerationConfig::from_args(args);
         if gen.max_new_tokens == 0 {
             bail!("PPO samples responses: set `max_new_tokens` above 0");
         }
         Ok(Self {
+            head,
             reward: RewardModel::load(args, policy, &policy.device)?,
             kl: AdaptiveKl::new(args.ppo_target),
             moments: RunningMoments::default(),
             gen,
             stop,
             pad,
-            gradients_checked: false,
         })
     }
 
@@ -174,7 +178,6 @@ impl Ppo {
     fn rollout(
         &mut self,
         model: &mut Model,
-        head: &ValueHead,
         prompts: &[&Row],
         step: usize,
         bs: usize,
@@ -208,10 +211,10 @@ impl Ppo {
             let refs: Vec<&Row> = rows.iter().map(|r| &r.0).collect();
             let b = make_batch(&refs, self.pad);
             let scores = self.reward.scores(model, &b)?;
-            let (h, t) = response_states(model, &b, None)?;
+            let (h, t) = response_states(model, &b, None, Weights::Policy)?;
             let logps = per_sequence(&t.token_logps()?, &t, &b)?;
-            let values = per_sequence(&head.apply(&h)?, &t, &b)?;
-            let (_, reference) = model.with_reference(|m| response_states(m, &b, None))?;
+            let values = per_sequence(&self.head.apply(&h)?, &t, &b)?;
+            let (_, reference) = response_states(model, &b, None, Weights::Reference)?;
             let ref_logps = per_sequence(&reference.token_logps()?, &reference, &b)?;
             for ((((row, query_len), score), (lp, v)), rl) in rows
                 .into_iter()
@@ -236,19 +239,17 @@ impl Ppo {
 
     /// One PPO step over `prompts` (`per_device_train_batch_size × gradient_accumulation_steps
     /// × ppo_buffer_size` of them): rollout, advantages, `ppo_epochs` of minibatch updates.
-    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         model: &mut Model,
-        head: &ValueHead,
         opt: &mut AdamW,
         args: &TrainArgs,
         prompts: &[&Row],
         step: usize,
         lr: f64,
-    ) -> Result<StepOut> {
+    ) -> Result<StepOutput> {
         let bs = args.per_device_train_batch_size.max(1);
-        let mut samples = self.rollout(model, head, prompts, step, bs)?;
+        let mut samples = self.rollout(model, prompts, step, bs)?;
         let raw: Vec<f64> = samples.iter().map(|s| s.score).collect();
         let scores = if args.ppo_score_norm {
             self.moments.normalize(&raw)
@@ -297,7 +298,7 @@ impl Ppo {
                     let chosen: Vec<&Sample> = mini.iter().map(|&i| &samples[i]).collect();
                     let rows: Vec<&Row> = chosen.iter().map(|s| &s.row).collect();
                     let b = make_batch(&rows, self.pad);
-                    let (lp, vp) = token_tensors(model, head, &b, Some(&mut rng))?;
+                    let (lp, vp) = token_tensors(model, &self.head, &b, Some(&mut rng))?;
                     let cat = |f: fn(&Sample) -> &Vec<f64>| -> Vec<f64> {
                         chosen.iter().flat_map(|s| f(s).iter().copied()).collect()
                     };
@@ -331,18 +332,17 @@ impl Ppo {
                     opt.accumulate(&mut grads, &model.backward(&(loss / minis.len() as f64)?)?)?;
                 }
                 if !update_loss.is_finite() {
-                    // The caller sees the non-finite loss and stops before this update lands.
-                    return Ok(StepOut {
+                    // The caller stops; this update never lands, but earlier ones of this
+                    // step may have.
+                    return Ok(StepOutput {
                         loss: update_loss,
                         grad_norm: f64::NAN,
                         tokens: 0,
                         metrics: Vec::new(),
+                        updated: !norms.is_empty(),
                     });
                 }
-                if !self.gradients_checked {
-                    opt.check_gradients(&grads)?;
-                    self.gradients_checked = true;
-                }
+                opt.check_gradients_once(&grads)?;
                 norms.push(AdamW::clip_grad_norm(&mut grads, args.max_grad_norm)?);
                 opt.update(&grads, lr)?;
             }
@@ -351,7 +351,8 @@ impl Ppo {
 
         let n = n_mini.max(1) as f64;
         let lens: Vec<f64> = samples.iter().map(|s| s.response_len() as f64).collect();
-        Ok(StepOut {
+        Ok(StepOutput {
+            updated: true,
             loss: mean(&losses),
             grad_norm: mean(&norms),
             tokens: samples.iter().map(|s| s.row.ids.len() as u64).sum(),
@@ -374,9 +375,10 @@ fn response_states(
     model: &Model,
     b: &Batch,
     rng: Option<&mut ChaCha8Rng>,
+    weights: Weights,
 ) -> Result<(Tensor, TargetLogits)> {
     model
-        .target_states(b, rng)?
+        .target_states(b, rng, weights)?
         .ok_or_else(|| anyhow!("internal error: a PPO batch without response tokens"))
 }
 
@@ -388,7 +390,7 @@ fn token_tensors(
     b: &Batch,
     rng: Option<&mut ChaCha8Rng>,
 ) -> Result<(Tensor, Tensor)> {
-    let (h, t) = response_states(model, b, rng)?;
+    let (h, t) = response_states(model, b, rng, Weights::Policy)?;
     Ok((t.token_logps()?.squeeze(1)?, head.apply(&h)?))
 }
 

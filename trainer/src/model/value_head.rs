@@ -1,6 +1,6 @@
-//! Reward modelling (`stage: rm`): TRL's value head (`v_head.summary`, a `hidden → 1` linear
-//! layer) on the causal-LM body scores a sequence at its last token; the pairwise loss is
-//! `-logsigmoid(r_chosen - r_rejected)`. Saved as `value_head.safetensors`, like LLaMA-Factory.
+//! TRL's value head (`v_head.summary`, a `hidden → 1` linear layer) on the causal-LM body: the
+//! reward of a reward model (`stage: rm`, scored at a sequence's last token) and PPO's critic
+//! (a value per response token). Saved as `value_head.safetensors`, like LLaMA-Factory.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,8 +9,7 @@ use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::{Batch, Model};
-use crate::stages::preference::reward_loss;
+use super::{Batch, Model};
 
 pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
 pub const WEIGHT: &str = "v_head.summary.weight";
@@ -71,7 +70,7 @@ impl ValueHead {
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
-        crate::train::checkpoint::write_safetensors(&dir.join(VALUE_HEAD_FILE), &self.tensors()?)
+        crate::files::write_safetensors(&dir.join(VALUE_HEAD_FILE), &self.tensors()?)
     }
 
     /// The score of each row: the value head at its last real token.
@@ -93,21 +92,4 @@ impl ValueHead {
         let s = h.matmul(&w.t()?)?.squeeze(1)?;
         Ok(s.broadcast_add(&self.bias.as_tensor().to_dtype(s.dtype())?)?)
     }
-}
-
-/// Loss and accuracy of a batch whose first half is chosen and second half rejected rows.
-pub fn pairwise_step(
-    head: &ValueHead,
-    model: &Model,
-    b: &Batch,
-    rng: Option<&mut ChaCha8Rng>,
-) -> Result<(Tensor, f64, Vec<f64>, Vec<f64>)> {
-    let pairs = b.batch / 2;
-    let s = head.scores(model, b, rng)?;
-    let (c, r) = (s.narrow(0, 0, pairs)?, s.narrow(0, pairs, pairs)?);
-    let loss = reward_loss(&c, &r)?.mean_all()?;
-    let v = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
-    let (cv, rv) = (v(&c)?, v(&r)?);
-    let acc = cv.iter().zip(&rv).filter(|(a, b)| a > b).count() as f64 / pairs.max(1) as f64;
-    Ok((loss, acc, cv, rv))
 }

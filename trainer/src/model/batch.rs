@@ -1,0 +1,78 @@
+//! What the model reads: padded batches of token rows with their labels and positions, and
+//! which positions carry a training target after the causal shift.
+
+use crate::data::IGNORE_INDEX;
+
+/// One example for [`Batch::pad`]: ids, labels and optional positions.
+pub type RowRef<'a> = (&'a [u32], &'a [i64], Option<&'a [u32]>);
+
+/// One padded batch, flattened row-major (`B × T`).
+pub struct Batch {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+    /// Position of each token (restarting per packed sub-sequence).
+    pub positions: Vec<u32>,
+    /// Packed sub-sequence of each token (neat packing); tokens attend within their segment only.
+    pub segments: Option<Vec<u32>>,
+    /// Unpadded length of each row.
+    pub lens: Vec<usize>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl Batch {
+    /// Right-pads examples into one batch; positions count from 0 unless given.
+    pub fn pad(rows: &[RowRef], pad_id: u32) -> Self {
+        let seq = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
+        let mut b = Batch {
+            input_ids: Vec::with_capacity(rows.len() * seq),
+            labels: Vec::with_capacity(rows.len() * seq),
+            positions: Vec::with_capacity(rows.len() * seq),
+            segments: None,
+            lens: rows.iter().map(|r| r.0.len()).collect(),
+            batch: rows.len(),
+            seq,
+        };
+        for (ids, labels, pos) in rows {
+            let n = ids.len();
+            b.input_ids.extend_from_slice(ids);
+            b.input_ids.extend(std::iter::repeat_n(pad_id, seq - n));
+            b.labels.extend_from_slice(labels);
+            b.labels
+                .extend(std::iter::repeat_n(IGNORE_INDEX, seq - labels.len()));
+            match pos {
+                Some(p) => b.positions.extend_from_slice(p),
+                None => b.positions.extend(0..n as u32),
+            }
+            b.positions.extend(n as u32..seq as u32);
+        }
+        b
+    }
+
+    /// Tokens that carry loss after the causal shift.
+    pub fn num_targets(&self) -> usize {
+        (0..self.batch)
+            .map(|b| {
+                (1..self.seq)
+                    .filter(|&t| self.labels[b * self.seq + t] != IGNORE_INDEX)
+                    .count()
+            })
+            .sum()
+    }
+}
+
+/// Row index (into `B·T`) and target id of every position whose next label is trained.
+pub fn shifted_targets(b: &Batch) -> (Vec<u32>, Vec<u32>) {
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for r in 0..b.batch {
+        for t in 0..b.seq.saturating_sub(1) {
+            let label = b.labels[r * b.seq + t + 1];
+            if label != IGNORE_INDEX {
+                rows.push((r * b.seq + t) as u32);
+                targets.push(label as u32);
+            }
+        }
+    }
+    (rows, targets)
+}

@@ -1,0 +1,511 @@
+//! The parts of the decoder, each holding the weights it computes with, found once when the
+//! model is built: [`Linear`] (weight, bias, LoRA / DoRA layer) and [`DecoderLayer`] (norms,
+//! attention with RoPE and grouped KV heads, SwiGLU MLP). Only differentiable ops or our
+//! CustomOps with a backward are used. Which weights a pass uses — the trained ones with
+//! adapters, or the reference as loaded — is the explicit [`Weights`] argument.
+
+use anyhow::{anyhow, Result};
+use candle_core::{DType, Tensor, Var, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::config::ModelConfig;
+
+pub(crate) const MASK_VALUE: f64 = -1e9;
+
+/// A model tensor: frozen (`var` is none) or trainable. `tensor` always holds the weight as
+/// loaded, which is what the reference model computes with.
+#[derive(Clone)]
+pub struct Param {
+    pub tensor: Tensor,
+    pub var: Option<Var>,
+}
+
+impl Param {
+    pub fn frozen(tensor: Tensor) -> Self {
+        Self { tensor, var: None }
+    }
+
+    /// The current value: the trained copy when there is one.
+    pub fn t(&self) -> &Tensor {
+        self.var
+            .as_ref()
+            .map(Var::as_tensor)
+            .unwrap_or(&self.tensor)
+    }
+
+    /// The tensor to compute with in `dtype`, and whether it trains. A trained weight of a
+    /// half-precision model is kept in f32 and enters the computation cast, so the cast's
+    /// backward hands the f32 master its gradient.
+    pub(crate) fn value(&self, weights: Weights, dtype: DType) -> Result<(Tensor, bool)> {
+        Ok(match (&self.var, weights) {
+            (Some(v), Weights::Policy) => (v.as_tensor().to_dtype(dtype)?, true),
+            _ => (self.tensor.clone(), false),
+        })
+    }
+}
+
+/// Which weights a forward pass computes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// The trained weights and adapters.
+    Policy,
+    /// The base weights as loaded, adapters off: the frozen reference model of DPO, KTO and
+    /// PPO without a second copy in memory.
+    Reference,
+}
+
+/// `y = W x + scale · B A dropout(x)`, optionally DoRA-rescaled per output row.
+#[derive(Clone)]
+pub struct LoraLayer {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+    /// DoRA magnitude (one per output feature).
+    pub magnitude: Option<Var>,
+    /// Treat DoRA's weight norm as a constant in backward, as PEFT does (DoRA paper §4.3);
+    /// off, gradients are those of the exact function.
+    pub detach_norm: bool,
+}
+
+/// A linear module by its Hugging Face name (`model.layers.0.self_attn.q_proj`).
+#[derive(Clone)]
+pub struct Linear {
+    pub name: String,
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub lora: Option<LoraLayer>,
+}
+
+impl Linear {
+    fn new(name: String, bias: bool, take: &mut dyn FnMut(&str) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self {
+            weight: Param::frozen(take(&format!("{name}.weight"))?),
+            bias: if bias {
+                Some(Param::frozen(take(&format!("{name}.bias"))?))
+            } else {
+                None
+            },
+            lora: None,
+            name,
+        })
+    }
+
+    /// `x (N, in) → (N, out)` through the weight and, with the policy's weights, the LoRA layer.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rng: Option<&mut ChaCha8Rng>,
+        weights: Weights,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let (w, trainable) = self.weight.value(weights, dtype)?;
+        let mut y = if trainable {
+            x.matmul(&w.t()?)?
+        } else {
+            crate::ops::frozen_linear(x, &w)?
+        };
+        if let Some(lora) = self.lora.as_ref().filter(|_| weights == Weights::Policy) {
+            let xd = match rng {
+                Some(rng) if lora.dropout > 0.0 => dropout(x, lora.dropout, rng)?,
+                _ => x.clone(),
+            };
+            // The scale goes on B (out × r), not on the (tokens × out) product: one pass fewer.
+            let (a, b) = (
+                lora.a.as_tensor().to_dtype(dtype)?,
+                lora.b.as_tensor().to_dtype(dtype)?,
+            );
+            let delta = xd.matmul(&a.t()?)?.matmul(&(&b * lora.scale)?.t()?)?;
+            y = match &lora.magnitude {
+                None => (y + delta)?,
+                Some(m) => {
+                    // DoRA: (W + sBA) rescaled row-wise to the learned magnitude; the norm is
+                    // detached as in PEFT.
+                    let merged = (&w + (b.matmul(&a)? * lora.scale)?)?;
+                    let mut norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?;
+                    if lora.detach_norm {
+                        norm = norm.detach();
+                    }
+                    let factor = m.as_tensor().to_dtype(dtype)?.broadcast_div(&norm)?;
+                    (y + delta)?.broadcast_mul(&factor)?
+                }
+            };
+        }
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.value(weights, dtype)?.0)?;
+        }
+        Ok(y)
+    }
+}
+
+/// What a decoder layer's forward takes from the config, read once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dims {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub eps: f64,
+    pub dtype: DType,
+}
+
+impl Dims {
+    pub(crate) fn new(c: &ModelConfig, dtype: DType) -> Self {
+        Self {
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            eps: c.rms_norm_eps,
+            dtype,
+        }
+    }
+}
+
+/// Linear modules inside a decoder layer, relative to the layer, in PEFT's order.
+pub const LINEAR_MODULES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+#[derive(Clone)]
+pub struct DecoderLayer {
+    pub index: usize,
+    pub input_norm: Param,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    /// Per-head RMSNorm of queries and keys (Qwen3).
+    pub q_norm: Option<Param>,
+    pub k_norm: Option<Param>,
+    pub post_norm: Param,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl DecoderLayer {
+    /// Layer `l`'s weights, each taken by name through `take` (which fails on a missing one).
+    pub(crate) fn new(
+        l: usize,
+        c: &ModelConfig,
+        take: &mut dyn FnMut(&str) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let p = format!("model.layers.{l}");
+        let mut linear = |m: &str, bias: bool| Linear::new(format!("{p}.{m}"), bias, &mut *take);
+        let (q, k, v) = (
+            linear("self_attn.q_proj", c.qkv_bias)?,
+            linear("self_attn.k_proj", c.qkv_bias)?,
+            linear("self_attn.v_proj", c.qkv_bias)?,
+        );
+        let o = linear("self_attn.o_proj", c.o_bias)?;
+        let (gate, up, down) = (
+            linear("mlp.gate_proj", false)?,
+            linear("mlp.up_proj", false)?,
+            linear("mlp.down_proj", false)?,
+        );
+        let mut norm = |n: &str| -> Result<Param> { Ok(Param::frozen(take(&format!("{p}.{n}"))?)) };
+        Ok(Self {
+            index: l,
+            input_norm: norm("input_layernorm.weight")?,
+            q_norm: c
+                .qk_norm
+                .then(|| norm("self_attn.q_norm.weight"))
+                .transpose()?,
+            k_norm: c
+                .qk_norm
+                .then(|| norm("self_attn.k_norm.weight"))
+                .transpose()?,
+            post_norm: norm("post_attention_layernorm.weight")?,
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
+        })
+    }
+
+    /// The linear modules, in [`LINEAR_MODULES`] order.
+    pub fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+
+    /// Every tensor of the layer under its Hugging Face name.
+    pub fn params(&self) -> Vec<(String, &Param)> {
+        let p = format!("model.layers.{}", self.index);
+        let mut out = vec![
+            (format!("{p}.input_layernorm.weight"), &self.input_norm),
+            (
+                format!("{p}.post_attention_layernorm.weight"),
+                &self.post_norm,
+            ),
+        ];
+        if let (Some(q), Some(k)) = (&self.q_norm, &self.k_norm) {
+            out.push((format!("{p}.self_attn.q_norm.weight"), q));
+            out.push((format!("{p}.self_attn.k_norm.weight"), k));
+        }
+        for lin in self.linears() {
+            out.push((format!("{}.weight", lin.name), &lin.weight));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{}.bias", lin.name), b));
+            }
+        }
+        out
+    }
+
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Param)> {
+        let p = format!("model.layers.{}", self.index);
+        let mut out = vec![
+            (format!("{p}.input_layernorm.weight"), &mut self.input_norm),
+            (
+                format!("{p}.post_attention_layernorm.weight"),
+                &mut self.post_norm,
+            ),
+        ];
+        if let Some(q) = &mut self.q_norm {
+            out.push((format!("{p}.self_attn.q_norm.weight"), q));
+        }
+        if let Some(k) = &mut self.k_norm {
+            out.push((format!("{p}.self_attn.k_norm.weight"), k));
+        }
+        for lin in [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ] {
+            out.push((format!("{}.weight", lin.name), &mut lin.weight));
+            if let Some(b) = &mut lin.bias {
+                out.push((format!("{}.bias", lin.name), b));
+            }
+        }
+        out
+    }
+
+    /// The layer's trainable tensors (LoRA matrices and trained weights).
+    pub(crate) fn trainable_tensors(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        for lin in self.linears() {
+            if let Some(l) = &lin.lora {
+                out.push(l.a.as_tensor().clone());
+                out.push(l.b.as_tensor().clone());
+                if let Some(m) = &l.magnitude {
+                    out.push(m.as_tensor().clone());
+                }
+            }
+        }
+        for (_, p) in self.params() {
+            if let Some(v) = &p.var {
+                out.push(v.as_tensor().clone());
+            }
+        }
+        out
+    }
+
+    /// The layer over `x (B·n, hidden)`. With a cache, keys and values are appended to those of
+    /// earlier tokens (decoding); without, the pass is self-contained (training).
+    pub(crate) fn forward(
+        &self,
+        d: &Dims,
+        x: Tensor,
+        pass: &mut Pass,
+        mut rng: Option<&mut ChaCha8Rng>,
+        weights: Weights,
+    ) -> Result<Tensor> {
+        let (bs, n) = (pass.batch, pass.n);
+        let (nh, nkv, hd) = (d.heads, d.kv_heads, d.head_dim);
+        let w = |p: &Param| -> Result<Tensor> { Ok(p.value(weights, d.dtype)?.0) };
+        let h = rms_norm(&x, &w(&self.input_norm)?, d.eps)?;
+        let heads = |lin: &Linear,
+                     norm: Option<&Param>,
+                     count: usize,
+                     rng: Option<&mut ChaCha8Rng>|
+         -> Result<Tensor> {
+            let y = lin
+                .forward(&h, rng, weights, d.dtype)?
+                .reshape((bs, n, count, hd))?;
+            let y = match norm {
+                Some(norm) => rms_norm(&y, &w(norm)?, d.eps)?,
+                None => y,
+            };
+            Ok(y.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(&self.q, self.q_norm.as_ref(), nh, rng.as_deref_mut())?;
+        let k = heads(&self.k, self.k_norm.as_ref(), nkv, rng.as_deref_mut())?;
+        let v = heads(&self.v, None, nkv, rng.as_deref_mut())?;
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            if crate::ops::fused_for(x) {
+                return Ok(crate::ops::rope(x, &pass.cos, &pass.sin)?);
+            }
+            Ok((x.broadcast_mul(&pass.cos)? + rotate_half(x)?.broadcast_mul(&pass.sin)?)?)
+        };
+        let q = rope(&q)?;
+        let mut k = rope(&k)?;
+        let mut v = v;
+        if let Some(cache) = pass.cache.as_deref_mut() {
+            let l = self.index;
+            if let Some(Some((pk, pv))) = cache.layers.get(l) {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            if cache.layers.len() <= l {
+                cache.layers.resize(l + 1, None);
+            }
+            cache.layers[l] = Some((k.clone(), v.clone()));
+        }
+        let total = k.dim(2)?;
+        // GQA without copying K and V per query head: the `rep` query heads of a kv head are
+        // stacked along the sequence axis, `(B, nkv, rep·n, hd)`, so one product per kv head
+        // serves them all (and the backward needs no sum over copies).
+        let rep = nh / nkv;
+        let q = q.reshape((bs, nkv, rep * n, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q.matmul(&k.t()?)?.reshape((bs, nh, n, total))?;
+        let probs = if crate::ops::fused_for(&scores) {
+            crate::ops::masked_softmax(&scores, &pass.mask, scale)?
+        } else {
+            in_f32(&(scores * scale)?.broadcast_add(&pass.mask)?, softmax)?
+        };
+        let attn = probs
+            .reshape((bs, nkv, rep * n, total))?
+            .matmul(&v)?
+            .reshape((bs, nh, n, hd))?
+            .transpose(1, 2)?
+            .reshape((bs * n, nh * hd))?;
+        let x = (x + self
+            .o
+            .forward(&attn, rng.as_deref_mut(), weights, d.dtype)?)?;
+        let h = rms_norm(&x, &w(&self.post_norm)?, d.eps)?;
+        let gate = self
+            .gate
+            .forward(&h, rng.as_deref_mut(), weights, d.dtype)?;
+        let up = self.up.forward(&h, rng.as_deref_mut(), weights, d.dtype)?;
+        let act = if crate::ops::fused_for(&gate) {
+            crate::ops::swiglu(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        let down = self.down.forward(&act, rng, weights, d.dtype)?;
+        Ok((x + down)?)
+    }
+}
+
+/// What one forward pass shares across its layers.
+pub(crate) struct Pass<'a> {
+    pub batch: usize,
+    /// New tokens per row in this pass.
+    pub n: usize,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
+    pub cache: Option<&'a mut KvCache>,
+}
+
+impl Pass<'_> {
+    /// The same tables without the KV cache (a training pass never has one).
+    pub(crate) fn fresh(&self) -> Pass<'static> {
+        Pass {
+            batch: self.batch,
+            n: self.n,
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            mask: self.mask.clone(),
+            cache: None,
+        }
+    }
+}
+
+/// Keys and values of the tokens seen so far, per layer (after RoPE), for decoding.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    pub len: usize,
+}
+
+/// Softmax over the last dim from differentiable ops; the max is detached, which is exact
+/// because softmax does not depend on it.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::ops::fused_for(x) {
+        return Ok(crate::ops::rms_norm(x, w, eps)?);
+    }
+    in_f32(x, |x| {
+        let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_mul(&inv)?)
+    })?
+    .broadcast_mul(w)
+    .map_err(Into::into)
+}
+
+/// f32 for bf16/f16, else `d` itself: where a half-precision model keeps what must not lose
+/// precision (trained tensors and their updates, norms, attention probabilities, the loss).
+pub(crate) fn f32_if_half(d: DType) -> DType {
+    match d {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    }
+}
+
+/// `f(x)` computed in f32 when `x` is bf16/f16, as Hugging Face does for norms and attention
+/// probabilities: their sums lose too much in an 8- or 11-bit mantissa.
+fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    Ok(f(&x.to_dtype(f32_if_half(x.dtype()))?)?.to_dtype(x.dtype())?)
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
+}
+
+fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    let n = x.elem_count();
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f64> = (0..n)
+        .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
+/// The error of a weight the architecture needs but the files lack.
+pub(crate) fn missing(name: &str) -> anyhow::Error {
+    anyhow!("weights are incomplete: tensor `{name}` is missing")
+}

@@ -1,0 +1,306 @@
+//! Everything a run needs before its first step: where it writes and whether it resumes, the
+//! tokenizer, template and examples, the model with its fine-tuning method (LoRA, freeze,
+//! full), the objective with its value head, and the optimizer — checked to fit in memory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::Tensor;
+use protocol::args::FinetuningType;
+use protocol::{TrainArgs, WorkerEvent};
+use serde_json::json;
+
+use super::batch::Examples;
+use super::checkpoint::last_checkpoint;
+use super::objective::Objective;
+use super::optim::AdamW;
+use super::report::Reporter;
+use super::TrainOptions;
+use crate::data::pipeline::{get_dataset, load_tokenizer_and_template};
+use crate::model::adapter::LoraSpec;
+use crate::model::value_head::{ValueHead, VALUE_HEAD_FILE};
+use crate::model::Model;
+use crate::tokenizer::HfTokenizer;
+
+/// A run ready for its first step.
+pub(crate) struct Prepared {
+    pub output_dir: PathBuf,
+    /// The base model's folder (its generation config goes with full checkpoints).
+    pub model_dir: PathBuf,
+    /// The checkpoint to continue from.
+    pub resume: Option<PathBuf>,
+    pub tok: HfTokenizer,
+    pub model: Model,
+    /// The adapter a LoRA run trains (and saves).
+    pub lora: Option<LoraSpec>,
+    pub objective: Objective,
+    pub opt: AdamW,
+    pub train: Examples,
+    pub eval: Examples,
+    pub skipped: usize,
+    pub pad: u32,
+}
+
+fn log(rep: &mut dyn Reporter, level: &str, message: String) {
+    rep.event(&WorkerEvent::Log {
+        level: level.into(),
+        message,
+    });
+}
+
+pub(crate) fn prepare(
+    args: &TrainArgs,
+    opts: &TrainOptions,
+    rep: &mut dyn Reporter,
+) -> Result<Prepared> {
+    let output_dir = PathBuf::from(
+        args.output_dir
+            .as_deref()
+            .ok_or_else(|| anyhow!("`output_dir` is required"))?,
+    );
+    let resume = resume_point(args, &output_dir)?;
+    if let Some(r) = &resume {
+        log(
+            rep,
+            "info",
+            format!("Resuming training from {}.", r.display()),
+        );
+    }
+    std::fs::create_dir_all(&output_dir)
+        .with_context(|| format!("cannot create {}", output_dir.display()))?;
+
+    let (tok, template, warnings) = load_tokenizer_and_template(args)?;
+    for w in warnings {
+        log(rep, "warning", w);
+    }
+    let data = get_dataset(args, &tok, &template)?;
+    for s in data.skipped.iter().take(10) {
+        log(rep, "warning", format!("skipped {s}"));
+    }
+    let (mut model, model_dir) = load_model(args, opts, &tok)?;
+    let lora = apply_method(&mut model, args)?;
+    let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
+    let head = || value_head(args, opts, &model, resume.is_some(), lora.is_some());
+    let objective = Objective::new(args, &model, head, template.stop_token_ids(&tok), pad)?;
+
+    let mut trainable = model.trainable();
+    trainable.extend(objective.trainable());
+    if trainable.is_empty() {
+        bail!("no parameter is trainable with these settings");
+    }
+    let n_trainable: u64 = trainable.iter().map(|(_, v)| v.elem_count() as u64).sum();
+    let n_head: u64 = objective
+        .trainable()
+        .iter()
+        .map(|(_, v)| v.elem_count() as u64)
+        .sum();
+    let n_all = model.num_params() + n_head;
+    log(
+        rep,
+        "info",
+        format!(
+            "trainable params: {n_trainable} || all params: {n_all} || trainable%: {:.4}",
+            100.0 * n_trainable as f64 / n_all as f64
+        ),
+    );
+
+    let train = Examples::for_stage(args.stage, &data.train, args.neat_packing);
+    let eval = if objective.evaluates() {
+        Examples::for_stage(args.stage, &data.eval, args.neat_packing)
+    } else {
+        if !data.eval.is_empty() {
+            log(
+                rep,
+                "warning",
+                "PPO does not evaluate (as in LLaMA-Factory); the eval set is ignored".into(),
+            );
+        }
+        Examples::for_stage(args.stage, &[], false)
+    };
+    check_memory(
+        &model,
+        n_trainable,
+        args,
+        train.max_len() + objective.generated_tokens(),
+    )?;
+    Ok(Prepared {
+        output_dir,
+        model_dir,
+        resume,
+        tok,
+        model,
+        lora,
+        opt: AdamW::for_training(trainable, args)?,
+        objective,
+        train,
+        eval,
+        skipped: data.skipped.len(),
+        pad,
+    })
+}
+
+/// The checkpoint to resume from: `resume_from_checkpoint`, else the last `checkpoint-N` of an
+/// existing output dir (unless `overwrite_output_dir`), like LLaMA-Factory.
+fn resume_point(args: &TrainArgs, output_dir: &Path) -> Result<Option<PathBuf>> {
+    let mut resume = args.resume_from_checkpoint.as_ref().map(PathBuf::from);
+    if resume.is_none() && output_dir.is_dir() && !args.overwrite_output_dir {
+        resume = last_checkpoint(output_dir);
+        let has_outputs = [
+            "adapter_model.safetensors",
+            "model.safetensors",
+            "model.safetensors.index.json",
+        ]
+        .iter()
+        .any(|f| output_dir.join(f).exists());
+        if resume.is_none() && has_outputs {
+            bail!(
+                "Output directory {} already exists and is not empty. Please set `overwrite_output_dir: true` or choose another `output_dir`.",
+                output_dir.display()
+            );
+        }
+    }
+    if let Some(r) = &resume {
+        if !r.join("trainer_state.json").exists() {
+            bail!(
+                "cannot resume from {}: no trainer_state.json there",
+                r.display()
+            );
+        }
+    }
+    Ok(resume)
+}
+
+/// The base model, its vocabulary grown for tokens the template added (`resize_vocab`).
+fn load_model(
+    args: &TrainArgs,
+    opts: &TrainOptions,
+    tok: &HfTokenizer,
+) -> Result<(Model, PathBuf)> {
+    let name = args.model_name_or_path.clone().unwrap_or_default();
+    let dir = crate::hub::resolve_model_dir(&name, &args.model_revision)?;
+    let mut model = Model::load(&dir, opts.dtype, &opts.device)
+        .with_context(|| format!("loading model {}", dir.display()))?;
+    if tok.len() > model.cfg.vocab_size {
+        if !args.resize_vocab {
+            bail!(
+                "the template added tokens {:?} that the model's vocabulary ({} entries) lacks; set `resize_vocab: true` to train their embeddings, or choose the model's own template",
+                tok.new_tokens,
+                model.cfg.vocab_size
+            );
+        }
+        resize_vocab(&mut model, tok.len())?;
+    }
+    model.checkpointing = args.gradient_checkpointing && !args.disable_gradient_checkpointing;
+    Ok((model, dir))
+}
+
+/// Grows the embeddings (and an untied LM head) for tokens the template added, initialised
+/// to the mean embedding like `resize_token_embeddings(mean_resizing=True)`.
+fn resize_vocab(model: &mut Model, new_size: usize) -> Result<()> {
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let Some(p) = model.param_mut(name) else {
+            continue;
+        };
+        let (rows, _) = p.tensor.dims2()?;
+        if rows >= new_size {
+            continue;
+        }
+        let mean = p.tensor.mean_keepdim(0)?;
+        let extra = mean.repeat((new_size - rows, 1))?;
+        p.tensor = Tensor::cat(&[&p.tensor, &extra], 0)?;
+    }
+    model.cfg.vocab_size = model.cfg.vocab_size.max(new_size);
+    model
+        .cfg
+        .raw
+        .insert("vocab_size".into(), json!(model.cfg.vocab_size));
+    Ok(())
+}
+
+/// Makes the method's tensors trainable. LoRA merges all adapters given but the last, which it
+/// continues (or adds a fresh one: none given, or `create_new_adapter`).
+fn apply_method(model: &mut Model, args: &TrainArgs) -> Result<Option<LoraSpec>> {
+    match args.finetuning_type {
+        FinetuningType::Lora => {
+            let adapters = TrainArgs::split_list(args.adapter_name_or_path.as_deref());
+            let (merge, resume_adapter) = match (adapters.split_last(), args.create_new_adapter) {
+                (Some((last, rest)), false) => (rest.to_vec(), Some(last.clone())),
+                _ => (adapters.clone(), None),
+            };
+            for a in &merge {
+                model.load_adapter(Path::new(a), false)?;
+            }
+            Ok(Some(match resume_adapter {
+                Some(a) => model.load_adapter(Path::new(&a), true)?,
+                None => {
+                    let spec = LoraSpec::from_args(args);
+                    model.add_lora(&spec, args.seed)?;
+                    spec
+                }
+            }))
+        }
+        FinetuningType::Freeze => {
+            model.setup_freeze(args)?;
+            Ok(None)
+        }
+        FinetuningType::Full => {
+            model.setup_full()?;
+            Ok(None)
+        }
+    }
+}
+
+/// The value head RM trains and PPO's critic: the one next to a continued adapter, else a
+/// fresh one (a resumed run restores its own from the checkpoint).
+fn value_head(
+    args: &TrainArgs,
+    opts: &TrainOptions,
+    model: &Model,
+    resuming: bool,
+    lora: bool,
+) -> Result<ValueHead> {
+    debug_assert!(args.stage.has_value_head());
+    let continued = TrainArgs::split_list(args.adapter_name_or_path.as_deref())
+        .last()
+        .map(PathBuf::from)
+        .filter(|d| {
+            !resuming && lora && !args.create_new_adapter && d.join(VALUE_HEAD_FILE).exists()
+        });
+    match continued {
+        Some(dir) => ValueHead::load(&dir, opts.dtype, &opts.device),
+        None => ValueHead::new(model.cfg.hidden_size, args.seed, opts.dtype, &opts.device),
+    }
+}
+
+fn available_memory() -> Option<u64> {
+    crate::sysinfo::proc_kib("/proc/meminfo", "MemAvailable:").map(|kb| kb * 1024)
+}
+
+/// Refuses runs that clearly cannot fit in memory, with the numbers.
+fn check_memory(model: &Model, trainable: u64, args: &TrainArgs, seq: usize) -> Result<()> {
+    let c = &model.cfg;
+    let elem = model.dtype.size_in_bytes() as u64;
+    let params = model.num_base_params();
+    let tokens = (args.per_device_train_batch_size * seq) as u64;
+    let per_layer =
+        (14 * c.hidden_size + 3 * c.intermediate_size + 3 * c.num_attention_heads * seq) as u64;
+    let activations =
+        tokens * (per_layer * c.num_hidden_layers as u64 + 3 * c.vocab_size as u64) * elem;
+    let need = params * elem + trainable * elem * 4 + activations;
+    if let Some(avail) = available_memory() {
+        if need > avail {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            bail!(
+                "this run needs about {:.1} GiB ({:.1} GiB weights, {:.1} GiB gradients and optimizer state, {:.1} GiB activations for batch {} × {} tokens) but only {:.1} GiB is available; lower `per_device_train_batch_size` or `cutoff_len`, or use LoRA",
+                gib(need),
+                gib(params * elem),
+                gib(trainable * elem * 4),
+                gib(activations),
+                args.per_device_train_batch_size,
+                seq,
+                gib(avail)
+            );
+        }
+    }
+    Ok(())
+}
