@@ -26,9 +26,14 @@ fn workdir() -> tempfile::TempDir {
 }
 
 fn start(dir: &Path) -> Server {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, env: &[(&str, &str)]) -> Server {
     let mut child = bin()
         .args(["webui", "--port", "0", "--grace-secs", "20", "--workdir"])
         .arg(dir)
+        .envs(env.iter().copied())
         .env_remove("GRADIO_SERVER_NAME")
         .env_remove("GRADIO_SERVER_PORT")
         .stdout(Stdio::piped())
@@ -379,16 +384,31 @@ fn a_restarted_server_marks_lost_runs_interrupted_and_can_resume_them() {
     );
     let mut sock = ws(&s, &format!("/api/runs/{id}/events"));
     wait_for_step(&mut sock, 2);
-    let (_, before) = get(&s, &format!("/api/runs/{id}/metrics"));
+    // A second server on the same work dir is refused, naming the one there.
+    let second = bin()
+        .args(["webui", "--port", "0", "--workdir"])
+        .arg(dir.path())
+        .env_remove("GRADIO_SERVER_NAME")
+        .env_remove("GRADIO_SERVER_PORT")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second server started: {err}");
+    assert!(
+        err.contains("another LlamaBoard server")
+            && err.contains(&format!("pid {}", s.child.id()))
+            && err.contains(&s.addr),
+        "{err}"
+    );
+    let (_, run) = get(&s, &format!("/api/runs/{id}"));
+    assert_eq!(
+        run["status"], "running",
+        "the second server left the run alone: {run}"
+    );
     // The server dies without a chance to clean up.
     s.child.kill().unwrap();
     s.child.wait().unwrap();
     drop(s);
-    let s = start(dir.path());
-    let (_, run) = get(&s, &format!("/api/runs/{id}"));
-    assert_eq!(run["status"], "interrupted", "{run}");
-    let (_, after) = get(&s, &format!("/api/runs/{id}/metrics"));
-    assert!(after.as_array().unwrap().len() >= before.as_array().unwrap().len());
     // The orphaned worker was told to save and stop: a complete checkpoint appears.
     let out = PathBuf::from(run["output_dir"].as_str().unwrap());
     let complete = |out: &Path| {
@@ -407,9 +427,39 @@ fn a_restarted_server_marks_lost_runs_interrupted_and_can_resume_them() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Resume continues from that checkpoint (the worker says so); then abort it again.
-    let (code, v) = post(&s, &format!("/api/runs/{id}/resume"), &json!(null));
-    assert_eq!(code, 200, "{v}");
+    std::thread::sleep(Duration::from_millis(500));
+    let s = start(dir.path());
+    let (_, run) = get(&s, &format!("/api/runs/{id}"));
+    assert_eq!(run["status"], "interrupted", "{run}");
+    // Every step the worker logged is on the chart, including those the dead server missed.
+    let (_, after) = get(&s, &format!("/api/runs/{id}/metrics"));
+    let charted: Vec<u64> = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["loss"].is_number())
+        .map(|p| p["step"].as_u64().unwrap())
+        .collect();
+    let logged: Vec<u64> = common::jsonl(&out.join("trainer_log.jsonl"))
+        .iter()
+        .filter(|l| l["loss"].is_number())
+        .map(|l| l["current_steps"].as_u64().unwrap())
+        .collect();
+    assert_eq!(charted, logged);
+    // Resume continues from that checkpoint (the worker says so); sixteen simultaneous
+    // requests queue it once.
+    let answers: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| scope.spawn(|| post(&s, &format!("/api/runs/{id}/resume"), &json!(null)).0))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        answers.iter().filter(|&&c| c == 200).count(),
+        1,
+        "one resume wins: {answers:?}"
+    );
+    assert!(answers.iter().all(|&c| c == 200 || c == 409), "{answers:?}");
     let t = Instant::now();
     loop {
         let (_, log) = http(&s.addr, "GET", &format!("/api/runs/{id}/log"), "", &[]);
@@ -550,6 +600,70 @@ fn bad_requests_get_clear_errors() {
     // Unknown run and endpoint.
     assert_eq!(get(&s, "/api/runs/999").0, 404);
     assert_eq!(get(&s, "/api/nope").0, 404);
+    // Values a worker cannot run are refused with their key, never run into a backtrace.
+    for (key, value) in [
+        ("lora_rank", json!(0)),
+        ("lora_dropout", json!(2)),
+        ("learning_rate", json!(-1)),
+        ("warmup_ratio", json!(-1)),
+    ] {
+        let (code, v) = post(
+            &s,
+            "/api/runs",
+            &quick_run(dir.path(), json!({ key: value })),
+        );
+        let (c, _, msg, field) = err(code, &v);
+        assert_eq!((c, field.as_deref()), (422, Some(key)), "{v}");
+        assert!(msg.contains(&format!("`{key}`")), "{msg}");
+    }
+    // Every error under /api has the error shape: bad paths and queries, a WebSocket route
+    // without an upgrade, a method the route does not take.
+    for (method, path, status, code, field) in [
+        ("GET", "/api/runs/abc", 400, "bad_path", None),
+        ("GET", "/api/runs?limit=abc", 400, "bad_query", None),
+        ("GET", "/api/runs/1/log?bytes=-1", 400, "bad_query", None),
+        ("GET", "/api/checkpoints", 400, "bad_query", Some("model")),
+        ("GET", "/api/runs/1/events", 400, "websocket_required", None),
+        ("GET", "/api/chat", 400, "websocket_required", None),
+        ("DELETE", "/api/models", 405, "method_not_allowed", None),
+        ("POST", "/api/settings", 405, "method_not_allowed", None),
+    ] {
+        let (c, text) = http(&s.addr, method, path, "", &[]);
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{method} {path}: not JSON: {text:?}"));
+        let (c, kind, msg, f) = err(c, &v);
+        assert_eq!((c, kind.as_str()), (status, code), "{method} {path}: {v}");
+        assert!(!msg.is_empty(), "{method} {path}: {v}");
+        if field.is_some() {
+            assert_eq!(f.as_deref(), field, "{method} {path}: {v}");
+        }
+    }
+    // The Host check takes this server under any of its names, in any case.
+    let port = s.addr.rsplit(':').next().unwrap().to_string();
+    for host in [
+        format!("LOCALHOST:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let (code, text) = http(&s.addr, "GET", "/api/health", "", &[("Host", &host)]);
+        assert_eq!(code, 200, "{host}: {text}");
+    }
+    let (code, _) = http(&s.addr, "GET", "/api/health", "", &[("Host", "127.0.0.1")]);
+    assert_eq!(
+        code, 403,
+        "no port means port 80, which this server is not on"
+    );
+    // Pages cannot be framed, and the page's scripts are pinned by a nonce.
+    let head = raw_head(&s.addr, "/");
+    assert!(head.contains("x-frame-options: deny"), "{head}");
+    let csp = head
+        .lines()
+        .find(|l| l.starts_with("content-security-policy:"))
+        .unwrap_or_else(|| panic!("no CSP: {head}"));
+    assert!(
+        csp.contains("frame-ancestors 'none'") && csp.contains("'nonce-"),
+        "{csp}"
+    );
     // The OpenAPI document describes the fixed points.
     let (code, doc) = get(&s, "/api/openapi.json");
     assert_eq!(code, 200);
@@ -575,16 +689,114 @@ fn bad_requests_get_clear_errors() {
 }
 
 #[test]
+fn a_chat_load_ends_even_when_its_client_goes_away() {
+    let dir = workdir();
+    // Each load takes two seconds more, so the page can be "reloaded" in the middle.
+    let s = start_with(
+        dir.path(),
+        &[("LLAMAFACTORY_TEST_CHAT_LOAD_DELAY_MS", "2000")],
+    );
+    let body = json!({"model_name_or_path": "models/demo", "template": "qwen"}).to_string();
+    {
+        use std::io::Write;
+        let mut sock = TcpStream::connect(&s.addr).unwrap();
+        write!(
+            sock,
+            "POST /api/chat/load HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            s.addr,
+            body.len()
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    } // The client goes away while the model loads.
+    let (_, st) = get(&s, "/api/chat/status");
+    assert_eq!(st["state"], "loading", "{st}");
+    // A second load meanwhile is refused, saying why.
+    let (code, v) = post(&s, "/api/chat/load", &serde_json::from_str(&body).unwrap());
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is being loaded"),
+        "{v}"
+    );
+    let t = Instant::now();
+    loop {
+        let (_, st) = get(&s, "/api/chat/status");
+        if st["state"] == "loaded" {
+            break;
+        }
+        assert_eq!(st["state"], "loading", "{st}");
+        assert!(t.elapsed() < Duration::from_secs(30), "stuck: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `GET path` with a read timeout; status 0 when no answer came in time.
+fn timed_http(addr: &str, path: &str, headers: &[(&str, &str)], limit: Duration) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(limit)).unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    sock.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = sock.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+/// The response head of `GET path`, lower-cased.
+fn raw_head(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut sock = TcpStream::connect(addr).unwrap();
+    write!(
+        sock,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = sock.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    text.split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
 fn off_loopback_the_access_token_is_required() {
     let dir = workdir();
-    let mut child = bin()
-        .args(["webui", "--host", "0.0.0.0", "--port", "0", "--workdir"])
+    let mut cmd = bin();
+    cmd.args(["webui", "--host", "0.0.0.0", "--port", "0", "--workdir"])
         .arg(dir.path())
         .env("LLAMAFACTORY_TOKEN", "s3cret")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    // A small descriptor budget, like a locked-down box: fewer than the idle connections below.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 256,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     while !line.starts_with("Visit http://") {
@@ -608,14 +820,31 @@ fn off_loopback_the_access_token_is_required() {
         &[("Authorization", "Bearer wrong")],
     );
     assert_eq!(code, 401);
-    let (code, _) = http(
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let (code, _) = http(
+            &s.addr,
+            "GET",
+            "/api/runs",
+            "",
+            &[("Authorization", &format!("{scheme} s3cret"))],
+        );
+        assert_eq!(code, 200, "{scheme}");
+    }
+    // Three hundred connections that never send a request do not lock the token holder out:
+    // they are closed after the header timeout, and the server never runs out of descriptors.
+    let idle: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(&s.addr).unwrap())
+        .collect();
+    let t = Instant::now();
+    let (code, _) = timed_http(
         &s.addr,
-        "GET",
         "/api/runs",
-        "",
         &[("Authorization", "Bearer s3cret")],
+        Duration::from_secs(40),
     );
-    assert_eq!(code, 200);
+    assert_eq!(code, 200, "after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(25), "{:?}", t.elapsed());
+    drop(idle);
     // Opening the printed URL sets a cookie that later requests carry.
     let (code, _) = http(&s.addr, "GET", "/?token=s3cret", "", &[]);
     assert_eq!(code, 200);

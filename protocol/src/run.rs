@@ -76,6 +76,14 @@ impl RunStatus {
         })
     }
 
+    /// The states no worker is or will be attached to.
+    pub const STOPPED: [RunStatus; 4] = [
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::Aborted,
+        RunStatus::Interrupted,
+    ];
+
     /// No worker is or will be attached to a run in this state.
     pub fn is_final(&self) -> bool {
         !matches!(self, RunStatus::Queued | RunStatus::Running)

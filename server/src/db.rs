@@ -201,6 +201,23 @@ impl Db {
         Ok(())
     }
 
+    /// Moves run `id` to `to` only if its status is one of `from`, in one statement; false when
+    /// it was not (another request moved it first).
+    pub async fn transition(&self, id: i64, from: &[RunStatus], to: RunStatus) -> Result<bool> {
+        let placeholders: Vec<String> = (0..from.len()).map(|i| format!("?{}", i + 3)).collect();
+        let sql = format!(
+            "UPDATE runs SET status = ?1, error = NULL, \
+             finished_at = CASE WHEN ?1 IN ('queued', 'running') THEN NULL ELSE finished_at END \
+             WHERE id = ?2 AND status IN ({})",
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query(&sql).bind(to.as_str()).bind(id);
+        for s in from {
+            q = q.bind(s.as_str());
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected() == 1)
+    }
+
     pub async fn set_progress(&self, id: i64, step: u64, total: u64) -> Result<()> {
         sqlx::query("UPDATE runs SET step = ?, total_steps = MAX(total_steps, ?) WHERE id = ?")
             .bind(step as i64)
@@ -415,22 +432,58 @@ mod tests {
         };
         let id = db.insert_run(new(RunKind::Train), "").await.unwrap();
         assert_eq!(db.run(id).await.unwrap().unwrap().status, RunStatus::Queued);
-        // A newer server's state, say.
-        sqlx::query("UPDATE runs SET status = 'paused' WHERE id = ?")
-            .bind(id)
-            .execute(&db.pool)
-            .await
-            .unwrap();
+        // A newer server's state, say (its schema allows more values than ours).
+        let sql = format!(
+            "PRAGMA ignore_check_constraints = ON; UPDATE runs SET status = 'paused' WHERE id = {id}"
+        );
+        sqlx::raw_sql(&sql).execute(&db.pool).await.unwrap();
         let e = db.run(id).await.unwrap_err().to_string();
         assert!(e.contains("unknown status `paused`"), "{e}");
         assert!(db.runs(&RunFilter::default()).await.is_err());
         let other = db.insert_run(new(RunKind::Export), "").await.unwrap();
-        sqlx::query("UPDATE runs SET kind = 'distill' WHERE id = ?")
-            .bind(other)
-            .execute(&db.pool)
-            .await
-            .unwrap();
+        let sql = format!(
+            "PRAGMA ignore_check_constraints = ON; UPDATE runs SET kind = 'distill' WHERE id = {other}"
+        );
+        sqlx::raw_sql(&sql).execute(&db.pool).await.unwrap();
         let e = db.run(other).await.unwrap_err().to_string();
         assert!(e.contains("unknown kind `distill`"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_transition_happens_once_and_only_from_the_states_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("runs.db")).await.unwrap();
+        let config = Map::new();
+        let id = db
+            .insert_run(
+                NewRun {
+                    kind: RunKind::Train,
+                    config: &config,
+                    output_dir: "out",
+                    model: "m",
+                    dataset: "d",
+                },
+                "",
+            )
+            .await
+            .unwrap();
+        let stopped = RunStatus::STOPPED;
+        assert!(!db
+            .transition(id, &stopped, RunStatus::Queued)
+            .await
+            .unwrap());
+        db.set_status(id, RunStatus::Aborted, None, Some("user"))
+            .await
+            .unwrap();
+        assert!(db
+            .transition(id, &stopped, RunStatus::Queued)
+            .await
+            .unwrap());
+        assert!(!db
+            .transition(id, &stopped, RunStatus::Queued)
+            .await
+            .unwrap());
+        let run = db.run(id).await.unwrap().unwrap();
+        assert_eq!((run.status, run.error), (RunStatus::Queued, None));
     }
 }

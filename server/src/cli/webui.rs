@@ -12,6 +12,7 @@ use clap::Args;
 use crate::db::Db;
 use crate::runs::{Manager, ManagerConfig};
 use crate::web::{self, App, WebConfig};
+use crate::workdir_lock::WorkdirLock;
 
 #[derive(Args)]
 pub struct WebuiCmd {
@@ -108,6 +109,9 @@ pub fn run(cmd: WebuiCmd) -> Result<ExitCode> {
     std::fs::create_dir_all(&cmd.workdir)
         .with_context(|| format!("cannot create the work dir {}", cmd.workdir.display()))?;
     let workdir = cmd.workdir.canonicalize()?;
+    // Before anything touches the work dir: a second server would mark the first one's live
+    // runs interrupted.
+    let mut lock = WorkdirLock::acquire(&workdir)?;
     ensure_demo(&workdir)?;
     let site_root = site_root(cmd.site_root);
     if !site_root.join("pkg").join("frontend.js").is_file() {
@@ -134,6 +138,7 @@ pub fn run(cmd: WebuiCmd) -> Result<ExitCode> {
             )
         })?;
         let addr = listener.local_addr()?;
+        lock.describe(&format!("pid {}, http://{addr}", std::process::id()))?;
         let db = Db::open(&workdir.join("llamaboard.db")).await?;
         let manager = Manager::start(
             db,

@@ -54,6 +54,9 @@ pub struct Manager {
     events: broadcast::Sender<(i64, RunEventMsg)>,
     /// Serializes event appends so sequence numbers follow broadcast order.
     record_lock: tokio::sync::Mutex<()>,
+    /// Held while a run is admitted (started or resumed): the checks (status, busy output dir)
+    /// and the state change happen as one step, never interleaved with another admission.
+    admission: tokio::sync::Mutex<()>,
 }
 
 /// The argument file a run's worker reads.
@@ -99,6 +102,7 @@ impl Manager {
             wake: Notify::new(),
             events,
             record_lock: tokio::sync::Mutex::new(()),
+            admission: tokio::sync::Mutex::new(()),
         });
         m.recover().await?;
         let sched = m.clone();
@@ -122,9 +126,49 @@ impl Manager {
             .runs_with_status(&[RunStatus::Queued, RunStatus::Running])
             .await?
         {
+            if run.kind == RunKind::Train {
+                self.reconcile_metrics(&run).await?;
+            }
             let msg = "the server stopped while this run was active; resume it to continue from its last checkpoint";
             self.set_status(run.id, RunStatus::Interrupted, None, Some(msg))
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// Adds the logged steps the registry missed (the server died before it read them) from
+    /// the run's own `trainer_log.jsonl`, so the chart and the files agree.
+    async fn reconcile_metrics(&self, run: &Run) -> Result<()> {
+        let log = Path::new(&run.output_dir).join("trainer_log.jsonl");
+        let Ok(text) = std::fs::read_to_string(&log) else {
+            return Ok(());
+        };
+        let known = self.db.metrics(run.id).await?;
+        let has = |step: u64, eval: bool| {
+            known.iter().any(|p| {
+                p.step == step
+                    && if eval {
+                        p.eval_loss.is_some()
+                    } else {
+                        p.loss.is_some()
+                    }
+            })
+        };
+        for line in text.lines() {
+            let Some(p) = serde_json::from_str::<Value>(line)
+                .ok()
+                .and_then(|v| point_of_log_line(&v))
+            else {
+                continue;
+            };
+            if has(p.step, p.eval_loss.is_some()) {
+                continue;
+            }
+            self.db.upsert_metric(run.id, &p).await?;
+            if let Some(total) = p.total {
+                self.db.set_progress(run.id, p.step, total).await?;
+            }
+            self.record(run.id, RunEvent::Metric(p)).await?;
         }
         Ok(())
     }
@@ -150,6 +194,7 @@ impl Manager {
     pub async fn submit(&self, kind: RunKind, args: &TrainArgs) -> RunResult<i64> {
         let config = args.non_default();
         let output_dir = run_output_dir(&kind, args);
+        let _admitting = self.admission.lock().await;
         self.check_output_dir_free(&kind, &output_dir).await?;
         let model = args.model_name_or_path.clone().unwrap_or_default();
         let dataset = match kind {
@@ -268,6 +313,7 @@ impl Manager {
     /// Queues a stopped training run again; the worker resumes from the last checkpoint in its
     /// output dir.
     pub async fn resume(&self, id: i64) -> RunResult<()> {
+        let _admitting = self.admission.lock().await;
         let run = self.db.run(id).await?.ok_or(RunError::NotFound(id))?;
         if !run.status.is_final() {
             return Err(RunError::WrongStatus {
@@ -279,6 +325,8 @@ impl Manager {
         if run.kind != RunKind::Train {
             return Err(RunError::NotResumable(run.kind));
         }
+        self.check_output_dir_free(&run.kind, &run.output_dir)
+            .await?;
         let mut config = run.config.clone();
         let out = Path::new(&run.output_dir);
         if let Some(ckpt) = trainer::train::checkpoint::last_checkpoint(out) {
@@ -288,7 +336,30 @@ impl Manager {
             );
         }
         write_args(&out.join("training_args.yaml"), &config)?;
-        Ok(self.enqueue(id).await?)
+        // The status moves only from where it was read, in one statement.
+        if !self
+            .db
+            .transition(id, &RunStatus::STOPPED, RunStatus::Queued)
+            .await?
+        {
+            return Err(RunError::WrongStatus {
+                id,
+                status: self.db.run(id).await?.map_or(run.status, |r| r.status),
+                action: "only a stopped run can be resumed",
+            });
+        }
+        self.record(
+            id,
+            RunEvent::Status {
+                status: RunStatus::Queued,
+                error: None,
+                exit_code: None,
+            },
+        )
+        .await?;
+        self.state.lock().unwrap().queue.push_back(id);
+        self.wake.notify_one();
+        Ok(())
     }
 
     /// Deletes a stopped run's record (its files stay on disk).
@@ -541,6 +612,41 @@ impl Manager {
             worker::signal(pid, libc::SIGKILL);
         }
     }
+}
+
+/// A metric point from a `trainer_log.jsonl` line (a logged step or an evaluation).
+fn point_of_log_line(v: &Value) -> Option<MetricPoint> {
+    const PROGRESS: &[&str] = &[
+        "current_steps",
+        "total_steps",
+        "loss",
+        "eval_loss",
+        "lr",
+        "epoch",
+        "percentage",
+        "elapsed_time",
+        "remaining_time",
+        "throughput",
+        "total_tokens",
+    ];
+    let step = v["current_steps"].as_u64()?;
+    let p = MetricPoint {
+        step,
+        loss: v["loss"].as_f64(),
+        eval_loss: v["eval_loss"].as_f64(),
+        lr: v["lr"].as_f64(),
+        epoch: v["epoch"].as_f64(),
+        tokens_per_sec: v["throughput"].as_f64(),
+        total: v["total_steps"].as_u64(),
+        extra: v
+            .as_object()?
+            .iter()
+            .filter(|(k, _)| !PROGRESS.contains(&k.as_str()))
+            .map(|(k, x)| (k.clone(), x.clone()))
+            .collect(),
+        ..Default::default()
+    };
+    (p.loss.is_some() || p.eval_loss.is_some()).then_some(p)
 }
 
 fn write_args(file: &Path, config: &Map<String, Value>) -> Result<()> {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::State;
 use axum::Json;
 use protocol::run::{CheckpointEntry, DatasetEntry, DatasetPage, ModelEntry};
 use serde::Deserialize;
@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use trainer::data::dataset_info::{DatasetInfo, Formatting};
 use trainer::model::value_head::VALUE_HEAD_FILE;
 
-use super::error::{ApiError, ApiResult, Body};
+use super::error::{ApiError, ApiResult, Body, Query, UrlPath};
 use super::prepare::{dataset_dir, model_label};
 use super::AppState;
 

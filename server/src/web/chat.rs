@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message as WsMessage, WebSocket};
 use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use trainer::data::converter::{Message, Role};
 
-use super::error::{ApiError, ApiResult, Body};
+use super::error::{ApiError, ApiResult, Body, Ws};
 use super::AppState;
 use crate::api::worker::{Chunk, Job};
 use crate::api::ModelWorker;
@@ -77,6 +77,8 @@ pub async fn status(State(app): State<AppState>) -> Json<ChatStatus> {
 }
 
 /// Loads a model (and adapters) for chat, replacing the loaded one; answers when it is ready.
+/// The load runs on a task of its own: a client that goes away does not stop it, and it always
+/// ends in `loaded` or `failed`.
 #[utoipa::path(post, path = "/api/chat/load", request_body(content = Object, description = "model_name_or_path, adapter_name_or_path, finetuning_type, template, infer_dtype, default_system, max_new_tokens, top_p, temperature"),
     responses((status = 200, body = ChatStatus), (status = 409, body = protocol::run::ErrorBody), (status = 422, body = protocol::run::ErrorBody)))]
 pub async fn load(
@@ -87,7 +89,10 @@ pub async fn load(
     {
         let mut st = app.chat.state.lock().unwrap();
         if matches!(st.0, Loaded::Loading) {
-            return Err(ApiError::conflict("a model is being loaded; wait for it"));
+            return Err(ApiError::conflict(format!(
+                "{} is being loaded; wait until the chat status says loaded or failed, then load again",
+                st.1.model.as_deref().unwrap_or("a model")
+            )));
         }
         st.0 = Loaded::Loading;
         st.1 = ChatStatus {
@@ -99,34 +104,50 @@ pub async fn load(
             error: None,
         };
     }
-    let loading = args.clone();
-    let loaded = tokio::task::spawn_blocking(move || {
-        trainer::infer::ChatModel::load(&loading, &trainer::device::default_device())
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.into()))?;
-    let mut st = app.chat.state.lock().unwrap();
-    match loaded {
-        Ok(chat) => {
-            let template = chat.template.name.clone();
-            st.0 = Loaded::Ready(ModelWorker::start(chat));
-            st.1.state = "loaded".into();
-            st.1.template = Some(template);
-            Ok(Json(st.1.clone()))
-        }
-        Err(e) => {
-            let msg = format!("{e:#}");
+    let service = app.clone();
+    let done = tokio::spawn(async move {
+        let loaded = tokio::task::spawn_blocking(move || {
+            if let Some(ms) = std::env::var(LOAD_DELAY_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+            trainer::infer::ChatModel::load(&args, &trainer::device::default_device())
+        })
+        .await;
+        let mut st = service.chat.state.lock().unwrap();
+        let failed = |st: &mut (Loaded, ChatStatus), msg: String| {
             st.0 = Loaded::Failed;
             st.1.state = "failed".into();
             st.1.error = Some(msg.clone());
-            Err(ApiError::new(
-                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                "load_failed",
-                msg,
-            ))
+            Err(msg)
+        };
+        match loaded {
+            Ok(Ok(chat)) => {
+                let template = chat.template.name.clone();
+                st.0 = Loaded::Ready(ModelWorker::start(chat));
+                st.1.state = "loaded".into();
+                st.1.template = Some(template);
+                Ok(st.1.clone())
+            }
+            Ok(Err(e)) => failed(&mut st, format!("{e:#}")),
+            Err(e) => failed(&mut st, format!("loading the model crashed: {e}")),
         }
+    });
+    match done.await {
+        Ok(Ok(status)) => Ok(Json(status)),
+        Ok(Err(msg)) => Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "load_failed",
+            msg,
+        )),
+        Err(e) => Err(ApiError::internal(e.into())),
     }
 }
+
+/// Test hook: milliseconds a chat load waits before it starts (a slow load on demand).
+pub const LOAD_DELAY_ENV: &str = "LLAMAFACTORY_TEST_CHAT_LOAD_DELAY_MS";
 
 #[utoipa::path(post, path = "/api/chat/unload", responses((status = 200, body = ChatStatus)))]
 pub async fn unload(State(app): State<AppState>) -> ApiResult<Json<ChatStatus>> {
@@ -145,7 +166,7 @@ pub async fn unload(State(app): State<AppState>) -> ApiResult<Json<ChatStatus>> 
 /// Each `generate` request streams `token` messages and one `done` (or `error`); `stop` ends the
 /// reply early.
 #[utoipa::path(get, path = "/api/chat", responses((status = 101, description = "WebSocket: send ChatRequest JSON, receive ChatReply JSON", body = ChatReply)))]
-pub async fn socket(State(app): State<AppState>, ws: WebSocketUpgrade) -> Response {
+pub async fn socket(State(app): State<AppState>, Ws(ws): Ws) -> Response {
     ws.max_message_size(super::BODY_LIMIT)
         .on_upgrade(move |s| chat_loop(app, s))
 }

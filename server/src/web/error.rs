@@ -1,8 +1,11 @@
-//! The API's error: `{"error": {"code", "message", "field"}}` with a 4xx/5xx status, and a JSON
-//! body extractor whose rejections (malformed JSON, oversize body) come out in that shape.
+//! The API's error: `{"error": {"code", "message", "field"}}` with a 4xx/5xx status, the one
+//! place where the run manager's and validation's errors get their status, and extractors (JSON
+//! body, URL path, query string, WebSocket upgrade) whose rejections come out in that shape.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -121,6 +124,72 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
             Err(rej) => Err(rejection(rej)),
+        }
+    }
+}
+
+/// `axum::extract::Path` whose rejection (`/api/runs/abc`) is an API error.
+pub struct UrlPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for UrlPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(UrlPath(v)),
+            Err(rej) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_path",
+                format!("{}: {}", parts.uri.path(), rej.body_text()),
+            )),
+        }
+    }
+}
+
+/// `axum::extract::Query` whose rejection (`?limit=abc`, a required parameter missing) is an
+/// API error naming the parameter when serde does.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(rej) => {
+                let text = rej.body_text();
+                let field = text
+                    .split('`')
+                    .nth(1)
+                    .filter(|_| text.contains("field"))
+                    .map(str::to_string);
+                Err(ApiError {
+                    field,
+                    ..ApiError::new(StatusCode::BAD_REQUEST, "bad_query", text)
+                })
+            }
+        }
+    }
+}
+
+/// `WebSocketUpgrade` whose rejection (a plain GET without upgrade headers) is an API error.
+pub struct Ws(pub WebSocketUpgrade);
+
+impl<S: Send + Sync> FromRequestParts<S> for Ws {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match WebSocketUpgrade::from_request_parts(parts, state).await {
+            Ok(ws) => Ok(Ws(ws)),
+            Err(rej) => Err(ApiError::new(
+                rej.status(),
+                "websocket_required",
+                format!(
+                    "{} is a WebSocket endpoint: {}",
+                    parts.uri.path(),
+                    rej.body_text()
+                ),
+            )),
         }
     }
 }

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::ws::{Message, WebSocket};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::error::{ApiError, ApiResult, Body};
+use super::error::{ApiError, ApiResult, Body, Query, UrlPath, Ws};
 use super::prepare::prepare;
 use super::AppState;
 use crate::db::RunFilter;
@@ -236,7 +236,7 @@ pub async fn remove(
 pub async fn events(
     State(app): State<AppState>,
     UrlPath(id): UrlPath<i64>,
-    ws: WebSocketUpgrade,
+    Ws(ws): Ws,
 ) -> Response {
     if let Err(e) = find(&app, id).await {
         return e.into_response();

@@ -122,6 +122,7 @@ pub fn validate(a: &TrainArgs) -> Result<(), ArgError> {
     if a.cutoff_len == 0 {
         return fail("cutoff_len", "key `cutoff_len` must be at least 1");
     }
+    check_ranges(a)?;
     if a.per_device_train_batch_size == 0 {
         return fail(
             "per_device_train_batch_size",
@@ -134,6 +135,138 @@ pub fn validate(a: &TrainArgs) -> Result<(), ArgError> {
             "`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1",
         );
     }
+    Ok(())
+}
+
+/// A number outside the range a key allows: checked where the arguments are read, so a worker
+/// never starts with a value it cannot run.
+fn check_ranges(a: &TrainArgs) -> Result<(), ArgError> {
+    let range = |key: &'static str, v: f64, ok: bool, want: &str| -> Result<(), ArgError> {
+        if ok && v.is_finite() {
+            Ok(())
+        } else {
+            fail(key, format!("key `{key}` must be {want}, got {v}"))
+        }
+    };
+    range(
+        "learning_rate",
+        a.learning_rate,
+        a.learning_rate >= 0.0,
+        "0 or more",
+    )?;
+    range(
+        "weight_decay",
+        a.weight_decay,
+        a.weight_decay >= 0.0,
+        "0 or more",
+    )?;
+    range(
+        "warmup_ratio",
+        a.warmup_ratio,
+        (0.0..=1.0).contains(&a.warmup_ratio),
+        "between 0 and 1",
+    )?;
+    range(
+        "max_grad_norm",
+        a.max_grad_norm,
+        a.max_grad_norm >= 0.0,
+        "0 (no clipping) or more",
+    )?;
+    range(
+        "adam_beta1",
+        a.adam_beta1,
+        (0.0..1.0).contains(&a.adam_beta1),
+        "in [0, 1)",
+    )?;
+    range(
+        "adam_beta2",
+        a.adam_beta2,
+        (0.0..1.0).contains(&a.adam_beta2),
+        "in [0, 1)",
+    )?;
+    range(
+        "adam_epsilon",
+        a.adam_epsilon,
+        a.adam_epsilon >= 0.0,
+        "0 or more",
+    )?;
+    if a.max_steps <= 0 {
+        range(
+            "num_train_epochs",
+            a.num_train_epochs,
+            a.num_train_epochs > 0.0,
+            "above 0 (or set `max_steps`)",
+        )?;
+    }
+    for (key, v) in [
+        ("logging_steps", a.logging_steps),
+        ("save_steps", a.save_steps),
+        ("per_device_eval_batch_size", a.per_device_eval_batch_size),
+    ] {
+        range(key, v as f64, v >= 1, "at least 1")?;
+    }
+    if let Some(n) = a.eval_steps {
+        range("eval_steps", n as f64, n >= 1, "at least 1")?;
+    }
+    if a.finetuning_type == FinetuningType::Lora {
+        range(
+            "lora_rank",
+            a.lora_rank as f64,
+            a.lora_rank >= 1,
+            "at least 1",
+        )?;
+        range(
+            "lora_alpha",
+            a.lora_alpha(),
+            a.lora_alpha() > 0.0,
+            "above 0",
+        )?;
+        range(
+            "lora_dropout",
+            a.lora_dropout,
+            (0.0..1.0).contains(&a.lora_dropout),
+            "in [0, 1)",
+        )?;
+        if let Some(r) = a.loraplus_lr_ratio {
+            range("loraplus_lr_ratio", r, r > 0.0, "above 0")?;
+        }
+    }
+    if matches!(a.stage, Stage::Dpo | Stage::Kto) {
+        range("pref_beta", a.pref_beta, a.pref_beta > 0.0, "above 0")?;
+        range("pref_ftx", a.pref_ftx, a.pref_ftx >= 0.0, "0 or more")?;
+    }
+    if a.stage == Stage::Ppo {
+        range(
+            "ppo_epochs",
+            a.ppo_epochs as f64,
+            a.ppo_epochs >= 1,
+            "at least 1",
+        )?;
+        range(
+            "ppo_buffer_size",
+            a.ppo_buffer_size as f64,
+            a.ppo_buffer_size >= 1,
+            "at least 1",
+        )?;
+    }
+    range(
+        "temperature",
+        a.temperature,
+        a.temperature >= 0.0,
+        "0 or more",
+    )?;
+    range(
+        "top_p",
+        a.top_p,
+        a.top_p > 0.0 && a.top_p <= 1.0,
+        "in (0, 1]",
+    )?;
+    range(
+        "repetition_penalty",
+        a.repetition_penalty,
+        a.repetition_penalty > 0.0,
+        "above 0",
+    )?;
     Ok(())
 }
 
@@ -163,6 +296,47 @@ mod tests {
             ..TrainArgs::default()
         };
         assert_eq!(validate(&a).unwrap_err().key, "val_size");
+        for (a, key) in [
+            (
+                TrainArgs {
+                    lora_rank: 0,
+                    ..TrainArgs::default()
+                },
+                "lora_rank",
+            ),
+            (
+                TrainArgs {
+                    lora_dropout: 2.0,
+                    ..TrainArgs::default()
+                },
+                "lora_dropout",
+            ),
+            (
+                TrainArgs {
+                    learning_rate: -1.0,
+                    ..TrainArgs::default()
+                },
+                "learning_rate",
+            ),
+            (
+                TrainArgs {
+                    warmup_ratio: -1.0,
+                    ..TrainArgs::default()
+                },
+                "warmup_ratio",
+            ),
+            (
+                TrainArgs {
+                    learning_rate: f64::NAN,
+                    ..TrainArgs::default()
+                },
+                "learning_rate",
+            ),
+        ] {
+            let e = validate(&a).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.message.contains(&format!("`{key}`")), "{e}");
+        }
         assert!(validate(&TrainArgs::default()).is_ok());
     }
 }
