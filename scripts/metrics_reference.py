@@ -21,6 +21,14 @@ PAIRS = [
     ("完全不同的句子", "The answer is 42"),
     ("你好，世界！今天天气很好。", "你好世界，今天天气不错！"),
     ("1 2 3 4 5", "1 2 3 4 5 6 7 8 9"),
+    # Several sentences: rouge_chinese cuts them (Rouge.cut_sent) before scoring.
+    ("The cat sat on the mat. Then it slept. Was it tired? Yes! It was.",
+     "A cat sat on a mat. It slept after that. Was it tired? Very much so."),
+    ("今天天气很好。我们去公园散步吧！你觉得怎么样？", "今天天气不错。我们去散步吧。你觉得呢？"),
+    ("我喜欢Python。It is easy to learn! 你呢？还有Rust吗？", "我也喜欢Python。It is fun to learn. 你喜欢Rust吗？"),
+    ("第一行\n第二行。\n第三行很长很长。", "第一行\n第三行很长。"),
+    ("等一下……好的......然后呢？结束了。", "等一下……然后呢？好的。"),
+    ("他说：“你好。”然后走了。", "他说：“你好！”然后离开了。"),
 ]
 
 

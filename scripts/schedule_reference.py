@@ -39,11 +39,11 @@ if __name__ == "__main__":
         "cosine_with_restarts (warmup 2, total 10)": factors("cosine_with_restarts", 2, 10, 10),
         "warmup_stable_decay (warmup 2, total 11)": factors("warmup_stable_decay", 2, 11, 11),
     }
-    # tests/train.rs trains 6 steps at learning rate 1e-3 with warmup_steps 1 and logs the lr
-    # after each step.
+    # tests/train.rs trains 6 steps at learning rate 1e-3 with warmup_steps 1; each logged line
+    # holds the rate its step used (transformers 5 logs the applied rate).
     for name in ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                  "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
                  "warmup_stable_decay"]:
-        cases[f"{name} (lr 1e-3, warmup 1, total 6), after steps 1..6"] = \
-            factors(name, 1, 6, 6, peak=1e-3)[1:]
+        cases[f"{name} (lr 1e-3, warmup 1, total 6), used by steps 1..6"] = \
+            factors(name, 1, 6, 6, peak=1e-3)[:-1]
     print(json.dumps(cases, indent=1))

@@ -9,6 +9,5 @@ scripts/build-web.sh debug
 cargo test --workspace --locked
 (cd tests/e2e && npm ci --no-audit --no-fund --silent)
 LLAMAFACTORY_BIN="$target_dir/debug/llamafactory" \
-LLAMAFACTORY_SITE_ROOT="$target_dir/site" \
 SCREENSHOTS="$target_dir/e2e-screenshots" \
   node tests/e2e/board.mjs

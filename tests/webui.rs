@@ -664,6 +664,27 @@ fn bad_requests_get_clear_errors() {
         csp.contains("frame-ancestors 'none'") && csp.contains("'nonce-"),
         "{csp}"
     );
+    // The browser bundle is built in, compressed as the browser accepts, revalidated by ETag.
+    let wasm = |headers: &[(&str, &str)]| {
+        let mut h = vec![("Host", s.addr.as_str())];
+        h.extend_from_slice(headers);
+        raw_request_head(&s.addr, "/pkg/frontend_bg.wasm", &h)
+    };
+    let plain = wasm(&[]);
+    if plain.starts_with("http/1.1 404") && std::env::var("CI").as_deref() != Ok("true") {
+        eprintln!("skipped: this binary was built without the browser bundle (scripts/build-web.sh first)");
+    } else {
+        assert!(plain.starts_with("http/1.1 200"), "{plain}");
+        assert!(wasm(&[("Accept-Encoding", "gzip, deflate, br")]).contains("content-encoding: br"));
+        assert!(wasm(&[("Accept-Encoding", "gzip")]).contains("content-encoding: gzip"));
+        let etag = plain
+            .lines()
+            .find_map(|l| l.strip_prefix("etag: "))
+            .unwrap()
+            .to_string();
+        let again = wasm(&[("If-None-Match", etag.as_str())]);
+        assert!(again.starts_with("http/1.1 304"), "{again}");
+    }
     // The OpenAPI document describes the fixed points.
     let (code, doc) = get(&s, "/api/openapi.json");
     assert_eq!(code, 200);
@@ -696,6 +717,39 @@ fn a_chat_load_ends_even_when_its_client_goes_away() {
         dir.path(),
         &[("LLAMAFACTORY_TEST_CHAT_LOAD_DELAY_MS", "2000")],
     );
+    // The template follows a typed model: a known family gets LLaMA-Factory's template, an
+    // unknown one its own chat template, each with the reason.
+    let (code, m) = get(&s, "/api/models/info?model=models/demo");
+    assert_eq!((code, m["template"].as_str()), (200, Some("qwen")), "{m}");
+    let plain = dir.path().join("models/plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::write(
+        plain.join("config.json"),
+        r#"{"model_type": "llama", "vocab_size": 32000}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        plain.join("tokenizer_config.json"),
+        r#"{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}"#,
+    )
+    .unwrap();
+    let (code, m) = get(&s, "/api/models/info?model=models/plain");
+    assert_eq!(code, 200, "{m}");
+    assert!(m["template"].is_null(), "{m}");
+    assert!(
+        m["template_reason"]
+            .as_str()
+            .unwrap()
+            .contains("its own chat template"),
+        "{m}"
+    );
+    let (code, m) = get(&s, "/api/models/info?model=models/missing");
+    assert_eq!(
+        (code, m["error"]["field"].as_str()),
+        (422, Some("model_name_or_path")),
+        "{m}"
+    );
+
     let body = json!({"model_name_or_path": "models/demo", "template": "qwen"}).to_string();
     {
         use std::io::Write;
@@ -757,20 +811,26 @@ fn timed_http(addr: &str, path: &str, headers: &[(&str, &str)], limit: Duration)
 
 /// The response head of `GET path`, lower-cased.
 fn raw_head(addr: &str, path: &str) -> String {
+    raw_request_head(addr, path, &[("Host", addr)])
+}
+
+/// The response head of `GET path` sent with `headers`, lower-cased.
+fn raw_request_head(addr: &str, path: &str, headers: &[(&str, &str)]) -> String {
     use std::io::{Read, Write};
     let mut sock = TcpStream::connect(addr).unwrap();
-    write!(
-        sock,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    sock.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
     let _ = sock.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
-    text.split("\r\n\r\n")
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    let cut = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..cut]).to_ascii_lowercase()
 }
 
 #[test]

@@ -45,6 +45,7 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("checkpoint", "Checkpoint path", "检查点路径"),
     ("none", "none", "无"),
     ("template", "Chat template", "对话模板"),
+    ("template_own", "model's own (Jinja)", "模型自带 (Jinja)"),
     ("rope_scaling", "RoPE scaling", "RoPE 插值方法"),
     ("booster", "Booster", "加速方式"),
     ("tab_train", "Train", "训练"),

@@ -18,12 +18,12 @@ use leptos::task::spawn_local;
 use leptos_meta::*;
 use leptos_router::components::{Route, Router, Routes};
 use leptos_router::path;
-use protocol::args::{Choice, FinetuningType};
-use protocol::run::{CheckpointEntry, ModelEntry, Run, RunKind, RunStatus};
+use protocol::args::{Choice, FinetuningType, RopeScalingType};
+use protocol::run::{ChatStatus, CheckpointEntry, ModelEntry, Run, RunKind, RunStatus};
 use serde_json::{Map, Value};
 
 use client::{enc, get, send, ApiErr};
-use form::{Field, Form, Select};
+use form::{Form, Select};
 use i18n::{I18n, Lang};
 use runview::RunView;
 
@@ -66,6 +66,8 @@ pub struct Ctx {
     pub models: RwSignal<Vec<ModelEntry>>,
     pub templates: RwSignal<Vec<String>>,
     pub checkpoints: RwSignal<Vec<CheckpointEntry>>,
+    /// Why the top bar's template is the one it is (shown under it).
+    pub template_reason: RwSignal<String>,
     pub train: RunView,
     pub eval: RunView,
     pub export: RunView,
@@ -78,6 +80,37 @@ pub fn use_ctx() -> Ctx {
 }
 
 impl Ctx {
+    /// Takes a model's template (`""` for its own chat template) and the reason.
+    fn apply_template(&self, m: &ModelEntry) {
+        self.top
+            .set("template", m.template.clone().unwrap_or_default());
+        self.template_reason.set(m.template_reason.clone());
+    }
+
+    /// Makes `path` the top bar's model and its template follow: from the model list, or asked
+    /// of the server for a typed path.
+    pub fn follow_model(&self, path: String) {
+        let ctx = *self;
+        ctx.top.set("model_name_or_path", path.clone());
+        let known = ctx
+            .models
+            .get_untracked()
+            .into_iter()
+            .find(|m| m.path == path);
+        match known {
+            Some(m) => ctx.apply_template(&m),
+            None if !path.trim().is_empty() => spawn_local(async move {
+                let url = format!("/api/models/info?model={}", enc(&path));
+                match get::<ModelEntry>(&url).await {
+                    Ok(m) => ctx.apply_template(&m),
+                    Err(_) => ctx.template_reason.set(String::new()),
+                }
+            }),
+            None => {}
+        }
+        ctx.load_checkpoints();
+    }
+
     /// The top bar as run arguments: the checkpoint picker becomes `adapter_name_or_path` (LoRA)
     /// or replaces the model path (full / freeze); the booster becomes its flags.
     pub fn top_args(&self) -> Map<String, Value> {
@@ -186,6 +219,7 @@ fn Board() -> impl IntoView {
         models: RwSignal::new(Vec::new()),
         templates: RwSignal::new(Vec::new()),
         checkpoints: RwSignal::new(Vec::new()),
+        template_reason: RwSignal::new(String::new()),
         train: RunView::new(),
         eval: RunView::new(),
         export: RunView::new(),
@@ -215,22 +249,37 @@ fn Board() -> impl IntoView {
                 .get("last_model")
                 .and_then(Value::as_str)
                 .map(str::to_string);
-            let pick = last
-                .filter(|l| !l.is_empty())
-                .or_else(|| models.first().map(|m| m.path.clone()));
             ctx.models.set(models.clone());
-            if let Some(p) = pick {
-                ctx.top.set("model_name_or_path", p.clone());
-                if let Some(t) = models
-                    .iter()
-                    .find(|m| m.path == p)
-                    .and_then(|m| m.template.clone())
-                {
-                    ctx.top.set("template", t);
-                }
-                ctx.load_checkpoints();
-            }
             let runs: Vec<Run> = get("/api/runs?limit=50").await.unwrap_or_default();
+            // The top bar shows the model in use: the chat's loaded model, else the running
+            // run's, else the last one chosen, else the first listed.
+            let chat: Option<ChatStatus> = get("/api/chat/status").await.ok();
+            let chat = chat.filter(|c| matches!(c.state.as_str(), "loaded" | "loading"));
+            let running = runs.iter().find(|r| {
+                r.kind == RunKind::Train
+                    && matches!(r.status, RunStatus::Queued | RunStatus::Running)
+            });
+            let in_use = |key: &str| -> Option<String> {
+                running?.config.get(key)?.as_str().map(str::to_string)
+            };
+            let pick = chat
+                .as_ref()
+                .and_then(|c| c.model.clone())
+                .or_else(|| in_use("model_name_or_path"))
+                .or(last.filter(|l| !l.is_empty()))
+                .or_else(|| models.first().map(|m| m.path.clone()));
+            if let Some(p) = pick {
+                ctx.follow_model(p);
+            }
+            if let Some(c) = &chat {
+                if let Some(a) = &c.adapter {
+                    ctx.top
+                        .set("finetuning_type", FinetuningType::Lora.as_str());
+                    ctx.top.set("checkpoint", a.clone());
+                }
+            } else if let Some(ft) = in_use("finetuning_type") {
+                ctx.top.set("finetuning_type", ft);
+            }
             for (kind, view) in [
                 (RunKind::Train, ctx.train),
                 (RunKind::Predict, ctx.eval),
@@ -292,18 +341,8 @@ fn TopBar() -> impl IntoView {
         }
     };
     let choose_model = move |path: String| {
-        top.set("model_name_or_path", path.clone());
         top.set("checkpoint", "");
-        if let Some(t) = ctx
-            .models
-            .get_untracked()
-            .iter()
-            .find(|m| m.path == path)
-            .and_then(|m| m.template.clone())
-        {
-            top.set("template", t);
-        }
-        ctx.load_checkpoints();
+        ctx.follow_model(path.clone());
         spawn_local(async move {
             let body = serde_json::json!({"last_model": path});
             let _: Result<Value, _> = send("PUT", "/api/settings", &body).await;
@@ -335,7 +374,17 @@ fn TopBar() -> impl IntoView {
                     }).collect_view()}
                 </select>
             </div>
-            <Field form=top key="model_name_or_path" label="model_path" placeholder="models/demo"/>
+            <div class="field" class:invalid=move || top.errors.with(|e| e.contains_key("model_name_or_path"))>
+                <label for="f-top-model_name_or_path">{i.t("model_path")}</label>
+                // A typed path takes effect when the field is left: its template follows.
+                <input id="f-top-model_name_or_path" name="model_name_or_path" placeholder="models/demo"
+                    prop:value=move || top.get("model_name_or_path")
+                    on:change=move |ev| {
+                        top.set("checkpoint", "");
+                        ctx.follow_model(event_target_value(&ev).trim().to_string());
+                    }/>
+                {move || top.errors.with(|e| e.get("model_name_or_path").cloned()).map(|m| view! { <p class="field-error" role="alert" data-field="model_name_or_path">{m}</p> })}
+            </div>
             <Select form=top key="finetuning_type" label="finetuning_type"
                 options={form::choices::<FinetuningType>()}/>
             <div class="field" class:invalid=move || top.errors.with(|e| e.contains_key("checkpoint"))>
@@ -355,16 +404,21 @@ fn TopBar() -> impl IntoView {
             <div class="field">
                 <label for="f-template">{i.t("template")}</label>
                 <select id="f-template" name="template" prop:value=move || top.get("template")
-                    on:change=move |ev| top.set("template", event_target_value(&ev))>
+                    on:change=move |ev| {
+                        top.set("template", event_target_value(&ev));
+                        ctx.template_reason.set(String::new());
+                    }>
+                    <option value="" selected=move || top.get("template").is_empty()>{i.t("template_own")}</option>
                     {move || ctx.templates.get().into_iter().map(|t| {
                         let v = t.clone();
                         let shown = t.clone();
                         view! { <option value=t selected=move || top.get("template") == v>{shown}</option> }
                     }).collect_view()}
                 </select>
+                <p class="muted small-text" data-testid="template-reason">{move || ctx.template_reason.get()}</p>
             </div>
             <Select form=top key="rope_scaling" label="rope_scaling"
-                options=vec![("none", "none"), ("linear", ""), ("dynamic", ""), ("yarn", ""), ("llama3", "")]/>
+                options={[("none", "none")].into_iter().chain(form::choices::<RopeScalingType>()).collect::<Vec<_>>()}/>
             <Select form=top key="booster" label="booster"
                 options=vec![("auto", ""), ("flashattn2", ""), ("unsloth", ""), ("liger_kernel", "")]/>
         </div>

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::options::{
     Choice, ExportFormat, FinetuningType, GgufType, InferDtype, IntervalStrategy, MixStrategy,
-    PrefLossType, RewardModelType, SchedulerType, Stage,
+    PrefLossType, RewardModelType, RopeScalingType, SchedulerType, Stage,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,7 +26,7 @@ pub struct TrainArgs {
     pub add_special_tokens: Option<String>,
     pub model_revision: String,
     pub low_cpu_mem_usage: bool,
-    pub rope_scaling: Option<String>,
+    pub rope_scaling: Option<RopeScalingType>,
     pub flash_attn: String,
     pub shift_attn: bool,
     pub use_unsloth: bool,

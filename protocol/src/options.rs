@@ -133,6 +133,15 @@ choice! {
 }
 
 choice! {
+    /// `rope_scaling`: how RoPE stretches past the model's length (LLaMA-Factory's
+    /// `configure_rope`). `dynamic` and `yarn` are not run by this engine.
+    RopeScalingType {
+        Linear = "linear",
+        Llama3 = "llama3",
+    }
+}
+
+choice! {
     /// `mix_strategy`: how several datasets are combined.
     MixStrategy {
         Concat = "concat",

@@ -217,8 +217,10 @@ wire! {
         /// `local`, `hf_cache` or `demo`.
         pub source: String,
         pub model_type: Option<String>,
-        /// The template LLaMA-Factory would pick for this model.
+        /// The template the model gets when none is named; `None`: its own chat template.
         pub template: Option<String>,
+        /// Why that template (shown under the template control).
+        pub template_reason: String,
     }
 }
 

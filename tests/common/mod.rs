@@ -6,6 +6,10 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod shared;
+#[allow(unused_imports)]
+pub use shared::shared_file;
+
 /// A server process, killed when dropped.
 pub struct Server {
     pub child: std::process::Child,

@@ -1,10 +1,12 @@
 // LlamaBoard in a real headless Chromium: hydration, language switch, a LoRA run started from the
 // form with a live chart, the run history, chat with the result (streamed), export.
-// Env: LLAMAFACTORY_BIN (server binary), LLAMAFACTORY_SITE_ROOT (browser bundle),
-//      CHROMIUM (default /usr/bin/chromium), SCREENSHOTS (folder for the screenshots).
+// The server is a lone copy of the binary in an empty folder: the browser bundle it serves is the
+// one built into it, under its Content Security Policy (a violation is a console error).
+// Env: LLAMAFACTORY_BIN (server binary), CHROMIUM (default /usr/bin/chromium),
+//      SCREENSHOTS (folder for the screenshots).
 import { chromium } from 'playwright-core';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, mkdirSync, readdirSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdtempSync, mkdirSync, readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -22,8 +24,15 @@ function fail(msg) {
 }
 
 async function startServer() {
-  const srv = spawn(bin, ['webui', '--port', '0', '--workdir', work], {
-    env: { ...process.env, GRADIO_SERVER_NAME: '127.0.0.1' },
+  const lone = mkdtempSync(join(tmpdir(), 'llamaboard-bin-'));
+  const copy = join(lone, 'llamafactory');
+  copyFileSync(bin, copy);
+  chmodSync(copy, 0o755);
+  const env = { ...process.env, GRADIO_SERVER_NAME: '127.0.0.1' };
+  delete env.LLAMAFACTORY_SITE_ROOT;
+  const srv = spawn(copy, ['webui', '--port', '0', '--workdir', work], {
+    cwd: lone,
+    env,
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   const lines = createInterface({ input: srv.stdout });
@@ -50,6 +59,10 @@ try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
   page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
   page.on('pageerror', (e) => errors.push(String(e)));
+  const encodings = {};
+  page.on('response', async (r) => {
+    if (r.url().includes('/pkg/')) encodings[r.url().split('/pkg/')[1]] = (await r.allHeaders())['content-encoding'];
+  });
   page.on('websocket', (ws) => {
     if (ws.url().endsWith('/api/chat')) {
       ws.on('framereceived', (f) => { if (String(f.payload).includes('"type":"token"')) tokenFrames++; });
@@ -57,6 +70,7 @@ try {
   });
   await page.goto(url);
   await page.waitForSelector('#hydrated[data-state="hydrated"]', { timeout: 30000 });
+  if (!['br', 'gzip'].includes(encodings['frontend_bg.wasm'])) fail(`the wasm was not served compressed: ${JSON.stringify(encodings)}`);
   console.log('hydrated');
 
   // Language: every tab label follows.
@@ -71,6 +85,7 @@ try {
   // The demo model is picked and its template filled in.
   await page.waitForFunction(() => document.querySelector('#f-top-model_name_or_path').value.includes('demo'));
   if ((await page.inputValue('#f-template')) !== 'qwen') fail('template not auto-filled from the model');
+  if (!(await page.textContent('[data-testid="template-reason"]')).includes('demo model')) fail('the template choice does not say why');
 
   // A validation message next to its field, not an alert.
   await page.click('[data-testid="start"]');

@@ -135,26 +135,35 @@ pub fn next_token(
     idx[idx.len() - 1] as u32
 }
 
-/// Turns growing token lists into text deltas without splitting a UTF-8 character.
+/// Turns growing token lists into text deltas without splitting a UTF-8 character, decoding
+/// only a short window (not the whole reply) per token: the text of the window's tokens that
+/// were already shown, and of the window with the new ones; the difference is new text once it
+/// no longer ends in a half character (U+FFFD). Starting the window at shown tokens keeps
+/// decoders that treat a sequence's start specially (a stripped leading space) consistent.
 pub struct TextStream {
-    emitted: usize,
+    /// Where the decoded window starts.
+    prefix: usize,
+    /// The tokens before this are shown.
+    read: usize,
 }
 
 impl TextStream {
     pub fn new() -> Self {
-        Self { emitted: 0 }
+        Self { prefix: 0, read: 0 }
     }
 
     pub fn delta(&mut self, tok: &HfTokenizer, ids: &[u32]) -> Option<String> {
-        let text = tok.decode(ids, true);
-        if text.ends_with('\u{FFFD}')
-            || text.len() <= self.emitted
-            || !text.is_char_boundary(self.emitted)
+        let shown = tok.decode(&ids[self.prefix..self.read], true);
+        let text = tok.decode(&ids[self.prefix..], true);
+        if text.len() <= shown.len()
+            || text.ends_with('\u{FFFD}')
+            || !text.is_char_boundary(shown.len())
         {
             return None;
         }
-        let d = text[self.emitted..].to_string();
-        self.emitted = text.len();
+        let d = text[shown.len()..].to_string();
+        self.prefix = self.read;
+        self.read = ids.len();
         Some(d)
     }
 }
@@ -288,11 +297,28 @@ pub struct Reply {
 }
 
 impl ChatModel {
+    /// Loads the model, its adapters merged, and its tokenizer. Without `template`, the
+    /// template follows the model (see `template::auto`): what `chat`, `api` and predictions do.
     pub fn load(args: &TrainArgs, device: &Device) -> Result<Self> {
-        let (tok, template, _warnings) = load_tokenizer_and_template(args)?;
         let name = args.model_name_or_path.clone().unwrap_or_default();
         let dir = crate::hub::resolve_model_dir(&name, &args.model_revision)?;
+        let mut args = args.clone();
+        if args.template.is_none() {
+            args.template = crate::data::template::auto::auto_template(&dir).name;
+        }
+        Self::load_as_given(&args, device)
+    }
+
+    /// [`ChatModel::load`] without choosing a template: no `template` means the model's own
+    /// chat template (LlamaBoard's explicit "model's own" choice).
+    pub fn load_as_given(args: &TrainArgs, device: &Device) -> Result<Self> {
+        let name = args.model_name_or_path.clone().unwrap_or_default();
+        let dir = crate::hub::resolve_model_dir(&name, &args.model_revision)?;
+        let (tok, template, _warnings) = load_tokenizer_and_template(args)?;
         let mut model = Model::load(&dir, DType::F32, device)?;
+        if let Some(kind) = args.rope_scaling {
+            model.cfg.apply_rope_scaling(kind, None);
+        }
         for adapter in TrainArgs::split_list(args.adapter_name_or_path.as_deref()) {
             model.load_adapter(Path::new(&adapter), false)?;
         }
@@ -454,5 +480,34 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
         assert!(diff < 1e-10, "{diff}");
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    /// With the demo tokenizer (byte-level BPE) a CJK character or an emoji takes several
+    /// tokens: no delta may carry a half character, and the deltas add up to the text.
+    #[test]
+    fn deltas_never_split_a_character() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/demo-tokenizer");
+        let tok = HfTokenizer::load(&dir).unwrap();
+        let text = "你好，世界！今天天气很好 🙂 é";
+        let ids = tok.encode(text);
+        assert!(
+            ids.len() > text.chars().count(),
+            "characters span several tokens"
+        );
+        let mut stream = TextStream::new();
+        let mut out = String::new();
+        for n in 1..=ids.len() {
+            if let Some(d) = stream.delta(&tok, &ids[..n]) {
+                assert!(!d.contains('\u{FFFD}'), "half a character in {d:?}");
+                out += &d;
+            }
+        }
+        assert_eq!(out, tok.decode(&ids, true));
     }
 }

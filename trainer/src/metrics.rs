@@ -67,14 +67,67 @@ pub fn bleu4(pred: &str, label: &str) -> f64 {
     bp * log_sum.exp()
 }
 
-fn words(text: &str) -> Vec<String> {
-    let joined = jieba()
+/// jieba's words joined by spaces, as `ComputeSimilarity` hands them to `rouge_chinese`.
+fn joined_words(text: &str) -> String {
+    jieba()
         .cut(text, true)
         .iter()
         .map(|t| t.word)
         .collect::<Vec<_>>()
-        .join(" ");
-    joined.split_whitespace().map(str::to_string).collect()
+        .join(" ")
+}
+
+/// `rouge_chinese`'s `Rouge.cut_sent`: a line break after `。！？?` (unless a closing quote
+/// follows), after six dots and after two `…`, and after a closing quote that ends a sentence;
+/// trailing whitespace dropped, then split at line breaks. Each pattern is one `re.sub` pass,
+/// left to right, matches not overlapping.
+fn cut_sent(para: &str) -> Vec<String> {
+    const ENDS: [char; 4] = ['。', '！', '？', '?'];
+    const QUOTES: [char; 2] = ['”', '’'];
+    let pass = |text: &str, width: usize, matches: &dyn Fn(&[char]) -> bool| -> String {
+        let c: Vec<char> = text.chars().collect();
+        let mut out = String::with_capacity(text.len() + 8);
+        let mut i = 0;
+        while i < c.len() {
+            if i + width <= c.len() && matches(&c[i..i + width]) {
+                out.extend(&c[i..i + width - 1]);
+                out.push('\n');
+                out.push(c[i + width - 1]);
+                i += width;
+            } else {
+                out.push(c[i]);
+                i += 1;
+            }
+        }
+        out
+    };
+    let s = pass(para, 2, &|w| {
+        ENDS.contains(&w[0]) && !QUOTES.contains(&w[1])
+    });
+    let s = pass(&s, 7, &|w| {
+        w[..6].iter().all(|&c| c == '.') && !QUOTES.contains(&w[6])
+    });
+    let s = pass(&s, 3, &|w| {
+        w[0] == '…' && w[1] == '…' && !QUOTES.contains(&w[2])
+    });
+    let s = pass(&s, 3, &|w| {
+        ENDS.contains(&w[0]) && QUOTES.contains(&w[1]) && !ENDS.contains(&w[2]) && w[2] != '，'
+    });
+    s.trim_end().split('\n').map(str::to_string).collect()
+}
+
+/// The words `rouge_chinese` scores: each non-empty piece of [`cut_sent`] with its whitespace
+/// collapsed, split at spaces and flattened (a piece of only whitespace gives one empty word,
+/// as it does there).
+fn words(text: &str) -> Vec<String> {
+    cut_sent(&joined_words(text))
+        .into_iter()
+        .filter(|piece| !piece.is_empty())
+        .flat_map(|piece| {
+            let sentence = piece.split_whitespace().collect::<Vec<_>>().join(" ");
+            sentence.split(' ').map(str::to_string).collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 fn f1(overlap: usize, hyp: usize, reference: usize) -> f64 {
@@ -121,10 +174,12 @@ fn lcs(a: &[String], b: &[String]) -> usize {
 
 /// (ROUGE-1, ROUGE-2, ROUGE-L) F-scores in [0, 1].
 pub fn rouge(pred: &str, label: &str) -> (f64, f64, f64) {
-    let (h, r) = (words(pred), words(label));
-    if h.is_empty() || r.is_empty() {
+    // `ComputeSimilarity` scores 0 when either side has no word at all.
+    let blank = |t: &str| joined_words(t).split_whitespace().next().is_none();
+    if blank(pred) || blank(label) {
         return (0.0, 0.0, 0.0);
     }
+    let (h, r) = (words(pred), words(label));
     let l = lcs(&r, &h);
     let (p_l, r_l) = (l as f64 / h.len() as f64, l as f64 / r.len() as f64);
     (
@@ -186,10 +241,45 @@ mod tests {
                 "1 2 3 4 5 6 7 8 9",
                 [71.4286, 66.6667, 71.4286, 41.1112],
             ),
+            // Several sentences (rouge_chinese cuts them first).
+            (
+                "The cat sat on the mat. Then it slept. Was it tired? Yes! It was.",
+                "A cat sat on a mat. It slept after that. Was it tired? Very much so.",
+                [62.8571, 36.8421, 60.0, 60.7583],
+            ),
+            (
+                "今天天气很好。我们去公园散步吧！你觉得怎么样？",
+                "今天天气不错。我们去散步吧。你觉得呢？",
+                [72.0, 33.3333, 69.2308, 30.3367],
+            ),
+            (
+                "我喜欢Python。It is easy to learn! 你呢？还有Rust吗？",
+                "我也喜欢Python。It is fun to learn. 你喜欢Rust吗？",
+                [77.4194, 45.1613, 72.7273, 64.5262],
+            ),
+            (
+                "第一行\n第二行。\n第三行很长很长。",
+                "第一行\n第三行很长。",
+                [80.0, 40.0, 66.6667, 50.1047],
+            ),
+            (
+                "等一下……好的......然后呢？结束了。",
+                "等一下……然后呢？好的。",
+                [85.7143, 57.1429, 69.5652, 31.6426],
+            ),
+            (
+                "他说：“你好。”然后走了。",
+                "他说：“你好！”然后离开了。",
+                [85.7143, 60.0, 81.8182, 48.7649],
+            ),
         ];
+        let mut wrong = Vec::new();
         for (pred, label, want) in cases {
             let got: Vec<f64> = similarity(pred, label).iter().map(|(_, v)| *v).collect();
-            assert_eq!(got, want.to_vec(), "{pred} / {label}");
+            if got != want.to_vec() {
+                wrong.push(format!("{pred} / {label}: {got:?} vs {want:?}"));
+            }
         }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 }

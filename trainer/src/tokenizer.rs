@@ -155,9 +155,10 @@ impl HfTokenizer {
 }
 
 impl HfTokenizer {
-    /// Writes `tokenizer.json`, `tokenizer_config.json` (with the run's eos, pad and chat
-    /// template) and `special_tokens_map.json`, as `save_pretrained` does after LLaMA-Factory
-    /// fixed the tokenizer.
+    /// Writes `tokenizer.json`, `tokenizer_config.json` (with the run's eos and pad tokens) and
+    /// `chat_template.jinja`, as transformers 5's `save_pretrained` does after LLaMA-Factory
+    /// fixed the tokenizer (no `special_tokens_map.json` any more; the chat template in a file
+    /// of its own).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         self.inner
@@ -168,9 +169,7 @@ impl HfTokenizer {
         cfg.insert("eos_token".into(), opt(&self.eos_token));
         cfg.insert("pad_token".into(), opt(&self.pad_token));
         cfg.insert("bos_token".into(), opt(&self.bos_token));
-        if let Some(t) = &self.chat_template {
-            cfg.insert("chat_template".into(), Value::String(t.clone()));
-        }
+        cfg.remove("chat_template");
         if !self.new_tokens.is_empty() {
             let mut extra: Vec<Value> = match cfg.get("additional_special_tokens") {
                 Some(Value::Array(a)) => a.clone(),
@@ -184,19 +183,15 @@ impl HfTokenizer {
             std::fs::write(&p, serde_json::to_string_pretty(v)? + "\n")
                 .with_context(|| format!("cannot write {}", p.display()))
         };
-        write("tokenizer_config.json", &Value::Object(cfg.clone()))?;
-        let mut map = serde_json::Map::new();
-        for key in [
-            "bos_token",
-            "eos_token",
-            "pad_token",
-            "unk_token",
-            "additional_special_tokens",
-        ] {
-            if let Some(v) = cfg.get(key).filter(|v| !v.is_null()) {
-                map.insert(key.into(), v.clone());
+        write("tokenizer_config.json", &Value::Object(cfg))?;
+        let template = dir.join("chat_template.jinja");
+        match &self.chat_template {
+            Some(t) => std::fs::write(&template, t)
+                .with_context(|| format!("cannot write {}", template.display()))?,
+            None => {
+                let _ = std::fs::remove_file(&template);
             }
         }
-        write("special_tokens_map.json", &Value::Object(map))
+        Ok(())
     }
 }

@@ -15,18 +15,18 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn lf_data() -> PathBuf {
-    let p = repo().join("../shared/compat/llamafactory-data");
-    assert!(
-        p.join("dataset_info.json").exists(),
-        "LLaMA-Factory demo data not found at {}",
-        p.display()
-    );
-    p
-}
+#[path = "../../tests/common/shared.rs"]
+mod shared;
 
 #[test]
 fn pipeline_matches_llamafactory_for_every_case() {
+    let Some(lf_data) = shared::shared_file(
+        "compat/llamafactory-data/dataset_info.json",
+        "pipeline_matches_llamafactory_for_every_case",
+    ) else {
+        return;
+    };
+    let lf_data = lf_data.parent().unwrap().to_path_buf();
     let fixtures = repo().join("tests/fixtures/lf");
     let cases: Map<String, Value> =
         serde_json::from_str(&std::fs::read_to_string(fixtures.join("cases.json")).unwrap())
@@ -40,7 +40,7 @@ fn pipeline_matches_llamafactory_for_every_case() {
             "model_name_or_path".into(),
             tokenizer_dir.display().to_string().into(),
         );
-        values.insert("dataset_dir".into(), lf_data().display().to_string().into());
+        values.insert("dataset_dir".into(), lf_data.display().to_string().into());
         let args = args_from_json(values).unwrap();
         let (tok, mut template, _) = load_tokenizer_and_template(&args).unwrap();
         template.today = "28 Nov 2026".into();

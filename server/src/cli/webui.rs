@@ -30,7 +30,8 @@ pub struct WebuiCmd {
     /// Seconds an aborted worker has to save a checkpoint before it is killed.
     #[arg(long, default_value_t = 30)]
     grace_secs: u64,
-    /// Folder with the browser bundle (`pkg/frontend.js`, `pkg/frontend_bg.wasm`).
+    /// Serve the browser bundle (`pkg/frontend.js`, `pkg/frontend_bg.wasm`) from this folder
+    /// instead of the copy built into the binary (for working on the frontend).
     #[arg(long, env = "LLAMAFACTORY_SITE_ROOT")]
     site_root: Option<PathBuf>,
 }
@@ -85,24 +86,24 @@ fn ensure_demo(workdir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn site_root(given: Option<PathBuf>) -> PathBuf {
-    if let Some(p) = given {
-        return p;
+/// Where the browser bundle comes from: a folder given with `--site-root`, else the one
+/// embedded at build time; `None` when neither exists (the page then renders but stays static).
+fn site_root(given: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    match given {
+        Some(p) if p.join("pkg").join("frontend.js").is_file() => Ok(Some(p)),
+        Some(p) => anyhow::bail!(
+            "--site-root {}: no pkg/frontend.js there; build it with `scripts/build-web.sh`",
+            p.display()
+        ),
+        None => {
+            if !web::bundle_embedded() {
+                eprintln!(
+                    "warning: this binary was built without the browser bundle (run `scripts/build-web.sh` before building it); the page renders, but stays static"
+                );
+            }
+            Ok(None)
+        }
     }
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf));
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(d) = exe_dir {
-        candidates.push(d.join("site"));
-        candidates.push(d.join("..").join("site"));
-    }
-    candidates.push(PathBuf::from("target/site"));
-    candidates
-        .iter()
-        .find(|c| c.join("pkg").join("frontend.js").is_file())
-        .cloned()
-        .unwrap_or_else(|| candidates[0].clone())
 }
 
 pub fn run(cmd: WebuiCmd) -> Result<ExitCode> {
@@ -113,13 +114,7 @@ pub fn run(cmd: WebuiCmd) -> Result<ExitCode> {
     // runs interrupted.
     let mut lock = WorkdirLock::acquire(&workdir)?;
     ensure_demo(&workdir)?;
-    let site_root = site_root(cmd.site_root);
-    if !site_root.join("pkg").join("frontend.js").is_file() {
-        eprintln!(
-            "warning: the browser bundle is missing from {}; build it with `scripts/build-web.sh` (the page renders, but stays static)",
-            site_root.display()
-        );
-    }
+    let site_root = site_root(cmd.site_root)?;
     let addr = SocketAddr::new(cmd.host, cmd.port);
     let token = (!cmd.host.is_loopback()).then(|| {
         std::env::var("LLAMAFACTORY_TOKEN")

@@ -9,6 +9,7 @@ use protocol::run::{CheckpointEntry, DatasetEntry, DatasetPage, ModelEntry};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use trainer::data::dataset_info::{DatasetInfo, Formatting};
+use trainer::data::template::auto::auto_template;
 use trainer::model::value_head::VALUE_HEAD_FILE;
 
 use super::error::{ApiError, ApiResult, Body, Query, UrlPath};
@@ -19,27 +20,9 @@ fn read_config(dir: &Path) -> Option<Value> {
     serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()
 }
 
-/// The template LlamaBoard would fill in for a model, from its `config.json` and name.
-pub fn guess_template(dir: &Path, cfg: &Value) -> Option<String> {
-    let model_type = cfg.get("model_type")?.as_str()?;
-    let name = dir.to_string_lossy().to_ascii_lowercase();
-    let t = match model_type {
-        "qwen3" => "qwen3",
-        "qwen2" => "qwen",
-        "mistral" => "mistral",
-        "gemma" | "gemma2" => "gemma",
-        "phi3" | "phi" => "phi",
-        "llama" if name.contains("llama-3") || name.contains("llama3") => "llama3",
-        "llama" if name.contains("llama-2") || name.contains("llama2") => "llama2",
-        // Our demo model and other Llama-architecture models with a ChatML tokenizer.
-        "llama" if cfg.get("vocab_size").and_then(Value::as_u64).unwrap_or(0) < 10_000 => "qwen",
-        _ => "default",
-    };
-    Some(t.into())
-}
-
 fn entry(path: String, name: String, source: &str, dir: &Path) -> ModelEntry {
     let cfg = read_config(dir).unwrap_or_default();
+    let auto = auto_template(dir);
     ModelEntry {
         path,
         name,
@@ -48,7 +31,8 @@ fn entry(path: String, name: String, source: &str, dir: &Path) -> ModelEntry {
             .get("model_type")
             .and_then(Value::as_str)
             .map(str::to_string),
-        template: guess_template(dir, &cfg),
+        template: auto.name,
+        template_reason: auto.reason,
     }
 }
 
@@ -116,6 +100,24 @@ async fn extra_model_dirs(app: &AppState) -> Vec<String> {
 pub async fn models(State(app): State<AppState>) -> ApiResult<Json<Vec<ModelEntry>>> {
     let extra = extra_model_dirs(&app).await;
     Ok(Json(list_models(&app.cfg.workdir, &extra)))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct ModelQuery {
+    /// A model folder (or hub id in the local cache), as typed in the top bar.
+    model: String,
+}
+
+/// One model as `/api/models` lists it, for any folder or hub id: what the board fills in when
+/// a model path is typed.
+#[utoipa::path(get, path = "/api/models/info", params(ModelQuery), responses((status = 200, body = ModelEntry), (status = 422, body = protocol::run::ErrorBody)))]
+pub async fn model_info(
+    State(app): State<AppState>,
+    Query(q): Query<ModelQuery>,
+) -> ApiResult<Json<ModelEntry>> {
+    let dir = super::prepare::model_dir(&app.cfg.workdir, &q.model)?;
+    let name = model_label(&q.model);
+    Ok(Json(entry(q.model.clone(), name, "path", &dir)))
 }
 
 #[utoipa::path(get, path = "/api/templates", responses((status = 200, body = Vec<String>)))]

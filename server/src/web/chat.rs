@@ -113,7 +113,8 @@ pub async fn load(
             {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
             }
-            trainer::infer::ChatModel::load(&args, &trainer::device::default_device())
+            // The board always names its template; none is its "model's own" choice.
+            trainer::infer::ChatModel::load_as_given(&args, &trainer::device::default_device())
         })
         .await;
         let mut st = service.chat.state.lock().unwrap();

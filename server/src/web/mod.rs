@@ -2,6 +2,7 @@
 //! files, behind a guard that refuses foreign hosts and origins and, off loopback, requires the
 //! access token.
 
+mod bundle;
 mod catalog;
 mod chat;
 pub mod error;
@@ -35,8 +36,9 @@ pub struct WebConfig {
     pub addr: SocketAddr,
     /// Required on every request when the server listens beyond loopback.
     pub token: Option<String>,
-    /// Where the browser bundle (`pkg/frontend.js`, `pkg/frontend_bg.wasm`, `style.css`) lives.
-    pub site_root: PathBuf,
+    /// A folder to serve the browser bundle (`pkg/frontend.js`, `pkg/frontend_bg.wasm`) from
+    /// instead of the one embedded in the binary.
+    pub site_root: Option<PathBuf>,
 }
 
 pub struct App {
@@ -54,6 +56,7 @@ pub fn router(app: AppState) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/openapi.json", get(openapi::document))
         .route("/models", get(catalog::models))
+        .route("/models/info", get(catalog::model_info))
         .route("/templates", get(catalog::templates))
         .route("/datasets", get(catalog::datasets))
         .route("/datasets/{name}/preview", get(catalog::preview))
@@ -120,6 +123,11 @@ async fn security_headers(req: Request, next: Next) -> Response {
         );
     }
     resp
+}
+
+/// Whether this binary carries the browser bundle.
+pub fn bundle_embedded() -> bool {
+    bundle::embedded()
 }
 
 /// Whether any model folder is known (work dir `models/`, or the Hugging Face cache).

@@ -30,6 +30,7 @@ use super::{catalog, chat, runs};
         runs::save_arg_set,
         runs::delete_arg_set,
         catalog::models,
+        catalog::model_info,
         catalog::templates,
         catalog::datasets,
         catalog::preview,

@@ -33,7 +33,13 @@ fn page_policy() {
 const STYLE: &str = include_str!("../../../assets/style.css");
 
 pub fn routes(app: AppState) -> Router {
-    let site_root = app.cfg.site_root.to_string_lossy().into_owned();
+    // Leptos only names the bundle's files; they are served below.
+    let site_root = app
+        .cfg
+        .site_root
+        .as_ref()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "site".into());
     let opts = LeptosOptions::builder()
         .output_name("frontend")
         .site_root(site_root.clone())
@@ -41,7 +47,7 @@ pub fn routes(app: AppState) -> Router {
         .site_addr(app.cfg.addr)
         .build();
     let routes = generate_route_list(frontend::App);
-    Router::new()
+    let router = Router::new()
         .route(
             "/style.css",
             get(|| async {
@@ -52,6 +58,9 @@ pub fn routes(app: AppState) -> Router {
             let o = opts.clone();
             move || frontend::shell(o.clone())
         })
-        .nest_service("/pkg", ServeDir::new(app.cfg.site_root.join("pkg")))
-        .with_state(opts)
+        .with_state(opts);
+    match &app.cfg.site_root {
+        Some(root) => router.nest_service("/pkg", ServeDir::new(root.join("pkg"))),
+        None => router.route("/pkg/{file}", get(super::bundle::serve)),
+    }
 }

@@ -103,10 +103,12 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
         "generation_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
-        "special_tokens_map.json",
+        "chat_template.jinja",
         "Modelfile",
     ] {
-        files.push(dir.join(f));
+        if dir.join(f).exists() {
+            files.push(dir.join(f));
+        }
     }
     if dir.join("model.safetensors.index.json").exists() {
         files.push(dir.join("model.safetensors.index.json"));

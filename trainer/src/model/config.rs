@@ -180,6 +180,58 @@ impl ModelConfig {
         })
     }
 
+    /// `rope_scaling` as LLaMA-Factory's `configure_rope` applies it: stretch the positions by
+    /// `ceil(model_max_length / max_position_embeddings)` when training on longer sequences
+    /// (`model_max_length` is `cutoff_len`), by 2 at inference (`None`), and raise
+    /// `max_position_embeddings` to match; `config.json` saved with the model says so too.
+    /// Returns what LLaMA-Factory logs.
+    pub fn apply_rope_scaling(
+        &mut self,
+        kind: protocol::args::RopeScalingType,
+        model_max_length: Option<usize>,
+    ) -> String {
+        use protocol::args::RopeScalingType;
+        let old = match &self.rope_scaling {
+            Some(RopeScaling::Llama3(s)) => s.original_max_position_embeddings,
+            _ => self.max_position_embeddings as f64,
+        };
+        let factor = match model_max_length {
+            Some(len) if len as f64 <= old => {
+                return "Input length is smaller than max length. Disabling rope scaling.".into()
+            }
+            Some(len) => (len as f64 / old).ceil(),
+            None => 2.0,
+        };
+        let (scaling, params) = match kind {
+            RopeScalingType::Linear => (
+                RopeScaling::Linear(factor),
+                serde_json::json!({"rope_type": "linear", "factor": factor}),
+            ),
+            RopeScalingType::Llama3 => (
+                RopeScaling::Llama3(Llama3Scaling {
+                    factor,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: old,
+                }),
+                serde_json::json!({"rope_type": "llama3", "factor": factor,
+                    "original_max_position_embeddings": old,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+            ),
+        };
+        self.rope_scaling = Some(scaling);
+        self.max_position_embeddings = (old * factor) as usize;
+        self.raw.insert("rope_scaling".into(), params);
+        self.raw.insert(
+            "max_position_embeddings".into(),
+            serde_json::json!(self.max_position_embeddings),
+        );
+        format!(
+            "Enlarge max model length from {old} to {}; using {kind} scaling with factor {factor}.",
+            old * factor
+        )
+    }
+
     /// RoPE inverse frequencies, with Llama 3 / linear scaling applied.
     pub fn inv_freq(&self) -> Vec<f64> {
         let d = self.head_dim;
@@ -224,6 +276,26 @@ mod tests {
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         ModelConfig::from_json(base, Path::new("config.json"))
+    }
+
+    #[test]
+    fn rope_scaling_follows_llamafactory() {
+        use protocol::args::RopeScalingType;
+        let mut c = cfg(json!({"max_position_embeddings": 1024})).unwrap();
+        let base = c.inv_freq();
+        let msg = c.apply_rope_scaling(RopeScalingType::Linear, Some(512));
+        assert!(msg.contains("Disabling"), "{msg}");
+        assert!(c.rope_scaling.is_none());
+        c.apply_rope_scaling(RopeScalingType::Linear, Some(2500));
+        assert_eq!(
+            c.max_position_embeddings, 3072,
+            "factor ceil(2500/1024) = 3"
+        );
+        assert!((c.inv_freq()[0] - base[0] / 3.0).abs() < 1e-12);
+        assert_eq!(c.raw["rope_scaling"]["factor"], 3.0);
+        let mut c = cfg(json!({"max_position_embeddings": 1024})).unwrap();
+        c.apply_rope_scaling(RopeScalingType::Llama3, None);
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3(ref s)) if s.factor == 2.0));
     }
 
     #[test]

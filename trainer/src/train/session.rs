@@ -17,6 +17,7 @@ use super::checkpoint::{
     atomic_dir, last_checkpoint, restore, rotate_checkpoints, save_model, SaveKind,
 };
 use super::log::{round, write_results, Progress, TrainerLog};
+use super::model_card::{write_model_card, CardFacts};
 use super::objective::{Objective, StepInput, StepOutput};
 use super::optim::AdamW;
 use super::plan::{Order, Plan};
@@ -198,7 +199,8 @@ impl<'a> Session<'a> {
         remaining: f64,
         rep: &mut dyn Reporter,
     ) -> Result<()> {
-        let lr = self.plan.lr(step);
+        // The rate this step applied, as transformers 5 logs it.
+        let lr = self.plan.lr(step - 1);
         let at = self.progress(step, remaining);
         let logged = self
             .log
@@ -398,6 +400,15 @@ impl<'a> Session<'a> {
         if self.args.plot_loss {
             crate::plot::plot_losses(&self.output_dir, &self.log.history)?;
         }
+        write_model_card(
+            &self.output_dir,
+            self.args,
+            &CardFacts {
+                log_history: &self.log.history,
+                results: &all,
+                plotted: self.args.plot_loss,
+            },
+        )?;
         all.insert("global_step".into(), json!(total));
         Ok(Outcome::Finished(all))
     }

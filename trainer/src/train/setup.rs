@@ -78,6 +78,7 @@ pub(crate) fn prepare(
         log(rep, "warning", format!("skipped {s}"));
     }
     let (mut model, model_dir) = load_model(args, opts, &tok)?;
+    configure_rope(&mut model, args, rep);
     let lora = apply_method(&mut model, args)?;
     let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
     let head = || value_head(args, opts, &model, resume.is_some(), lora.is_some());
@@ -192,6 +193,14 @@ fn load_model(
     }
     model.checkpointing = args.gradient_checkpointing && !args.disable_gradient_checkpointing;
     Ok((model, dir))
+}
+
+/// `rope_scaling` for training on `cutoff_len` tokens, with LLaMA-Factory's message.
+fn configure_rope(model: &mut Model, args: &TrainArgs, rep: &mut dyn Reporter) {
+    if let Some(kind) = args.rope_scaling {
+        let msg = model.cfg.apply_rope_scaling(kind, Some(args.cutoff_len));
+        log(rep, "info", msg);
+    }
 }
 
 /// Grows the embeddings (and an untied LM head) for tokens the template added, initialised

@@ -1,6 +1,7 @@
 //! Chat templates at the token level, as LLaMA-Factory encodes them: each message becomes slots
 //! (text, a named special token, bos, eos), slots become ids with `add_special_tokens=False`.
 
+pub mod auto;
 mod jinja;
 pub mod registry;
 pub mod tools;
