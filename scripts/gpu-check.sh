@@ -29,7 +29,7 @@ nvcc --version | tail -1
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/gpu}"
 start=$(date +%s)
-cargo build --profile gpu-check -p server --features cuda
+cargo build --profile fast-release -p server --features cuda
 echo "build: $(( $(date +%s) - start )) s"
-"$CARGO_TARGET_DIR/gpu-check/llamafactory" env
-"$CARGO_TARGET_DIR/gpu-check/llamafactory" bench device --config 0.5b --steps 10 "$@"
+"$CARGO_TARGET_DIR/fast-release/llamafactory" env
+"$CARGO_TARGET_DIR/fast-release/llamafactory" bench device --config 0.5b --steps 10 "$@"

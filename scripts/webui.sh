@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build-web.sh release
-cargo build --release --locked -p server
-exec "${CARGO_TARGET_DIR:-target}/release/llamafactory" webui "$@"
+# The bundle is built into the binary (server/build.rs picks it up from target/site).
+cargo build --profile fast-release --locked -p server
+exec "${CARGO_TARGET_DIR:-target}/fast-release/llamafactory" webui "$@"

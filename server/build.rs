@@ -18,10 +18,13 @@ fn site_dir(out_dir: &Path) -> PathBuf {
     if candidate.join("pkg").is_dir() {
         return candidate;
     }
-    target
-        .parent()
-        .map(|p| p.join("site"))
-        .filter(|p| p.join("pkg").is_dir())
+    // A cross build (<target>/<triple>/...), or `cargo install --path server` (a temporary
+    // target dir): the repository's own `target/site`.
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
+    [target.parent().map(|p| p.join("site")), Some(manifest.join("../target/site"))]
+        .into_iter()
+        .flatten()
+        .find(|p| p.join("pkg").is_dir())
         .unwrap_or(candidate)
 }
 
