@@ -21,11 +21,14 @@ fn site_dir(out_dir: &Path) -> PathBuf {
     // A cross build (<target>/<triple>/...), or `cargo install --path server` (a temporary
     // target dir): the repository's own `target/site`.
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
-    [target.parent().map(|p| p.join("site")), Some(manifest.join("../target/site"))]
-        .into_iter()
-        .flatten()
-        .find(|p| p.join("pkg").is_dir())
-        .unwrap_or(candidate)
+    [
+        target.parent().map(|p| p.join("site")),
+        Some(manifest.join("../target/site")),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.join("pkg").is_dir())
+    .unwrap_or(candidate)
 }
 
 fn brotli(data: &[u8]) -> Vec<u8> {

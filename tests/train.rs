@@ -106,6 +106,16 @@ fn llamafactory_example_yaml_trains_and_writes_its_files() {
     assert_eq!(&png[1..4], b"PNG");
 }
 
+/// The error of the `failed` event a `--events json` run printed.
+fn failure(o: &std::process::Output) -> String {
+    common::stdout(o)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "failed")
+        .and_then(|e| e["error"].as_str().map(str::to_string))
+        .expect("a failed event")
+}
+
 fn train_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["train", "cfg.yaml"];
     v.extend_from_slice(extra);
@@ -208,15 +218,7 @@ fn bad_runs_fail_clearly() {
         dir.path(),
     );
     assert!(!o.status.success());
-    let events: Vec<serde_json::Value> = common::stdout(&o)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let failed = events
-        .iter()
-        .find(|e| e["event"] == "failed")
-        .expect("a failed event");
-    let msg = failed["error"].as_str().unwrap();
+    let msg = failure(&o);
     assert!(
         msg.contains("the loss became") && msg.contains("at step"),
         "{msg}"
@@ -598,12 +600,7 @@ fn ppo_raises_the_reward_of_a_trained_reward_model() {
         d,
     );
     assert!(!o.status.success());
-    let failed: serde_json::Value = common::stdout(&o)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|e| e["event"] == "failed")
-        .expect("a failed event");
-    let msg = failed["error"].as_str().unwrap();
+    let msg = failure(&o);
     assert!(
         msg.contains("the loss became") && msg.contains("already changed the weights"),
         "{msg}"
@@ -792,4 +789,87 @@ fn epoch_strategy_saves_and_evaluates_each_epoch_and_the_end() {
     for n in [4, 6] {
         assert!(dir.path().join(format!("steps/checkpoint-{n}")).is_dir());
     }
+}
+
+/// The last logged training loss of a run.
+fn final_loss(out: &Path) -> f64 {
+    losses(&out.join("trainer_log.jsonl")).last().unwrap().1
+}
+
+#[test]
+fn qlora_on_a_quantized_base_trains_close_to_full_precision_lora() {
+    let dir = workdir();
+    write_config(dir.path(), "dataset: demo_sft\ntemplate: qwen\ncutoff_len: 64\nmax_samples: 64\nper_device_train_batch_size: 4\n\
+         max_steps: 30\nlogging_steps: 5\nlearning_rate: 2.0e-3\nsave_strategy: 'no'\ndo_train: true\n");
+    let train = |name: &str, extra: &[&str]| -> f64 {
+        let out = format!("output_dir={name}");
+        let mut args = vec![out.as_str()];
+        args.extend_from_slice(extra);
+        let o = run(&train_args(&args), dir.path());
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        final_loss(&dir.path().join(name))
+    };
+    let f32_loss = train("f32", &[]);
+    let nf4 = run(
+        &train_args(&["output_dir=nf4", "quantization_bit=4"]),
+        dir.path(),
+    );
+    assert!(nf4.status.success(), "{}", stderr(&nf4));
+    assert!(
+        stderr(&nf4).contains("quantized 28 linear weights to NF4"),
+        "{}",
+        stderr(&nf4)
+    );
+    let nf4_loss = final_loss(&dir.path().join("nf4"));
+    let q8_loss = train("q8", &["quantization_bit=8"]);
+    let first = losses(&dir.path().join("nf4/trainer_log.jsonl"))[0].1;
+    assert!(
+        nf4_loss < first - 0.3,
+        "4-bit LoRA learns: {first} → {nf4_loss}"
+    );
+    let rel = |x: f64| (x - f32_loss).abs() / f32_loss;
+    assert!(rel(nf4_loss) < 0.05, "4-bit {nf4_loss} vs f32 {f32_loss}");
+    assert!(rel(q8_loss) < 0.02, "8-bit {q8_loss} vs f32 {f32_loss}");
+    // The adapter is a plain PEFT adapter: it merges into the full-precision base.
+    let o = run(
+        &[
+            "export",
+            "cfg.yaml",
+            "adapter_name_or_path=nf4",
+            "export_dir=merged",
+            "quantization_bit=4",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("merged into the full-precision base"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(dir.path().join("merged/model.safetensors").is_file());
+    // Widths bitsandbytes does not have are refused, naming the method that has them.
+    let o = run(
+        &train_args(&["output_dir=q3", "quantization_bit=3"]),
+        dir.path(),
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("quantization_method: ggml"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(
+        &train_args(&[
+            "output_dir=full",
+            "quantization_bit=4",
+            "finetuning_type=full",
+        ]),
+        dir.path(),
+    );
+    assert!(
+        stderr(&o).contains("only compatible with the LoRA method"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -597,6 +597,25 @@ fn bad_requests_get_clear_errors() {
     let (code, text) = http(&s.addr, "POST", "/api/runs", &big, &[]);
     assert_eq!(code, 413, "{text}");
     assert!(text.contains("body_too_large"), "{text}");
+    // The preview estimates memory; a 4-bit base takes less, and a width bitsandbytes lacks is
+    // refused on its field.
+    let weights = |extra: Value| {
+        let (code, v) = post(&s, "/api/preview-command", &quick_run(dir.path(), extra));
+        assert_eq!(code, 200, "{v}");
+        v["memory"]["weights"].as_u64().unwrap()
+    };
+    let (full, q4) = (weights(json!({})), weights(json!({"quantization_bit": 4})));
+    assert!(q4 < full, "{q4} vs {full}");
+    let (code, v) = post(
+        &s,
+        "/api/runs",
+        &quick_run(dir.path(), json!({"quantization_bit": 3})),
+    );
+    assert_eq!(
+        (code, err(code, &v).3.as_deref()),
+        (422, Some("quantization_bit")),
+        "{v}"
+    );
     // Unknown run and endpoint.
     assert_eq!(get(&s, "/api/runs/999").0, 404);
     assert_eq!(get(&s, "/api/nope").0, 404);
@@ -665,11 +684,8 @@ fn bad_requests_get_clear_errors() {
         "{csp}"
     );
     // The browser bundle is built in, compressed as the browser accepts, revalidated by ETag.
-    let wasm = |headers: &[(&str, &str)]| {
-        let mut h = vec![("Host", s.addr.as_str())];
-        h.extend_from_slice(headers);
-        raw_request_head(&s.addr, "/pkg/frontend_bg.wasm", &h)
-    };
+    let wasm =
+        |headers: &[(&str, &str)]| raw_request_head(&s.addr, "/pkg/frontend_bg.wasm", headers);
     let plain = wasm(&[]);
     if plain.starts_with("http/1.1 404") && std::env::var("CI").as_deref() != Ok("true") {
         eprintln!("skipped: this binary was built without the browser bundle (scripts/build-web.sh first)");
@@ -787,12 +803,16 @@ fn a_chat_load_ends_even_when_its_client_goes_away() {
     }
 }
 
-/// `GET path` with a read timeout; status 0 when no answer came in time.
-fn timed_http(addr: &str, path: &str, headers: &[(&str, &str)], limit: Duration) -> (u16, String) {
+/// The raw response to `GET path` sent with `headers` (a `Host` is added unless given),
+/// read until the server closes or `limit` passes.
+fn raw_get(addr: &str, path: &str, headers: &[(&str, &str)], limit: Duration) -> Vec<u8> {
     use std::io::{Read, Write};
     let mut sock = TcpStream::connect(addr).unwrap();
     sock.set_read_timeout(Some(limit)).unwrap();
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req += &format!("Host: {addr}\r\n");
+    }
     for (k, v) in headers {
         req += &format!("{k}: {v}\r\n");
     }
@@ -800,7 +820,12 @@ fn timed_http(addr: &str, path: &str, headers: &[(&str, &str)], limit: Duration)
     sock.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
     let _ = sock.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
+    raw
+}
+
+/// `GET path` with a read timeout; status 0 when no answer came in time.
+fn timed_http(addr: &str, path: &str, headers: &[(&str, &str)], limit: Duration) -> (u16, String) {
+    let text = String::from_utf8_lossy(&raw_get(addr, path, headers, limit)).into_owned();
     let code = text
         .split_whitespace()
         .nth(1)
@@ -811,21 +836,12 @@ fn timed_http(addr: &str, path: &str, headers: &[(&str, &str)], limit: Duration)
 
 /// The response head of `GET path`, lower-cased.
 fn raw_head(addr: &str, path: &str) -> String {
-    raw_request_head(addr, path, &[("Host", addr)])
+    raw_request_head(addr, path, &[])
 }
 
 /// The response head of `GET path` sent with `headers`, lower-cased.
 fn raw_request_head(addr: &str, path: &str, headers: &[(&str, &str)]) -> String {
-    use std::io::{Read, Write};
-    let mut sock = TcpStream::connect(addr).unwrap();
-    let mut req = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req += &format!("{k}: {v}\r\n");
-    }
-    req += "\r\n";
-    sock.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    let _ = sock.read_to_end(&mut raw);
+    let raw = raw_get(addr, path, headers, Duration::from_secs(30));
     let cut = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

@@ -18,7 +18,7 @@ use leptos::task::spawn_local;
 use leptos_meta::*;
 use leptos_router::components::{Route, Router, Routes};
 use leptos_router::path;
-use protocol::args::{Choice, FinetuningType, RopeScalingType};
+use protocol::args::{Choice, FinetuningType, QuantizationMethod, RopeScalingType};
 use protocol::run::{ChatStatus, CheckpointEntry, ModelEntry, Run, RunKind, RunStatus};
 use serde_json::{Map, Value};
 
@@ -135,6 +135,14 @@ impl Ctx {
         if !tpl.is_empty() {
             m.insert("template".into(), s(tpl));
         }
+        let bits = t.get_untracked("quantization_bit");
+        if bits != "none" && !bits.is_empty() {
+            m.insert("quantization_bit".into(), s(bits));
+            m.insert(
+                "quantization_method".into(),
+                s(t.get_untracked("quantization_method")),
+            );
+        }
         let rope = t.get_untracked("rope_scaling");
         if rope != "none" && !rope.is_empty() {
             m.insert("rope_scaling".into(), s(rope));
@@ -205,6 +213,8 @@ const TOP_DEFAULTS: &[(&str, &str)] = &[
     ("finetuning_type", "lora"),
     ("checkpoint", ""),
     ("template", "default"),
+    ("quantization_bit", "none"),
+    ("quantization_method", "bnb"),
     ("rope_scaling", "none"),
     ("booster", "auto"),
 ];
@@ -417,6 +427,11 @@ fn TopBar() -> impl IntoView {
                 </select>
                 <p class="muted small-text" data-testid="template-reason">{move || ctx.template_reason.get()}</p>
             </div>
+            <Select form=top key="quantization_bit" label="quantization_bit"
+                options=vec![("none", "none"), ("8", ""), ("6", ""), ("5", ""), ("4", ""), ("3", ""), ("2", "")]/>
+            <Select form=top key="quantization_method" label="quantization_method"
+                options={QuantizationMethod::ALL.iter().filter(|m| m.supported()).map(|m| (m.as_str(), "")).collect::<Vec<_>>()}
+                disabled=Signal::derive(move || top.get("quantization_bit") == "none")/>
             <Select form=top key="rope_scaling" label="rope_scaling"
                 options={[("none", "none")].into_iter().chain(form::choices::<RopeScalingType>()).collect::<Vec<_>>()}/>
             <Select form=top key="booster" label="booster"

@@ -501,6 +501,17 @@ pub fn TrainTab() -> impl IntoView {
             <div class="command" data-testid="command">
                 <pre>{c.command.clone()}</pre>
                 <pre class="yaml">{c.yaml.clone()}</pre>
+                {c.memory.map(|m| {
+                    let gib = |b: u64| format!("{:.2}", b as f64 / (1u64 << 30) as f64);
+                    view! {
+                        <p class="muted" data-testid="memory-estimate">
+                            {i.t("memory_estimate")} ": " {gib(m.total)} " GiB ("
+                            {i.t("memory_weights")} " " {gib(m.weights)} ", "
+                            {i.t("memory_training")} " " {gib(m.training_state)} ", "
+                            {i.t("memory_activations")} " " {gib(m.activations)} ")"
+                        </p>
+                    }
+                })}
             </div>
         })}
         <Progress view=view_/>

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::options::{
     Choice, ExportFormat, FinetuningType, GgufType, InferDtype, IntervalStrategy, MixStrategy,
-    PrefLossType, RewardModelType, RopeScalingType, SchedulerType, Stage,
+    PrefLossType, QuantizationMethod, QuantizationType, RewardModelType, RopeScalingType,
+    SchedulerType, Stage,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,8 +40,10 @@ pub struct TrainArgs {
     pub infer_dtype: InferDtype,
     pub use_kv_cache: bool,
     pub print_param_status: bool,
-    pub quantization_method: String,
+    pub quantization_method: QuantizationMethod,
     pub quantization_bit: Option<u32>,
+    pub quantization_type: QuantizationType,
+    pub double_quantization: bool,
     pub hf_hub_token: Option<String>,
     // ---- export ----
     pub export_dir: Option<String>,
@@ -210,8 +213,10 @@ impl Default for TrainArgs {
             infer_dtype: InferDtype::Auto,
             use_kv_cache: true,
             print_param_status: false,
-            quantization_method: "bnb".into(),
+            quantization_method: QuantizationMethod::Bnb,
             quantization_bit: None,
+            quantization_type: QuantizationType::Nf4,
+            double_quantization: true,
             hf_hub_token: None,
             export_dir: None,
             export_size: 5,

@@ -142,6 +142,47 @@ choice! {
 }
 
 choice! {
+    /// `quantization_method`: how `quantization_bit` quantizes the frozen base (QLoRA).
+    /// `bnb` (LLaMA-Factory's default): bitsandbytes' 4-bit NF4/FP4, or 8-bit; `ggml`:
+    /// candle's GGML k-quants for 2, 3, 4, 5, 6 and 8 bits. The other methods LLaMA-Factory
+    /// names are read so their error can say they are not supported.
+    QuantizationMethod {
+        Bnb = "bnb",
+        Ggml = "ggml",
+        Gptq = "gptq",
+        Awq = "awq",
+        Aqlm = "aqlm",
+        Quanto = "quanto",
+        Eetq = "eetq",
+        Hqq = "hqq",
+    }
+}
+
+impl QuantizationMethod {
+    /// Whether this engine runs the method.
+    pub fn supported(self) -> bool {
+        matches!(self, Self::Bnb | Self::Ggml)
+    }
+
+    /// The bit widths the method runs with here.
+    pub fn bits(self) -> &'static [u32] {
+        match self {
+            Self::Bnb => &[4, 8],
+            Self::Ggml => &[2, 3, 4, 5, 6, 8],
+            _ => &[],
+        }
+    }
+}
+
+choice! {
+    /// `quantization_type`: the 4-bit data type of `bnb`.
+    QuantizationType {
+        Nf4 = "nf4",
+        Fp4 = "fp4",
+    }
+}
+
+choice! {
     /// `mix_strategy`: how several datasets are combined.
     MixStrategy {
         Concat = "concat",

@@ -264,6 +264,19 @@ wire! {
         pub command: String,
         pub yaml: String,
         pub output_dir: String,
+        /// A training run's estimated memory, from the model's config (before it loads).
+        pub memory: Option<MemoryEstimate>,
+    }
+}
+
+wire! {
+    /// Bytes a run needs, by what they hold.
+    pub struct MemoryEstimate {
+        pub weights: u64,
+        /// Trained tensors, their gradients and the optimizer's moments.
+        pub training_state: u64,
+        pub activations: u64,
+        pub total: u64,
     }
 }
 

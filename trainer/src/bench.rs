@@ -85,6 +85,8 @@ pub struct TrainBenchConfig {
     pub batch: usize,
     /// Recompute each layer in backward (`gradient_checkpointing: true`).
     pub checkpointing: bool,
+    /// A quantized base (QLoRA): the linear weights are quantized as they are made.
+    pub quant: Option<crate::model::quant::QuantFormat>,
     pub device: candle_core::Device,
     pub dtype: candle_core::DType,
 }
@@ -113,6 +115,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             seq: 256,
             batch: 4,
             checkpointing: false,
+            quant: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
         },
@@ -129,6 +132,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             seq: 256,
             batch: 1,
             checkpointing: false,
+            quant: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
         },
@@ -146,10 +150,29 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             seq: 512,
             batch: 4,
             checkpointing: false,
+            quant: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
         },
-        other => anyhow::bail!("unknown bench config `{other}` (tiny, smol, 0.5b)"),
+        // Qwen2.5-1.5B's shape (without its q/k/v biases).
+        "1.5b" => TrainBenchConfig {
+            name: "1.5b",
+            vocab: 151936,
+            hidden: 1536,
+            intermediate: 8960,
+            layers: 28,
+            heads: 12,
+            kv_heads: 2,
+            tied: true,
+            eps: 1e-6,
+            seq: 512,
+            batch: 1,
+            checkpointing: false,
+            quant: None,
+            device: candle_core::Device::Cpu,
+            dtype: candle_core::DType::F32,
+        },
+        other => anyhow::bail!("unknown bench config `{other}` (tiny, smol, 0.5b, 1.5b)"),
     })
 }
 
@@ -246,6 +269,7 @@ pub fn random_model(c: &TrainBenchConfig, full: bool) -> Result<crate::model::Mo
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let dev = Device::Cpu;
     let mut weights = std::collections::HashMap::new();
+    let mut quantized = std::collections::HashMap::new();
     let mut add = |name: String,
                    shape: &[usize],
                    ones: bool,
@@ -257,7 +281,16 @@ pub fn random_model(c: &TrainBenchConfig, full: bool) -> Result<crate::model::Mo
         } else {
             crate::demo::normal(rng, n, 0.02)
         };
-        weights.insert(name, Tensor::from_vec(data, shape, &dev)?);
+        let t = Tensor::from_vec(data, shape, &dev)?;
+        // A quantized base never exists in f32 as a whole: each weight is quantized as made.
+        match c.quant {
+            Some(f) if shape.len() == 2 && name.contains(".layers.") && f.fits(shape[1]) => {
+                quantized.insert(name, crate::model::quant::QuantWeight::quantize(&t, f)?);
+            }
+            _ => {
+                weights.insert(name, t);
+            }
+        }
         Ok(())
     };
     let hd = c.hidden / c.heads;
@@ -302,7 +335,7 @@ pub fn random_model(c: &TrainBenchConfig, full: bool) -> Result<crate::model::Mo
             &mut rng,
         )?;
     }
-    let mut model = Model::from_weights(cfg, weights, DType::F32, &dev)?;
+    let mut model = Model::from_parts(cfg, weights, quantized, DType::F32, &dev)?;
     if !c.device.is_cpu() || c.dtype != DType::F32 {
         model = model.to_device(&c.device, c.dtype)?;
     }

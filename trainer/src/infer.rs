@@ -315,7 +315,8 @@ impl ChatModel {
         let name = args.model_name_or_path.clone().unwrap_or_default();
         let dir = crate::hub::resolve_model_dir(&name, &args.model_revision)?;
         let (tok, template, _warnings) = load_tokenizer_and_template(args)?;
-        let mut model = Model::load(&dir, DType::F32, device)?;
+        let quant = crate::model::quant::QuantFormat::from_args(args)?;
+        let mut model = Model::load_quantized(&dir, DType::F32, device, quant)?;
         if let Some(kind) = args.rope_scaling {
             model.cfg.apply_rope_scaling(kind, None);
         }

@@ -60,6 +60,12 @@ pub enum BenchCommand {
         /// (`gradient_checkpointing: true`); the PyTorch side keeps them.
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// QLoRA: the frozen base quantized to this many bits (`quantization_bit`).
+        #[arg(long)]
+        quantization_bit: Option<u32>,
+        /// With `--quantization-bit`: `bnb` (4-bit NF4, 8-bit) or `ggml` (2–8 bits).
+        #[arg(long, default_value = "bnb")]
+        quantization_method: String,
         /// Sequence length instead of the shape's 256 (ours only: the PyTorch script has no
         /// such option).
         #[arg(long)]
@@ -157,12 +163,25 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             dpo,
             composed,
             gradient_checkpointing,
+            quantization_bit,
+            quantization_method,
             seq,
             torch_script,
             python,
         } => {
             let mut c = trainer::bench::train_bench_config(&config)?;
             c.checkpointing = gradient_checkpointing;
+            if let Some(bits) = quantization_bit {
+                let args = protocol::TrainArgs {
+                    quantization_bit: Some(bits),
+                    quantization_method: quantization_method
+                        .parse()
+                        .map_err(|e: String| anyhow::anyhow!("--quantization-method: {e}"))?,
+                    ..Default::default()
+                };
+                trainer::config::validate(&args)?;
+                c.quant = trainer::model::quant::QuantFormat::from_args(&args)?;
+            }
             if let Some(seq) = seq {
                 c.set_seq(seq)?;
             }
@@ -171,12 +190,16 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
                 .unwrap_or(1);
             let (t, tokens) = trainer::bench::train_steps(&c, full, steps)?;
             let rss = trainer::bench::peak_rss().unwrap_or(0);
-            let method = match (full, gradient_checkpointing) {
+            let mut method = match (full, gradient_checkpointing) {
                 (false, false) => "LoRA",
                 (true, false) => "full",
                 (false, true) => "LoRA, checkpointed",
                 (true, true) => "full, checkpointed",
-            };
+            }
+            .to_string();
+            if let Some(q) = c.quant {
+                method = format!("{method}, base {}", q.describe());
+            }
             println!("| engine | config | method | step (s) | fwd | bwd | opt | tokens/s | peak RSS (GB) |");
             println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
             println!(

@@ -88,7 +88,24 @@ pub async fn preview_command(
         ),
         yaml: to_yaml(&args.non_default())?,
         output_dir: out,
+        memory: (kind == RunKind::Train)
+            .then(|| memory_estimate(&args))
+            .flatten(),
     }))
+}
+
+/// The run's memory from its model's `config.json` (in f32, the CPU's compute type).
+fn memory_estimate(args: &protocol::TrainArgs) -> Option<protocol::run::MemoryEstimate> {
+    let model = args.model_name_or_path.as_deref()?;
+    let dir = trainer::hub::resolve_model_dir(model, &args.model_revision).ok()?;
+    let cfg = trainer::model::ModelConfig::load(&dir).ok()?;
+    let e = trainer::train::memory::estimate(&cfg, args, 4);
+    Some(protocol::run::MemoryEstimate {
+        weights: e.weights,
+        training_state: e.training_state,
+        activations: e.activations,
+        total: e.total(),
+    })
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -1,7 +1,7 @@
 //! LLaMA-Factory's cross-argument rules (its parser's post-init checks) for what this engine
 //! runs. Each failure names the key it is about, as data, so the web form can mark the field.
 
-use protocol::args::{FinetuningType, PrefLossType, Stage};
+use protocol::args::{FinetuningType, PrefLossType, QuantizationMethod, Stage};
 use protocol::TrainArgs;
 
 /// A rule an argument breaks: the key and what is wrong with it.
@@ -98,8 +98,36 @@ pub fn validate(a: &TrainArgs) -> Result<(), ArgError> {
             }
         }
     }
-    if a.quantization_bit.is_some() {
-        return fail("quantization_bit", "`quantization_bit` (QLoRA) is not supported by this engine yet; remove it to train in full precision");
+    if let Some(bits) = a.quantization_bit {
+        let m = a.quantization_method;
+        if !m.supported() {
+            return fail(
+                "quantization_method",
+                format!("`quantization_method: {m}` is not supported: use `bnb` (4-bit NF4/FP4, 8-bit) or `ggml` (2, 3, 4, 5, 6 or 8 bits)"),
+            );
+        }
+        if !m.bits().contains(&bits) {
+            let hint = if m == QuantizationMethod::Bnb
+                && QuantizationMethod::Ggml.bits().contains(&bits)
+            {
+                " (bitsandbytes has 4 and 8 bits; `quantization_method: ggml` has this width)"
+            } else {
+                ""
+            };
+            return fail(
+                "quantization_bit",
+                format!(
+                    "`quantization_bit: {bits}` is not supported with `quantization_method: {m}`: choose one of {:?}{hint}",
+                    m.bits()
+                ),
+            );
+        }
+        if a.do_train && a.finetuning_type != FinetuningType::Lora {
+            return fail(
+                "quantization_bit",
+                "Quantization is only compatible with the LoRA method (`finetuning_type: lora`).",
+            );
+        }
     }
     if a.deepspeed.is_some() {
         return fail("deepspeed", "`deepspeed` is not supported: this engine trains on one device without DeepSpeed; remove the key");

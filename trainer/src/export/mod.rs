@@ -44,6 +44,16 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     if args.export_quantization_bit.is_some() {
         bail!("`export_quantization_bit` (GPTQ) is not supported yet");
     }
+    // Adapters merge into the full-precision base: a QLoRA run's `quantization_bit` does not
+    // apply to the export (as in LLaMA-Factory, which refuses to merge into a quantized model).
+    if args.quantization_bit.is_some() {
+        eprintln!("warning: `quantization_bit` is ignored by export: adapters are merged into the full-precision base");
+    }
+    let unquantized = TrainArgs {
+        quantization_bit: None,
+        ..args.clone()
+    };
+    let args = &unquantized;
     let mut chat = ChatModel::load(args, &Device::Cpu)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     match args.export_format {

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::layers::{LoraLayer, LINEAR_MODULES};
+use super::layers::{LinearWeight, LoraLayer, Param, LINEAR_MODULES};
 use super::llama::Model;
 use protocol::TrainArgs;
 
@@ -193,8 +193,7 @@ impl Model {
             let lin = self
                 .linear_mut(&module)
                 .ok_or_else(|| anyhow!("no linear module `{module}`"))?;
-            let w = lin.weight.tensor.clone();
-            let (out_f, in_f) = w.dims2()?;
+            let (out_f, in_f) = lin.weight.dims()?;
             let bound = 1.0 / (in_f as f64).sqrt();
             let a: Vec<f64> = (0..spec.rank * in_f)
                 .map(|_| rng.gen_range(-bound..bound))
@@ -202,9 +201,11 @@ impl Model {
             let a = Tensor::from_vec(a, (spec.rank, in_f), &device)?.to_dtype(dtype)?;
             let b = Tensor::zeros((out_f, spec.rank), dtype, &device)?;
             let magnitude = if spec.use_dora {
-                Some(Var::from_tensor(
-                    &w.to_dtype(dtype)?.sqr()?.sum(1)?.sqrt()?,
-                )?)
+                let norms = match &lin.weight {
+                    LinearWeight::Dense(p) => p.tensor.to_dtype(dtype)?.sqr()?.sum(1)?.sqrt()?,
+                    LinearWeight::Quantized(q) => q.row_norms(None, dtype)?,
+                };
+                Some(Var::from_tensor(&norms)?)
             } else {
                 None
             };
@@ -426,14 +427,15 @@ impl Model {
             };
             // In the trainable dtype (f32 for half models): the product is rounded once, at the end.
             let dtype = l.a.dtype();
-            let w = lin.weight.t().detach().to_dtype(dtype)?;
+            let w = lin.weight.to_dense(dtype)?;
             let mut merged = (&w + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?)?;
             if let Some(m) = &l.magnitude {
                 let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?;
                 merged =
                     merged.broadcast_mul(&m.as_tensor().unsqueeze(1)?.broadcast_div(&norm)?)?;
             }
-            lin.weight.tensor = merged.to_dtype(model_dtype)?;
+            // A quantized base merges into full precision (export); the result is dense.
+            lin.weight = LinearWeight::Dense(Param::frozen(merged.to_dtype(model_dtype)?));
         }
         Ok(())
     }

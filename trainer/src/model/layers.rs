@@ -4,12 +4,16 @@
 //! CustomOps with a backward are used. Which weights a pass uses — the trained ones with
 //! adapters, or the reference as loaded — is the explicit [`Weights`] argument.
 
-use anyhow::{anyhow, Result};
+use std::sync::Arc;
+
+use anyhow::Result;
 use candle_core::{DType, Tensor, Var, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::config::ModelConfig;
+use super::quant::{quant_linear, QuantWeight};
+use super::weights::WeightSource;
 
 pub(crate) const MASK_VALUE: f64 = -1e9;
 
@@ -69,21 +73,60 @@ pub struct LoraLayer {
     pub detach_norm: bool,
 }
 
+/// A linear module's weight: a tensor (frozen or trained), or a frozen quantized one (QLoRA).
+#[derive(Clone)]
+pub enum LinearWeight {
+    Dense(Param),
+    Quantized(Arc<QuantWeight>),
+}
+
+impl LinearWeight {
+    /// `(out, in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            LinearWeight::Dense(p) => p.tensor.dims2()?,
+            LinearWeight::Quantized(q) => (q.rows, q.cols),
+        })
+    }
+
+    /// The weight as a tensor in `dtype` (dequantized when quantized): merging, DoRA's norm.
+    pub fn to_dense(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            LinearWeight::Dense(p) => Ok(p.t().detach().to_dtype(dtype)?),
+            LinearWeight::Quantized(q) => q.dequantize(dtype),
+        }
+    }
+
+    pub fn dense(&self) -> Option<&Param> {
+        match self {
+            LinearWeight::Dense(p) => Some(p),
+            LinearWeight::Quantized(_) => None,
+        }
+    }
+
+    pub fn dense_mut(&mut self) -> Option<&mut Param> {
+        match self {
+            LinearWeight::Dense(p) => Some(p),
+            LinearWeight::Quantized(_) => None,
+        }
+    }
+}
+
 /// A linear module by its Hugging Face name (`model.layers.0.self_attn.q_proj`).
 #[derive(Clone)]
 pub struct Linear {
     pub name: String,
-    pub weight: Param,
+    pub weight: LinearWeight,
     pub bias: Option<Param>,
     pub lora: Option<LoraLayer>,
 }
 
 impl Linear {
-    fn new(name: String, bias: bool, take: &mut dyn FnMut(&str) -> Result<Tensor>) -> Result<Self> {
+    fn new(name: String, bias: bool, src: &mut dyn WeightSource) -> Result<Self> {
         Ok(Self {
-            weight: Param::frozen(take(&format!("{name}.weight"))?),
+            weight: src.take_linear(&format!("{name}.weight"))?,
             bias: if bias {
-                Some(Param::frozen(take(&format!("{name}.bias"))?))
+                Some(Param::frozen(src.take(&format!("{name}.bias"))?))
             } else {
                 None
             },
@@ -100,11 +143,17 @@ impl Linear {
         weights: Weights,
         dtype: DType,
     ) -> Result<Tensor> {
-        let (w, trainable) = self.weight.value(weights, dtype)?;
-        let mut y = if trainable {
-            x.matmul(&w.t()?)?
-        } else {
-            crate::ops::frozen_linear(x, &w)?
+        let (mut y, w) = match &self.weight {
+            LinearWeight::Dense(p) => {
+                let (w, trainable) = p.value(weights, dtype)?;
+                let y = if trainable {
+                    x.matmul(&w.t()?)?
+                } else {
+                    crate::ops::frozen_linear(x, &w)?
+                };
+                (y, Some(w))
+            }
+            LinearWeight::Quantized(q) => (quant_linear(x, q)?, None),
         };
         if let Some(lora) = self.lora.as_ref().filter(|_| weights == Weights::Policy) {
             let xd = match rng {
@@ -121,12 +170,28 @@ impl Linear {
                 None => (y + delta)?,
                 Some(m) => {
                     // DoRA: (W + sBA) rescaled row-wise to the learned magnitude; the norm is
-                    // detached as in PEFT.
-                    let merged = (&w + (b.matmul(&a)? * lora.scale)?)?;
-                    let mut norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?;
-                    if lora.detach_norm {
-                        norm = norm.detach();
-                    }
+                    // detached as in PEFT (on a quantized base always: it is computed a tile
+                    // at a time, outside the graph).
+                    let delta_w = (b.matmul(&a)? * lora.scale)?;
+                    let norm = match (&w, &self.weight) {
+                        (Some(w), _) => {
+                            let norm = (w + &delta_w)?.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?;
+                            if lora.detach_norm {
+                                norm.detach()
+                            } else {
+                                norm
+                            }
+                        }
+                        (None, LinearWeight::Quantized(q)) => {
+                            if !lora.detach_norm {
+                                anyhow::bail!("{}: DoRA on a quantized weight keeps its norm detached (as PEFT does)", self.name);
+                            }
+                            q.row_norms(Some(&delta_w), dtype)?
+                        }
+                        (None, LinearWeight::Dense(_)) => {
+                            unreachable!("a dense weight has a value")
+                        }
+                    };
                     let factor = m.as_tensor().to_dtype(dtype)?.broadcast_div(&norm)?;
                     (y + delta)?.broadcast_mul(&factor)?
                 }
@@ -190,14 +255,10 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Layer `l`'s weights, each taken by name through `take` (which fails on a missing one).
-    pub(crate) fn new(
-        l: usize,
-        c: &ModelConfig,
-        take: &mut dyn FnMut(&str) -> Result<Tensor>,
-    ) -> Result<Self> {
+    /// Layer `l`'s weights, each taken by name from `src` (which fails on a missing one).
+    pub(crate) fn new(l: usize, c: &ModelConfig, src: &mut dyn WeightSource) -> Result<Self> {
         let p = format!("model.layers.{l}");
-        let mut linear = |m: &str, bias: bool| Linear::new(format!("{p}.{m}"), bias, &mut *take);
+        let mut linear = |m: &str, bias: bool| Linear::new(format!("{p}.{m}"), bias, &mut *src);
         let (q, k, v) = (
             linear("self_attn.q_proj", c.qkv_bias)?,
             linear("self_attn.k_proj", c.qkv_bias)?,
@@ -209,7 +270,8 @@ impl DecoderLayer {
             linear("mlp.up_proj", false)?,
             linear("mlp.down_proj", false)?,
         );
-        let mut norm = |n: &str| -> Result<Param> { Ok(Param::frozen(take(&format!("{p}.{n}"))?)) };
+        let mut norm =
+            |n: &str| -> Result<Param> { Ok(Param::frozen(src.take(&format!("{p}.{n}"))?)) };
         Ok(Self {
             index: l,
             input_norm: norm("input_layernorm.weight")?,
@@ -251,7 +313,8 @@ impl DecoderLayer {
         ]
     }
 
-    /// Every tensor of the layer under its Hugging Face name.
+    /// Every tensor of the layer under its Hugging Face name (quantized weights are not tensors:
+    /// see [`Linear::weight`]).
     pub fn params(&self) -> Vec<(String, &Param)> {
         let p = format!("model.layers.{}", self.index);
         let mut out = vec![
@@ -266,7 +329,9 @@ impl DecoderLayer {
             out.push((format!("{p}.self_attn.k_norm.weight"), k));
         }
         for lin in self.linears() {
-            out.push((format!("{}.weight", lin.name), &lin.weight));
+            if let Some(w) = lin.weight.dense() {
+                out.push((format!("{}.weight", lin.name), w));
+            }
             if let Some(b) = &lin.bias {
                 out.push((format!("{}.bias", lin.name), b));
             }
@@ -298,7 +363,9 @@ impl DecoderLayer {
             &mut self.up,
             &mut self.down,
         ] {
-            out.push((format!("{}.weight", lin.name), &mut lin.weight));
+            if let Some(w) = lin.weight.dense_mut() {
+                out.push((format!("{}.weight", lin.name), w));
+            }
             if let Some(b) = &mut lin.bias {
                 out.push((format!("{}.bias", lin.name), b));
             }
@@ -503,9 +570,4 @@ fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)
-}
-
-/// The error of a weight the architecture needs but the files lack.
-pub(crate) fn missing(name: &str) -> anyhow::Error {
-    anyhow!("weights are incomplete: tensor `{name}` is missing")
 }

@@ -13,9 +13,11 @@ use rand_chacha::ChaCha8Rng;
 use super::batch::{shifted_targets, Batch};
 use super::config::ModelConfig;
 use super::layers::{
-    f32_if_half, log_softmax, missing, rms_norm, DecoderLayer, Dims, KvCache, Linear, LoraLayer,
-    Param, Pass, Weights, MASK_VALUE,
+    f32_if_half, log_softmax, rms_norm, DecoderLayer, Dims, KvCache, Linear, LinearWeight,
+    LoraLayer, Param, Pass, Weights, MASK_VALUE,
 };
+use super::quant::QuantFormat;
+use super::weights::{FileSource, MapSource, WeightSource};
 
 pub struct Model {
     pub cfg: ModelConfig,
@@ -41,30 +43,66 @@ pub struct Model {
 impl Model {
     /// Loads a Hugging Face model folder with every weight frozen.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_quantized(dir, dtype, device, None)
+    }
+
+    /// [`Model::load`] with the decoder layers' linear weights quantized to `quant` as they are
+    /// read (QLoRA); the embeddings, norms and LM head stay in `dtype`, as in LLaMA-Factory.
+    pub fn load_quantized(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        quant: Option<QuantFormat>,
+    ) -> Result<Self> {
         let cfg = ModelConfig::load(dir)?;
-        let weights = super::weights::load_weights(dir, dtype, device)?;
-        Self::from_weights(cfg, weights, dtype, device)
+        let mut src = FileSource::open(dir, dtype, device, quant)?;
+        Self::from_source(cfg, &mut src, dtype, device)
     }
 
     /// Builds the model from tensors by Hugging Face name; every weight the architecture
     /// reads must be there.
     pub fn from_weights(
         cfg: ModelConfig,
-        mut weights: HashMap<String, Tensor>,
+        weights: HashMap<String, Tensor>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let mut take = |name: &str| weights.remove(name).ok_or_else(|| missing(name));
-        let embed = Param::frozen(take("model.embed_tokens.weight")?);
+        Self::from_parts(cfg, weights, HashMap::new(), dtype, device)
+    }
+
+    /// [`Model::from_weights`] where some linear weights come already quantized.
+    pub fn from_parts(
+        cfg: ModelConfig,
+        weights: HashMap<String, Tensor>,
+        quantized: HashMap<String, std::sync::Arc<super::quant::QuantWeight>>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut src = MapSource {
+            map: weights,
+            quantized,
+            quant: None,
+        };
+        Self::from_source(cfg, &mut src, dtype, device)
+    }
+
+    fn from_source(
+        cfg: ModelConfig,
+        src: &mut dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let embed = Param::frozen(src.take("model.embed_tokens.weight")?);
         let layers = (0..cfg.num_hidden_layers)
-            .map(|l| DecoderLayer::new(l, &cfg, &mut take))
+            .map(|l| DecoderLayer::new(l, &cfg, src))
             .collect::<Result<Vec<_>>>()?;
-        let norm = Param::frozen(take("model.norm.weight")?);
+        let norm = Param::frozen(src.take("model.norm.weight")?);
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Param::frozen(take("lm_head.weight")?))
+            Some(Param::frozen(src.take("lm_head.weight")?))
         };
+        let extra = src.rest()?;
         Ok(Self {
             dims: Dims::new(&cfg, dtype),
             cfg,
@@ -72,7 +110,7 @@ impl Model {
             layers,
             norm,
             lm_head,
-            extra: weights
+            extra: extra
                 .into_iter()
                 .map(|(k, t)| (k, Param::frozen(t)))
                 .collect(),
@@ -170,12 +208,36 @@ impl Model {
         f32_if_half(self.dtype)
     }
 
-    /// Elements in the base model's weights.
+    /// Elements in the base model's weights (quantized ones included).
     pub fn num_base_params(&self) -> u64 {
-        self.params()
+        let dense: u64 = self
+            .params()
             .iter()
             .map(|(_, p)| p.tensor.elem_count() as u64)
-            .sum()
+            .sum();
+        dense
+            + self
+                .quantized()
+                .map(|q| (q.rows * q.cols) as u64)
+                .sum::<u64>()
+    }
+
+    /// Bytes the base weights take: dense ones in the model's dtype, quantized ones as stored.
+    pub fn base_bytes(&self) -> u64 {
+        let dense: u64 = self
+            .params()
+            .iter()
+            .map(|(_, p)| (p.tensor.elem_count() * p.tensor.dtype().size_in_bytes()) as u64)
+            .sum();
+        dense + self.quantized().map(|q| q.bytes() as u64).sum::<u64>()
+    }
+
+    /// The quantized linear weights (QLoRA).
+    pub fn quantized(&self) -> impl Iterator<Item = &std::sync::Arc<super::quant::QuantWeight>> {
+        self.linears().filter_map(|l| match &l.weight {
+            LinearWeight::Quantized(q) => Some(q),
+            LinearWeight::Dense(_) => None,
+        })
     }
 
     /// Elements in the base weights and the LoRA matrices (PEFT's "all params").
@@ -344,6 +406,9 @@ impl Model {
     /// This model on `device`, computing in `dtype`; what trains keeps training (in
     /// [`Model::trainable_dtype`]). Used to compare devices on the same weights.
     pub fn to_device(&self, device: &Device, dtype: DType) -> Result<Model> {
+        if self.quantized().next().is_some() {
+            anyhow::bail!("a model with quantized weights cannot be moved to another device");
+        }
         let mut weights = HashMap::new();
         for (name, p) in self.params() {
             weights.insert(name, p.t().to_device(device)?.to_dtype(dtype)?);

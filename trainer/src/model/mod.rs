@@ -8,10 +8,13 @@ pub mod batch;
 pub mod config;
 pub mod layers;
 mod llama;
+pub mod quant;
 pub mod value_head;
 pub mod weights;
 
 pub use batch::{shifted_targets, Batch, RowRef};
 pub use config::ModelConfig;
-pub use layers::{log_softmax, softmax, DecoderLayer, KvCache, Linear, LoraLayer, Param, Weights};
+pub use layers::{
+    log_softmax, softmax, DecoderLayer, KvCache, Linear, LinearWeight, LoraLayer, Param, Weights,
+};
 pub use llama::{Model, TargetLogits};

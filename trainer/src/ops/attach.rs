@@ -28,6 +28,28 @@ impl CustomOp2 for Attach {
         precomputed(self.name, s2, l2)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        precomputed(self.name, s2, l2)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        _s1: &candle_core::MetalStorage,
+        _l1: &Layout,
+        s2: &candle_core::MetalStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        precomputed(self.name, s2, l2)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -49,15 +71,18 @@ pub(super) fn precomputed<S: BackendStorage>(op: &str, s: &S, l: &Layout) -> Res
 }
 
 /// `y0` (computed from `x` outside the graph) as a differentiable function of `x` whose
-/// gradient is `input_grad(x, dy)`. On non-CPU devices returns `None`: callers then use their
-/// composed version.
+/// gradient is `input_grad(x, dy)`, on the CPU and the GPU back-ends built in; `None` on a
+/// device this build has no forward for (callers then use their composed version).
 pub fn attach(
     name: &'static str,
     x: &Tensor,
     y0: Tensor,
     input_grad: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() {
+    let supported = x.device().is_cpu()
+        || (cfg!(feature = "cuda") && x.device().is_cuda())
+        || (cfg!(feature = "metal") && x.device().is_metal());
+    if !supported {
         return Ok(None);
     }
     let y0 = y0.contiguous()?;

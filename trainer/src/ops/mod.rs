@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Tensor};
 
+pub use attach::attach;
 pub use checkpoint::{checkpoint, GradSink, Recompute};
 pub use frozen_linear::frozen_linear;
 pub use log_sigmoid::log_sigmoid;

@@ -12,6 +12,7 @@ mod batch;
 pub mod checkpoint;
 mod job;
 pub mod log;
+pub mod memory;
 mod model_card;
 pub mod objective;
 pub mod optim;

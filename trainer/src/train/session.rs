@@ -241,18 +241,21 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    fn save_kind(&self) -> SaveKind<'_> {
-        match &self.lora {
+    /// The trained model (adapter or full weights), its tokenizer and its value head into `dir`.
+    fn save_model_to(&self, dir: &std::path::Path) -> Result<()> {
+        let kind = match &self.lora {
             Some(spec) => SaveKind::Adapter(spec),
             None => SaveKind::Full {
                 source_dir: &self.model_dir,
                 max_shard_bytes: 5_000_000_000,
             },
+        };
+        let base = self.args.model_name_or_path.clone().unwrap_or_default();
+        save_model(dir, &self.model, &kind, &base, &self.tok)?;
+        if let Some(h) = self.objective.value_head() {
+            h.save(dir)?;
         }
-    }
-
-    fn base_model(&self) -> String {
-        self.args.model_name_or_path.clone().unwrap_or_default()
+        Ok(())
     }
 
     /// `trainer_state.json` after `step`.
@@ -286,16 +289,7 @@ impl<'a> Session<'a> {
     fn save_checkpoint(&self, step: usize, rep: &mut dyn Reporter) -> Result<PathBuf> {
         let dir = self.output_dir.join(format!("checkpoint-{step}"));
         atomic_dir(&dir, |tmp| {
-            save_model(
-                tmp,
-                &self.model,
-                &self.save_kind(),
-                &self.base_model(),
-                &self.tok,
-            )?;
-            if let Some(h) = self.objective.value_head() {
-                h.save(tmp)?;
-            }
+            self.save_model_to(tmp)?;
             if !self.args.save_only_model {
                 write_safetensors(
                     &tmp.join("optimizer.safetensors"),
@@ -346,16 +340,7 @@ impl<'a> Session<'a> {
     /// The final model, results, state and loss plot, as LLaMA-Factory writes them.
     fn finish(self) -> Result<Outcome> {
         let total = self.plan.total_steps;
-        save_model(
-            &self.output_dir,
-            &self.model,
-            &self.save_kind(),
-            &self.base_model(),
-            &self.tok,
-        )?;
-        if let Some(h) = self.objective.value_head() {
-            h.save(&self.output_dir)?;
-        }
+        self.save_model_to(&self.output_dir)?;
         let runtime = self.elapsed();
         let epoch = round(self.plan.epoch_at(total), 4);
         let mut train = Map::new();

@@ -18,6 +18,7 @@ use super::report::Reporter;
 use super::TrainOptions;
 use crate::data::pipeline::{get_dataset, load_tokenizer_and_template};
 use crate::model::adapter::LoraSpec;
+use crate::model::quant::QuantFormat;
 use crate::model::value_head::{ValueHead, VALUE_HEAD_FILE};
 use crate::model::Model;
 use crate::tokenizer::HfTokenizer;
@@ -78,6 +79,9 @@ pub(crate) fn prepare(
         log(rep, "warning", format!("skipped {s}"));
     }
     let (mut model, model_dir) = load_model(args, opts, &tok)?;
+    if let Some(msg) = describe_quantization(&model) {
+        log(rep, "info", msg);
+    }
     configure_rope(&mut model, args, rep);
     let lora = apply_method(&mut model, args)?;
     let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
@@ -179,7 +183,8 @@ fn load_model(
 ) -> Result<(Model, PathBuf)> {
     let name = args.model_name_or_path.clone().unwrap_or_default();
     let dir = crate::hub::resolve_model_dir(&name, &args.model_revision)?;
-    let mut model = Model::load(&dir, opts.dtype, &opts.device)
+    let quant = QuantFormat::from_args(args)?;
+    let mut model = Model::load_quantized(&dir, opts.dtype, &opts.device, quant)
         .with_context(|| format!("loading model {}", dir.display()))?;
     if tok.len() > model.cfg.vocab_size {
         if !args.resize_vocab {
@@ -193,6 +198,33 @@ fn load_model(
     }
     model.checkpointing = args.gradient_checkpointing && !args.disable_gradient_checkpointing;
     Ok((model, dir))
+}
+
+/// What a QLoRA base is stored as: the format and the weights that took a narrower-row
+/// fallback.
+pub(crate) fn describe_quantization(model: &Model) -> Option<String> {
+    let all: Vec<_> = model.quantized().collect();
+    let first = all.first()?;
+    let bytes: usize = all.iter().map(|q| q.bytes()).sum();
+    let fallback = all.iter().filter(|q| q.stored() != q.format).count();
+    let mut msg = format!(
+        "quantized {} linear weights to {} ({:.1} MiB)",
+        all.len(),
+        first.format.describe(),
+        bytes as f64 / (1 << 20) as f64
+    );
+    if let Some(q) = all.iter().find(|q| q.stored() != q.format) {
+        msg += &format!(
+            "; {fallback} of them as {} (rows of {} values are not whole 256-blocks)",
+            q.stored().describe(),
+            q.cols,
+        );
+    }
+    let dense = model.linears().count() - all.len();
+    if dense > 0 {
+        msg += &format!("; {dense} stay in full precision (rows that are not whole 32-blocks)");
+    }
+    Some(msg)
 }
 
 /// `rope_scaling` for training on `cutoff_len` tokens, with LLaMA-Factory's message.
@@ -287,22 +319,18 @@ fn available_memory() -> Option<u64> {
 
 /// Refuses runs that clearly cannot fit in memory, with the numbers.
 fn check_memory(model: &Model, trainable: u64, args: &TrainArgs, seq: usize) -> Result<()> {
-    let c = &model.cfg;
     let elem = model.dtype.size_in_bytes() as u64;
-    let params = model.num_base_params();
+    let base = model.base_bytes();
     let tokens = (args.per_device_train_batch_size * seq) as u64;
-    let per_layer =
-        (14 * c.hidden_size + 3 * c.intermediate_size + 3 * c.num_attention_heads * seq) as u64;
-    let activations =
-        tokens * (per_layer * c.num_hidden_layers as u64 + 3 * c.vocab_size as u64) * elem;
-    let need = params * elem + trainable * elem * 4 + activations;
+    let activations = super::memory::activation_bytes(&model.cfg, tokens, seq, elem);
+    let need = base + trainable * elem * 4 + activations;
     if let Some(avail) = available_memory() {
         if need > avail {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             bail!(
                 "this run needs about {:.1} GiB ({:.1} GiB weights, {:.1} GiB gradients and optimizer state, {:.1} GiB activations for batch {} × {} tokens) but only {:.1} GiB is available; lower `per_device_train_batch_size` or `cutoff_len`, or use LoRA",
                 gib(need),
-                gib(params * elem),
+                gib(base),
                 gib(trainable * elem * 4),
                 gib(activations),
                 args.per_device_train_batch_size,
