@@ -816,7 +816,7 @@ fn qlora_on_a_quantized_base_trains_close_to_full_precision_lora() {
     );
     assert!(nf4.status.success(), "{}", stderr(&nf4));
     assert!(
-        stderr(&nf4).contains("quantized 28 linear weights to NF4"),
+        stderr(&nf4).contains("the base's 28 linear weights are quantized: NF4"),
         "{}",
         stderr(&nf4)
     );
@@ -848,6 +848,23 @@ fn qlora_on_a_quantized_base_trains_close_to_full_precision_lora() {
         stderr(&o)
     );
     assert!(dir.path().join("merged/model.safetensors").is_file());
+    // A GGUF file (here our own Q8_0 export) is a base as it is: LoRA trains on its weights.
+    let o = run(
+        &[
+            "export",
+            "cfg.yaml",
+            "export_dir=demo_gguf",
+            "export_format=gguf",
+            "export_gguf_type=q8_0",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let gguf_loss = train("on_gguf", &["model_name_or_path=demo_gguf"]);
+    assert!(
+        rel(gguf_loss) < 0.05,
+        "on the GGUF base {gguf_loss} vs f32 {f32_loss}"
+    );
     // Widths bitsandbytes does not have are refused, naming the method that has them.
     let o = run(
         &train_args(&["output_dir=q3", "quantization_bit=3"]),

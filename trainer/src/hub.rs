@@ -38,6 +38,10 @@ pub fn cached_snapshot(cache: &Path, repo_id: &str, revision: &str) -> Option<Pa
 /// Resolves `model_name_or_path` to a folder that holds `config.json` or a tokenizer.
 pub fn resolve_model_dir(name_or_path: &str, revision: &str) -> Result<PathBuf> {
     let path = Path::new(name_or_path);
+    // A GGUF file (or a folder holding just one): its Hugging Face stand-in in the cache.
+    if let Some(file) = crate::model::gguf::gguf_file(path) {
+        return crate::model::gguf::materialize(&file);
+    }
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }

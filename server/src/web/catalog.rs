@@ -49,6 +49,17 @@ fn scan(root: &Path, source: &str, out: &mut Vec<ModelEntry>) {
             let name = model_label(&d.to_string_lossy());
             let src = if name == "demo" { "demo" } else { source };
             out.push(entry(d.to_string_lossy().into_owned(), name, src, &d));
+        } else if let Some(file) = trainer::model::gguf::gguf_file(&d) {
+            // A GGUF file (Ollama, LM Studio, llama.cpp) is listed with what it stands for.
+            if let Ok(stand_in) = trainer::model::gguf::materialize(&file) {
+                let name = model_label(&file.to_string_lossy());
+                out.push(entry(
+                    file.to_string_lossy().into_owned(),
+                    name,
+                    "gguf",
+                    &stand_in,
+                ));
+            }
         }
     }
 }

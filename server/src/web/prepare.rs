@@ -46,6 +46,10 @@ pub fn model_dir(workdir: &Path, value: &str) -> ApiResult<PathBuf> {
         if dir.join("config.json").is_file() {
             return Ok(dir);
         }
+        if let Some(file) = trainer::model::gguf::gguf_file(&dir) {
+            return trainer::model::gguf::materialize(&file)
+                .map_err(|e| ApiError::field(field, format!("{e:#}")));
+        }
         return Err(ApiError::field(
             field,
             format!(
@@ -204,9 +208,11 @@ pub fn prepare(
     let mut args = parse_args(values)?;
     let model = model_dir(workdir, args.model_name_or_path.as_deref().unwrap_or(""))?;
     let given_model = args.model_name_or_path.clone().unwrap_or_default();
-    // A hub id stays an id (the worker resolves it the same way); a folder becomes absolute.
-    if canonical(workdir, &given_model).is_some() {
-        args.model_name_or_path = Some(model.to_string_lossy().into_owned());
+    // A hub id stays an id (the worker resolves it the same way); a folder becomes absolute,
+    // and a GGUF file stays the file (its stand-in folder is the cache's business).
+    if let Some(p) = canonical(workdir, &given_model) {
+        let shown = trainer::model::gguf::gguf_file(&p).unwrap_or(model);
+        args.model_name_or_path = Some(shown.to_string_lossy().into_owned());
     }
     if let Some(a) = args
         .adapter_name_or_path

@@ -55,6 +55,17 @@ impl Model {
         quant: Option<QuantFormat>,
     ) -> Result<Self> {
         let cfg = ModelConfig::load(dir)?;
+        if let Some(file) = super::gguf::source_of(dir) {
+            if let Some(q) = quant {
+                anyhow::bail!(
+                    "{} is a GGUF file whose weights are already quantized: remove `quantization_bit` (asked for {})",
+                    file.display(),
+                    q.describe()
+                );
+            }
+            let mut src = super::gguf::GgufSource::open(&file, dtype, device)?;
+            return Self::from_source(cfg, &mut src, dtype, device);
+        }
         let mut src = FileSource::open(dir, dtype, device, quant)?;
         Self::from_source(cfg, &mut src, dtype, device)
     }

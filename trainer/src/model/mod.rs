@@ -6,6 +6,7 @@
 pub mod adapter;
 pub mod batch;
 pub mod config;
+pub mod gguf;
 pub mod layers;
 mod llama;
 pub mod quant;

@@ -208,7 +208,7 @@ pub(crate) fn describe_quantization(model: &Model) -> Option<String> {
     let bytes: usize = all.iter().map(|q| q.bytes()).sum();
     let fallback = all.iter().filter(|q| q.stored() != q.format).count();
     let mut msg = format!(
-        "quantized {} linear weights to {} ({:.1} MiB)",
+        "the base's {} linear weights are quantized: {} ({:.1} MiB)",
         all.len(),
         first.format.describe(),
         bytes as f64 / (1 << 20) as f64

@@ -1,0 +1,132 @@
+//! GGUF files as base models: ones written by llama.cpp's `gguf` package
+//! (`scripts/gguf_reference.py`) give the logits of their dequantized safetensors twin, with
+//! their quantized weights used as they are; one written by our own export loads back close to
+//! the model it came from; LoRA on a GGUF base gets every gradient.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use protocol::TrainArgs;
+use trainer::model::adapter::LoraSpec;
+use trainer::model::{Batch, Model, RowRef};
+use trainer::tokenizer::HfTokenizer;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn batch() -> Batch {
+    let a: Vec<u32> = vec![3, 17, 42, 5, 88, 9, 61, 23];
+    let b: Vec<u32> = vec![11, 2, 95, 33, 70, 4];
+    let la: Vec<i64> = vec![-100, -100, -100, 5, 88, 9, 61, 23];
+    let lb: Vec<i64> = vec![-100, -100, 95, 33, 70, 4];
+    let rows: Vec<RowRef> = vec![(&a, &la, None), (&b, &lb, None)];
+    Batch::pad(&rows, 0)
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    let m = b.abs().unwrap().max_all().unwrap();
+    d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap()
+}
+
+fn load(name_or_path: &str) -> Model {
+    let dir = trainer::hub::resolve_model_dir(name_or_path, "main").unwrap();
+    Model::load(&dir, DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn llama_cpp_ggufs_give_their_dequantized_twins_logits() {
+    for name in ["qwen2", "llama"] {
+        let file = repo().join(format!("tests/fixtures/gguf/{name}.gguf"));
+        let model = load(file.to_str().unwrap());
+        assert!(
+            model.quantized().count() > 0,
+            "{name}: the quantized weights are used as they are"
+        );
+        let twin = load(
+            repo()
+                .join(format!("tests/fixtures/gguf/{name}-twin"))
+                .to_str()
+                .unwrap(),
+        );
+        let b = batch();
+        let err = max_rel(&model.logits(&b).unwrap(), &twin.logits(&b).unwrap());
+        assert!(err < 1e-5, "{name}: logits differ by {err}");
+        // Its tokenizer and chat template came from the metadata.
+        let dir = trainer::hub::resolve_model_dir(file.to_str().unwrap(), "main").unwrap();
+        let tok = HfTokenizer::load(&dir).unwrap();
+        assert_eq!(tok.eos_token.as_deref(), Some("<|im_end|>"), "{name}");
+        assert!(tok
+            .chat_template
+            .as_deref()
+            .unwrap()
+            .contains("<|im_start|>"));
+        assert_eq!(tok.inner.get_vocab_size(true), model.cfg.vocab_size);
+    }
+}
+
+#[test]
+fn our_gguf_export_loads_back_as_a_base_and_trains_lora() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    trainer::demo::build_demo_model(&base, &repo().join("data"), &Default::default()).unwrap();
+    let out = tmp.path().join("gguf");
+    let args = TrainArgs {
+        model_name_or_path: Some(base.display().to_string()),
+        template: Some("qwen".into()),
+        export_dir: Some(out.display().to_string()),
+        export_format: protocol::args::ExportFormat::Gguf,
+        export_gguf_type: protocol::args::GgufType::Q8_0,
+        ..TrainArgs::default()
+    };
+    let files = trainer::export::export_model(&args).unwrap();
+    let original = Model::load(&base, DType::F32, &Device::Cpu).unwrap();
+    // The folder holding the .gguf (and a Modelfile) stands for the model too.
+    let mut from_gguf = load(out.to_str().unwrap());
+    assert!(from_gguf.quantized().count() > 0);
+    let b = batch();
+    let err = max_rel(
+        &from_gguf.logits(&b).unwrap(),
+        &original.logits(&b).unwrap(),
+    );
+    assert!(err < 0.03, "Q8_0 round trip: {err}");
+    // The same tokenizer: the demo's byte-level BPE rebuilt from the metadata.
+    let dir = trainer::hub::resolve_model_dir(files[0].to_str().unwrap(), "main").unwrap();
+    let tok = HfTokenizer::load(&dir).unwrap();
+    let orig_tok = HfTokenizer::load(&base).unwrap();
+    for text in [
+        "Hello, world! 123",
+        "你好，世界",
+        "<|im_start|>user\nhi<|im_end|>",
+    ] {
+        assert_eq!(tok.encode(text), orig_tok.encode(text), "{text}");
+    }
+    // LoRA on the quantized base: every trainable tensor gets its gradient.
+    from_gguf
+        .add_lora(&LoraSpec::from_args(&TrainArgs::default()), 1)
+        .unwrap();
+    let (loss, _) = from_gguf.loss_sum(&b, None).unwrap();
+    let grads = from_gguf.backward(&loss).unwrap();
+    for (name, var) in from_gguf.trainable() {
+        assert!(
+            grads.get(var.as_tensor()).is_some(),
+            "no gradient for {name}"
+        );
+    }
+    // Asking to quantize it again is refused.
+    let e = Model::load_quantized(
+        &dir,
+        DType::F32,
+        &Device::Cpu,
+        trainer::model::quant::QuantFormat::from_args(&TrainArgs {
+            quantization_bit: Some(4),
+            ..TrainArgs::default()
+        })
+        .unwrap(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("already quantized"), "{e}");
+}
