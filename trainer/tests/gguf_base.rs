@@ -102,6 +102,18 @@ fn our_gguf_export_loads_back_as_a_base_and_trains_lora() {
     ] {
         assert_eq!(tok.encode(text), orig_tok.encode(text), "{text}");
     }
+    // Exported from the GGUF base, the weights come out dequantized: the same logits.
+    let merged = tmp.path().join("merged");
+    let args = TrainArgs {
+        model_name_or_path: Some(out.display().to_string()),
+        template: Some("qwen".into()),
+        export_dir: Some(merged.display().to_string()),
+        ..TrainArgs::default()
+    };
+    trainer::export::export_model(&args).unwrap();
+    let back = Model::load(&merged, DType::F32, &Device::Cpu).unwrap();
+    let err = max_rel(&back.logits(&b).unwrap(), &from_gguf.logits(&b).unwrap());
+    assert!(err < 1e-5, "dequantized export: {err}");
     // LoRA on the quantized base: every trainable tensor gets its gradient.
     from_gguf
         .add_lora(&LoraSpec::from_args(&TrainArgs::default()), 1)

@@ -55,6 +55,12 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     };
     let args = &unquantized;
     let mut chat = ChatModel::load(args, &Device::Cpu)?;
+    let dequantized = chat.model.dequantize_all()?;
+    if dequantized > 0 {
+        eprintln!(
+            "warning: the base's weights are quantized (a GGUF file): the export holds their dequantized values ({dequantized} linear weights), with the adapter merged into them"
+        );
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     match args.export_format {
         ExportFormat::Safetensors => {}

@@ -243,6 +243,20 @@ impl Model {
         dense + self.quantized().map(|q| q.bytes() as u64).sum::<u64>()
     }
 
+    /// Replaces every quantized linear weight by its dequantized tensor (exporting a model
+    /// whose base was quantized, e.g. a GGUF file); returns how many there were.
+    pub fn dequantize_all(&mut self) -> Result<usize> {
+        let dtype = self.dtype;
+        let mut n = 0;
+        for lin in self.linears_mut() {
+            if let LinearWeight::Quantized(q) = &lin.weight {
+                lin.weight = LinearWeight::Dense(Param::frozen(q.dequantize(dtype)?));
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// The quantized linear weights (QLoRA).
     pub fn quantized(&self) -> impl Iterator<Item = &std::sync::Arc<super::quant::QuantWeight>> {
         self.linears().filter_map(|l| match &l.weight {
