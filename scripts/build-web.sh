@@ -17,8 +17,10 @@ if ! rustup target list --installed 2>/dev/null | grep -q wasm32-unknown-unknown
 fi
 if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$wbg_version" ]; then
   echo "==> building wasm-bindgen-cli $wbg_version from source (once, a few minutes)"
-  # Not --locked: its lockfile pins a crate version missing from the index.
-  cargo install wasm-bindgen-cli --version "$wbg_version" --root "$tools"
+  # Not --locked: its lockfile pins a crate version missing from the index. Without a clippy
+  # wrapper (.ci/run lints our crates while building them; not this tool).
+  env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS \
+    cargo install wasm-bindgen-cli --version "$wbg_version" --root "$tools"
 fi
 
 if [ "$profile" = release ]; then

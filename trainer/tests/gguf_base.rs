@@ -3,26 +3,14 @@
 //! their quantized weights used as they are; one written by our own export loads back close to
 //! the model it came from; LoRA on a GGUF base gets every gradient.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
+use common::{batch, repo};
 use protocol::TrainArgs;
 use trainer::model::adapter::LoraSpec;
-use trainer::model::{Batch, Model, RowRef};
+use trainer::model::Model;
 use trainer::tokenizer::HfTokenizer;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn batch() -> Batch {
-    let a: Vec<u32> = vec![3, 17, 42, 5, 88, 9, 61, 23];
-    let b: Vec<u32> = vec![11, 2, 95, 33, 70, 4];
-    let la: Vec<i64> = vec![-100, -100, -100, 5, 88, 9, 61, 23];
-    let lb: Vec<i64> = vec![-100, -100, 95, 33, 70, 4];
-    let rows: Vec<RowRef> = vec![(&a, &la, None), (&b, &lb, None)];
-    Batch::pad(&rows, 0)
-}
 
 fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();

@@ -1,30 +1,24 @@
 //! Every trainable tensor gets a gradient, and f64 gradients match central finite differences,
 //! for LoRA, DoRA, rsLoRA, freeze and full fine-tuning on every architecture variant.
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::batch;
 
 use candle_core::{DType, Device, Tensor, Var};
 use protocol::TrainArgs;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use trainer::model::adapter::LoraSpec;
-use trainer::model::{Batch, Model, RowRef};
+use trainer::model::{Batch, Model};
 
 fn model(name: &str) -> Model {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/models")
         .join(name);
     Model::load(&dir, DType::F64, &Device::Cpu).unwrap()
-}
-
-/// Two rows of different lengths, prompts masked, one padded.
-fn batch() -> Batch {
-    let a: Vec<u32> = vec![3, 17, 42, 5, 88, 9, 61, 23];
-    let b: Vec<u32> = vec![11, 2, 95, 33, 70, 4];
-    let la: Vec<i64> = vec![-100, -100, -100, 5, 88, 9, 61, 23];
-    let lb: Vec<i64> = vec![-100, -100, 95, 33, 70, 4];
-    let rows: Vec<RowRef> = vec![(&a, &la, None), (&b, &lb, None)];
-    Batch::pad(&rows, 0)
 }
 
 fn mean_loss(m: &Model, b: &Batch) -> Tensor {

@@ -3,7 +3,7 @@
 //! quantized linear's input gradient against finite differences, and every trainable tensor of
 //! a LoRA model on a 4-bit base getting its gradient.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, Var};
@@ -14,9 +14,7 @@ use trainer::model::quant::bnb::{Bnb4, Kind};
 use trainer::model::quant::{quant_linear, QuantFormat, QuantWeight};
 use trainer::model::{Batch, Model, RowRef};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::repo;
 
 #[test]
 fn bnb_4bit_matches_bitsandbytes_bit_for_bit() {
