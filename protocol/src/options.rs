@@ -213,6 +213,8 @@ choice! {
         F16 = "f16",
         Q8_0 = "q8_0",
         Q4KM = "q4_k_m",
+        /// Each tensor in the type it has in the base GGUF file (a model trained on a GGUF base).
+        Base = "base",
     }
 }
 

@@ -181,6 +181,7 @@ pub struct StepTiming {
     pub backward: f64,
     pub optimizer: f64,
     pub total: f64,
+    /// The loss of the last step (the others are timed, this is the one trained furthest).
     pub loss: f64,
 }
 
@@ -250,8 +251,10 @@ fn train_steps_for(
             });
         }
     }
+    let last_loss = timings.last().map_or(f64::NAN, |t| t.loss);
     timings.sort_by(|a, b| a.total.total_cmp(&b.total));
-    let median = timings.swap_remove(timings.len() / 2);
+    let mut median = timings.swap_remove(timings.len() / 2);
+    median.loss = last_loss;
     Ok((median, rows_n * c.seq))
 }
 

@@ -130,3 +130,66 @@ fn our_gguf_export_loads_back_as_a_base_and_trains_lora() {
     .to_string();
     assert!(e.contains("already quantized"), "{e}");
 }
+
+#[test]
+fn a_gguf_base_exports_back_to_its_own_types() {
+    use candle_core::quantized::gguf_file;
+    let read = |p: &std::path::Path| {
+        let mut f = std::fs::File::open(p).unwrap();
+        gguf_file::Content::read(&mut f).unwrap()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["qwen2", "llama"] {
+        let file = repo().join(format!("tests/fixtures/gguf/{name}.gguf"));
+        let out = tmp.path().join(name);
+        let args = TrainArgs {
+            model_name_or_path: Some(file.display().to_string()),
+            template: Some("qwen".into()),
+            export_dir: Some(out.display().to_string()),
+            export_format: protocol::args::ExportFormat::Gguf,
+            export_gguf_type: protocol::args::GgufType::Base,
+            ..TrainArgs::default()
+        };
+        let files = trainer::export::export_model(&args).unwrap();
+        let (src, dst) = (read(&file), read(&files[0]));
+        let file_type = |c: &gguf_file::Content| {
+            c.metadata
+                .get("general.file_type")
+                .map(|v| v.to_u32().unwrap())
+        };
+        assert_eq!(file_type(&dst), file_type(&src), "{name}");
+        for (t, info) in &src.tensor_infos {
+            let Some(out) = dst.tensor_infos.get(t) else {
+                let mut names: Vec<_> = dst.tensor_infos.keys().collect();
+                names.sort();
+                panic!("{name}: {t} is missing from the export, which has {names:?}");
+            };
+            assert_eq!(
+                out.ggml_dtype, info.ggml_dtype,
+                "{name}: {t} keeps its type"
+            );
+        }
+        assert_eq!(dst.tensor_infos.len(), src.tensor_infos.len(), "{name}");
+        // Re-quantizing values that were already on the grid of their type loses little.
+        let b = batch();
+        let err = max_rel(
+            &load(files[0].to_str().unwrap()).logits(&b).unwrap(),
+            &load(file.to_str().unwrap()).logits(&b).unwrap(),
+        );
+        assert!(err < 0.02, "{name}: {err}");
+    }
+    // A safetensors base has no types of its own to go back to.
+    let base = tmp.path().join("base");
+    trainer::demo::build_demo_model(&base, &repo().join("data"), &Default::default()).unwrap();
+    let e = trainer::export::export_model(&TrainArgs {
+        model_name_or_path: Some(base.display().to_string()),
+        template: Some("qwen".into()),
+        export_dir: Some(tmp.path().join("x").display().to_string()),
+        export_format: protocol::args::ExportFormat::Gguf,
+        export_gguf_type: protocol::args::GgufType::Base,
+        ..TrainArgs::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("is not a GGUF file"), "{e}");
+}

@@ -63,6 +63,9 @@ pub enum BenchCommand {
         /// QLoRA: the frozen base quantized to this many bits (`quantization_bit`).
         #[arg(long)]
         quantization_bit: Option<u32>,
+        /// Sequences per step instead of the shape's (ours only).
+        #[arg(long)]
+        batch: Option<usize>,
         /// With `--quantization-bit`: `bnb` (4-bit NF4, 8-bit) or `ggml` (2–8 bits).
         #[arg(long, default_value = "bnb")]
         quantization_method: String,
@@ -165,13 +168,22 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             gradient_checkpointing,
             quantization_bit,
             quantization_method,
+            batch,
             seq,
             torch_script,
             python,
         } => {
             let mut c = trainer::bench::train_bench_config(&config)?;
             c.checkpointing = gradient_checkpointing;
+            if let Some(b) = batch {
+                anyhow::ensure!(b > 0, "--batch must be at least 1");
+                c.batch = b;
+            }
             if let Some(bits) = quantization_bit {
+                anyhow::ensure!(
+                    !full,
+                    "--quantization-bit trains LoRA on the quantized base; drop --full"
+                );
                 let args = protocol::TrainArgs {
                     quantization_bit: Some(bits),
                     quantization_method: quantization_method
@@ -212,6 +224,10 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
                 tokens as f64 / t.total,
                 rss as f64 / 1e9
             );
+            println!(
+                "\nloss after the last step (the same batch every step): {:.4}\n",
+                t.loss
+            );
             if composed {
                 trainer::ops::use_composed_ops(true);
                 let (u, _) = trainer::bench::train_steps(&c, full, steps)?;
@@ -237,8 +253,8 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
                     d.total / t.total
                 );
             }
-            if seq.is_some() {
-                println!("\n(PyTorch side not run: its script trains only the shape's own sequence length)");
+            if seq.is_some() || batch.is_some() || quantization_bit.is_some() {
+                println!("\n(PyTorch side not run: its script trains only the shape's own batch and sequence length, in full precision)");
             } else if torch_script.exists() {
                 match run_torch(&python, &torch_script, &config, full, steps, threads) {
                     Ok((step, tps, torch_rss)) => {

@@ -1,7 +1,8 @@
 //! GGUF export for llama.cpp and Ollama: llama.cpp's tensor names and metadata keys, the
 //! byte-level BPE tokenizer (`gpt2` model: tokens, types, merges, special ids, chat template),
 //! and f16 / q8_0 / q4_k_m weights (K-quant mix as llama.cpp's Q4_K_M: Q6_K for the output and
-//! for attn_v / ffn_down in the layers that get more bits).
+//! for attn_v / ffn_down in the layers that get more bits), or, for a model whose base is a GGUF
+//! file, `base`: every tensor re-quantized to the type it has in that file.
 
 use std::path::Path;
 
@@ -21,6 +22,60 @@ fn file_type(t: GgufType) -> u32 {
         GgufType::F16 => 1,
         GgufType::Q8_0 => 7,
         GgufType::Q4KM => 15,
+        GgufType::Base => unreachable!("`base` takes the base file's own file type"),
+    }
+}
+
+/// How each tensor's type is chosen.
+enum TypePlan {
+    /// One of llama.cpp's mixes.
+    Mix(GgufType),
+    /// The types the tensors have in the base GGUF file, and that file's `general.file_type`
+    /// (optional in GGUF: llama.cpp guesses it from the tensors when it is missing).
+    Base {
+        types: std::collections::HashMap<String, GgmlDType>,
+        file_type: Option<u32>,
+    },
+}
+
+impl TypePlan {
+    fn new(kind: GgufType, chat: &ChatModel) -> Result<Self> {
+        if kind != GgufType::Base {
+            return Ok(Self::Mix(kind));
+        }
+        let Some(file) = crate::model::gguf::source_of(&chat.dir) else {
+            bail!("`export_gguf_type: base` needs a GGUF base model")
+        };
+        let mut f = std::fs::File::open(&file)
+            .with_context(|| format!("cannot open the base GGUF {}", file.display()))?;
+        let content = gguf_file::Content::read(&mut f)
+            .with_context(|| format!("reading the base GGUF {}", file.display()))?;
+        let file_type = content
+            .metadata
+            .get("general.file_type")
+            .and_then(|v| v.to_u32().ok());
+        let types = content
+            .tensor_infos
+            .iter()
+            .map(|(name, info)| (name.clone(), info.ggml_dtype))
+            .collect();
+        Ok(Self::Base { types, file_type })
+    }
+
+    fn file_type(&self) -> Option<u32> {
+        match self {
+            Self::Mix(kind) => Some(file_type(*kind)),
+            Self::Base { file_type, .. } => *file_type,
+        }
+    }
+
+    fn pick(&self, name: &str, cols: usize, n_layers: usize) -> Result<GgmlDType> {
+        match self {
+            Self::Mix(kind) => Ok(pick_type(*kind, name, cols, n_layers)),
+            Self::Base { types, .. } => types.get(name).copied().ok_or_else(|| {
+                anyhow!("`export_gguf_type: base`: the base GGUF file has no tensor `{name}`")
+            }),
+        }
     }
 }
 
@@ -71,7 +126,7 @@ fn more_bits(layer: usize, n: usize) -> bool {
 fn pick_type(t: GgufType, name: &str, cols: usize, n_layers: usize) -> GgmlDType {
     let fits = |d: GgmlDType| cols.is_multiple_of(d.block_size());
     let want = match t {
-        GgufType::F16 => GgmlDType::F16,
+        GgufType::F16 | GgufType::Base => GgmlDType::F16,
         GgufType::Q8_0 => GgmlDType::Q8_0,
         GgufType::Q4KM => {
             let layer = name
@@ -196,6 +251,7 @@ fn tokenizer_metadata(chat: &ChatModel, meta: &mut Vec<(String, Value)>) -> Resu
 pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
     let c = &chat.model.cfg;
     let a = arch(&c.model_type);
+    let plan = TypePlan::new(kind, chat)?;
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
         (
@@ -206,9 +262,11 @@ pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
                     .unwrap_or_default(),
             ),
         ),
-        ("general.file_type".into(), Value::U32(file_type(kind))),
         ("general.quantization_version".into(), Value::U32(2)),
     ];
+    if let Some(t) = plan.file_type() {
+        meta.push(("general.file_type".into(), Value::U32(t)));
+    }
     let counts = [
         ("context_length", c.max_position_embeddings),
         ("embedding_length", c.hidden_size),
@@ -248,7 +306,7 @@ pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
             QTensor::quantize(&t, GgmlDType::F32)?
         } else {
             let cols = t.dim(1)?;
-            QTensor::quantize(&t, pick_type(kind, &name, cols, c.num_hidden_layers))?
+            QTensor::quantize(&t, plan.pick(&name, cols, c.num_hidden_layers)?)?
         };
         tensors.push((name, q));
     }

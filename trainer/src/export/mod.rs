@@ -55,6 +55,15 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     };
     let args = &unquantized;
     let mut chat = ChatModel::load(args, &Device::Cpu)?;
+    if args.export_format == ExportFormat::Gguf
+        && args.export_gguf_type == gguf::GgufType::Base
+        && crate::model::gguf::source_of(&chat.dir).is_none()
+    {
+        bail!(
+            "`export_gguf_type: base` re-quantizes to the types of a GGUF base, but `model_name_or_path` ({}) is not a GGUF file; choose f16, q8_0 or q4_k_m",
+            chat.dir.display()
+        );
+    }
     let dequantized = chat.model.dequantize_all()?;
     if dequantized > 0 {
         eprintln!(
