@@ -290,6 +290,10 @@ pub fn random_model(c: &TrainBenchConfig, full: bool) -> Result<crate::model::Mo
             Some(f) if shape.len() == 2 && name.contains(".layers.") && f.fits(shape[1]) => {
                 quantized.insert(name, crate::model::quant::QuantWeight::quantize(&t, f)?);
             }
+            // QLoRA keeps a bf16 checkpoint's embedding and LM head in bf16, as loaded.
+            Some(_) if !name.contains(".layers.") && shape.len() == 2 => {
+                weights.insert(name, t.to_dtype(DType::BF16)?);
+            }
             _ => {
                 weights.insert(name, t);
             }

@@ -166,7 +166,7 @@ pub fn run_eval(args: &TrainArgs, device: &candle_core::Device) -> Result<Map<St
             .sum_all()?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
-        let pred: Vec<u32> = t.logits.argmax(D::Minus1)?.to_vec1()?;
+        let pred: Vec<u32> = t.logits()?.argmax(D::Minus1)?.to_vec1()?;
         correct += pred.iter().zip(&t.targets).filter(|(a, b)| a == b).count();
         n += t.targets.len();
     }

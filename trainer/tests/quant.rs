@@ -239,3 +239,68 @@ fn every_trainable_tensor_gets_a_gradient_on_a_4bit_base() {
             .unwrap();
     }
 }
+
+/// A checkpoint in bf16, as real ones ship: QLoRA keeps its (tied) embedding in bf16, exactly
+/// as loaded, and computes what the same table converted to f32 computes.
+#[test]
+fn a_quantized_base_keeps_a_bf16_embedding_in_bf16() {
+    let src = repo().join("tests/fixtures/models/qwen2");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let weights = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::BF16).unwrap()))
+        .collect::<std::collections::HashMap<_, _>>();
+    candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
+    let format = QuantFormat::Bnb4 {
+        kind: Kind::Nf4,
+        double: true,
+    };
+    let mut m = Model::load_quantized(&dir, DType::F32, &Device::Cpu, Some(format)).unwrap();
+    assert_eq!(m.embed.tensor.dtype(), DType::BF16);
+    m.add_lora(&LoraSpec::from_args(&TrainArgs::default()), 1)
+        .unwrap();
+    let a: Vec<u32> = vec![3, 17, 42, 5, 88, 9, 61, 23];
+    let la: Vec<i64> = vec![-100, -100, 17, 5, 88, 9, 61, 23];
+    let rows: Vec<RowRef> = vec![(&a, &la, None)];
+    let b = Batch::pad(&rows, 0);
+    let loss_and_grads = |m: &Model| {
+        let (loss, _) = m.loss_sum(&b, None).unwrap();
+        let grads = m.backward(&loss).unwrap();
+        let g: Vec<f32> = m
+            .trainable()
+            .iter()
+            .flat_map(|(_, v)| {
+                let g = grads.get(v.as_tensor()).unwrap();
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), g)
+    };
+    let (loss, grads) = loss_and_grads(&m);
+    assert!(
+        m.base_bytes()
+            < Model::load(&dir, DType::F32, &Device::Cpu)
+                .unwrap()
+                .base_bytes()
+                / 3
+    );
+    m.embed.tensor = m.embed.tensor.to_dtype(DType::F32).unwrap();
+    let (loss32, grads32) = loss_and_grads(&m);
+    assert!(
+        (loss - loss32).abs() < 1e-4 * loss32.abs(),
+        "{loss} vs {loss32}"
+    );
+    let scale = grads32.iter().fold(0f32, |a, g| a.max(g.abs()));
+    assert!(scale > 0.0);
+    for (g, g32) in grads.iter().zip(&grads32) {
+        assert!((g - g32).abs() <= 1e-4 * scale, "{g} vs {g32}");
+    }
+}

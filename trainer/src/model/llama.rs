@@ -47,7 +47,9 @@ impl Model {
     }
 
     /// [`Model::load`] with the decoder layers' linear weights quantized to `quant` as they are
-    /// read (QLoRA); the embeddings, norms and LM head stay in `dtype`, as in LLaMA-Factory.
+    /// read (QLoRA); the norms stay in `dtype` and the embedding and LM head unquantized, as in
+    /// LLaMA-Factory — in a half-precision checkpoint's own 16 bits (see
+    /// [`super::weights::WeightSource::take_table`]).
     pub fn load_quantized(
         dir: &Path,
         dtype: DType,
@@ -103,7 +105,7 @@ impl Model {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let embed = Param::frozen(src.take("model.embed_tokens.weight")?);
+        let embed = Param::frozen(src.take_table("model.embed_tokens.weight")?);
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| DecoderLayer::new(l, &cfg, src))
             .collect::<Result<Vec<_>>>()?;
@@ -111,7 +113,7 @@ impl Model {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Param::frozen(src.take("lm_head.weight")?))
+            Some(Param::frozen(src.take_table("lm_head.weight")?))
         };
         let extra = src.rest()?;
         Ok(Self {
@@ -233,7 +235,13 @@ impl Model {
                 .sum::<u64>()
     }
 
-    /// Bytes the base weights take: dense ones in the model's dtype, quantized ones as stored.
+    /// Whether the LM head (or the embedding it is tied to) trains.
+    pub fn head_trains(&self) -> bool {
+        self.lm_head.as_ref().unwrap_or(&self.embed).var.is_some()
+    }
+
+    /// Bytes the base weights take: dense ones as stored (the model's dtype, or a QLoRA
+    /// embedding's 16 bits), quantized ones as stored.
     pub fn base_bytes(&self) -> u64 {
         let dense: u64 = self
             .params()
@@ -279,7 +287,7 @@ impl Model {
         let p = self.lm_head.as_ref().unwrap_or(&self.embed);
         Ok(match p.value(weights, self.dtype)? {
             (w, true) => h.matmul(&w.t()?)?,
-            (w, false) => crate::ops::frozen_linear(h, &w)?,
+            (w, false) => crate::ops::frozen_head(h, &w)?,
         })
     }
 
@@ -289,7 +297,8 @@ impl Model {
             .embed
             .value(weights, self.dtype)?
             .0
-            .index_select(&ids, 0)?)
+            .index_select(&ids, 0)?
+            .to_dtype(self.dtype)?)
     }
 
     fn final_norm(&self, x: &Tensor, weights: Weights) -> Result<Tensor> {
@@ -569,11 +578,16 @@ impl Model {
         }
         let idx = Tensor::from_slice(&rows, rows.len(), &self.device)?;
         let h = h.index_select(&idx, 0)?;
-        let logits = self.lm_head(&h, weights)?;
+        let head = self
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .value(weights, self.dtype)?;
         Ok(Some((
-            h,
+            h.clone(),
             TargetLogits {
-                logits,
+                h,
+                head,
                 rows,
                 targets,
             },
@@ -634,27 +648,44 @@ impl Model {
     }
 }
 
-/// Logits of the labelled positions of a batch: their rows in `B·T` and their target ids.
+/// The labelled positions of a batch: their final hidden states, the LM head that turns them
+/// into logits, their rows in `B·T` and their target ids. The `(n, vocab)` logits are made only
+/// on request: the log-probabilities a loss needs come without them.
 pub struct TargetLogits {
-    /// `(n, vocab)`.
-    pub logits: Tensor,
+    /// `(n, hidden)`.
+    h: Tensor,
+    /// The LM head weight `(vocab, hidden)` and whether it trains.
+    head: (Tensor, bool),
     pub rows: Vec<u32>,
     pub targets: Vec<u32>,
 }
 
 impl TargetLogits {
-    /// Log-probability of each target token, `(n, 1)`.
+    /// `(n, vocab)`.
+    pub fn logits(&self) -> Result<Tensor> {
+        Ok(match &self.head {
+            (w, true) => self.h.matmul(&w.t()?)?,
+            (w, false) => crate::ops::frozen_head(&self.h, w)?,
+        })
+    }
+
+    /// Log-probability of each target token, `(n, 1)`. With a frozen head (LoRA, freeze, a
+    /// reference pass) the logits are made and dropped a few rows at a time.
     pub fn token_logps(&self) -> Result<Tensor> {
+        if let (w, false) = &self.head {
+            return Ok(crate::ops::frozen_head_logps(&self.h, w, &self.targets)?);
+        }
+        let logits = self.logits()?;
         let n = self.targets.len();
-        if crate::ops::fused_for(&self.logits) {
+        if crate::ops::fused_for(&logits) {
             return Ok(crate::ops::log_softmax_gather(
-                &self.logits,
+                &logits,
                 self.targets.clone(),
             )?);
         }
-        let tgt = Tensor::from_slice(&self.targets, (n, 1), self.logits.device())?;
+        let tgt = Tensor::from_slice(&self.targets, (n, 1), logits.device())?;
         // Half-precision models get f32 log-probabilities (and so an f32 loss).
-        let logits = self.logits.to_dtype(f32_if_half(self.logits.dtype()))?;
+        let logits = logits.to_dtype(f32_if_half(logits.dtype()))?;
         Ok(log_softmax(&logits)?.gather(&tgt, 1)?)
     }
 }

@@ -57,6 +57,12 @@ pub(crate) trait WeightSource {
     fn take(&mut self, name: &str) -> Result<Tensor>;
     /// A linear layer's weight: quantized when the source quantizes, else dense.
     fn take_linear(&mut self, name: &str) -> Result<LinearWeight>;
+    /// The token embedding or the LM head, which stay unquantized and frozen in QLoRA: a source
+    /// that quantizes keeps a half-precision checkpoint's table in its own 16 bits (exact, and
+    /// half the memory of f32); the model converts what it reads of it.
+    fn take_table(&mut self, name: &str) -> Result<Tensor> {
+        self.take(name)
+    }
     /// The tensors no one took (kept with the model, saved again as they were).
     fn rest(&mut self) -> Result<Vec<(String, Tensor)>>;
 }
@@ -151,6 +157,16 @@ impl WeightSource for FileSource {
     fn take_linear(&mut self, name: &str) -> Result<LinearWeight> {
         let t = self.read(name)?;
         quantized_or_dense(t, self.quant, self.dtype)
+    }
+
+    fn take_table(&mut self, name: &str) -> Result<Tensor> {
+        let t = self.read(name)?;
+        let half = matches!(t.dtype(), DType::F16 | DType::BF16);
+        Ok(if self.quant.is_some() && half {
+            t
+        } else {
+            t.to_dtype(self.dtype)?
+        })
     }
 
     fn rest(&mut self) -> Result<Vec<(String, Tensor)>> {

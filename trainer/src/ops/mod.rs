@@ -3,6 +3,7 @@
 mod attach;
 mod checkpoint;
 mod frozen_linear;
+mod head_logps;
 mod log_sigmoid;
 mod rowwise;
 
@@ -13,6 +14,7 @@ use candle_core::{DType, Tensor};
 pub use attach::attach;
 pub use checkpoint::{checkpoint, GradSink, Recompute};
 pub use frozen_linear::frozen_linear;
+pub use head_logps::{frozen_head, frozen_head_logps, HEAD_TILE_ELEMS};
 pub use log_sigmoid::log_sigmoid;
 pub use rowwise::{log_softmax_gather, masked_softmax, rms_norm, rope, swiglu};
 

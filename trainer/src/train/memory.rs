@@ -26,12 +26,24 @@ impl MemoryEstimate {
 
 /// Activations of a micro-batch of `tokens` tokens (`seq` long each) kept for backward, in
 /// bytes of `elem` each: a dozen hidden-sized tensors a layer, the MLP's, the attention
-/// scores, and the logits of the LM head.
-pub fn activation_bytes(cfg: &ModelConfig, tokens: u64, seq: usize, elem: u64) -> u64 {
+/// scores, and the LM head's logits — all of them (with their gradient) when the head trains,
+/// else a few tiles at a time ([`crate::ops::frozen_head_logps`]).
+pub fn activation_bytes(
+    cfg: &ModelConfig,
+    tokens: u64,
+    seq: usize,
+    elem: u64,
+    head_trains: bool,
+) -> u64 {
     let per_layer = (14 * cfg.hidden_size
         + 3 * cfg.intermediate_size
         + 3 * cfg.num_attention_heads * seq) as u64;
-    tokens * (per_layer * cfg.num_hidden_layers as u64 + 3 * cfg.vocab_size as u64) * elem
+    let logits = if head_trains {
+        tokens * 3 * cfg.vocab_size as u64
+    } else {
+        4 * crate::ops::HEAD_TILE_ELEMS as u64
+    };
+    (tokens * per_layer * cfg.num_hidden_layers as u64 + logits) * elem
 }
 
 /// Elements of a decoder layer's linear weights, `(out, in)` each.
@@ -51,9 +63,16 @@ pub fn estimate(cfg: &ModelConfig, args: &TrainArgs, elem: u64) -> MemoryEstimat
     let layers = cfg.num_hidden_layers as u64;
     let linear_elems: u64 = linears.iter().map(|(o, i)| (o * i) as u64).sum::<u64>() * layers;
     let embed = (cfg.vocab_size * cfg.hidden_size) as u64;
-    let other = embed * if cfg.tie_word_embeddings { 1 } else { 2 }
-        + (cfg.hidden_size as u64) * (2 * layers + 1);
+    let norms = (cfg.hidden_size as u64) * (2 * layers + 1);
     let quant = QuantFormat::from_args(args).ok().flatten();
+    // QLoRA keeps a half-precision checkpoint's embedding and head in its 16 bits.
+    let half_checkpoint = matches!(cfg.torch_dtype.as_str(), "bfloat16" | "float16");
+    let table_elem = if quant.is_some() && half_checkpoint {
+        elem.min(2)
+    } else {
+        elem
+    };
+    let tables = embed * if cfg.tie_word_embeddings { 1 } else { 2 };
     let linear_bytes = match quant {
         Some(f) => (linear_elems as f64 * f.bits_per_weight() / 8.0) as u64,
         None => linear_elems * elem,
@@ -71,15 +90,21 @@ pub fn estimate(cfg: &ModelConfig, args: &TrainArgs, elem: u64) -> MemoryEstimat
             let k = args.freeze_trainable_layers.unsigned_abs().min(layers);
             linear_elems / layers.max(1) * k
         }
-        FinetuningType::Full => linear_elems + other,
+        FinetuningType::Full => linear_elems + tables + norms,
     };
     let seq = args.cutoff_len;
     let tokens = (args.per_device_train_batch_size * seq) as u64;
     MemoryEstimate {
-        weights: linear_bytes + other * elem,
+        weights: linear_bytes + tables * table_elem + norms * elem,
         // Value, gradient and two moments, in f32.
         training_state: trained * 4 * 4,
-        activations: activation_bytes(cfg, tokens, seq, elem),
+        activations: activation_bytes(
+            cfg,
+            tokens,
+            seq,
+            elem,
+            args.finetuning_type == FinetuningType::Full,
+        ),
     }
 }
 
@@ -92,7 +117,7 @@ mod tests {
     fn a_4bit_base_takes_about_an_eighth_of_f32() {
         let raw = json!({"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896,
             "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-            "num_key_value_heads": 2, "tie_word_embeddings": true});
+            "num_key_value_heads": 2, "tie_word_embeddings": true, "torch_dtype": "bfloat16"});
         let cfg = ModelConfig::from_json(raw, std::path::Path::new("config.json")).unwrap();
         let f32_run = estimate(&cfg, &TrainArgs::default(), 4);
         let q4 = estimate(
@@ -103,14 +128,14 @@ mod tests {
             },
             4,
         );
-        // Qwen2.5-0.5B: 358 M linear weights and a 136 M embedding.
+        // Qwen2.5-0.5B: 358 M linear weights and a 136 M embedding (kept in bf16 under QLoRA).
         let gb = |b: u64| b as f64 / 1e9;
         assert!(
             (gb(f32_run.weights) - 1.98).abs() < 0.05,
             "{}",
             gb(f32_run.weights)
         );
-        assert!((gb(q4.weights) - 0.73).abs() < 0.05, "{}", gb(q4.weights));
+        assert!((gb(q4.weights) - 0.46).abs() < 0.05, "{}", gb(q4.weights));
         assert_eq!(f32_run.training_state, q4.training_state);
     }
 }

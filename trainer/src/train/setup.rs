@@ -322,7 +322,8 @@ fn check_memory(model: &Model, trainable: u64, args: &TrainArgs, seq: usize) -> 
     let elem = model.dtype.size_in_bytes() as u64;
     let base = model.base_bytes();
     let tokens = (args.per_device_train_batch_size * seq) as u64;
-    let activations = super::memory::activation_bytes(&model.cfg, tokens, seq, elem);
+    let activations =
+        super::memory::activation_bytes(&model.cfg, tokens, seq, elem, model.head_trains());
     let need = base + trainable * elem * 4 + activations;
     if let Some(avail) = available_memory() {
         if need > avail {

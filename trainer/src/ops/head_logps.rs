@@ -1,0 +1,225 @@
+//! The frozen LM head, a tile of its rows at a time: the head weight may be stored in another
+//! dtype than the model computes in (QLoRA keeps a half-precision checkpoint's embedding in its
+//! 16 bits), and for a loss the `(rows, vocab)` logits never exist whole. At real scale they
+//! would dominate a step's memory: 4,096 tokens × a 151,936-token vocabulary is 2.5 GB in f32,
+//! and the unfused path keeps the logits and their gradient.
+//!
+//! [`frozen_head_logps`] streams over vocabulary tiles with a running maximum and sum (the
+//! online softmax of flash attention). A row's log-probability depends on its own hidden state
+//! only, so its gradient `∂ log p(t | h) / ∂h = W[t] − softmax(h · Wᵀ) · W` is accumulated in
+//! the same pass and kept, `(rows, hidden)`; the backward scales it by the incoming gradient.
+//! The GEMM work is that of the unfused path (the head forward, the `dlogits · W` backward),
+//! only moved. A trainable head also needs `dW`; it takes the unfused path.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use super::attach::attach;
+
+/// Hidden-state rows per chunk.
+const ROWS: usize = 256;
+/// Vocabulary rows per tile: a 256 × 8,192 tile of logits is 8 MB in f32.
+const VOCAB: usize = 8192;
+/// Elements of one tile of logits (what the memory estimate counts a few of).
+pub const HEAD_TILE_ELEMS: usize = ROWS * VOCAB;
+
+fn f32_if_half(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+/// `x (n, hidden) · wᵀ → (n, vocab)` for a frozen `w`, differentiable in `x`; `w` may be stored
+/// in another dtype, converted a tile at a time.
+pub fn frozen_head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() == x.dtype() {
+        return super::frozen_linear(x, w);
+    }
+    let w = w.detach();
+    let dtype = x.dtype();
+    let vocab = w.dim(0)?;
+    let tile =
+        move |j: usize| -> Result<Tensor> { w.narrow(0, j, VOCAB.min(vocab - j))?.to_dtype(dtype) };
+    let mut parts = Vec::new();
+    for j in (0..vocab).step_by(VOCAB) {
+        parts.push(x.detach().matmul(&tile(j)?.t()?)?);
+    }
+    let y0 = Tensor::cat(&parts, 1)?;
+    let attached = attach("frozen-head", x, y0.clone(), move |_x, g| {
+        let mut dx: Option<Tensor> = None;
+        for j in (0..vocab).step_by(VOCAB) {
+            let t = tile(j)?;
+            let part = g.narrow(1, j, t.dim(0)?)?.matmul(&t)?;
+            dx = Some(match dx {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+        }
+        dx.ok_or_else(|| candle_core::Error::Msg("frozen-head: empty vocabulary".into()))
+    })?;
+    Ok(attached.unwrap_or(y0))
+}
+
+/// `log softmax(h · wᵀ)[r, targets[r]]` for each row `r` of `h (n, hidden)`, `(n, 1)` — in f32
+/// when `h` is half precision, like the unfused path. Differentiable in `h` only; `w` is frozen
+/// and may be stored in another dtype.
+pub fn frozen_head_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, _) = h.dims2()?;
+    if n != targets.len() {
+        candle_core::bail!("frozen-head-logps: {n} rows but {} targets", targets.len());
+    }
+    let w = w.detach();
+    let hd = h.detach();
+    let wants_grad = h.track_op();
+    let mut logps = Vec::new();
+    let mut jacobians = Vec::new();
+    for start in (0..n).step_by(ROWS) {
+        let len = ROWS.min(n - start);
+        let t = Tensor::from_slice(&targets[start..start + len], len, h.device())?;
+        let (logp, jacobian) = chunk(&hd.narrow(0, start, len)?, &w, &t, wants_grad)?;
+        logps.push(logp);
+        jacobians.extend(jacobian);
+    }
+    let logps = Tensor::cat(&logps, 0)?;
+    if !wants_grad {
+        return Ok(logps);
+    }
+    let jacobian = Tensor::cat(&jacobians, 0)?;
+    let attached = attach("frozen-head-logps", h, logps.clone(), move |_h, g| {
+        jacobian.broadcast_mul(&g.to_dtype(jacobian.dtype())?)
+    })?;
+    Ok(attached.unwrap_or(logps))
+}
+
+/// One chunk of rows: the log-probabilities `(r, 1)` and, when asked, their gradients with
+/// respect to the rows `(r, hidden)`.
+fn chunk(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    jacobian: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dtype = h.dtype();
+    let ldtype = f32_if_half(dtype);
+    let vocab = w.dim(0)?;
+    // Running maximum `m`, sum `s = Σ exp(z − m)` and `acc = Σ exp(z − m) · W_j`.
+    let mut state: Option<(Tensor, Tensor, Option<Tensor>)> = None;
+    for j in (0..vocab).step_by(VOCAB) {
+        let wt = w.narrow(0, j, VOCAB.min(vocab - j))?.to_dtype(dtype)?;
+        let z = h.matmul(&wt.t()?)?.to_dtype(ldtype)?;
+        let tile_max = z.max_keepdim(D::Minus1)?;
+        let m = match &state {
+            Some((m, _, _)) => m.maximum(&tile_max)?,
+            None => tile_max,
+        };
+        let p = z.broadcast_sub(&m)?.exp()?;
+        let tile_sum = p.sum_keepdim(D::Minus1)?;
+        let tile_acc = if jacobian {
+            Some(p.to_dtype(dtype)?.matmul(&wt)?.to_dtype(ldtype)?)
+        } else {
+            None
+        };
+        state = Some(match state {
+            None => (m, tile_sum, tile_acc),
+            Some((m_old, s, acc)) => {
+                let alpha = (m_old - &m)?.exp()?;
+                let s = (s * &alpha)?.add(&tile_sum)?;
+                let acc = match (acc, tile_acc) {
+                    (Some(acc), Some(t)) => Some(acc.broadcast_mul(&alpha)?.add(&t)?),
+                    _ => None,
+                };
+                (m, s, acc)
+            }
+        });
+    }
+    let Some((m, s, acc)) = state else {
+        candle_core::bail!("frozen-head-logps: empty vocabulary")
+    };
+    let w_target = w.index_select(targets, 0)?.to_dtype(ldtype)?;
+    let target_logit = (h.to_dtype(ldtype)? * &w_target)?.sum_keepdim(D::Minus1)?;
+    let logp = (target_logit - (m + s.log()?)?)?;
+    let jacobian = match acc {
+        Some(acc) => Some((w_target - acc.broadcast_div(&s)?)?.to_dtype(dtype)?),
+        None => None,
+    };
+    Ok((logp, jacobian))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// 300 rows and a 20,000-token vocabulary cross chunk and tile boundaries; the reference
+    /// is the composed graph on the whole logits.
+    #[test]
+    fn matches_the_composed_log_softmax_and_its_gradient() {
+        let dev = Device::Cpu;
+        let (n, d, v) = (300, 8, 20_000);
+        let h = Var::from_tensor(&Tensor::randn(0f64, 1.0, (n, d), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f64, 1.0, (v, d), &dev).unwrap();
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % v as u32).collect();
+        let weights = Tensor::randn(0f64, 1.0, (n, 1), &dev).unwrap();
+
+        let ours = frozen_head_logps(h.as_tensor(), &w, &targets).unwrap();
+        let tgt = Tensor::from_slice(&targets, (n, 1), &dev).unwrap();
+        let logits = h.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let reference = candle_nn::ops::log_softmax(&logits, D::Minus1)
+            .unwrap()
+            .gather(&tgt, 1)
+            .unwrap();
+        assert!(diff(&ours, &reference) < 1e-10);
+
+        let loss = |x: &Tensor| (x * &weights).unwrap().sum_all().unwrap();
+        let g = loss(&ours).backward().unwrap();
+        let g_ref = loss(&reference).backward().unwrap();
+        let (g, g_ref) = (
+            g.get(h.as_tensor()).unwrap(),
+            g_ref.get(h.as_tensor()).unwrap(),
+        );
+        assert!(diff(g_ref, &g_ref.zeros_like().unwrap()) > 0.1);
+        assert!(diff(g, g_ref) < 1e-10);
+    }
+
+    /// A head stored in bf16 under an f32 model gives what the same head converted whole gives.
+    #[test]
+    fn a_head_in_another_dtype_is_converted_tile_by_tile() {
+        let dev = Device::Cpu;
+        let (n, d, v) = (5, 16, 10_000);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, d), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (v, d), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let w32 = w.to_dtype(DType::F32).unwrap();
+        let targets: Vec<u32> = vec![0, 9_999, 8_192, 8_191, 17];
+
+        let y = frozen_head(x.as_tensor(), &w).unwrap();
+        let y_ref = x.as_tensor().matmul(&w32.t().unwrap()).unwrap();
+        assert!(diff(&y, &y_ref) < 1e-5);
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = y_ref.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(
+            diff(
+                g.get(x.as_tensor()).unwrap(),
+                g_ref.get(x.as_tensor()).unwrap()
+            ) < 1e-2
+        );
+
+        let lp = frozen_head_logps(x.as_tensor(), &w, &targets).unwrap();
+        let lp_ref = frozen_head_logps(x.as_tensor(), &w32, &targets).unwrap();
+        assert_eq!(lp.dtype(), DType::F32);
+        assert!(diff(&lp, &lp_ref) < 1e-4);
+    }
+}
