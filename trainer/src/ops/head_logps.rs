@@ -62,7 +62,7 @@ pub fn frozen_head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `log softmax(h · wᵀ)[r, targets[r]]` for each row `r` of `h (n, hidden)`, `(n, 1)` — in f32
 /// when `h` is half precision, like the unfused path. Differentiable in `h` only; `w` is frozen
-/// and may be stored in another dtype.
+/// and may be stored in another dtype (each tile is converted once).
 pub fn frozen_head_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let (n, _) = h.dims2()?;
     if n != targets.len() {
@@ -71,12 +71,25 @@ pub fn frozen_head_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tens
     let w = w.detach();
     let hd = h.detach();
     let wants_grad = h.track_op();
+    let dtype = h.dtype();
+    let chunks: Vec<Tensor> = (0..n)
+        .step_by(ROWS)
+        .map(|s| hd.narrow(0, s, ROWS.min(n - s)))
+        .collect::<Result<_>>()?;
+    let mut states: Vec<Online> = chunks.iter().map(|_| Online::default()).collect();
+    let vocab = w.dim(0)?;
+    for j in (0..vocab).step_by(VOCAB) {
+        let wt = w.narrow(0, j, VOCAB.min(vocab - j))?.to_dtype(dtype)?;
+        for (hc, state) in chunks.iter().zip(&mut states) {
+            state.add_tile(hc, &wt, wants_grad)?;
+        }
+    }
     let mut logps = Vec::new();
     let mut jacobians = Vec::new();
-    for start in (0..n).step_by(ROWS) {
-        let len = ROWS.min(n - start);
-        let t = Tensor::from_slice(&targets[start..start + len], len, h.device())?;
-        let (logp, jacobian) = chunk(&hd.narrow(0, start, len)?, &w, &t, wants_grad)?;
+    for (k, (hc, state)) in chunks.iter().zip(states).enumerate() {
+        let s = k * ROWS;
+        let t = Tensor::from_slice(&targets[s..s + hc.dim(0)?], hc.dim(0)?, h.device())?;
+        let (logp, jacobian) = state.finish(hc, &w, &t)?;
         logps.push(logp);
         jacobians.extend(jacobian);
     }
@@ -91,35 +104,31 @@ pub fn frozen_head_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tens
     Ok(attached.unwrap_or(logps))
 }
 
-/// One chunk of rows: the log-probabilities `(r, 1)` and, when asked, their gradients with
-/// respect to the rows `(r, hidden)`.
-fn chunk(
-    h: &Tensor,
-    w: &Tensor,
-    targets: &Tensor,
-    jacobian: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let dtype = h.dtype();
-    let ldtype = f32_if_half(dtype);
-    let vocab = w.dim(0)?;
-    // Running maximum `m`, sum `s = Σ exp(z − m)` and `acc = Σ exp(z − m) · W_j`.
-    let mut state: Option<(Tensor, Tensor, Option<Tensor>)> = None;
-    for j in (0..vocab).step_by(VOCAB) {
-        let wt = w.narrow(0, j, VOCAB.min(vocab - j))?.to_dtype(dtype)?;
+/// A chunk of rows' running maximum `m`, sum `s = Σ exp(z − m)` and, for the gradient,
+/// `acc = Σ exp(z − m) · W_j` over the vocabulary tiles seen so far.
+#[derive(Default)]
+struct Online {
+    state: Option<(Tensor, Tensor, Option<Tensor>)>,
+}
+
+impl Online {
+    fn add_tile(&mut self, h: &Tensor, wt: &Tensor, jacobian: bool) -> Result<()> {
+        let dtype = h.dtype();
+        let ldtype = f32_if_half(dtype);
         let z = h.matmul(&wt.t()?)?.to_dtype(ldtype)?;
         let tile_max = z.max_keepdim(D::Minus1)?;
-        let m = match &state {
+        let m = match &self.state {
             Some((m, _, _)) => m.maximum(&tile_max)?,
             None => tile_max,
         };
         let p = z.broadcast_sub(&m)?.exp()?;
         let tile_sum = p.sum_keepdim(D::Minus1)?;
         let tile_acc = if jacobian {
-            Some(p.to_dtype(dtype)?.matmul(&wt)?.to_dtype(ldtype)?)
+            Some(p.to_dtype(dtype)?.matmul(wt)?.to_dtype(ldtype)?)
         } else {
             None
         };
-        state = Some(match state {
+        self.state = Some(match self.state.take() {
             None => (m, tile_sum, tile_acc),
             Some((m_old, s, acc)) => {
                 let alpha = (m_old - &m)?.exp()?;
@@ -131,18 +140,25 @@ fn chunk(
                 (m, s, acc)
             }
         });
+        Ok(())
     }
-    let Some((m, s, acc)) = state else {
-        candle_core::bail!("frozen-head-logps: empty vocabulary")
-    };
-    let w_target = w.index_select(targets, 0)?.to_dtype(ldtype)?;
-    let target_logit = (h.to_dtype(ldtype)? * &w_target)?.sum_keepdim(D::Minus1)?;
-    let logp = (target_logit - (m + s.log()?)?)?;
-    let jacobian = match acc {
-        Some(acc) => Some((w_target - acc.broadcast_div(&s)?)?.to_dtype(dtype)?),
-        None => None,
-    };
-    Ok((logp, jacobian))
+
+    /// The log-probabilities `(r, 1)` of `targets` and, when accumulated, their gradients with
+    /// respect to the rows `(r, hidden)`.
+    fn finish(self, h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let Some((m, s, acc)) = self.state else {
+            candle_core::bail!("frozen-head-logps: empty vocabulary")
+        };
+        let ldtype = f32_if_half(h.dtype());
+        let w_target = w.index_select(targets, 0)?.to_dtype(ldtype)?;
+        let target_logit = (h.to_dtype(ldtype)? * &w_target)?.sum_keepdim(D::Minus1)?;
+        let logp = (target_logit - (m + s.log()?)?)?;
+        let jacobian = match acc {
+            Some(acc) => Some((w_target - acc.broadcast_div(&s)?)?.to_dtype(h.dtype())?),
+            None => None,
+        };
+        Ok((logp, jacobian))
+    }
 }
 
 #[cfg(test)]
