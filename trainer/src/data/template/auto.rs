@@ -42,7 +42,10 @@ fn known_family(
         "qwen2" => ("qwen", "Qwen2 / Qwen2.5 models"),
         "mistral" => ("mistral", "Mistral models"),
         "gemma" | "gemma2" => ("gemma", "Gemma models"),
+        "phi3" if name.contains("phi-4") || name.contains("phi4") => ("phi4", "Phi-4 models"),
         "phi3" | "phi" => ("phi", "Phi models"),
+        "glm4" | "glm" => ("glm4", "GLM-4 models"),
+        "llama" if name.starts_with("yi-") || name.contains("--yi-") => ("yi", "Yi models"),
         "llama" if name.contains("llama-3") || name.contains("llama3") => {
             ("llama3", "Llama 3 models")
         }
@@ -128,5 +131,16 @@ mod tests {
             r#"{"model_type": "llama", "vocab_size": 32000}"#,
         )]);
         assert_eq!(auto_template(bare.path()).name.as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn yi_is_a_llama_known_by_its_folder_name() {
+        let d = tempfile::tempdir().unwrap();
+        let yi = d.path().join("Yi-1.5-6B-Chat");
+        std::fs::create_dir(&yi).unwrap();
+        std::fs::write(yi.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+        let t = auto_template(&yi);
+        assert_eq!(t.name.as_deref(), Some("yi"), "{t:?}");
+        assert!(t.reason.contains("Yi models"), "{t:?}");
     }
 }

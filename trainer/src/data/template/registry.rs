@@ -11,13 +11,16 @@ pub const TEMPLATE_NAMES: &[&str] = &[
     "default",
     "empty",
     "gemma",
+    "glm4",
     "llama2",
     "llama3",
     "mistral",
     "phi",
+    "phi4",
     "qwen",
     "qwen3",
     "qwen3_nothink",
+    "yi",
 ];
 
 fn qwen_family(name: &str) -> Template {
@@ -136,6 +139,39 @@ pub fn get_template(name: &str) -> Result<Template> {
             tpl.format_observation = tpl.format_user.clone();
             tpl.stop_words = vec!["<|end|>".into()];
             tpl.replace_eos = true;
+        }
+        "phi4" => {
+            tpl.format_user = vec![t(
+                "<|im_start|>user<|im_sep|>{{content}}<|im_end|><|im_start|>assistant<|im_sep|>",
+            )];
+            tpl.format_assistant = vec![t("{{content}}<|im_end|>")];
+            tpl.format_system = vec![t("<|im_start|>system<|im_sep|>{{content}}<|im_end|>")];
+            tpl.format_function = tpl.format_assistant.clone();
+            tpl.format_observation = tpl.format_user.clone();
+            tpl.stop_words = vec!["<|im_end|>".into()];
+            tpl.replace_eos = true;
+        }
+        "glm4" => {
+            tpl.format_user = vec![t("<|user|>\n{{content}}<|assistant|>")];
+            tpl.format_assistant = vec![t("\n{{content}}")];
+            tpl.format_system = vec![t("<|system|>\n{{content}}")];
+            tpl.format_function = vec![t("{{content}}")];
+            tpl.function_tool_format = ToolFormat::Glm4;
+            tpl.format_observation = vec![t("<|observation|>\n{{content}}<|assistant|>")];
+            tpl.tool_format = ToolFormat::Glm4;
+            tpl.format_prefix = vec![t("[gMASK]<sop>")];
+            tpl.stop_words = vec!["<|user|>".into(), "<|observation|>".into()];
+            tpl.efficient_eos = true;
+        }
+        "yi" => {
+            tpl.format_user = vec![t(
+                "<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",
+            )];
+            tpl.format_assistant = vec![t("{{content}}<|im_end|>\n")];
+            tpl.format_system = vec![t("<|im_start|>system\n{{content}}<|im_end|>\n")];
+            tpl.format_function = tpl.format_assistant.clone();
+            tpl.format_observation = tpl.format_user.clone();
+            tpl.stop_words = vec!["<|im_end|>".into()];
         }
         "empty" => {
             tpl.format_assistant = vec![t("{{content}}")];
