@@ -235,7 +235,7 @@ impl Bnb4 {
     /// scales decoded block by block (`dequantize_4bit`).
     pub fn dequantize_range(&self, start: usize, out: &mut [f32]) {
         let codes = self.kind.codes();
-        if start % BLOCK == 0 {
+        if start.is_multiple_of(BLOCK) {
             // Whole blocks (the usual case: tiles of rows whose length is a multiple of 64), in
             // parallel, a byte (two values) at a time.
             use rayon::prelude::*;
