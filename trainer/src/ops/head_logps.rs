@@ -116,13 +116,19 @@ impl Online {
         let dtype = h.dtype();
         let ldtype = f32_if_half(dtype);
         let z = h.matmul(&wt.t()?)?.to_dtype(ldtype)?;
-        let tile_max = z.max_keepdim(D::Minus1)?;
-        let m = match &self.state {
-            Some((m, _, _)) => m.maximum(&tile_max)?,
-            None => tile_max,
+        let m_prev = self.state.as_ref().map(|(m, _, _)| m);
+        let (m, p, tile_sum) = if z.dtype() == DType::F32 && super::fused_for(&z) {
+            shifted_exp_cpu(&z, m_prev)?
+        } else {
+            let tile_max = z.max_keepdim(D::Minus1)?;
+            let m = match m_prev {
+                Some(m) => m.maximum(&tile_max)?,
+                None => tile_max,
+            };
+            let p = z.broadcast_sub(&m)?.exp()?;
+            let tile_sum = p.sum_keepdim(D::Minus1)?;
+            (m, p, tile_sum)
         };
-        let p = z.broadcast_sub(&m)?.exp()?;
-        let tile_sum = p.sum_keepdim(D::Minus1)?;
         let tile_acc = if jacobian {
             Some(p.to_dtype(dtype)?.matmul(wt)?.to_dtype(ldtype)?)
         } else {
@@ -159,6 +165,39 @@ impl Online {
         };
         Ok((logp, jacobian))
     }
+}
+
+/// `m = max(m_prev, rowmax(z))`, `p = exp(z − m)` and `Σ_j p` of an f32 tile on the CPU, in one
+/// pass over its rows in parallel (candle's reductions and `exp` are one pass each, on one core).
+fn shifted_exp_cpu(z: &Tensor, m_prev: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+    use rayon::prelude::*;
+    let (r, v) = z.dims2()?;
+    let mut p = z.flatten_all()?.to_vec1::<f32>()?;
+    let prev = m_prev
+        .map(|m| m.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
+    let (m, s): (Vec<f32>, Vec<f32>) = p
+        .par_chunks_mut(v)
+        .enumerate()
+        .map(|(i, row)| {
+            let mut m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if let Some(prev) = &prev {
+                m = m.max(prev[i]);
+            }
+            let mut s = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - m).exp();
+                s += *x;
+            }
+            (m, s)
+        })
+        .unzip();
+    let dev = z.device();
+    Ok((
+        Tensor::from_vec(m, (r, 1), dev)?,
+        Tensor::from_vec(p, (r, v), dev)?,
+        Tensor::from_vec(s, (r, 1), dev)?,
+    ))
 }
 
 #[cfg(test)]
@@ -206,6 +245,20 @@ mod tests {
         );
         assert!(diff(g_ref, &g_ref.zeros_like().unwrap()) > 0.1);
         assert!(diff(g, g_ref) < 1e-10);
+
+        // The f32 CPU pass agrees with the f64 one.
+        let h32 = Var::from_tensor(&h.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+        let w32 = w.to_dtype(DType::F32).unwrap();
+        let ours32 = frozen_head_logps(h32.as_tensor(), &w32, &targets).unwrap();
+        assert!(diff(&ours32, &reference) < 1e-4);
+        let weights32 = weights.to_dtype(DType::F32).unwrap();
+        let g32 = (ours32 * &weights32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(diff(g32.get(h32.as_tensor()).unwrap(), g_ref) < 1e-4);
     }
 
     /// A head stored in bf16 under an f32 model gives what the same head converted whole gives.
