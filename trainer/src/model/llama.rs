@@ -235,9 +235,14 @@ impl Model {
                 .sum::<u64>()
     }
 
+    /// The LM head, or the embedding it is tied to.
+    fn head(&self) -> &Param {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
     /// Whether the LM head (or the embedding it is tied to) trains.
     pub fn head_trains(&self) -> bool {
-        self.lm_head.as_ref().unwrap_or(&self.embed).var.is_some()
+        self.head().var.is_some()
     }
 
     /// Bytes the base weights take: dense ones as stored (the model's dtype, or a QLoRA
@@ -284,11 +289,7 @@ impl Model {
     }
 
     fn lm_head(&self, h: &Tensor, weights: Weights) -> Result<Tensor> {
-        let p = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(match p.value(weights, self.dtype)? {
-            (w, true) => h.matmul(&w.t()?)?,
-            (w, false) => crate::ops::frozen_head(h, &w)?,
-        })
+        head_logits(h, &self.head().value(weights, self.dtype)?)
     }
 
     fn embed(&self, ids: &[u32], weights: Weights) -> Result<Tensor> {
@@ -578,11 +579,7 @@ impl Model {
         }
         let idx = Tensor::from_slice(&rows, rows.len(), &self.device)?;
         let h = h.index_select(&idx, 0)?;
-        let head = self
-            .lm_head
-            .as_ref()
-            .unwrap_or(&self.embed)
-            .value(weights, self.dtype)?;
+        let head = self.head().value(weights, self.dtype)?;
         Ok(Some((
             h.clone(),
             TargetLogits {
@@ -648,6 +645,16 @@ impl Model {
     }
 }
 
+/// `h · Wᵀ` for an LM head `(W, trains)`: a frozen head through [`crate::ops::frozen_head`]
+/// (input gradient only, any stored dtype).
+fn head_logits(h: &Tensor, (w, trains): &(Tensor, bool)) -> Result<Tensor> {
+    Ok(if *trains {
+        h.matmul(&w.t()?)?
+    } else {
+        crate::ops::frozen_head(h, w)?
+    })
+}
+
 /// The labelled positions of a batch: their final hidden states, the LM head that turns them
 /// into logits, their rows in `B·T` and their target ids. The `(n, vocab)` logits are made only
 /// on request: the log-probabilities a loss needs come without them.
@@ -663,10 +670,7 @@ pub struct TargetLogits {
 impl TargetLogits {
     /// `(n, vocab)`.
     pub fn logits(&self) -> Result<Tensor> {
-        Ok(match &self.head {
-            (w, true) => self.h.matmul(&w.t()?)?,
-            (w, false) => crate::ops::frozen_head(&self.h, w)?,
-        })
+        head_logits(&self.h, &self.head)
     }
 
     /// Log-probability of each target token, `(n, 1)`. With a frozen head (LoRA, freeze, a

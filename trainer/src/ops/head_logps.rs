@@ -14,6 +14,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::attach::attach;
+use crate::model::layers::f32_if_half;
 
 /// Hidden-state rows per chunk.
 const ROWS: usize = 256;
@@ -21,13 +22,6 @@ const ROWS: usize = 256;
 const VOCAB: usize = 8192;
 /// Elements of one tile of logits (what the memory estimate counts a few of).
 pub const HEAD_TILE_ELEMS: usize = ROWS * VOCAB;
-
-fn f32_if_half(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        d => d,
-    }
-}
 
 /// `x (n, hidden) · wᵀ → (n, vocab)` for a frozen `w`, differentiable in `x`; `w` may be stored
 /// in another dtype, converted a tile at a time.
@@ -40,9 +34,10 @@ pub fn frozen_head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let vocab = w.dim(0)?;
     let tile =
         move |j: usize| -> Result<Tensor> { w.narrow(0, j, VOCAB.min(vocab - j))?.to_dtype(dtype) };
+    let xd = x.detach();
     let mut parts = Vec::new();
     for j in (0..vocab).step_by(VOCAB) {
-        parts.push(x.detach().matmul(&tile(j)?.t()?)?);
+        parts.push(xd.matmul(&tile(j)?.t()?)?);
     }
     let y0 = Tensor::cat(&parts, 1)?;
     let attached = attach("frozen-head", x, y0.clone(), move |_x, g| {
