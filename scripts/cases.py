@@ -3,13 +3,18 @@ import json
 import os
 
 TEMPLATES = ["default", "alpaca", "chatml", "qwen", "qwen3", "qwen3_nothink", "llama2", "llama3", "mistral",
-             "gemma", "phi", "empty", "phi4", "glm4", "yi"]
+             "gemma", "phi", "empty", "phi4", "glm4", "yi", "gemma2", "gemma3"]
 CASES = {}
 for t in TEMPLATES:
     CASES[f"{t}_sft"] = dict(stage="sft", template=t, dataset="alpaca_en_demo,glaive_toolcall_en_demo",
                              max_samples=12, cutoff_len=384)
     CASES[f"{t}_rm"] = dict(stage="rm", template=t, dataset="dpo_en_demo", max_samples=8, cutoff_len=256)
     CASES[f"{t}_kto"] = dict(stage="kto", template=t, dataset="kto_en_demo", max_samples=8, cutoff_len=256)
+# LLaMA-Factory's gemma3 template has gemma's text slots but an image plugin that refuses to run
+# without a processor (our demo tokenizer has none): its text cases are checked against LLaMA-Factory's
+# gemma ids ("reference": the case whose fixture they must equal).
+for kind in ("sft", "rm", "kto"):
+    CASES[f"gemma3_{kind}"]["reference"] = f"gemma_{kind}"
 CASES["qwen_pt_packed"] = dict(stage="pt", template="qwen", dataset="c4_demo", max_samples=6, cutoff_len=128)
 CASES["llama3_pt"] = dict(stage="pt", template="llama3", dataset="c4_demo", max_samples=6, cutoff_len=128,
                           packing=False)

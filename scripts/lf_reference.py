@@ -39,7 +39,7 @@ COLUMNS = ["input_ids", "attention_mask", "position_ids", "labels", "chosen_inpu
            "kl_attention_mask", "kl_labels", "kto_tags"]
 
 for name, case in CASES.items():
-    if ONLY and name not in ONLY:
+    if (ONLY and name not in ONLY) or "reference" in case:
         continue
     args = dict(model_name_or_path=MODEL, dataset_dir=DATA, output_dir=tempfile.mkdtemp(), overwrite_output_dir=True,
                 do_train=True, finetuning_type="lora", report_to="none", preprocessing_num_workers=None)

@@ -1,14 +1,19 @@
 """Dev-only: tiny random models of each supported architecture, with reference logits from
 `transformers` (and PEFT adapters), for trainer/tests/model_reference.rs.
 
-    python scripts/make_reference_models.py   # writes tests/fixtures/models/
+    python scripts/make_reference_models.py [NAME ...]   # writes tests/fixtures/models/ (all, or NAME)
+
+The Llama-family fixtures are f32 on disk; the families added later are saved in bf16, as real
+checkpoints ship, and their reference logits come from that bf16 file loaded in f32.
 """
 import json
 import os
+import sys
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig,
+                          MistralConfig, Qwen2Config, Qwen3Config)
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "models")
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -22,11 +27,27 @@ VARIANTS = {
     "mistral": MistralConfig(**COMMON, tie_word_embeddings=False, sliding_window=None),
     "qwen2": Qwen2Config(**COMMON, tie_word_embeddings=True),
     "qwen3": Qwen3Config(**{**COMMON, "num_key_value_heads": 4}, head_dim=16, tie_word_embeddings=False),
+    # Gemma: (1+w) norms, √hidden embedding scale, GeGLU; head_dim ≠ hidden/heads.
+    "gemma": GemmaConfig(**COMMON, head_dim=16, hidden_act="gelu_pytorch_tanh"),
+    # Gemma 2: sandwich norms, soft-capping small enough to matter at this scale, a 4-token window on
+    # layer 0 (the 10-token prompt and 12 generated tokens cross it), query_pre_attn_scalar ≠ head_dim.
+    "gemma2": Gemma2Config(**COMMON, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0, tie_word_embeddings=True),
+    # Gemma 3 (text): q/k norms, local RoPE base on the sliding layer, linear-scaled global RoPE, untied.
+    "gemma3_text": Gemma3TextConfig(**COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                                    layer_types=["sliding_attention", "full_attention"], rope_theta=1e6,
+                                    rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                                    tie_word_embeddings=False),
 }
+BF16 = {"gemma", "gemma2", "gemma3_text"}
+ONLY = set(sys.argv[1:])
 IDS = torch.tensor([[3, 17, 42, 5, 88, 9, 61, 23, 7, 50], [11, 2, 95, 33, 70, 4, 19, 66, 28, 81]])
 
 for name, cfg in VARIANTS.items():
+    if ONLY and name not in ONLY:
+        continue
     torch.manual_seed(0)
+    cfg._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
     with torch.no_grad():  # random norms too, so a wrong norm weight shows
         for n, p in model.named_parameters():
@@ -35,21 +56,31 @@ for name, cfg in VARIANTS.items():
             elif n.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     d = os.path.join(OUT, name)
-    model.save_pretrained(d, safe_serialization=True)
+    if name in BF16:
+        model.to(torch.bfloat16).save_pretrained(d, safe_serialization=True)
+        model = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32,
+                                                     attn_implementation="eager").eval()
+    else:
+        model.save_pretrained(d, safe_serialization=True)
     with torch.no_grad():
         base = model(IDS).logits
     expected = {"input_ids": IDS.tolist(), "logits": base.flatten().tolist()}
+    if name in BF16:  # transformers' own bf16 compute, to bound ours by its rounding
+        with torch.no_grad():
+            half = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.bfloat16, attn_implementation="eager")
+            expected["bf16_logits"] = half.eval()(IDS).logits.float().flatten().tolist()
     with torch.no_grad():  # greedy decoding: prompt = first row, 12 new tokens, no eos stop
         gen = model.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]), max_new_tokens=12, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     expected["greedy"] = gen[0, IDS.shape[1]:].tolist()
     for adapter, use_dora in [("lora", False), ("dora", True)]:
-        if use_dora and name not in ("llama", "qwen2"):
+        if use_dora and name not in ("llama", "qwen2", "gemma2"):
             continue
         torch.manual_seed(1)
         peft_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
                               init_lora_weights=False, use_dora=use_dora, task_type="CAUSAL_LM")
-        pm = get_peft_model(AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32), peft_cfg).eval()
+        pm = get_peft_model(AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32,
+                                                                 attn_implementation="eager"), peft_cfg).eval()
         with torch.no_grad():
             expected[f"{adapter}_logits"] = pm(IDS).logits.flatten().tolist()
             gen = pm.generate(input_ids=IDS[:1], attention_mask=torch.ones_like(IDS[:1]), max_new_tokens=12,

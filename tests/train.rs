@@ -301,6 +301,50 @@ fn freeze_and_full_pretraining_write_full_weights() {
     }
 }
 
+/// LLaMA-Factory's rule: LoRA with `resize_vocab` trains the embedding whole, so the template's
+/// new tokens learn their rows; the adapter carries them and an export merges them.
+#[test]
+fn resize_vocab_trains_the_new_rows_and_exports_them() {
+    let dir = workdir();
+    write_config(dir.path(), "dataset: demo_sft\ntemplate: llama3\nresize_vocab: true\ncutoff_len: 48\nmax_samples: 16\nmax_steps: 2\ndo_train: true\nlora_rank: 4\n");
+    let o = run(&train_args(&["output_dir=out"]), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("Vocab has been resized, add embed_tokens"),
+        "{}",
+        stderr(&o)
+    );
+    let base_vocab = read_json(&dir.path().join("model/config.json"))["vocab_size"]
+        .as_u64()
+        .unwrap() as usize;
+    let adapter = candle_core::safetensors::load(
+        dir.path().join("out/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let embed = &adapter["base_model.model.model.embed_tokens.weight"];
+    let rows = embed.dim(0).unwrap();
+    assert!(rows > base_vocab, "{rows} rows, base {base_vocab}");
+    assert_eq!(
+        read_json(&dir.path().join("out/adapter_config.json"))["modules_to_save"][0],
+        "embed_tokens"
+    );
+    let o = run(
+        &[
+            "export",
+            "cfg.yaml",
+            "adapter_name_or_path=out",
+            "export_dir=merged",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        read_json(&dir.path().join("merged/config.json"))["vocab_size"],
+        rows
+    );
+}
+
 #[test]
 fn continues_training_an_existing_adapter() {
     let dir = workdir();

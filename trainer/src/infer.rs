@@ -320,6 +320,9 @@ impl ChatModel {
         if let Some(kind) = args.rope_scaling {
             model.cfg.apply_rope_scaling(kind, None);
         }
+        if args.resize_vocab && tok.len() > model.cfg.vocab_size {
+            model.resize_vocab(tok.len())?;
+        }
         for adapter in TrainArgs::split_list(args.adapter_name_or_path.as_deref()) {
             model.load_adapter(Path::new(&adapter), false)?;
         }

@@ -110,7 +110,16 @@ fn with_lora(name: &str, args: &TrainArgs) -> Model {
     m
 }
 
-const VARIANTS: [&str; 5] = ["llama", "llama3_scaled_tied", "mistral", "qwen2", "qwen3"];
+const VARIANTS: [&str; 8] = [
+    "llama",
+    "llama3_scaled_tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+];
 
 #[test]
 fn lora_variants_match_finite_differences() {
@@ -139,7 +148,7 @@ fn lora_variants_match_finite_differences() {
 
 #[test]
 fn dora_matches_finite_differences() {
-    for name in ["llama", "qwen2"] {
+    for name in ["llama", "qwen2", "gemma2"] {
         let args = TrainArgs {
             lora_rank: 4,
             lora_target: "v_proj,up_proj".into(),

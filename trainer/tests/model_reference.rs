@@ -1,6 +1,9 @@
 //! Model forward against `transformers` (and PEFT) logits for each architecture variant:
 //! Llama (untied), Llama 3 rope scaling with tied embeddings, Mistral, Qwen2 (q/k/v bias, tied),
-//! Qwen3 (q/k norm, head_dim ≠ hidden/heads). Fixtures: `scripts/make_reference_models.py`.
+//! Qwen3 (q/k norm, head_dim ≠ hidden/heads), and the Gemma family saved in bf16 like real
+//! checkpoints: Gemma ((1+w) norms, scaled embedding, GeGLU), Gemma 2 (sandwich norms, attention
+//! and final soft-capping, a sliding-window layer) and Gemma 3 text (q/k norms, local RoPE base,
+//! scaled global RoPE). Fixtures: `scripts/make_reference_models.py`.
 
 use std::path::PathBuf;
 
@@ -75,9 +78,20 @@ fn want(e: &serde_json::Value, key: &str) -> Vec<f64> {
         .collect()
 }
 
+const VARIANTS: [&str; 8] = [
+    "llama",
+    "llama3_scaled_tied",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+];
+
 #[test]
 fn logits_match_transformers_for_every_variant() {
-    for name in ["llama", "llama3_scaled_tied", "mistral", "qwen2", "qwen3"] {
+    for name in VARIANTS {
         let e = expected(name);
         let b = batch(&e);
         for dtype in [DType::F32, DType::F64] {
@@ -94,8 +108,12 @@ fn peft_adapters_match_unmerged_and_merged() {
         ("llama", "lora"),
         ("qwen2", "lora"),
         ("qwen3", "lora"),
+        ("gemma", "lora"),
+        ("gemma2", "lora"),
+        ("gemma3_text", "lora"),
         ("llama", "dora"),
         ("qwen2", "dora"),
+        ("gemma2", "dora"),
     ] {
         let e = expected(name);
         let b = batch(&e);
@@ -183,7 +201,7 @@ fn greedy_generation_matches_transformers_with_and_without_adapters() {
             .map(|x| x.as_u64().unwrap() as u32)
             .collect()
     };
-    for name in ["llama", "llama3_scaled_tied", "mistral", "qwen2", "qwen3"] {
+    for name in VARIANTS {
         let e = expected(name);
         let prompt = ids(&e["input_ids"][0]);
         let model = Model::load(&fixtures().join(name), DType::F32, &Device::Cpu).unwrap();
@@ -206,5 +224,23 @@ fn greedy_generation_matches_transformers_with_and_without_adapters() {
                 "{name}/{adapter}"
             );
         }
+    }
+}
+
+/// The bf16 path (candle's composed ops, not the fused f32 kernels) of the families saved in bf16:
+/// its error against the f32 reference stays within a small multiple of transformers' own bf16
+/// error (tiny random models amplify rounding: transformers is 0.3–5% off here).
+#[test]
+fn bf16_compute_stays_within_rounding_of_the_reference() {
+    for name in ["gemma", "gemma2", "gemma3_text"] {
+        let e = expected(name);
+        let reference = want(&e, "logits");
+        let theirs = rel_err(&want(&e, "bf16_logits"), &reference);
+        let model = Model::load(&fixtures().join(name), DType::BF16, &Device::Cpu).unwrap();
+        let ours = rel_err(&logits(&model, &batch(&e)), &reference);
+        assert!(
+            ours < 2.0 * theirs + 5e-3,
+            "{name} bf16: relative error {ours}, transformers' bf16 {theirs}"
+        );
     }
 }

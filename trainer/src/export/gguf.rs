@@ -79,12 +79,16 @@ impl TypePlan {
     }
 }
 
-fn arch(model_type: &str) -> &'static str {
-    match model_type {
+/// llama.cpp's architecture for a Hugging Face `model_type`.
+pub(crate) fn arch(model_type: &str) -> Result<&'static str> {
+    Ok(match model_type {
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
-        _ => "llama",
-    }
+        "llama" | "mistral" => "llama",
+        other => anyhow::bail!(
+            "GGUF export of `{other}` models is not supported yet (supported: llama, mistral, qwen2, qwen3); export safetensors (`export_format: safetensors`) and convert with llama.cpp's convert_hf_to_gguf.py"
+        ),
+    })
 }
 
 /// llama.cpp's name for a Hugging Face tensor name.
@@ -250,7 +254,7 @@ fn tokenizer_metadata(chat: &ChatModel, meta: &mut Vec<(String, Value)>) -> Resu
 /// Writes `path` as one GGUF file of the merged model.
 pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
     let c = &chat.model.cfg;
-    let a = arch(&c.model_type);
+    let a = arch(&c.model_type)?;
     let plan = TypePlan::new(kind, chat)?;
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),

@@ -64,6 +64,9 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
             chat.dir.display()
         );
     }
+    if args.export_format == ExportFormat::Gguf {
+        gguf::arch(&chat.model.cfg.model_type)?;
+    }
     let dequantized = chat.model.dequantize_all()?;
     if dequantized > 0 {
         eprintln!(

@@ -357,6 +357,7 @@ impl Model {
                 None
             };
         }
+        self.sync_vocab_size()?;
         if !trainable {
             self.merge_lora()?;
         }

@@ -1,11 +1,47 @@
-//! A Hugging Face `config.json` of the Llama family: `llama`, `mistral`, `qwen2`, `qwen3`.
+//! A Hugging Face `config.json` of the decoders we run: the Llama family (`llama`, `mistral`,
+//! `qwen2`, `qwen3`) and the Gemma family (`gemma`, `gemma2`, `gemma3_text`), read into one
+//! [`ModelConfig`] whose fields say what each architecture does differently.
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
-pub const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+pub const SUPPORTED: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+];
+
+/// The MLP's gate activation (`hidden_act` / `hidden_activation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU: `silu(gate) · up` (Llama, Mistral, Qwen).
+    Silu,
+    /// GeGLU with the tanh approximation: `gelu_tanh(gate) · up` (Gemma).
+    GeluTanh,
+    /// GeGLU with the exact (erf) GeLU: what transformers runs for `hidden_act: gelu`.
+    Gelu,
+}
+
+/// What the Gemma family does differently from Llama.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmaStyle {
+    /// Gemma 2 and 3: the attention output and the MLP output are normalised before they join
+    /// the residual stream (`post_attention_layernorm`, `post_feedforward_layernorm`), and the
+    /// MLP reads `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// `tanh` soft-capping of the attention scores (Gemma 2: `attn_logit_softcapping`).
+    pub attn_softcap: Option<f64>,
+    /// `tanh` soft-capping of the output logits (`final_logit_softcapping`).
+    pub final_softcap: Option<f64>,
+    /// RoPE base of the sliding-window layers (Gemma 3: `rope_local_base_freq`, unscaled).
+    pub local_rope_theta: Option<f64>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Llama3Scaling {
@@ -39,10 +75,18 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// o_proj carries a bias (`attention_bias: true` in Llama).
     pub o_bias: bool,
-    /// RMSNorm on q and k per head (Qwen3).
+    /// RMSNorm on q and k per head (Qwen3, Gemma 3).
     pub qk_norm: bool,
     pub max_position_embeddings: usize,
     pub torch_dtype: String,
+    pub activation: Activation,
+    /// Attention scores are `q·k · attn_scale` (`head_dim^-0.5`, or Gemma's
+    /// `query_pre_attn_scalar^-0.5`).
+    pub attn_scale: f64,
+    /// Per layer: the sliding-window length of a local-attention layer, `None` for a global one.
+    pub sliding_window: Vec<Option<usize>>,
+    /// Gemma: RMSNorm weights are offsets, `(1 + w)`; the embedding is scaled by `√hidden`.
+    pub gemma: Option<GemmaStyle>,
     pub raw: serde_json::Map<String, Value>,
 }
 
@@ -103,6 +147,12 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
+        if model_type == "gemma3" {
+            bail!(
+                "{}: model_type `gemma3` is Gemma 3's vision-language checkpoint (4B and up); text fine-tuning here reads the text-only `gemma3_text` (Gemma 3 1B, or a 4B+ checkpoint's language model saved as `Gemma3ForCausalLM`)",
+                file.display()
+            );
+        }
         if !SUPPORTED.contains(&model_type.as_str()) {
             bail!(
                 "{}: model_type `{model_type}` is not supported; supported: {}",
@@ -144,10 +194,51 @@ impl ModelConfig {
             .get("attention_bias")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        let layers = num(&v, "num_hidden_layers", file)? as usize;
+        let family = Family::of(&model_type);
+        let activation = activation(&v, family, file)?;
+        let opt = |k: &str| v.get(k).and_then(Value::as_f64);
+        let gemma = match family {
+            Family::Llama => None,
+            Family::Gemma(generation) => {
+                if v.get("use_bidirectional_attention")
+                    .and_then(Value::as_bool)
+                    == Some(true)
+                {
+                    bail!("{}: `use_bidirectional_attention: true` (an embedding model) is not supported: this trainer runs causal language models", file.display());
+                }
+                Some(GemmaStyle {
+                    sandwich_norms: generation >= 2,
+                    attn_softcap: if generation == 2 {
+                        opt("attn_logit_softcapping")
+                    } else {
+                        None
+                    },
+                    final_softcap: if generation >= 2 {
+                        opt("final_logit_softcapping")
+                    } else {
+                        None
+                    },
+                    local_rope_theta: if generation == 3 {
+                        Some(opt("rope_local_base_freq").unwrap_or(10_000.0))
+                    } else {
+                        None
+                    },
+                })
+            }
+        };
+        let attn_scale = match family {
+            Family::Gemma(g) if g >= 2 => opt("query_pre_attn_scalar").unwrap_or(256.0).powf(-0.5),
+            _ => (head_dim as f64).powf(-0.5),
+        };
+        let sliding_window = match family {
+            Family::Gemma(g) if g >= 2 => sliding_layers(&v, g, layers, file)?,
+            _ => vec![None; layers],
+        };
         Ok(Self {
             vocab_size: num(&v, "vocab_size", file)? as usize,
             intermediate_size: num(&v, "intermediate_size", file)? as usize,
-            num_hidden_layers: num(&v, "num_hidden_layers", file)? as usize,
+            num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
@@ -158,13 +249,14 @@ impl ModelConfig {
                 .unwrap_or(1e-6),
             rope_theta,
             rope_scaling: scaling,
+            // An absent key takes the config class's default: Gemma ties, the others do not.
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
-                .unwrap_or(false),
+                .unwrap_or(matches!(family, Family::Gemma(_))),
             qkv_bias: model_type == "qwen2" || attention_bias,
             o_bias: attention_bias && model_type != "qwen2",
-            qk_norm: model_type == "qwen3",
+            qk_norm: matches!(model_type.as_str(), "qwen3" | "gemma3_text"),
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(Value::as_f64)
@@ -175,9 +267,18 @@ impl ModelConfig {
                 .and_then(Value::as_str)
                 .unwrap_or("float32")
                 .to_string(),
+            activation,
+            attn_scale,
+            sliding_window,
+            gemma,
             model_type,
             raw: v,
         })
+    }
+
+    /// Whether RMSNorm weights are offsets from one (Gemma).
+    pub fn norm_plus_one(&self) -> bool {
+        self.gemma.is_some()
     }
 
     /// `rope_scaling` as LLaMA-Factory's `configure_rope` applies it: stretch the positions by
@@ -232,12 +333,16 @@ impl ModelConfig {
         )
     }
 
+    /// RoPE inverse frequencies of the sliding-window layers where they differ from the global
+    /// ones (Gemma 3's local base, unscaled).
+    pub fn local_inv_freq(&self) -> Option<Vec<f64>> {
+        let theta = self.gemma.as_ref()?.local_rope_theta?;
+        Some(base_inv_freq(theta, self.head_dim))
+    }
+
     /// RoPE inverse frequencies, with Llama 3 / linear scaling applied.
     pub fn inv_freq(&self) -> Vec<f64> {
-        let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
-            .collect();
+        let base = base_inv_freq(self.rope_theta, self.head_dim);
         match &self.rope_scaling {
             None => base,
             Some(RopeScaling::Linear(f)) => base.iter().map(|x| x / f).collect(),
@@ -262,6 +367,109 @@ impl ModelConfig {
             }
         }
     }
+}
+
+fn base_inv_freq(theta: f64, d: usize) -> Vec<f64> {
+    (0..d / 2)
+        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64))
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Llama,
+    /// Gemma 1, 2 or 3.
+    Gemma(u8),
+}
+
+impl Family {
+    fn of(model_type: &str) -> Self {
+        match model_type {
+            "gemma" => Family::Gemma(1),
+            "gemma2" => Family::Gemma(2),
+            "gemma3_text" => Family::Gemma(3),
+            _ => Family::Llama,
+        }
+    }
+}
+
+/// The MLP activation, from the key transformers reads for the family: `hidden_act` (Llama,
+/// Gemma 1), `hidden_activation` (Gemma 2 and 3).
+fn activation(
+    v: &serde_json::Map<String, Value>,
+    family: Family,
+    file: &Path,
+) -> Result<Activation> {
+    let (key, default) = match family {
+        Family::Gemma(g) if g >= 2 => ("hidden_activation", Activation::GeluTanh),
+        Family::Gemma(_) => ("hidden_act", Activation::GeluTanh),
+        Family::Llama => ("hidden_act", Activation::Silu),
+    };
+    Ok(match v.get(key).and_then(Value::as_str) {
+        None => default,
+        Some("silu" | "swish") => Activation::Silu,
+        Some("gelu_pytorch_tanh" | "gelu_new" | "gelu_tanh") => Activation::GeluTanh,
+        Some("gelu") => Activation::Gelu,
+        Some(other) => bail!(
+            "{}: `{key}: {other}` is not supported (supported: silu, gelu, gelu_pytorch_tanh)",
+            file.display()
+        ),
+    })
+}
+
+/// Which layers attend within a sliding window: `layer_types` when the file has it, else the
+/// pattern transformers derives (Gemma 2: every other layer from the first; Gemma 3: all but
+/// every `sliding_window_pattern`-th, default 6).
+fn sliding_layers(
+    v: &serde_json::Map<String, Value>,
+    generation: u8,
+    layers: usize,
+    file: &Path,
+) -> Result<Vec<Option<usize>>> {
+    let window = v
+        .get("sliding_window")
+        .and_then(Value::as_u64)
+        .map(|w| w as usize);
+    let kinds: Vec<bool> = match v.get("layer_types").and_then(Value::as_array) {
+        Some(types) => {
+            if types.len() != layers {
+                bail!(
+                    "{}: `layer_types` has {} entries for {layers} layers",
+                    file.display(),
+                    types.len()
+                );
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => bail!("{}: `layer_types` entry {t} is not `sliding_attention` or `full_attention`", file.display()),
+                })
+                .collect::<Result<_>>()?
+        }
+        None => {
+            let pattern = match generation {
+                2 => 2,
+                _ => v
+                    .get("sliding_window_pattern")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(6) as usize,
+            };
+            (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+        }
+    };
+    kinds
+        .into_iter()
+        .map(|sliding| match (sliding, window) {
+            (false, _) => Ok(None),
+            (true, Some(w)) => Ok(Some(w)),
+            (true, None) => bail!(
+                "{}: sliding-window layers need `sliding_window`",
+                file.display()
+            ),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -315,9 +523,55 @@ mod tests {
         let e = cfg(json!({"model_type": "gpt2"})).unwrap_err().to_string();
         assert!(
             e.contains(
-                "model_type `gpt2` is not supported; supported: llama, mistral, qwen2, qwen3"
+                "model_type `gpt2` is not supported; supported: llama, mistral, qwen2, qwen3, gemma"
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn gemma_families_read_their_own_keys_and_defaults() {
+        let c = cfg(json!({"model_type": "gemma", "head_dim": 16, "hidden_act": "gelu"})).unwrap();
+        assert_eq!(c.activation, Activation::Gelu, "Gemma 1 follows hidden_act");
+        assert_eq!(c.attn_scale, 0.25);
+        assert!(c.norm_plus_one() && !c.gemma.as_ref().unwrap().sandwich_norms);
+        assert_eq!(c.sliding_window, vec![None]);
+
+        let c = cfg(
+            json!({"model_type": "gemma2", "num_hidden_layers": 4, "sliding_window": 8,
+            "query_pre_attn_scalar": 64, "final_logit_softcapping": 30.0}),
+        )
+        .unwrap();
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert_eq!(c.attn_scale, 0.125);
+        assert_eq!(c.sliding_window, vec![Some(8), None, Some(8), None]);
+        let g = c.gemma.unwrap();
+        assert!(g.sandwich_norms);
+        assert_eq!((g.attn_softcap, g.final_softcap), (None, Some(30.0)));
+
+        let c = cfg(
+            json!({"model_type": "gemma3_text", "num_hidden_layers": 7, "sliding_window": 4,
+            "sliding_window_pattern": 3, "rope_local_base_freq": 100.0}),
+        )
+        .unwrap();
+        let local: Vec<bool> = c.sliding_window.iter().map(Option::is_some).collect();
+        assert_eq!(local, [true, true, false, true, true, false, true]);
+        assert_eq!(c.local_inv_freq().unwrap()[1], 100f64.powf(-2.0 / 4.0));
+
+        let e = cfg(json!({"model_type": "gemma3"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gemma3_text"), "{e}");
+        let e = cfg(json!({"model_type": "gemma2", "num_hidden_layers": 2, "layer_types": ["full_attention"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`layer_types` has 1 entries for 2 layers"),
+            "{e}"
+        );
+        let e = cfg(json!({"model_type": "llama", "hidden_act": "relu"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`hidden_act: relu` is not supported"), "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! The parts of the decoder, each holding the weights it computes with, found once when the
 //! model is built: [`Linear`] (weight, bias, LoRA / DoRA layer) and [`DecoderLayer`] (norms,
-//! attention with RoPE and grouped KV heads, SwiGLU MLP). Only differentiable ops or our
+//! attention with RoPE and grouped KV heads, sliding windows and soft-capping, a SwiGLU or
+//! GeGLU MLP, Gemma's sandwich norms). Only differentiable ops or our
 //! CustomOps with a backward are used. Which weights a pass uses — the trained ones with
 //! adapters, or the reference as loaded — is the explicit [`Weights`] argument.
 
@@ -11,7 +12,7 @@ use candle_core::{DType, Tensor, Var, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use super::config::ModelConfig;
+use super::config::{Activation, ModelConfig};
 use super::quant::{quant_linear, QuantWeight};
 use super::weights::WeightSource;
 
@@ -212,6 +213,11 @@ pub(crate) struct Dims {
     pub head_dim: usize,
     pub eps: f64,
     pub dtype: DType,
+    pub activation: Activation,
+    pub attn_scale: f64,
+    pub attn_softcap: Option<f64>,
+    /// RMSNorm weights are offsets from one (Gemma).
+    pub norm_plus_one: bool,
 }
 
 impl Dims {
@@ -222,7 +228,19 @@ impl Dims {
             head_dim: c.head_dim,
             eps: c.rms_norm_eps,
             dtype,
+            activation: c.activation,
+            attn_scale: c.attn_scale,
+            attn_softcap: c.gemma.as_ref().and_then(|g| g.attn_softcap),
+            norm_plus_one: c.norm_plus_one(),
         }
+    }
+
+    /// `x` normalised with the weight `w` (`(1 + w)` for Gemma).
+    pub(crate) fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.norm_plus_one {
+            return rms_norm(x, &(w + 1.0)?, self.eps);
+        }
+        rms_norm(x, w, self.eps)
     }
 }
 
@@ -245,10 +263,16 @@ pub struct DecoderLayer {
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
-    /// Per-head RMSNorm of queries and keys (Qwen3).
+    /// Per-head RMSNorm of queries and keys (Qwen3, Gemma 3).
     pub q_norm: Option<Param>,
     pub k_norm: Option<Param>,
+    /// `post_attention_layernorm`: the MLP's input norm (Llama), or the attention output's
+    /// norm (Gemma 2/3, whose MLP reads `pre_ff_norm`).
     pub post_norm: Param,
+    /// Gemma 2/3's `pre_feedforward_layernorm` and `post_feedforward_layernorm`.
+    pub sandwich: Option<(Param, Param)>,
+    /// The window of a sliding-window attention layer.
+    pub sliding_window: Option<usize>,
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
@@ -284,6 +308,15 @@ impl DecoderLayer {
                 .then(|| norm("self_attn.k_norm.weight"))
                 .transpose()?,
             post_norm: norm("post_attention_layernorm.weight")?,
+            sandwich: if c.gemma.as_ref().is_some_and(|g| g.sandwich_norms) {
+                Some((
+                    norm("pre_feedforward_layernorm.weight")?,
+                    norm("post_feedforward_layernorm.weight")?,
+                ))
+            } else {
+                None
+            },
+            sliding_window: c.sliding_window[l],
             q,
             k,
             v,
@@ -328,6 +361,10 @@ impl DecoderLayer {
             out.push((format!("{p}.self_attn.q_norm.weight"), q));
             out.push((format!("{p}.self_attn.k_norm.weight"), k));
         }
+        if let Some((pre, post)) = &self.sandwich {
+            out.push((format!("{p}.pre_feedforward_layernorm.weight"), pre));
+            out.push((format!("{p}.post_feedforward_layernorm.weight"), post));
+        }
         for lin in self.linears() {
             if let Some(w) = lin.weight.dense() {
                 out.push((format!("{}.weight", lin.name), w));
@@ -353,6 +390,10 @@ impl DecoderLayer {
         }
         if let Some(k) = &mut self.k_norm {
             out.push((format!("{p}.self_attn.k_norm.weight"), k));
+        }
+        if let Some((pre, post)) = &mut self.sandwich {
+            out.push((format!("{p}.pre_feedforward_layernorm.weight"), pre));
+            out.push((format!("{p}.post_feedforward_layernorm.weight"), post));
         }
         for lin in [
             &mut self.q,
@@ -406,7 +447,12 @@ impl DecoderLayer {
         let (bs, n) = (pass.batch, pass.n);
         let (nh, nkv, hd) = (d.heads, d.kv_heads, d.head_dim);
         let w = |p: &Param| -> Result<Tensor> { Ok(p.value(weights, d.dtype)?.0) };
-        let h = rms_norm(&x, &w(&self.input_norm)?, d.eps)?;
+        let norm = |x: &Tensor, p: &Param| -> Result<Tensor> { d.norm(x, &w(p)?) };
+        let h = norm(&x, &self.input_norm)?;
+        let (cos, sin, mask) = match (self.sliding_window, &pass.local) {
+            (Some(_), Some(local)) => (&local.cos, &local.sin, &local.mask),
+            _ => (&pass.cos, &pass.sin, &pass.mask),
+        };
         let heads = |lin: &Linear,
                      norm: Option<&Param>,
                      count: usize,
@@ -416,7 +462,7 @@ impl DecoderLayer {
                 .forward(&h, rng, weights, d.dtype)?
                 .reshape((bs, n, count, hd))?;
             let y = match norm {
-                Some(norm) => rms_norm(&y, &w(norm)?, d.eps)?,
+                Some(n) => d.norm(&y, &w(n)?)?,
                 None => y,
             };
             Ok(y.transpose(1, 2)?.contiguous()?)
@@ -426,9 +472,9 @@ impl DecoderLayer {
         let v = heads(&self.v, None, nkv, rng.as_deref_mut())?;
         let rope = |x: &Tensor| -> Result<Tensor> {
             if crate::ops::fused_for(x) {
-                return Ok(crate::ops::rope(x, &pass.cos, &pass.sin)?);
+                return Ok(crate::ops::rope(x, cos, sin)?);
             }
-            Ok((x.broadcast_mul(&pass.cos)? + rotate_half(x)?.broadcast_mul(&pass.sin)?)?)
+            Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
         };
         let q = rope(&q)?;
         let mut k = rope(&k)?;
@@ -450,12 +496,16 @@ impl DecoderLayer {
         // serves them all (and the backward needs no sum over copies).
         let rep = nh / nkv;
         let q = q.reshape((bs, nkv, rep * n, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?.reshape((bs, nh, n, total))?;
+        let mut scores = q.matmul(&k.t()?)?.reshape((bs, nh, n, total))?;
+        let mut scale = d.attn_scale;
+        if let Some(cap) = d.attn_softcap {
+            scores = ((scores * (scale / cap))?.tanh()? * cap)?;
+            scale = 1.0;
+        }
         let probs = if crate::ops::fused_for(&scores) {
-            crate::ops::masked_softmax(&scores, &pass.mask, scale)?
+            crate::ops::masked_softmax(&scores, mask, scale)?
         } else {
-            in_f32(&(scores * scale)?.broadcast_add(&pass.mask)?, softmax)?
+            in_f32(&(scores * scale)?.broadcast_add(mask)?, softmax)?
         };
         let attn = probs
             .reshape((bs, nkv, rep * n, total))?
@@ -463,21 +513,37 @@ impl DecoderLayer {
             .reshape((bs, nh, n, hd))?
             .transpose(1, 2)?
             .reshape((bs * n, nh * hd))?;
-        let x = (x + self
+        let attn = self
             .o
-            .forward(&attn, rng.as_deref_mut(), weights, d.dtype)?)?;
-        let h = rms_norm(&x, &w(&self.post_norm)?, d.eps)?;
+            .forward(&attn, rng.as_deref_mut(), weights, d.dtype)?;
+        let (x, h) = match &self.sandwich {
+            None => {
+                let x = (x + attn)?;
+                let h = norm(&x, &self.post_norm)?;
+                (x, h)
+            }
+            Some((pre_ff, _)) => {
+                let x = (x + norm(&attn, &self.post_norm)?)?;
+                let h = norm(&x, pre_ff)?;
+                (x, h)
+            }
+        };
         let gate = self
             .gate
             .forward(&h, rng.as_deref_mut(), weights, d.dtype)?;
         let up = self.up.forward(&h, rng.as_deref_mut(), weights, d.dtype)?;
-        let act = if crate::ops::fused_for(&gate) {
-            crate::ops::swiglu(&gate, &up)?
-        } else {
-            (gate.silu()? * up)?
+        let act = match d.activation {
+            Activation::Silu if crate::ops::fused_for(&gate) => crate::ops::swiglu(&gate, &up)?,
+            Activation::Silu => (gate.silu()? * up)?,
+            Activation::GeluTanh if crate::ops::fused_for(&gate) => crate::ops::geglu(&gate, &up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+            Activation::Gelu => (gate.gelu_erf()? * up)?,
         };
         let down = self.down.forward(&act, rng, weights, d.dtype)?;
-        Ok((x + down)?)
+        Ok(match &self.sandwich {
+            None => (x + down)?,
+            Some((_, post_ff)) => (x + norm(&down, post_ff)?)?,
+        })
     }
 }
 
@@ -489,7 +555,17 @@ pub(crate) struct Pass<'a> {
     pub cos: Tensor,
     pub sin: Tensor,
     pub mask: Tensor,
+    /// The tables of the sliding-window layers, when the model has them.
+    pub local: Option<LocalTables>,
     pub cache: Option<&'a mut KvCache>,
+}
+
+/// RoPE tables and the attention mask of sliding-window layers.
+#[derive(Clone)]
+pub(crate) struct LocalTables {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
 }
 
 impl Pass<'_> {
@@ -501,6 +577,7 @@ impl Pass<'_> {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
             mask: self.mask.clone(),
+            local: self.local.clone(),
             cache: None,
         }
     }

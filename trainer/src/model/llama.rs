@@ -1,4 +1,5 @@
-//! The Llama-family decoder (`llama`, `mistral`, `qwen2`, `qwen3`): its weights resolved into
+//! The decoder of the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`) and the Gemma family
+//! (`gemma`, `gemma2`, `gemma3_text`; see [`super::config::GemmaStyle`]): its weights resolved into
 //! typed parts when the model is built (a missing weight fails the load), the name map PEFT
 //! files, freeze rules and exports use, and the forward passes: training passes with optional
 //! gradient checkpointing, per-sequence log-probabilities, the loss, and cached decoding.
@@ -13,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use super::batch::{shifted_targets, Batch};
 use super::config::ModelConfig;
 use super::layers::{
-    f32_if_half, log_softmax, rms_norm, DecoderLayer, Dims, KvCache, Linear, LinearWeight,
+    f32_if_half, log_softmax, DecoderLayer, Dims, KvCache, Linear, LinearWeight, LocalTables,
     LoraLayer, Param, Pass, Weights, MASK_VALUE,
 };
 use super::quant::QuantFormat;
@@ -235,6 +236,38 @@ impl Model {
                 .sum::<u64>()
     }
 
+    /// Grows the embeddings (and an untied LM head) to `new_size` rows for tokens a template
+    /// added (`resize_vocab`), initialised to the mean embedding like transformers'
+    /// `resize_token_embeddings(mean_resizing=True)`.
+    pub fn resize_vocab(&mut self, new_size: usize) -> Result<()> {
+        for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+            let Some(p) = self.param_mut(name) else {
+                continue;
+            };
+            let (rows, _) = p.tensor.dims2()?;
+            if rows >= new_size {
+                continue;
+            }
+            let mean = p.tensor.mean_keepdim(0)?;
+            let extra = mean.repeat((new_size - rows, 1))?;
+            p.tensor = Tensor::cat(&[&p.tensor, &extra], 0)?;
+        }
+        self.sync_vocab_size()
+    }
+
+    /// `vocab_size` (and the `config.json` saved with the model) from the embedding's rows: an
+    /// adapter's `modules_to_save` may carry a resized embedding.
+    pub(crate) fn sync_vocab_size(&mut self) -> Result<()> {
+        let rows = self.embed.tensor.dim(0)?;
+        if rows != self.cfg.vocab_size {
+            self.cfg.vocab_size = rows;
+            self.cfg
+                .raw
+                .insert("vocab_size".into(), serde_json::json!(rows));
+        }
+        Ok(())
+    }
+
     /// The LM head, or the embedding it is tied to.
     fn head(&self) -> &Param {
         self.lm_head.as_ref().unwrap_or(&self.embed)
@@ -289,36 +322,82 @@ impl Model {
     }
 
     fn lm_head(&self, h: &Tensor, weights: Weights) -> Result<Tensor> {
-        head_logits(h, &self.head().value(weights, self.dtype)?)
+        head_logits(
+            h,
+            &self.head().value(weights, self.dtype)?,
+            self.final_softcap(),
+        )
+    }
+
+    /// Gemma 2's `final_logit_softcapping`.
+    fn final_softcap(&self) -> Option<f64> {
+        self.cfg.gemma.as_ref().and_then(|g| g.final_softcap)
     }
 
     fn embed(&self, ids: &[u32], weights: Weights) -> Result<Tensor> {
         let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        Ok(self
+        let x = self
             .embed
             .value(weights, self.dtype)?
             .0
             .index_select(&ids, 0)?
-            .to_dtype(self.dtype)?)
+            .to_dtype(self.dtype)?;
+        if self.cfg.gemma.is_none() {
+            return Ok(x);
+        }
+        // Gemma scales by √hidden rounded to the model's dtype, as transformers does.
+        let scale = Tensor::new((self.cfg.hidden_size as f64).sqrt(), &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        Ok((x * scale)?)
     }
 
     fn final_norm(&self, x: &Tensor, weights: Weights) -> Result<Tensor> {
-        rms_norm(
-            x,
-            &self.norm.value(weights, self.dtype)?.0,
-            self.cfg.rms_norm_eps,
-        )
+        self.dims.norm(x, &self.norm.value(weights, self.dtype)?.0)
     }
 
     fn rope_tables(&self, positions: &[u32], batch: usize, seq: usize) -> Result<(Tensor, Tensor)> {
-        let inv = self.cfg.inv_freq();
+        self.rope_tables_for(&self.cfg.inv_freq(), positions, batch, seq)
+    }
+
+    /// The sliding-window layers' tables, when the model has such layers: their RoPE (Gemma 3's
+    /// local base) and `mask` with the keys beyond the window blocked by `block_far`.
+    fn local_tables(
+        &self,
+        positions: &[u32],
+        batch: usize,
+        seq: usize,
+        mask: impl FnOnce(usize) -> Result<Tensor>,
+    ) -> Result<Option<LocalTables>> {
+        let Some(window) = self.cfg.sliding_window.iter().flatten().next() else {
+            return Ok(None);
+        };
+        let (cos, sin) = match self.cfg.local_inv_freq() {
+            Some(inv) => self.rope_tables_for(&inv, positions, batch, seq)?,
+            None => self.rope_tables(positions, batch, seq)?,
+        };
+        Ok(Some(LocalTables {
+            cos,
+            sin,
+            mask: mask(*window)?,
+        }))
+    }
+
+    fn rope_tables_for(
+        &self,
+        inv: &[f64],
+        positions: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<(Tensor, Tensor)> {
         let half = inv.len();
         let d = half * 2;
         let mut cos = Vec::with_capacity(positions.len() * d);
         let mut sin = Vec::with_capacity(positions.len() * d);
         for &p in positions {
             for _ in 0..2 {
-                for f in &inv {
+                for f in inv {
                     let a = p as f64 * f;
                     cos.push(a.cos());
                     sin.push(a.sin());
@@ -331,13 +410,15 @@ impl Model {
         Ok((cos, sin))
     }
 
-    fn attention_mask(&self, b: &Batch) -> Result<Tensor> {
+    /// The causal mask of a training pass (within packed segments), with keys `window` or more
+    /// tokens back blocked too for a sliding-window layer.
+    fn attention_mask(&self, b: &Batch, window: Option<usize>) -> Result<Tensor> {
         let (bs, t) = (b.batch, b.seq);
         let mut m = vec![0f64; bs * t * t];
         for r in 0..bs {
             for i in 0..t {
                 for j in 0..t {
-                    let mut blocked = j > i;
+                    let mut blocked = j > i || window.is_some_and(|w| i - j.min(i) >= w);
                     if let Some(seg) = &b.segments {
                         blocked |= seg[r * t + i] != seg[r * t + j];
                     }
@@ -364,12 +445,16 @@ impl Model {
     ) -> Result<Tensor> {
         let mut x = self.embed(&b.input_ids, weights)?;
         let (cos, sin) = self.rope_tables(&b.positions, b.batch, b.seq)?;
+        let local = self.local_tables(&b.positions, b.batch, b.seq, |w| {
+            self.attention_mask(b, Some(w))
+        })?;
         let mut pass = Pass {
             batch: b.batch,
             n: b.seq,
             cos,
             sin,
-            mask: self.attention_mask(b)?,
+            mask: self.attention_mask(b, None)?,
+            local,
             cache: None,
         };
         for layer in &self.layers {
@@ -514,26 +599,37 @@ impl Model {
         let total = start + n;
         let mut x = self.embed(new, Weights::Policy)?;
         let mut positions = Vec::with_capacity(batch * n);
-        let mut m = vec![0f64; batch * n * total];
-        for (r, &pad) in pad_left.iter().enumerate().take(batch) {
+        for &pad in pad_left.iter().take(batch) {
             for i in 0..n {
-                let q = start + i;
-                positions.push(q.saturating_sub(pad) as u32);
-                for j in 0..total {
-                    if j > q || j < pad {
-                        m[(r * n + i) * total + j] = MASK_VALUE;
+                positions.push((start + i).saturating_sub(pad) as u32);
+            }
+        }
+        // Keys at cache index `j` for the query at `start + i`: causal, never padding, and
+        // within the window of a sliding-window layer (counted in cache indices, as
+        // transformers counts cache positions).
+        let mask = |window: Option<usize>| -> Result<Tensor> {
+            let mut m = vec![0f64; batch * n * total];
+            for (r, &pad) in pad_left.iter().enumerate().take(batch) {
+                for i in 0..n {
+                    let q = start + i;
+                    for j in 0..total {
+                        if j > q || j < pad || window.is_some_and(|w| q - j >= w) {
+                            m[(r * n + i) * total + j] = MASK_VALUE;
+                        }
                     }
                 }
             }
-        }
+            Ok(Tensor::from_vec(m, (batch, 1, n, total), &self.device)?.to_dtype(self.dtype)?)
+        };
         let (cos, sin) = self.rope_tables(&positions, batch, n)?;
-        let mask = Tensor::from_vec(m, (batch, 1, n, total), &self.device)?.to_dtype(self.dtype)?;
+        let local = self.local_tables(&positions, batch, n, |w| mask(Some(w)))?;
         let mut pass = Pass {
             batch,
             n,
             cos,
             sin,
-            mask,
+            mask: mask(None)?,
+            local,
             cache: Some(cache),
         };
         for layer in &self.layers {
@@ -585,6 +681,7 @@ impl Model {
             TargetLogits {
                 h,
                 head,
+                softcap: self.final_softcap(),
                 rows,
                 targets,
             },
@@ -645,13 +742,18 @@ impl Model {
     }
 }
 
-/// `h · Wᵀ` for an LM head `(W, trains)`: a frozen head through [`crate::ops::frozen_head`]
-/// (input gradient only, any stored dtype).
-fn head_logits(h: &Tensor, (w, trains): &(Tensor, bool)) -> Result<Tensor> {
-    Ok(if *trains {
+/// `h · Wᵀ` for an LM head `(W, trains)`, soft-capped as `cap · tanh(z / cap)` when the model
+/// says so: a frozen head through [`crate::ops::frozen_head`] (input gradient only, any stored
+/// dtype).
+fn head_logits(h: &Tensor, (w, trains): &(Tensor, bool), softcap: Option<f64>) -> Result<Tensor> {
+    let z = if *trains {
         h.matmul(&w.t()?)?
     } else {
         crate::ops::frozen_head(h, w)?
+    };
+    Ok(match softcap {
+        Some(cap) => ((z / cap)?.tanh()? * cap)?,
+        None => z,
     })
 }
 
@@ -663,6 +765,8 @@ pub struct TargetLogits {
     h: Tensor,
     /// The LM head weight `(vocab, hidden)` and whether it trains.
     head: (Tensor, bool),
+    /// Final logit soft-capping (Gemma 2).
+    softcap: Option<f64>,
     pub rows: Vec<u32>,
     pub targets: Vec<u32>,
 }
@@ -670,14 +774,19 @@ pub struct TargetLogits {
 impl TargetLogits {
     /// `(n, vocab)`.
     pub fn logits(&self) -> Result<Tensor> {
-        head_logits(&self.h, &self.head)
+        head_logits(&self.h, &self.head, self.softcap)
     }
 
     /// Log-probability of each target token, `(n, 1)`. With a frozen head (LoRA, freeze, a
     /// reference pass) the logits are made and dropped a few rows at a time.
     pub fn token_logps(&self) -> Result<Tensor> {
         if let (w, false) = &self.head {
-            return Ok(crate::ops::frozen_head_logps(&self.h, w, &self.targets)?);
+            return Ok(crate::ops::frozen_head_logps(
+                &self.h,
+                w,
+                &self.targets,
+                self.softcap,
+            )?);
         }
         let logits = self.logits()?;
         let n = self.targets.len();

@@ -10,6 +10,9 @@
 //! the same pass and kept, `(rows, hidden)`; the backward scales it by the incoming gradient.
 //! The GEMM work is that of the unfused path (the head forward, the `dlogits · W` backward),
 //! only moved. A trainable head also needs `dW`; it takes the unfused path.
+//!
+//! Gemma 2 soft-caps its logits, `z' = c · tanh(z / c)`: the tiles are capped as they are made,
+//! and the Jacobian carries the cap's derivative `1 − tanh²` of each logit.
 
 use candle_core::{DType, Result, Tensor, D};
 
@@ -57,8 +60,14 @@ pub fn frozen_head(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `log softmax(h · wᵀ)[r, targets[r]]` for each row `r` of `h (n, hidden)`, `(n, 1)` — in f32
 /// when `h` is half precision, like the unfused path. Differentiable in `h` only; `w` is frozen
-/// and may be stored in another dtype (each tile is converted once).
-pub fn frozen_head_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+/// and may be stored in another dtype (each tile is converted once). `softcap` caps the logits
+/// first (`c · tanh(z / c)`).
+pub fn frozen_head_logps(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (n, _) = h.dims2()?;
     if n != targets.len() {
         candle_core::bail!("frozen-head-logps: {n} rows but {} targets", targets.len());
@@ -71,7 +80,13 @@ pub fn frozen_head_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tens
         .step_by(ROWS)
         .map(|s| hd.narrow(0, s, ROWS.min(n - s)))
         .collect::<Result<_>>()?;
-    let mut states: Vec<Online> = chunks.iter().map(|_| Online::default()).collect();
+    let mut states: Vec<Online> = chunks
+        .iter()
+        .map(|_| Online {
+            state: None,
+            softcap,
+        })
+        .collect();
     let vocab = w.dim(0)?;
     for j in (0..vocab).step_by(VOCAB) {
         let wt = w.narrow(0, j, VOCAB.min(vocab - j))?.to_dtype(dtype)?;
@@ -101,9 +116,16 @@ pub fn frozen_head_logps(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tens
 
 /// A chunk of rows' running maximum `m`, sum `s = Σ exp(z − m)` and, for the gradient,
 /// `acc = Σ exp(z − m) · W_j` over the vocabulary tiles seen so far.
-#[derive(Default)]
 struct Online {
     state: Option<(Tensor, Tensor, Option<Tensor>)>,
+    softcap: Option<f64>,
+}
+
+/// `(c · tanh(z / c), 1 − tanh²(z / c))`: capped logits and the cap's derivative.
+fn capped(z: Tensor, cap: f64) -> Result<(Tensor, Tensor)> {
+    let t = (z / cap)?.tanh()?;
+    let slope = t.sqr()?.affine(-1.0, 1.0)?;
+    Ok(((t * cap)?, slope))
 }
 
 impl Online {
@@ -111,6 +133,13 @@ impl Online {
         let dtype = h.dtype();
         let ldtype = f32_if_half(dtype);
         let z = h.matmul(&wt.t()?)?.to_dtype(ldtype)?;
+        let (z, slope) = match self.softcap {
+            Some(cap) => {
+                let (z, slope) = capped(z, cap)?;
+                (z, Some(slope))
+            }
+            None => (z, None),
+        };
         let m_prev = self.state.as_ref().map(|(m, _, _)| m);
         let (m, p, tile_sum) = if z.dtype() == DType::F32 && super::fused_for(&z) {
             shifted_exp_cpu(&z, m_prev)?
@@ -125,6 +154,10 @@ impl Online {
             (m, p, tile_sum)
         };
         let tile_acc = if jacobian {
+            let p = match &slope {
+                Some(slope) => (&p * slope)?,
+                None => p,
+            };
             Some(p.to_dtype(dtype)?.matmul(wt)?.to_dtype(ldtype)?)
         } else {
             None
@@ -151,8 +184,13 @@ impl Online {
             candle_core::bail!("frozen-head-logps: empty vocabulary")
         };
         let ldtype = f32_if_half(h.dtype());
-        let w_target = w.index_select(targets, 0)?.to_dtype(ldtype)?;
-        let target_logit = (h.to_dtype(ldtype)? * &w_target)?.sum_keepdim(D::Minus1)?;
+        let mut w_target = w.index_select(targets, 0)?.to_dtype(ldtype)?;
+        let mut target_logit = (h.to_dtype(ldtype)? * &w_target)?.sum_keepdim(D::Minus1)?;
+        if let Some(cap) = self.softcap {
+            let (z, slope) = capped(target_logit, cap)?;
+            target_logit = z;
+            w_target = w_target.broadcast_mul(&slope)?;
+        }
         let logp = (target_logit - (m + s.log()?)?)?;
         let jacobian = match acc {
             Some(acc) => Some((w_target - acc.broadcast_div(&s)?)?.to_dtype(h.dtype())?),
@@ -222,7 +260,7 @@ mod tests {
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % v as u32).collect();
         let weights = Tensor::randn(0f64, 1.0, (n, 1), &dev).unwrap();
 
-        let ours = frozen_head_logps(h.as_tensor(), &w, &targets).unwrap();
+        let ours = frozen_head_logps(h.as_tensor(), &w, &targets, None).unwrap();
         let tgt = Tensor::from_slice(&targets, (n, 1), &dev).unwrap();
         let logits = h.as_tensor().matmul(&w.t().unwrap()).unwrap();
         let reference = candle_nn::ops::log_softmax(&logits, D::Minus1)
@@ -244,7 +282,7 @@ mod tests {
         // The f32 CPU pass agrees with the f64 one.
         let h32 = Var::from_tensor(&h.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
         let w32 = w.to_dtype(DType::F32).unwrap();
-        let ours32 = frozen_head_logps(h32.as_tensor(), &w32, &targets).unwrap();
+        let ours32 = frozen_head_logps(h32.as_tensor(), &w32, &targets, None).unwrap();
         assert!(diff(&ours32, &reference) < 1e-4);
         let weights32 = weights.to_dtype(DType::F32).unwrap();
         let g32 = (ours32 * &weights32)
@@ -281,9 +319,38 @@ mod tests {
             ) < 1e-2
         );
 
-        let lp = frozen_head_logps(x.as_tensor(), &w, &targets).unwrap();
-        let lp_ref = frozen_head_logps(x.as_tensor(), &w32, &targets).unwrap();
+        let lp = frozen_head_logps(x.as_tensor(), &w, &targets, None).unwrap();
+        let lp_ref = frozen_head_logps(x.as_tensor(), &w32, &targets, None).unwrap();
         assert_eq!(lp.dtype(), DType::F32);
         assert!(diff(&lp, &lp_ref) < 1e-4);
+    }
+
+    /// Soft-capped logits (Gemma 2): the composed `c · tanh(z / c)` graph is the reference.
+    #[test]
+    fn soft_capped_logits_match_the_composed_graph_and_its_gradient() {
+        let dev = Device::Cpu;
+        let (n, d, v, cap) = (7, 6, 9_000, 3.0);
+        let h = Var::from_tensor(&Tensor::randn(0f64, 1.0, (n, d), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f64, 1.0, (v, d), &dev).unwrap();
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 1237) % v as u32).collect();
+        let ours = frozen_head_logps(h.as_tensor(), &w, &targets, Some(cap)).unwrap();
+        let z = h.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let z = ((z / cap).unwrap().tanh().unwrap() * cap).unwrap();
+        let tgt = Tensor::from_slice(&targets, (n, 1), &dev).unwrap();
+        let reference = candle_nn::ops::log_softmax(&z, D::Minus1)
+            .unwrap()
+            .gather(&tgt, 1)
+            .unwrap();
+        assert!(diff(&ours, &reference) < 1e-10);
+        let uncapped = frozen_head_logps(h.as_tensor(), &w, &targets, None).unwrap();
+        assert!(diff(&ours, &uncapped) > 0.1, "the cap changes the result");
+        let g = ours.sum_all().unwrap().backward().unwrap();
+        let g_ref = reference.sum_all().unwrap().backward().unwrap();
+        assert!(
+            diff(
+                g.get(h.as_tensor()).unwrap(),
+                g_ref.get(h.as_tensor()).unwrap()
+            ) < 1e-10
+        );
     }
 }

@@ -16,7 +16,7 @@ pub use checkpoint::{checkpoint, GradSink, Recompute};
 pub use frozen_linear::frozen_linear;
 pub use head_logps::{frozen_head, frozen_head_logps, HEAD_TILE_ELEMS};
 pub use log_sigmoid::log_sigmoid;
-pub use rowwise::{log_softmax_gather, masked_softmax, rms_norm, rope, swiglu};
+pub use rowwise::{geglu, log_softmax_gather, masked_softmax, rms_norm, rope, swiglu};
 
 static COMPOSED: AtomicBool = AtomicBool::new(false);
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
-use num_traits::{Float, One, Zero};
+use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
 fn rows<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
@@ -625,19 +625,55 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 // SwiGLU: `silu(gate) ⊙ up`.
 
-struct SwiGlu;
+/// The gate's activation in a gated MLP: `act(gate) ⊙ up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GateAct {
+    /// `silu` (SwiGLU: Llama, Mistral, Qwen).
+    Silu,
+    /// `gelu` with the tanh approximation (GeGLU: Gemma). candle's own `gelu` backward uses
+    /// six-digit constants, about 1e-6 off the derivative of its forward.
+    GeluTanh,
+}
+
+struct Glu(GateAct);
 
 fn sigmoid<T: FastExp>(x: T) -> T {
     T::one() / (T::one() + (-x).fast_exp())
+}
+
+/// `(act(a), act'(a))`.
+#[inline]
+fn act_and_slope<T: FastExp>(act: GateAct, a: T) -> (T, T) {
+    match act {
+        GateAct::Silu => {
+            let s = sigmoid(a);
+            (a * s, s * (T::one() + a * (T::one() - s)))
+        }
+        GateAct::GeluTanh => {
+            let half = T::from(0.5).unwrap();
+            let c = T::from(0.797_884_560_802_865_4).unwrap(); // √(2/π)
+            let k = T::from(0.044_715).unwrap();
+            let inner = c * a * (T::one() + k * a * a);
+            let t = inner.tanh();
+            let d_inner = c * (T::one() + T::from(3.0).unwrap() * k * a * a);
+            (
+                half * a * (T::one() + t),
+                half * (T::one() + t) + half * a * (T::one() - t * t) * d_inner,
+            )
+        }
+    }
 }
 
 /// Elements per rayon task in the element-wise kernels: one task per element (rayon's default
 /// split of `par_iter`) leaves the loop unvectorised and the scheduler busy.
 const ELEMENTS_PER_TASK: usize = 4096;
 
-impl CustomOp2 for SwiGlu {
+impl CustomOp2 for Glu {
     fn name(&self) -> &'static str {
-        "swiglu"
+        match self.0 {
+            GateAct::Silu => "swiglu",
+            GateAct::GeluTanh => "geglu",
+        }
     }
 
     fn cpu_fwd(
@@ -649,11 +685,13 @@ impl CustomOp2 for SwiGlu {
     ) -> Result<(CpuStorage, Shape)> {
         if l1.shape() != l2.shape() {
             bail!(
-                "swiglu: gate {:?} and up {:?} differ",
+                "{}: gate {:?} and up {:?} differ",
+                self.name(),
                 l1.shape(),
                 l2.shape()
             );
         }
+        let act = self.0;
         float_dispatch!(s1, self.name(), |T| {
             let g = rows::<T>(s1, l1, self.name())?;
             let u = rows::<T>(s2, l2, self.name())?;
@@ -661,9 +699,17 @@ impl CustomOp2 for SwiGlu {
             out.par_chunks_mut(ELEMENTS_PER_TASK)
                 .zip(g.par_chunks(ELEMENTS_PER_TASK))
                 .zip(u.par_chunks(ELEMENTS_PER_TASK))
-                .for_each(|((out, g), u)| {
-                    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-                        *o = g * sigmoid(g) * u;
+                .for_each(|((out, g), u)| match act {
+                    // Written out so that the common case stays one vectorised loop.
+                    GateAct::Silu => {
+                        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                            *o = g * sigmoid(g) * u;
+                        }
+                    }
+                    GateAct::GeluTanh => {
+                        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                            *o = act_and_slope(act, g).0 * u;
+                        }
                     }
                 });
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
@@ -677,19 +723,21 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both =
-            gate.contiguous()?
-                .apply_op3_no_bwd(&up.contiguous()?, &g.contiguous()?, &SwiGluBwd)?;
+        let both = gate.contiguous()?.apply_op3_no_bwd(
+            &up.contiguous()?,
+            &g.contiguous()?,
+            &GluBwd(self.0),
+        )?;
         Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }
 
-/// Both input gradients in one pass, stacked `(2, …)`: `g ⊙ up ⊙ silu'(gate)` and `g ⊙ silu(gate)`.
-struct SwiGluBwd;
+/// Both input gradients in one pass, stacked `(2, …)`: `g ⊙ up ⊙ act'(gate)` and `g ⊙ act(gate)`.
+struct GluBwd(GateAct);
 
-impl CustomOp3 for SwiGluBwd {
+impl CustomOp3 for GluBwd {
     fn name(&self) -> &'static str {
-        "swiglu-bwd"
+        "glu-bwd"
     }
 
     fn cpu_fwd(
@@ -701,6 +749,7 @@ impl CustomOp3 for SwiGluBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let act = self.0;
         float_dispatch!(s1, self.name(), |T| {
             let a = rows::<T>(s1, l1, self.name())?;
             let u = rows::<T>(s2, l2, self.name())?;
@@ -715,10 +764,9 @@ impl CustomOp3 for SwiGluBwd {
                 .zip(g.par_chunks(ELEMENTS_PER_TASK))
                 .for_each(|((((da, du), a), u), g)| {
                     for i in 0..da.len() {
-                        let (a, u, g) = (a[i], u[i], g[i]);
-                        let s = sigmoid(a);
-                        du[i] = g * a * s;
-                        da[i] = g * u * s * (T::one() + a * (T::one() - s));
+                        let (y, slope) = act_and_slope(act, a[i]);
+                        du[i] = g[i] * y;
+                        da[i] = g[i] * u[i] * slope;
                     }
                 });
             let mut dims = vec![2];
@@ -730,7 +778,15 @@ impl CustomOp3 for SwiGluBwd {
 
 /// `silu(gate) ⊙ up`, the Llama MLP's gated activation.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, Glu(GateAct::Silu))
+}
+
+/// `gelu_tanh(gate) ⊙ up`, the Gemma MLP's gated activation, with an exact backward (in f32 and
+/// f64 on the CPU; other devices and dtypes use candle's `gelu`).
+pub fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, Glu(GateAct::GeluTanh))
 }
 
 #[cfg(test)]
@@ -892,6 +948,25 @@ mod tests {
         assert!(max_diff(&swiglu(&a, &u).unwrap(), &composed) < 1e-14);
         check_fd(&a, |a| weigh(&swiglu(a, &u).unwrap(), 16));
         check_fd(&u, |u| weigh(&swiglu(&a, u).unwrap(), 16));
+    }
+
+    #[test]
+    fn geglu_matches_composed_and_finite_differences_in_both_inputs() {
+        let a = rand_tensor(&[3, 5], 17);
+        let u = rand_tensor(&[3, 5], 18);
+        let composed = (a.gelu().unwrap() * &u).unwrap();
+        assert!(max_diff(&geglu(&a, &u).unwrap(), &composed) < 1e-14);
+        check_fd(&a, |a| weigh(&geglu(a, &u).unwrap(), 19));
+        check_fd(&u, |u| weigh(&geglu(&a, u).unwrap(), 19));
+        // The slope to 1e-9 (fourth-order differences), where candle's `gelu` backward is ~1e-6 off.
+        for i in -40..=40 {
+            let x = i as f64 / 10.0;
+            let f = |d: f64| act_and_slope(GateAct::GeluTanh, x + d).0;
+            let h = 1e-3;
+            let fd = (8.0 * (f(h) - f(-h)) - (f(2.0 * h) - f(-2.0 * h))) / (12.0 * h);
+            let slope = act_and_slope(GateAct::GeluTanh, x).1;
+            assert!((slope - fd).abs() < 1e-9, "x = {x}: {slope} vs {fd}");
+        }
     }
 
     #[test]

@@ -5,10 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::Tensor;
 use protocol::args::FinetuningType;
 use protocol::{TrainArgs, WorkerEvent};
-use serde_json::json;
 
 use super::batch::Examples;
 use super::checkpoint::last_checkpoint;
@@ -83,6 +81,22 @@ pub(crate) fn prepare(
         log(rep, "info", msg);
     }
     configure_rope(&mut model, args, rep);
+    let resized_args;
+    let args = match resized_vocab_targets(&model, args) {
+        Some(targets) => {
+            log(
+                rep,
+                "warning",
+                format!("Vocab has been resized, add {targets} to trainable params."),
+            );
+            resized_args = TrainArgs {
+                additional_target: Some(targets),
+                ..args.clone()
+            };
+            &resized_args
+        }
+        None => args,
+    };
     let lora = apply_method(&mut model, args)?;
     let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
     let head = || value_head(args, opts, &model, resume.is_some(), lora.is_some());
@@ -194,7 +208,7 @@ fn load_model(
                 model.cfg.vocab_size
             );
         }
-        resize_vocab(&mut model, tok.len())?;
+        model.resize_vocab(tok.len())?;
     }
     model.checkpointing = args.gradient_checkpointing && !args.disable_gradient_checkpointing;
     Ok((model, dir))
@@ -235,27 +249,21 @@ fn configure_rope(model: &mut Model, args: &TrainArgs, rep: &mut dyn Reporter) {
     }
 }
 
-/// Grows the embeddings (and an untied LM head) for tokens the template added, initialised
-/// to the mean embedding like `resize_token_embeddings(mean_resizing=True)`.
-fn resize_vocab(model: &mut Model, new_size: usize) -> Result<()> {
-    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
-        let Some(p) = model.param_mut(name) else {
-            continue;
-        };
-        let (rows, _) = p.tensor.dims2()?;
-        if rows >= new_size {
-            continue;
-        }
-        let mean = p.tensor.mean_keepdim(0)?;
-        let extra = mean.repeat((new_size - rows, 1))?;
-        p.tensor = Tensor::cat(&[&p.tensor, &extra], 0)?;
+/// LLaMA-Factory's rule for LoRA with `resize_vocab`: unless `additional_target` says
+/// otherwise, the embedding (and an untied LM head) train whole, so the new tokens learn
+/// their rows and the adapter carries them (PEFT's `modules_to_save`).
+fn resized_vocab_targets(model: &Model, args: &TrainArgs) -> Option<String> {
+    if args.finetuning_type != FinetuningType::Lora
+        || args.additional_target.is_some()
+        || !args.resize_vocab
+    {
+        return None;
     }
-    model.cfg.vocab_size = model.cfg.vocab_size.max(new_size);
-    model
-        .cfg
-        .raw
-        .insert("vocab_size".into(), json!(model.cfg.vocab_size));
-    Ok(())
+    Some(if model.lm_head.is_some() {
+        "embed_tokens,lm_head".into()
+    } else {
+        "embed_tokens".into()
+    })
 }
 
 /// Makes the method's tensors trainable. LoRA merges all adapters given but the last, which it

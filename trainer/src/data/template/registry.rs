@@ -11,6 +11,8 @@ pub const TEMPLATE_NAMES: &[&str] = &[
     "default",
     "empty",
     "gemma",
+    "gemma2",
+    "gemma3",
     "glm4",
     "llama2",
     "llama3",
@@ -116,7 +118,7 @@ pub fn get_template(name: &str) -> Result<Template> {
             tpl.format_prefix = vec![Slot::Bos];
             tpl.kind = TemplateKind::Llama2;
         }
-        "gemma" => {
+        "gemma" | "gemma2" | "gemma3" => {
             tpl.format_user = vec![t(
                 "<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n",
             )];
@@ -127,8 +129,15 @@ pub fn get_template(name: &str) -> Result<Template> {
                 "<start_of_turn>tool\n{{content}}<end_of_turn>\n<start_of_turn>model\n",
             )];
             tpl.format_prefix = vec![Slot::Bos];
-            tpl.stop_words = vec!["<end_of_turn>".into()];
-            tpl.replace_eos = true;
+            if name == "gemma2" {
+                // LLaMA-Factory's gemma2: the tokenizer's own `<eos>` stays, and closes the
+                // answer only once (efficient EOS).
+                tpl.stop_words = vec!["<eos>".into(), "<end_of_turn>".into()];
+                tpl.efficient_eos = true;
+            } else {
+                tpl.stop_words = vec!["<end_of_turn>".into()];
+                tpl.replace_eos = true;
+            }
             tpl.kind = TemplateKind::Llama2;
         }
         "phi" => {
