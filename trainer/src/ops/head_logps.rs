@@ -238,6 +238,17 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// Normal-ish values from a fixed seed (the tests' bounds hold for these, not just usually).
+    fn randn(shape: (usize, usize), seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = shape.0 * shape.1;
+        let v: Vec<f64> = (0..n)
+            .map(|_| (0..12).map(|_| rng.gen::<f64>()).sum::<f64>() - 6.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
     fn diff(a: &Tensor, b: &Tensor) -> f64 {
         (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
             .unwrap()
@@ -255,10 +266,10 @@ mod tests {
     fn matches_the_composed_log_softmax_and_its_gradient() {
         let dev = Device::Cpu;
         let (n, d, v) = (300, 8, 20_000);
-        let h = Var::from_tensor(&Tensor::randn(0f64, 1.0, (n, d), &dev).unwrap()).unwrap();
-        let w = Tensor::randn(0f64, 1.0, (v, d), &dev).unwrap();
+        let h = Var::from_tensor(&randn((n, d), 1)).unwrap();
+        let w = randn((v, d), 2);
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % v as u32).collect();
-        let weights = Tensor::randn(0f64, 1.0, (n, 1), &dev).unwrap();
+        let weights = randn((n, 1), 3);
 
         let ours = frozen_head_logps(h.as_tensor(), &w, &targets, None).unwrap();
         let tgt = Tensor::from_slice(&targets, (n, 1), &dev).unwrap();
@@ -291,7 +302,10 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        assert!(diff(g32.get(h32.as_tensor()).unwrap(), g_ref) < 1e-4);
+        // f32 sums over a 20,000-token vocabulary: relative to the largest gradient entry.
+        let scale = diff(g_ref, &g_ref.zeros_like().unwrap());
+        let d32 = diff(g32.get(h32.as_tensor()).unwrap(), g_ref);
+        assert!(d32 < 2e-5 * scale, "f32 gradient off by {d32} (scale {scale})");
     }
 
     /// A head stored in bf16 under an f32 model gives what the same head converted whole gives.
@@ -330,8 +344,8 @@ mod tests {
     fn soft_capped_logits_match_the_composed_graph_and_its_gradient() {
         let dev = Device::Cpu;
         let (n, d, v, cap) = (7, 6, 9_000, 3.0);
-        let h = Var::from_tensor(&Tensor::randn(0f64, 1.0, (n, d), &dev).unwrap()).unwrap();
-        let w = Tensor::randn(0f64, 1.0, (v, d), &dev).unwrap();
+        let h = Var::from_tensor(&randn((n, d), 4)).unwrap();
+        let w = randn((v, d), 5);
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 1237) % v as u32).collect();
         let ours = frozen_head_logps(h.as_tensor(), &w, &targets, Some(cap)).unwrap();
         let z = h.as_tensor().matmul(&w.t().unwrap()).unwrap();
