@@ -13,7 +13,7 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig,
-                          MistralConfig, Qwen2Config, Qwen3Config)
+                          MistralConfig, Phi3Config, Qwen2Config, Qwen3Config)
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "models")
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -38,8 +38,15 @@ VARIANTS = {
                                     layer_types=["sliding_attention", "full_attention"], rope_theta=1e6,
                                     rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
                                     tie_word_embeddings=False),
+    # Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj, partial rotary (¾ of each head), LongRoPE whose
+    # original length (8) the 10-token prompt crosses (long factors); "prefix_logits", 6 tokens, use the short ones.
+    "phi3": Phi3Config(**{**COMMON, "max_position_embeddings": 64}, partial_rotary_factor=0.75,
+                       original_max_position_embeddings=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 2.0],
+                                     "long_factor": [1.5, 3.0, 8.0]},
+                       tie_word_embeddings=False),
 }
-BF16 = {"gemma", "gemma2", "gemma3_text"}
+BF16 = {"gemma", "gemma2", "gemma3_text", "phi3"}
 ONLY = set(sys.argv[1:])
 IDS = torch.tensor([[3, 17, 42, 5, 88, 9, 61, 23, 7, 50], [11, 2, 95, 33, 70, 4, 19, 66, 28, 81]])
 
@@ -65,6 +72,9 @@ for name, cfg in VARIANTS.items():
     with torch.no_grad():
         base = model(IDS).logits
     expected = {"input_ids": IDS.tolist(), "logits": base.flatten().tolist()}
+    if name == "phi3":
+        with torch.no_grad():
+            expected["prefix_logits"] = model(IDS[:, :6]).logits.flatten().tolist()
     if name in BF16:  # transformers' own bf16 compute, to bound ours by its rounding
         with torch.no_grad():
             half = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.bfloat16, attn_implementation="eager")
@@ -77,7 +87,9 @@ for name, cfg in VARIANTS.items():
         if use_dora and name not in ("llama", "qwen2", "gemma2"):
             continue
         torch.manual_seed(1)
-        peft_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+        targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name == "phi3" else \
+            ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+        peft_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                               init_lora_weights=False, use_dora=use_dora, task_type="CAUSAL_LM")
         pm = get_peft_model(AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32,
                                                                  attn_implementation="eager"), peft_cfg).eval()

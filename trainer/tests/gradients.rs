@@ -97,7 +97,7 @@ fn check(m: &Model, what: &str, samples: usize) {
 /// LoRA with B randomised so that every path (A and B) carries gradient.
 fn with_lora(name: &str, args: &TrainArgs) -> Model {
     let mut m = model(name);
-    m.add_lora(&LoraSpec::from_args(args), 1).unwrap();
+    m.add_lora(&LoraSpec::for_model(args, &m), 1).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     for l in m.lora_layers().values() {
         let shape = l.b.shape().clone();
@@ -110,7 +110,7 @@ fn with_lora(name: &str, args: &TrainArgs) -> Model {
     m
 }
 
-const VARIANTS: [&str; 8] = [
+const VARIANTS: [&str; 9] = [
     "llama",
     "llama3_scaled_tied",
     "mistral",
@@ -119,6 +119,7 @@ const VARIANTS: [&str; 8] = [
     "gemma",
     "gemma2",
     "gemma3_text",
+    "phi3",
 ];
 
 #[test]
@@ -132,7 +133,12 @@ fn lora_variants_match_finite_differences() {
         check(&with_lora(name, &args), &format!("{name}/lora"), 4);
         let args = TrainArgs {
             lora_rank: 2,
-            lora_target: "q_proj,down_proj".into(),
+            lora_target: if name == "phi3" {
+                "qkv_proj,down_proj"
+            } else {
+                "q_proj,down_proj"
+            }
+            .into(),
             use_rslora: true,
             additional_target: Some("norm".into()),
             ..TrainArgs::default()

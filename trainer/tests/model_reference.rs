@@ -3,7 +3,8 @@
 //! Qwen3 (q/k norm, head_dim ≠ hidden/heads), and the Gemma family saved in bf16 like real
 //! checkpoints: Gemma ((1+w) norms, scaled embedding, GeGLU), Gemma 2 (sandwich norms, attention
 //! and final soft-capping, a sliding-window layer) and Gemma 3 text (q/k norms, local RoPE base,
-//! scaled global RoPE). Fixtures: `scripts/make_reference_models.py`.
+//! scaled global RoPE), and Phi-3 (fused qkv/gate-up projections, partial rotary, LongRoPE with
+//! both factor sets). Fixtures: `scripts/make_reference_models.py`.
 
 use std::path::PathBuf;
 
@@ -78,7 +79,7 @@ fn want(e: &serde_json::Value, key: &str) -> Vec<f64> {
         .collect()
 }
 
-const VARIANTS: [&str; 8] = [
+const VARIANTS: [&str; 9] = [
     "llama",
     "llama3_scaled_tied",
     "mistral",
@@ -87,6 +88,7 @@ const VARIANTS: [&str; 8] = [
     "gemma",
     "gemma2",
     "gemma3_text",
+    "phi3",
 ];
 
 #[test]
@@ -111,6 +113,7 @@ fn peft_adapters_match_unmerged_and_merged() {
         ("gemma", "lora"),
         ("gemma2", "lora"),
         ("gemma3_text", "lora"),
+        ("phi3", "lora"),
         ("llama", "dora"),
         ("qwen2", "dora"),
         ("gemma2", "dora"),
@@ -123,10 +126,23 @@ fn peft_adapters_match_unmerged_and_merged() {
             .load_adapter(&fixtures().join(name).join(adapter), true)
             .unwrap();
         assert_eq!(spec.use_dora, adapter == "dora");
+        let targets = serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(
+                fixtures()
+                    .join(name)
+                    .join(adapter)
+                    .join("adapter_config.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap()["target_modules"]
+            .as_array()
+            .unwrap()
+            .len();
         assert_eq!(
             model.lora_layers().len(),
-            2 * 5,
-            "two layers × five targets"
+            2 * targets,
+            "two layers × every target"
         );
         let err = rel_err(&logits(&model, &b), &reference);
         assert!(
@@ -232,7 +248,7 @@ fn greedy_generation_matches_transformers_with_and_without_adapters() {
 /// error (tiny random models amplify rounding: transformers is 0.3–5% off here).
 #[test]
 fn bf16_compute_stays_within_rounding_of_the_reference() {
-    for name in ["gemma", "gemma2", "gemma3_text"] {
+    for name in ["gemma", "gemma2", "gemma3_text", "phi3"] {
         let e = expected(name);
         let reference = want(&e, "logits");
         let theirs = rel_err(&want(&e, "bf16_logits"), &reference);
@@ -243,4 +259,35 @@ fn bf16_compute_stays_within_rounding_of_the_reference() {
             "{name} bf16: relative error {ours}, transformers' bf16 {theirs}"
         );
     }
+}
+
+/// Phi-3's LongRoPE switches factor sets with the pass's length: the 10-token rows above use the
+/// long factors (past `original_max_position_embeddings` = 8), their 6-token prefixes the short.
+#[test]
+fn long_rope_uses_the_short_factors_within_the_original_length() {
+    let e = expected("phi3");
+    let rows: Vec<Vec<u32>> = e["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array().unwrap()[..6]
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    let labels: Vec<Vec<i64>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&x| x as i64).collect())
+        .collect();
+    let refs: Vec<RowRef> = rows
+        .iter()
+        .zip(&labels)
+        .map(|(r, l)| (r.as_slice(), l.as_slice(), None))
+        .collect();
+    let b = Batch::pad(&refs, 0);
+    let model = Model::load(&fixtures().join("phi3"), DType::F32, &Device::Cpu).unwrap();
+    let err = rel_err(&logits(&model, &b), &want(&e, "prefix_logits"));
+    assert!(err < 1e-4, "phi3 prefix: relative error {err}");
 }

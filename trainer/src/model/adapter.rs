@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::layers::{LinearWeight, LoraLayer, Param, LINEAR_MODULES};
+use super::layers::{LinearWeight, LoraLayer, Param};
 use super::llama::Model;
 use protocol::TrainArgs;
 
@@ -31,6 +31,18 @@ pub struct LoraSpec {
 }
 
 impl LoraSpec {
+    /// [`LoraSpec::from_args`] with `lora_target: all` meaning every linear module kind of
+    /// `model` (LLaMA-Factory's `find_all_linear_modules`).
+    pub fn for_model(a: &TrainArgs, model: &Model) -> Self {
+        let mut spec = Self::from_args(a);
+        if a.lora_target.trim() == "all" {
+            spec.targets = model.linear_kinds();
+        }
+        spec
+    }
+
+    /// The spec `a` asks for; `lora_target: all` is the Llama-family module list (see
+    /// [`LoraSpec::for_model`]).
     pub fn from_args(a: &TrainArgs) -> Self {
         let targets = if a.lora_target.trim() == "all" {
             [
@@ -173,14 +185,30 @@ impl Model {
                 out.push(lin.name.clone());
             }
         }
+        let kinds = self.linear_kinds();
         for t in targets {
-            if !LINEAR_MODULES.iter().any(|m| m.ends_with(t.as_str())) {
+            if !kinds.iter().any(|k| k == t) {
                 bail!(
-                    "lora_target `{t}` matches no linear layer; choose from q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or `all`"
+                    "lora_target `{t}` matches no linear layer of this {} model; choose from {} or `all`",
+                    self.cfg.model_type,
+                    kinds.join(", ")
                 );
             }
         }
         Ok(out)
+    }
+
+    /// The short names of the decoder layers' linear modules (`q_proj`, …, `down_proj`; Phi-3's
+    /// `qkv_proj` and `gate_up_proj`), in layer order: what `lora_target: all` means.
+    pub fn linear_kinds(&self) -> Vec<String> {
+        let mut kinds: Vec<String> = Vec::new();
+        for lin in self.layers.first().map(|l| l.linears()).unwrap_or_default() {
+            let short = lin.name.rsplit('.').next().unwrap_or_default().to_string();
+            if !kinds.contains(&short) {
+                kinds.push(short);
+            }
+        }
+        kinds
     }
 
     /// Adds fresh LoRA layers: A ~ U(±1/√fan_in) (PEFT's Kaiming-uniform with a=√5), B = 0,

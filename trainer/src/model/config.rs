@@ -1,6 +1,7 @@
 //! A Hugging Face `config.json` of the decoders we run: the Llama family (`llama`, `mistral`,
-//! `qwen2`, `qwen3`) and the Gemma family (`gemma`, `gemma2`, `gemma3_text`), read into one
-//! [`ModelConfig`] whose fields say what each architecture does differently.
+//! `qwen2`, `qwen3`), the Gemma family (`gemma`, `gemma2`, `gemma3_text`) and Phi-3 / Phi-4-mini
+//! (`phi3`), read into one [`ModelConfig`] whose fields say what each architecture does
+//! differently.
 
 use std::path::Path;
 
@@ -15,6 +16,7 @@ pub const SUPPORTED: &[&str] = &[
     "gemma",
     "gemma2",
     "gemma3_text",
+    "phi3",
 ];
 
 /// The MLP's gate activation (`hidden_act` / `hidden_activation`).
@@ -51,10 +53,22 @@ pub struct Llama3Scaling {
     pub original_max_position_embeddings: f64,
 }
 
+/// Phi-3's LongRoPE (`longrope`, formerly `su`): per-frequency factors, the long ones once a
+/// pass reaches beyond `original_max_position_embeddings`, and cos/sin scaled by
+/// `attention_factor`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRope {
+    pub short_factor: Vec<f64>,
+    pub long_factor: Vec<f64>,
+    pub original_max_position_embeddings: usize,
+    pub attention_factor: f64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     Llama3(Llama3Scaling),
     Linear(f64),
+    LongRope(LongRope),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +101,11 @@ pub struct ModelConfig {
     pub sliding_window: Vec<Option<usize>>,
     /// Gemma: RMSNorm weights are offsets, `(1 + w)`; the embedding is scaled by `√hidden`.
     pub gemma: Option<GemmaStyle>,
+    /// Leading dimensions of each head that RoPE rotates (`partial_rotary_factor`; Phi-4-mini
+    /// rotates three quarters); the rest pass through.
+    pub rotary_dim: usize,
+    /// One `qkv_proj` and one `gate_up_proj` instead of separate projections (Phi-3).
+    pub fused_projections: bool,
     pub raw: serde_json::Map<String, Value>,
 }
 
@@ -96,7 +115,11 @@ fn num(v: &serde_json::Map<String, Value>, key: &str, file: &Path) -> Result<f64
         .ok_or_else(|| anyhow!("{}: `{key}` is missing or not a number", file.display()))
 }
 
-fn rope_scaling(obj: &Value, file: &Path) -> Result<Option<RopeScaling>> {
+fn rope_scaling(
+    obj: &Value,
+    cfg: &serde_json::Map<String, Value>,
+    file: &Path,
+) -> Result<Option<RopeScaling>> {
     let Some(o) = obj.as_object() else {
         return Ok(None);
     };
@@ -115,8 +138,9 @@ fn rope_scaling(obj: &Value, file: &Path) -> Result<Option<RopeScaling>> {
             original_max_position_embeddings: f("original_max_position_embeddings", 8192.0),
         })),
         "linear" => Some(RopeScaling::Linear(f("factor", 1.0))),
+        "longrope" | "su" => Some(RopeScaling::LongRope(long_rope(o, cfg, file)?)),
         other => bail!(
-            "{}: rope scaling type `{other}` is not supported (supported: llama3, linear)",
+            "{}: rope scaling type `{other}` is not supported (supported: llama3, linear, longrope)",
             file.display()
         ),
     })
@@ -184,9 +208,9 @@ impl ModelConfig {
             })
             .unwrap_or(10000.0);
         let scaling = match v.get("rope_scaling") {
-            Some(s) if !s.is_null() => rope_scaling(s, file)?,
+            Some(s) if !s.is_null() => rope_scaling(s, &v, file)?,
             _ => match rope_params {
-                Some(p) => rope_scaling(p, file)?,
+                Some(p) => rope_scaling(p, &v, file)?,
                 None => None,
             },
         };
@@ -199,7 +223,7 @@ impl ModelConfig {
         let activation = activation(&v, family, file)?;
         let opt = |k: &str| v.get(k).and_then(Value::as_f64);
         let gemma = match family {
-            Family::Llama => None,
+            Family::Llama | Family::Phi3 => None,
             Family::Gemma(generation) => {
                 if v.get("use_bidirectional_attention")
                     .and_then(Value::as_bool)
@@ -233,8 +257,41 @@ impl ModelConfig {
         };
         let sliding_window = match family {
             Family::Gemma(g) if g >= 2 => sliding_layers(&v, g, layers, file)?,
+            // Phi-3 (and Mistral in transformers) apply one window to every layer.
+            Family::Phi3 => vec![
+                v.get("sliding_window")
+                    .and_then(Value::as_u64)
+                    .map(|w| w as usize);
+                layers
+            ],
             _ => vec![None; layers],
         };
+        let rotary_dim = (head_dim as f64
+            * v.get("partial_rotary_factor")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0)) as usize;
+        if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 || rotary_dim > head_dim {
+            bail!(
+                "{}: `partial_rotary_factor` gives {rotary_dim} rotary dimensions of {head_dim}; an even number up to head_dim is needed",
+                file.display()
+            );
+        }
+        if let Some(RopeScaling::LongRope(l)) = &scaling {
+            for (k, f) in [
+                ("short_factor", &l.short_factor),
+                ("long_factor", &l.long_factor),
+            ] {
+                if f.len() != rotary_dim / 2 {
+                    bail!(
+                        "{}: `rope_scaling.{k}` has {} entries; {} rotary dimensions need {}",
+                        file.display(),
+                        f.len(),
+                        rotary_dim,
+                        rotary_dim / 2
+                    );
+                }
+            }
+        }
         Ok(Self {
             vocab_size: num(&v, "vocab_size", file)? as usize,
             intermediate_size: num(&v, "intermediate_size", file)? as usize,
@@ -271,6 +328,8 @@ impl ModelConfig {
             attn_scale,
             sliding_window,
             gemma,
+            rotary_dim,
+            fused_projections: family == Family::Phi3,
             model_type,
             raw: v,
         })
@@ -337,14 +396,34 @@ impl ModelConfig {
     /// ones (Gemma 3's local base, unscaled).
     pub fn local_inv_freq(&self) -> Option<Vec<f64>> {
         let theta = self.gemma.as_ref()?.local_rope_theta?;
-        Some(base_inv_freq(theta, self.head_dim))
+        Some(base_inv_freq(theta, self.rotary_dim))
     }
 
-    /// RoPE inverse frequencies, with Llama 3 / linear scaling applied.
+    /// RoPE inverse frequencies for a pass whose positions reach `len - 1`, and the factor that
+    /// scales cos and sin (LongRoPE's attention factor; 1 otherwise).
+    pub fn rope_for(&self, len: usize) -> (Vec<f64>, f64) {
+        match &self.rope_scaling {
+            Some(RopeScaling::LongRope(l)) => {
+                let ext = if len > l.original_max_position_embeddings {
+                    &l.long_factor
+                } else {
+                    &l.short_factor
+                };
+                let base = base_inv_freq(self.rope_theta, self.rotary_dim);
+                let inv = base.iter().zip(ext).map(|(f, e)| f / e).collect();
+                (inv, l.attention_factor)
+            }
+            _ => (self.inv_freq(), 1.0),
+        }
+    }
+
+    /// RoPE inverse frequencies, with Llama 3 / linear scaling applied (LongRoPE's short
+    /// factors; see [`ModelConfig::rope_for`]).
     pub fn inv_freq(&self) -> Vec<f64> {
-        let base = base_inv_freq(self.rope_theta, self.head_dim);
+        let base = base_inv_freq(self.rope_theta, self.rotary_dim);
         match &self.rope_scaling {
             None => base,
+            Some(RopeScaling::LongRope(_)) => self.rope_for(0).0,
             Some(RopeScaling::Linear(f)) => base.iter().map(|x| x / f).collect(),
             Some(RopeScaling::Llama3(s)) => {
                 let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
@@ -369,6 +448,49 @@ impl ModelConfig {
     }
 }
 
+/// LongRoPE as transformers computes it: with `original_max_position_embeddings` in the config,
+/// the factor is `max_position_embeddings / original`, and the default attention factor
+/// `√(1 + ln factor / ln original)`.
+fn long_rope(
+    o: &serde_json::Map<String, Value>,
+    cfg: &serde_json::Map<String, Value>,
+    file: &Path,
+) -> Result<LongRope> {
+    let list = |k: &str| -> Result<Vec<f64>> {
+        o.get(k)
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| {
+                anyhow!(
+                    "{}: `rope_scaling.{k}` (a list of numbers) is missing",
+                    file.display()
+                )
+            })
+    };
+    let max = cfg
+        .get("max_position_embeddings")
+        .and_then(Value::as_f64)
+        .unwrap_or(4096.0);
+    let (original, factor) = match cfg
+        .get("original_max_position_embeddings")
+        .and_then(Value::as_f64)
+    {
+        Some(orig) => (orig, max / orig),
+        None => (max, o.get("factor").and_then(Value::as_f64).unwrap_or(1.0)),
+    };
+    let attention_factor = match o.get("attention_factor").and_then(Value::as_f64) {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / original.ln()).sqrt(),
+    };
+    Ok(LongRope {
+        short_factor: list("short_factor")?,
+        long_factor: list("long_factor")?,
+        original_max_position_embeddings: original as usize,
+        attention_factor,
+    })
+}
+
 fn base_inv_freq(theta: f64, d: usize) -> Vec<f64> {
     (0..d / 2)
         .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64))
@@ -380,6 +502,7 @@ enum Family {
     Llama,
     /// Gemma 1, 2 or 3.
     Gemma(u8),
+    Phi3,
 }
 
 impl Family {
@@ -388,6 +511,7 @@ impl Family {
             "gemma" => Family::Gemma(1),
             "gemma2" => Family::Gemma(2),
             "gemma3_text" => Family::Gemma(3),
+            "phi3" => Family::Phi3,
             _ => Family::Llama,
         }
     }
@@ -403,7 +527,7 @@ fn activation(
     let (key, default) = match family {
         Family::Gemma(g) if g >= 2 => ("hidden_activation", Activation::GeluTanh),
         Family::Gemma(_) => ("hidden_act", Activation::GeluTanh),
-        Family::Llama => ("hidden_act", Activation::Silu),
+        Family::Llama | Family::Phi3 => ("hidden_act", Activation::Silu),
     };
     Ok(match v.get(key).and_then(Value::as_str) {
         None => default,
@@ -573,5 +697,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`hidden_act: relu` is not supported"), "{e}");
+    }
+
+    #[test]
+    fn phi3_reads_long_rope_and_partial_rotary() {
+        let c = cfg(json!({"model_type": "phi3", "hidden_size": 16, "num_attention_heads": 2,
+            "partial_rotary_factor": 0.5, "max_position_embeddings": 64, "original_max_position_embeddings": 8,
+            "sliding_window": 5,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [4.0, 8.0]}}))
+        .unwrap();
+        assert_eq!((c.head_dim, c.rotary_dim), (8, 4));
+        assert!(c.fused_projections);
+        assert_eq!(c.sliding_window, vec![Some(5)], "one window on every layer");
+        let (short, a) = c.rope_for(8);
+        let (long, b) = c.rope_for(9);
+        assert_eq!(a, b);
+        assert!((a - 2f64.sqrt()).abs() < 1e-12, "√(1 + ln 8 / ln 8)");
+        let close = |x: &[f64], y: [f64; 2]| x.iter().zip(y).all(|(a, b)| (a - b).abs() < 1e-15);
+        assert!(close(&short, [1.0, 0.01 / 2.0]), "{short:?}");
+        assert!(close(&long, [1.0 / 4.0, 0.01 / 8.0]), "{long:?}");
+        let e = cfg(
+            json!({"model_type": "phi3", "hidden_size": 16, "num_attention_heads": 2,
+            "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`rope_scaling.short_factor` has 1 entries; 8 rotary dimensions need 4"),
+            "{e}"
+        );
     }
 }

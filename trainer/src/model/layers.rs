@@ -1,6 +1,6 @@
 //! The parts of the decoder, each holding the weights it computes with, found once when the
 //! model is built: [`Linear`] (weight, bias, LoRA / DoRA layer) and [`DecoderLayer`] (norms,
-//! attention with RoPE and grouped KV heads, sliding windows and soft-capping, a SwiGLU or
+//! separate or fused projections, attention with (partial) RoPE and grouped KV heads, sliding windows and soft-capping, a SwiGLU or
 //! GeGLU MLP, Gemma's sandwich norms). Only differentiable ops or our
 //! CustomOps with a backward are used. Which weights a pass uses — the trained ones with
 //! adapters, or the reference as loaded — is the explicit [`Weights`] argument.
@@ -244,24 +244,29 @@ impl Dims {
     }
 }
 
-/// Linear modules inside a decoder layer, relative to the layer, in PEFT's order.
-pub const LINEAR_MODULES: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+/// The attention's input projections: separate (`q_proj`, `k_proj`, `v_proj`) or one fused
+/// `qkv_proj` whose output rows are queries, then keys, then values (Phi-3).
+// One per decoder layer: the variants' size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum QkvProj {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+/// The MLP's input projections: separate (`gate_proj`, `up_proj`) or one fused `gate_up_proj`
+/// whose output rows are the gate, then the up projection (Phi-3).
+#[derive(Clone)]
+pub enum GateUpProj {
+    Split { gate: Linear, up: Linear },
+    Fused(Linear),
+}
 
 #[derive(Clone)]
 pub struct DecoderLayer {
     pub index: usize,
     pub input_norm: Param,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    pub qkv: QkvProj,
     pub o: Linear,
     /// Per-head RMSNorm of queries and keys (Qwen3, Gemma 3).
     pub q_norm: Option<Param>,
@@ -273,8 +278,7 @@ pub struct DecoderLayer {
     pub sandwich: Option<(Param, Param)>,
     /// The window of a sliding-window attention layer.
     pub sliding_window: Option<usize>,
-    pub gate: Linear,
-    pub up: Linear,
+    pub gate_up: GateUpProj,
     pub down: Linear,
 }
 
@@ -283,17 +287,28 @@ impl DecoderLayer {
     pub(crate) fn new(l: usize, c: &ModelConfig, src: &mut dyn WeightSource) -> Result<Self> {
         let p = format!("model.layers.{l}");
         let mut linear = |m: &str, bias: bool| Linear::new(format!("{p}.{m}"), bias, &mut *src);
-        let (q, k, v) = (
-            linear("self_attn.q_proj", c.qkv_bias)?,
-            linear("self_attn.k_proj", c.qkv_bias)?,
-            linear("self_attn.v_proj", c.qkv_bias)?,
-        );
-        let o = linear("self_attn.o_proj", c.o_bias)?;
-        let (gate, up, down) = (
-            linear("mlp.gate_proj", false)?,
-            linear("mlp.up_proj", false)?,
-            linear("mlp.down_proj", false)?,
-        );
+        let (qkv, o, gate_up, down) = if c.fused_projections {
+            (
+                QkvProj::Fused(linear("self_attn.qkv_proj", c.qkv_bias)?),
+                linear("self_attn.o_proj", c.o_bias)?,
+                GateUpProj::Fused(linear("mlp.gate_up_proj", false)?),
+                linear("mlp.down_proj", false)?,
+            )
+        } else {
+            (
+                QkvProj::Split {
+                    q: linear("self_attn.q_proj", c.qkv_bias)?,
+                    k: linear("self_attn.k_proj", c.qkv_bias)?,
+                    v: linear("self_attn.v_proj", c.qkv_bias)?,
+                },
+                linear("self_attn.o_proj", c.o_bias)?,
+                GateUpProj::Split {
+                    gate: linear("mlp.gate_proj", false)?,
+                    up: linear("mlp.up_proj", false)?,
+                },
+                linear("mlp.down_proj", false)?,
+            )
+        };
         let mut norm =
             |n: &str| -> Result<Param> { Ok(Param::frozen(src.take(&format!("{p}.{n}"))?)) };
         Ok(Self {
@@ -317,33 +332,35 @@ impl DecoderLayer {
                 None
             },
             sliding_window: c.sliding_window[l],
-            q,
-            k,
-            v,
+            qkv,
             o,
-            gate,
-            up,
+            gate_up,
             down,
         })
     }
 
-    /// The linear modules, in [`LINEAR_MODULES`] order.
-    pub fn linears(&self) -> [&Linear; 7] {
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ]
+    /// The linear modules in PEFT's order: attention inputs, output, MLP inputs, down.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = match &self.qkv {
+            QkvProj::Split { q, k, v } => vec![q, k, v],
+            QkvProj::Fused(qkv) => vec![qkv],
+        };
+        out.push(&self.o);
+        match &self.gate_up {
+            GateUpProj::Split { gate, up } => out.extend([gate, up]),
+            GateUpProj::Fused(gate_up) => out.push(gate_up),
+        }
+        out.push(&self.down);
+        out
     }
 
-    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
-        [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        linears_of(
+            &mut self.qkv,
             &mut self.o,
-            &mut self.gate,
-            &mut self.up,
+            &mut self.gate_up,
             &mut self.down,
-        ]
+        )
     }
 
     /// Every tensor of the layer under its Hugging Face name (quantized weights are not tensors:
@@ -378,32 +395,33 @@ impl DecoderLayer {
 
     pub fn params_mut(&mut self) -> Vec<(String, &mut Param)> {
         let p = format!("model.layers.{}", self.index);
+        let Self {
+            input_norm,
+            qkv,
+            o,
+            q_norm,
+            k_norm,
+            post_norm,
+            sandwich,
+            gate_up,
+            down,
+            ..
+        } = self;
         let mut out = vec![
-            (format!("{p}.input_layernorm.weight"), &mut self.input_norm),
-            (
-                format!("{p}.post_attention_layernorm.weight"),
-                &mut self.post_norm,
-            ),
+            (format!("{p}.input_layernorm.weight"), input_norm),
+            (format!("{p}.post_attention_layernorm.weight"), post_norm),
         ];
-        if let Some(q) = &mut self.q_norm {
+        if let Some(q) = q_norm {
             out.push((format!("{p}.self_attn.q_norm.weight"), q));
         }
-        if let Some(k) = &mut self.k_norm {
+        if let Some(k) = k_norm {
             out.push((format!("{p}.self_attn.k_norm.weight"), k));
         }
-        if let Some((pre, post)) = &mut self.sandwich {
+        if let Some((pre, post)) = sandwich {
             out.push((format!("{p}.pre_feedforward_layernorm.weight"), pre));
             out.push((format!("{p}.post_feedforward_layernorm.weight"), post));
         }
-        for lin in [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
-            &mut self.o,
-            &mut self.gate,
-            &mut self.up,
-            &mut self.down,
-        ] {
+        for lin in linears_of(qkv, o, gate_up, down) {
             if let Some(w) = lin.weight.dense_mut() {
                 out.push((format!("{}.weight", lin.name), w));
             }
@@ -453,28 +471,49 @@ impl DecoderLayer {
             (Some(_), Some(local)) => (&local.cos, &local.sin, &local.mask),
             _ => (&pass.cos, &pass.sin, &pass.mask),
         };
-        let heads = |lin: &Linear,
-                     norm: Option<&Param>,
-                     count: usize,
-                     rng: Option<&mut ChaCha8Rng>|
-         -> Result<Tensor> {
-            let y = lin
-                .forward(&h, rng, weights, d.dtype)?
-                .reshape((bs, n, count, hd))?;
+        let heads = |y: Tensor, norm: Option<&Param>, count: usize| -> Result<Tensor> {
+            let y = y.reshape((bs, n, count, hd))?;
             let y = match norm {
                 Some(n) => d.norm(&y, &w(n)?)?,
                 None => y,
             };
             Ok(y.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(&self.q, self.q_norm.as_ref(), nh, rng.as_deref_mut())?;
-        let k = heads(&self.k, self.k_norm.as_ref(), nkv, rng.as_deref_mut())?;
-        let v = heads(&self.v, None, nkv, rng.as_deref_mut())?;
-        let rope = |x: &Tensor| -> Result<Tensor> {
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Split { q, k, v } => (
+                q.forward(&h, rng.as_deref_mut(), weights, d.dtype)?,
+                k.forward(&h, rng.as_deref_mut(), weights, d.dtype)?,
+                v.forward(&h, rng.as_deref_mut(), weights, d.dtype)?,
+            ),
+            QkvProj::Fused(qkv) => {
+                let y = qkv.forward(&h, rng.as_deref_mut(), weights, d.dtype)?;
+                (
+                    y.narrow(1, 0, nh * hd)?,
+                    y.narrow(1, nh * hd, nkv * hd)?,
+                    y.narrow(1, (nh + nkv) * hd, nkv * hd)?,
+                )
+            }
+        };
+        let q = heads(q, self.q_norm.as_ref(), nh)?;
+        let k = heads(k, self.k_norm.as_ref(), nkv)?;
+        let v = heads(v, None, nkv)?;
+        // Partial rotary (Phi-4-mini): the first `rot` dimensions of each head turn.
+        let rot = cos.dim(D::Minus1)?;
+        let rope_full = |x: &Tensor| -> Result<Tensor> {
             if crate::ops::fused_for(x) {
                 return Ok(crate::ops::rope(x, cos, sin)?);
             }
             Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
+        };
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            if rot == hd {
+                return rope_full(x);
+            }
+            let turned = rope_full(&x.narrow(D::Minus1, 0, rot)?.contiguous()?)?;
+            Ok(
+                Tensor::cat(&[&turned, &x.narrow(D::Minus1, rot, hd - rot)?], D::Minus1)?
+                    .contiguous()?,
+            )
         };
         let q = rope(&q)?;
         let mut k = rope(&k)?;
@@ -528,10 +567,17 @@ impl DecoderLayer {
                 (x, h)
             }
         };
-        let gate = self
-            .gate
-            .forward(&h, rng.as_deref_mut(), weights, d.dtype)?;
-        let up = self.up.forward(&h, rng.as_deref_mut(), weights, d.dtype)?;
+        let (gate, up) = match &self.gate_up {
+            GateUpProj::Split { gate, up } => (
+                gate.forward(&h, rng.as_deref_mut(), weights, d.dtype)?,
+                up.forward(&h, rng.as_deref_mut(), weights, d.dtype)?,
+            ),
+            GateUpProj::Fused(gate_up) => {
+                let y = gate_up.forward(&h, rng.as_deref_mut(), weights, d.dtype)?;
+                let i = y.dim(1)? / 2;
+                (y.narrow(1, 0, i)?, y.narrow(1, i, i)?)
+            }
+        };
         let act = match d.activation {
             Activation::Silu if crate::ops::fused_for(&gate) => crate::ops::swiglu(&gate, &up)?,
             Activation::Silu => (gate.silu()? * up)?,
@@ -545,6 +591,26 @@ impl DecoderLayer {
             Some((_, post_ff)) => (x + norm(&down, post_ff)?)?,
         })
     }
+}
+
+/// A layer's linear modules from its projection fields, in [`DecoderLayer::linears`] order.
+fn linears_of<'a>(
+    qkv: &'a mut QkvProj,
+    o: &'a mut Linear,
+    gate_up: &'a mut GateUpProj,
+    down: &'a mut Linear,
+) -> Vec<&'a mut Linear> {
+    let mut out = match qkv {
+        QkvProj::Split { q, k, v } => vec![q, k, v],
+        QkvProj::Fused(qkv) => vec![qkv],
+    };
+    out.push(o);
+    match gate_up {
+        GateUpProj::Split { gate, up } => out.extend([gate, up]),
+        GateUpProj::Fused(gate_up) => out.push(gate_up),
+    }
+    out.push(down);
+    out
 }
 
 /// What one forward pass shares across its layers.

@@ -1,5 +1,6 @@
 //! The decoder of the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`) and the Gemma family
-//! (`gemma`, `gemma2`, `gemma3_text`; see [`super::config::GemmaStyle`]): its weights resolved into
+//! (`gemma`, `gemma2`, `gemma3_text`; see [`super::config::GemmaStyle`]) and Phi-3 (`phi3`: fused
+//! projections, partial rotary, LongRoPE): its weights resolved into
 //! typed parts when the model is built (a missing weight fails the load), the name map PEFT
 //! files, freeze rules and exports use, and the forward passes: training passes with optional
 //! gradient checkpointing, per-sequence log-probabilities, the loss, and cached decoding.
@@ -357,8 +358,12 @@ impl Model {
         self.dims.norm(x, &self.norm.value(weights, self.dtype)?.0)
     }
 
+    /// RoPE tables `(B, 1, T, rotary_dim)` for `positions`. LongRoPE picks its factors from the
+    /// pass's furthest position, as transformers does at each forward.
     fn rope_tables(&self, positions: &[u32], batch: usize, seq: usize) -> Result<(Tensor, Tensor)> {
-        self.rope_tables_for(&self.cfg.inv_freq(), positions, batch, seq)
+        let len = positions.iter().max().map_or(0, |&p| p as usize + 1);
+        let (inv, scale) = self.cfg.rope_for(len);
+        self.rope_tables_for(&inv, scale, positions, batch, seq)
     }
 
     /// The sliding-window layers' tables, when the model has such layers: their RoPE (Gemma 3's
@@ -374,7 +379,7 @@ impl Model {
             return Ok(None);
         };
         let (cos, sin) = match self.cfg.local_inv_freq() {
-            Some(inv) => self.rope_tables_for(&inv, positions, batch, seq)?,
+            Some(inv) => self.rope_tables_for(&inv, 1.0, positions, batch, seq)?,
             None => self.rope_tables(positions, batch, seq)?,
         };
         Ok(Some(LocalTables {
@@ -387,6 +392,7 @@ impl Model {
     fn rope_tables_for(
         &self,
         inv: &[f64],
+        scale: f64,
         positions: &[u32],
         batch: usize,
         seq: usize,
@@ -399,8 +405,8 @@ impl Model {
             for _ in 0..2 {
                 for f in inv {
                     let a = p as f64 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
+                    cos.push(a.cos() * scale);
+                    sin.push(a.sin() * scale);
                 }
             }
         }

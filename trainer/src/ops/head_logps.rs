@@ -305,7 +305,10 @@ mod tests {
         // f32 sums over a 20,000-token vocabulary: relative to the largest gradient entry.
         let scale = diff(g_ref, &g_ref.zeros_like().unwrap());
         let d32 = diff(g32.get(h32.as_tensor()).unwrap(), g_ref);
-        assert!(d32 < 2e-5 * scale, "f32 gradient off by {d32} (scale {scale})");
+        assert!(
+            d32 < 2e-5 * scale,
+            "f32 gradient off by {d32} (scale {scale})"
+        );
     }
 
     /// A head stored in bf16 under an f32 model gives what the same head converted whole gives.

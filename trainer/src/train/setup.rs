@@ -282,7 +282,7 @@ fn apply_method(model: &mut Model, args: &TrainArgs) -> Result<Option<LoraSpec>>
             Ok(Some(match resume_adapter {
                 Some(a) => model.load_adapter(Path::new(&a), true)?,
                 None => {
-                    let spec = LoraSpec::from_args(args);
+                    let spec = LoraSpec::for_model(args, model);
                     model.add_lora(&spec, args.seed)?;
                     spec
                 }
