@@ -12,8 +12,8 @@ import sys
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig,
-                          MistralConfig, Phi3Config, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, GlmConfig,
+                          LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config)
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "models")
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -45,8 +45,14 @@ VARIANTS = {
                        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 2.0],
                                      "long_factor": [1.5, 3.0, 8.0]},
                        tie_word_embeddings=False),
+    # GLM (glm-4-9b-chat-hf) and GLM-4 (0414, with post-norms): interleaved partial rotary, fused gate_up,
+    # biased q/k/v; head_dim ≠ hidden/heads.
+    "glm": GlmConfig(**COMMON, head_dim=16, partial_rotary_factor=0.5, tie_word_embeddings=False,
+                     pad_token_id=0, eos_token_id=2),
+    "glm4": Glm4Config(**COMMON, head_dim=16, partial_rotary_factor=0.5, tie_word_embeddings=False,
+                       pad_token_id=0, eos_token_id=2),
 }
-BF16 = {"gemma", "gemma2", "gemma3_text", "phi3"}
+BF16 = {"gemma", "gemma2", "gemma3_text", "phi3", "glm", "glm4"}
 ONLY = set(sys.argv[1:])
 IDS = torch.tensor([[3, 17, 42, 5, 88, 9, 61, 23, 7, 50], [11, 2, 95, 33, 70, 4, 19, 66, 28, 81]])
 
@@ -87,8 +93,10 @@ for name, cfg in VARIANTS.items():
         if use_dora and name not in ("llama", "qwen2", "gemma2"):
             continue
         torch.manual_seed(1)
-        targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if name == "phi3" else \
-            ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+        targets = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                   "glm": ["q_proj", "v_proj", "gate_up_proj", "down_proj"],
+                   "glm4": ["q_proj", "k_proj", "o_proj", "gate_up_proj"]}.get(
+            name, ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
         peft_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                               init_lora_weights=False, use_dora=use_dora, task_type="CAUSAL_LM")
         pm = get_peft_model(AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32,

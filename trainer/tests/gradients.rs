@@ -110,7 +110,7 @@ fn with_lora(name: &str, args: &TrainArgs) -> Model {
     m
 }
 
-const VARIANTS: [&str; 9] = [
+const VARIANTS: [&str; 11] = [
     "llama",
     "llama3_scaled_tied",
     "mistral",
@@ -120,6 +120,8 @@ const VARIANTS: [&str; 9] = [
     "gemma2",
     "gemma3_text",
     "phi3",
+    "glm",
+    "glm4",
 ];
 
 #[test]

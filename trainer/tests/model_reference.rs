@@ -4,7 +4,8 @@
 //! checkpoints: Gemma ((1+w) norms, scaled embedding, GeGLU), Gemma 2 (sandwich norms, attention
 //! and final soft-capping, a sliding-window layer) and Gemma 3 text (q/k norms, local RoPE base,
 //! scaled global RoPE), and Phi-3 (fused qkv/gate-up projections, partial rotary, LongRoPE with
-//! both factor sets). Fixtures: `scripts/make_reference_models.py`.
+//! both factor sets), GLM and GLM-4 (interleaved partial rotary, fused gate-up, post-norms).
+//! Fixtures: `scripts/make_reference_models.py`.
 
 use std::path::PathBuf;
 
@@ -79,7 +80,7 @@ fn want(e: &serde_json::Value, key: &str) -> Vec<f64> {
         .collect()
 }
 
-const VARIANTS: [&str; 9] = [
+const VARIANTS: [&str; 11] = [
     "llama",
     "llama3_scaled_tied",
     "mistral",
@@ -89,6 +90,8 @@ const VARIANTS: [&str; 9] = [
     "gemma2",
     "gemma3_text",
     "phi3",
+    "glm",
+    "glm4",
 ];
 
 #[test]
@@ -114,6 +117,8 @@ fn peft_adapters_match_unmerged_and_merged() {
         ("gemma2", "lora"),
         ("gemma3_text", "lora"),
         ("phi3", "lora"),
+        ("glm", "lora"),
+        ("glm4", "lora"),
         ("llama", "dora"),
         ("qwen2", "dora"),
         ("gemma2", "dora"),
@@ -248,7 +253,7 @@ fn greedy_generation_matches_transformers_with_and_without_adapters() {
 /// error (tiny random models amplify rounding: transformers is 0.3–5% off here).
 #[test]
 fn bf16_compute_stays_within_rounding_of_the_reference() {
-    for name in ["gemma", "gemma2", "gemma3_text", "phi3"] {
+    for name in ["gemma", "gemma2", "gemma3_text", "phi3", "glm", "glm4"] {
         let e = expected(name);
         let reference = want(&e, "logits");
         let theirs = rel_err(&want(&e, "bf16_logits"), &reference);

@@ -1,7 +1,7 @@
 //! A Hugging Face `config.json` of the decoders we run: the Llama family (`llama`, `mistral`,
-//! `qwen2`, `qwen3`), the Gemma family (`gemma`, `gemma2`, `gemma3_text`) and Phi-3 / Phi-4-mini
-//! (`phi3`), read into one [`ModelConfig`] whose fields say what each architecture does
-//! differently.
+//! `qwen2`, `qwen3`), the Gemma family (`gemma`, `gemma2`, `gemma3_text`), Phi-3 / Phi-4-mini
+//! (`phi3`) and GLM-4 (`glm`, `glm4`), read into one [`ModelConfig`] whose fields say what each
+//! architecture does differently.
 
 use std::path::Path;
 
@@ -17,7 +17,40 @@ pub const SUPPORTED: &[&str] = &[
     "gemma2",
     "gemma3_text",
     "phi3",
+    "glm",
+    "glm4",
 ];
+
+/// Where a decoder layer normalises besides its input: the MLP's input norm, and the norms some
+/// families put on the attention and MLP outputs before they join the residual stream. Each
+/// names the Hugging Face weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NormLayout {
+    pub attn_out: Option<&'static str>,
+    pub mlp_in: &'static str,
+    pub mlp_out: Option<&'static str>,
+}
+
+impl NormLayout {
+    /// Llama: `post_attention_layernorm` is the MLP's input norm.
+    pub const LLAMA: Self = Self {
+        attn_out: None,
+        mlp_in: "post_attention_layernorm",
+        mlp_out: None,
+    };
+    /// Gemma 2 and 3: sandwich norms.
+    pub const GEMMA2: Self = Self {
+        attn_out: Some("post_attention_layernorm"),
+        mlp_in: "pre_feedforward_layernorm",
+        mlp_out: Some("post_feedforward_layernorm"),
+    };
+    /// GLM-4 (`glm4`): post-norms under their own names.
+    pub const GLM4: Self = Self {
+        attn_out: Some("post_self_attn_layernorm"),
+        mlp_in: "post_attention_layernorm",
+        mlp_out: Some("post_mlp_layernorm"),
+    };
+}
 
 /// The MLP's gate activation (`hidden_act` / `hidden_activation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,10 +66,6 @@ pub enum Activation {
 /// What the Gemma family does differently from Llama.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GemmaStyle {
-    /// Gemma 2 and 3: the attention output and the MLP output are normalised before they join
-    /// the residual stream (`post_attention_layernorm`, `post_feedforward_layernorm`), and the
-    /// MLP reads `pre_feedforward_layernorm`.
-    pub sandwich_norms: bool,
     /// `tanh` soft-capping of the attention scores (Gemma 2: `attn_logit_softcapping`).
     pub attn_softcap: Option<f64>,
     /// `tanh` soft-capping of the output logits (`final_logit_softcapping`).
@@ -104,8 +133,13 @@ pub struct ModelConfig {
     /// Leading dimensions of each head that RoPE rotates (`partial_rotary_factor`; Phi-4-mini
     /// rotates three quarters); the rest pass through.
     pub rotary_dim: usize,
-    /// One `qkv_proj` and one `gate_up_proj` instead of separate projections (Phi-3).
-    pub fused_projections: bool,
+    /// One `qkv_proj` instead of `q_proj`, `k_proj`, `v_proj` (Phi-3).
+    pub fused_qkv: bool,
+    /// One `gate_up_proj` instead of `gate_proj`, `up_proj` (Phi-3, GLM).
+    pub fused_gate_up: bool,
+    /// RoPE turns interleaved pairs `(x₀, x₁), (x₂, x₃), …` instead of the two halves (GLM).
+    pub interleaved_rope: bool,
+    pub norms: NormLayout,
     pub raw: serde_json::Map<String, Value>,
 }
 
@@ -177,6 +211,12 @@ impl ModelConfig {
                 file.display()
             );
         }
+        if model_type == "chatglm" {
+            bail!(
+                "{}: model_type `chatglm` (ChatGLM2/3 and the first GLM-4-9B release) is a remote-code layout this trainer does not load; use its transformers-native successor (`glm`: THUDM/glm-4-9b-chat-hf, or `glm4`: GLM-4-0414)",
+                file.display()
+            );
+        }
         if !SUPPORTED.contains(&model_type.as_str()) {
             bail!(
                 "{}: model_type `{model_type}` is not supported; supported: {}",
@@ -214,16 +254,17 @@ impl ModelConfig {
                 None => None,
             },
         };
+        let family = Family::of(&model_type);
+        // GLM's config classes default to biased q/k/v projections.
         let attention_bias = v
             .get("attention_bias")
             .and_then(Value::as_bool)
-            .unwrap_or(false);
+            .unwrap_or(matches!(family, Family::Glm(_)));
         let layers = num(&v, "num_hidden_layers", file)? as usize;
-        let family = Family::of(&model_type);
         let activation = activation(&v, family, file)?;
         let opt = |k: &str| v.get(k).and_then(Value::as_f64);
         let gemma = match family {
-            Family::Llama | Family::Phi3 => None,
+            Family::Llama | Family::Phi3 | Family::Glm(_) => None,
             Family::Gemma(generation) => {
                 if v.get("use_bidirectional_attention")
                     .and_then(Value::as_bool)
@@ -232,7 +273,6 @@ impl ModelConfig {
                     bail!("{}: `use_bidirectional_attention: true` (an embedding model) is not supported: this trainer runs causal language models", file.display());
                 }
                 Some(GemmaStyle {
-                    sandwich_norms: generation >= 2,
                     attn_softcap: if generation == 2 {
                         opt("attn_logit_softcapping")
                     } else {
@@ -257,13 +297,15 @@ impl ModelConfig {
         };
         let sliding_window = match family {
             Family::Gemma(g) if g >= 2 => sliding_layers(&v, g, layers, file)?,
-            // Phi-3 (and Mistral in transformers) apply one window to every layer.
-            Family::Phi3 => vec![
-                v.get("sliding_window")
-                    .and_then(Value::as_u64)
-                    .map(|w| w as usize);
-                layers
-            ],
+            // Phi-3 and Mistral (v0.1's 4,096) apply one window to every layer.
+            Family::Phi3 | Family::Llama if family == Family::Phi3 || model_type == "mistral" => {
+                vec![
+                    v.get("sliding_window")
+                        .and_then(Value::as_u64)
+                        .map(|w| w as usize);
+                    layers
+                ]
+            }
             _ => vec![None; layers],
         };
         let rotary_dim = (head_dim as f64
@@ -312,7 +354,8 @@ impl ModelConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(matches!(family, Family::Gemma(_))),
             qkv_bias: model_type == "qwen2" || attention_bias,
-            o_bias: attention_bias && model_type != "qwen2",
+            // GLM's o_proj never has a bias.
+            o_bias: attention_bias && model_type != "qwen2" && !matches!(family, Family::Glm(_)),
             qk_norm: matches!(model_type.as_str(), "qwen3" | "gemma3_text"),
             max_position_embeddings: v
                 .get("max_position_embeddings")
@@ -329,7 +372,14 @@ impl ModelConfig {
             sliding_window,
             gemma,
             rotary_dim,
-            fused_projections: family == Family::Phi3,
+            fused_qkv: family == Family::Phi3,
+            fused_gate_up: matches!(family, Family::Phi3 | Family::Glm(_)),
+            interleaved_rope: matches!(family, Family::Glm(_)),
+            norms: match family {
+                Family::Gemma(g) if g >= 2 => NormLayout::GEMMA2,
+                Family::Glm(4) => NormLayout::GLM4,
+                _ => NormLayout::LLAMA,
+            },
             model_type,
             raw: v,
         })
@@ -503,6 +553,8 @@ enum Family {
     /// Gemma 1, 2 or 3.
     Gemma(u8),
     Phi3,
+    /// `glm` (GLM-4-9B-chat-hf) or `glm4` (GLM-4-0414, with post-norms).
+    Glm(u8),
 }
 
 impl Family {
@@ -512,6 +564,8 @@ impl Family {
             "gemma2" => Family::Gemma(2),
             "gemma3_text" => Family::Gemma(3),
             "phi3" => Family::Phi3,
+            "glm" => Family::Glm(1),
+            "glm4" => Family::Glm(4),
             _ => Family::Llama,
         }
     }
@@ -527,7 +581,7 @@ fn activation(
     let (key, default) = match family {
         Family::Gemma(g) if g >= 2 => ("hidden_activation", Activation::GeluTanh),
         Family::Gemma(_) => ("hidden_act", Activation::GeluTanh),
-        Family::Llama | Family::Phi3 => ("hidden_act", Activation::Silu),
+        Family::Llama | Family::Phi3 | Family::Glm(_) => ("hidden_act", Activation::Silu),
     };
     Ok(match v.get(key).and_then(Value::as_str) {
         None => default,
@@ -658,7 +712,8 @@ mod tests {
         let c = cfg(json!({"model_type": "gemma", "head_dim": 16, "hidden_act": "gelu"})).unwrap();
         assert_eq!(c.activation, Activation::Gelu, "Gemma 1 follows hidden_act");
         assert_eq!(c.attn_scale, 0.25);
-        assert!(c.norm_plus_one() && !c.gemma.as_ref().unwrap().sandwich_norms);
+        assert!(c.norm_plus_one());
+        assert_eq!(c.norms, NormLayout::LLAMA);
         assert_eq!(c.sliding_window, vec![None]);
 
         let c = cfg(
@@ -670,7 +725,7 @@ mod tests {
         assert_eq!(c.attn_scale, 0.125);
         assert_eq!(c.sliding_window, vec![Some(8), None, Some(8), None]);
         let g = c.gemma.unwrap();
-        assert!(g.sandwich_norms);
+        assert_eq!(c.norms, NormLayout::GEMMA2);
         assert_eq!((g.attn_softcap, g.final_softcap), (None, Some(30.0)));
 
         let c = cfg(
@@ -707,7 +762,7 @@ mod tests {
             "rope_scaling": {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [4.0, 8.0]}}))
         .unwrap();
         assert_eq!((c.head_dim, c.rotary_dim), (8, 4));
-        assert!(c.fused_projections);
+        assert!(c.fused_qkv && c.fused_gate_up && !c.interleaved_rope);
         assert_eq!(c.sliding_window, vec![Some(5)], "one window on every layer");
         let (short, a) = c.rope_for(8);
         let (long, b) = c.rope_for(9);
@@ -726,5 +781,24 @@ mod tests {
             e.contains("`rope_scaling.short_factor` has 1 entries; 8 rotary dimensions need 4"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn glm_families_default_to_biased_qkv_and_interleaved_rope() {
+        let c = cfg(json!({"model_type": "glm4", "partial_rotary_factor": 0.5})).unwrap();
+        assert!(
+            c.qkv_bias && !c.o_bias,
+            "attention_bias defaults to true; o_proj has none"
+        );
+        assert!(c.interleaved_rope && c.fused_gate_up && !c.fused_qkv);
+        assert_eq!((c.head_dim, c.rotary_dim), (4, 2));
+        assert_eq!(c.norms, NormLayout::GLM4);
+        let e = cfg(json!({"model_type": "chatglm"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("glm-4-9b-chat-hf"), "{e}");
+        let c = cfg(json!({"model_type": "glm", "attention_bias": false})).unwrap();
+        assert!(!c.qkv_bias);
+        assert_eq!(c.norms, NormLayout::LLAMA);
     }
 }

@@ -218,6 +218,8 @@ pub(crate) struct Dims {
     pub attn_softcap: Option<f64>,
     /// RMSNorm weights are offsets from one (Gemma).
     pub norm_plus_one: bool,
+    /// RoPE on interleaved pairs (GLM).
+    pub interleaved_rope: bool,
 }
 
 impl Dims {
@@ -232,6 +234,7 @@ impl Dims {
             attn_scale: c.attn_scale,
             attn_softcap: c.gemma.as_ref().and_then(|g| g.attn_softcap),
             norm_plus_one: c.norm_plus_one(),
+            interleaved_rope: c.interleaved_rope,
         }
     }
 
@@ -246,6 +249,14 @@ impl Dims {
 
 /// The attention's input projections: separate (`q_proj`, `k_proj`, `v_proj`) or one fused
 /// `qkv_proj` whose output rows are queries, then keys, then values (Phi-3).
+/// A norm weight and its name inside the layer (`post_attention_layernorm`); the families put
+/// the same names in different places (see [`super::config::NormLayout`]).
+#[derive(Clone)]
+pub struct Norm {
+    pub name: &'static str,
+    pub p: Param,
+}
+
 // One per decoder layer: the variants' size difference costs nothing worth a box.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
@@ -271,11 +282,12 @@ pub struct DecoderLayer {
     /// Per-head RMSNorm of queries and keys (Qwen3, Gemma 3).
     pub q_norm: Option<Param>,
     pub k_norm: Option<Param>,
-    /// `post_attention_layernorm`: the MLP's input norm (Llama), or the attention output's
-    /// norm (Gemma 2/3, whose MLP reads `pre_ff_norm`).
-    pub post_norm: Param,
-    /// Gemma 2/3's `pre_feedforward_layernorm` and `post_feedforward_layernorm`.
-    pub sandwich: Option<(Param, Param)>,
+    /// The norm on the attention output before the residual add (Gemma 2/3, GLM-4).
+    pub attn_out_norm: Option<Norm>,
+    /// The MLP's input norm.
+    pub mlp_norm: Norm,
+    /// The norm on the MLP output before the residual add (Gemma 2/3, GLM-4).
+    pub mlp_out_norm: Option<Norm>,
     /// The window of a sliding-window attention layer.
     pub sliding_window: Option<usize>,
     pub gate_up: GateUpProj,
@@ -287,28 +299,25 @@ impl DecoderLayer {
     pub(crate) fn new(l: usize, c: &ModelConfig, src: &mut dyn WeightSource) -> Result<Self> {
         let p = format!("model.layers.{l}");
         let mut linear = |m: &str, bias: bool| Linear::new(format!("{p}.{m}"), bias, &mut *src);
-        let (qkv, o, gate_up, down) = if c.fused_projections {
-            (
-                QkvProj::Fused(linear("self_attn.qkv_proj", c.qkv_bias)?),
-                linear("self_attn.o_proj", c.o_bias)?,
-                GateUpProj::Fused(linear("mlp.gate_up_proj", false)?),
-                linear("mlp.down_proj", false)?,
-            )
+        let qkv = if c.fused_qkv {
+            QkvProj::Fused(linear("self_attn.qkv_proj", c.qkv_bias)?)
         } else {
-            (
-                QkvProj::Split {
-                    q: linear("self_attn.q_proj", c.qkv_bias)?,
-                    k: linear("self_attn.k_proj", c.qkv_bias)?,
-                    v: linear("self_attn.v_proj", c.qkv_bias)?,
-                },
-                linear("self_attn.o_proj", c.o_bias)?,
-                GateUpProj::Split {
-                    gate: linear("mlp.gate_proj", false)?,
-                    up: linear("mlp.up_proj", false)?,
-                },
-                linear("mlp.down_proj", false)?,
-            )
+            QkvProj::Split {
+                q: linear("self_attn.q_proj", c.qkv_bias)?,
+                k: linear("self_attn.k_proj", c.qkv_bias)?,
+                v: linear("self_attn.v_proj", c.qkv_bias)?,
+            }
         };
+        let o = linear("self_attn.o_proj", c.o_bias)?;
+        let gate_up = if c.fused_gate_up {
+            GateUpProj::Fused(linear("mlp.gate_up_proj", false)?)
+        } else {
+            GateUpProj::Split {
+                gate: linear("mlp.gate_proj", false)?,
+                up: linear("mlp.up_proj", false)?,
+            }
+        };
+        let down = linear("mlp.down_proj", false)?;
         let mut norm =
             |n: &str| -> Result<Param> { Ok(Param::frozen(src.take(&format!("{p}.{n}"))?)) };
         Ok(Self {
@@ -322,15 +331,17 @@ impl DecoderLayer {
                 .qk_norm
                 .then(|| norm("self_attn.k_norm.weight"))
                 .transpose()?,
-            post_norm: norm("post_attention_layernorm.weight")?,
-            sandwich: if c.gemma.as_ref().is_some_and(|g| g.sandwich_norms) {
-                Some((
-                    norm("pre_feedforward_layernorm.weight")?,
-                    norm("post_feedforward_layernorm.weight")?,
-                ))
-            } else {
-                None
-            },
+            attn_out_norm: c
+                .norms
+                .attn_out
+                .map(|name| named(name, &mut norm))
+                .transpose()?,
+            mlp_norm: named(c.norms.mlp_in, &mut norm)?,
+            mlp_out_norm: c
+                .norms
+                .mlp_out
+                .map(|name| named(name, &mut norm))
+                .transpose()?,
             sliding_window: c.sliding_window[l],
             qkv,
             o,
@@ -367,20 +378,20 @@ impl DecoderLayer {
     /// see [`Linear::weight`]).
     pub fn params(&self) -> Vec<(String, &Param)> {
         let p = format!("model.layers.{}", self.index);
-        let mut out = vec![
-            (format!("{p}.input_layernorm.weight"), &self.input_norm),
-            (
-                format!("{p}.post_attention_layernorm.weight"),
-                &self.post_norm,
-            ),
-        ];
+        let mut out = vec![(format!("{p}.input_layernorm.weight"), &self.input_norm)];
+        for n in [
+            self.attn_out_norm.as_ref(),
+            Some(&self.mlp_norm),
+            self.mlp_out_norm.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            out.push((format!("{p}.{}.weight", n.name), &n.p));
+        }
         if let (Some(q), Some(k)) = (&self.q_norm, &self.k_norm) {
             out.push((format!("{p}.self_attn.q_norm.weight"), q));
             out.push((format!("{p}.self_attn.k_norm.weight"), k));
-        }
-        if let Some((pre, post)) = &self.sandwich {
-            out.push((format!("{p}.pre_feedforward_layernorm.weight"), pre));
-            out.push((format!("{p}.post_feedforward_layernorm.weight"), post));
         }
         for lin in self.linears() {
             if let Some(w) = lin.weight.dense() {
@@ -401,25 +412,29 @@ impl DecoderLayer {
             o,
             q_norm,
             k_norm,
-            post_norm,
-            sandwich,
+            attn_out_norm,
+            mlp_norm,
+            mlp_out_norm,
             gate_up,
             down,
             ..
         } = self;
-        let mut out = vec![
-            (format!("{p}.input_layernorm.weight"), input_norm),
-            (format!("{p}.post_attention_layernorm.weight"), post_norm),
-        ];
+        let mut out = vec![(format!("{p}.input_layernorm.weight"), input_norm)];
+        for n in [
+            attn_out_norm.as_mut(),
+            Some(mlp_norm),
+            mlp_out_norm.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            out.push((format!("{p}.{}.weight", n.name), &mut n.p));
+        }
         if let Some(q) = q_norm {
             out.push((format!("{p}.self_attn.q_norm.weight"), q));
         }
         if let Some(k) = k_norm {
             out.push((format!("{p}.self_attn.k_norm.weight"), k));
-        }
-        if let Some((pre, post)) = sandwich {
-            out.push((format!("{p}.pre_feedforward_layernorm.weight"), pre));
-            out.push((format!("{p}.post_feedforward_layernorm.weight"), post));
         }
         for lin in linears_of(qkv, o, gate_up, down) {
             if let Some(w) = lin.weight.dense_mut() {
@@ -505,11 +520,32 @@ impl DecoderLayer {
             }
             Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
         };
+        // Interleaved pairs (GLM): the rotary dimensions of q and k are reordered evens-then-odds,
+        // which makes each pair a (i, i + rot/2) pair of the usual half rotation. Only q·k is
+        // used, and both get the same order, so nothing is put back.
+        let deinterleave = d
+            .interleaved_rope
+            .then(|| {
+                let order: Vec<u32> = (0..rot as u32)
+                    .step_by(2)
+                    .chain((1..rot as u32).step_by(2))
+                    .collect();
+                Tensor::from_vec(order, rot, cos.device())
+            })
+            .transpose()?;
         let rope = |x: &Tensor| -> Result<Tensor> {
+            let part = match &deinterleave {
+                Some(order) => x
+                    .narrow(D::Minus1, 0, rot)?
+                    .contiguous()?
+                    .index_select(order, 3)?,
+                None if rot == hd => return rope_full(x),
+                None => x.narrow(D::Minus1, 0, rot)?.contiguous()?,
+            };
             if rot == hd {
-                return rope_full(x);
+                return rope_full(&part);
             }
-            let turned = rope_full(&x.narrow(D::Minus1, 0, rot)?.contiguous()?)?;
+            let turned = rope_full(&part)?;
             Ok(
                 Tensor::cat(&[&turned, &x.narrow(D::Minus1, rot, hd - rot)?], D::Minus1)?
                     .contiguous()?,
@@ -555,18 +591,12 @@ impl DecoderLayer {
         let attn = self
             .o
             .forward(&attn, rng.as_deref_mut(), weights, d.dtype)?;
-        let (x, h) = match &self.sandwich {
-            None => {
-                let x = (x + attn)?;
-                let h = norm(&x, &self.post_norm)?;
-                (x, h)
-            }
-            Some((pre_ff, _)) => {
-                let x = (x + norm(&attn, &self.post_norm)?)?;
-                let h = norm(&x, pre_ff)?;
-                (x, h)
-            }
+        let attn = match &self.attn_out_norm {
+            Some(n) => norm(&attn, &n.p)?,
+            None => attn,
         };
+        let x = (x + attn)?;
+        let h = norm(&x, &self.mlp_norm.p)?;
         let (gate, up) = match &self.gate_up {
             GateUpProj::Split { gate, up } => (
                 gate.forward(&h, rng.as_deref_mut(), weights, d.dtype)?,
@@ -586,11 +616,18 @@ impl DecoderLayer {
             Activation::Gelu => (gate.gelu_erf()? * up)?,
         };
         let down = self.down.forward(&act, rng, weights, d.dtype)?;
-        Ok(match &self.sandwich {
+        Ok(match &self.mlp_out_norm {
             None => (x + down)?,
-            Some((_, post_ff)) => (x + norm(&down, post_ff)?)?,
+            Some(n) => (x + norm(&down, &n.p)?)?,
         })
     }
+}
+
+fn named(name: &'static str, norm: &mut impl FnMut(&str) -> Result<Param>) -> Result<Norm> {
+    Ok(Norm {
+        name,
+        p: norm(&format!("{name}.weight"))?,
+    })
 }
 
 /// A layer's linear modules from its projection fields, in [`DecoderLayer::linears`] order.
