@@ -110,19 +110,7 @@ fn with_lora(name: &str, args: &TrainArgs) -> Model {
     m
 }
 
-const VARIANTS: [&str; 11] = [
-    "llama",
-    "llama3_scaled_tied",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "glm",
-    "glm4",
-];
+const VARIANTS: [&str; 11] = common::MODEL_VARIANTS;
 
 #[test]
 fn lora_variants_match_finite_differences() {

@@ -7,10 +7,12 @@
 //! both factor sets), GLM and GLM-4 (interleaved partial rotary, fused gate-up, post-norms).
 //! Fixtures: `scripts/make_reference_models.py`.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use trainer::model::{Batch, Model, RowRef};
+use trainer::model::{Batch, Model};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models")
@@ -23,29 +25,23 @@ fn expected(name: &str) -> serde_json::Value {
     .unwrap()
 }
 
-fn batch(e: &serde_json::Value) -> Batch {
-    let rows: Vec<Vec<u32>> = e["input_ids"]
+/// The rows of `input_ids` cut to `len` tokens, every token trained.
+fn rows(e: &serde_json::Value, len: usize) -> Vec<Vec<u32>> {
+    e["input_ids"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| {
-            r.as_array()
-                .unwrap()
+            r.as_array().unwrap()[..len.min(r.as_array().unwrap().len())]
                 .iter()
                 .map(|x| x.as_u64().unwrap() as u32)
                 .collect()
         })
-        .collect();
-    let labels: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&x| x as i64).collect())
-        .collect();
-    let refs: Vec<RowRef> = rows
-        .iter()
-        .zip(&labels)
-        .map(|(r, l)| (r.as_slice(), l.as_slice(), None))
-        .collect();
-    Batch::pad(&refs, 0)
+        .collect()
+}
+
+fn batch(e: &serde_json::Value) -> Batch {
+    common::full_rows(&rows(e, usize::MAX))
 }
 
 fn rel_err(ours: &[f64], theirs: &[f64]) -> f64 {
@@ -80,19 +76,7 @@ fn want(e: &serde_json::Value, key: &str) -> Vec<f64> {
         .collect()
 }
 
-const VARIANTS: [&str; 11] = [
-    "llama",
-    "llama3_scaled_tied",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "phi3",
-    "glm",
-    "glm4",
-];
+const VARIANTS: [&str; 11] = common::MODEL_VARIANTS;
 
 #[test]
 fn logits_match_transformers_for_every_variant() {
@@ -271,27 +255,7 @@ fn bf16_compute_stays_within_rounding_of_the_reference() {
 #[test]
 fn long_rope_uses_the_short_factors_within_the_original_length() {
     let e = expected("phi3");
-    let rows: Vec<Vec<u32>> = e["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array().unwrap()[..6]
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    let labels: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&x| x as i64).collect())
-        .collect();
-    let refs: Vec<RowRef> = rows
-        .iter()
-        .zip(&labels)
-        .map(|(r, l)| (r.as_slice(), l.as_slice(), None))
-        .collect();
-    let b = Batch::pad(&refs, 0);
+    let b = common::full_rows(&rows(&e, 6));
     let model = Model::load(&fixtures().join("phi3"), DType::F32, &Device::Cpu).unwrap();
     let err = rel_err(&logits(&model, &b), &want(&e, "prefix_logits"));
     assert!(err < 1e-4, "phi3 prefix: relative error {err}");
