@@ -13,7 +13,8 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, GlmConfig,
-                          LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config)
+                          LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig,
+                          Qwen3Config, Qwen3MoeConfig)
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "models")
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -51,8 +52,17 @@ VARIANTS = {
                      pad_token_id=0, eos_token_id=2),
     "glm4": Glm4Config(**COMMON, head_dim=16, partial_rotary_factor=0.5, tie_word_embeddings=False,
                        pad_token_id=0, eos_token_id=2),
+    # Mixtures of experts, 4 experts, top 2: Mixtral (renormalised top-k), Qwen2-MoE (shared expert with a
+    # sigmoid gate, layer 1 dense via mlp_only_layers), Qwen3-MoE (q/k norms, norm_topk_prob).
+    "mixtral": MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+    "qwen2_moe": Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                shared_expert_intermediate_size=40, mlp_only_layers=[1], norm_topk_prob=False,
+                                tie_word_embeddings=False),
+    "qwen3_moe": Qwen3MoeConfig(**COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                norm_topk_prob=True, tie_word_embeddings=True),
 }
-BF16 = {"gemma", "gemma2", "gemma3_text", "phi3", "glm", "glm4"}
+BF16 = {"gemma", "gemma2", "gemma3_text", "phi3", "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe"}
 ONLY = set(sys.argv[1:])
 IDS = torch.tensor([[3, 17, 42, 5, 88, 9, 61, 23, 7, 50], [11, 2, 95, 33, 70, 4, 19, 66, 28, 81]])
 
@@ -68,6 +78,8 @@ for name, cfg in VARIANTS.items():
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif n.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+            elif n.endswith("mlp.gate.weight") or n.endswith("block_sparse_moe.gate.weight"):
+                p.mul_(40.0)  # decisive routers: a near-tie must not flip between implementations
     d = os.path.join(OUT, name)
     if name in BF16:
         model.to(torch.bfloat16).save_pretrained(d, safe_serialization=True)
@@ -81,6 +93,9 @@ for name, cfg in VARIANTS.items():
     if name == "phi3":
         with torch.no_grad():
             expected["prefix_logits"] = model(IDS[:, :6]).logits.flatten().tolist()
+    if name in MOE:  # the load-balancing loss on the same rows (no padding)
+        with torch.no_grad():
+            expected["aux_loss"] = model(IDS, output_router_logits=True).aux_loss.item()
     if name in BF16:  # transformers' own bf16 compute, to bound ours by its rounding
         with torch.no_grad():
             half = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.bfloat16, attn_implementation="eager")
@@ -95,7 +110,10 @@ for name, cfg in VARIANTS.items():
         torch.manual_seed(1)
         targets = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
                    "glm": ["q_proj", "v_proj", "gate_up_proj", "down_proj"],
-                   "glm4": ["q_proj", "k_proj", "o_proj", "gate_up_proj"]}.get(
+                   "glm4": ["q_proj", "k_proj", "o_proj", "gate_up_proj"],
+                   "mixtral": ["q_proj", "v_proj", "gate", "w1", "w2"],
+                   "qwen2_moe": ["q_proj", "gate", "gate_proj", "down_proj", "shared_expert_gate"],
+                   "qwen3_moe": ["q_proj", "o_proj", "gate", "up_proj"]}.get(
             name, ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
         peft_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                               init_lora_weights=False, use_dora=use_dora, task_type="CAUSAL_LM")

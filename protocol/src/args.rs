@@ -28,6 +28,8 @@ pub struct TrainArgs {
     pub model_revision: String,
     pub low_cpu_mem_usage: bool,
     pub rope_scaling: Option<RopeScalingType>,
+    /// Mixture-of-experts models: the load-balancing loss's coefficient (turns the loss on).
+    pub moe_aux_loss_coef: Option<f64>,
     pub flash_attn: String,
     pub shift_attn: bool,
     pub use_unsloth: bool,
@@ -201,6 +203,7 @@ impl Default for TrainArgs {
             model_revision: "main".into(),
             low_cpu_mem_usage: true,
             rope_scaling: None,
+            moe_aux_loss_coef: None,
             flash_attn: "auto".into(),
             shift_attn: false,
             use_unsloth: false,

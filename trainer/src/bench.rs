@@ -87,6 +87,9 @@ pub struct TrainBenchConfig {
     pub checkpointing: bool,
     /// A quantized base (QLoRA): the linear weights are quantized as they are made.
     pub quant: Option<crate::model::quant::QuantFormat>,
+    /// A Mixtral-style mixture of this many experts (each of the dense MLP's size), top 2,
+    /// instead of the dense MLP.
+    pub experts: Option<usize>,
     pub device: candle_core::Device,
     pub dtype: candle_core::DType,
 }
@@ -116,6 +119,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             batch: 4,
             checkpointing: false,
             quant: None,
+            experts: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
         },
@@ -133,6 +137,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             batch: 1,
             checkpointing: false,
             quant: None,
+            experts: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
         },
@@ -151,6 +156,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             batch: 4,
             checkpointing: false,
             quant: None,
+            experts: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
         },
@@ -169,6 +175,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             batch: 1,
             checkpointing: false,
             quant: None,
+            experts: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
         },
@@ -258,16 +265,22 @@ fn train_steps_for(
     Ok((median, rows_n * c.seq))
 }
 
-/// A seeded random Llama of the bench shapes, with LoRA (rank 8, alpha 16, all linears) unless
+/// A seeded random Llama (or, with `experts`, Mixtral) of the bench shapes, with LoRA (rank 8,
+/// alpha 16, all linears) unless
 /// `full`, in which case every weight trains.
 pub fn random_model(c: &TrainBenchConfig, full: bool) -> Result<crate::model::Model> {
     use crate::model::adapter::LoraSpec;
     use crate::model::{Model, ModelConfig};
     use candle_core::{DType, Device, Tensor};
     use rand::SeedableRng;
-    let raw = json!({"model_type": "llama", "vocab_size": c.vocab, "hidden_size": c.hidden, "intermediate_size": c.intermediate,
+    let mut raw = json!({"model_type": "llama", "vocab_size": c.vocab, "hidden_size": c.hidden, "intermediate_size": c.intermediate,
         "num_hidden_layers": c.layers, "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads,
         "rms_norm_eps": c.eps, "rope_theta": 10000.0, "tie_word_embeddings": c.tied, "max_position_embeddings": 1024});
+    if let Some(e) = c.experts {
+        raw["model_type"] = json!("mixtral");
+        raw["num_local_experts"] = json!(e);
+        raw["num_experts_per_tok"] = json!(2.min(e));
+    }
     let cfg = ModelConfig::from_json(raw, Path::new("bench"))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let dev = Device::Cpu;
@@ -323,10 +336,38 @@ pub fn random_model(c: &TrainBenchConfig, full: bool) -> Result<crate::model::Mo
             ("self_attn.k_proj", c.kv_heads * hd, c.hidden),
             ("self_attn.v_proj", c.kv_heads * hd, c.hidden),
             ("self_attn.o_proj", c.hidden, c.heads * hd),
-            ("mlp.gate_proj", c.intermediate, c.hidden),
-            ("mlp.up_proj", c.intermediate, c.hidden),
-            ("mlp.down_proj", c.hidden, c.intermediate),
         ] {
+            add(format!("{p}.{m}.weight"), &[o, i], false, &mut rng)?;
+        }
+        let mlp: Vec<(String, usize, usize)> = match c.experts {
+            None => vec![
+                ("mlp.gate_proj".into(), c.intermediate, c.hidden),
+                ("mlp.up_proj".into(), c.intermediate, c.hidden),
+                ("mlp.down_proj".into(), c.hidden, c.intermediate),
+            ],
+            Some(e) => std::iter::once(("block_sparse_moe.gate".into(), e, c.hidden))
+                .chain((0..e).flat_map(|x| {
+                    [
+                        (
+                            format!("block_sparse_moe.experts.{x}.w1"),
+                            c.intermediate,
+                            c.hidden,
+                        ),
+                        (
+                            format!("block_sparse_moe.experts.{x}.w3"),
+                            c.intermediate,
+                            c.hidden,
+                        ),
+                        (
+                            format!("block_sparse_moe.experts.{x}.w2"),
+                            c.hidden,
+                            c.intermediate,
+                        ),
+                    ]
+                }))
+                .collect(),
+        };
+        for (m, o, i) in mlp {
             add(format!("{p}.{m}.weight"), &[o, i], false, &mut rng)?;
         }
         add(
@@ -354,7 +395,7 @@ pub fn random_model(c: &TrainBenchConfig, full: bool) -> Result<crate::model::Mo
             lora_alpha: Some(16.0),
             ..TrainArgs::default()
         };
-        model.add_lora(&LoraSpec::from_args(&args), 0)?;
+        model.add_lora(&LoraSpec::for_model(&args, &model), 0)?;
     }
     Ok(model)
 }

@@ -5,7 +5,8 @@
 //! and final soft-capping, a sliding-window layer) and Gemma 3 text (q/k norms, local RoPE base,
 //! scaled global RoPE), and Phi-3 (fused qkv/gate-up projections, partial rotary, LongRoPE with
 //! both factor sets), GLM and GLM-4 (interleaved partial rotary, fused gate-up, post-norms).
-//! Fixtures: `scripts/make_reference_models.py`.
+//! Mixtral, Qwen2-MoE and Qwen3-MoE (top-k routing, shared expert, dense layers, load-balancing
+//! loss). Fixtures: `scripts/make_reference_models.py`.
 
 mod common;
 
@@ -76,7 +77,7 @@ fn want(e: &serde_json::Value, key: &str) -> Vec<f64> {
         .collect()
 }
 
-const VARIANTS: [&str; 11] = common::MODEL_VARIANTS;
+const VARIANTS: [&str; 14] = common::MODEL_VARIANTS;
 
 #[test]
 fn logits_match_transformers_for_every_variant() {
@@ -103,6 +104,9 @@ fn peft_adapters_match_unmerged_and_merged() {
         ("phi3", "lora"),
         ("glm", "lora"),
         ("glm4", "lora"),
+        ("mixtral", "lora"),
+        ("qwen2_moe", "lora"),
+        ("qwen3_moe", "lora"),
         ("llama", "dora"),
         ("qwen2", "dora"),
         ("gemma2", "dora"),
@@ -115,23 +119,21 @@ fn peft_adapters_match_unmerged_and_merged() {
             .load_adapter(&fixtures().join(name).join(adapter), true)
             .unwrap();
         assert_eq!(spec.use_dora, adapter == "dora");
-        let targets = serde_json::from_str::<serde_json::Value>(
-            &std::fs::read_to_string(
-                fixtures()
-                    .join(name)
-                    .join(adapter)
-                    .join("adapter_config.json"),
-            )
-            .unwrap(),
+        let wrapped = candle_core::safetensors::load(
+            fixtures()
+                .join(name)
+                .join(adapter)
+                .join("adapter_model.safetensors"),
+            &Device::Cpu,
         )
-        .unwrap()["target_modules"]
-            .as_array()
-            .unwrap()
-            .len();
+        .unwrap()
+        .keys()
+        .filter(|k| k.ends_with("lora_A.weight"))
+        .count();
         assert_eq!(
             model.lora_layers().len(),
-            2 * targets,
-            "two layers × every target"
+            wrapped,
+            "every module PEFT wrapped"
         );
         let err = rel_err(&logits(&model, &b), &reference);
         assert!(
@@ -237,7 +239,17 @@ fn greedy_generation_matches_transformers_with_and_without_adapters() {
 /// error (tiny random models amplify rounding: transformers is 0.3–5% off here).
 #[test]
 fn bf16_compute_stays_within_rounding_of_the_reference() {
-    for name in ["gemma", "gemma2", "gemma3_text", "phi3", "glm", "glm4"] {
+    for name in [
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "glm",
+        "glm4",
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+    ] {
         let e = expected(name);
         let reference = want(&e, "logits");
         let theirs = rel_err(&want(&e, "bf16_logits"), &reference);
@@ -259,4 +271,24 @@ fn long_rope_uses_the_short_factors_within_the_original_length() {
     let model = Model::load(&fixtures().join("phi3"), DType::F32, &Device::Cpu).unwrap();
     let err = rel_err(&logits(&model, &b), &want(&e, "prefix_logits"));
     assert!(err < 1e-4, "phi3 prefix: relative error {err}");
+}
+
+/// The load-balancing loss of each mixture of experts equals transformers' `aux_loss` on the same
+/// rows: the loss with the coefficient 1 minus the loss without, per labelled token.
+#[test]
+fn load_balancing_loss_matches_transformers() {
+    for name in ["mixtral", "qwen2_moe", "qwen3_moe"] {
+        let e = expected(name);
+        let b = batch(&e);
+        let mut model = Model::load(&fixtures().join(name), DType::F64, &Device::Cpu).unwrap();
+        let (ce, n) = model.loss_sum(&b, None).unwrap();
+        model.router_aux_loss_coef = Some(1.0);
+        let (with_aux, _) = model.loss_sum(&b, None).unwrap();
+        let aux = ((with_aux - ce).unwrap().to_scalar::<f64>().unwrap()) / n as f64;
+        let want = e["aux_loss"].as_f64().unwrap();
+        assert!(
+            (aux - want).abs() < 1e-5 * want,
+            "{name}: aux {aux} vs transformers {want}"
+        );
+    }
 }

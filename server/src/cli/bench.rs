@@ -73,6 +73,11 @@ pub enum BenchCommand {
         /// such option).
         #[arg(long)]
         seq: Option<usize>,
+        /// Also time the shape as a Mixtral-style mixture of this many experts (top 2, each the
+        /// dense MLP's size), next to the dense model and to the dense model with all the
+        /// experts' MLP work (ours only).
+        #[arg(long)]
+        experts: Option<usize>,
         /// The PyTorch side (dev machines keep it in the shared folder).
         #[arg(long, default_value = "../shared/bench/bench_torch_lora.py")]
         torch_script: PathBuf,
@@ -170,6 +175,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             quantization_method,
             batch,
             seq,
+            experts,
             torch_script,
             python,
         } => {
@@ -242,6 +248,42 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
                     tokens as f64 / u.total
                 );
             }
+            if let Some(e) = experts {
+                anyhow::ensure!(e >= 2, "--experts needs at least 2 experts");
+                let moe = trainer::bench::TrainBenchConfig {
+                    experts: Some(e),
+                    ..trainer::bench::train_bench_config(&config)?
+                };
+                let moe = trainer::bench::TrainBenchConfig {
+                    checkpointing: c.checkpointing,
+                    batch: c.batch,
+                    seq: c.seq,
+                    ..moe
+                };
+                let (m, _) = trainer::bench::train_steps(&moe, full, steps)?;
+                // The same work done densely: every token through all the experts' MLPs.
+                let wide = trainer::bench::TrainBenchConfig {
+                    intermediate: c.intermediate * e,
+                    checkpointing: c.checkpointing,
+                    batch: c.batch,
+                    seq: c.seq,
+                    ..trainer::bench::train_bench_config(&config)?
+                };
+                let (w, _) = trainer::bench::train_steps(&wide, full, steps)?;
+                println!(
+                    "| llamafactory (candle), {e} experts, top 2 | {} | {method} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | |",
+                    c.name, m.total, m.forward, m.backward, m.optimizer, tokens as f64 / m.total
+                );
+                println!(
+                    "| llamafactory (candle), dense MLP {e}× as wide | {} | {method} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | |",
+                    c.name, w.total, w.forward, w.backward, w.optimizer, tokens as f64 / w.total
+                );
+                println!(
+                    "\nMoE step / dense step: {:.2}×; MoE step / every expert run densely: {:.2}× (top 2 of {e}: only the chosen experts run)\n",
+                    m.total / t.total,
+                    m.total / w.total
+                );
+            }
             if dpo {
                 let (d, _) = trainer::bench::dpo_steps(&c, full, steps)?;
                 println!(
@@ -253,7 +295,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
                     d.total / t.total
                 );
             }
-            if seq.is_some() || batch.is_some() || quantization_bit.is_some() {
+            if seq.is_some() || batch.is_some() || quantization_bit.is_some() || experts.is_some() {
                 println!("\n(PyTorch side not run: its script trains only the shape's own batch and sequence length, in full precision)");
             } else if torch_script.exists() {
                 match run_torch(&python, &torch_script, &config, full, steps, threads) {

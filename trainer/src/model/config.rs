@@ -1,7 +1,8 @@
 //! A Hugging Face `config.json` of the decoders we run: the Llama family (`llama`, `mistral`,
 //! `qwen2`, `qwen3`), the Gemma family (`gemma`, `gemma2`, `gemma3_text`), Phi-3 / Phi-4-mini
-//! (`phi3`) and GLM-4 (`glm`, `glm4`), read into one [`ModelConfig`] whose fields say what each
-//! architecture does differently.
+//! (`phi3`), GLM-4 (`glm`, `glm4`) and the mixtures of experts (`mixtral`, `qwen2_moe`,
+//! `qwen3_moe`), read into one [`ModelConfig`] whose fields say what each architecture does
+//! differently.
 
 use std::path::Path;
 
@@ -19,7 +20,39 @@ pub const SUPPORTED: &[&str] = &[
     "phi3",
     "glm",
     "glm4",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
 ];
+
+/// How a mixture-of-experts checkpoint names its MLP weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeNaming {
+    /// `block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1|w3|w2` (gate, up, down).
+    Mixtral,
+    /// `mlp.gate`, `mlp.experts.{e}.gate_proj|up_proj|down_proj`, `mlp.shared_expert.*`,
+    /// `mlp.shared_expert_gate`.
+    Qwen,
+}
+
+/// A sparse MLP: a router picks `top_k` of `experts` per token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Renormalise the chosen experts' probabilities to sum to one (Mixtral always; Qwen's
+    /// `norm_topk_prob`).
+    pub renormalize: bool,
+    /// Qwen2-MoE's always-on shared expert (gated by a sigmoid).
+    pub shared_expert: bool,
+    /// Per layer: sparse (`decoder_sparse_step`, not in `mlp_only_layers`) or a dense MLP.
+    pub sparse_layers: Vec<bool>,
+    /// `router_aux_loss_coef`, and whether the checkpoint asks for the load-balancing loss in
+    /// training (`output_router_logits`; LLaMA-Factory's `moe_aux_loss_coef` turns it on).
+    pub router_aux_loss_coef: f64,
+    pub output_router_logits: bool,
+    pub naming: MoeNaming,
+}
 
 /// Where a decoder layer normalises besides its input: the MLP's input norm, and the norms some
 /// families put on the attention and MLP outputs before they join the residual stream. Each
@@ -140,6 +173,8 @@ pub struct ModelConfig {
     /// RoPE turns interleaved pairs `(x₀, x₁), (x₂, x₃), …` instead of the two halves (GLM).
     pub interleaved_rope: bool,
     pub norms: NormLayout,
+    /// Mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE).
+    pub moe: Option<MoeConfig>,
     pub raw: serde_json::Map<String, Value>,
 }
 
@@ -297,8 +332,11 @@ impl ModelConfig {
         };
         let sliding_window = match family {
             Family::Gemma(g) if g >= 2 => sliding_layers(&v, g, layers, file)?,
-            // Phi-3 and Mistral (v0.1's 4,096) apply one window to every layer.
-            Family::Phi3 | Family::Llama if family == Family::Phi3 || model_type == "mistral" => {
+            // Phi-3, Mistral (v0.1's 4,096) and Mixtral apply one window to every layer.
+            Family::Phi3 | Family::Llama
+                if family == Family::Phi3
+                    || matches!(model_type.as_str(), "mistral" | "mixtral") =>
+            {
                 vec![
                     v.get("sliding_window")
                         .and_then(Value::as_u64)
@@ -353,10 +391,15 @@ impl ModelConfig {
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(matches!(family, Family::Gemma(_))),
-            qkv_bias: model_type == "qwen2" || attention_bias,
+            qkv_bias: model_type == "qwen2"
+                || (model_type == "qwen2_moe"
+                    && v.get("qkv_bias").and_then(Value::as_bool).unwrap_or(true))
+                || attention_bias,
             // GLM's o_proj never has a bias.
-            o_bias: attention_bias && model_type != "qwen2" && !matches!(family, Family::Glm(_)),
-            qk_norm: matches!(model_type.as_str(), "qwen3" | "gemma3_text"),
+            o_bias: attention_bias
+                && !matches!(model_type.as_str(), "qwen2" | "qwen2_moe")
+                && !matches!(family, Family::Glm(_)),
+            qk_norm: matches!(model_type.as_str(), "qwen3" | "qwen3_moe" | "gemma3_text"),
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(Value::as_f64)
@@ -372,6 +415,7 @@ impl ModelConfig {
             sliding_window,
             gemma,
             rotary_dim,
+            moe: moe_config(&v, &model_type, layers, file)?,
             fused_qkv: family == Family::Phi3,
             fused_gate_up: matches!(family, Family::Phi3 | Family::Glm(_)),
             interleaved_rope: matches!(family, Family::Glm(_)),
@@ -496,6 +540,63 @@ impl ModelConfig {
             }
         }
     }
+}
+
+/// The MoE keys of `mixtral`, `qwen2_moe` and `qwen3_moe` (transformers' defaults where absent).
+fn moe_config(
+    v: &serde_json::Map<String, Value>,
+    model_type: &str,
+    layers: usize,
+    file: &Path,
+) -> Result<Option<MoeConfig>> {
+    let int = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
+    let (naming, experts_key) = match model_type {
+        "mixtral" => (MoeNaming::Mixtral, "num_local_experts"),
+        "qwen2_moe" | "qwen3_moe" => (MoeNaming::Qwen, "num_experts"),
+        _ => return Ok(None),
+    };
+    let experts = int(experts_key).unwrap_or(if naming == MoeNaming::Mixtral { 8 } else { 60 });
+    let top_k =
+        int("num_experts_per_tok").unwrap_or(if naming == MoeNaming::Mixtral { 2 } else { 4 });
+    if top_k == 0 || top_k > experts {
+        bail!(
+            "{}: `num_experts_per_tok` is {top_k} with {experts} experts",
+            file.display()
+        );
+    }
+    let step = int("decoder_sparse_step").unwrap_or(1).max(1);
+    let dense: Vec<usize> = v
+        .get("mlp_only_layers")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as usize)
+                .collect()
+        })
+        .unwrap_or_default();
+    let sparse_layers = (0..layers)
+        .map(|l| naming == MoeNaming::Mixtral || (!dense.contains(&l) && (l + 1) % step == 0))
+        .collect();
+    Ok(Some(MoeConfig {
+        experts,
+        top_k,
+        renormalize: naming == MoeNaming::Mixtral
+            || v.get("norm_topk_prob")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        shared_expert: model_type == "qwen2_moe",
+        sparse_layers,
+        router_aux_loss_coef: v
+            .get("router_aux_loss_coef")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.001),
+        output_router_logits: v
+            .get("output_router_logits")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        naming,
+    }))
 }
 
 /// LongRoPE as transformers computes it: with `original_max_position_embeddings` in the config,
@@ -800,5 +901,39 @@ mod tests {
         let c = cfg(json!({"model_type": "glm", "attention_bias": false})).unwrap();
         assert!(!c.qkv_bias);
         assert_eq!(c.norms, NormLayout::LLAMA);
+    }
+
+    #[test]
+    fn moe_families_read_their_experts_and_sparse_layers() {
+        let c =
+            cfg(json!({"model_type": "mixtral", "num_hidden_layers": 2, "num_local_experts": 8}))
+                .unwrap();
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.renormalize, m.shared_expert),
+            (8, 2, true, false)
+        );
+        assert_eq!(m.naming, MoeNaming::Mixtral);
+        let c = cfg(
+            json!({"model_type": "qwen2_moe", "num_hidden_layers": 4, "num_experts": 6,
+            "decoder_sparse_step": 2, "mlp_only_layers": [3], "output_router_logits": true}),
+        )
+        .unwrap();
+        assert!(c.qkv_bias, "qwen2_moe's qkv_bias defaults to true");
+        let m = c.moe.unwrap();
+        assert_eq!(m.sparse_layers, vec![false, true, false, false]);
+        assert!(m.shared_expert && !m.renormalize && m.output_router_logits);
+        assert_eq!((m.top_k, m.router_aux_loss_coef), (4, 0.001));
+        let c = cfg(json!({"model_type": "qwen3_moe", "num_experts": 4, "norm_topk_prob": true}))
+            .unwrap();
+        assert!(c.qk_norm && c.moe.unwrap().renormalize);
+        let e =
+            cfg(json!({"model_type": "mixtral", "num_local_experts": 2, "num_experts_per_tok": 3}))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("`num_experts_per_tok` is 3 with 2 experts"),
+            "{e}"
+        );
     }
 }

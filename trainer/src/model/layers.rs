@@ -13,6 +13,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{Activation, ModelConfig};
+use super::mlp::Mlp;
 use super::quant::{quant_linear, QuantWeight};
 use super::weights::WeightSource;
 
@@ -123,7 +124,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn new(name: String, bias: bool, src: &mut dyn WeightSource) -> Result<Self> {
+    pub(crate) fn new(name: String, bias: bool, src: &mut dyn WeightSource) -> Result<Self> {
         Ok(Self {
             weight: src.take_linear(&format!("{name}.weight"))?,
             bias: if bias {
@@ -265,14 +266,6 @@ pub enum QkvProj {
     Fused(Linear),
 }
 
-/// The MLP's input projections: separate (`gate_proj`, `up_proj`) or one fused `gate_up_proj`
-/// whose output rows are the gate, then the up projection (Phi-3).
-#[derive(Clone)]
-pub enum GateUpProj {
-    Split { gate: Linear, up: Linear },
-    Fused(Linear),
-}
-
 #[derive(Clone)]
 pub struct DecoderLayer {
     pub index: usize,
@@ -290,8 +283,7 @@ pub struct DecoderLayer {
     pub mlp_out_norm: Option<Norm>,
     /// The window of a sliding-window attention layer.
     pub sliding_window: Option<usize>,
-    pub gate_up: GateUpProj,
-    pub down: Linear,
+    pub mlp: Mlp,
 }
 
 impl DecoderLayer {
@@ -309,15 +301,7 @@ impl DecoderLayer {
             }
         };
         let o = linear("self_attn.o_proj", c.o_bias)?;
-        let gate_up = if c.fused_gate_up {
-            GateUpProj::Fused(linear("mlp.gate_up_proj", false)?)
-        } else {
-            GateUpProj::Split {
-                gate: linear("mlp.gate_proj", false)?,
-                up: linear("mlp.up_proj", false)?,
-            }
-        };
-        let down = linear("mlp.down_proj", false)?;
+        let mlp = Mlp::new(l, c, &mut *src)?;
         let mut norm =
             |n: &str| -> Result<Param> { Ok(Param::frozen(src.take(&format!("{p}.{n}"))?)) };
         Ok(Self {
@@ -345,33 +329,23 @@ impl DecoderLayer {
             sliding_window: c.sliding_window[l],
             qkv,
             o,
-            gate_up,
-            down,
+            mlp,
         })
     }
 
-    /// The linear modules in PEFT's order: attention inputs, output, MLP inputs, down.
+    /// The linear modules in PEFT's order: attention inputs, output, then the MLP's.
     pub fn linears(&self) -> Vec<&Linear> {
         let mut out = match &self.qkv {
             QkvProj::Split { q, k, v } => vec![q, k, v],
             QkvProj::Fused(qkv) => vec![qkv],
         };
         out.push(&self.o);
-        match &self.gate_up {
-            GateUpProj::Split { gate, up } => out.extend([gate, up]),
-            GateUpProj::Fused(gate_up) => out.push(gate_up),
-        }
-        out.push(&self.down);
+        out.extend(self.mlp.linears());
         out
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        linears_of(
-            &mut self.qkv,
-            &mut self.o,
-            &mut self.gate_up,
-            &mut self.down,
-        )
+        linears_of(&mut self.qkv, &mut self.o, &mut self.mlp)
     }
 
     /// Every tensor of the layer under its Hugging Face name (quantized weights are not tensors:
@@ -415,8 +389,7 @@ impl DecoderLayer {
             attn_out_norm,
             mlp_norm,
             mlp_out_norm,
-            gate_up,
-            down,
+            mlp,
             ..
         } = self;
         let mut out = vec![(format!("{p}.input_layernorm.weight"), input_norm)];
@@ -436,7 +409,7 @@ impl DecoderLayer {
         if let Some(k) = k_norm {
             out.push((format!("{p}.self_attn.k_norm.weight"), k));
         }
-        for lin in linears_of(qkv, o, gate_up, down) {
+        for lin in linears_of(qkv, o, mlp) {
             if let Some(w) = lin.weight.dense_mut() {
                 out.push((format!("{}.weight", lin.name), w));
             }
@@ -597,25 +570,10 @@ impl DecoderLayer {
         };
         let x = (x + attn)?;
         let h = norm(&x, &self.mlp_norm.p)?;
-        let (gate, up) = match &self.gate_up {
-            GateUpProj::Split { gate, up } => (
-                gate.forward(&h, rng.as_deref_mut(), weights, d.dtype)?,
-                up.forward(&h, rng.as_deref_mut(), weights, d.dtype)?,
-            ),
-            GateUpProj::Fused(gate_up) => {
-                let y = gate_up.forward(&h, rng.as_deref_mut(), weights, d.dtype)?;
-                let i = y.dim(1)? / 2;
-                (y.narrow(1, 0, i)?, y.narrow(1, i, i)?)
-            }
-        };
-        let act = match d.activation {
-            Activation::Silu if crate::ops::fused_for(&gate) => crate::ops::swiglu(&gate, &up)?,
-            Activation::Silu => (gate.silu()? * up)?,
-            Activation::GeluTanh if crate::ops::fused_for(&gate) => crate::ops::geglu(&gate, &up)?,
-            Activation::GeluTanh => (gate.gelu()? * up)?,
-            Activation::Gelu => (gate.gelu_erf()? * up)?,
-        };
-        let down = self.down.forward(&act, rng, weights, d.dtype)?;
+        let (down, router_logits) = self.mlp.forward(&h, rng, weights, d)?;
+        if let (Some(logits), Some(sink)) = (router_logits, pass.router_logits.as_mut()) {
+            sink.push(logits);
+        }
         Ok(match &self.mlp_out_norm {
             None => (x + down)?,
             Some(n) => (x + norm(&down, &n.p)?)?,
@@ -634,19 +592,14 @@ fn named(name: &'static str, norm: &mut impl FnMut(&str) -> Result<Param>) -> Re
 fn linears_of<'a>(
     qkv: &'a mut QkvProj,
     o: &'a mut Linear,
-    gate_up: &'a mut GateUpProj,
-    down: &'a mut Linear,
+    mlp: &'a mut Mlp,
 ) -> Vec<&'a mut Linear> {
     let mut out = match qkv {
         QkvProj::Split { q, k, v } => vec![q, k, v],
         QkvProj::Fused(qkv) => vec![qkv],
     };
     out.push(o);
-    match gate_up {
-        GateUpProj::Split { gate, up } => out.extend([gate, up]),
-        GateUpProj::Fused(gate_up) => out.push(gate_up),
-    }
-    out.push(down);
+    out.extend(mlp.linears_mut());
     out
 }
 
@@ -660,6 +613,8 @@ pub(crate) struct Pass<'a> {
     pub mask: Tensor,
     /// The tables of the sliding-window layers, when the model has them.
     pub local: Option<LocalTables>,
+    /// Where sparse layers leave their router logits, when a load-balancing loss wants them.
+    pub router_logits: Option<Vec<Tensor>>,
     pub cache: Option<&'a mut KvCache>,
 }
 
@@ -681,6 +636,7 @@ impl Pass<'_> {
             sin: self.sin.clone(),
             mask: self.mask.clone(),
             local: self.local.clone(),
+            router_logits: None,
             cache: None,
         }
     }

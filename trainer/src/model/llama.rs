@@ -37,6 +37,11 @@ pub struct Model {
     /// Where the recomputed layers leave their trainable tensors' gradients; see
     /// [`Model::backward`].
     grad_sink: crate::ops::GradSink,
+    /// The load-balancing loss's coefficient when training a mixture of experts with it
+    /// (LLaMA-Factory's `moe_aux_loss_coef`, or the checkpoint's `output_router_logits`).
+    pub router_aux_loss_coef: Option<f64>,
+    /// The router logits of the last policy pass, for [`Model::loss_sum`].
+    router_logits: std::sync::Mutex<Vec<Tensor>>,
     dims: Dims,
     pub dtype: DType,
     pub device: Device,
@@ -131,6 +136,8 @@ impl Model {
                 .collect(),
             checkpointing: false,
             grad_sink: Default::default(),
+            router_aux_loss_coef: None,
+            router_logits: Default::default(),
             dtype,
             device: device.clone(),
         })
@@ -461,6 +468,8 @@ impl Model {
             sin,
             mask: self.attention_mask(b, None)?,
             local,
+            router_logits: (self.router_aux_loss_coef.is_some() && weights == Weights::Policy)
+                .then(Vec::new),
             cache: None,
         };
         for layer in &self.layers {
@@ -469,6 +478,9 @@ impl Model {
             } else {
                 layer.forward(&self.dims, x, &mut pass, rng.as_deref_mut(), weights)?
             };
+        }
+        if let Some(logits) = pass.router_logits {
+            *self.router_logits.lock().expect("router logits") = logits;
         }
         self.final_norm(&x, weights)
     }
@@ -636,6 +648,7 @@ impl Model {
             sin,
             mask: mask(None)?,
             local,
+            router_logits: None,
             cache: Some(cache),
         };
         for layer in &self.layers {
@@ -744,7 +757,23 @@ impl Model {
         let Some(t) = self.target_logits(b, rng)? else {
             return Ok((Tensor::zeros((), self.trainable_dtype(), &self.device)?, 0));
         };
-        Ok((t.token_logps()?.sum_all()?.neg()?, t.targets.len()))
+        let n = t.targets.len();
+        let ce = t.token_logps()?.sum_all()?.neg()?;
+        let Some(coef) = self.router_aux_loss_coef else {
+            return Ok((ce, n));
+        };
+        // transformers adds `coef · aux` to the batch's mean loss; as a token sum that is
+        // `coef · aux · n`, so a step's token-weighted mean carries the same term.
+        let logits = std::mem::take(&mut *self.router_logits.lock().expect("router logits"));
+        let Some(moe) = self.cfg.moe.as_ref().filter(|_| !logits.is_empty()) else {
+            anyhow::bail!("the load-balancing loss needs the router logits of a mixture-of-experts pass without gradient checkpointing");
+        };
+        let keep: Vec<bool> = (0..b.batch)
+            .flat_map(|r| (0..b.seq).map(move |t| t < b.lens[r]))
+            .collect();
+        let aux = super::mlp::load_balancing_loss(&logits, &keep, moe.top_k)?;
+        let aux = (aux.to_dtype(ce.dtype())? * (coef * n as f64))?;
+        Ok(((ce + aux)?, n))
     }
 }
 

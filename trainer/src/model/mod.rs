@@ -1,5 +1,6 @@
-//! The Llama-family decoder in candle, built only from differentiable ops (or CustomOps with a
-//! backward), its parts (`layers`), batches (`batch`), LoRA / DoRA adapters in PEFT's format and
+//! The decoder in candle (the Llama, Gemma, Phi-3, GLM and MoE families), built only from
+//! differentiable ops (or CustomOps with a backward), its parts (`layers`, the MLPs and experts
+//! in `mlp`), batches (`batch`), LoRA / DoRA adapters in PEFT's format and
 //! the freeze / full methods (`adapter`), the value head of reward models and PPO
 //! (`value_head`), and reading configs and weights.
 
@@ -9,6 +10,7 @@ pub mod config;
 pub mod gguf;
 pub mod layers;
 mod llama;
+pub mod mlp;
 pub mod quant;
 pub mod value_head;
 pub mod weights;

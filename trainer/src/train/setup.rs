@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use protocol::args::FinetuningType;
+use protocol::args::{FinetuningType, Stage};
 use protocol::{TrainArgs, WorkerEvent};
 
 use super::batch::Examples;
@@ -81,6 +81,7 @@ pub(crate) fn prepare(
         log(rep, "info", msg);
     }
     configure_rope(&mut model, args, rep);
+    configure_moe(&mut model, args, rep)?;
     let resized_args;
     let args = match resized_vocab_targets(&model, args) {
         Some(targets) => {
@@ -247,6 +248,49 @@ fn configure_rope(model: &mut Model, args: &TrainArgs, rep: &mut dyn Reporter) {
         let msg = model.cfg.apply_rope_scaling(kind, Some(args.cutoff_len));
         log(rep, "info", msg);
     }
+}
+
+/// The load-balancing loss of a mixture of experts, as LLaMA-Factory's `configure_moe` turns it
+/// on: `moe_aux_loss_coef` (or the checkpoint's own `output_router_logits`) sets
+/// `router_aux_loss_coef`, and the loss joins the language-model loss.
+fn configure_moe(model: &mut Model, args: &TrainArgs, rep: &mut dyn Reporter) -> Result<()> {
+    let Some(moe) = &model.cfg.moe else {
+        if args.moe_aux_loss_coef.is_some() {
+            log(
+                rep,
+                "warning",
+                format!(
+                    "`moe_aux_loss_coef` has no effect: {} is not a mixture-of-experts model",
+                    model.cfg.model_type
+                ),
+            );
+        }
+        return Ok(());
+    };
+    let coef = match args.moe_aux_loss_coef {
+        Some(c) if c != 0.0 => Some(c),
+        Some(_) => None,
+        None => moe.output_router_logits.then_some(moe.router_aux_loss_coef),
+    };
+    let Some(coef) = coef else {
+        return Ok(());
+    };
+    if !matches!(args.stage, Stage::Sft | Stage::Pt) {
+        bail!(
+            "`moe_aux_loss_coef`: the load-balancing loss joins the language-model loss of `stage: sft` or `pt`; remove it for `stage: {}`",
+            args.stage
+        );
+    }
+    if model.checkpointing {
+        bail!("`moe_aux_loss_coef` with gradient checkpointing is not supported yet (the recomputed layers do not return their router logits); set `gradient_checkpointing: false` or remove `moe_aux_loss_coef`");
+    }
+    log(
+        rep,
+        "info",
+        format!("router load-balancing loss on, coefficient {coef}"),
+    );
+    model.router_aux_loss_coef = Some(coef);
+    Ok(())
 }
 
 /// LLaMA-Factory's rule for LoRA with `resize_vocab`: unless `additional_target` says
