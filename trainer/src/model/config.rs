@@ -45,6 +45,10 @@ pub struct MoeConfig {
     pub renormalize: bool,
     /// Qwen2-MoE's always-on shared expert (gated by a sigmoid).
     pub shared_expert: bool,
+    /// Each expert's intermediate size (Mixtral: `intermediate_size`; Qwen:
+    /// `moe_intermediate_size`), and the shared expert's (`shared_expert_intermediate_size`).
+    pub expert_intermediate: usize,
+    pub shared_intermediate: usize,
     /// Per layer: sparse (`decoder_sparse_step`, not in `mlp_only_layers`) or a dense MLP.
     pub sparse_layers: Vec<bool>,
     /// `router_aux_loss_coef`, and whether the checkpoint asks for the load-balancing loss in
@@ -586,6 +590,15 @@ fn moe_config(
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
         shared_expert: model_type == "qwen2_moe",
+        expert_intermediate: match naming {
+            MoeNaming::Mixtral => int("intermediate_size").unwrap_or(14336),
+            MoeNaming::Qwen => int("moe_intermediate_size").unwrap_or(1408),
+        },
+        shared_intermediate: if model_type == "qwen2_moe" {
+            int("shared_expert_intermediate_size").unwrap_or(5632)
+        } else {
+            0
+        },
         sparse_layers,
         router_aux_loss_coef: v
             .get("router_aux_loss_coef")

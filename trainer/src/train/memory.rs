@@ -35,9 +35,12 @@ pub fn activation_bytes(
     elem: u64,
     head_trains: bool,
 ) -> u64 {
-    let per_layer = (14 * cfg.hidden_size
-        + 3 * cfg.intermediate_size
-        + 3 * cfg.num_attention_heads * seq) as u64;
+    // A token of a sparse layer goes through its top-k experts (and a shared one).
+    let mlp = match &cfg.moe {
+        Some(m) => m.top_k * m.expert_intermediate + m.shared_intermediate + m.experts,
+        None => cfg.intermediate_size,
+    };
+    let per_layer = (14 * cfg.hidden_size + 3 * mlp + 3 * cfg.num_attention_heads * seq) as u64;
     let logits = if head_trains {
         tokens * 3 * cfg.vocab_size as u64
     } else {
@@ -46,22 +49,40 @@ pub fn activation_bytes(
     (tokens * per_layer * cfg.num_hidden_layers as u64 + logits) * elem
 }
 
-/// Elements of a decoder layer's linear weights, `(out, in)` each.
-fn layer_linears(cfg: &ModelConfig) -> [(usize, usize); 7] {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+/// Decoder layer `l`'s linear weights, `(out, in)` each: attention, then the MLP's (a sparse
+/// layer's router, experts and shared expert).
+fn layer_linears(cfg: &ModelConfig, l: usize) -> Vec<(usize, usize)> {
+    let h = cfg.hidden_size;
     let (q, kv) = (
         cfg.num_attention_heads * cfg.head_dim,
         cfg.num_key_value_heads * cfg.head_dim,
     );
-    [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+    let mut out = vec![(q, h), (kv, h), (kv, h), (h, q)];
+    let ffn = |i: usize| [(i, h), (i, h), (h, i)];
+    match &cfg.moe {
+        Some(m) if m.sparse_layers[l] => {
+            out.push((m.experts, h));
+            for _ in 0..m.experts {
+                out.extend(ffn(m.expert_intermediate));
+            }
+            if m.shared_expert {
+                out.extend(ffn(m.shared_intermediate));
+                out.push((1, h));
+            }
+        }
+        _ => out.extend(ffn(cfg.intermediate_size)),
+    }
+    out
 }
 
 /// The estimate for `args` on a model of `cfg`, computing in `elem`-byte floats with f32
 /// masters for what trains.
 pub fn estimate(cfg: &ModelConfig, args: &TrainArgs, elem: u64) -> MemoryEstimate {
-    let linears = layer_linears(cfg);
+    let linears: Vec<(usize, usize)> = (0..cfg.num_hidden_layers)
+        .flat_map(|l| layer_linears(cfg, l))
+        .collect();
     let layers = cfg.num_hidden_layers as u64;
-    let linear_elems: u64 = linears.iter().map(|(o, i)| (o * i) as u64).sum::<u64>() * layers;
+    let linear_elems: u64 = linears.iter().map(|(o, i)| (o * i) as u64).sum::<u64>();
     let embed = (cfg.vocab_size * cfg.hidden_size) as u64;
     let norms = (cfg.hidden_size as u64) * (2 * layers + 1);
     let quant = QuantFormat::from_args(args).ok().flatten();
@@ -80,11 +101,10 @@ pub fn estimate(cfg: &ModelConfig, args: &TrainArgs, elem: u64) -> MemoryEstimat
     let trained: u64 = match args.finetuning_type {
         FinetuningType::Lora => {
             let r = args.lora_rank as u64;
-            let per_layer: u64 = linears
+            linears
                 .iter()
                 .map(|(o, i)| r * (o + i) as u64 + if args.use_dora { *o as u64 } else { 0 })
-                .sum();
-            per_layer * layers
+                .sum()
         }
         FinetuningType::Freeze => {
             let k = args.freeze_trainable_layers.unsigned_abs().min(layers);
@@ -137,5 +157,19 @@ mod tests {
         );
         assert!((gb(q4.weights) - 0.46).abs() < 0.05, "{}", gb(q4.weights));
         assert_eq!(f32_run.training_state, q4.training_state);
+    }
+
+    /// Mixtral-8x7B: 46.7 B parameters, of which 0.26 B are the two embedding tables; in bf16
+    /// about 93 GB of weights.
+    #[test]
+    fn a_mixture_of_experts_counts_every_expert() {
+        let raw = json!({"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+            "tie_word_embeddings": false});
+        let cfg = ModelConfig::from_json(raw, std::path::Path::new("config.json")).unwrap();
+        let e = estimate(&cfg, &TrainArgs::default(), 2);
+        let params = e.weights as f64 / 2.0 / 1e9;
+        assert!((params - 46.7).abs() < 0.1, "{params} B");
     }
 }
