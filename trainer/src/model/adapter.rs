@@ -199,10 +199,11 @@ impl Model {
     }
 
     /// The short names of the decoder layers' linear modules (`q_proj`, …, `down_proj`; Phi-3's
-    /// `qkv_proj` and `gate_up_proj`), in layer order: what `lora_target: all` means.
+    /// `qkv_proj` and `gate_up_proj`; a mixture's `gate` and experts), in layer order, over
+    /// every layer (dense and sparse ones differ): what `lora_target: all` means.
     pub fn linear_kinds(&self) -> Vec<String> {
         let mut kinds: Vec<String> = Vec::new();
-        for lin in self.layers.first().map(|l| l.linears()).unwrap_or_default() {
+        for lin in self.linears() {
             let short = lin.name.rsplit('.').next().unwrap_or_default().to_string();
             if !kinds.contains(&short) {
                 kinds.push(short);
