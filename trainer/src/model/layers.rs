@@ -1,8 +1,8 @@
 //! The parts of the decoder, each holding the weights it computes with, found once when the
-//! model is built: [`Linear`] (weight, bias, LoRA / DoRA layer) and [`DecoderLayer`] (norms,
-//! separate or fused projections, attention with (partial) RoPE and grouped KV heads, sliding windows and soft-capping, a SwiGLU or
-//! GeGLU MLP, Gemma's sandwich norms). Only differentiable ops or our
-//! CustomOps with a backward are used. Which weights a pass uses — the trained ones with
+//! model is built: [`Linear`] (weight, bias, LoRA / DoRA layer) and [`DecoderLayer`] (norms in
+//! each family's layout, separate or fused q/k/v projections, attention with (partial,
+//! interleaved) RoPE, grouped KV heads, sliding windows and soft-capping, then the MLP of
+//! [`super::mlp`]). Only differentiable ops or our CustomOps with a backward are used. Which weights a pass uses — the trained ones with
 //! adapters, or the reference as loaded — is the explicit [`Weights`] argument.
 
 use std::sync::Arc;
