@@ -193,3 +193,25 @@ fn a_gguf_base_exports_back_to_its_own_types() {
     .to_string();
     assert!(e.contains("is not a GGUF file"), "{e}");
 }
+
+/// Processes that open the same GGUF at once (the board listing it while a worker trains on it)
+/// each get the complete stand-in folder: none sees or removes another's half-written one.
+#[test]
+fn concurrent_loads_of_one_gguf_share_one_complete_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("race.gguf");
+    std::fs::copy(repo().join("tests/fixtures/gguf/qwen2.gguf"), &file).unwrap();
+    let dirs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| trainer::model::gguf::materialize(&file)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let dirs: Vec<_> = dirs.into_iter().map(|d| d.unwrap()).collect();
+    assert!(dirs.windows(2).all(|w| w[0] == w[1]));
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(dirs[0].join(f).is_file(), "{f}");
+    }
+    HfTokenizer::load(&dirs[0]).unwrap();
+    let _ = std::fs::remove_dir_all(&dirs[0]);
+}

@@ -275,18 +275,35 @@ pub fn materialize(file: &Path) -> Result<PathBuf> {
     let content = read_content(&file)?;
     let (tokenizer, tok_config, chat_template, vocab) = tokenizer_files(&content, &file)?;
     let config = config_json(&content, &file, vocab)?;
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    write(&tmp, "config.json", &config)?;
-    write(&tmp, "tokenizer.json", &tokenizer)?;
-    write(&tmp, "tokenizer_config.json", &tok_config)?;
+    // Written in a folder of this call's own, then renamed into place: processes that load the
+    // same file at once (the board listing it, a worker training on it) never see or remove
+    // each other's half-written folder.
+    let root = cache_root();
+    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{stem}-"))
+        .tempdir_in(&root)
+        .with_context(|| format!("cannot create a folder in {}", root.display()))?;
+    write(tmp.path(), "config.json", &config)?;
+    write(tmp.path(), "tokenizer.json", &tokenizer)?;
+    write(tmp.path(), "tokenizer_config.json", &tok_config)?;
     if let Some(t) = chat_template {
-        std::fs::write(tmp.join("chat_template.jinja"), t)?;
+        std::fs::write(tmp.path().join("chat_template.jinja"), t)?;
     }
-    write(&tmp, MARKER, &json!({"file": file}))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write(tmp.path(), MARKER, &json!({"file": file}))?;
+    let fresh = |d: &Path| source_of(d).as_deref() == Some(file.as_path());
+    if fresh(&dir) {
+        return Ok(dir); // another process finished first
+    }
+    let _ = std::fs::remove_dir_all(&dir); // stale: made from an older version of the file
+    if let Err(e) = std::fs::rename(tmp.path(), &dir) {
+        if fresh(&dir) {
+            return Ok(dir);
+        }
+        return Err(e).with_context(|| format!("cannot create {}", dir.display()));
+    }
+    // Renamed away: nothing left for the temporary folder's guard to delete.
+    let _ = tmp.keep();
     Ok(dir)
 }
 
