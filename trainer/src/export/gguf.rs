@@ -85,8 +85,10 @@ pub(crate) fn arch(model_type: &str) -> Result<&'static str> {
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
         "llama" | "mistral" => "llama",
+        // GLM-4 turns interleaved pairs, as llama.cpp's own `glm4` does: q/k rows go as they are.
+        "glm4" => "glm4",
         other => anyhow::bail!(
-            "GGUF export of `{other}` models is not supported yet (supported: llama, mistral, qwen2, qwen3); export safetensors (`export_format: safetensors`) and convert with llama.cpp's convert_hf_to_gguf.py"
+            "GGUF export of `{other}` models is not supported yet (supported: llama, mistral, qwen2, qwen3, glm4); export safetensors (`export_format: safetensors`) and convert with llama.cpp's convert_hf_to_gguf.py"
         ),
     })
 }
@@ -114,8 +116,12 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.o_proj" => "attn_output",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
+        "post_self_attn_layernorm" => "post_attention_norm",
+        "post_mlp_layernorm" => "post_ffw_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
+        // GLM-4's fused gate and up rows: llama.cpp's `ffn_up` of twice the width.
+        "mlp.gate_up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
         _ => return None,
     };
@@ -218,6 +224,7 @@ fn tokenizer_metadata(chat: &ChatModel, meta: &mut Vec<(String, Value)>) -> Resu
         .collect();
     let pre = match chat.model.cfg.model_type.as_str() {
         "qwen2" | "qwen3" => "qwen2",
+        "glm4" => "glm4",
         _ if tok.token_to_id("<|begin_of_text|>").is_some() => "llama-bpe",
         _ => "default",
     };
@@ -278,7 +285,7 @@ pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
         ("feed_forward_length", c.intermediate_size),
         ("attention.head_count", c.num_attention_heads),
         ("attention.head_count_kv", c.num_key_value_heads),
-        ("rope.dimension_count", c.head_dim),
+        ("rope.dimension_count", c.rotary_dim),
         ("attention.key_length", c.head_dim),
         ("attention.value_length", c.head_dim),
         ("vocab_size", c.vocab_size),
@@ -359,6 +366,28 @@ mod tests {
             "blk.0.ffn_down.weight"
         );
         assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
+        // GLM-4's post-norms and fused gate/up, as llama.cpp's converter names them (the file
+        // runs in llama.cpp: scripts/gguf_family_check.py).
+        assert_eq!(
+            gguf_name("model.layers.2.post_self_attn_layernorm.weight").unwrap(),
+            "blk.2.post_attention_norm.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.2.post_mlp_layernorm.weight").unwrap(),
+            "blk.2.post_ffw_norm.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.2.mlp.gate_up_proj.weight").unwrap(),
+            "blk.2.ffn_up.weight"
+        );
+        assert_eq!(arch("glm4").unwrap(), "glm4");
+        for refused in ["gemma2", "phi3", "mixtral"] {
+            let e = arch(refused).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("`{refused}` models is not supported yet")),
+                "{e}"
+            );
+        }
         assert_eq!(
             pick_type(GgufType::Q4KM, "blk.0.ffn_down.weight", 512, 32),
             GgmlDType::Q6K
