@@ -1,6 +1,6 @@
 """Dev-only: our GGUF export of the families beyond Llama/Qwen, run by llama.cpp itself.
 
-For GLM-4 (byte-level BPE: the demo tokenizer), makes a tiny random bf16 model with transformers, exports it with `llamafactory export … export_format=gguf`, loads the
+For Llama, Qwen3 and GLM-4 (byte-level BPE: the demo tokenizer), makes a tiny random bf16 model with transformers, exports it with `llamafactory export … export_format=gguf`, loads the
 file with llama.cpp (`llama-cpp-python`) and compares its logits on a token sequence with
 transformers' on the same weights. Not run in CI.
 
@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 import torch
 from llama_cpp import Llama
-from transformers import AutoModelForCausalLM, AutoTokenizer, Glm4Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, Glm4Config, LlamaConfig, Qwen3Config
 
 BIN = sys.argv[1]
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -24,6 +24,8 @@ COMMON = dict(vocab_size=801, hidden_size=64, intermediate_size=128, num_hidden_
               num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, eos_token_id=2,
               tie_word_embeddings=False)
 MODELS = {
+    "llama": LlamaConfig(**COMMON),
+    "qwen3": Qwen3Config(**COMMON, head_dim=16),
     "glm4": Glm4Config(**COMMON, head_dim=16, partial_rotary_factor=0.5),
 }
 IDS = [5, 17, 42, 99, 300, 7, 61, 230, 11, 780, 45, 3]
