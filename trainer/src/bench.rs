@@ -71,6 +71,7 @@ pub fn data_pipeline(
 }
 
 /// The shapes of `shared/bench/bench_torch_lora.py`, so both sides train the same model.
+#[derive(Clone)]
 pub struct TrainBenchConfig {
     pub name: &'static str,
     pub vocab: usize,

@@ -250,24 +250,16 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             }
             if let Some(e) = experts {
                 anyhow::ensure!(e >= 2, "--experts needs at least 2 experts");
+                // Both on the dense run's shape, batch, length, checkpointing and quantization.
                 let moe = trainer::bench::TrainBenchConfig {
                     experts: Some(e),
-                    ..trainer::bench::train_bench_config(&config)?
-                };
-                let moe = trainer::bench::TrainBenchConfig {
-                    checkpointing: c.checkpointing,
-                    batch: c.batch,
-                    seq: c.seq,
-                    ..moe
+                    ..c.clone()
                 };
                 let (m, _) = trainer::bench::train_steps(&moe, full, steps)?;
                 // The same work done densely: every token through all the experts' MLPs.
                 let wide = trainer::bench::TrainBenchConfig {
                     intermediate: c.intermediate * e,
-                    checkpointing: c.checkpointing,
-                    batch: c.batch,
-                    seq: c.seq,
-                    ..trainer::bench::train_bench_config(&config)?
+                    ..c.clone()
                 };
                 let (w, _) = trainer::bench::train_steps(&wide, full, steps)?;
                 println!(

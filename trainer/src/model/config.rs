@@ -337,10 +337,7 @@ impl ModelConfig {
         let sliding_window = match family {
             Family::Gemma(g) if g >= 2 => sliding_layers(&v, g, layers, file)?,
             // Phi-3, Mistral (v0.1's 4,096) and Mixtral apply one window to every layer.
-            Family::Phi3 | Family::Llama
-                if family == Family::Phi3
-                    || matches!(model_type.as_str(), "mistral" | "mixtral") =>
-            {
+            _ if family == Family::Phi3 || matches!(model_type.as_str(), "mistral" | "mixtral") => {
                 vec![
                     v.get("sliding_window")
                         .and_then(Value::as_u64)

@@ -2,8 +2,9 @@
 //! model is built: [`Linear`] (weight, bias, LoRA / DoRA layer) and [`DecoderLayer`] (norms in
 //! each family's layout, separate or fused q/k/v projections, attention with (partial,
 //! interleaved) RoPE, grouped KV heads, sliding windows and soft-capping, then the MLP of
-//! [`super::mlp`]). Only differentiable ops or our CustomOps with a backward are used. Which weights a pass uses — the trained ones with
-//! adapters, or the reference as loaded — is the explicit [`Weights`] argument.
+//! [`super::mlp`]). Only differentiable ops or our CustomOps with a backward are used. Which
+//! weights a pass uses — the trained ones with adapters, or the reference as loaded — is the
+//! explicit [`Weights`] argument.
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{Activation, ModelConfig};
-use super::mlp::Mlp;
+use super::mlp::{Mlp, Routing};
 use super::quant::{quant_linear, QuantWeight};
 use super::weights::WeightSource;
 
@@ -248,8 +249,6 @@ impl Dims {
     }
 }
 
-/// The attention's input projections: separate (`q_proj`, `k_proj`, `v_proj`) or one fused
-/// `qkv_proj` whose output rows are queries, then keys, then values (Phi-3).
 /// A norm weight and its name inside the layer (`post_attention_layernorm`); the families put
 /// the same names in different places (see [`super::config::NormLayout`]).
 #[derive(Clone)]
@@ -258,6 +257,8 @@ pub struct Norm {
     pub p: Param,
 }
 
+/// The attention's input projections: separate (`q_proj`, `k_proj`, `v_proj`) or one fused
+/// `qkv_proj` whose output rows are queries, then keys, then values (Phi-3).
 // One per decoder layer: the variants' size difference costs nothing worth a box.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
@@ -507,18 +508,17 @@ impl DecoderLayer {
             })
             .transpose()?;
         let rope = |x: &Tensor| -> Result<Tensor> {
-            let part = match &deinterleave {
-                Some(order) => x
-                    .narrow(D::Minus1, 0, rot)?
-                    .contiguous()?
-                    .index_select(order, 3)?,
-                None if rot == hd => return rope_full(x),
-                None => x.narrow(D::Minus1, 0, rot)?.contiguous()?,
-            };
-            if rot == hd {
-                return rope_full(&part);
+            if rot == hd && deinterleave.is_none() {
+                return rope_full(x);
+            }
+            let mut part = x.narrow(D::Minus1, 0, rot)?.contiguous()?;
+            if let Some(order) = &deinterleave {
+                part = part.index_select(order, 3)?;
             }
             let turned = rope_full(&part)?;
+            if rot == hd {
+                return Ok(turned);
+            }
             Ok(
                 Tensor::cat(&[&turned, &x.narrow(D::Minus1, rot, hd - rot)?], D::Minus1)?
                     .contiguous()?,
@@ -570,9 +570,9 @@ impl DecoderLayer {
         };
         let x = (x + attn)?;
         let h = norm(&x, &self.mlp_norm.p)?;
-        let (down, router_logits) = self.mlp.forward(&h, rng, weights, d)?;
-        if let (Some(logits), Some(sink)) = (router_logits, pass.router_logits.as_mut()) {
-            sink.push(logits);
+        let (down, routing) = self.mlp.forward(&h, rng, weights, d)?;
+        if let (Some(routing), Some(sink)) = (routing, pass.routing.as_mut()) {
+            sink.push(routing);
         }
         Ok(match &self.mlp_out_norm {
             None => (x + down)?,
@@ -613,8 +613,8 @@ pub(crate) struct Pass<'a> {
     pub mask: Tensor,
     /// The tables of the sliding-window layers, when the model has them.
     pub local: Option<LocalTables>,
-    /// Where sparse layers leave their router logits, when a load-balancing loss wants them.
-    pub router_logits: Option<Vec<Tensor>>,
+    /// Where sparse layers leave their routing, when a load-balancing loss wants it.
+    pub routing: Option<Vec<Routing>>,
     pub cache: Option<&'a mut KvCache>,
 }
 
@@ -636,7 +636,7 @@ impl Pass<'_> {
             sin: self.sin.clone(),
             mask: self.mask.clone(),
             local: self.local.clone(),
-            router_logits: None,
+            routing: None,
             cache: None,
         }
     }

@@ -1,6 +1,6 @@
-//! The decoder of the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`) and the Gemma family
-//! (`gemma`, `gemma2`, `gemma3_text`; see [`super::config::GemmaStyle`]) and Phi-3 (`phi3`: fused
-//! projections, partial rotary, LongRoPE): its weights resolved into
+//! The decoder of every family in [`super::config::SUPPORTED`] (Llama, Gemma, Phi-3, GLM and the
+//! mixtures of experts; what each does differently is read into [`ModelConfig`]): its weights
+//! resolved into
 //! typed parts when the model is built (a missing weight fails the load), the name map PEFT
 //! files, freeze rules and exports use, and the forward passes: training passes with optional
 //! gradient checkpointing, per-sequence log-probabilities, the loss, and cached decoding.
@@ -40,8 +40,8 @@ pub struct Model {
     /// The load-balancing loss's coefficient when training a mixture of experts with it
     /// (LLaMA-Factory's `moe_aux_loss_coef`, or the checkpoint's `output_router_logits`).
     pub router_aux_loss_coef: Option<f64>,
-    /// The router logits of the last policy pass, for [`Model::loss_sum`].
-    router_logits: std::sync::Mutex<Vec<Tensor>>,
+    /// The sparse layers' routing in the last policy pass, for [`Model::loss_sum`].
+    routing: std::sync::Mutex<Vec<super::mlp::Routing>>,
     dims: Dims,
     pub dtype: DType,
     pub device: Device,
@@ -137,7 +137,7 @@ impl Model {
             checkpointing: false,
             grad_sink: Default::default(),
             router_aux_loss_coef: None,
-            router_logits: Default::default(),
+            routing: Default::default(),
             dtype,
             device: device.clone(),
         })
@@ -374,7 +374,7 @@ impl Model {
     }
 
     /// The sliding-window layers' tables, when the model has such layers: their RoPE (Gemma 3's
-    /// local base) and `mask` with the keys beyond the window blocked by `block_far`.
+    /// local base) and the attention mask `mask(window)` builds.
     fn local_tables(
         &self,
         positions: &[u32],
@@ -468,7 +468,7 @@ impl Model {
             sin,
             mask: self.attention_mask(b, None)?,
             local,
-            router_logits: (self.router_aux_loss_coef.is_some() && weights == Weights::Policy)
+            routing: (self.router_aux_loss_coef.is_some() && weights == Weights::Policy)
                 .then(Vec::new),
             cache: None,
         };
@@ -479,8 +479,8 @@ impl Model {
                 layer.forward(&self.dims, x, &mut pass, rng.as_deref_mut(), weights)?
             };
         }
-        if let Some(logits) = pass.router_logits {
-            *self.router_logits.lock().expect("router logits") = logits;
+        if let Some(routing) = pass.routing {
+            *self.routing.lock().expect("routing") = routing;
         }
         self.final_norm(&x, weights)
     }
@@ -648,7 +648,7 @@ impl Model {
             sin,
             mask: mask(None)?,
             local,
-            router_logits: None,
+            routing: None,
             cache: Some(cache),
         };
         for layer in &self.layers {
@@ -764,14 +764,14 @@ impl Model {
         };
         // transformers adds `coef · aux` to the batch's mean loss; as a token sum that is
         // `coef · aux · n`, so a step's token-weighted mean carries the same term.
-        let logits = std::mem::take(&mut *self.router_logits.lock().expect("router logits"));
-        let Some(moe) = self.cfg.moe.as_ref().filter(|_| !logits.is_empty()) else {
+        let routing = std::mem::take(&mut *self.routing.lock().expect("routing"));
+        let Some(moe) = self.cfg.moe.as_ref().filter(|_| !routing.is_empty()) else {
             anyhow::bail!("the load-balancing loss needs the router logits of a mixture-of-experts pass without gradient checkpointing");
         };
         let keep: Vec<bool> = (0..b.batch)
             .flat_map(|r| (0..b.seq).map(move |t| t < b.lens[r]))
             .collect();
-        let aux = super::mlp::load_balancing_loss(&logits, &keep, moe.top_k)?;
+        let aux = super::mlp::load_balancing_loss(&routing, &keep, moe.top_k)?;
         let aux = (aux.to_dtype(ce.dtype())? * (coef * n as f64))?;
         Ok(((ce + aux)?, n))
     }

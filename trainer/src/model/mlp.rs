@@ -160,15 +160,15 @@ impl Moe {
         out
     }
 
-    /// `h (N, hidden)` through the chosen experts; also the router's logits `(N, experts)` in
-    /// f32, for the load-balancing loss.
+    /// `h (N, hidden)` through the chosen experts, and the routing (for the load-balancing
+    /// loss).
     fn forward(
         &self,
         h: &Tensor,
         mut rng: Option<&mut ChaCha8Rng>,
         weights: Weights,
         d: &Dims,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Routing)> {
         let n = h.dim(0)?;
         let logits = self
             .router
@@ -214,7 +214,7 @@ impl Moe {
                 candle_nn::ops::sigmoid(&gate.forward(h, rng.as_deref_mut(), weights, d.dtype)?)?;
             out = (out + ffn.forward(h, rng, weights, d)?.broadcast_mul(&g)?)?;
         }
-        Ok((out, logits))
+        Ok((out, Routing { probs, chosen }))
     }
 }
 
@@ -263,55 +263,58 @@ impl Mlp {
         }
     }
 
-    /// The MLP over `h`, and a sparse MLP's router logits.
+    /// The MLP over `h`, and a sparse MLP's routing.
     pub(crate) fn forward(
         &self,
         h: &Tensor,
         rng: Option<&mut ChaCha8Rng>,
         weights: Weights,
         d: &Dims,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<(Tensor, Option<Routing>)> {
         Ok(match self {
             Mlp::Dense(f) => (f.forward(h, rng, weights, d)?, None),
             Mlp::Sparse(m) => {
-                let (y, logits) = m.forward(h, rng, weights, d)?;
-                (y, Some(logits))
+                let (y, routing) = m.forward(h, rng, weights, d)?;
+                (y, Some(routing))
             }
         })
     }
 }
 
-/// transformers' `load_balancing_loss_func` over the router logits of every sparse layer (each
-/// `(N, experts)`, rows of one batch): `experts · Σ_e f_e · P_e`, where `f` is the share of the
-/// (unpadded) tokens routed to each expert per choice rank and `P` the mean router probability.
-pub fn load_balancing_loss(logits: &[Tensor], keep: &[bool], top_k: usize) -> Result<Tensor> {
-    let all = Tensor::cat(logits, 0)?;
-    let (rows, experts) = all.dims2()?;
-    let probs = softmax(&all)?;
-    let host: Vec<Vec<f64>> = probs.detach().to_dtype(DType::F64)?.to_vec2()?;
-    let per_layer = keep.len();
-    let mut counts = vec![0f64; top_k * experts];
+/// What a sparse layer's router decided for the `N` rows of a pass.
+pub(crate) struct Routing {
+    /// The router's probabilities `(N, experts)`, in the graph.
+    pub probs: Tensor,
+    /// The chosen experts, `top_k` per row, row by row.
+    pub chosen: Vec<u32>,
+}
+
+/// transformers' `load_balancing_loss_func` over the routing of every sparse layer (rows of
+/// one batch): `experts · Σ_e f_e · P_e`, where `f_e` is how often the (unpadded) tokens chose
+/// expert `e`, per token, and `P_e` its mean router probability.
+pub(crate) fn load_balancing_loss(
+    routing: &[Routing],
+    keep: &[bool],
+    top_k: usize,
+) -> Result<Tensor> {
+    let probs: Vec<&Tensor> = routing.iter().map(|r| &r.probs).collect();
+    let probs = Tensor::cat(&probs, 0)?;
+    let (rows, experts) = probs.dims2()?;
+    let chosen = routing.iter().flat_map(|r| r.chosen.iter());
+    let mut counts = vec![0f64; experts];
     let mut mask = vec![0f64; rows];
-    let mut kept = 0f64;
-    for (r, row) in host.iter().enumerate() {
-        if !keep[r % per_layer] {
-            continue;
-        }
-        mask[r] = 1.0;
-        kept += 1.0;
-        let mut order: Vec<usize> = (0..experts).collect();
-        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-        for (rank, &e) in order[..top_k].iter().enumerate() {
-            counts[rank * experts + e] += 1.0;
+    for (r, row_choice) in chosen.collect::<Vec<_>>().chunks(top_k).enumerate() {
+        if keep[r % keep.len()] {
+            mask[r] = 1.0;
+            for &&e in row_choice {
+                counts[e as usize] += 1.0;
+            }
         }
     }
-    let kept = kept.max(1.0);
-    let dev = all.device();
+    let kept = mask.iter().sum::<f64>().max(1.0);
+    let dev = probs.device();
     let dtype = probs.dtype();
-    // Σ_e (Σ_rank f_rank,e) · P_e · experts
-    let f: Vec<f64> = (0..experts)
-        .map(|e| (0..top_k).map(|k| counts[k * experts + e]).sum::<f64>() / kept)
-        .collect();
+    let f: Vec<f64> = counts.iter().map(|c| c / kept).collect();
     let mask = Tensor::from_vec(mask, (1, rows), dev)?.to_dtype(dtype)?;
     let p = (mask.matmul(&probs)? / kept)?; // (1, experts)
     let f = Tensor::from_vec(f, (experts, 1), dev)?.to_dtype(dtype)?;
