@@ -394,3 +394,67 @@ fn check_memory(model: &Model, trainable: u64, args: &TrainArgs, seq: usize) -> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Collects the log lines a setup step reports.
+    #[derive(Default)]
+    struct Lines(Vec<String>);
+
+    impl Reporter for Lines {
+        fn event(&mut self, e: &WorkerEvent) {
+            if let WorkerEvent::Log { message, .. } = e {
+                self.0.push(message.clone());
+            }
+        }
+    }
+
+    fn fixture(name: &str) -> Model {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+        Model::load(&dir.join(name), DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn moe_aux_loss_coef_turns_the_load_balancing_loss_on_or_says_why_not() {
+        let on = TrainArgs {
+            moe_aux_loss_coef: Some(0.02),
+            ..TrainArgs::default()
+        };
+        let mut m = fixture("mixtral");
+        assert_eq!(m.router_aux_loss_coef, None, "off unless asked");
+        configure_moe(&mut m, &TrainArgs::default(), &mut Lines::default()).unwrap();
+        assert_eq!(
+            m.router_aux_loss_coef, None,
+            "the checkpoint does not ask for it"
+        );
+        configure_moe(&mut m, &on, &mut Lines::default()).unwrap();
+        assert_eq!(m.router_aux_loss_coef, Some(0.02));
+
+        let mut m = fixture("mixtral");
+        let dpo = TrainArgs {
+            stage: Stage::Dpo,
+            ..on.clone()
+        };
+        let e = configure_moe(&mut m, &dpo, &mut Lines::default()).unwrap_err();
+        assert!(e.to_string().contains("`moe_aux_loss_coef`"), "{e}");
+        m.checkpointing = true;
+        let e = configure_moe(&mut m, &on, &mut Lines::default()).unwrap_err();
+        assert!(e.to_string().contains("gradient checkpointing"), "{e}");
+
+        let mut m = fixture("llama");
+        let mut lines = Lines::default();
+        configure_moe(&mut m, &on, &mut lines).unwrap();
+        assert_eq!(m.router_aux_loss_coef, None);
+        assert!(
+            lines
+                .0
+                .iter()
+                .any(|l| l.contains("`moe_aux_loss_coef` has no effect")),
+            "{:?}",
+            lines.0
+        );
+    }
+}
