@@ -3,7 +3,7 @@ import json
 import os
 
 TEMPLATES = ["default", "alpaca", "chatml", "qwen", "qwen3", "qwen3_nothink", "llama2", "llama3", "mistral",
-             "gemma", "phi", "empty", "phi4", "glm4", "yi", "gemma2", "gemma3"]
+             "gemma", "phi", "empty", "phi4", "glm4", "yi", "gemma2", "gemma3", "baichuan2"]
 CASES = {}
 for t in TEMPLATES:
     CASES[f"{t}_sft"] = dict(stage="sft", template=t, dataset="alpaca_en_demo,glaive_toolcall_en_demo",

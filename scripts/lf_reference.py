@@ -25,6 +25,18 @@ class _FixedDate(_dt.datetime):
 
 tool_utils.datetime = _FixedDate  # the llama3 tool prompt embeds today's date
 
+import llamafactory.data.template as lf_template  # noqa: E402
+
+# LLaMA-Factory dropped the baichuan2 template after 0.9.2; registered here exactly as 0.9.2 has it
+# (`register_template(name="baichuan2", ...)` in its data/template.py), so its cases run through the
+# current release's processors like every other template.
+if "baichuan2" not in lf_template.TEMPLATES:
+    lf_template.register_template(
+        name="baichuan2",
+        format_user=lf_template.StringFormatter(slots=["<reserved_106>{{content}}<reserved_107>"]),
+        efficient_eos=True,
+    )
+
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer  # noqa: E402
 from llamafactory.hparams import get_train_args  # noqa: E402
 from llamafactory.model import load_tokenizer  # noqa: E402

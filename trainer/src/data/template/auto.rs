@@ -47,6 +47,7 @@ fn known_family(
         "phi3" if name.contains("phi-4") || name.contains("phi4") => ("phi4", "Phi-4 models"),
         "phi3" | "phi" => ("phi", "Phi models"),
         "glm4" | "glm" => ("glm4", "GLM-4 models"),
+        "baichuan" => ("baichuan2", "Baichuan 2 models"),
         "llama" if name.starts_with("yi-") || name.contains("--yi-") => ("yi", "Yi models"),
         "llama" if name.contains("llama-3") || name.contains("llama3") => {
             ("llama3", "Llama 3 models")
@@ -115,6 +116,11 @@ mod tests {
     fn known_families_then_the_models_own_template_then_default() {
         let qwen = model(&[("config.json", r#"{"model_type": "qwen2"}"#)]);
         assert_eq!(auto_template(qwen.path()).name.as_deref(), Some("qwen"));
+        let baichuan = model(&[("config.json", r#"{"model_type": "baichuan"}"#)]);
+        assert_eq!(
+            auto_template(baichuan.path()).name.as_deref(),
+            Some("baichuan2")
+        );
         let other = model(&[
             (
                 "config.json",

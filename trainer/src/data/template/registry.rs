@@ -7,6 +7,7 @@ use super::{t, Slot, Template, TemplateKind};
 
 pub const TEMPLATE_NAMES: &[&str] = &[
     "alpaca",
+    "baichuan2",
     "chatml",
     "default",
     "empty",
@@ -181,6 +182,15 @@ pub fn get_template(name: &str) -> Result<Template> {
             tpl.format_function = tpl.format_assistant.clone();
             tpl.format_observation = tpl.format_user.clone();
             tpl.stop_words = vec!["<|im_end|>".into()];
+        }
+        "baichuan2" => {
+            // LLaMA-Factory 0.9.2's (the last release that ships it): the answer closes with the
+            // tokenizer's eos once, after the last turn (efficient EOS).
+            tpl.format_user = vec![t("<reserved_106>{{content}}<reserved_107>")];
+            tpl.format_assistant = vec![t("{{content}}")];
+            tpl.format_function = tpl.format_assistant.clone();
+            tpl.format_observation = tpl.format_user.clone();
+            tpl.efficient_eos = true;
         }
         "empty" => {
             tpl.format_assistant = vec![t("{{content}}")];
