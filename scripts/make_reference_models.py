@@ -3,6 +3,10 @@
 
     python scripts/make_reference_models.py [NAME ...]   # writes tests/fixtures/models/ (all, or NAME)
 
+Baichuan 2 has no transformers class (remote code): its fixture is a Llama written in Baichuan 2's layout
+(fused `W_pack`, an unnormalized NormHead, bf16 `pytorch_model-*.bin` shards), and its references come from
+transformers' Llama with W_pack split into q/k/v and the head's rows normalized (see `baichuan2` below).
+
 The Llama-family fixtures are f32 on disk; the families added later are saved in bf16, as real
 checkpoints ship, and their reference logits come from that bf16 file loaded in f32.
 """
@@ -11,7 +15,9 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, GlmConfig,
                           LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig,
                           Qwen3Config, Qwen3MoeConfig)
@@ -128,3 +134,105 @@ for name, cfg in VARIANTS.items():
     with open(os.path.join(d, "expected.json"), "w") as fh:
         json.dump(expected, fh)
     print(name, base.shape)
+
+
+def baichuan2():
+    """A tiny Baichuan 2 7B: the references are transformers' LlamaForCausalLM on the same (bf16-rounded)
+    weights, with q/k/v = W_pack's row blocks and lm_head = F.normalize(head) (Baichuan 2's NormHead);
+    the LoRA adapter (on W_pack, o_proj, gate_proj, down_proj, as PEFT names them) is written as PEFT saves
+    one and referenced by merging B·A·alpha/r into the Llama weights."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**COMMON, "num_key_value_heads": 4}, tie_word_embeddings=False, rope_theta=10000.0)
+    cfg._attn_implementation = "eager"
+    llama = LlamaForCausalLM(cfg).eval()
+    sd = {k: v.clone() for k, v in llama.state_dict().items()}
+    for k in sd:
+        if "norm" in k:
+            sd[k] = 1.0 + 0.1 * torch.randn_like(sd[k])
+    # Rows of very different lengths, so a missing normalization shows.
+    sd["lm_head.weight"] = sd["lm_head.weight"] * (0.5 + 3 * torch.rand(cfg.vocab_size, 1))
+    sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}  # as the checkpoint stores them
+    baichuan = {}
+    for k, v in sd.items():
+        if ".self_attn.k_proj." in k or ".self_attn.v_proj." in k:
+            continue
+        if ".self_attn.q_proj." in k:
+            p = k.replace("q_proj", "{}")
+            baichuan[k.replace("q_proj", "W_pack")] = torch.cat([sd[p.format(x)] for x in ("q_proj", "k_proj", "v_proj")])
+        else:
+            baichuan[k] = v
+    d = os.path.join(OUT, "baichuan2")
+    os.makedirs(d, exist_ok=True)
+    names = sorted(baichuan)
+    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for f, keys in shards.items():
+        torch.save({k: baichuan[k].contiguous() for k in keys}, os.path.join(d, f))
+    with open(os.path.join(d, "pytorch_model.bin.index.json"), "w") as fh:
+        json.dump({"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}, fh, indent=1)
+    with open(os.path.join(d, "config.json"), "w") as fh:
+        json.dump({"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan",
+                   "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                                "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+                   "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+                   "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+                   "num_attention_heads": cfg.num_attention_heads, "hidden_act": "silu",
+                   "max_position_embeddings": cfg.max_position_embeddings, "model_max_length": 128,
+                   "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+                   "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "z_loss_weight": 0}, fh, indent=1)
+
+    def reference(state, dtype):
+        ref = {k: v.float() for k, v in state.items()}
+        ref["lm_head.weight"] = F.normalize(ref["lm_head.weight"])
+        m = LlamaForCausalLM(cfg).eval()
+        m.load_state_dict({k: v.to(dtype).float() for k, v in ref.items()})
+        return m.to(dtype)
+
+    def greedy(m):
+        gen = m.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]), max_new_tokens=12, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+        return gen[0, IDS.shape[1]:].tolist()
+
+    expected = {"input_ids": IDS.tolist()}
+    with torch.no_grad():
+        m = reference(sd, torch.float32)
+        expected["logits"] = m(IDS).logits.flatten().tolist()
+        expected["greedy"] = greedy(m)
+        expected["bf16_logits"] = reference(sd, torch.bfloat16)(IDS).logits.float().flatten().tolist()
+    # The adapter, as PEFT saves it for Baichuan's module names.
+    torch.manual_seed(1)
+    targets = ["W_pack", "o_proj", "gate_proj", "down_proj"]
+    r, alpha = 4, 8
+    lora, merged = {}, {k: v.float().clone() for k, v in sd.items()}
+    for layer in range(cfg.num_hidden_layers):
+        for t in targets:
+            part = "self_attn" if t in ("W_pack", "o_proj") else "mlp"
+            name = f"model.layers.{layer}.{part}.{t}"
+            w = baichuan[f"{name}.weight"]
+            a = 0.1 * torch.randn(r, w.shape[1])
+            b = 0.1 * torch.randn(w.shape[0], r)
+            lora[f"base_model.model.{name}.lora_A.weight"] = a
+            lora[f"base_model.model.{name}.lora_B.weight"] = b
+            delta = (alpha / r) * b @ a
+            if t == "W_pack":
+                h = cfg.hidden_size
+                for i, x in enumerate(("q_proj", "k_proj", "v_proj")):
+                    merged[f"model.layers.{layer}.self_attn.{x}.weight"] += delta[i * h:(i + 1) * h]
+            else:
+                merged[f"{name}.weight"] += delta
+    ad = os.path.join(d, "lora")
+    LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM").save_pretrained(ad)
+    save_file(lora, os.path.join(ad, "adapter_model.safetensors"))
+    with torch.no_grad():
+        m = reference(merged, torch.float32)
+        expected["lora_logits"] = m(IDS).logits.flatten().tolist()
+        expected["lora_greedy"] = greedy(m)
+    with open(os.path.join(d, "expected.json"), "w") as fh:
+        json.dump(expected, fh)
+    print("baichuan2")
+
+
+if not ONLY or "baichuan2" in ONLY:
+    baichuan2()

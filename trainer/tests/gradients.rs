@@ -120,7 +120,7 @@ fn with_lora(name: &str, args: &TrainArgs) -> Model {
     m
 }
 
-const VARIANTS: [&str; 14] = common::MODEL_VARIANTS;
+const VARIANTS: [&str; 15] = common::MODEL_VARIANTS;
 
 #[test]
 fn lora_variants_match_finite_differences() {
@@ -135,6 +135,7 @@ fn lora_variants_match_finite_differences() {
             lora_rank: 2,
             lora_target: match name {
                 "phi3" => "qkv_proj,down_proj",
+                "baichuan2" => "W_pack,down_proj",
                 "mixtral" => "q_proj,w2",
                 _ => "q_proj,down_proj",
             }

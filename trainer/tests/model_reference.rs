@@ -77,7 +77,7 @@ fn want(e: &serde_json::Value, key: &str) -> Vec<f64> {
         .collect()
 }
 
-const VARIANTS: [&str; 14] = common::MODEL_VARIANTS;
+const VARIANTS: [&str; 15] = common::MODEL_VARIANTS;
 
 #[test]
 fn logits_match_transformers_for_every_variant() {
@@ -104,6 +104,7 @@ fn peft_adapters_match_unmerged_and_merged() {
         ("phi3", "lora"),
         ("glm", "lora"),
         ("glm4", "lora"),
+        ("baichuan2", "lora"),
         ("mixtral", "lora"),
         ("qwen2_moe", "lora"),
         ("qwen3_moe", "lora"),
@@ -245,7 +246,7 @@ fn bf16_compute_stays_within_rounding_of_the_reference() {
         .map(|n| (n, expected(n)))
         .filter(|(_, e)| e.get("bf16_logits").is_some())
         .collect();
-    assert_eq!(bf16.len(), 9, "every family added in bf16");
+    assert_eq!(bf16.len(), 10, "every family added in bf16");
     for (name, e) in bf16 {
         let reference = want(&e, "logits");
         let theirs = rel_err(&want(&e, "bf16_logits"), &reference);

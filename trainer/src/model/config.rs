@@ -1,7 +1,7 @@
 //! A Hugging Face `config.json` of the decoders we run: the Llama family (`llama`, `mistral`,
 //! `qwen2`, `qwen3`), the Gemma family (`gemma`, `gemma2`, `gemma3_text`), Phi-3 / Phi-4-mini
-//! (`phi3`), GLM-4 (`glm`, `glm4`) and the mixtures of experts (`mixtral`, `qwen2_moe`,
-//! `qwen3_moe`), read into one [`ModelConfig`] whose fields say what each architecture does
+//! (`phi3`), GLM-4 (`glm`, `glm4`), Baichuan and Baichuan 2 7B (`baichuan`) and the mixtures of
+//! experts (`mixtral`, `qwen2_moe`, `qwen3_moe`), read into one [`ModelConfig`] whose fields say what each architecture does
 //! differently.
 
 use std::path::Path;
@@ -20,6 +20,7 @@ pub const SUPPORTED: &[&str] = &[
     "phi3",
     "glm",
     "glm4",
+    "baichuan",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
@@ -170,8 +171,11 @@ pub struct ModelConfig {
     /// Leading dimensions of each head that RoPE rotates (`partial_rotary_factor`; Phi-4-mini
     /// rotates three quarters); the rest pass through.
     pub rotary_dim: usize,
-    /// One `qkv_proj` instead of `q_proj`, `k_proj`, `v_proj` (Phi-3).
-    pub fused_qkv: bool,
+    /// The name of one fused projection instead of `q_proj`, `k_proj`, `v_proj`: `qkv_proj`
+    /// (Phi-3), `W_pack` (Baichuan).
+    pub fused_qkv: Option<&'static str>,
+    /// Baichuan 2's NormHead: the LM head's rows are scaled to unit length before use.
+    pub norm_head: bool,
     /// One `gate_up_proj` instead of `gate_proj`, `up_proj` (Phi-3, GLM).
     pub fused_gate_up: bool,
     /// RoPE turns interleaved pairs `(x₀, x₁), (x₂, x₃), …` instead of the two halves (GLM).
@@ -294,6 +298,12 @@ impl ModelConfig {
             },
         };
         let family = Family::of(&model_type);
+        if family == Family::Baichuan && v.get("max_position_embeddings").is_none() {
+            bail!(
+                "{}: this Baichuan checkpoint (13B: no `max_position_embeddings`) uses ALiBi position biases, which this trainer does not implement; Baichuan 2 7B (and Baichuan 7B) use rotary positions and are supported",
+                file.display()
+            );
+        }
         // GLM's config classes default to biased q/k/v projections.
         let attention_bias = v
             .get("attention_bias")
@@ -303,7 +313,7 @@ impl ModelConfig {
         let activation = activation(&v, family, file)?;
         let opt = |k: &str| v.get(k).and_then(Value::as_f64);
         let gemma = match family {
-            Family::Llama | Family::Phi3 | Family::Glm(_) => None,
+            Family::Llama | Family::Phi3 | Family::Glm(_) | Family::Baichuan => None,
             Family::Gemma(generation) => {
                 if v.get("use_bidirectional_attention")
                     .and_then(Value::as_bool)
@@ -417,7 +427,14 @@ impl ModelConfig {
             gemma,
             rotary_dim,
             moe: moe_config(&v, &model_type, layers, file)?,
-            fused_qkv: family == Family::Phi3,
+            fused_qkv: match family {
+                Family::Phi3 => Some("qkv_proj"),
+                Family::Baichuan => Some("W_pack"),
+                _ => None,
+            },
+            // Baichuan 2's vocabulary is 125,696; Baichuan 1's 64,000 has a plain head.
+            norm_head: family == Family::Baichuan
+                && v.get("vocab_size").and_then(Value::as_u64) != Some(64_000),
             fused_gate_up: matches!(family, Family::Phi3 | Family::Glm(_)),
             interleaved_rope: matches!(family, Family::Glm(_)),
             norms: match family {
@@ -666,6 +683,8 @@ enum Family {
     Phi3,
     /// `glm` (GLM-4-9B-chat-hf) or `glm4` (GLM-4-0414, with post-norms).
     Glm(u8),
+    /// Baichuan's remote-code layout: fused `W_pack`, Baichuan 2's NormHead.
+    Baichuan,
 }
 
 impl Family {
@@ -677,6 +696,7 @@ impl Family {
             "phi3" => Family::Phi3,
             "glm" => Family::Glm(1),
             "glm4" => Family::Glm(4),
+            "baichuan" => Family::Baichuan,
             _ => Family::Llama,
         }
     }
@@ -692,7 +712,9 @@ fn activation(
     let (key, default) = match family {
         Family::Gemma(g) if g >= 2 => ("hidden_activation", Activation::GeluTanh),
         Family::Gemma(_) => ("hidden_act", Activation::GeluTanh),
-        Family::Llama | Family::Phi3 | Family::Glm(_) => ("hidden_act", Activation::Silu),
+        Family::Llama | Family::Phi3 | Family::Glm(_) | Family::Baichuan => {
+            ("hidden_act", Activation::Silu)
+        }
     };
     Ok(match v.get(key).and_then(Value::as_str) {
         None => default,
@@ -873,7 +895,7 @@ mod tests {
             "rope_scaling": {"type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [4.0, 8.0]}}))
         .unwrap();
         assert_eq!((c.head_dim, c.rotary_dim), (8, 4));
-        assert!(c.fused_qkv && c.fused_gate_up && !c.interleaved_rope);
+        assert!(c.fused_qkv == Some("qkv_proj") && c.fused_gate_up && !c.interleaved_rope);
         assert_eq!(c.sliding_window, vec![Some(5)], "one window on every layer");
         let (short, a) = c.rope_for(8);
         let (long, b) = c.rope_for(9);
@@ -895,13 +917,33 @@ mod tests {
     }
 
     #[test]
+    fn baichuan_reads_w_pack_and_norm_head_and_refuses_alibi() {
+        let c = cfg(json!({"model_type": "baichuan", "vocab_size": 125696,
+            "max_position_embeddings": 4096}))
+        .unwrap();
+        assert_eq!(c.fused_qkv, Some("W_pack"));
+        assert!(c.norm_head && !c.fused_gate_up && !c.tie_word_embeddings);
+        // Baichuan 1 (64,000 tokens) has a plain head.
+        let c = cfg(json!({"model_type": "baichuan", "vocab_size": 64000,
+            "max_position_embeddings": 4096}))
+        .unwrap();
+        assert!(!c.norm_head);
+        // 13B: ALiBi, no max_position_embeddings.
+        let e =
+            cfg(json!({"model_type": "baichuan", "vocab_size": 125696, "model_max_length": 4096}))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("ALiBi") && e.contains("Baichuan 2 7B"), "{e}");
+    }
+
+    #[test]
     fn glm_families_default_to_biased_qkv_and_interleaved_rope() {
         let c = cfg(json!({"model_type": "glm4", "partial_rotary_factor": 0.5})).unwrap();
         assert!(
             c.qkv_bias && !c.o_bias,
             "attention_bias defaults to true; o_proj has none"
         );
-        assert!(c.interleaved_rope && c.fused_gate_up && !c.fused_qkv);
+        assert!(c.interleaved_rope && c.fused_gate_up && c.fused_qkv.is_none());
         assert_eq!((c.head_dim, c.rotary_dim), (4, 2));
         assert_eq!(c.norms, NormLayout::GLM4);
         let e = cfg(json!({"model_type": "chatglm"}))

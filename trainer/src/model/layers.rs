@@ -258,7 +258,8 @@ pub struct Norm {
 }
 
 /// The attention's input projections: separate (`q_proj`, `k_proj`, `v_proj`) or one fused
-/// `qkv_proj` whose output rows are queries, then keys, then values (Phi-3).
+/// `qkv_proj` (Phi-3) or `W_pack` (Baichuan) whose output rows are queries, then keys, then
+/// values.
 // One per decoder layer: the variants' size difference costs nothing worth a box.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
@@ -292,8 +293,8 @@ impl DecoderLayer {
     pub(crate) fn new(l: usize, c: &ModelConfig, src: &mut dyn WeightSource) -> Result<Self> {
         let p = format!("model.layers.{l}");
         let mut linear = |m: &str, bias: bool| Linear::new(format!("{p}.{m}"), bias, &mut *src);
-        let qkv = if c.fused_qkv {
-            QkvProj::Fused(linear("self_attn.qkv_proj", c.qkv_bias)?)
+        let qkv = if let Some(name) = c.fused_qkv {
+            QkvProj::Fused(linear(&format!("self_attn.{name}"), c.qkv_bias)?)
         } else {
             QkvProj::Split {
                 q: linear("self_attn.q_proj", c.qkv_bias)?,

@@ -120,7 +120,14 @@ impl Model {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Param::frozen(src.take_table("lm_head.weight")?))
+            let w = src.take_table("lm_head.weight")?;
+            // Baichuan 2 normalizes its head once for inference; a head that trains is
+            // normalized again in every pass (`head_weight`).
+            Some(Param::frozen(if cfg.norm_head {
+                unit_rows(&w)?
+            } else {
+                w
+            }))
         };
         let extra = src.rest()?;
         Ok(Self {
@@ -330,11 +337,17 @@ impl Model {
     }
 
     fn lm_head(&self, h: &Tensor, weights: Weights) -> Result<Tensor> {
-        head_logits(
-            h,
-            &self.head().value(weights, self.dtype)?,
-            self.final_softcap(),
-        )
+        head_logits(h, &self.head_weight(weights)?, self.final_softcap())
+    }
+
+    /// The LM head weight and whether it trains; a training NormHead (Baichuan 2) is
+    /// normalized inside the graph, as Baichuan's own training does.
+    fn head_weight(&self, weights: Weights) -> Result<(Tensor, bool)> {
+        let (w, trains) = self.head().value(weights, self.dtype)?;
+        if self.cfg.norm_head && self.lm_head.is_some() && trains {
+            return Ok((unit_rows(&w)?, true));
+        }
+        Ok((w, trains))
     }
 
     /// Gemma 2's `final_logit_softcapping`.
@@ -694,7 +707,7 @@ impl Model {
         }
         let idx = Tensor::from_slice(&rows, rows.len(), &self.device)?;
         let h = h.index_select(&idx, 0)?;
-        let head = self.head().value(weights, self.dtype)?;
+        let head = self.head_weight(weights)?;
         Ok(Some((
             h.clone(),
             TargetLogits {
@@ -775,6 +788,18 @@ impl Model {
         let aux = (aux.to_dtype(ce.dtype())? * (coef * n as f64))?;
         Ok(((ce + aux)?, n))
     }
+}
+
+/// Each row of `w` divided by its length (`torch.nn.functional.normalize`, eps 1e-12), computed
+/// in f32 for a half-precision `w` and returned in `w`'s dtype.
+fn unit_rows(w: &Tensor) -> Result<Tensor> {
+    let x = w.to_dtype(super::layers::f32_if_half(w.dtype()))?;
+    let len = x
+        .sqr()?
+        .sum_keepdim(1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    Ok(x.broadcast_div(&len)?.to_dtype(w.dtype())?)
 }
 
 /// `h · Wᵀ` for an LM head `(W, trains)`, soft-capped as `cap · tanh(z / cap)` when the model

@@ -1,4 +1,5 @@
-//! Reading model weights: `model.safetensors`, or shards listed in `model.safetensors.index.json`,
+//! Reading model weights: `model.safetensors`, or shards listed in `model.safetensors.index.json`
+//! (or PyTorch's `pytorch_model.bin` and its index, for checkpoints that ship only those),
 //! and the sources a model takes its tensors from while it is built (memory-mapped files, or
 //! tensors in memory), quantizing linear weights on the way in for QLoRA.
 
@@ -12,43 +13,134 @@ use candle_core::{DType, Device, Tensor};
 use super::layers::{LinearWeight, Param};
 use super::quant::{QuantFormat, QuantWeight};
 
-/// The safetensors files of a model folder, checked to exist.
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("cannot read {}", index.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow!("{}: invalid JSON: {e}", index.display()))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| anyhow!("{}: no `weight_map`", index.display()))?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(|f| f.as_str())
-            .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        for f in &files {
-            if !f.exists() {
-                bail!("model folder {} is incomplete: shard {} listed in model.safetensors.index.json is missing", dir.display(), f.display());
-            }
+/// A model folder's weight files, checked to exist.
+pub struct WeightFiles {
+    pub format: WeightFormat,
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    Safetensors,
+    /// `torch.save` zip archives (`pytorch_model.bin`), as older checkpoints ship (Baichuan 2):
+    /// read by parsing the pickle for tensor locations only, no code runs.
+    Pytorch,
+}
+
+/// The shards listed in an index file's `weight_map`, each checked to exist.
+fn indexed(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}: invalid JSON: {e}", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| anyhow!("{}: no `weight_map`", index.display()))?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    for f in &files {
+        if !f.exists() {
+            bail!(
+                "model folder {} is incomplete: shard {} listed in {} is missing",
+                dir.display(),
+                f.display(),
+                index.display()
+            );
         }
-        return Ok(files);
     }
-    if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
-        bail!("{} has only PyTorch .bin weights; convert them to safetensors (e.g. with `transformers` save_pretrained(safe_serialization=True))", dir.display());
+    Ok(files)
+}
+
+/// The weight files of a model folder: `model.safetensors` or its index, else PyTorch's
+/// `pytorch_model.bin` or its index.
+pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
+    for (single, index, format) in [
+        (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            WeightFormat::Safetensors,
+        ),
+        (
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+            WeightFormat::Pytorch,
+        ),
+    ] {
+        let paths = if dir.join(single).exists() {
+            vec![dir.join(single)]
+        } else if dir.join(index).exists() {
+            indexed(dir, &dir.join(index))?
+        } else {
+            continue;
+        };
+        return Ok(WeightFiles { format, paths });
     }
     bail!(
-        "model folder {} is incomplete: no model.safetensors or model.safetensors.index.json",
+        "model folder {} is incomplete: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json",
         dir.display()
     )
+}
+
+/// Opened weight files: safetensors memory-mapped, PyTorch archives indexed by tensor name.
+enum OpenFiles {
+    Safetensors(candle_core::safetensors::MmapedSafetensors),
+    Pytorch {
+        files: Vec<candle_core::pickle::PthTensors>,
+        file_of: HashMap<String, usize>,
+    },
+}
+
+impl OpenFiles {
+    fn open(dir: &Path) -> Result<(Self, Vec<String>)> {
+        let WeightFiles { format, paths } = weight_files(dir)?;
+        let cannot =
+            |e: candle_core::Error| anyhow!("cannot read the weights of {}: {e}", dir.display());
+        Ok(match format {
+            WeightFormat::Safetensors => {
+                // SAFETY: the files are mapped read-only and not modified while the model loads.
+                let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&paths) }
+                    .map_err(cannot)?;
+                let names = files.tensors().into_iter().map(|(n, _)| n).collect();
+                (Self::Safetensors(files), names)
+            }
+            WeightFormat::Pytorch => {
+                let mut files = Vec::new();
+                let mut file_of = HashMap::new();
+                for (i, p) in paths.iter().enumerate() {
+                    let f = candle_core::pickle::PthTensors::new(p, None).map_err(|e| {
+                        anyhow!("cannot read the PyTorch weights {}: {e}", p.display())
+                    })?;
+                    for name in f.tensor_infos().keys() {
+                        file_of.insert(name.clone(), i);
+                    }
+                    files.push(f);
+                }
+                let names = file_of.keys().cloned().collect();
+                (Self::Pytorch { files, file_of }, names)
+            }
+        })
+    }
+
+    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let t = match self {
+            Self::Safetensors(f) => f.load(name, device),
+            Self::Pytorch { files, file_of } => {
+                let f = &files[*file_of.get(name).ok_or_else(|| missing(name))?];
+                f.get(name)
+                    .and_then(|t| {
+                        t.ok_or_else(|| candle_core::Error::Msg("not in the file".into()))
+                    })
+                    .and_then(|t| t.to_device(device))
+            }
+        };
+        t.map_err(|e| anyhow!("cannot read tensor `{name}`: {e}"))
+    }
 }
 
 /// Where a model's tensors come from while it is built: each weight taken once by name.
@@ -108,10 +200,10 @@ impl WeightSource for MapSource {
     }
 }
 
-/// The safetensors files of a model folder, memory-mapped: each tensor is read (and converted,
-/// or quantized) when taken, so loading never holds more than the model plus one tensor.
+/// The weight files of a model folder: each tensor is read (and converted, or quantized) when
+/// taken, so loading never holds more than the model plus one tensor.
 pub(crate) struct FileSource {
-    files: candle_core::safetensors::MmapedSafetensors,
+    files: OpenFiles,
     left: std::collections::BTreeSet<String>,
     dtype: DType,
     device: Device,
@@ -125,11 +217,8 @@ impl FileSource {
         device: &Device,
         quant: Option<QuantFormat>,
     ) -> Result<Self> {
-        let paths = weight_files(dir)?;
-        // SAFETY: the files are mapped read-only and not modified while the model loads.
-        let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&paths) }
-            .map_err(|e| anyhow!("cannot read the weights of {}: {e}", dir.display()))?;
-        let left = files.tensors().into_iter().map(|(n, _)| n).collect();
+        let (files, names) = OpenFiles::open(dir)?;
+        let left = names.into_iter().collect();
         Ok(Self {
             files,
             left,
@@ -143,9 +232,7 @@ impl FileSource {
         if !self.left.remove(name) {
             return Err(missing(name));
         }
-        self.files
-            .load(name, &self.device)
-            .map_err(|e| anyhow!("cannot read tensor `{name}`: {e}"))
+        self.files.load(name, &self.device)
     }
 }
 
@@ -174,10 +261,7 @@ impl WeightSource for FileSource {
         names
             .into_iter()
             .map(|n| {
-                let t = self
-                    .files
-                    .load(&n, &self.device)
-                    .map_err(|e| anyhow!("cannot read tensor `{n}`: {e}"))?;
+                let t = self.files.load(&n, &self.device)?;
                 Ok((n, t.to_dtype(self.dtype)?))
             })
             .collect()

@@ -22,7 +22,7 @@ pub fn batch() -> Batch {
 
 /// The tiny reference models in `tests/fixtures/models` (`scripts/make_reference_models.py`),
 /// one or more per supported family.
-pub const MODEL_VARIANTS: [&str; 14] = [
+pub const MODEL_VARIANTS: [&str; 15] = [
     "llama",
     "llama3_scaled_tied",
     "mistral",
@@ -34,6 +34,7 @@ pub const MODEL_VARIANTS: [&str; 14] = [
     "phi3",
     "glm",
     "glm4",
+    "baichuan2",
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
