@@ -122,6 +122,7 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     }
     chat.tok.config.insert("padding_side".into(), json!("left"));
     chat.tok.save(&dir)?;
+    copy_remote_code(&chat.dir, &dir)?;
     std::fs::write(
         dir.join("Modelfile"),
         chat.template.ollama_modelfile(&chat.tok),
@@ -141,5 +142,27 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     if dir.join("model.safetensors.index.json").exists() {
         files.push(dir.join("model.safetensors.index.json"));
     }
+    for entry in std::fs::read_dir(&dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.ends_with(".py") || name == "tokenizer.model" {
+            files.push(entry.path());
+        }
+    }
     Ok(files)
+}
+
+/// A remote-code checkpoint's Python files (Baichuan 2's `modeling_baichuan.py`, …), which
+/// transformers needs next to the exported weights (`config.json`'s `auto_map` names them).
+fn copy_remote_code(src: &std::path::Path, dir: &std::path::Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(src) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_file() && path.extension().is_some_and(|e| e == "py") {
+            std::fs::copy(&path, dir.join(entry.file_name()))
+                .with_context(|| format!("cannot copy {}", path.display()))?;
+        }
+    }
+    Ok(())
 }

@@ -1,5 +1,8 @@
-//! A Hugging Face tokenizer folder: `tokenizer.json` for the model, `tokenizer_config.json` for
-//! the special tokens and the chat template, as `transformers.AutoTokenizer` reads them.
+//! A Hugging Face tokenizer folder: `tokenizer.json` for the model (or, for a checkpoint with only
+//! a slow tokenizer, its SentencePiece `tokenizer.model`), `tokenizer_config.json` for the special
+//! tokens and the chat template, as `transformers.AutoTokenizer` reads them.
+
+pub mod sentencepiece;
 
 use std::path::{Path, PathBuf};
 
@@ -34,14 +37,19 @@ fn token_string(v: Option<&Value>) -> Option<String> {
 impl HfTokenizer {
     pub fn load(dir: &Path) -> Result<Self> {
         let file = dir.join("tokenizer.json");
-        if !file.exists() {
+        let spm = dir.join("tokenizer.model");
+        let inner = if file.exists() {
+            Tokenizer::from_file(&file)
+                .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?
+        } else if spm.exists() {
+            // A slow tokenizer only (Baichuan 2): its SentencePiece model, converted.
+            sentencepiece::load(&spm)?
+        } else {
             anyhow::bail!(
-                "tokenizer not found: {} has no tokenizer.json (only fast tokenizers in tokenizer.json form are supported)",
+                "tokenizer not found: {} has neither tokenizer.json nor a SentencePiece tokenizer.model",
                 dir.display()
             );
-        }
-        let inner = Tokenizer::from_file(&file)
-            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
+        };
         let cfg_path = dir.join("tokenizer_config.json");
         let config: serde_json::Map<String, Value> = if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path)
@@ -161,6 +169,12 @@ impl HfTokenizer {
     /// of its own).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // The slow tokenizer's model travels too, for transformers' remote-code tokenizers.
+        let spm = self.dir.join("tokenizer.model");
+        if spm.exists() && self.dir != dir {
+            std::fs::copy(&spm, dir.join("tokenizer.model"))
+                .with_context(|| format!("cannot copy {}", spm.display()))?;
+        }
         self.inner
             .save(dir.join("tokenizer.json"), false)
             .map_err(|e| anyhow!("cannot write {}: {e}", dir.join("tokenizer.json").display()))?;
