@@ -65,7 +65,7 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
         );
     }
     if args.export_format == ExportFormat::Gguf {
-        gguf::arch(&chat.model.cfg.model_type)?;
+        gguf::arch(&chat.model.cfg)?;
     }
     let dequantized = chat.model.dequantize_all()?;
     if dequantized > 0 {

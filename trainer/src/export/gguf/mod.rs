@@ -1,19 +1,23 @@
-//! GGUF export for llama.cpp and Ollama: llama.cpp's tensor names and metadata keys, the
-//! byte-level BPE tokenizer (`gpt2` model: tokens, types, merges, special ids, chat template),
-//! and f16 / q8_0 / q4_k_m weights (K-quant mix as llama.cpp's Q4_K_M: Q6_K for the output and
-//! for attn_v / ffn_down in the layers that get more bits), or, for a model whose base is a GGUF
-//! file, `base`: every tensor re-quantized to the type it has in that file.
+//! GGUF export for llama.cpp and Ollama: each family's architecture, keys and tensors as
+//! llama.cpp's converter writes them ([`arch`]), the tokenizer ([`vocab`]), and f16 / q8_0 /
+//! q4_k_m weights (K-quant mix as llama.cpp's Q4_K_M: Q6_K for the output and for attn_v /
+//! ffn_down in the layers that get more bits, routers in f32), or, for a model whose base is a
+//! GGUF file, `base`: every tensor re-quantized to the type it has in that file.
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use gguf_file::Value;
-use serde_json::Value as Json;
 
 use crate::infer::ChatModel;
 
+mod arch;
+mod vocab;
+
+pub(crate) use arch::arch;
+pub use arch::gguf_name;
 pub use protocol::args::GgufType;
 
 /// `general.file_type`: llama.cpp's `LLAMA_FTYPE_*` of the file's main weight type.
@@ -79,55 +83,6 @@ impl TypePlan {
     }
 }
 
-/// llama.cpp's architecture for a Hugging Face `model_type`.
-pub(crate) fn arch(model_type: &str) -> Result<&'static str> {
-    Ok(match model_type {
-        "qwen2" => "qwen2",
-        "qwen3" => "qwen3",
-        "llama" | "mistral" => "llama",
-        // GLM-4 turns interleaved pairs, as llama.cpp's own `glm4` does: q/k rows go as they are.
-        "glm4" => "glm4",
-        other => anyhow::bail!(
-            "GGUF export of `{other}` models is not supported yet (supported: llama, mistral, qwen2, qwen3, glm4); export safetensors (`export_format: safetensors`) and convert with llama.cpp's convert_hf_to_gguf.py"
-        ),
-    })
-}
-
-/// llama.cpp's name for a Hugging Face tensor name.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, module) = rest.split_once('.')?;
-    let (module, kind) = module.rsplit_once('.')?;
-    let name = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        "post_self_attn_layernorm" => "post_attention_norm",
-        "post_mlp_layernorm" => "post_ffw_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        // GLM-4's fused gate and up rows: llama.cpp's `ffn_up` of twice the width.
-        "mlp.gate_up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{name}.{kind}"))
-}
-
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third between.
 fn more_bits(layer: usize, n: usize) -> bool {
     layer < n / 8 || layer >= 7 * n / 8 || (layer - n / 8) % 3 == 2
@@ -144,10 +99,12 @@ fn pick_type(t: GgufType, name: &str, cols: usize, n_layers: usize) -> GgmlDType
                 .and_then(|r| r.split('.').next())
                 .and_then(|l| l.parse::<usize>().ok());
             let heavy = name == "output.weight"
-                || ((name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight"))
+                || ((name.ends_with("attn_v.weight") || name.contains("ffn_down"))
                     && layer.is_some_and(|l| more_bits(l, n_layers)));
             if heavy {
                 GgmlDType::Q6K
+            } else if name.ends_with("attn_qkv.weight") {
+                GgmlDType::Q5K
             } else {
                 GgmlDType::Q4K
             }
@@ -159,6 +116,7 @@ fn pick_type(t: GgufType, name: &str, cols: usize, n_layers: usize) -> GgmlDType
     // llama.cpp's fallbacks for rows that are not a multiple of 256.
     let fallback = match want {
         GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q5K => GgmlDType::Q5_1,
         GgmlDType::Q6K => GgmlDType::Q8_0,
         other => other,
     };
@@ -169,99 +127,10 @@ fn pick_type(t: GgufType, name: &str, cols: usize, n_layers: usize) -> GgmlDType
     }
 }
 
-/// HF's rotate-half q/k layout → llama.cpp's interleaved one (for the `llama` architecture).
-fn permute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    Ok(w.reshape((heads, 2, out / heads / 2, inp))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, inp))?)
-}
-
-fn tokenizer_metadata(chat: &ChatModel, meta: &mut Vec<(String, Value)>) -> Result<()> {
-    let tok = &chat.tok;
-    let raw: Json = serde_json::from_str(
-        &std::fs::read_to_string(tok.dir.join("tokenizer.json"))
-            .with_context(|| format!("reading {}", tok.dir.join("tokenizer.json").display()))?,
-    )?;
-    let model = &raw["model"];
-    if model["type"] != "BPE" || raw["pre_tokenizer"].to_string().contains("Metaspace") {
-        bail!("GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, GPT-2 style); this tokenizer is {} with {}", model["type"], raw["pre_tokenizer"]["type"]);
-    }
-    let vocab = tok.inner.get_vocab(true);
-    let n = tok.len().max(chat.model.cfg.vocab_size);
-    let mut tokens = vec![String::new(); n];
-    let mut types = vec![1i32; n];
-    for (t, id) in &vocab {
-        if (*id as usize) < n {
-            tokens[*id as usize] = t.clone();
-        }
-    }
-    for (id, added) in tok.inner.get_added_tokens_decoder() {
-        if (id as usize) < n {
-            types[id as usize] = if added.special { 3 } else { 4 };
-        }
-    }
-    for (i, t) in tokens.iter_mut().enumerate() {
-        if t.is_empty() {
-            *t = format!("[PAD{i}]");
-            types[i] = 5; // unused
-        }
-    }
-    let merges: Vec<Value> = model["merges"]
-        .as_array()
-        .ok_or_else(|| anyhow!("tokenizer.json has no BPE merges"))?
-        .iter()
-        .map(|m| match m {
-            Json::String(s) => Value::String(s.clone()),
-            Json::Array(pair) => Value::String(format!(
-                "{} {}",
-                pair[0].as_str().unwrap_or(""),
-                pair[1].as_str().unwrap_or("")
-            )),
-            _ => Value::String(String::new()),
-        })
-        .collect();
-    let pre = match chat.model.cfg.model_type.as_str() {
-        "qwen2" | "qwen3" => "qwen2",
-        "glm4" => "glm4",
-        _ if tok.token_to_id("<|begin_of_text|>").is_some() => "llama-bpe",
-        _ => "default",
-    };
-    meta.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
-    meta.push(("tokenizer.ggml.pre".into(), Value::String(pre.into())));
-    meta.push((
-        "tokenizer.ggml.tokens".into(),
-        Value::Array(tokens.into_iter().map(Value::String).collect()),
-    ));
-    meta.push((
-        "tokenizer.ggml.token_type".into(),
-        Value::Array(types.into_iter().map(Value::I32).collect()),
-    ));
-    meta.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
-    if let Some(id) = tok.eos_id() {
-        meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(id)));
-    }
-    if let Some(id) = tok.bos_id() {
-        meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(id)));
-    }
-    if let Some(id) = tok.pad_id() {
-        meta.push(("tokenizer.ggml.padding_token_id".into(), Value::U32(id)));
-    }
-    meta.push((
-        "tokenizer.ggml.add_bos_token".into(),
-        Value::Bool(tok.add_bos_token),
-    ));
-    if let Some(t) = &tok.chat_template {
-        meta.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
-    }
-    Ok(())
-}
-
 /// Writes `path` as one GGUF file of the merged model.
 pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
     let c = &chat.model.cfg;
-    let a = arch(&c.model_type)?;
+    let a = arch(c)?;
     let plan = TypePlan::new(kind, chat)?;
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
@@ -301,45 +170,26 @@ pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
         format!("{a}.rope.freq_base"),
         Value::F32(c.rope_theta as f32),
     ));
-    tokenizer_metadata(chat, &mut meta)?;
+    arch::metadata(c, a, &mut meta);
+    vocab::metadata(chat, &mut meta)?;
+    let params = chat
+        .model
+        .params()
+        .into_iter()
+        .map(|(hf, p)| Ok((hf, p.tensor.to_dtype(DType::F32)?)))
+        .collect::<Result<Vec<_>>>()?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    for (hf, p) in chat.model.params() {
-        let Some(name) = gguf_name(&hf) else {
-            bail!("no GGUF name for tensor `{hf}`")
-        };
-        let mut t = p.tensor.to_dtype(DType::F32)?;
-        if a == "llama" && name.ends_with("attn_q.weight") {
-            t = permute_qk(&t, c.num_attention_heads)?;
-        } else if a == "llama" && name.ends_with("attn_k.weight") {
-            t = permute_qk(&t, c.num_key_value_heads)?;
-        }
-        let q = if t.rank() == 1 {
+    for (name, t) in arch::tensors(c, a, params)? {
+        // Quantization reads a tensor's storage from its start, whatever its layout says: each
+        // tensor gets storage of its own (a narrowed W_pack block would not).
+        let t = t.force_contiguous()?;
+        let q = if t.rank() == 1 || keeps_f32(&name) {
             QTensor::quantize(&t, GgmlDType::F32)?
         } else {
-            let cols = t.dim(1)?;
+            let cols = t.dim(candle_core::D::Minus1)?;
             QTensor::quantize(&t, plan.pick(&name, cols, c.num_hidden_layers)?)?
         };
         tensors.push((name, q));
-    }
-    if let Some(crate::model::config::RopeScaling::Llama3(_)) = &c.rope_scaling {
-        let base: Vec<f64> = {
-            let mut plain = c.clone();
-            plain.rope_scaling = None;
-            plain.inv_freq()
-        };
-        let factors: Vec<f32> = base
-            .iter()
-            .zip(c.inv_freq())
-            .map(|(b, s)| (b / s) as f32)
-            .collect();
-        let n = factors.len();
-        tensors.push((
-            "rope_freqs.weight".into(),
-            QTensor::quantize(
-                &Tensor::from_vec(factors, n, &candle_core::Device::Cpu)?,
-                GgmlDType::F32,
-            )?,
-        ));
     }
     let mut f = std::io::BufWriter::new(
         std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?,
@@ -349,6 +199,11 @@ pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
     gguf_file::write(&mut f, &meta_refs, &tensor_refs)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Routers stay in f32, as llama.cpp's converter and quantizer keep them.
+fn keeps_f32(name: &str) -> bool {
+    name.contains("ffn_gate_inp")
 }
 
 #[cfg(test)]
@@ -380,14 +235,6 @@ mod tests {
             gguf_name("model.layers.2.mlp.gate_up_proj.weight").unwrap(),
             "blk.2.ffn_up.weight"
         );
-        assert_eq!(arch("glm4").unwrap(), "glm4");
-        for refused in ["gemma2", "phi3", "mixtral"] {
-            let e = arch(refused).unwrap_err().to_string();
-            assert!(
-                e.contains(&format!("`{refused}` models is not supported yet")),
-                "{e}"
-            );
-        }
         assert_eq!(
             pick_type(GgufType::Q4KM, "blk.0.ffn_down.weight", 512, 32),
             GgmlDType::Q6K
