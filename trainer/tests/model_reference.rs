@@ -15,8 +15,13 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use trainer::model::{Batch, Model};
 
+/// `tests/fixtures/models`, or `REFERENCE_MODELS` (a dev run against another transformers
+/// version's fixtures: `REFERENCE_OUT=DIR python scripts/make_reference_models.py`).
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models")
+    match std::env::var_os("REFERENCE_MODELS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models"),
+    }
 }
 
 fn expected(name: &str) -> serde_json::Value {

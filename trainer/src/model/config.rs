@@ -279,8 +279,23 @@ impl ModelConfig {
             .and_then(Value::as_f64)
             .map(|x| x as usize)
             .unwrap_or(hidden_size / heads);
-        // Newer transformers writes `rope_parameters` {rope_theta, rope_type, ...} instead.
-        let rope_params = v.get("rope_parameters");
+        // transformers 5 writes `rope_parameters` {rope_theta, rope_type, ...} instead, and for
+        // models with local and global layers (Gemma 3) one such object per layer type.
+        let per_type = v
+            .get("rope_parameters")
+            .and_then(|p| p.get("full_attention"))
+            .is_some();
+        let rope_params = if per_type {
+            v.get("rope_parameters")
+                .and_then(|p| p.get("full_attention"))
+        } else {
+            v.get("rope_parameters")
+        };
+        let local_rope_theta = v
+            .get("rope_parameters")
+            .and_then(|p| p.get("sliding_attention"))
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64);
         let rope_theta = v
             .get("rope_theta")
             .and_then(Value::as_f64)
@@ -333,7 +348,11 @@ impl ModelConfig {
                         None
                     },
                     local_rope_theta: if generation == 3 {
-                        Some(opt("rope_local_base_freq").unwrap_or(10_000.0))
+                        Some(
+                            local_rope_theta
+                                .or_else(|| opt("rope_local_base_freq"))
+                                .unwrap_or(10_000.0),
+                        )
                     } else {
                         None
                     },
@@ -357,8 +376,10 @@ impl ModelConfig {
             }
             _ => vec![None; layers],
         };
+        // transformers 5 keeps `partial_rotary_factor` in `rope_parameters`.
         let rotary_dim = (head_dim as f64
             * v.get("partial_rotary_factor")
+                .or_else(|| rope_params.and_then(|p| p.get("partial_rotary_factor")))
                 .and_then(Value::as_f64)
                 .unwrap_or(1.0)) as usize;
         if !rotary_dim.is_multiple_of(2) || rotary_dim == 0 || rotary_dim > head_dim {
@@ -568,12 +589,16 @@ fn moe_config(
     file: &Path,
 ) -> Result<Option<MoeConfig>> {
     let int = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
-    let (naming, experts_key) = match model_type {
-        "mixtral" => (MoeNaming::Mixtral, "num_local_experts"),
-        "qwen2_moe" | "qwen3_moe" => (MoeNaming::Qwen, "num_experts"),
+    let naming = match model_type {
+        "mixtral" => MoeNaming::Mixtral,
+        "qwen2_moe" | "qwen3_moe" => MoeNaming::Qwen,
         _ => return Ok(None),
     };
-    let experts = int(experts_key).unwrap_or(if naming == MoeNaming::Mixtral { 8 } else { 60 });
+    // transformers 4 writes Qwen's count as `num_experts`; transformers 5 writes
+    // `num_local_experts` for Qwen3-MoE too.
+    let experts = int("num_local_experts")
+        .or_else(|| int("num_experts"))
+        .unwrap_or(if naming == MoeNaming::Mixtral { 8 } else { 60 });
     let top_k =
         int("num_experts_per_tok").unwrap_or(if naming == MoeNaming::Mixtral { 2 } else { 4 });
     if top_k == 0 || top_k > experts {
@@ -914,6 +939,32 @@ mod tests {
             e.contains("`rope_scaling.short_factor` has 1 entries; 8 rotary dimensions need 4"),
             "{e}"
         );
+    }
+
+    /// transformers 5's spellings: `rope_parameters` (per layer type for Gemma 3, with
+    /// `partial_rotary_factor` inside), `num_local_experts` for Qwen3-MoE, a null `head_dim`.
+    #[test]
+    fn reads_transformers_5_configs() {
+        let c = cfg(json!({"model_type": "gemma3_text", "head_dim": 4, "sliding_window": 4,
+            "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}))
+        .unwrap();
+        assert_eq!(c.rope_theta, 1e6);
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear(8.0)));
+        assert_eq!(c.gemma.unwrap().local_rope_theta, Some(1e4));
+        let c = cfg(json!({"model_type": "glm", "head_dim": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}))
+        .unwrap();
+        assert_eq!(c.rotary_dim, 2);
+        let c = cfg(
+            json!({"model_type": "qwen3_moe", "num_local_experts": 4, "num_experts_per_tok": 2,
+            "norm_topk_prob": true}),
+        )
+        .unwrap();
+        assert_eq!(c.moe.unwrap().experts, 4);
+        let c = cfg(json!({"model_type": "mixtral", "head_dim": null})).unwrap();
+        assert_eq!(c.head_dim, 4);
     }
 
     #[test]
