@@ -20,3 +20,4 @@ pub mod stages;
 pub mod sysinfo;
 pub mod tokenizer;
 pub mod train;
+pub mod vision;
