@@ -22,6 +22,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
@@ -248,3 +249,69 @@ def baichuan2():
 
 if not ONLY or "baichuan2" in ONLY:
     baichuan2()
+
+
+def qwen2_vl():
+    """A tiny Qwen2-VL (transformers' Qwen2VLForConditionalGeneration, saved in bf16): logits of one row
+    with two images (tests/fixtures/vision's synthetic PNGs through LLaMA-Factory's regularization and
+    transformers' Pillow image processor), image tokens between <|vision_start|> and <|vision_end|>, and of
+    a text-only row."""
+    from PIL import Image
+    from llamafactory.data.mm_plugin import get_mm_plugin
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    try:  # transformers 5: the Pillow processor (its default one resizes with torchvision instead)
+        from transformers import Qwen2VLImageProcessorPil as Qwen2VLImageProcessor
+    except ImportError:  # transformers 4: the Pillow one is the default
+        from transformers import Qwen2VLImageProcessor
+
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
+        tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or "ln_q" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if n.endswith("weight") else p.copy_(0.1 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    d = os.path.join(OUT, "qwen2_vl")
+    model.to(torch.bfloat16).save_pretrained(d, safe_serialization=True)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    vision = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "vision")
+    y, x = np.mgrid[0:40, 0:30]
+    second = np.stack([(x * 7) % 256, (y * 5 + x) % 256, (y * 9) % 256], -1).astype(np.uint8)
+    Image.fromarray(second).save(os.path.join(vision, "second.png"))
+    plugin = get_mm_plugin(name="qwen2_vl", image_token="<|image_pad|>", video_token="<|video_pad|>")
+    budget = dict(image_max_pixels=48 * 48, image_min_pixels=32 * 32)
+    images = plugin._regularize_images([os.path.join(vision, "small.png"), os.path.join(vision, "second.png")],
+                                       **budget)["images"]
+    out = Qwen2VLImageProcessor()(images=images, return_tensors="pt")
+    grids = out["image_grid_thw"]
+    ids = [5, 17]
+    for g in grids.tolist():
+        ids += [152] + [150] * (g[0] * g[1] * g[2] // 4) + [153, 42, 7]
+    ids += [99, 3, 61, 23]
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        mm_types = (input_ids == 150).int()  # image tokens 1, text 0 (the processor's mm_token_type_ids)
+        logits = model(input_ids=input_ids, pixel_values=out["pixel_values"], image_grid_thw=grids,
+                       mm_token_type_ids=mm_types).logits
+        text = torch.tensor([[5, 17, 42, 7, 99, 3, 61, 23]])
+        text_logits = model(input_ids=text).logits
+    expected = {"input_ids": ids, "images": ["small.png", "second.png"], **budget, "grids": grids.tolist(),
+                "logits": logits.flatten().tolist(), "text_ids": text[0].tolist(),
+                "text_logits": text_logits.flatten().tolist()}
+    with open(os.path.join(d, "expected.json"), "w") as fh:
+        json.dump(expected, fh)
+    print("qwen2_vl", grids.tolist(), len(ids))
+
+
+if not ONLY or "qwen2_vl" in ONLY:
+    qwen2_vl()

@@ -18,6 +18,20 @@ pub struct Batch {
     pub lens: Vec<usize>,
     pub batch: usize,
     pub seq: usize,
+    /// The images of a vision-language batch.
+    pub vision: Option<VisionBatch>,
+}
+
+/// The images of a batch, in the order their tokens appear (row by row), and the M-RoPE
+/// positions of every token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionBatch {
+    /// Flattened patches, `(patches, patch_dim)` row-major.
+    pub pixel_values: Vec<f32>,
+    /// `(t, h, w)` per image, in patches.
+    pub grids: Vec<[usize; 3]>,
+    /// `(t, h, w)` positions of each of the `B × T` tokens.
+    pub mrope_positions: Vec<[u32; 3]>,
 }
 
 impl Batch {
@@ -29,6 +43,7 @@ impl Batch {
             labels: Vec::with_capacity(rows.len() * seq),
             positions: Vec::with_capacity(rows.len() * seq),
             segments: None,
+            vision: None,
             lens: rows.iter().map(|r| r.0.len()).collect(),
             batch: rows.len(),
             seq,

@@ -24,6 +24,7 @@ pub const SUPPORTED: &[&str] = &[
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "qwen2_vl",
 ];
 
 /// How a mixture-of-experts checkpoint names its MLP weights.
@@ -183,6 +184,10 @@ pub struct ModelConfig {
     pub norms: NormLayout,
     /// Mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE).
     pub moe: Option<MoeConfig>,
+    /// The vision tower of a vision-language model (Qwen2-VL).
+    pub vision: Option<super::vision::VisionConfig>,
+    /// M-RoPE: the rotary half-dimensions turned by the time, height and width positions.
+    pub mrope_section: Option<[usize; 3]>,
     pub raw: serde_json::Map<String, Value>,
 }
 
@@ -207,7 +212,8 @@ fn rope_scaling(
         .unwrap_or("default");
     let f = |k: &str, d: f64| o.get(k).and_then(Value::as_f64).unwrap_or(d);
     Ok(match kind {
-        "default" => None,
+        // Qwen2-VL's `{"type": "mrope", "mrope_section": …}`: plain RoPE on three position axes.
+        "default" | "mrope" => None,
         "llama3" => Some(RopeScaling::Llama3(Llama3Scaling {
             factor: f("factor", 8.0),
             low_freq_factor: f("low_freq_factor", 1.0),
@@ -267,6 +273,20 @@ impl ModelConfig {
                 SUPPORTED.join(", ")
             );
         }
+        // A vision-language model: its text decoder is read like the family it extends.
+        let raw = v.clone();
+        let (v, vision, text_type) = if model_type == "qwen2_vl" {
+            let vision = super::vision::VisionConfig::from_json(&v, file)?;
+            (
+                super::vision::flatten_text_config(v),
+                Some(vision),
+                "qwen2".to_string(),
+            )
+        } else {
+            let t = model_type.clone();
+            (v, None, t)
+        };
+        let mrope_section = super::vision::mrope_section(&v, file)?;
         let hidden_size = num(&v, "hidden_size", file)? as usize;
         let heads = num(&v, "num_attention_heads", file)? as usize;
         let kv_heads = v
@@ -312,7 +332,7 @@ impl ModelConfig {
                 None => None,
             },
         };
-        let family = Family::of(&model_type);
+        let family = Family::of(&text_type);
         if family == Family::Baichuan && v.get("max_position_embeddings").is_none() {
             bail!(
                 "{}: this Baichuan checkpoint (13B: no `max_position_embeddings`) uses ALiBi position biases, which this trainer does not implement; Baichuan 2 7B (and Baichuan 7B) use rotary positions and are supported",
@@ -366,7 +386,7 @@ impl ModelConfig {
         let sliding_window = match family {
             Family::Gemma(g) if g >= 2 => sliding_layers(&v, g, layers, file)?,
             // Phi-3, Mistral (v0.1's 4,096) and Mixtral apply one window to every layer.
-            _ if family == Family::Phi3 || matches!(model_type.as_str(), "mistral" | "mixtral") => {
+            _ if family == Family::Phi3 || matches!(text_type.as_str(), "mistral" | "mixtral") => {
                 vec![
                     v.get("sliding_window")
                         .and_then(Value::as_u64)
@@ -423,15 +443,15 @@ impl ModelConfig {
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(matches!(family, Family::Gemma(_))),
-            qkv_bias: model_type == "qwen2"
-                || (model_type == "qwen2_moe"
+            qkv_bias: text_type == "qwen2"
+                || (text_type == "qwen2_moe"
                     && v.get("qkv_bias").and_then(Value::as_bool).unwrap_or(true))
                 || attention_bias,
             // GLM's o_proj never has a bias.
             o_bias: attention_bias
-                && !matches!(model_type.as_str(), "qwen2" | "qwen2_moe")
+                && !matches!(text_type.as_str(), "qwen2" | "qwen2_moe")
                 && !matches!(family, Family::Glm(_)),
-            qk_norm: matches!(model_type.as_str(), "qwen3" | "qwen3_moe" | "gemma3_text"),
+            qk_norm: matches!(text_type.as_str(), "qwen3" | "qwen3_moe" | "gemma3_text"),
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(Value::as_f64)
@@ -447,7 +467,9 @@ impl ModelConfig {
             sliding_window,
             gemma,
             rotary_dim,
-            moe: moe_config(&v, &model_type, layers, file)?,
+            moe: moe_config(&v, &text_type, layers, file)?,
+            vision,
+            mrope_section,
             fused_qkv: match family {
                 Family::Phi3 => Some("qkv_proj"),
                 Family::Baichuan => Some("W_pack"),
@@ -464,7 +486,7 @@ impl ModelConfig {
                 _ => NormLayout::LLAMA,
             },
             model_type,
-            raw: v,
+            raw,
         })
     }
 

@@ -31,6 +31,8 @@ pub struct Model {
     /// Tensors of the files that the architecture does not read: kept to be saved again,
     /// never trained.
     pub extra: BTreeMap<String, Param>,
+    /// A vision-language model's vision tower and merger (`visual.*`).
+    pub vision: Option<super::vision::qwen2_vl::VisionTower>,
     /// Gradient checkpointing: training passes keep only each decoder layer's input and
     /// recompute the layer during backward (`gradient_checkpointing: true`).
     pub checkpointing: bool,
@@ -117,6 +119,11 @@ impl Model {
             .map(|l| DecoderLayer::new(l, &cfg, src))
             .collect::<Result<Vec<_>>>()?;
         let norm = Param::frozen(src.take("model.norm.weight")?);
+        let vision = cfg
+            .vision
+            .as_ref()
+            .map(|v| super::vision::qwen2_vl::VisionTower::new(v, src))
+            .transpose()?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
@@ -137,6 +144,7 @@ impl Model {
             layers,
             norm,
             lm_head,
+            vision,
             extra: extra
                 .into_iter()
                 .map(|(k, t)| (k, Param::frozen(t)))
@@ -162,6 +170,9 @@ impl Model {
         for layer in &self.layers {
             out.extend(layer.params());
         }
+        if let Some(v) = &self.vision {
+            out.extend(v.params());
+        }
         out.extend(self.extra.iter().map(|(k, p)| (k.clone(), p)));
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
@@ -178,6 +189,9 @@ impl Model {
         }
         for layer in &mut self.layers {
             out.extend(layer.params_mut());
+        }
+        if let Some(v) = &mut self.vision {
+            out.extend(v.params_mut());
         }
         out.extend(self.extra.iter_mut().map(|(k, p)| (k.clone(), p)));
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -386,6 +400,103 @@ impl Model {
         self.rope_tables_for(&inv, scale, positions, batch, seq)
     }
 
+    /// M-RoPE tables: each rotary half-dimension turned by the time, height or width position of
+    /// its section (`mrope_section`), laid out like [`Self::rope_tables_for`]'s.
+    fn mrope_tables(
+        &self,
+        positions: &[[u32; 3]],
+        section: [usize; 3],
+        batch: usize,
+        seq: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let inv = self.cfg.inv_freq();
+        if section.iter().sum::<usize>() != inv.len() || positions.len() != batch * seq {
+            anyhow::bail!(
+                "M-RoPE: mrope_section {section:?} must cover the {} rotary frequencies, and {} positions the {batch}×{seq} tokens",
+                inv.len(),
+                positions.len()
+            );
+        }
+        let axis: Vec<usize> = (0..inv.len())
+            .map(|j| {
+                if j < section[0] {
+                    0
+                } else if j < section[0] + section[1] {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
+        let d = inv.len() * 2;
+        let mut cos = Vec::with_capacity(positions.len() * d);
+        let mut sin = Vec::with_capacity(positions.len() * d);
+        for p in positions {
+            for _ in 0..2 {
+                for (f, a) in inv.iter().zip(&axis) {
+                    let angle = f64::from(p[*a]) * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let shape = (batch, 1, seq, d);
+        let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// The token embeddings `x (B·T, hidden)` with each image token's row replaced by the
+    /// vision tower's output for it, in order.
+    fn merge_images(
+        &self,
+        x: Tensor,
+        ids: &[u32],
+        v: &super::VisionBatch,
+        weights: Weights,
+    ) -> Result<Tensor> {
+        let Some(tower) = &self.vision else {
+            anyhow::bail!(
+                "the batch has images but the model has no vision tower (a text-only model)"
+            );
+        };
+        let image = tower.cfg.image_token_id;
+        let patch_dim = tower.cfg.patch_dim();
+        let pixels = Tensor::from_slice(
+            &v.pixel_values,
+            (v.pixel_values.len() / patch_dim, patch_dim),
+            &self.device,
+        )?;
+        let feats = tower
+            .forward(&pixels, &v.grids, weights)?
+            .to_dtype(x.dtype())?;
+        let slots = ids.iter().filter(|&&t| t == image).count();
+        if slots != feats.dim(0)? {
+            anyhow::bail!(
+                "the batch has {slots} image tokens but its images give {} embeddings",
+                feats.dim(0)?
+            );
+        }
+        // Runs of text rows and of image rows, joined in order.
+        let mut pieces = Vec::new();
+        let (mut i, mut used) = (0, 0);
+        while i < ids.len() {
+            let is_image = ids[i] == image;
+            let start = i;
+            while i < ids.len() && (ids[i] == image) == is_image {
+                i += 1;
+            }
+            let len = i - start;
+            if is_image {
+                pieces.push(feats.narrow(0, used, len)?);
+                used += len;
+            } else {
+                pieces.push(x.narrow(0, start, len)?);
+            }
+        }
+        Ok(Tensor::cat(&pieces, 0)?)
+    }
+
     /// The sliding-window layers' tables, when the model has such layers: their RoPE (Gemma 3's
     /// local base) and the attention mask `mask(window)` builds.
     fn local_tables(
@@ -470,7 +581,15 @@ impl Model {
         weights: Weights,
     ) -> Result<Tensor> {
         let mut x = self.embed(&b.input_ids, weights)?;
-        let (cos, sin) = self.rope_tables(&b.positions, b.batch, b.seq)?;
+        if let Some(v) = &b.vision {
+            x = self.merge_images(x, &b.input_ids, v, weights)?;
+        }
+        let (cos, sin) = match (&b.vision, self.cfg.mrope_section) {
+            (Some(v), Some(section)) => {
+                self.mrope_tables(&v.mrope_positions, section, b.batch, b.seq)?
+            }
+            _ => self.rope_tables(&b.positions, b.batch, b.seq)?,
+        };
         let local = self.local_tables(&b.positions, b.batch, b.seq, |w| {
             self.attention_mask(b, Some(w))
         })?;

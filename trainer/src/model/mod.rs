@@ -13,9 +13,10 @@ mod llama;
 pub mod mlp;
 pub mod quant;
 pub mod value_head;
+pub mod vision;
 pub mod weights;
 
-pub use batch::{shifted_targets, Batch, RowRef};
+pub use batch::{shifted_targets, Batch, RowRef, VisionBatch};
 pub use config::ModelConfig;
 pub use layers::{
     log_softmax, softmax, DecoderLayer, KvCache, Linear, LinearWeight, LoraLayer, Param, Weights,
