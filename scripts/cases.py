@@ -15,6 +15,12 @@ for t in TEMPLATES:
 # gemma ids ("reference": the case whose fixture they must equal).
 for kind in ("sft", "rm", "kto"):
     CASES[f"gemma3_{kind}"]["reference"] = f"gemma_{kind}"
+# Images: LLaMA-Factory's qwen2_vl plugin on mllm_demo (image tokens from each image's size), run with the
+# processor folder tests/fixtures/qwen2-vl-processor ("model", scripts/make_vl_processor.py); default and
+# small pixel budgets.
+for kind, extra in [("sft", {}), ("sft_small_images", dict(image_max_pixels=64 * 64, image_min_pixels=16 * 16))]:
+    CASES[f"qwen2_vl_{kind}"] = dict(stage="sft", template="qwen2_vl", dataset="mllm_demo", cutoff_len=1024,
+                                     model="qwen2-vl-processor", **extra)
 CASES["qwen_pt_packed"] = dict(stage="pt", template="qwen", dataset="c4_demo", max_samples=6, cutoff_len=128)
 CASES["llama3_pt"] = dict(stage="pt", template="llama3", dataset="c4_demo", max_samples=6, cutoff_len=128,
                           packing=False)

@@ -53,7 +53,9 @@ COLUMNS = ["input_ids", "attention_mask", "position_ids", "labels", "chosen_inpu
 for name, case in CASES.items():
     if (ONLY and name not in ONLY) or "reference" in case:
         continue
-    args = dict(model_name_or_path=MODEL, dataset_dir=DATA, output_dir=tempfile.mkdtemp(), overwrite_output_dir=True,
+    case = dict(case)
+    model = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", case.pop("model")) if "model" in case else MODEL
+    args = dict(model_name_or_path=model, dataset_dir=DATA, output_dir=tempfile.mkdtemp(), overwrite_output_dir=True,
                 do_train=True, finetuning_type="lora", report_to="none", preprocessing_num_workers=None)
     args.update(case)
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(args)

@@ -30,6 +30,15 @@ pub struct TrainArgs {
     pub rope_scaling: Option<RopeScalingType>,
     /// Mixture-of-experts models: the load-balancing loss's coefficient (turns the loss on).
     pub moe_aux_loss_coef: Option<f64>,
+    // ---- vision-language models ----
+    /// The vision tower stays frozen (LLaMA-Factory's default).
+    pub freeze_vision_tower: bool,
+    /// The multi-modal projector (Qwen2-VL's merger) stays frozen.
+    pub freeze_multi_modal_projector: bool,
+    /// The language model stays frozen (no LoRA or trained weights in it).
+    pub freeze_language_model: bool,
+    /// Full fine-tuning of the projector alone.
+    pub train_mm_proj_only: bool,
     pub flash_attn: String,
     pub shift_attn: bool,
     pub use_unsloth: bool,
@@ -63,6 +72,10 @@ pub struct TrainArgs {
     pub eval_dataset: Option<String>,
     pub dataset_dir: String,
     pub media_dir: Option<String>,
+    /// Images above this many pixels are scaled down before the processor (LLaMA-Factory's
+    /// regularization), below `image_min_pixels` scaled up.
+    pub image_max_pixels: usize,
+    pub image_min_pixels: usize,
     pub cutoff_len: usize,
     pub train_on_prompt: bool,
     pub mask_history: bool,
@@ -204,6 +217,10 @@ impl Default for TrainArgs {
             low_cpu_mem_usage: true,
             rope_scaling: None,
             moe_aux_loss_coef: None,
+            freeze_vision_tower: true,
+            freeze_multi_modal_projector: true,
+            freeze_language_model: false,
+            train_mm_proj_only: false,
             flash_attn: "auto".into(),
             shift_attn: false,
             use_unsloth: false,
@@ -233,6 +250,8 @@ impl Default for TrainArgs {
             eval_dataset: None,
             dataset_dir: "data".into(),
             media_dir: None,
+            image_max_pixels: 768 * 768,
+            image_min_pixels: 32 * 32,
             cutoff_len: 2048,
             train_on_prompt: false,
             mask_history: false,

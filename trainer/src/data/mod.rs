@@ -5,6 +5,7 @@
 pub mod converter;
 pub mod dataset_info;
 pub mod loader;
+pub mod media;
 pub mod pipeline;
 pub mod processor;
 pub mod pyjson;

@@ -126,6 +126,22 @@ pub fn get_dataset(
     if eval_examples.is_empty() {
         eval_examples = split_eval;
     }
+    // Images: placeholders expanded into the tokens each image becomes (pre-training, like
+    // LLaMA-Factory's, reads the text alone).
+    let (train_examples, eval_examples) = if args.stage == Stage::Pt {
+        (train_examples, eval_examples)
+    } else {
+        let ctx = if template.mm == super::template::MmPlugin::Base {
+            None
+        } else {
+            Some(super::media::MediaContext::load(&tok.dir, args)?)
+        };
+        let (train, s) = super::media::expand(train_examples, template, ctx.as_ref())?;
+        skipped.extend(s);
+        let (eval, s) = super::media::expand(eval_examples, template, ctx.as_ref())?;
+        skipped.extend(s);
+        (train, eval)
+    };
     let train_kind = ProcessorKind::for_stage(args, false);
     let train_proc = Processor {
         kind: train_kind,

@@ -162,37 +162,59 @@ impl Qwen2VlProcessor {
     }
 }
 
-/// LLaMA-Factory's regularization of an image for Qwen2-VL (`Qwen2VLPlugin._preprocess_image`):
-/// scaled into `[min_pixels, max_pixels]` (each side truncated), at least 28 pixels a side, no
-/// side over 200× the other; each step a Pillow bicubic resize.
+/// The size `(width, height)` LLaMA-Factory's regularization gives an image of `width × height`
+/// (`Qwen2VLPlugin._preprocess_image`): scaled into `[min_pixels, max_pixels]` (each side
+/// truncated), at least 28 pixels a side, no side over 200× the other.
+pub fn regularized_size(
+    width: usize,
+    height: usize,
+    max_pixels: usize,
+    min_pixels: usize,
+) -> (usize, usize) {
+    regularize_steps(width, height, max_pixels, min_pixels)
+        .last()
+        .copied()
+        .unwrap_or((width, height))
+}
+
+/// Each resize of the regularization, in order.
+fn regularize_steps(
+    mut w: usize,
+    mut h: usize,
+    max_pixels: usize,
+    min_pixels: usize,
+) -> Vec<(usize, usize)> {
+    let mut steps = Vec::new();
+    let area = |w: usize, h: usize| (w * h) as f64;
+    if area(w, h) > max_pixels as f64 {
+        let f = (max_pixels as f64 / area(w, h)).sqrt();
+        (w, h) = ((w as f64 * f) as usize, (h as f64 * f) as usize);
+        steps.push((w, h));
+    }
+    if area(w, h) < min_pixels as f64 {
+        let f = (min_pixels as f64 / area(w, h)).sqrt();
+        (w, h) = ((w as f64 * f) as usize, (h as f64 * f) as usize);
+        steps.push((w, h));
+    }
+    if w.min(h) < 28 {
+        (w, h) = (w.max(28), h.max(28));
+        steps.push((w, h));
+    }
+    if w as f64 / h as f64 > 200.0 {
+        w = h * 180;
+        steps.push((w, h));
+    }
+    if h as f64 / w as f64 > 200.0 {
+        h = w * 180;
+        steps.push((w, h));
+    }
+    steps
+}
+
+/// LLaMA-Factory's regularization of an image for Qwen2-VL ([`regularized_size`]), each step a
+/// Pillow bicubic resize.
 pub fn regularize(mut img: RgbImage, max_pixels: usize, min_pixels: usize) -> RgbImage {
-    let area = |i: &RgbImage| (i.width * i.height) as f64;
-    if area(&img) > max_pixels as f64 {
-        let f = (max_pixels as f64 / area(&img)).sqrt();
-        let (w, h) = (
-            (img.width as f64 * f) as usize,
-            (img.height as f64 * f) as usize,
-        );
-        img = resize_bicubic(&img, w, h);
-    }
-    if area(&img) < min_pixels as f64 {
-        let f = (min_pixels as f64 / area(&img)).sqrt();
-        let (w, h) = (
-            (img.width as f64 * f) as usize,
-            (img.height as f64 * f) as usize,
-        );
-        img = resize_bicubic(&img, w, h);
-    }
-    if img.width.min(img.height) < 28 {
-        let (w, h) = (img.width.max(28), img.height.max(28));
-        img = resize_bicubic(&img, w, h);
-    }
-    if img.width as f64 / img.height as f64 > 200.0 {
-        let (w, h) = (img.height * 180, img.height);
-        img = resize_bicubic(&img, w, h);
-    }
-    if img.height as f64 / img.width as f64 > 200.0 {
-        let (w, h) = (img.width, img.width * 180);
+    for (w, h) in regularize_steps(img.width, img.height, max_pixels, min_pixels) {
         img = resize_bicubic(&img, w, h);
     }
     img

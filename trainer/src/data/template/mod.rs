@@ -53,6 +53,8 @@ pub struct Template {
     pub thought_words: (String, String),
     pub tool_call_words: (String, String),
     pub efficient_eos: bool,
+    /// How images enter the text (LLaMA-Factory's `mm_plugin`).
+    pub mm: MmPlugin,
     pub replace_eos: bool,
     pub replace_jinja_template: bool,
     pub enable_thinking: bool,
@@ -97,6 +99,16 @@ fn find_between<'a>(content: &'a str, open: &str, close: &str) -> Option<(usize,
     Some((start, end + close.len(), &content[inner_start..end]))
 }
 
+/// How a template puts images into the text: LLaMA-Factory's `mm_plugin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmPlugin {
+    /// Text only: a dataset with images is refused.
+    Base,
+    /// Qwen2-VL: each `<image>` becomes `<|vision_start|>`, one `<|image_pad|>` per merged
+    /// 2×2 patch window, `<|vision_end|>`.
+    Qwen2Vl,
+}
+
 impl Template {
     fn builder(name: &str) -> Self {
         Self {
@@ -115,6 +127,7 @@ impl Template {
             thought_words: ("<think>\n".into(), "\n</think>\n\n".into()),
             tool_call_words: ("<tool_call>".into(), "</tool_call>".into()),
             efficient_eos: false,
+            mm: MmPlugin::Base,
             replace_eos: false,
             replace_jinja_template: false,
             enable_thinking: true,

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 
 use super::tools::ToolFormat;
-use super::{t, Slot, Template, TemplateKind};
+use super::{t, MmPlugin, Slot, Template, TemplateKind};
 
 pub const TEMPLATE_NAMES: &[&str] = &[
     "alpaca",
@@ -23,6 +23,7 @@ pub const TEMPLATE_NAMES: &[&str] = &[
     "qwen",
     "qwen3",
     "qwen3_nothink",
+    "qwen2_vl",
     "yi",
 ];
 
@@ -191,6 +192,11 @@ pub fn get_template(name: &str) -> Result<Template> {
             tpl.format_function = tpl.format_assistant.clone();
             tpl.format_observation = tpl.format_user.clone();
             tpl.efficient_eos = true;
+        }
+        "qwen2_vl" => {
+            tpl = qwen_family(name);
+            tpl.default_system = "You are a helpful assistant.".into();
+            tpl.mm = MmPlugin::Qwen2Vl;
         }
         "empty" => {
             tpl.format_assistant = vec![t("{{content}}")];

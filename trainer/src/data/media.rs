@@ -1,0 +1,240 @@
+//! Images in the data (LLaMA-Factory's multimodal plugin, `process_messages`): each `<image>`
+//! placeholder of a record expanded into the tokens its image becomes, which depend on the image's
+//! size (Qwen2-VL: one `<|image_pad|>` per merged 2×2 patch window after LLaMA-Factory's
+//! regularization and the processor's `smart_resize`). A template without image support refuses
+//! a dataset with images; a record whose placeholders and images do not match, or whose image
+//! cannot be read, is skipped with a warning that names it.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+use super::converter::Example;
+use super::template::{MmPlugin, Template};
+use super::Skipped;
+use crate::vision::qwen2_vl::{regularized_size, Qwen2VlProcessor};
+
+pub const IMAGE_PLACEHOLDER: &str = "<image>";
+pub const VIDEO_PLACEHOLDER: &str = "<video>";
+pub const AUDIO_PLACEHOLDER: &str = "<audio>";
+
+/// What expanding images needs: the model's image processor and the regularization budget.
+#[derive(Debug, Clone)]
+pub struct MediaContext {
+    pub processor: Qwen2VlProcessor,
+    pub image_max_pixels: usize,
+    pub image_min_pixels: usize,
+}
+
+impl MediaContext {
+    /// The image processor of the model folder `dir` (`preprocessor_config.json`).
+    pub fn load(dir: &Path, args: &protocol::TrainArgs) -> Result<Self> {
+        if !dir.join("preprocessor_config.json").exists() {
+            bail!(
+                "Image processor was not found: {} has no preprocessor_config.json (a vision-language model's folder has one)",
+                dir.display()
+            );
+        }
+        Ok(Self {
+            processor: Qwen2VlProcessor::load(dir)?,
+            image_max_pixels: args.image_max_pixels,
+            image_min_pixels: args.image_min_pixels,
+        })
+    }
+
+    /// The number of image tokens the image at `path` becomes.
+    pub fn image_tokens(&self, path: &str) -> Result<usize, String> {
+        let (w, h) =
+            image::image_dimensions(path).map_err(|e| format!("cannot read image {path}: {e}"))?;
+        let (w, h) = regularized_size(
+            w as usize,
+            h as usize,
+            self.image_max_pixels,
+            self.image_min_pixels,
+        );
+        let (rh, rw) = self
+            .processor
+            .smart_resize(h, w)
+            .map_err(|e| format!("image {path}: {e}"))?;
+        let p = self.processor.patch_size * self.processor.merge_size;
+        Ok((rh / p) * (rw / p))
+    }
+}
+
+fn has_media(ex: &Example) -> bool {
+    !ex.images.is_empty() || !ex.videos.is_empty() || !ex.audios.is_empty()
+}
+
+/// Expands the placeholders of every example for `tpl`; records that cannot be expanded come
+/// back as skipped. Fails when the data has images and the template cannot take them.
+pub fn expand(
+    examples: Vec<Example>,
+    tpl: &Template,
+    ctx: Option<&MediaContext>,
+) -> Result<(Vec<Example>, Vec<Skipped>)> {
+    let Some(first) = examples.iter().find(|e| has_media(e)) else {
+        return Ok((examples, Vec::new()));
+    };
+    let what = if !first.images.is_empty() {
+        "image"
+    } else if !first.videos.is_empty() {
+        "video"
+    } else {
+        "audio"
+    };
+    if tpl.mm == MmPlugin::Base || what != "image" {
+        bail!(
+            "{} record {}: This model does not support {what} input. Please check whether the correct `template` is used (template `{}`; images need a vision-language model and its template, e.g. qwen2_vl)",
+            first.file,
+            first.row,
+            tpl.name
+        );
+    }
+    let Some(ctx) = ctx else {
+        bail!("the data has images but no image processor was loaded");
+    };
+    let mut kept = Vec::with_capacity(examples.len());
+    let mut skipped = Vec::new();
+    for mut ex in examples {
+        match expand_one(&mut ex, ctx) {
+            Ok(()) => kept.push(ex),
+            Err(reason) => skipped.push(Skipped {
+                file: ex.file.to_string(),
+                row: ex.row,
+                reason,
+            }),
+        }
+    }
+    Ok((kept, skipped))
+}
+
+/// LLaMA-Factory's `Qwen2VLPlugin.process_messages` on the prompt followed by each response (as
+/// its processors call it on `prompt + response`, once per answer of a pair).
+fn expand_one(ex: &mut Example, ctx: &MediaContext) -> Result<(), String> {
+    if !ex.videos.is_empty() || !ex.audios.is_empty() {
+        return Err("videos and audios are not supported yet".into());
+    }
+    let count = |s: &str| s.matches(IMAGE_PLACEHOLDER).count();
+    let in_prompt: usize = ex.prompt.iter().map(|m| count(&m.content)).sum();
+    for r in &ex.response {
+        if in_prompt + count(&r.content) != ex.images.len() {
+            return Err(format!(
+                "The number of images ({}) does not match the number of {IMAGE_PLACEHOLDER} tokens ({})",
+                ex.images.len(),
+                in_prompt + count(&r.content)
+            ));
+        }
+    }
+    let tokens: Vec<usize> = ex
+        .images
+        .iter()
+        .map(|p| ctx.image_tokens(p))
+        .collect::<Result<_, _>>()?;
+    let fill = |text: &str, next: &mut usize| -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(i) = rest.find(IMAGE_PLACEHOLDER) {
+            out.push_str(&rest[..i]);
+            out.push_str("<|vision_start|>");
+            out.push_str(&"<|image_pad|>".repeat(tokens[*next]));
+            out.push_str("<|vision_end|>");
+            *next += 1;
+            rest = &rest[i + IMAGE_PLACEHOLDER.len()..];
+        }
+        out.push_str(rest);
+        out
+    };
+    let mut next = 0;
+    for m in &mut ex.prompt {
+        m.content = fill(&m.content, &mut next);
+    }
+    for r in &mut ex.response {
+        let mut n = next;
+        r.content = fill(&r.content, &mut n);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::converter::{Message, Role};
+
+    fn example(prompt: &str, images: usize) -> Example {
+        let png = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/vision/small.png")
+            .display()
+            .to_string();
+        Example {
+            prompt: vec![Message::new(Role::User, prompt)],
+            response: vec![Message::new(Role::Assistant, "ok")],
+            system: String::new(),
+            tools: String::new(),
+            images: vec![png; images],
+            videos: Vec::new(),
+            audios: Vec::new(),
+            file: "data.json".into(),
+            row: 7,
+        }
+    }
+
+    fn ctx() -> MediaContext {
+        MediaContext {
+            processor: Qwen2VlProcessor::default(),
+            image_max_pixels: 768 * 768,
+            image_min_pixels: 32 * 32,
+        }
+    }
+
+    #[test]
+    fn placeholders_expand_by_image_size_and_mismatches_are_skipped_by_name() {
+        let tpl = crate::data::template::get_template("qwen2_vl").unwrap();
+        let (kept, skipped) = expand(
+            vec![
+                example("<image>What is it?", 1),
+                example("<image><image>Two?", 1),
+            ],
+            &tpl,
+            Some(&ctx()),
+        )
+        .unwrap();
+        // 45×20 → 48×28 (at least 28 a side) → smart_resize 56×84 → 2×3 merged windows.
+        assert_eq!(
+            kept[0].prompt[0].content,
+            format!(
+                "<|vision_start|>{}<|vision_end|>What is it?",
+                "<|image_pad|>".repeat(6)
+            )
+        );
+        assert_eq!(skipped.len(), 1);
+        assert_eq!((skipped[0].file.as_str(), skipped[0].row), ("data.json", 7));
+        assert!(
+            skipped[0].reason.contains("does not match"),
+            "{:?}",
+            skipped[0]
+        );
+        let mut missing = example("<image>x", 1);
+        missing.images = vec!["/no/such/image.png".into()];
+        let (_, skipped) = expand(vec![missing], &tpl, Some(&ctx())).unwrap();
+        assert!(
+            skipped[0].reason.contains("/no/such/image.png"),
+            "{:?}",
+            skipped[0]
+        );
+    }
+
+    #[test]
+    fn a_text_template_refuses_images() {
+        let tpl = crate::data::template::get_template("qwen").unwrap();
+        let e = expand(vec![example("<image>hi", 1)], &tpl, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data.json record 7") && e.contains("does not support image input"),
+            "{e}"
+        );
+        // Without images nothing changes.
+        let (kept, _) = expand(vec![example("<image>hi", 0)], &tpl, None).unwrap();
+        assert_eq!(kept[0].prompt[0].content, "<image>hi");
+    }
+}
