@@ -52,10 +52,14 @@ fn set_entry(v: &Var, i: usize, value: f64) {
 
 /// Checks `samples` entries of every trainable tensor against central differences.
 fn check(m: &Model, what: &str, samples: usize) {
-    let b = batch();
+    check_on(m, what, samples, &batch());
+}
+
+/// [`check`] on the batch `b`.
+fn check_on(m: &Model, what: &str, samples: usize, b: &Batch) {
     let trainable = m.trainable();
     assert!(!trainable.is_empty(), "{what}: nothing trainable");
-    let grads = mean_loss(m, &b).backward().unwrap();
+    let grads = mean_loss(m, b).backward().unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     // Fourth-order central differences: truncation O(h⁴), roundoff ~1e-12 at h = 1e-4.
     let h = 1e-4;
@@ -79,7 +83,7 @@ fn check(m: &Model, what: &str, samples: usize) {
                 .unwrap()[i];
             let at = |dx: f64| {
                 set_entry(var, i, x0 + dx);
-                scalar(&mean_loss(m, &b))
+                scalar(&mean_loss(m, b))
             };
             let fd = (8.0 * (at(h) - at(-h)) - (at(2.0 * h) - at(-2.0 * h))) / (12.0 * h);
             set_entry(var, i, x0);
@@ -439,4 +443,33 @@ fn half_precision_models_train_f32_masters() {
 
 fn scalar_f32(t: &Tensor) -> f64 {
     t.to_scalar::<f32>().unwrap() as f64
+}
+
+/// Qwen2-VL with images: LoRA on the language model and the trained projector (the merger),
+/// whose gradient comes back through the image embeddings spliced into the text.
+#[test]
+fn qwen2_vl_lora_and_projector_match_finite_differences() {
+    let mut m = model("qwen2_vl");
+    let args = TrainArgs {
+        lora_rank: 2,
+        lora_target: "q_proj,down_proj".into(),
+        ..TrainArgs::default()
+    };
+    m.add_lora(&LoraSpec::for_model(&args, &m), 1).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for l in m.lora_layers().values() {
+        let shape = l.b.shape().clone();
+        let data: Vec<f64> = (0..shape.elem_count())
+            .map(|_| rng.gen_range(-0.2..0.2))
+            .collect();
+        l.b.set(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    for (name, p) in m.params_mut() {
+        if name.starts_with("visual.merger.") {
+            p.var = Some(Var::from_tensor(&p.tensor).unwrap());
+        }
+    }
+    let b = common::qwen2_vl_batch();
+    check_on(&m, "qwen2_vl/lora+projector", 3, &b);
 }

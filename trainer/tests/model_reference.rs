@@ -300,24 +300,10 @@ fn load_balancing_loss_matches_transformers() {
 /// row too.
 #[test]
 fn qwen2_vl_logits_match_transformers_with_images() {
-    use trainer::vision::{decode, qwen2_vl};
     let e = expected("qwen2_vl");
     let model = Model::load(&fixtures().join("qwen2_vl"), DType::F32, &Device::Cpu).unwrap();
-    let images = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vision");
-    let processor = qwen2_vl::Qwen2VlProcessor::default();
-    let (mut pixel_values, mut grids) = (Vec::new(), Vec::new());
-    for name in e["images"].as_array().unwrap() {
-        let img = decode::load(&images.join(name.as_str().unwrap())).unwrap();
-        let img = qwen2_vl::regularize(
-            img,
-            e["image_max_pixels"].as_u64().unwrap() as usize,
-            e["image_min_pixels"].as_u64().unwrap() as usize,
-        );
-        let p = processor.preprocess(&img).unwrap();
-        pixel_values.extend(p.pixel_values);
-        grids.push(p.grid);
-    }
-    let want_grids: Vec<[usize; 3]> = e["grids"]
+    let b = common::qwen2_vl_batch();
+    let grids: Vec<[usize; 3]> = e["grids"]
         .as_array()
         .unwrap()
         .iter()
@@ -331,20 +317,11 @@ fn qwen2_vl_logits_match_transformers_with_images() {
             [g[0], g[1], g[2]]
         })
         .collect();
-    assert_eq!(grids, want_grids);
-    let ids: Vec<u32> = e["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
-    let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-    let mut b = Batch::pad(&[(&ids, &labels, None)], 0);
-    b.vision = Some(trainer::model::VisionBatch {
-        mrope_positions: trainer::model::vision::mrope_positions(&ids, &grids, 150, 2).unwrap(),
-        pixel_values,
+    assert_eq!(
+        b.vision.as_ref().unwrap().grids,
         grids,
-    });
+        "the processor's grids"
+    );
     let image_err = rel_err(&logits(&model, &b), &want(&e, "logits"));
     let text: Vec<u32> = e["text_ids"]
         .as_array()

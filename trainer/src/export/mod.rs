@@ -144,7 +144,12 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     }
     for entry in std::fs::read_dir(&dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        if name.ends_with(".py") || name == "tokenizer.model" {
+        if name.ends_with(".py")
+            || matches!(
+                name.as_str(),
+                "tokenizer.model" | "preprocessor_config.json" | "processor_config.json"
+            )
+        {
             files.push(entry.path());
         }
     }

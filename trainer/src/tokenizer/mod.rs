@@ -169,11 +169,19 @@ impl HfTokenizer {
     /// of its own).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        // The slow tokenizer's model travels too, for transformers' remote-code tokenizers.
-        let spm = self.dir.join("tokenizer.model");
-        if spm.exists() && self.dir != dir {
-            std::fs::copy(&spm, dir.join("tokenizer.model"))
-                .with_context(|| format!("cannot copy {}", spm.display()))?;
+        // The slow tokenizer's model travels too (transformers' remote-code tokenizers), and a
+        // vision-language model's processor files, so transformers' AutoProcessor loads the result.
+        for f in [
+            "tokenizer.model",
+            "preprocessor_config.json",
+            "processor_config.json",
+            "video_preprocessor_config.json",
+        ] {
+            let src = self.dir.join(f);
+            if src.exists() && self.dir != dir {
+                std::fs::copy(&src, dir.join(f))
+                    .with_context(|| format!("cannot copy {}", src.display()))?;
+            }
         }
         self.inner
             .save(dir.join("tokenizer.json"), false)

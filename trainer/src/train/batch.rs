@@ -5,7 +5,7 @@
 use protocol::args::Stage;
 
 use crate::data::processor::Features;
-use crate::model::{Batch, RowRef};
+use crate::model::{Batch, RowRef, VisionBatch};
 
 /// One training example's tensors, ready to batch.
 pub(crate) struct Row {
@@ -13,6 +13,8 @@ pub(crate) struct Row {
     labels: Vec<i64>,
     positions: Option<Vec<u32>>,
     segments: Option<Vec<u32>>,
+    /// The example's image files, in the order of their tokens.
+    images: Vec<String>,
 }
 
 impl Row {
@@ -22,7 +24,13 @@ impl Row {
             labels,
             positions: None,
             segments: None,
+            images: Vec::new(),
         }
+    }
+
+    fn with_images(mut self, images: &[String]) -> Self {
+        self.images = images.to_vec();
+        self
     }
 }
 
@@ -31,6 +39,59 @@ pub(crate) struct Examples {
     pub(crate) rows: Vec<Row>,
     partners: Option<Vec<Row>>,
     tags: Option<Vec<bool>>,
+    /// Turns the rows' images into pixel values (a vision-language model's data).
+    images: Option<std::sync::Arc<ImageBatcher>>,
+}
+
+/// What turns a batch's image files into the model's vision inputs: the processor, the
+/// regularization budget and the image token.
+pub(crate) struct ImageBatcher {
+    pub(crate) processor: crate::vision::qwen2_vl::Qwen2VlProcessor,
+    pub(crate) image_max_pixels: usize,
+    pub(crate) image_min_pixels: usize,
+    pub(crate) image_token_id: u32,
+}
+
+impl ImageBatcher {
+    /// The images of `rows` (decoded, regularized, processed) and every token's M-RoPE position
+    /// in the padded batch `b` (padding continues the row's count).
+    fn vision(&self, rows: &[&Row], b: &Batch) -> anyhow::Result<VisionBatch> {
+        use crate::vision::{decode, qwen2_vl::regularize};
+        let (mut pixel_values, mut grids) = (Vec::new(), Vec::new());
+        let mut positions = Vec::with_capacity(b.batch * b.seq);
+        for r in rows {
+            let mut row_grids = Vec::with_capacity(r.images.len());
+            for path in &r.images {
+                let img = decode::load(std::path::Path::new(path))?;
+                let img = regularize(img, self.image_max_pixels, self.image_min_pixels);
+                let p = self.processor.preprocess(&img)?;
+                pixel_values.extend(p.pixel_values);
+                row_grids.push(p.grid);
+            }
+            let mut pos = crate::model::vision::mrope_positions(
+                &r.ids,
+                &row_grids,
+                self.image_token_id,
+                self.processor.merge_size,
+            )?;
+            let mut next = pos
+                .iter()
+                .map(|p| p[0].max(p[1]).max(p[2]) + 1)
+                .max()
+                .unwrap_or(0);
+            while pos.len() < b.seq {
+                pos.push([next; 3]);
+                next += 1;
+            }
+            positions.extend(pos);
+            grids.extend(row_grids);
+        }
+        Ok(VisionBatch {
+            pixel_values,
+            grids,
+            mrope_positions: positions,
+        })
+    }
 }
 
 /// The examples of one micro-batch, padded.
@@ -54,6 +115,7 @@ impl Examples {
                     rows,
                     partners: Some(partners),
                     tags: None,
+                    images: None,
                 }
             }
             Stage::Kto => {
@@ -62,18 +124,31 @@ impl Examples {
                     rows,
                     partners: Some(partners),
                     tags: Some(tags),
+                    images: None,
                 }
             }
             Stage::Sft | Stage::Pt | Stage::Ppo => Self {
                 rows: rows_of(features, neat),
                 partners: None,
                 tags: None,
+                images: None,
             },
         }
     }
 
     pub(crate) fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    /// Whether any example has images.
+    pub(crate) fn has_images(&self) -> bool {
+        self.rows.iter().any(|r| !r.images.is_empty())
+    }
+
+    /// Batches carry the rows' images through `batcher`.
+    pub(crate) fn with_images(mut self, batcher: std::sync::Arc<ImageBatcher>) -> Self {
+        self.images = Some(batcher);
+        self
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -86,24 +161,34 @@ impl Examples {
     }
 
     /// The examples at `idx` (and their partners) as one padded batch.
-    pub(crate) fn micro_batch(&self, idx: &[usize], pad: u32) -> MicroBatch {
+    pub(crate) fn micro_batch(&self, idx: &[usize], pad: u32) -> anyhow::Result<MicroBatch> {
         let mut rows: Vec<&Row> = idx.iter().map(|&i| &self.rows[i]).collect();
         if let Some(p) = &self.partners {
             rows.extend(idx.iter().map(|&i| &p[i]));
         }
-        MicroBatch {
+        let mut batch = make_batch(&rows, pad);
+        if let Some(images) = &self.images {
+            if rows.iter().any(|r| !r.images.is_empty()) {
+                batch.vision = Some(images.vision(&rows, &batch)?);
+            }
+        }
+        Ok(MicroBatch {
             tokens: rows.iter().map(|r| r.ids.len() as u64).sum(),
-            batch: make_batch(&rows, pad),
+            batch,
             tags: idx
                 .iter()
                 .map(|&i| self.tags.as_ref().is_none_or(|t| t[i]))
                 .collect(),
             examples: idx.len(),
-        }
+        })
     }
 
     /// Consecutive micro-batches of `bs` examples over all of them (evaluation).
-    pub(crate) fn chunks(&self, bs: usize, pad: u32) -> impl Iterator<Item = MicroBatch> + '_ {
+    pub(crate) fn chunks(
+        &self,
+        bs: usize,
+        pad: u32,
+    ) -> impl Iterator<Item = anyhow::Result<MicroBatch>> + '_ {
         let idx: Vec<usize> = (0..self.len()).collect();
         let chunks: Vec<Vec<usize>> = idx.chunks(bs.max(1)).map(<[usize]>::to_vec).collect();
         chunks.into_iter().map(move |c| self.micro_batch(&c, pad))
@@ -123,6 +208,7 @@ fn rows_of(features: &[Features], neat: bool) -> Vec<Row> {
                 labels,
                 positions: f.position_ids.clone(),
                 segments: if neat { f.attention_mask.clone() } else { None },
+                images: f.images.clone(),
                 ids,
             })
         })
@@ -138,8 +224,8 @@ pub(crate) fn pair_rows(features: &[Features]) -> (Vec<Row>, Vec<Row>) {
         .iter()
         .filter_map(|f| {
             Some((
-                row(&f.chosen_input_ids, &f.chosen_labels)?,
-                row(&f.rejected_input_ids, &f.rejected_labels)?,
+                row(&f.chosen_input_ids, &f.chosen_labels)?.with_images(&f.images),
+                row(&f.rejected_input_ids, &f.rejected_labels)?.with_images(&f.images),
             ))
         })
         .unzip()
@@ -158,8 +244,10 @@ fn kto_rows(features: &[Features]) -> (Vec<Row>, Vec<Row>, Vec<bool>) {
         ) else {
             continue;
         };
-        out.0.push(Row::new(ids.clone(), labels.clone()));
-        out.1.push(Row::new(kl_ids.clone(), kl_labels.clone()));
+        out.0
+            .push(Row::new(ids.clone(), labels.clone()).with_images(&f.images));
+        out.1
+            .push(Row::new(kl_ids.clone(), kl_labels.clone()).with_images(&f.images));
         out.2.push(tag);
     }
     out

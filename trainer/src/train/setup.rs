@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use protocol::args::{FinetuningType, Stage};
 use protocol::{TrainArgs, WorkerEvent};
 
-use super::batch::Examples;
+use super::batch::{Examples, ImageBatcher};
 use super::checkpoint::last_checkpoint;
 use super::objective::Objective;
 use super::optim::AdamW;
@@ -99,6 +99,7 @@ pub(crate) fn prepare(
         None => args,
     };
     let lora = apply_method(&mut model, args)?;
+    apply_vision_freezing(&mut model, args, lora.is_some(), rep)?;
     let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
     let head = || value_head(args, opts, &model, resume.is_some(), lora.is_some());
     let objective = Objective::new(args, &model, head, template.stop_token_ids(&tok), pad)?;
@@ -124,9 +125,19 @@ pub(crate) fn prepare(
         ),
     );
 
-    let train = Examples::for_stage(args.stage, &data.train, args.neat_packing);
+    let train = with_images(
+        Examples::for_stage(args.stage, &data.train, args.neat_packing),
+        &model,
+        args,
+        &tok,
+    )?;
     let eval = if objective.evaluates() {
-        Examples::for_stage(args.stage, &data.eval, args.neat_packing)
+        with_images(
+            Examples::for_stage(args.stage, &data.eval, args.neat_packing),
+            &model,
+            args,
+            &tok,
+        )?
     } else {
         if !data.eval.is_empty() {
             log(
@@ -308,6 +319,82 @@ fn resized_vocab_targets(model: &Model, args: &TrainArgs) -> Option<String> {
     } else {
         "embed_tokens".into()
     })
+}
+
+/// Examples whose batches carry their images, when they have any (a vision-language model).
+fn with_images(
+    examples: Examples,
+    model: &Model,
+    args: &TrainArgs,
+    tok: &crate::tokenizer::HfTokenizer,
+) -> Result<Examples> {
+    if !examples.has_images() {
+        return Ok(examples);
+    }
+    let Some(v) = &model.cfg.vision else {
+        bail!("the data has images but the model has no vision tower (a text-only model)");
+    };
+    if args.packing() || args.neat_packing {
+        bail!("`packing` with images is not supported; remove `packing` / `neat_packing`");
+    }
+    let ctx = crate::data::media::MediaContext::load(&tok.dir, args)?;
+    Ok(examples.with_images(std::sync::Arc::new(ImageBatcher {
+        processor: ctx.processor,
+        image_max_pixels: args.image_max_pixels,
+        image_min_pixels: args.image_min_pixels,
+        image_token_id: v.image_token_id,
+    })))
+}
+
+/// LLaMA-Factory's freezing keys on a vision-language model: the vision tower trains only with
+/// `freeze_vision_tower: false`, the projector (Qwen2-VL's merger) only with
+/// `freeze_multi_modal_projector: false` (fully, also next to LoRA), the language model not
+/// with `freeze_language_model`; `train_mm_proj_only` trains the projector alone. On a text-only
+/// model a changed key says it has no effect.
+fn apply_vision_freezing(
+    model: &mut Model,
+    args: &TrainArgs,
+    lora: bool,
+    rep: &mut dyn Reporter,
+) -> Result<()> {
+    let changed = !args.freeze_vision_tower
+        || !args.freeze_multi_modal_projector
+        || args.freeze_language_model
+        || args.train_mm_proj_only;
+    if model.vision.is_none() {
+        if changed {
+            log(rep, "warning", "`freeze_vision_tower` / `freeze_multi_modal_projector` / `freeze_language_model` / `train_mm_proj_only` have no effect: the model has no vision tower".into());
+        }
+        return Ok(());
+    }
+    let only_projector = args.train_mm_proj_only;
+    let train_tower = !args.freeze_vision_tower && !only_projector;
+    let train_projector = !args.freeze_multi_modal_projector || only_projector;
+    let freeze_lm = args.freeze_language_model || only_projector;
+    if lora && train_tower {
+        bail!("`freeze_vision_tower: false` with LoRA is not supported (LoRA adapts the language model here); use `finetuning_type: full` or `freeze` to train the vision tower");
+    }
+    if lora && freeze_lm && model.lora_layers().values().next().is_some() {
+        bail!("`freeze_language_model` / `train_mm_proj_only` with LoRA would train nothing of the language model; use `finetuning_type: full` to train the projector alone");
+    }
+    let dtype = model.trainable_dtype();
+    for (name, p) in model.params_mut() {
+        let wanted = if name.starts_with("visual.merger.") {
+            train_projector
+        } else if name.starts_with("visual.") {
+            train_tower && !lora
+        } else {
+            !freeze_lm && p.var.is_some()
+        };
+        match (wanted, p.var.is_some()) {
+            (true, false) => {
+                p.var = Some(candle_core::Var::from_tensor(&p.tensor.to_dtype(dtype)?)?)
+            }
+            (false, true) => p.var = None,
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Makes the method's tensors trainable. LoRA merges all adapters given but the last, which it

@@ -53,3 +53,41 @@ pub fn full_rows(rows: &[Vec<u32>]) -> Batch {
         .collect();
     Batch::pad(&refs, 0)
 }
+
+/// The reference Qwen2-VL's row with two images (`tests/fixtures/models/qwen2_vl`), through our
+/// decoder, LLaMA-Factory's regularization and the processor, every token trained.
+pub fn qwen2_vl_batch() -> Batch {
+    use trainer::vision::{decode, qwen2_vl};
+    let root = repo().join("tests/fixtures");
+    let e: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("models/qwen2_vl/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let processor = qwen2_vl::Qwen2VlProcessor::default();
+    let (mut pixel_values, mut grids) = (Vec::new(), Vec::new());
+    for name in e["images"].as_array().unwrap() {
+        let img = decode::load(&root.join("vision").join(name.as_str().unwrap())).unwrap();
+        let img = qwen2_vl::regularize(
+            img,
+            e["image_max_pixels"].as_u64().unwrap() as usize,
+            e["image_min_pixels"].as_u64().unwrap() as usize,
+        );
+        let p = processor.preprocess(&img).unwrap();
+        pixel_values.extend(p.pixel_values);
+        grids.push(p.grid);
+    }
+    let ids: Vec<u32> = e["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+    let mut b = Batch::pad(&[(&ids, &labels, None)], 0);
+    b.vision = Some(trainer::model::VisionBatch {
+        mrope_positions: trainer::model::vision::mrope_positions(&ids, &grids, 150, 2).unwrap(),
+        pixel_values,
+        grids,
+    });
+    b
+}

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::VisionConfig;
-use crate::model::layers::{Param, Weights};
+use crate::model::layers::{f32_if_half, Param, Weights};
 use crate::model::weights::WeightSource;
 
 #[derive(Clone)]
@@ -28,9 +28,9 @@ impl Dense {
     }
 
     fn forward(&self, x: &Tensor, weights: Weights, dtype: DType) -> Result<Tensor> {
-        let y = x.matmul(&self.w.value(weights, dtype)?.0.t()?)?;
+        let y = x.matmul(&self.w.value(weights, dtype)?.0.to_dtype(dtype)?.t()?)?;
         Ok(match &self.b {
-            Some(b) => y.broadcast_add(&b.value(weights, dtype)?.0)?,
+            Some(b) => y.broadcast_add(&b.value(weights, dtype)?.0.to_dtype(dtype)?)?,
             None => y,
         })
     }
@@ -52,7 +52,7 @@ impl Dense {
     }
 }
 
-/// LayerNorm (eps 1e-6) with weight and bias, computed in f32.
+/// LayerNorm (eps 1e-6) with weight and bias, computed in f32 for a half-precision model.
 #[derive(Clone)]
 struct LayerNorm(Dense);
 
@@ -63,16 +63,17 @@ impl LayerNorm {
 
     fn forward(&self, x: &Tensor, weights: Weights) -> Result<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
+        let cd = f32_if_half(dtype);
+        let x = x.to_dtype(cd)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let y = centered.broadcast_div(&(var + 1e-6)?.sqrt()?)?;
-        let w = self.0.w.value(weights, DType::F32)?.0;
+        let w = self.0.w.value(weights, cd)?.0.to_dtype(cd)?;
         let b = self.0.b.as_ref().expect("LayerNorm has a bias");
         let y = y
             .broadcast_mul(&w)?
-            .broadcast_add(&b.value(weights, DType::F32)?.0)?;
+            .broadcast_add(&b.value(weights, cd)?.0.to_dtype(cd)?)?;
         Ok(y.to_dtype(dtype)?)
     }
 }
@@ -264,6 +265,7 @@ impl VisionTower {
             .patch_embed
             .value(weights, dtype)?
             .0
+            .to_dtype(dtype)?
             .reshape((c.embed_dim, c.patch_dim()))?;
         let mut x = pixels.to_dtype(dtype)?.matmul(&embed.t()?)?;
         let (cos, sin) = self.rotary_tables(grids, pixels.device())?;
@@ -271,9 +273,10 @@ impl VisionTower {
         for b in &self.blocks {
             let h = b.norm1.forward(&x, weights)?;
             let qkv = b.qkv.forward(&h, weights, dtype)?.reshape((n, 3, nh, hd))?;
-            let f32 = |i: usize| -> Result<Tensor> {
-                Ok(qkv.narrow(1, i, 1)?.squeeze(1)?.to_dtype(DType::F32)?)
-            };
+            let cd = f32_if_half(dtype);
+            let f32 =
+                |i: usize| -> Result<Tensor> { Ok(qkv.narrow(1, i, 1)?.squeeze(1)?.to_dtype(cd)?) };
+            let (cos, sin) = (cos.to_dtype(cd)?, sin.to_dtype(cd)?);
             let q = rotary(&f32(0)?, &cos, &sin)?.to_dtype(dtype)?;
             let k = rotary(&f32(1)?, &cos, &sin)?.to_dtype(dtype)?;
             let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;
@@ -286,7 +289,7 @@ impl VisionTower {
                     Ok(t.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?)
                 };
                 let (q, k, v) = (part(&q)?, part(&k)?, part(&v)?);
-                let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+                let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(cd)?;
                 let probs = crate::model::softmax(&scores)?.to_dtype(dtype)?;
                 outs.push(probs.matmul(&v)?.transpose(0, 1)?);
                 start += len;

@@ -156,6 +156,7 @@ impl Objective {
         // Weighted sums and weights per metric: a KTO batch may lack one kind of example.
         let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         for mb in examples.chunks(batch_size, pad) {
+            let mb = mb?;
             let l = loss.loss(model, &mb, None)?;
             let value = l.value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let n = mb.examples as f64;
@@ -260,7 +261,7 @@ impl BatchLoss<'_> {
             .micro
             .iter()
             .map(|idx| input.examples.micro_batch(idx, input.pad))
-            .collect();
+            .collect::<Result<_>>()?;
         let n_targets: usize = batches
             .iter()
             .map(|m| m.batch.num_targets())
