@@ -281,6 +281,8 @@ def qwen2_vl():
                 p.copy_(1.0 + 0.1 * torch.randn_like(p)) if n.endswith("weight") else p.copy_(0.1 * torch.randn_like(p))
             elif n.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+            elif "q_proj.weight" in n or "k_proj.weight" in n or "attn.qkv.weight" in n:
+                p.mul_(15.0)  # peaked attention, so that every position (M-RoPE, 2-D rotary) matters
     d = os.path.join(OUT, "qwen2_vl")
     model.to(torch.bfloat16).save_pretrained(d, safe_serialization=True)
     model = Qwen2VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
@@ -305,9 +307,17 @@ def qwen2_vl():
                        mm_token_type_ids=mm_types).logits
         text = torch.tensor([[5, 17, 42, 7, 99, 3, 61, 23]])
         text_logits = model(input_ids=text).logits
+        gen = model.generate(input_ids=input_ids, pixel_values=out["pixel_values"], image_grid_thw=grids,
+                             mm_token_type_ids=mm_types, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        # The logits each greedy step chose from, by one full pass (M-RoPE over prompt and answer).
+        full_types = (gen == 150).int()
+        step_logits = model(input_ids=gen, pixel_values=out["pixel_values"], image_grid_thw=grids,
+                            mm_token_type_ids=full_types).logits[0, len(ids) - 1:-1]
     expected = {"input_ids": ids, "images": ["small.png", "second.png"], **budget, "grids": grids.tolist(),
                 "logits": logits.flatten().tolist(), "text_ids": text[0].tolist(),
-                "text_logits": text_logits.flatten().tolist()}
+                "text_logits": text_logits.flatten().tolist(), "greedy": gen[0, len(ids):].tolist(),
+                "greedy_logits": step_logits.flatten().tolist()}
     with open(os.path.join(d, "expected.json"), "w") as fh:
         json.dump(expected, fh)
     print("qwen2_vl", grids.tolist(), len(ids))

@@ -181,6 +181,19 @@ pub fn generate(
     prompt: &[u32],
     cfg: &GenerationConfig,
     stop_ids: &[u32],
+    on_token: impl FnMut(u32, &[u32]) -> bool,
+) -> Result<(Vec<u32>, FinishReason)> {
+    generate_with_images(model, prompt, None, cfg, stop_ids, on_token)
+}
+
+/// [`generate`] for a prompt whose image tokens take the embeddings of `images` (a
+/// vision-language model).
+pub fn generate_with_images(
+    model: &Model,
+    prompt: &[u32],
+    images: Option<&crate::model::VisionBatch>,
+    cfg: &GenerationConfig,
+    stop_ids: &[u32],
     mut on_token: impl FnMut(u32, &[u32]) -> bool,
 ) -> Result<(Vec<u32>, FinishReason)> {
     if prompt.is_empty() {
@@ -190,7 +203,10 @@ pub fn generate(
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut history = prompt.to_vec();
     let mut out = Vec::new();
-    let mut logits = model.forward_cached(prompt, &mut cache)?;
+    let mut logits = match images {
+        Some(v) => model.forward_cached_with_images(prompt, v, &mut cache)?,
+        None => model.forward_cached(prompt, &mut cache)?,
+    };
     for _ in 0..cfg.max_new_tokens {
         let l: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
         let t = next_token(&l, &history, cfg, &mut rng);

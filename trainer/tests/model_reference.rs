@@ -323,6 +323,35 @@ fn qwen2_vl_logits_match_transformers_with_images() {
         "the processor's grids"
     );
     let image_err = rel_err(&logits(&model, &b), &want(&e, "logits"));
+    // Greedy decoding from the row with images, and each step's logits against transformers'
+    // full pass over prompt and answer (the KV cache carries M-RoPE's offset).
+    let (ids, _) = trainer::infer::generate_with_images(
+        &model,
+        &b.input_ids,
+        b.vision.as_ref(),
+        &trainer::infer::GenerationConfig::greedy(10),
+        &[],
+        |_, _| true,
+    )
+    .unwrap();
+    let want_ids: Vec<u32> = e["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, want_ids, "qwen2_vl greedy with images");
+    let mut cache = trainer::model::KvCache::default();
+    let mut steps = Vec::new();
+    let mut l = model
+        .forward_cached_with_images(&b.input_ids, b.vision.as_ref().unwrap(), &mut cache)
+        .unwrap();
+    for &t in &ids {
+        steps.extend(l.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap());
+        l = model.forward_cached(&[t], &mut cache).unwrap();
+    }
+    let err = rel_err(&steps, &want(&e, "greedy_logits"));
+    assert!(err < 1e-4, "qwen2_vl cached decoding: relative error {err}");
     let text: Vec<u32> = e["text_ids"]
         .as_array()
         .unwrap()

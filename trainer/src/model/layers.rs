@@ -648,6 +648,9 @@ impl Pass<'_> {
 pub struct KvCache {
     pub layers: Vec<Option<(Tensor, Tensor)>>,
     pub len: usize,
+    /// M-RoPE after a prompt with images: later tokens sit this far from their cache index
+    /// (the prompt's largest position + 1 − its length, negative when images made it compact).
+    pub mrope_delta: i64,
 }
 
 /// Softmax over the last dim from differentiable ops; the max is detached, which is exact

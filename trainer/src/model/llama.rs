@@ -734,6 +734,20 @@ impl Model {
         Ok(self.forward_cached_batch(new, 1, &[0], cache)?.squeeze(0)?)
     }
 
+    /// [`Model::forward_cached`] for a prompt with images (a vision-language model): the images'
+    /// embeddings spliced in at their tokens, M-RoPE positions, and the cache told where later
+    /// tokens sit.
+    pub fn forward_cached_with_images(
+        &self,
+        prompt: &[u32],
+        vision: &super::VisionBatch,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        Ok(self
+            .cached_pass(prompt, 1, &[0], cache, Some(vision))?
+            .squeeze(0)?)
+    }
+
     /// Batched decoding step: `new` holds `batch` rows of equal length (row-major); row `r`
     /// starts with `pad_left[r]` padding positions that no token attends to, and its positions
     /// count from its first real token. Returns next-token logits `(batch, vocab)`.
@@ -744,14 +758,29 @@ impl Model {
         pad_left: &[usize],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        self.cached_pass(new, batch, pad_left, cache, None)
+    }
+
+    fn cached_pass(
+        &self,
+        new: &[u32],
+        batch: usize,
+        pad_left: &[usize],
+        cache: &mut KvCache,
+        vision: Option<&super::VisionBatch>,
+    ) -> Result<Tensor> {
         let n = new.len() / batch;
         let start = cache.len;
         let total = start + n;
         let mut x = self.embed(new, Weights::Policy)?;
+        if let Some(v) = vision {
+            x = self.merge_images(x, new, v, Weights::Policy)?;
+        }
         let mut positions = Vec::with_capacity(batch * n);
         for &pad in pad_left.iter().take(batch) {
             for i in 0..n {
-                positions.push((start + i).saturating_sub(pad) as u32);
+                let p = (start + i).saturating_sub(pad) as i64 + cache.mrope_delta;
+                positions.push(p.max(0) as u32);
             }
         }
         // Keys at cache index `j` for the query at `start + i`: causal, never padding, and
@@ -771,7 +800,19 @@ impl Model {
             }
             Ok(Tensor::from_vec(m, (batch, 1, n, total), &self.device)?.to_dtype(self.dtype)?)
         };
-        let (cos, sin) = self.rope_tables(&positions, batch, n)?;
+        let (cos, sin) = match (vision, self.cfg.mrope_section) {
+            (Some(v), Some(section)) => {
+                let top = v
+                    .mrope_positions
+                    .iter()
+                    .map(|p| i64::from(p[0].max(p[1]).max(p[2])))
+                    .max()
+                    .unwrap_or(-1);
+                cache.mrope_delta = top + 1 - (start + n) as i64;
+                self.mrope_tables(&v.mrope_positions, section, batch, n)?
+            }
+            _ => self.rope_tables(&positions, batch, n)?,
+        };
         let local = self.local_tables(&positions, batch, n, |w| mask(Some(w)))?;
         let mut pass = Pass {
             batch,
