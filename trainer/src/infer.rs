@@ -303,6 +303,9 @@ pub struct ChatModel {
     pub name: String,
     /// The resolved model folder.
     pub dir: std::path::PathBuf,
+    /// LLaMA-Factory's image regularization budget (`image_max_pixels`, `image_min_pixels`).
+    pub image_max_pixels: usize,
+    pub image_min_pixels: usize,
 }
 
 pub struct Reply {
@@ -352,6 +355,8 @@ impl ChatModel {
             gen: GenerationConfig::from_args(args),
             name,
             dir,
+            image_max_pixels: args.image_max_pixels,
+            image_min_pixels: args.image_min_pixels,
         })
     }
 
@@ -373,23 +378,123 @@ impl ChatModel {
         system: &str,
         tools: &str,
         gen: &GenerationConfig,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Reply> {
+        self.chat_with_images(messages, &[], system, tools, gen, on_text)
+    }
+
+    /// Whether the model reads images (a vision-language model with its template).
+    pub fn takes_images(&self) -> bool {
+        self.model.vision.is_some() && self.template.mm != crate::data::template::MmPlugin::Base
+    }
+
+    /// [`ChatModel::chat`] with images: each `<image>` of the messages takes the next image
+    /// (without any, the images go before the first message's text, as LLaMA-Factory's chat
+    /// puts them), each regularized and processed as in training.
+    pub fn chat_with_images(
+        &self,
+        messages: &[Message],
+        images: &[crate::vision::RgbImage],
+        system: &str,
+        tools: &str,
+        gen: &GenerationConfig,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Reply> {
-        let prompt = self.prompt_ids(messages, system, tools)?;
+        let (messages, vision) = self.with_images(messages, images)?;
+        let prompt = self.prompt_ids(&messages, system, tools)?;
+        let vision = match vision {
+            Some((pixel_values, grids, image_token)) => Some(crate::model::VisionBatch {
+                mrope_positions: crate::model::vision::mrope_positions(
+                    &prompt,
+                    &grids,
+                    image_token,
+                    self.model.vision.as_ref().map_or(2, |v| v.cfg.merge_size),
+                )?,
+                pixel_values,
+                grids,
+            }),
+            None => None,
+        };
         let stop = self.template.stop_token_ids(&self.tok);
         let mut stream = TextStream::new();
-        let (ids, finish) = generate(&self.model, &prompt, gen, &stop, |_, all| {
-            match stream.delta(&self.tok, all) {
+        let (ids, finish) = generate_with_images(
+            &self.model,
+            &prompt,
+            vision.as_ref(),
+            gen,
+            &stop,
+            |_, all| match stream.delta(&self.tok, all) {
                 Some(d) => on_text(&d),
                 None => true,
-            }
-        })?;
+            },
+        )?;
         Ok(Reply {
             text: self.tok.decode(&ids, true),
             prompt_tokens: prompt.len(),
             completion_tokens: ids.len(),
             finish,
         })
+    }
+}
+
+type ImageInputs = Option<(Vec<f32>, Vec<[usize; 3]>, u32)>;
+
+impl ChatModel {
+    /// The messages with their `<image>` placeholders expanded, and the images' pixel values,
+    /// grids and image token.
+    fn with_images(
+        &self,
+        messages: &[Message],
+        images: &[crate::vision::RgbImage],
+    ) -> Result<(Vec<Message>, ImageInputs)> {
+        use crate::data::media::IMAGE_PLACEHOLDER;
+        use crate::vision::qwen2_vl::{regularize, Qwen2VlProcessor};
+        if images.is_empty() {
+            return Ok((messages.to_vec(), None));
+        }
+        let Some(tower) = self.model.vision.as_ref().filter(|_| self.takes_images()) else {
+            bail!(
+                "This model does not support image input (model {}, template `{}`); images need a vision-language model such as Qwen2-VL with its template",
+                self.name,
+                self.template.name
+            );
+        };
+        let processor = if self.dir.join("preprocessor_config.json").exists() {
+            Qwen2VlProcessor::load(&self.dir)?
+        } else {
+            Qwen2VlProcessor::default()
+        };
+        let mut messages = messages.to_vec();
+        let placed: usize = messages
+            .iter()
+            .map(|m| m.content.matches(IMAGE_PLACEHOLDER).count())
+            .sum();
+        if placed == 0 {
+            if let Some(first) = messages.first_mut() {
+                first.content = IMAGE_PLACEHOLDER.repeat(images.len()) + &first.content;
+            }
+        } else if placed != images.len() {
+            bail!(
+                "The number of images ({}) does not match the number of {IMAGE_PLACEHOLDER} tokens ({placed})",
+                images.len()
+            );
+        }
+        let (mut pixel_values, mut grids, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
+        for img in images {
+            let img = regularize(img.clone(), self.image_max_pixels, self.image_min_pixels);
+            let p = processor.preprocess(&img)?;
+            tokens.push(p.tokens(processor.merge_size));
+            pixel_values.extend(p.pixel_values);
+            grids.push(p.grid);
+        }
+        let mut next = 0;
+        for m in &mut messages {
+            m.content = crate::data::media::fill_placeholders(&m.content, &tokens, &mut next);
+        }
+        Ok((
+            messages,
+            Some((pixel_values, grids, tower.cfg.image_token_id)),
+        ))
     }
 }
 

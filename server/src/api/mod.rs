@@ -20,6 +20,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 use trainer::data::converter::{Message, Role};
 use trainer::infer::GenerationConfig;
+use trainer::vision::RgbImage;
 pub use worker::ModelWorker;
 use worker::{Chunk, Job};
 
@@ -30,6 +31,7 @@ struct AppState {
 }
 
 /// An error in OpenAI's shape.
+#[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     message: String,
@@ -92,16 +94,38 @@ struct ChatRequest {
     seed: Option<u64>,
 }
 
-fn content_text(v: &Value) -> Result<String, ApiError> {
+/// A message's text, with `<image>` where an `image_url` part stands (as LLaMA-Factory's API
+/// reads parts), and those images.
+fn content_parts(v: &Value) -> Result<(String, Vec<RgbImage>), ApiError> {
     match v {
-        Value::String(s) => Ok(s.clone()),
-        Value::Null => Ok(String::new()),
-        Value::Array(parts) => Ok(parts
-            .iter()
-            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("")),
+        Value::String(s) => Ok((s.clone(), Vec::new())),
+        Value::Null => Ok((String::new(), Vec::new())),
+        Value::Array(parts) => {
+            let (mut text, mut images) = (String::new(), Vec::new());
+            for p in parts {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        text.push_str(p.get("text").and_then(Value::as_str).unwrap_or(""))
+                    }
+                    Some("image_url") => {
+                        let url = p
+                            .get("image_url")
+                            .and_then(|u| u.get("url").or(Some(u)))
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| {
+                                ApiError::bad(
+                                    "an image_url part needs `image_url.url`",
+                                    Some("messages"),
+                                )
+                            })?;
+                        images.push(load_image_url(url)?);
+                        text.push_str(trainer::data::media::IMAGE_PLACEHOLDER);
+                    }
+                    _ => {}
+                }
+            }
+            Ok((text, images))
+        }
         _ => Err(ApiError::bad(
             "message content must be a string or a list of parts",
             Some("messages"),
@@ -109,16 +133,65 @@ fn content_text(v: &Value) -> Result<String, ApiError> {
     }
 }
 
-/// OpenAI messages → system prompt and alternating turns, as LLaMA-Factory's API maps them.
-fn to_messages(raw: &[Value]) -> Result<(String, Vec<Message>), ApiError> {
+/// An image from a data URL (`data:image/png;base64,…`), or a local file under
+/// `SAFE_MEDIA_PATH` (LLaMA-Factory's rule: local files only from that folder, and not with
+/// `ALLOW_LOCAL_FILES=0`). Remote URLs are not fetched.
+fn load_image_url(url: &str) -> Result<RgbImage, ApiError> {
+    use base64::Engine;
+    let bad = |m: String| ApiError::bad(m, Some("messages"));
+    if let Some(rest) = url.strip_prefix("data:image/") {
+        let Some((_, data)) = rest.split_once(";base64,") else {
+            return Err(bad(
+                "an image data URL must be `data:image/<type>;base64,<data>`".into(),
+            ));
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|e| bad(format!("the image data URL is not valid base64: {e}")))?;
+        return trainer::vision::decode::from_bytes(&bytes)
+            .map_err(|e| bad(format!("cannot decode the image: {e:#}")));
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Err(bad("remote image URLs are not fetched; send the image as a data URL (data:image/png;base64,...)".into()));
+    }
+    let forbidden = |m: &str| ApiError {
+        status: StatusCode::FORBIDDEN,
+        message: m.into(),
+        kind: "permission_error",
+        param: Some("messages"),
+    };
+    if std::env::var("ALLOW_LOCAL_FILES")
+        .is_ok_and(|v| matches!(v.as_str(), "0" | "false" | "False"))
+    {
+        return Err(forbidden("Local file access is disabled."));
+    }
+    let Some(safe) = std::env::var_os("SAFE_MEDIA_PATH") else {
+        return Err(forbidden("local image files are read only from the folder SAFE_MEDIA_PATH names, and it is not set; send the image as a data URL"));
+    };
+    let (Ok(real), Ok(safe)) = (std::fs::canonicalize(url), std::fs::canonicalize(safe)) else {
+        return Err(bad(format!("Invalid or inaccessible file path: {url}")));
+    };
+    if !real.starts_with(&safe) {
+        return Err(forbidden(
+            "File access is restricted to the safe media directory.",
+        ));
+    }
+    trainer::vision::decode::load(&real).map_err(|e| bad(format!("{e:#}")))
+}
+
+/// OpenAI messages → system prompt, alternating turns and their images, as LLaMA-Factory's API
+/// maps them.
+fn to_messages(raw: &[Value]) -> Result<(String, Vec<Message>, Vec<RgbImage>), ApiError> {
     let mut system = String::new();
     let mut out = Vec::new();
+    let mut all_images = Vec::new();
     for (i, m) in raw.iter().enumerate() {
         let role = m
             .get("role")
             .and_then(Value::as_str)
             .ok_or_else(|| ApiError::bad(format!("messages[{i}] has no role"), Some("messages")))?;
-        let content = content_text(m.get("content").unwrap_or(&Value::Null))?;
+        let (content, images) = content_parts(m.get("content").unwrap_or(&Value::Null))?;
+        all_images.extend(images);
         match role {
             "system" if i == 0 => system = content,
             "user" => out.push(Message::new(Role::User, content)),
@@ -163,7 +236,7 @@ fn to_messages(raw: &[Value]) -> Result<(String, Vec<Message>), ApiError> {
     if !ok {
         return Err(ApiError::bad("messages must alternate user and assistant turns and end with a user (or tool) message", Some("messages")));
     }
-    Ok((system, out))
+    Ok((system, out, all_images))
 }
 
 async fn models(
@@ -187,7 +260,7 @@ async fn chat_completions(
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::bad("only n = 1 is supported", Some("n")));
     }
-    let (system, messages) = to_messages(&req.messages)?;
+    let (system, messages, images) = to_messages(&req.messages)?;
     let tools = match &req.tools {
         Some(t) if !t.is_null() => {
             let list: Vec<Value> = t
@@ -227,6 +300,7 @@ async fn chat_completions(
     s.worker
         .submit(Job {
             messages,
+            images,
             system,
             tools,
             gen,
@@ -318,7 +392,7 @@ pub fn router(worker: ModelWorker, api_key: Option<String>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(8 * 1024 * 1024))
+        .layer(DefaultBodyLimit::max(32 * 1024 * 1024))
         .with_state(state)
 }
 
@@ -339,4 +413,56 @@ pub async fn serve(worker: ModelWorker, addr: SocketAddr, api_key: Option<String
         })
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn png_data_url() -> String {
+        let png = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/vision/small.png"),
+        )
+        .unwrap();
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(png)
+        )
+    }
+
+    #[test]
+    fn image_parts_become_placeholders_and_images() {
+        let raw = vec![json!({"role": "user", "content": [
+            {"type": "text", "text": "Look: "},
+            {"type": "image_url", "image_url": {"url": png_data_url()}},
+            {"type": "text", "text": " what is it?"}
+        ]})];
+        let (_, messages, images) = to_messages(&raw).unwrap();
+        assert_eq!(messages[0].content, "Look: <image> what is it?");
+        assert_eq!((images[0].width, images[0].height), (45, 20));
+        let remote = vec![json!({"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]})];
+        let e = to_messages(&remote).unwrap_err();
+        assert!(e.message.contains("not fetched"), "{}", e.message);
+        let garbage = vec![json!({"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]})];
+        assert!(to_messages(&garbage)
+            .unwrap_err()
+            .message
+            .contains("cannot decode"));
+    }
+
+    #[test]
+    fn local_image_files_need_the_safe_media_folder() {
+        // Without SAFE_MEDIA_PATH a local path is refused (the test process never sets it).
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/vision/small.png")
+            .display()
+            .to_string();
+        let e = load_image_url(&path).unwrap_err();
+        assert_eq!(e.status, StatusCode::FORBIDDEN);
+        assert!(e.message.contains("SAFE_MEDIA_PATH"), "{}", e.message);
+    }
 }

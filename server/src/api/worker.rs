@@ -11,6 +11,8 @@ use trainer::infer::{ChatModel, FinishReason, GenerationConfig};
 
 pub struct Job {
     pub messages: Vec<Message>,
+    /// Images for the `<image>` placeholders of the messages (a vision-language model).
+    pub images: Vec<trainer::vision::RgbImage>,
     pub system: String,
     pub tools: String,
     pub gen: GenerationConfig,
@@ -75,40 +77,47 @@ fn serve(chat: &ChatModel, job: Job) {
     let mut text = String::new();
     let mut sent = 0usize;
     let mut stopped = false;
-    let result = chat.chat(&job.messages, &job.system, &job.tools, &job.gen, |delta| {
-        text.push_str(delta);
-        let end = match stop_at(&text, &job.stop) {
-            Some(i) => {
-                stopped = true;
-                i
-            }
-            // Hold back a tail that could still become a stop string.
-            None => {
-                let hold = job
-                    .stop
-                    .iter()
-                    .map(|s| s.len().saturating_sub(1))
-                    .max()
-                    .unwrap_or(0);
-                let mut e = text.len().saturating_sub(hold);
-                while !text.is_char_boundary(e) {
-                    e -= 1;
+    let result = chat.chat_with_images(
+        &job.messages,
+        &job.images,
+        &job.system,
+        &job.tools,
+        &job.gen,
+        |delta| {
+            text.push_str(delta);
+            let end = match stop_at(&text, &job.stop) {
+                Some(i) => {
+                    stopped = true;
+                    i
                 }
-                e
+                // Hold back a tail that could still become a stop string.
+                None => {
+                    let hold = job
+                        .stop
+                        .iter()
+                        .map(|s| s.len().saturating_sub(1))
+                        .max()
+                        .unwrap_or(0);
+                    let mut e = text.len().saturating_sub(hold);
+                    while !text.is_char_boundary(e) {
+                        e -= 1;
+                    }
+                    e
+                }
+            };
+            if end > sent {
+                if job
+                    .out
+                    .send(Chunk::Text(text[sent..end].to_string()))
+                    .is_err()
+                {
+                    return false; // client went away
+                }
+                sent = end;
             }
-        };
-        if end > sent {
-            if job
-                .out
-                .send(Chunk::Text(text[sent..end].to_string()))
-                .is_err()
-            {
-                return false; // client went away
-            }
-            sent = end;
-        }
-        !stopped
-    });
+            !stopped
+        },
+    );
     match result {
         Ok(reply) => {
             if !stopped && text.len() > sent {

@@ -15,6 +15,10 @@ pub struct ChatCmd {
     config: PathBuf,
     /// `key=value` overrides, applied after the file.
     overrides: Vec<String>,
+    /// An image the conversation is about (repeatable; a vision-language model such as Qwen2-VL):
+    /// each `<image>` of your messages takes the next one, or they all go before your first.
+    #[arg(long = "image", value_name = "PATH")]
+    images: Vec<PathBuf>,
 }
 
 /// LLaMA-Factory's terminal chat: `User:` / `Assistant:`, streamed; `clear` and `exit`.
@@ -24,6 +28,18 @@ pub fn run(cmd: ChatCmd) -> Result<ExitCode> {
         eprintln!("warning: {w}");
     }
     let chat = ChatModel::load(&args, &trainer::device::default_device())?;
+    let images = cmd
+        .images
+        .iter()
+        .map(|p| trainer::vision::decode::load(p))
+        .collect::<Result<Vec<_>>>()?;
+    if !images.is_empty() && !chat.takes_images() {
+        anyhow::bail!(
+            "--image: {} does not take images (template `{}`); use a vision-language model such as Qwen2-VL with its template",
+            chat.name,
+            chat.template.name
+        );
+    }
     let system = args.default_system.clone().unwrap_or_default();
     println!("Welcome to the CLI application, use `clear` to remove the history, use `exit` to exit the application.");
     let mut history: Vec<Message> = Vec::new();
@@ -47,7 +63,7 @@ pub fn run(cmd: ChatCmd) -> Result<ExitCode> {
         history.push(Message::new(Role::User, query));
         print!("Assistant: ");
         std::io::stdout().flush()?;
-        let reply = chat.chat(&history, &system, "", &chat.gen, |delta| {
+        let reply = chat.chat_with_images(&history, &images, &system, "", &chat.gen, |delta| {
             print!("{delta}");
             std::io::stdout().flush().is_ok()
         })?;

@@ -267,7 +267,7 @@ async fn chat_loop(app: AppState, mut socket: WebSocket) {
                             gen.do_sample = t > 0.0;
                         }
                         let (tx, rx) = mpsc::unbounded_channel();
-                        let job = Job { messages, system, tools, gen, stop: Vec::new(), out: tx };
+                        let job = Job { messages, images: Vec::new(), system, tools, gen, stop: Vec::new(), out: tx };
                         if let Err(e) = worker.submit(job) {
                             if !reply(&mut socket, &err(format!("{e:#}"))).await { return; }
                             continue;

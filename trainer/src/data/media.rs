@@ -61,6 +61,23 @@ impl MediaContext {
     }
 }
 
+/// `text` with each `<image>` replaced by Qwen2-VL's tokens for the next image (`tokens[next]`
+/// image pads between vision start and end).
+pub fn fill_placeholders(text: &str, tokens: &[usize], next: &mut usize) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(IMAGE_PLACEHOLDER) {
+        out.push_str(&rest[..i]);
+        out.push_str("<|vision_start|>");
+        out.push_str(&"<|image_pad|>".repeat(tokens.get(*next).copied().unwrap_or(0)));
+        out.push_str("<|vision_end|>");
+        *next += 1;
+        rest = &rest[i + IMAGE_PLACEHOLDER.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn has_media(ex: &Example) -> bool {
     !ex.images.is_empty() || !ex.videos.is_empty() || !ex.audios.is_empty()
 }
@@ -130,20 +147,7 @@ fn expand_one(ex: &mut Example, ctx: &MediaContext) -> Result<(), String> {
         .iter()
         .map(|p| ctx.image_tokens(p))
         .collect::<Result<_, _>>()?;
-    let fill = |text: &str, next: &mut usize| -> String {
-        let mut out = String::with_capacity(text.len());
-        let mut rest = text;
-        while let Some(i) = rest.find(IMAGE_PLACEHOLDER) {
-            out.push_str(&rest[..i]);
-            out.push_str("<|vision_start|>");
-            out.push_str(&"<|image_pad|>".repeat(tokens[*next]));
-            out.push_str("<|vision_end|>");
-            *next += 1;
-            rest = &rest[i + IMAGE_PLACEHOLDER.len()..];
-        }
-        out.push_str(rest);
-        out
-    };
+    let fill = |text: &str, next: &mut usize| fill_placeholders(text, &tokens, next);
     let mut next = 0;
     for m in &mut ex.prompt {
         m.content = fill(&m.content, &mut next);
