@@ -58,6 +58,8 @@ pub fn run_predict(
     }
     let stop = chat.template.stop_token_ids(&chat.tok);
     let skip = args.skip_special_tokens;
+    // Examples with images are answered one at a time, their images in the prompt pass.
+    let images = image_batcher(&chat, rows, args)?;
     let file = out.join("generated_predictions.jsonl");
     let mut writer = std::io::BufWriter::new(
         std::fs::File::create(&file).with_context(|| format!("cannot write {}", file.display()))?,
@@ -76,7 +78,38 @@ pub fn run_predict(
             .iter()
             .map(|f| f.input_ids.clone().unwrap_or_default())
             .collect();
-        let outputs = generate_batch(&chat.model, &prompts, &chat.gen, &stop, pad)?;
+        let outputs = match &images {
+            None => generate_batch(&chat.model, &prompts, &chat.gen, &stop, pad)?,
+            Some(batcher) => chunk
+                .iter()
+                .zip(&prompts)
+                .map(|(f, prompt)| {
+                    let vision = if f.images.is_empty() {
+                        None
+                    } else {
+                        let (pixel_values, grids, mrope_positions) =
+                            batcher.row(prompt, &f.images, prompt.len())?;
+                        Some(crate::model::VisionBatch {
+                            pixel_values,
+                            grids,
+                            mrope_positions,
+                        })
+                    };
+                    let (ids, finish) = crate::infer::generate_with_images(
+                        &chat.model,
+                        prompt,
+                        vision.as_ref(),
+                        &chat.gen,
+                        &stop,
+                        |_, _| true,
+                    )?;
+                    let stop_id = (finish == crate::infer::FinishReason::Stop)
+                        .then(|| stop.first().copied())
+                        .flatten();
+                    Ok(crate::infer::Generated { ids, stop: stop_id })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
         for ((f, prompt), out) in chunk.iter().zip(&prompts).zip(outputs) {
             let ids = out.ids;
             let label_ids: Vec<u32> = f
@@ -130,6 +163,27 @@ pub fn run_predict(
     Ok(metrics)
 }
 
+/// What turns the examples' images into model inputs, when they have images.
+fn image_batcher(
+    chat: &ChatModel,
+    rows: &[crate::data::processor::Features],
+    args: &TrainArgs,
+) -> Result<Option<crate::vision::ImageBatcher>> {
+    if rows.iter().all(|f| f.images.is_empty()) {
+        return Ok(None);
+    }
+    let Some(v) = &chat.model.cfg.vision else {
+        bail!("the data has images but the model has no vision tower (a text-only model)");
+    };
+    let ctx = crate::data::media::MediaContext::load(&chat.tok.dir, args)?;
+    Ok(Some(crate::vision::ImageBatcher {
+        processor: ctx.processor,
+        image_max_pixels: args.image_max_pixels,
+        image_min_pixels: args.image_min_pixels,
+        image_token_id: v.image_token_id,
+    }))
+}
+
 /// Eval loss (and token accuracy when `compute_accuracy`) of the model on the eval set.
 pub fn run_eval(args: &TrainArgs, device: &candle_core::Device) -> Result<Map<String, Value>> {
     let out = output_dir(args)?;
@@ -139,6 +193,7 @@ pub fn run_eval(args: &TrainArgs, device: &candle_core::Device) -> Result<Map<St
         bail!("`do_eval` needs `eval_dataset` (or `val_size`)");
     }
     let pad = chat.tok.pad_id().or(chat.tok.eos_id()).unwrap_or(0);
+    let images = image_batcher(&chat, &data.eval, args)?;
     let (mut loss, mut n, mut correct) = (0.0, 0usize, 0usize);
     for chunk in data.eval.chunks(args.per_device_eval_batch_size.max(1)) {
         let owned: Vec<(Vec<u32>, Vec<i64>)> = chunk
@@ -157,7 +212,16 @@ pub fn run_eval(args: &TrainArgs, device: &candle_core::Device) -> Result<Map<St
             .iter()
             .map(|(i, l)| (i.as_slice(), l.as_slice(), None))
             .collect();
-        let b = Batch::pad(&refs, pad);
+        let mut b = Batch::pad(&refs, pad);
+        if let Some(batcher) = &images {
+            let rows: Vec<(&[u32], &[String])> = chunk
+                .iter()
+                .filter(|f| f.input_ids.is_some())
+                .zip(&owned)
+                .map(|(f, (ids, _))| (ids.as_slice(), f.images.as_slice()))
+                .collect();
+            b.vision = Some(batcher.batch(&rows, b.seq)?);
+        }
         let Some(t) = chat.model.target_logits(&b, None)? else {
             continue;
         };

@@ -5,7 +5,7 @@
 use protocol::args::Stage;
 
 use crate::data::processor::Features;
-use crate::model::{Batch, RowRef, VisionBatch};
+use crate::model::{Batch, RowRef};
 
 /// One training example's tensors, ready to batch.
 pub(crate) struct Row {
@@ -43,56 +43,7 @@ pub(crate) struct Examples {
     images: Option<std::sync::Arc<ImageBatcher>>,
 }
 
-/// What turns a batch's image files into the model's vision inputs: the processor, the
-/// regularization budget and the image token.
-pub(crate) struct ImageBatcher {
-    pub(crate) processor: crate::vision::qwen2_vl::Qwen2VlProcessor,
-    pub(crate) image_max_pixels: usize,
-    pub(crate) image_min_pixels: usize,
-    pub(crate) image_token_id: u32,
-}
-
-impl ImageBatcher {
-    /// The images of `rows` (decoded, regularized, processed) and every token's M-RoPE position
-    /// in the padded batch `b` (padding continues the row's count).
-    fn vision(&self, rows: &[&Row], b: &Batch) -> anyhow::Result<VisionBatch> {
-        use crate::vision::{decode, qwen2_vl::regularize};
-        let (mut pixel_values, mut grids) = (Vec::new(), Vec::new());
-        let mut positions = Vec::with_capacity(b.batch * b.seq);
-        for r in rows {
-            let mut row_grids = Vec::with_capacity(r.images.len());
-            for path in &r.images {
-                let img = decode::load(std::path::Path::new(path))?;
-                let img = regularize(img, self.image_max_pixels, self.image_min_pixels);
-                let p = self.processor.preprocess(&img)?;
-                pixel_values.extend(p.pixel_values);
-                row_grids.push(p.grid);
-            }
-            let mut pos = crate::model::vision::mrope_positions(
-                &r.ids,
-                &row_grids,
-                self.image_token_id,
-                self.processor.merge_size,
-            )?;
-            let mut next = pos
-                .iter()
-                .map(|p| p[0].max(p[1]).max(p[2]) + 1)
-                .max()
-                .unwrap_or(0);
-            while pos.len() < b.seq {
-                pos.push([next; 3]);
-                next += 1;
-            }
-            positions.extend(pos);
-            grids.extend(row_grids);
-        }
-        Ok(VisionBatch {
-            pixel_values,
-            grids,
-            mrope_positions: positions,
-        })
-    }
-}
+pub(crate) use crate::vision::ImageBatcher;
 
 /// The examples of one micro-batch, padded.
 pub(crate) struct MicroBatch {
@@ -169,7 +120,11 @@ impl Examples {
         let mut batch = make_batch(&rows, pad);
         if let Some(images) = &self.images {
             if rows.iter().any(|r| !r.images.is_empty()) {
-                batch.vision = Some(images.vision(&rows, &batch)?);
+                let parts: Vec<(&[u32], &[String])> = rows
+                    .iter()
+                    .map(|r| (r.ids.as_slice(), r.images.as_slice()))
+                    .collect();
+                batch.vision = Some(images.batch(&parts, batch.seq)?);
             }
         }
         Ok(MicroBatch {
