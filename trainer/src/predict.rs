@@ -87,13 +87,7 @@ pub fn run_predict(
                     let vision = if f.images.is_empty() {
                         None
                     } else {
-                        let (pixel_values, grids, mrope_positions) =
-                            batcher.row(prompt, &f.images, prompt.len())?;
-                        Some(crate::model::VisionBatch {
-                            pixel_values,
-                            grids,
-                            mrope_positions,
-                        })
+                        Some(batcher.row(prompt, &f.images, prompt.len())?)
                     };
                     let (ids, finish) = crate::infer::generate_with_images(
                         &chat.model,

@@ -42,7 +42,7 @@ impl ImageBatcher {
         ids: &[u32],
         images: &[String],
         len: usize,
-    ) -> anyhow::Result<(Vec<f32>, Vec<[usize; 3]>, Vec<[u32; 3]>)> {
+    ) -> anyhow::Result<crate::model::VisionBatch> {
         let (mut pixel_values, mut grids) = (Vec::new(), Vec::with_capacity(images.len()));
         for path in images {
             let img = decode::load(std::path::Path::new(path))?;
@@ -66,7 +66,11 @@ impl ImageBatcher {
             pos.push([next; 3]);
             next += 1;
         }
-        Ok((pixel_values, grids, pos))
+        Ok(crate::model::VisionBatch {
+            pixel_values,
+            grids,
+            mrope_positions: pos,
+        })
     }
 
     /// The images of `rows` (`(ids, image files)`) for a batch padded to `seq` tokens.
@@ -81,10 +85,10 @@ impl ImageBatcher {
             mrope_positions: Vec::with_capacity(rows.len() * seq),
         };
         for (ids, images) in rows {
-            let (p, g, pos) = self.row(ids, images, seq)?;
-            v.pixel_values.extend(p);
-            v.grids.extend(g);
-            v.mrope_positions.extend(pos);
+            let r = self.row(ids, images, seq)?;
+            v.pixel_values.extend(r.pixel_values);
+            v.grids.extend(r.grids);
+            v.mrope_positions.extend(r.mrope_positions);
         }
         Ok(v)
     }
