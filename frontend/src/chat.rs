@@ -82,6 +82,8 @@ pub fn ChatTab() -> impl IntoView {
     let history = RwSignal::new(Vec::<Turn>::new());
     let query = RwSignal::new(String::new());
     let streaming = RwSignal::new(false);
+    // The conversation's images, `(file name, data URL)`.
+    let images = RwSignal::new(Vec::<(String, String)>::new());
     let message = RwSignal::new(None::<String>);
     let socket = StoredValue::new_local(None::<Socket>);
 
@@ -176,6 +178,7 @@ pub fn ChatTab() -> impl IntoView {
             "max_new_tokens": num("max_new_tokens").map(|n| n as usize),
             "top_p": num("top_p"),
             "temperature": num("temperature"),
+            "images": images.get_untracked().into_iter().map(|(_, url)| url).collect::<Vec<_>>(),
         })
         .to_string();
         streaming.set(true);
@@ -237,7 +240,25 @@ pub fn ChatTab() -> impl IntoView {
             <div class="actions">
                 <button class="primary" data-testid="chat-submit" disabled=move || streaming.get() on:click=move |_| submit()>{i.t("submit")}</button>
                 <button data-testid="chat-stop" disabled=move || !streaming.get() on:click=stop>{i.t("stop")}</button>
-                <button on:click=move |_| history.set(Vec::new())>{i.t("clear_history")}</button>
+                <button data-testid="chat-clear" on:click=move |_| { history.set(Vec::new()); images.set(Vec::new()); }>{i.t("clear_history")}</button>
+            </div>
+            <div class="field" class:hidden=move || !status.get().is_some_and(|s| s.takes_images)>
+                <label for="f-chat-image">{i.t("image_input")}</label>
+                <input id="f-chat-image" type="file" accept="image/*" multiple data-testid="chat-image"
+                    on:change=move |_| spawn_local(async move {
+                        match crate::client::read_images("f-chat-image").await {
+                            Ok(new) => images.update(|v| v.extend(new)),
+                            Err(e) => message.set(Some(e.message)),
+                        }
+                    })/>
+                <div class="thumbs">
+                    {move || images.get().into_iter().enumerate().map(|(k, (name, url))| view! {
+                        <figure class="thumb" data-testid="chat-image-thumb">
+                            <img src=url alt=name.clone() title=name/>
+                            <button aria-label=i.t("remove") on:click=move |_| images.update(|v| { if k < v.len() { v.remove(k); } })>"×"</button>
+                        </figure>
+                    }).collect_view()}
+                </div>
             </div>
             <div class="grid">
                 <Field form key="max_new_tokens" label="max_new_tokens" kind="number" min="8" max="8192"/>

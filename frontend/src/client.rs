@@ -58,7 +58,7 @@ pub fn enc(s: &str) -> String {
     out
 }
 
-pub use imp::Socket;
+pub use imp::{read_images, Socket};
 
 #[cfg(feature = "hydrate")]
 mod imp {
@@ -105,6 +105,43 @@ mod imp {
             }),
             Err(_) => Err(ApiErr::plain(format!("HTTP {}: {text}", resp.status()))),
         }
+    }
+
+    /// The image files chosen in the file input `input_id`, as `(name, data URL)`, read in the
+    /// browser.
+    pub async fn read_images(input_id: &str) -> Result<Vec<(String, String)>, ApiErr> {
+        let doc = web_sys::window()
+            .and_then(|w| w.document())
+            .ok_or_else(|| ApiErr::plain("no document"))?;
+        let input: web_sys::HtmlInputElement = doc
+            .get_element_by_id(input_id)
+            .ok_or_else(|| ApiErr::plain("no file input"))?
+            .dyn_into()
+            .map_err(|_| ApiErr::plain("not a file input"))?;
+        let Some(files) = input.files() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for i in 0..files.length() {
+            let Some(file) = files.get(i) else { continue };
+            let reader = web_sys::FileReader::new().map_err(js_err)?;
+            let done = js_sys::Promise::new(&mut |resolve, reject| {
+                reader.set_onload(Some(&resolve));
+                reader.set_onerror(Some(&reject));
+            });
+            reader.read_as_data_url(&file).map_err(js_err)?;
+            JsFuture::from(done)
+                .await
+                .map_err(|_| ApiErr::plain(format!("cannot read {}", file.name())))?;
+            let url = reader
+                .result()
+                .map_err(js_err)?
+                .as_string()
+                .unwrap_or_default();
+            out.push((file.name(), url));
+        }
+        input.set_value("");
+        Ok(out)
     }
 
     /// An open WebSocket; closed when dropped.
@@ -177,6 +214,11 @@ mod imp {
         Err(ApiErr::plain(format!(
             "{url}: requests are made by the browser only"
         )))
+    }
+
+    /// Files are read by the browser only.
+    pub async fn read_images(_input_id: &str) -> Result<Vec<(String, String)>, ApiErr> {
+        Ok(Vec::new())
     }
 
     /// On the server the page never opens sockets.

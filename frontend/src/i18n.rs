@@ -229,6 +229,12 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("submit", "Submit", "提交"),
     ("stop", "Stop", "停止"),
     ("clear_history", "Clear history", "清空历史"),
+    (
+        "image_input",
+        "Images (vision-language models)",
+        "图像（多模态模型）",
+    ),
+    ("remove", "Remove", "移除"),
     ("export_size", "Max shard size (GB)", "最大分块大小（GB）"),
     ("export_format", "Export format", "导出格式"),
     ("export_gguf_type", "GGUF type", "GGUF 类型"),

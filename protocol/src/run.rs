@@ -298,6 +298,9 @@ wire! {
         pub template: Option<String>,
         pub backend: String,
         pub error: Option<String>,
+        /// Whether the loaded model reads images (a vision-language model with its template).
+        #[serde(default)]
+        pub takes_images: bool,
     }
 }
 
@@ -314,6 +317,10 @@ wire! {
             max_new_tokens: Option<usize>,
             top_p: Option<f64>,
             temperature: Option<f64>,
+            /// The conversation's images as data URLs (`data:image/png;base64,…`), for the
+            /// `<image>` placeholders of the messages or, without any, before the first message.
+            #[serde(default)]
+            images: Vec<String>,
         },
         Stop,
     }

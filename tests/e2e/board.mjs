@@ -199,6 +199,28 @@ try {
   console.log('export ok');
   await page.screenshot({ path: join(shots, 'export.png'), fullPage: true });
 
+  // Image chat with the demo vision-language model (a tiny Qwen2-VL built beside the demo model).
+  await page.fill('#f-top-model_name_or_path', 'models/demo-vl');
+  await page.press('#f-top-model_name_or_path', 'Tab');
+  await page.waitForFunction(() => document.querySelector('#f-template').value === 'qwen2_vl', null, { timeout: 30000 });
+  await page.click('[data-tab="tab_chat"]');
+  await page.click('[data-testid="chat-load"]');
+  await page.waitForFunction(() => document.querySelector('[data-testid="chat-status"]').textContent.includes('demo-vl'), null, { timeout: 60000 });
+  await page.click('[data-testid="chat-clear"]');
+  await page.setInputFiles('[data-testid="chat-image"]', join(repo, 'tests/fixtures/vision/small.png'));
+  await page.waitForSelector('[data-testid="chat-image-thumb"] img');
+  await page.fill('[data-testid="chat-input"]', 'What is in this picture?');
+  const before = tokenFrames;
+  await page.click('[data-testid="chat-submit"]');
+  await page.waitForFunction(() => {
+    const b = document.querySelectorAll('[data-testid="chat-log"] .bubble.assistant');
+    return b.length === 1 && b[0].textContent.length > 0 && !document.querySelector('[data-testid="chat-submit"]').disabled;
+  }, null, { timeout: 60000 });
+  if (await page.$('[data-testid="chat-error"]')) fail(`image chat: ${await page.textContent('[data-testid="chat-error"]')}`);
+  if (tokenFrames - before < 2) fail(`the image chat reply was not streamed (${tokenFrames - before} token frames)`);
+  console.log(`image chat reply streamed in ${tokenFrames - before} frames`);
+  await page.screenshot({ path: join(shots, 'chat-image.png'), fullPage: true });
+
   // A phone-width screen.
   await page.setViewportSize({ width: 390, height: 844 });
   await page.click('[data-tab="tab_train"]');

@@ -275,6 +275,224 @@ pub fn build_demo_model(out: &Path, dataset_dir: &Path, cfg: &DemoConfig) -> Res
     ))
 }
 
+/// Writes named f32 tensors as one safetensors file; returns the number of parameters.
+fn save_tensors(path: &Path, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<usize> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s, d)| (n, s, d.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+            ))
+        })
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    let params = bytes
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<usize>())
+        .sum();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(params)
+}
+
+/// The vision tokens a Qwen2-VL tokenizer has.
+const VISION_TOKENS: [&str; 4] = [
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+];
+
+/// Builds the demo vision-language model into `out` from the demo model in `text_demo`: a tiny
+/// Qwen2-VL (random init) with the demo tokenizer plus Qwen2-VL's vision tokens and the
+/// processor's `preprocessor_config.json`, so the board's image chat and multimodal training
+/// work out of the box. Returns a one-line summary.
+pub fn build_demo_vl_model(text_demo: &Path, out: &Path, cfg: &DemoConfig) -> Result<String> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut tok = crate::tokenizer::HfTokenizer::load(text_demo)?;
+    tok.add_special_tokens(&VISION_TOKENS.map(String::from))?;
+    tok.save(out)?;
+    let vocab = tok.len();
+    let id = |t: &str| tok.token_to_id(t).map(Value::from).unwrap_or(Value::Null);
+    let (h, heads, kv_heads) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+    );
+    let head_dim = h / heads;
+    let half = head_dim / 2;
+    let section = [
+        half / 4,
+        (half - half / 4) / 2,
+        half - half / 4 - (half - half / 4) / 2,
+    ];
+    let (v_dim, v_heads, v_depth, v_mlp) = (64usize, 4usize, 2usize, 2usize);
+    let config = json!({
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "attention_dropout": 0.0,
+        "bos_token_id": id("<|endoftext|>"),
+        "eos_token_id": id("<|im_end|>"),
+        "pad_token_id": id("<|endoftext|>"),
+        "hidden_act": "silu",
+        "hidden_size": h,
+        "initializer_range": 0.02,
+        "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "num_attention_heads": heads,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": section},
+        "tie_word_embeddings": true,
+        "torch_dtype": "float32",
+        "use_cache": true,
+        "vocab_size": vocab,
+        "vision_start_token_id": id("<|vision_start|>"),
+        "vision_end_token_id": id("<|vision_end|>"),
+        "image_token_id": id("<|image_pad|>"),
+        "video_token_id": id("<|video_pad|>"),
+        "vision_config": {
+            "depth": v_depth, "embed_dim": v_dim, "hidden_size": h, "hidden_act": "quick_gelu",
+            "mlp_ratio": v_mlp, "num_heads": v_heads, "in_chans": 3, "patch_size": 14,
+            "spatial_merge_size": 2, "temporal_patch_size": 2
+        }
+    });
+    write_json(&out.join("config.json"), &config)?;
+    write_json(
+        &out.join("generation_config.json"),
+        &json!({"bos_token_id": id("<|endoftext|>"), "eos_token_id": [id("<|im_end|>"), id("<|endoftext|>")],
+                "pad_token_id": id("<|endoftext|>"), "do_sample": true, "temperature": 0.7, "top_p": 0.8}),
+    )?;
+    let p = crate::vision::qwen2_vl::Qwen2VlProcessor::default();
+    write_json(
+        &out.join("preprocessor_config.json"),
+        &json!({
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor",
+            "do_convert_rgb": true, "do_normalize": true, "do_rescale": true, "do_resize": true,
+            "image_mean": p.image_mean, "image_std": p.image_std, "rescale_factor": p.rescale_factor,
+            "min_pixels": p.min_pixels, "max_pixels": p.max_pixels, "merge_size": p.merge_size,
+            "patch_size": p.patch_size, "temporal_patch_size": p.temporal_patch_size, "resample": 3
+        }),
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed + 1);
+    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut add = |rng: &mut ChaCha8Rng, name: String, shape: Vec<usize>, std: f32| {
+        let n = shape.iter().product();
+        let data = if std == 0.0 {
+            vec![1.0; n]
+        } else {
+            normal(rng, n, std)
+        };
+        t.push((name, shape, data));
+    };
+    add(
+        &mut rng,
+        "model.embed_tokens.weight".into(),
+        vec![vocab, h],
+        0.02,
+    );
+    let kv = kv_heads * head_dim;
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj.weight", vec![h, h]),
+            ("self_attn.q_proj.bias", vec![h]),
+            ("self_attn.k_proj.weight", vec![kv, h]),
+            ("self_attn.k_proj.bias", vec![kv]),
+            ("self_attn.v_proj.weight", vec![kv, h]),
+            ("self_attn.v_proj.bias", vec![kv]),
+            ("self_attn.o_proj.weight", vec![h, h]),
+            ("mlp.gate_proj.weight", vec![cfg.intermediate_size, h]),
+            ("mlp.up_proj.weight", vec![cfg.intermediate_size, h]),
+            ("mlp.down_proj.weight", vec![h, cfg.intermediate_size]),
+        ] {
+            add(&mut rng, format!("{p}.{name}"), shape, 0.02);
+        }
+        add(
+            &mut rng,
+            format!("{p}.input_layernorm.weight"),
+            vec![h],
+            0.0,
+        );
+        add(
+            &mut rng,
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            0.0,
+        );
+    }
+    add(&mut rng, "model.norm.weight".into(), vec![h], 0.0);
+    add(
+        &mut rng,
+        "visual.patch_embed.proj.weight".into(),
+        vec![v_dim, 3, 2, 14, 14],
+        0.02,
+    );
+    for b in 0..v_depth {
+        let p = format!("visual.blocks.{b}");
+        for (name, shape, std) in [
+            ("norm1.weight", vec![v_dim], 0.0),
+            ("norm1.bias", vec![v_dim], 0.02),
+            ("attn.qkv.weight", vec![3 * v_dim, v_dim], 0.02),
+            ("attn.qkv.bias", vec![3 * v_dim], 0.02),
+            ("attn.proj.weight", vec![v_dim, v_dim], 0.02),
+            ("attn.proj.bias", vec![v_dim], 0.02),
+            ("norm2.weight", vec![v_dim], 0.0),
+            ("norm2.bias", vec![v_dim], 0.02),
+            ("mlp.fc1.weight", vec![v_mlp * v_dim, v_dim], 0.02),
+            ("mlp.fc1.bias", vec![v_mlp * v_dim], 0.02),
+            ("mlp.fc2.weight", vec![v_dim, v_mlp * v_dim], 0.02),
+            ("mlp.fc2.bias", vec![v_dim], 0.02),
+        ] {
+            add(&mut rng, format!("{p}.{name}"), shape, std);
+        }
+    }
+    let merged = 4 * v_dim;
+    add(
+        &mut rng,
+        "visual.merger.ln_q.weight".into(),
+        vec![v_dim],
+        0.0,
+    );
+    add(
+        &mut rng,
+        "visual.merger.ln_q.bias".into(),
+        vec![v_dim],
+        0.02,
+    );
+    add(
+        &mut rng,
+        "visual.merger.mlp.0.weight".into(),
+        vec![merged, merged],
+        0.02,
+    );
+    add(
+        &mut rng,
+        "visual.merger.mlp.0.bias".into(),
+        vec![merged],
+        0.02,
+    );
+    add(
+        &mut rng,
+        "visual.merger.mlp.2.weight".into(),
+        vec![h, merged],
+        0.02,
+    );
+    add(&mut rng, "visual.merger.mlp.2.bias".into(), vec![h], 0.02);
+    let params = save_tensors(&out.join("model.safetensors"), t)?;
+    Ok(format!(
+        "demo vision-language model (Qwen2-VL) written to {} ({params} parameters, vocab {vocab})",
+        out.display()
+    ))
+}
+
 fn write_json(path: &Path, v: &Value) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
         .with_context(|| format!("writing {}", path.display()))

@@ -133,23 +133,29 @@ fn content_parts(v: &Value) -> Result<(String, Vec<RgbImage>), ApiError> {
     }
 }
 
+/// The image of a data URL (`data:image/png;base64,…`).
+pub fn image_from_data_url(url: &str) -> Result<RgbImage, String> {
+    use base64::Engine;
+    let Some((_, data)) = url
+        .strip_prefix("data:image/")
+        .and_then(|rest| rest.split_once(";base64,"))
+    else {
+        return Err("an image data URL must be `data:image/<type>;base64,<data>`".into());
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| format!("the image data URL is not valid base64: {e}"))?;
+    trainer::vision::decode::from_bytes(&bytes)
+        .map_err(|e| format!("cannot decode the image: {e:#}"))
+}
+
 /// An image from a data URL (`data:image/png;base64,…`), or a local file under
 /// `SAFE_MEDIA_PATH` (LLaMA-Factory's rule: local files only from that folder, and not with
 /// `ALLOW_LOCAL_FILES=0`). Remote URLs are not fetched.
 fn load_image_url(url: &str) -> Result<RgbImage, ApiError> {
-    use base64::Engine;
     let bad = |m: String| ApiError::bad(m, Some("messages"));
-    if let Some(rest) = url.strip_prefix("data:image/") {
-        let Some((_, data)) = rest.split_once(";base64,") else {
-            return Err(bad(
-                "an image data URL must be `data:image/<type>;base64,<data>`".into(),
-            ));
-        };
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(data.trim())
-            .map_err(|e| bad(format!("the image data URL is not valid base64: {e}")))?;
-        return trainer::vision::decode::from_bytes(&bytes)
-            .map_err(|e| bad(format!("cannot decode the image: {e:#}")));
+    if url.starts_with("data:") {
+        return image_from_data_url(url).map_err(bad);
     }
     if url.starts_with("http://") || url.starts_with("https://") {
         return Err(bad("remote image URLs are not fetched; send the image as a data URL (data:image/png;base64,...)".into()));

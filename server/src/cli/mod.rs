@@ -50,6 +50,10 @@ enum Command {
         /// Dataset dir whose demo data trains the tokenizer.
         #[arg(long, default_value = "data")]
         dataset_dir: PathBuf,
+        /// Build the demo vision-language model (a tiny Qwen2-VL) from the demo model in this
+        /// folder (its tokenizer plus the vision tokens) instead.
+        #[arg(long, value_name = "DEMO_MODEL")]
+        vision_from: Option<PathBuf>,
     },
     /// Print versions, device, threads and data/model dirs.
     Env,
@@ -117,7 +121,11 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Api(a) => api::run(a),
         Command::Export(a) => export::run(a),
         Command::PreviewData(a) => preview::run(a),
-        Command::Demo { out, dataset_dir } => demo::run(&out, &dataset_dir),
+        Command::Demo {
+            out,
+            dataset_dir,
+            vision_from,
+        } => demo::run(&out, &dataset_dir, vision_from.as_deref()),
         Command::Env => env::run(),
         Command::Bench(b) => bench::run(b),
         Command::Version => {

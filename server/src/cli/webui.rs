@@ -83,6 +83,22 @@ fn ensure_demo(workdir: &Path) -> Result<()> {
     if !status.success() {
         anyhow::bail!("building the demo model in {} failed", out.display());
     }
+    // And the vision-language demo (image chat and multimodal training out of the box).
+    let vl = workdir.join("models").join("demo-vl");
+    let status = std::process::Command::new(std::env::current_exe()?)
+        .arg("demo")
+        .arg("--vision-from")
+        .arg(&out)
+        .arg("--out")
+        .arg(&vl)
+        .status()
+        .context("cannot start the demo vision model build")?;
+    if !status.success() {
+        anyhow::bail!(
+            "building the demo vision-language model in {} failed",
+            vl.display()
+        );
+    }
     Ok(())
 }
 

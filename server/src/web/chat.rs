@@ -24,6 +24,9 @@ enum Loaded {
     Failed,
 }
 
+/// The largest chat request: a conversation with its images as data URLs.
+const CHAT_MESSAGE_LIMIT: usize = 32 << 20;
+
 pub struct ChatService {
     state: Mutex<(Loaded, ChatStatus)>,
 }
@@ -36,6 +39,7 @@ fn unloaded() -> ChatStatus {
         template: None,
         backend: backend(),
         error: None,
+        takes_images: false,
     }
 }
 
@@ -102,6 +106,7 @@ pub async fn load(
             template: args.template.clone(),
             backend: backend(),
             error: None,
+            takes_images: false,
         };
     }
     let service = app.clone();
@@ -127,6 +132,7 @@ pub async fn load(
         match loaded {
             Ok(Ok(chat)) => {
                 let template = chat.template.name.clone();
+                st.1.takes_images = chat.takes_images();
                 st.0 = Loaded::Ready(ModelWorker::start(chat));
                 st.1.state = "loaded".into();
                 st.1.template = Some(template);
@@ -168,7 +174,7 @@ pub async fn unload(State(app): State<AppState>) -> ApiResult<Json<ChatStatus>> 
 /// reply early.
 #[utoipa::path(get, path = "/api/chat", responses((status = 101, description = "WebSocket: send ChatRequest JSON, receive ChatReply JSON", body = ChatReply)))]
 pub async fn socket(State(app): State<AppState>, Ws(ws): Ws) -> Response {
-    ws.max_message_size(super::BODY_LIMIT)
+    ws.max_message_size(CHAT_MESSAGE_LIMIT)
         .on_upgrade(move |s| chat_loop(app, s))
 }
 
@@ -244,7 +250,7 @@ async fn chat_loop(app: AppState, mut socket: WebSocket) {
                             return;
                         }
                     }
-                    ChatRequest::Generate { messages, system, tools, max_new_tokens, top_p, temperature } => {
+                    ChatRequest::Generate { messages, system, tools, max_new_tokens, top_p, temperature, images } => {
                         let err = |m: String| ChatReply::Error { message: m };
                         let Some(worker) = app.chat.worker() else {
                             if !reply(&mut socket, &err("no model is loaded: load one first".into())).await { return; }
@@ -259,6 +265,10 @@ async fn chat_loop(app: AppState, mut socket: WebSocket) {
                             Ok(_) => { if !reply(&mut socket, &err("send at least one message".into())).await { return; } continue; }
                             Err(m) => { if !reply(&mut socket, &err(m)).await { return; } continue; }
                         };
+                        let images = match images.iter().map(|u| crate::api::image_from_data_url(u)).collect::<Result<Vec<_>, String>>() {
+                            Ok(i) => i,
+                            Err(m) => { if !reply(&mut socket, &err(m)).await { return; } continue; }
+                        };
                         let mut gen = worker.defaults.clone();
                         if let Some(n) = max_new_tokens { gen.max_new_tokens = n.clamp(1, 8192); }
                         if let Some(p) = top_p { gen.top_p = p.clamp(0.01, 1.0); }
@@ -267,7 +277,7 @@ async fn chat_loop(app: AppState, mut socket: WebSocket) {
                             gen.do_sample = t > 0.0;
                         }
                         let (tx, rx) = mpsc::unbounded_channel();
-                        let job = Job { messages, images: Vec::new(), system, tools, gen, stop: Vec::new(), out: tx };
+                        let job = Job { messages, images, system, tools, gen, stop: Vec::new(), out: tx };
                         if let Err(e) = worker.submit(job) {
                             if !reply(&mut socket, &err(format!("{e:#}"))).await { return; }
                             continue;
