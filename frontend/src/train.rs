@@ -46,6 +46,11 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
     ("resize_vocab", "false"),
     ("enable_thinking", "true"),
     ("gradient_checkpointing", "false"),
+    ("freeze_vision_tower", "true"),
+    ("freeze_multi_modal_projector", "true"),
+    ("freeze_language_model", "false"),
+    ("image_max_pixels", "589824"),
+    ("image_min_pixels", "1024"),
     ("freeze_trainable_layers", "2"),
     ("freeze_trainable_modules", "all"),
     ("freeze_extra_modules", ""),
@@ -122,6 +127,19 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
             m.insert("pure_bf16".into(), Value::Bool(true));
         }
         _ => {}
+    }
+    // The multimodal keys go only where they differ from LLaMA-Factory's defaults (a text
+    // model then says that a changed one has no effect).
+    for (k, default) in [
+        ("freeze_vision_tower", "true"),
+        ("freeze_multi_modal_projector", "true"),
+        ("freeze_language_model", "false"),
+        ("image_max_pixels", "589824"),
+        ("image_min_pixels", "1024"),
+    ] {
+        if own.get(k).and_then(Value::as_str) == Some(default) {
+            own.remove(k);
+        }
     }
     for zero_is_none in ["neftune_noise_alpha", "loraplus_lr_ratio"] {
         if own
@@ -440,6 +458,13 @@ pub fn TrainTab() -> impl IntoView {
             <Check form key="resize_vocab" label="resize_vocab"/>
             <Check form key="enable_thinking" label="enable_thinking"/>
             <Check form key="gradient_checkpointing" label="gradient_checkpointing"/>
+        </Group>
+        <Group label="mm_group" form keys=&["freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model", "image_max_pixels", "image_min_pixels"]>
+            <Check form key="freeze_vision_tower" label="freeze_vision_tower"/>
+            <Check form key="freeze_multi_modal_projector" label="freeze_multi_modal_projector"/>
+            <Check form key="freeze_language_model" label="freeze_language_model"/>
+            <Field form key="image_max_pixels" label="image_max_pixels" kind="number" min="1"/>
+            <Field form key="image_min_pixels" label="image_min_pixels" kind="number" min="1"/>
         </Group>
         <Group label="freeze_group" form keys=&["freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"]>
             <Field form key="freeze_trainable_layers" label="freeze_trainable_layers" kind="number"/>
