@@ -251,30 +251,39 @@ if not ONLY or "baichuan2" in ONLY:
     baichuan2()
 
 
-def qwen2_vl():
-    """A tiny Qwen2-VL (transformers' Qwen2VLForConditionalGeneration, saved in bf16): logits of one row
+def qwen2_vl(name="qwen2_vl"):
+    """A tiny Qwen2-VL (or Qwen2.5-VL: `name="qwen2_5_vl"`, windows of 2×2 merge units, block 1 full) (transformers' Qwen2VLForConditionalGeneration, saved in bf16): logits of one row
     with two images (tests/fixtures/vision's synthetic PNGs through LLaMA-Factory's regularization and
     transformers' Pillow image processor), image tokens between <|vision_start|> and <|vision_end|>, and of
     a text-only row."""
     from PIL import Image
     from llamafactory.data.mm_plugin import get_mm_plugin
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
     try:  # transformers 5: the Pillow processor (its default one resizes with torchvision instead)
         from transformers import Qwen2VLImageProcessorPil as Qwen2VLImageProcessor
     except ImportError:  # transformers 4: the Pillow one is the default
         from transformers import Qwen2VLImageProcessor
 
     torch.manual_seed(0)
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
-        image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
-        tie_word_embeddings=False)
+    text = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    tokens = dict(image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153,
+                  tie_word_embeddings=False)
+    if name == "qwen2_vl":
+        cls = Qwen2VLForConditionalGeneration
+        cfg = Qwen2VLConfig(text_config=text, vision_config=dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, in_chans=3), **tokens)
+    else:
+        cls = Qwen2_5_VLForConditionalGeneration
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, window_size=56,
+            fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+            **tokens)
     cfg._attn_implementation = "eager"
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n or "ln_q" in n:
@@ -283,9 +292,9 @@ def qwen2_vl():
                 p.copy_(0.1 * torch.randn_like(p))
             elif "q_proj.weight" in n or "k_proj.weight" in n or "attn.qkv.weight" in n:
                 p.mul_(15.0)  # peaked attention, so that every position (M-RoPE, 2-D rotary) matters
-    d = os.path.join(OUT, "qwen2_vl")
+    d = os.path.join(OUT, name)
     model.to(torch.bfloat16).save_pretrained(d, safe_serialization=True)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    model = cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
     vision = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "vision")
     y, x = np.mgrid[0:40, 0:30]
     second = np.stack([(x * 7) % 256, (y * 5 + x) % 256, (y * 9) % 256], -1).astype(np.uint8)
@@ -320,8 +329,9 @@ def qwen2_vl():
                 "greedy_logits": step_logits.flatten().tolist()}
     with open(os.path.join(d, "expected.json"), "w") as fh:
         json.dump(expected, fh)
-    print("qwen2_vl", grids.tolist(), len(ids))
+    print(name, grids.tolist(), len(ids))
 
 
-if not ONLY or "qwen2_vl" in ONLY:
-    qwen2_vl()
+for vl in ("qwen2_vl", "qwen2_5_vl"):
+    if not ONLY or vl in ONLY:
+        qwen2_vl(vl)

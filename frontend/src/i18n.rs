@@ -116,18 +116,22 @@ pub const TABLE: &[(&str, &str, &str)] = &[
         "Gradient checkpointing (less memory, slower steps)",
         "梯度检查点（省内存，步骤变慢）",
     ),
+    ("mm_group", "Multimodal configurations", "多模态参数设置"),
     (
-        "mm_group",
-        "Multimodal configurations",
-        "多模态参数设置",
+        "freeze_vision_tower",
+        "Freeze vision tower",
+        "冻结视觉编码器",
     ),
-    ("freeze_vision_tower", "Freeze vision tower", "冻结视觉编码器"),
     (
         "freeze_multi_modal_projector",
         "Freeze multi-modal projector",
         "冻结多模态投影器",
     ),
-    ("freeze_language_model", "Freeze language model", "冻结语言模型"),
+    (
+        "freeze_language_model",
+        "Freeze language model",
+        "冻结语言模型",
+    ),
     ("image_max_pixels", "Image max pixels", "图像最大像素"),
     ("image_min_pixels", "Image min pixels", "图像最小像素"),
     (

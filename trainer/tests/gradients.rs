@@ -449,7 +449,13 @@ fn scalar_f32(t: &Tensor) -> f64 {
 /// whose gradient comes back through the image embeddings spliced into the text.
 #[test]
 fn qwen2_vl_lora_and_projector_match_finite_differences() {
-    let mut m = model("qwen2_vl");
+    for name in ["qwen2_vl", "qwen2_5_vl"] {
+        vision_gradients(name);
+    }
+}
+
+fn vision_gradients(name: &str) {
+    let mut m = model(name);
     let args = TrainArgs {
         lora_rank: 2,
         lora_target: "q_proj,down_proj".into(),
@@ -470,6 +476,6 @@ fn qwen2_vl_lora_and_projector_match_finite_differences() {
             p.var = Some(Var::from_tensor(&p.tensor).unwrap());
         }
     }
-    let b = common::qwen2_vl_batch();
-    check_on(&m, "qwen2_vl/lora+projector", 3, &b);
+    let b = common::vision_batch(name);
+    check_on(&m, &format!("{name}/lora+projector"), 3, &b);
 }

@@ -300,9 +300,15 @@ fn load_balancing_loss_matches_transformers() {
 /// row too.
 #[test]
 fn qwen2_vl_logits_match_transformers_with_images() {
-    let e = expected("qwen2_vl");
-    let model = Model::load(&fixtures().join("qwen2_vl"), DType::F32, &Device::Cpu).unwrap();
-    let b = common::qwen2_vl_batch();
+    for name in ["qwen2_vl", "qwen2_5_vl"] {
+        vision_language_case(name);
+    }
+}
+
+fn vision_language_case(name: &str) {
+    let e = expected(name);
+    let model = Model::load(&fixtures().join(name), DType::F32, &Device::Cpu).unwrap();
+    let b = common::vision_batch(name);
     let grids: Vec<[usize; 3]> = e["grids"]
         .as_array()
         .unwrap()
@@ -340,7 +346,7 @@ fn qwen2_vl_logits_match_transformers_with_images() {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect();
-    assert_eq!(ids, want_ids, "qwen2_vl greedy with images");
+    assert_eq!(ids, want_ids, "{name} greedy with images");
     let mut cache = trainer::model::KvCache::default();
     let mut steps = Vec::new();
     let mut l = model
@@ -351,7 +357,7 @@ fn qwen2_vl_logits_match_transformers_with_images() {
         l = model.forward_cached(&[t], &mut cache).unwrap();
     }
     let err = rel_err(&steps, &want(&e, "greedy_logits"));
-    assert!(err < 1e-4, "qwen2_vl cached decoding: relative error {err}");
+    assert!(err < 1e-4, "{name} cached decoding: relative error {err}");
     let text: Vec<u32> = e["text_ids"]
         .as_array()
         .unwrap()
@@ -361,9 +367,9 @@ fn qwen2_vl_logits_match_transformers_with_images() {
     let tl: Vec<i64> = text.iter().map(|&x| x as i64).collect();
     let b = Batch::pad(&[(&text, &tl, None)], 0);
     let err = rel_err(&logits(&model, &b), &want(&e, "text_logits"));
-    assert!(err < 1e-4, "qwen2_vl text only: relative error {err}");
+    assert!(err < 1e-4, "{name} text only: relative error {err}");
     assert!(
         image_err < 1e-4,
-        "qwen2_vl with images: relative error {image_err}"
+        "{name} with images: relative error {image_err}"
     );
 }

@@ -25,6 +25,7 @@ pub const SUPPORTED: &[&str] = &[
     "qwen2_moe",
     "qwen3_moe",
     "qwen2_vl",
+    "qwen2_5_vl",
 ];
 
 /// How a mixture-of-experts checkpoint names its MLP weights.
@@ -275,8 +276,8 @@ impl ModelConfig {
         }
         // A vision-language model: its text decoder is read like the family it extends.
         let raw = v.clone();
-        let (v, vision, text_type) = if model_type == "qwen2_vl" {
-            let vision = super::vision::VisionConfig::from_json(&v, file)?;
+        let (v, vision, text_type) = if matches!(model_type.as_str(), "qwen2_vl" | "qwen2_5_vl") {
+            let vision = super::vision::VisionConfig::from_json(&v, &model_type, file)?;
             (
                 super::vision::flatten_text_config(v),
                 Some(vision),

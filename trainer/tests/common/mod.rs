@@ -54,13 +54,14 @@ pub fn full_rows(rows: &[Vec<u32>]) -> Batch {
     Batch::pad(&refs, 0)
 }
 
-/// The reference Qwen2-VL's row with two images (`tests/fixtures/models/qwen2_vl`), through our
-/// decoder, LLaMA-Factory's regularization and the processor, every token trained.
-pub fn qwen2_vl_batch() -> Batch {
+/// The row with two images of the vision-language reference model `name` (`qwen2_vl`,
+/// `qwen2_5_vl` in `tests/fixtures/models`), through our decoder, LLaMA-Factory's regularization
+/// and the processor, every token trained.
+pub fn vision_batch(name: &str) -> Batch {
     use trainer::vision::{decode, qwen2_vl};
     let root = repo().join("tests/fixtures");
     let e: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("models/qwen2_vl/expected.json")).unwrap(),
+        &std::fs::read_to_string(root.join("models").join(name).join("expected.json")).unwrap(),
     )
     .unwrap();
     let processor = qwen2_vl::Qwen2VlProcessor::default();

@@ -15,6 +15,9 @@ pub enum VisionKind {
     /// Qwen2-VL: LayerNorm blocks with a QuickGELU MLP, full attention within each image, a
     /// LayerNorm + two-layer GELU merger of 2×2 patches.
     Qwen2Vl,
+    /// Qwen2.5-VL: RMSNorm blocks with a SwiGLU MLP, window attention but in the full-attention
+    /// blocks, an RMSNorm merger.
+    Qwen25Vl,
 }
 
 /// `vision_config` and the image token ids.
@@ -35,29 +38,49 @@ pub struct VisionConfig {
     pub rope_theta: f64,
     pub image_token_id: u32,
     pub vision_start_token_id: Option<u32>,
+    /// Qwen2.5-VL: the SwiGLU MLP's width, the attention window in pixels, and the blocks that
+    /// attend over the whole image.
+    pub intermediate_size: usize,
+    pub window_size: usize,
+    pub fullatt_blocks: Vec<usize>,
 }
 
 impl VisionConfig {
     /// Reads the vision side of a `qwen2_vl` config (flat, as the Hub's checkpoints have it, or
     /// with the text model under `text_config`, as transformers 5 writes it).
-    pub fn from_json(v: &Map<String, Value>, file: &Path) -> Result<Self> {
+    pub fn from_json(v: &Map<String, Value>, model_type: &str, file: &Path) -> Result<Self> {
+        let kind = match model_type {
+            "qwen2_vl" => VisionKind::Qwen2Vl,
+            "qwen2_5_vl" => VisionKind::Qwen25Vl,
+            other => bail!("{}: `{other}` has no vision tower here", file.display()),
+        };
         let vc = v
             .get("vision_config")
             .and_then(Value::as_object)
             .ok_or_else(|| anyhow!("{}: `vision_config` is missing", file.display()))?;
         let int = |k: &str, d: usize| vc.get(k).and_then(Value::as_u64).map_or(d, |x| x as usize);
         let token = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as u32);
+        let want_act = if kind == VisionKind::Qwen2Vl {
+            "quick_gelu"
+        } else {
+            "silu"
+        };
         let act = vc
             .get("hidden_act")
             .and_then(Value::as_str)
-            .unwrap_or("quick_gelu");
-        if act != "quick_gelu" {
+            .unwrap_or(want_act);
+        if act != want_act {
             bail!(
-                "{}: `vision_config.hidden_act: {act}` is not supported (Qwen2-VL's is quick_gelu)",
+                "{}: `vision_config.hidden_act: {act}` is not supported (this family's is {want_act})",
                 file.display()
             );
         }
-        let embed_dim = int("embed_dim", 1280);
+        // Qwen2-VL: `embed_dim`, and `hidden_size` is the language model's width; Qwen2.5-VL:
+        // `hidden_size`, and `out_hidden_size` the language model's.
+        let (embed_dim, out_hidden) = match kind {
+            VisionKind::Qwen2Vl => (int("embed_dim", 1280), int("hidden_size", 1536)),
+            VisionKind::Qwen25Vl => (int("hidden_size", 1280), int("out_hidden_size", 3584)),
+        };
         let num_heads = int("num_heads", 16);
         if num_heads == 0 || !embed_dim.is_multiple_of(num_heads * 4) {
             bail!(
@@ -66,7 +89,7 @@ impl VisionConfig {
             );
         }
         Ok(Self {
-            kind: VisionKind::Qwen2Vl,
+            kind,
             depth: int("depth", 32),
             embed_dim,
             num_heads,
@@ -79,7 +102,7 @@ impl VisionConfig {
                 .or_else(|| vc.get("in_chans"))
                 .and_then(Value::as_u64)
                 .map_or(3, |x| x as usize),
-            out_hidden: int("hidden_size", 1536),
+            out_hidden,
             rope_theta: vc
                 .get("rope_parameters")
                 .and_then(|p| p.get("rope_theta"))
@@ -88,6 +111,24 @@ impl VisionConfig {
             image_token_id: token("image_token_id")
                 .ok_or_else(|| anyhow!("{}: `image_token_id` is missing", file.display()))?,
             vision_start_token_id: token("vision_start_token_id"),
+            intermediate_size: int("intermediate_size", 3420),
+            window_size: int("window_size", 112),
+            fullatt_blocks: vc
+                .get("fullatt_block_indexes")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_u64)
+                        .map(|x| x as usize)
+                        .collect()
+                })
+                .unwrap_or_else(|| {
+                    if kind == VisionKind::Qwen25Vl {
+                        vec![7, 15, 23, 31]
+                    } else {
+                        Vec::new()
+                    }
+                }),
         })
     }
 
@@ -176,4 +217,31 @@ pub fn mrope_positions(
         bail!("more image grids than images in the tokens");
     }
     Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// A small vision config of `kind`.
+    pub fn config(kind: VisionKind) -> VisionConfig {
+        VisionConfig {
+            kind,
+            depth: 2,
+            embed_dim: 32,
+            num_heads: 2,
+            mlp_ratio: 2.0,
+            patch_size: 14,
+            temporal_patch_size: 2,
+            merge_size: 2,
+            in_channels: 3,
+            out_hidden: 64,
+            rope_theta: 10_000.0,
+            image_token_id: 1,
+            vision_start_token_id: None,
+            intermediate_size: 48,
+            window_size: 112,
+            fullatt_blocks: vec![1],
+        }
+    }
 }
