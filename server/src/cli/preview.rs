@@ -60,20 +60,62 @@ pub fn run(a: PreviewArgs) -> Result<ExitCode> {
     } else {
         a.num.min(rows.len())
     };
+    // Images: their grids (vision-language templates).
+    let media = (template.mm != trainer::data::template::MmPlugin::Base
+        && rows.iter().any(|f| !f.images.is_empty()))
+    .then(|| trainer::data::media::MediaContext::load(&tok.dir, &args))
+    .transpose()?;
     let mut out = std::io::stdout().lock();
     for (i, f) in rows.iter().take(take).enumerate() {
         match a.format {
             Format::Json => writeln!(out, "{}", serde_json::to_string(f)?)?,
-            Format::Text => write_text(&mut out, &tok, i + 1, f)?,
+            Format::Text => {
+                write_text(&mut out, &tok, i + 1, f)?;
+                if let Some(m) = &media {
+                    for path in &f.images {
+                        let grid = m.image_grid(path).map_err(anyhow::Error::msg)?;
+                        let merge = m.processor.merge_size * m.processor.merge_size;
+                        writeln!(
+                            out,
+                            "── image {path}: grid {}×{}×{} patches → {} image tokens",
+                            grid[0],
+                            grid[1],
+                            grid[2],
+                            grid.iter().product::<usize>() / merge
+                        )?;
+                    }
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// `text` with each run of `token` written once with its count (`<|image_pad|>×66`).
+fn collapse_runs(text: &str, token: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(token) {
+        out.push_str(&rest[..i]);
+        let mut n = 0;
+        rest = &rest[i..];
+        while let Some(r) = rest.strip_prefix(token) {
+            n += 1;
+            rest = r;
+        }
+        out.push_str(token);
+        if n > 1 {
+            out.push_str(&format!("×{n}"));
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Decoded text with trained spans between ⟦ and ⟧, so people see what the loss covers.
 fn marked(tok: &HfTokenizer, ids: &[u32], labels: Option<&[i64]>) -> String {
     let Some(labels) = labels else {
-        return tok.decode(ids, false);
+        return collapse_runs(&tok.decode(ids, false), "<|image_pad|>");
     };
     let mut out = String::new();
     let mut start = 0;
@@ -83,7 +125,7 @@ fn marked(tok: &HfTokenizer, ids: &[u32], labels: Option<&[i64]>) -> String {
         while end < ids.len() && labels.get(end).is_some_and(|&l| l != IGNORE_INDEX) == trained {
             end += 1;
         }
-        let text = tok.decode(&ids[start..end], false);
+        let text = collapse_runs(&tok.decode(&ids[start..end], false), "<|image_pad|>");
         if trained {
             out += &format!("⟦{text}⟧");
         } else {
@@ -133,4 +175,17 @@ fn write_text(out: &mut impl Write, tok: &HfTokenizer, n: usize, f: &Features) -
         writeln!(out, "{}", marked(tok, kl, f.kl_labels.as_deref()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn image_token_runs_are_written_once_with_their_count() {
+        let t =
+            "<|vision_start|><|image_pad|><|image_pad|><|image_pad|><|vision_end|>x<|image_pad|>";
+        assert_eq!(
+            super::collapse_runs(t, "<|image_pad|>"),
+            "<|vision_start|><|image_pad|>×3<|vision_end|>x<|image_pad|>"
+        );
+    }
 }

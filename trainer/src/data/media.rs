@@ -44,6 +44,13 @@ impl MediaContext {
 
     /// The number of image tokens the image at `path` becomes.
     pub fn image_tokens(&self, path: &str) -> Result<usize, String> {
+        let m = self.processor.merge_size;
+        Ok(self.image_grid(path)?.iter().product::<usize>() / (m * m))
+    }
+
+    /// The patch grid `(t, h, w)` of the image at `path` after regularization and
+    /// `smart_resize`, read from the image's header.
+    pub fn image_grid(&self, path: &str) -> Result<[usize; 3], String> {
         let (w, h) =
             image::image_dimensions(path).map_err(|e| format!("cannot read image {path}: {e}"))?;
         let (w, h) = regularized_size(
@@ -56,8 +63,8 @@ impl MediaContext {
             .processor
             .smart_resize(h, w)
             .map_err(|e| format!("image {path}: {e}"))?;
-        let p = self.processor.patch_size * self.processor.merge_size;
-        Ok((rh / p) * (rw / p))
+        let p = self.processor.patch_size;
+        Ok([1, rh / p, rw / p])
     }
 }
 
