@@ -933,3 +933,51 @@ fn off_loopback_the_access_token_is_required() {
     );
     assert_eq!(code, 200);
 }
+
+/// The dataset preview of an image dataset links each row's images, served from inside the
+/// dataset dir only (no traversal, image files only).
+#[test]
+fn dataset_preview_links_images_served_from_the_dataset_dir_only() {
+    let dir = workdir();
+    let data = dir.path().join("vl");
+    std::fs::create_dir_all(data.join("imgs")).unwrap();
+    std::fs::copy(
+        repo().join("tests/fixtures/vision/small.png"),
+        data.join("imgs/a.png"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("secret.png"), b"not for the browser").unwrap();
+    std::fs::write(data.join("notes.txt"), b"text").unwrap();
+    std::fs::write(
+        data.join("dataset_info.json"),
+        r#"{"vl": {"file_name": "vl.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"}, "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        data.join("vl.json"),
+        r#"[{"messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "A gradient."}], "images": ["imgs/a.png"]}]"#,
+    )
+    .unwrap();
+    let s = start(dir.path());
+    let (code, page) = get(&s, "/api/datasets/vl/preview?dataset_dir=vl");
+    assert_eq!(code, 200, "{page}");
+    let url = page["images"][0][0].as_str().unwrap().to_string();
+    assert!(url.starts_with("/api/datasets/media?"), "{url}");
+    let (code, body) = http(&s.addr, "GET", &url, "", &[]);
+    assert_eq!(code, 200, "{body}");
+    for (path, want) in [
+        ("../secret.png", 404),
+        ("imgs/../../secret.png", 404),
+        ("notes.txt", 422),
+        ("imgs/missing.png", 404),
+    ] {
+        let (code, body) = get(
+            &s,
+            &format!("/api/datasets/media?dataset_dir=vl&path={path}"),
+        );
+        assert!(
+            code == want || (want == 422 && code == 400),
+            "{path}: {code} {body}"
+        );
+    }
+}

@@ -424,6 +424,9 @@ pub fn TrainTab() -> impl IntoView {
                     <div class="modal-box">
                         <h3>{p.name.clone()}" · "{format!("{}–{} / {}", off + 1, (off + p.rows.len() as u64).min(total), total)}</h3>
                         <pre class="json">{p.rows.iter().map(|r| serde_json::to_string_pretty(r).unwrap_or_default()).collect::<Vec<_>>().join("\n\n")}</pre>
+                        <div class="thumbs" data-testid="dataset-images">
+                            {p.images.iter().flatten().map(|url| view! { <img class="thumb-img" src=url.clone() alt="" loading="lazy"/> }).collect_view()}
+                        </div>
                         <div class="actions">
                             <button disabled=off == 0 on:click=move |_| open_preview(name.clone(), off.saturating_sub(2))>{i.t("prev")}</button>
                             <button disabled={off + 2 >= total} on:click=move |_| open_preview(n2.clone(), off + 2)>{i.t("next")}</button>

@@ -242,6 +242,9 @@ wire! {
         pub offset: u64,
         #[cfg_attr(feature = "openapi", schema(value_type = Vec<Object>))]
         pub rows: Vec<serde_json::Value>,
+        /// Per row, the URLs of its images (`/api/datasets/media?…`), for thumbnails.
+        #[serde(default)]
+        pub images: Vec<Vec<String>>,
     }
 }
 

@@ -214,24 +214,93 @@ pub async fn preview(
             "dataset `{name}` is not a local file; only local datasets can be previewed"
         )));
     }
+    let attr_images = attr.images.clone();
     let records =
         tokio::task::spawn_blocking(move || trainer::data::loader::load_records(&attr, &dir))
             .await
             .map_err(|e| ApiError::internal(e.into()))?
             .map_err(|e| ApiError::bad(format!("{e:#}")))?;
+    let total = records.len();
     let offset = q.offset.unwrap_or(0);
     let limit = q.limit.unwrap_or(10).clamp(1, 100);
+    let rows: Vec<Value> = records
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|r| Value::Object(r.value))
+        .collect();
+    let dir_arg = url_enc(q.dataset_dir.as_deref().unwrap_or("data"));
+    let images = rows
+        .iter()
+        .map(|r| {
+            let paths: Vec<&str> = match attr_images.as_deref().and_then(|c| r.get(c)) {
+                Some(Value::String(p)) => vec![p.as_str()],
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+                _ => Vec::new(),
+            };
+            paths
+                .into_iter()
+                .map(|p| {
+                    format!(
+                        "/api/datasets/media?dataset_dir={dir_arg}&path={}",
+                        url_enc(p)
+                    )
+                })
+                .collect()
+        })
+        .collect();
     Ok(Json(DatasetPage {
         name,
-        total: records.len() as u64,
+        total: total as u64,
         offset: offset as u64,
-        rows: records
-            .into_iter()
-            .skip(offset)
-            .take(limit)
-            .map(|r| Value::Object(r.value))
-            .collect(),
+        rows,
+        images,
     }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct MediaQuery {
+    dataset_dir: Option<String>,
+    /// The image's path as the dataset names it, relative to the dataset dir.
+    path: String,
+}
+
+/// An image a dataset refers to (thumbnails in the dataset preview): only image files inside the
+/// dataset dir, at most 32 MB.
+#[utoipa::path(get, path = "/api/datasets/media", params(MediaQuery), responses((status = 200, description = "the image file"), (status = 404, body = protocol::run::ErrorBody)))]
+pub async fn media(
+    State(app): State<AppState>,
+    Query(q): Query<MediaQuery>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let dir = dataset_dir(&app.cfg.workdir, q.dataset_dir.as_deref().unwrap_or("data"))?;
+    let mime = match Path::new(&q.path)
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("png") => "image/png",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        Some("bmp") => "image/bmp",
+        _ => return Err(ApiError::bad(format!("{} is not an image file", q.path))),
+    };
+    let file = dir
+        .join(&q.path)
+        .canonicalize()
+        .ok()
+        .filter(|f| f.starts_with(&dir) && f.is_file())
+        .ok_or_else(|| ApiError::not_found(format!("no image {} in the dataset dir", q.path)))?;
+    let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    if len > 32 << 20 {
+        return Err(ApiError::bad(format!("{} is over 32 MB", q.path)));
+    }
+    let bytes = tokio::fs::read(&file)
+        .await
+        .map_err(|e| ApiError::internal(e.into()))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, mime)], bytes).into_response())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -381,4 +450,18 @@ pub async fn put_settings(
         app.manager.db().set_setting(k, v).await?;
     }
     Ok(Json(app.manager.db().settings().await?))
+}
+
+/// `s` percent-encoded for a query value.
+fn url_enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }

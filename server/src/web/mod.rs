@@ -60,6 +60,7 @@ pub fn router(app: AppState) -> Router {
         .route("/templates", get(catalog::templates))
         .route("/datasets", get(catalog::datasets))
         .route("/datasets/{name}/preview", get(catalog::preview))
+        .route("/datasets/media", get(catalog::media))
         .route("/checkpoints", get(catalog::checkpoints))
         .route("/preview-command", post(runs::preview_command))
         .route("/runs", get(runs::list).post(runs::start_train))

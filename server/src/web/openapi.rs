@@ -34,6 +34,7 @@ use super::{catalog, chat, runs};
         catalog::templates,
         catalog::datasets,
         catalog::preview,
+        catalog::media,
         catalog::checkpoints,
         catalog::settings,
         catalog::put_settings,

@@ -219,6 +219,7 @@ pub async fn predictions(
         total: lines.len() as u64,
         offset: offset as u64,
         rows,
+        images: Vec::new(),
     }))
 }
 
