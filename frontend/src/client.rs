@@ -45,18 +45,7 @@ pub async fn send<B: Serialize, T: DeserializeOwned>(
 }
 
 /// Percent-encodes a query value.
-pub fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
+pub use protocol::query_enc as enc;
 
 pub use imp::{read_images, Socket};
 

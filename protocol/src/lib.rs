@@ -9,3 +9,17 @@ pub mod run;
 
 pub use args::TrainArgs;
 pub use events::WorkerEvent;
+
+/// `s` percent-encoded for a URL query value (the browser and the server build the same links).
+pub fn query_enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}

@@ -169,27 +169,7 @@ fn write_weights(path: &Path, cfg: &DemoConfig, vocab: usize) -> Result<usize> {
         );
     }
     add("model.norm.weight".into(), vec![h], vec![1.0; h]);
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(n, s, d)| (n, s, d.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-        .iter()
-        .map(|(n, s, b)| {
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
-            ))
-        })
-        .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let params: usize = bytes
-        .iter()
-        .map(|(_, s, _)| s.iter().product::<usize>())
-        .sum();
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(params)
+    save_tensors(path, tensors)
 }
 
 /// Builds the demo model into `out`; returns a one-line summary.

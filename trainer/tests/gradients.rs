@@ -455,24 +455,14 @@ fn qwen2_vl_lora_and_projector_match_finite_differences() {
 }
 
 fn vision_gradients(name: &str) {
-    let mut m = model(name);
     let args = TrainArgs {
         lora_rank: 2,
         lora_target: "q_proj,down_proj".into(),
         ..TrainArgs::default()
     };
-    m.add_lora(&LoraSpec::for_model(&args, &m), 1).unwrap();
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    for l in m.lora_layers().values() {
-        let shape = l.b.shape().clone();
-        let data: Vec<f64> = (0..shape.elem_count())
-            .map(|_| rng.gen_range(-0.2..0.2))
-            .collect();
-        l.b.set(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap())
-            .unwrap();
-    }
-    for (name, p) in m.params_mut() {
-        if name.starts_with("visual.merger.") {
+    let mut m = with_lora(name, &args);
+    for (param, p) in m.params_mut() {
+        if param.starts_with("visual.merger.") {
             p.var = Some(Var::from_tensor(&p.tensor).unwrap());
         }
     }

@@ -229,7 +229,7 @@ pub async fn preview(
         .take(limit)
         .map(|r| Value::Object(r.value))
         .collect();
-    let dir_arg = url_enc(q.dataset_dir.as_deref().unwrap_or("data"));
+    let dir_arg = protocol::query_enc(q.dataset_dir.as_deref().unwrap_or("data"));
     let images = rows
         .iter()
         .map(|r| {
@@ -243,7 +243,7 @@ pub async fn preview(
                 .map(|p| {
                     format!(
                         "/api/datasets/media?dataset_dir={dir_arg}&path={}",
-                        url_enc(p)
+                        protocol::query_enc(p)
                     )
                 })
                 .collect()
@@ -450,18 +450,4 @@ pub async fn put_settings(
         app.manager.db().set_setting(k, v).await?;
     }
     Ok(Json(app.manager.db().settings().await?))
-}
-
-/// `s` percent-encoded for a query value.
-fn url_enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }

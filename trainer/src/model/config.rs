@@ -631,16 +631,7 @@ fn moe_config(
         );
     }
     let step = int("decoder_sparse_step").unwrap_or(1).max(1);
-    let dense: Vec<usize> = v
-        .get("mlp_only_layers")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_u64)
-                .map(|x| x as usize)
-                .collect()
-        })
-        .unwrap_or_default();
+    let dense: Vec<usize> = usize_list(v.get("mlp_only_layers")).unwrap_or_default();
     let sparse_layers = (0..layers)
         .map(|l| naming == MoeNaming::Mixtral || (!dense.contains(&l) && (l + 1) % step == 0))
         .collect();
@@ -748,6 +739,17 @@ impl Family {
             _ => Family::Llama,
         }
     }
+}
+
+/// A JSON list of non-negative integers (other entries skipped).
+pub(crate) fn usize_list(v: Option<&Value>) -> Option<Vec<usize>> {
+    Some(
+        v?.as_array()?
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as usize)
+            .collect(),
+    )
 }
 
 /// The MLP activation, from the key transformers reads for the family: `hidden_act` (Llama,

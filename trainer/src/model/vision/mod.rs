@@ -113,15 +113,7 @@ impl VisionConfig {
             vision_start_token_id: token("vision_start_token_id"),
             intermediate_size: int("intermediate_size", 3420),
             window_size: int("window_size", 112),
-            fullatt_blocks: vc
-                .get("fullatt_block_indexes")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_u64)
-                        .map(|x| x as usize)
-                        .collect()
-                })
+            fullatt_blocks: super::config::usize_list(vc.get("fullatt_block_indexes"))
                 .unwrap_or_else(|| {
                     if kind == VisionKind::Qwen25Vl {
                         vec![7, 15, 23, 31]
