@@ -27,6 +27,8 @@ const CHAT_DEFAULTS: &[(&str, &str)] = &[
 pub struct Turn {
     pub role: String,
     pub content: String,
+    /// Images first sent with this turn (data URLs), shown in its bubble.
+    pub images: Vec<String>,
 }
 
 /// Splits text into prose and fenced code blocks (```lang ... ```).
@@ -64,6 +66,11 @@ fn Bubble(turn: Turn) -> impl IntoView {
     let parts = blocks(&turn.content);
     view! {
         <div class=format!("bubble {}", turn.role) data-role=turn.role.clone()>
+            {(!turn.images.is_empty()).then(|| view! {
+                <div class="thumbs">
+                    {turn.images.iter().map(|url| view! { <img class="thumb-img" src=url.clone() alt=""/> }).collect_view()}
+                </div>
+            })}
             {parts.into_iter().map(|(code, text)| if code {
                 view! { <pre class="code"><code>{text}</code></pre> }.into_any()
             } else {
@@ -151,10 +158,15 @@ pub fn ChatTab() -> impl IntoView {
             return;
         }
         message.set(None);
+        // The images added since the last message go with this one's bubble.
+        let all: Vec<String> = images.get_untracked().into_iter().map(|(_, u)| u).collect();
+        let shown: usize = history.with_untracked(|h| h.iter().map(|t| t.images.len()).sum());
+        let new_images = all.get(shown.min(all.len())..).unwrap_or_default().to_vec();
         history.update(|h| {
             h.push(Turn {
                 role: form.get_untracked("role"),
                 content: q,
+                images: new_images,
             });
         });
         query.set(String::new());
@@ -167,6 +179,7 @@ pub fn ChatTab() -> impl IntoView {
             h.push(Turn {
                 role: "assistant".into(),
                 content: String::new(),
+                images: Vec::new(),
             })
         });
         let num = |k: &str| form.get_untracked(k).parse::<f64>().ok();

@@ -217,6 +217,7 @@ try {
     return b.length === 1 && b[0].textContent.length > 0 && !document.querySelector('[data-testid="chat-submit"]').disabled;
   }, null, { timeout: 60000 });
   if (await page.$('[data-testid="chat-error"]')) fail(`image chat: ${await page.textContent('[data-testid="chat-error"]')}`);
+  if (!(await page.$('[data-testid="chat-log"] .bubble.user img'))) fail('the image is not shown with the message it was sent with');
   if (tokenFrames - before < 2) fail(`the image chat reply was not streamed (${tokenFrames - before} token frames)`);
   console.log(`image chat reply streamed in ${tokenFrames - before} frames`);
   await page.screenshot({ path: join(shots, 'chat-image.png'), fullPage: true });
