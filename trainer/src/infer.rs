@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::converter::{Message, Role};
+use crate::data::media::ImageBatcher;
 use crate::data::pipeline::load_tokenizer_and_template;
 use crate::data::template::Template;
 use crate::model::{KvCache, Model};
@@ -400,20 +401,14 @@ impl ChatModel {
         gen: &GenerationConfig,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Reply> {
-        let (messages, vision) = self.with_images(messages, images)?;
-        let prompt = self.prompt_ids(&messages, system, tools)?;
-        let vision = match vision {
-            Some((pixel_values, grids, image_token)) => Some(crate::model::VisionBatch {
-                mrope_positions: crate::model::vision::mrope_positions(
-                    &prompt,
-                    &grids,
-                    image_token,
-                    self.model.vision.as_ref().map_or(2, |v| v.cfg.merge_size),
-                )?,
-                pixel_values,
-                grids,
-            }),
-            None => None,
+        let (prompt, vision) = if images.is_empty() {
+            (self.prompt_ids(messages, system, tools)?, None)
+        } else {
+            let batcher = self.image_batcher()?;
+            let (messages, pixels) = self.with_images(&batcher, messages, images)?;
+            let prompt = self.prompt_ids(&messages, system, tools)?;
+            let vision = batcher.with_positions(pixels, &prompt, prompt.len())?;
+            (prompt, Some(vision))
         };
         let stop = self.template.stop_token_ids(&self.tok);
         let mut stream = TextStream::new();
@@ -437,33 +432,33 @@ impl ChatModel {
     }
 }
 
-type ImageInputs = Option<(Vec<f32>, Vec<[usize; 3]>, u32)>;
-
 impl ChatModel {
-    /// The messages with their `<image>` placeholders expanded, and the images' pixel values,
-    /// grids and image token.
-    fn with_images(
-        &self,
-        messages: &[Message],
-        images: &[crate::vision::RgbImage],
-    ) -> Result<(Vec<Message>, ImageInputs)> {
-        use crate::data::media::IMAGE_PLACEHOLDER;
-        use crate::vision::qwen2_vl::{regularize, Qwen2VlProcessor};
-        if images.is_empty() {
-            return Ok((messages.to_vec(), None));
-        }
-        let Some(tower) = self.model.vision.as_ref().filter(|_| self.takes_images()) else {
+    /// The image batcher of a model that takes images.
+    fn image_batcher(&self) -> Result<ImageBatcher> {
+        if !self.takes_images() {
             bail!(
                 "This model does not support image input (model {}, template `{}`); images need a vision-language model such as Qwen2-VL with its template",
                 self.name,
                 self.template.name
             );
-        };
-        let processor = if self.dir.join("preprocessor_config.json").exists() {
-            Qwen2VlProcessor::load(&self.dir)?
-        } else {
-            Qwen2VlProcessor::default()
-        };
+        }
+        ImageBatcher::for_model(
+            self.model.cfg.vision.as_ref(),
+            &self.dir,
+            self.image_max_pixels,
+            self.image_min_pixels,
+        )
+    }
+
+    /// The messages with their `<image>` placeholders expanded for `images`, and the images as
+    /// the model reads them (their positions still to come from the prompt).
+    fn with_images(
+        &self,
+        batcher: &ImageBatcher,
+        messages: &[Message],
+        images: &[crate::vision::RgbImage],
+    ) -> Result<(Vec<Message>, crate::model::VisionBatch)> {
+        use crate::data::media::IMAGE_PLACEHOLDER;
         let mut messages = messages.to_vec();
         let placed: usize = messages
             .iter()
@@ -479,22 +474,18 @@ impl ChatModel {
                 images.len()
             );
         }
-        let (mut pixel_values, mut grids, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
-        for img in images {
-            let img = regularize(img.clone(), self.image_max_pixels, self.image_min_pixels);
-            let p = processor.preprocess(&img)?;
-            tokens.push(p.tokens(processor.merge_size));
-            pixel_values.extend(p.pixel_values);
-            grids.push(p.grid);
-        }
+        let vision = batcher.pixels(images.iter().cloned().map(Ok))?;
+        let m = batcher.media.processor.merge_size;
+        let tokens: Vec<usize> = vision
+            .grids
+            .iter()
+            .map(|g| g.iter().product::<usize>() / (m * m))
+            .collect();
         let mut next = 0;
-        for m in &mut messages {
-            m.content = crate::data::media::fill_placeholders(&m.content, &tokens, &mut next);
+        for msg in &mut messages {
+            msg.content = crate::data::media::fill_placeholders(&msg.content, &tokens, &mut next);
         }
-        Ok((
-            messages,
-            Some((pixel_values, grids, tower.cfg.image_token_id)),
-        ))
+        Ok((messages, vision))
     }
 }
 

@@ -162,20 +162,17 @@ fn image_batcher(
     chat: &ChatModel,
     rows: &[crate::data::processor::Features],
     args: &TrainArgs,
-) -> Result<Option<crate::vision::ImageBatcher>> {
+) -> Result<Option<crate::data::media::ImageBatcher>> {
     if rows.iter().all(|f| f.images.is_empty()) {
         return Ok(None);
     }
-    let Some(v) = &chat.model.cfg.vision else {
-        bail!("the data has images but the model has no vision tower (a text-only model)");
-    };
-    let ctx = crate::data::media::MediaContext::load(&chat.tok.dir, args)?;
-    Ok(Some(crate::vision::ImageBatcher {
-        processor: ctx.processor,
-        image_max_pixels: args.image_max_pixels,
-        image_min_pixels: args.image_min_pixels,
-        image_token_id: v.image_token_id,
-    }))
+    crate::data::media::ImageBatcher::for_model(
+        chat.model.cfg.vision.as_ref(),
+        &chat.tok.dir,
+        args.image_max_pixels,
+        args.image_min_pixels,
+    )
+    .map(Some)
 }
 
 /// Eval loss (and token accuracy when `compute_accuracy`) of the model on the eval set.

@@ -12,7 +12,10 @@ use anyhow::{bail, Result};
 use super::converter::Example;
 use super::template::{MmPlugin, Template};
 use super::Skipped;
-use crate::vision::qwen2_vl::{regularized_size, Qwen2VlProcessor};
+use crate::model::vision::{mrope_positions, VisionConfig};
+use crate::model::VisionBatch;
+use crate::vision::qwen2_vl::{regularize, regularized_size, ImagePatches, Qwen2VlProcessor};
+use crate::vision::{decode, RgbImage};
 
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
 pub const VIDEO_PLACEHOLDER: &str = "<video>";
@@ -27,8 +30,14 @@ pub struct MediaContext {
 }
 
 impl MediaContext {
-    /// The image processor of the model folder `dir` (`preprocessor_config.json`).
+    /// The image processor of the model folder `dir` (`preprocessor_config.json`) with the run's
+    /// regularization budget.
     pub fn load(dir: &Path, args: &protocol::TrainArgs) -> Result<Self> {
+        Self::new(dir, args.image_max_pixels, args.image_min_pixels)
+    }
+
+    /// [`MediaContext::load`] with the budget given.
+    pub fn new(dir: &Path, image_max_pixels: usize, image_min_pixels: usize) -> Result<Self> {
         if !dir.join("preprocessor_config.json").exists() {
             bail!(
                 "Image processor was not found: {} has no preprocessor_config.json (a vision-language model's folder has one)",
@@ -37,9 +46,15 @@ impl MediaContext {
         }
         Ok(Self {
             processor: Qwen2VlProcessor::load(dir)?,
-            image_max_pixels: args.image_max_pixels,
-            image_min_pixels: args.image_min_pixels,
+            image_max_pixels,
+            image_min_pixels,
         })
+    }
+
+    /// An image as the model reads it: LLaMA-Factory's regularization, then the processor.
+    pub fn process(&self, img: RgbImage) -> Result<ImagePatches> {
+        let img = regularize(img, self.image_max_pixels, self.image_min_pixels);
+        self.processor.preprocess(&img)
     }
 
     /// The number of image tokens the image at `path` becomes.
@@ -83,6 +98,100 @@ pub fn fill_placeholders(text: &str, tokens: &[usize], next: &mut usize) -> Stri
     }
     out.push_str(rest);
     out
+}
+
+/// What turns a batch's image files into a vision-language model's inputs: the model's image
+/// processor and budget ([`MediaContext`]) and its image token. Training, evaluation,
+/// prediction and chat all use it.
+pub struct ImageBatcher {
+    pub media: MediaContext,
+    pub image_token_id: u32,
+}
+
+impl ImageBatcher {
+    /// The batcher of the model whose vision config is `vision` and whose folder `dir` holds its
+    /// `preprocessor_config.json`.
+    pub fn for_model(
+        vision: Option<&VisionConfig>,
+        dir: &Path,
+        image_max_pixels: usize,
+        image_min_pixels: usize,
+    ) -> Result<Self> {
+        let Some(v) = vision else {
+            bail!("the data has images but the model has no vision tower (a text-only model)");
+        };
+        Ok(Self {
+            media: MediaContext::new(dir, image_max_pixels, image_min_pixels)?,
+            image_token_id: v.image_token_id,
+        })
+    }
+
+    /// Images (decoded or read from their files) as pixel values and grids, in order.
+    pub fn pixels(
+        &self,
+        images: impl IntoIterator<Item = Result<RgbImage>>,
+    ) -> Result<VisionBatch> {
+        let mut v = VisionBatch {
+            pixel_values: Vec::new(),
+            grids: Vec::new(),
+            mrope_positions: Vec::new(),
+        };
+        for img in images {
+            let p = self.media.process(img?)?;
+            v.pixel_values.extend(p.pixel_values);
+            v.grids.push(p.grid);
+        }
+        Ok(v)
+    }
+
+    /// `v` with the M-RoPE positions of `ids` continued over `len` tokens (padding continues the
+    /// count).
+    pub fn with_positions(
+        &self,
+        mut v: VisionBatch,
+        ids: &[u32],
+        len: usize,
+    ) -> Result<VisionBatch> {
+        let mut pos = mrope_positions(
+            ids,
+            &v.grids,
+            self.image_token_id,
+            self.media.processor.merge_size,
+        )?;
+        let mut next = pos
+            .iter()
+            .map(|p| p[0].max(p[1]).max(p[2]) + 1)
+            .max()
+            .unwrap_or(0);
+        while pos.len() < len {
+            pos.push([next; 3]);
+            next += 1;
+        }
+        v.mrope_positions = pos;
+        Ok(v)
+    }
+
+    /// One row's image files, processed, with its M-RoPE positions over `len` tokens.
+    pub fn row(&self, ids: &[u32], images: &[String], len: usize) -> Result<VisionBatch> {
+        let v = self.pixels(images.iter().map(|p| decode::load(Path::new(p))))?;
+        self.with_positions(v, ids, len)
+    }
+
+    /// The images of `rows` (`(ids, image files)`) for a batch padded to `seq` tokens.
+    pub fn batch(&self, rows: &[(&[u32], &[String])], seq: usize) -> Result<VisionBatch> {
+        let mut v = VisionBatch {
+            pixel_values: Vec::new(),
+            grids: Vec::new(),
+            mrope_positions: Vec::with_capacity(rows.len() * seq),
+        };
+        for (ids, images) in rows {
+            let r = self.row(ids, images, seq)?;
+            v.pixel_values.extend(r.pixel_values);
+            v.grids.extend(r.grids);
+            v.mrope_positions.extend(r.mrope_positions);
+        }
+        Ok(v)
+    }
 }
 
 fn has_media(ex: &Example) -> bool {

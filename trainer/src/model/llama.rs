@@ -952,7 +952,7 @@ impl Model {
 
 /// Each row of `w` divided by its length (`torch.nn.functional.normalize`, eps 1e-12), computed
 /// in f32 for a half-precision `w` and returned in `w`'s dtype.
-fn unit_rows(w: &Tensor) -> Result<Tensor> {
+pub(crate) fn unit_rows(w: &Tensor) -> Result<Tensor> {
     let x = w.to_dtype(super::layers::f32_if_half(w.dtype()))?;
     let len = x
         .sqr()?

@@ -21,4 +21,5 @@ pub use config::ModelConfig;
 pub use layers::{
     log_softmax, softmax, DecoderLayer, KvCache, Linear, LinearWeight, LoraLayer, Param, Weights,
 };
+pub(crate) use llama::unit_rows;
 pub use llama::{Model, TargetLogits};

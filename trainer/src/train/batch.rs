@@ -43,7 +43,7 @@ pub(crate) struct Examples {
     images: Option<std::sync::Arc<ImageBatcher>>,
 }
 
-pub(crate) use crate::vision::ImageBatcher;
+pub(crate) use crate::data::media::ImageBatcher;
 
 /// The examples of one micro-batch, padded.
 pub(crate) struct MicroBatch {

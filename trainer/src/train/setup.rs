@@ -331,19 +331,16 @@ fn with_images(
     if !examples.has_images() {
         return Ok(examples);
     }
-    let Some(v) = &model.cfg.vision else {
-        bail!("the data has images but the model has no vision tower (a text-only model)");
-    };
     if args.packing() || args.neat_packing {
         bail!("`packing` with images is not supported; remove `packing` / `neat_packing`");
     }
-    let ctx = crate::data::media::MediaContext::load(&tok.dir, args)?;
-    Ok(examples.with_images(std::sync::Arc::new(ImageBatcher {
-        processor: ctx.processor,
-        image_max_pixels: args.image_max_pixels,
-        image_min_pixels: args.image_min_pixels,
-        image_token_id: v.image_token_id,
-    })))
+    let batcher = ImageBatcher::for_model(
+        model.cfg.vision.as_ref(),
+        &tok.dir,
+        args.image_max_pixels,
+        args.image_min_pixels,
+    )?;
+    Ok(examples.with_images(std::sync::Arc::new(batcher)))
 }
 
 /// LLaMA-Factory's freezing keys on a vision-language model: the vision tower trains only with

@@ -267,12 +267,9 @@ pub(super) fn tensors(
             t = (t + 1.0)?;
         }
         if c.norm_head && hf == "lm_head.weight" {
-            let len = t
-                .sqr()?
-                .sum_keepdim(1)?
-                .sqrt()?
-                .clamp(1e-12, f64::INFINITY)?;
-            t = t.broadcast_div(&len)?;
+            // Baichuan 2's NormHead (already applied to a head loaded frozen; a trained head is
+            // the raw weight).
+            t = crate::model::unit_rows(&t)?;
         }
         if let Some((layer, stacked, e)) = expert_of(&hf) {
             experts.entry((layer, stacked)).or_default().push((e, t));

@@ -27,20 +27,15 @@ pub struct VisionConfig {
     pub depth: usize,
     pub embed_dim: usize,
     pub num_heads: usize,
-    pub mlp_ratio: f64,
     pub patch_size: usize,
     pub temporal_patch_size: usize,
     pub merge_size: usize,
     pub in_channels: usize,
-    /// The language model's width, what the merger outputs.
-    pub out_hidden: usize,
     /// Rotary base of the vision attention.
     pub rope_theta: f64,
     pub image_token_id: u32,
-    pub vision_start_token_id: Option<u32>,
-    /// Qwen2.5-VL: the SwiGLU MLP's width, the attention window in pixels, and the blocks that
-    /// attend over the whole image.
-    pub intermediate_size: usize,
+    /// Qwen2.5-VL: the attention window in pixels, and the blocks that attend over the whole
+    /// image. (The MLP and merger widths come from the weights.)
     pub window_size: usize,
     pub fullatt_blocks: Vec<usize>,
 }
@@ -75,11 +70,11 @@ impl VisionConfig {
                 file.display()
             );
         }
-        // Qwen2-VL: `embed_dim`, and `hidden_size` is the language model's width; Qwen2.5-VL:
-        // `hidden_size`, and `out_hidden_size` the language model's.
-        let (embed_dim, out_hidden) = match kind {
-            VisionKind::Qwen2Vl => (int("embed_dim", 1280), int("hidden_size", 1536)),
-            VisionKind::Qwen25Vl => (int("hidden_size", 1280), int("out_hidden_size", 3584)),
+        // The tower's width: Qwen2-VL's `embed_dim` (its `hidden_size` is the language model's),
+        // Qwen2.5-VL's `hidden_size`.
+        let embed_dim = match kind {
+            VisionKind::Qwen2Vl => int("embed_dim", 1280),
+            VisionKind::Qwen25Vl => int("hidden_size", 1280),
         };
         let num_heads = int("num_heads", 16);
         if num_heads == 0 || !embed_dim.is_multiple_of(num_heads * 4) {
@@ -93,7 +88,6 @@ impl VisionConfig {
             depth: int("depth", 32),
             embed_dim,
             num_heads,
-            mlp_ratio: vc.get("mlp_ratio").and_then(Value::as_f64).unwrap_or(4.0),
             patch_size: int("patch_size", 14),
             temporal_patch_size: int("temporal_patch_size", 2),
             merge_size: int("spatial_merge_size", 2),
@@ -102,7 +96,6 @@ impl VisionConfig {
                 .or_else(|| vc.get("in_chans"))
                 .and_then(Value::as_u64)
                 .map_or(3, |x| x as usize),
-            out_hidden,
             rope_theta: vc
                 .get("rope_parameters")
                 .and_then(|p| p.get("rope_theta"))
@@ -110,8 +103,6 @@ impl VisionConfig {
                 .unwrap_or(10_000.0),
             image_token_id: token("image_token_id")
                 .ok_or_else(|| anyhow!("{}: `image_token_id` is missing", file.display()))?,
-            vision_start_token_id: token("vision_start_token_id"),
-            intermediate_size: int("intermediate_size", 3420),
             window_size: int("window_size", 112),
             fullatt_blocks: super::config::usize_list(vc.get("fullatt_block_indexes"))
                 .unwrap_or_else(|| {
@@ -222,16 +213,12 @@ pub(crate) mod tests_support {
             depth: 2,
             embed_dim: 32,
             num_heads: 2,
-            mlp_ratio: 2.0,
             patch_size: 14,
             temporal_patch_size: 2,
             merge_size: 2,
             in_channels: 3,
-            out_hidden: 64,
             rope_theta: 10_000.0,
             image_token_id: 1,
-            vision_start_token_id: None,
-            intermediate_size: 48,
             window_size: 112,
             fullatt_blocks: vec![1],
         }

@@ -354,7 +354,7 @@ impl VisionTower {
     }
 
     /// The images' embeddings for the language model: `pixel_values (patches, patch_dim)` with
-    /// the images' `(t, h, w)` grids → `(patches / merge², out_hidden)`.
+    /// the images' `(t, h, w)` grids → `(patches / merge², language-model hidden)`.
     pub fn forward(
         &self,
         pixels: &Tensor,
