@@ -501,6 +501,91 @@ mod tests {
         Model::load(&dir.join(name), DType::F32, &Device::Cpu).unwrap()
     }
 
+    /// Which parts of the model train after the method and the vision freezing keys.
+    fn trained_parts(name: &str, args: &TrainArgs) -> Result<(bool, bool, bool)> {
+        let mut m = fixture(name);
+        let lora = apply_method(&mut m, args)?.is_some();
+        apply_vision_freezing(&mut m, args, lora, &mut Lines::default())?;
+        let names: Vec<String> = m.trainable().into_iter().map(|(n, _)| n).collect();
+        let tower = names
+            .iter()
+            .any(|n| n.contains("visual.") && !n.contains("visual.merger."));
+        let merger = names.iter().any(|n| n.contains("visual.merger."));
+        let lm = names.iter().any(|n| !n.contains("visual."));
+        Ok((tower, merger, lm))
+    }
+
+    #[test]
+    fn vision_freezing_keys_choose_what_trains_as_llamafactory() {
+        use protocol::args::FinetuningType;
+        let full = TrainArgs {
+            finetuning_type: FinetuningType::Full,
+            ..TrainArgs::default()
+        };
+        // Defaults: the tower and the projector stay frozen, LoRA or full.
+        assert_eq!(
+            trained_parts("qwen2_vl", &TrainArgs::default()).unwrap(),
+            (false, false, true)
+        );
+        assert_eq!(
+            trained_parts("qwen2_vl", &full).unwrap(),
+            (false, false, true)
+        );
+        let projector = TrainArgs {
+            freeze_multi_modal_projector: false,
+            ..TrainArgs::default()
+        };
+        assert_eq!(
+            trained_parts("qwen2_vl", &projector).unwrap(),
+            (false, true, true)
+        );
+        let tower = TrainArgs {
+            freeze_vision_tower: false,
+            ..full.clone()
+        };
+        assert_eq!(
+            trained_parts("qwen2_vl", &tower).unwrap(),
+            (true, false, true)
+        );
+        let no_lm = TrainArgs {
+            freeze_language_model: true,
+            freeze_multi_modal_projector: false,
+            ..full.clone()
+        };
+        assert_eq!(
+            trained_parts("qwen2_vl", &no_lm).unwrap(),
+            (false, true, false)
+        );
+        let only = TrainArgs {
+            train_mm_proj_only: true,
+            ..full
+        };
+        assert_eq!(
+            trained_parts("qwen2_vl", &only).unwrap(),
+            (false, true, false)
+        );
+        // LoRA cannot train the tower here: said by name.
+        let e = trained_parts(
+            "qwen2_vl",
+            &TrainArgs {
+                freeze_vision_tower: false,
+                ..TrainArgs::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("freeze_vision_tower"), "{e}");
+        // A text model: a changed key warns that it has no effect.
+        let mut m = fixture("qwen2");
+        let mut lines = Lines::default();
+        apply_vision_freezing(&mut m, &projector, true, &mut lines).unwrap();
+        assert!(
+            lines.0.iter().any(|l| l.contains("have no effect")),
+            "{:?}",
+            lines.0
+        );
+    }
+
     #[test]
     fn moe_aux_loss_coef_turns_the_load_balancing_loss_on_or_says_why_not() {
         let on = TrainArgs {
