@@ -21,6 +21,10 @@ for kind in ("sft", "rm", "kto"):
 for kind, extra in [("sft", {}), ("sft_small_images", dict(image_max_pixels=64 * 64, image_min_pixels=16 * 16))]:
     CASES[f"qwen2_vl_{kind}"] = dict(stage="sft", template="qwen2_vl", dataset="mllm_demo", cutoff_len=1024,
                                      model="qwen2-vl-processor", **extra)
+# LLaVA: each image becomes 576 <image> tokens whatever its size (tests/fixtures/llava-processor).
+for kind, extra in [("sft", {}), ("sft_small_images", dict(image_max_pixels=64 * 64, image_min_pixels=16 * 16))]:
+    CASES[f"llava_{kind}"] = dict(stage="sft", template="llava", dataset="mllm_demo", cutoff_len=2048,
+                                  model="llava-processor", **extra)
 CASES["qwen_pt_packed"] = dict(stage="pt", template="qwen", dataset="c4_demo", max_samples=6, cutoff_len=128)
 CASES["llama3_pt"] = dict(stage="pt", template="llama3", dataset="c4_demo", max_samples=6, cutoff_len=128,
                           packing=False)

@@ -335,3 +335,71 @@ def qwen2_vl(name="qwen2_vl"):
 for vl in ("qwen2_vl", "qwen2_5_vl"):
     if not ONLY or vl in ONLY:
         qwen2_vl(vl)
+
+
+def llava():
+    """A tiny LLaVA (transformers' LlavaForConditionalGeneration, saved in bf16): a CLIP tower of 3 layers read at
+    `vision_feature_layer` -2 (so the last layer and post_layernorm are unused, as in LLaVA-1.5), 56-pixel images
+    (16 patches, the class token dropped: 16 <image> tokens each), a GELU projector, a Llama. Logits of one row with
+    two images (tests/fixtures/vision's PNGs through LLaMA-Factory's base regularization and transformers' Pillow
+    CLIP processor, shortest side 56 then a 56×56 center crop), of a text-only row, and greedy decoding."""
+    from PIL import Image  # noqa: F401
+    from llamafactory.data.mm_plugin import get_mm_plugin
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    try:  # transformers 5: the Pillow processor (its default one resizes with torchvision instead)
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:  # transformers 4: the Pillow one is the default
+        from transformers import CLIPImageProcessor
+
+    torch.manual_seed(0)
+    cfg = LlavaConfig(
+        text_config=dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=False),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                           num_attention_heads=2, image_size=56, patch_size=14, projection_dim=16),
+        image_token_index=150, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or "layrnorm" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if n.endswith("weight") else p.copy_(0.1 * torch.randn_like(p))
+            elif n.endswith("bias") or "class_embedding" in n:
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "position_embedding" in n:
+                p.copy_(0.5 * torch.randn_like(p))  # positions that matter
+            elif "q_proj.weight" in n or "k_proj.weight" in n:
+                p.mul_(15.0)  # peaked attention
+    d = os.path.join(OUT, "llava")
+    model.to(torch.bfloat16).save_pretrained(d, safe_serialization=True)
+    processor = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    processor.save_pretrained(d)
+    model = LlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    vision = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "vision")
+    plugin = get_mm_plugin(name="llava", image_token="<image>")
+    budget = dict(image_max_pixels=48 * 48, image_min_pixels=32 * 32)
+    images = plugin._regularize_images([os.path.join(vision, "small.png"), os.path.join(vision, "second.png")],
+                                       **budget)["images"]
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    ids = [5, 17] + [150] * 16 + [42, 7, 150] + [150] * 15 + [99, 3, 61, 23]
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
+        text = torch.tensor([[5, 17, 42, 7, 99, 3, 61, 23]])
+        text_logits = model(input_ids=text).logits
+        gen = model.generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        step_logits = model(input_ids=gen, pixel_values=pixel_values).logits[0, len(ids) - 1:-1]
+    expected = {"input_ids": ids, "images": ["small.png", "second.png"], **budget,
+                "pixel_values": pixel_values.flatten().tolist(), "pixel_shape": list(pixel_values.shape),
+                "logits": logits.flatten().tolist(), "text_ids": text[0].tolist(),
+                "text_logits": text_logits.flatten().tolist(), "greedy": gen[0, len(ids):].tolist(),
+                "greedy_logits": step_logits.flatten().tolist()}
+    with open(os.path.join(d, "expected.json"), "w") as fh:
+        json.dump(expected, fh)
+    print("llava", list(pixel_values.shape), len(ids))
+
+
+if not ONLY or "llava" in ONLY:
+    llava()

@@ -62,3 +62,25 @@ for w, h in [(150, 84), (77, 40), (320, 180), (300, 90), (13, 168)]:
 with open(os.path.join(OUT, "qwen2_vl.json"), "w") as fh:
     json.dump({"cases": cases, "resize_source": sources[0][0], "resizes": resizes}, fh)
 print(len(cases), "cases", [c["grid"] for c in cases])
+
+# LLaVA-1.5: LLaMA-Factory's base regularization (`image_max_pixels` / `image_min_pixels` only) and
+# transformers' Pillow CLIPImageProcessor as llava-1.5-7b-hf configures it (shortest side 336, 336×336 center
+# crop), written to clip.json: per 14×14 patch (row-major, each channel-first) sums and sums of squares.
+try:
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:
+    from transformers import CLIPImageProcessor
+clip = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+llava = get_mm_plugin(name="llava", image_token="<image>")
+clip_cases = []
+for name, path in sources:
+    for max_pixels, min_pixels in [(768 * 768, 32 * 32), (64 * 64, 16 * 16)]:
+        img = llava._regularize_images([path], image_max_pixels=max_pixels, image_min_pixels=min_pixels)["images"][0]
+        pv = clip(images=[img], return_tensors="np")["pixel_values"][0].astype(np.float64)  # (3, 336, 336)
+        patches = pv.reshape(3, 24, 14, 24, 14).transpose(1, 3, 0, 2, 4).reshape(576, -1)
+        clip_cases.append({"image": name, "image_max_pixels": max_pixels, "image_min_pixels": min_pixels,
+                           "regularized": list(img.size), "patch_sums": patches.sum(1).tolist(),
+                           "patch_sq_sums": (patches ** 2).sum(1).tolist()})
+with open(os.path.join(OUT, "clip.json"), "w") as fh:
+    json.dump({"cases": clip_cases}, fh)
+print(len(clip_cases), "clip cases")

@@ -437,7 +437,7 @@ impl ChatModel {
     fn image_batcher(&self) -> Result<ImageBatcher> {
         if !self.takes_images() {
             bail!(
-                "This model does not support image input (model {}, template `{}`); images need a vision-language model such as Qwen2-VL with its template",
+                "This model does not support image input (model {}, template `{}`); images need a vision-language model such as Qwen2-VL or LLaVA with its template",
                 self.name,
                 self.template.name
             );
@@ -475,15 +475,19 @@ impl ChatModel {
             );
         }
         let vision = batcher.pixels(images.iter().cloned().map(Ok))?;
-        let m = batcher.media.processor.merge_size;
         let tokens: Vec<usize> = vision
             .grids
             .iter()
-            .map(|g| g.iter().product::<usize>() / (m * m))
+            .map(|g| batcher.media.tokens_for(*g))
             .collect();
         let mut next = 0;
         for msg in &mut messages {
-            msg.content = crate::data::media::fill_placeholders(&msg.content, &tokens, &mut next);
+            msg.content = crate::data::media::fill_placeholders(
+                self.template.mm,
+                &msg.content,
+                &tokens,
+                &mut next,
+            );
         }
         Ok((messages, vision))
     }

@@ -1,5 +1,5 @@
-//! The Qwen2-VL image path equals LLaMA-Factory's regularization and transformers'
-//! `Qwen2VLImageProcessor` (`scripts/make_vision_fixtures.py`): Pillow's bicubic resize to the
+//! The Qwen2-VL and LLaVA image paths equal LLaMA-Factory's regularization and transformers'
+//! `Qwen2VLImageProcessor` / `CLIPImageProcessor` (`scripts/make_vision_fixtures.py`): Pillow's bicubic resize to the
 //! bit, JPEG decoding to the bit, pixel values within 1e-5, grids and image token counts.
 
 use std::path::PathBuf;
@@ -128,4 +128,52 @@ fn qwen2_vl_pixel_values_equal_the_hugging_face_processor() {
         }
     }
     assert_eq!(full, 2, "two cases carry every value");
+}
+
+/// LLaVA-1.5's path: LLaMA-Factory's base regularization and transformers' Pillow
+/// `CLIPImageProcessor` (shortest side 336, center crop) on the mllm_demo photos and a small PNG,
+/// compared per 14×14 patch (sum and sum of squares, within 1e-5 per value).
+#[test]
+fn llava_pixel_values_equal_the_clip_processor() {
+    use trainer::vision::clip;
+    let e: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("clip.json")).unwrap())
+            .unwrap();
+    let processor = clip::ClipProcessor::default();
+    for case in e["cases"].as_array().unwrap() {
+        let name = case["image"].as_str().unwrap();
+        let Some(img) = image(name, "llava_pixel_values") else {
+            return;
+        };
+        let max = case["image_max_pixels"].as_u64().unwrap() as usize;
+        let min = case["image_min_pixels"].as_u64().unwrap() as usize;
+        let img = clip::regularize(img, max, min);
+        assert_eq!(
+            [img.width as u64, img.height as u64],
+            [
+                case["regularized"][0].as_u64().unwrap(),
+                case["regularized"][1].as_u64().unwrap()
+            ],
+            "{name}: regularized size"
+        );
+        let p = processor.preprocess(&img).unwrap();
+        assert_eq!(p.grid, [1, 24, 24]);
+        let row = 3 * 14 * 14;
+        // 1e-5 per value: a sum moves by at most 588·1e-5, a sum of squares (|x| ≤ 2.2) by
+        // 588·4.4e-5.
+        for (key, f, tol) in [
+            ("patch_sums", (|x: f64| x) as fn(f64) -> f64, row as f64 * 1e-5),
+            ("patch_sq_sums", |x: f64| x * x, row as f64 * 4.4e-5),
+        ] {
+            let want = case[key].as_array().unwrap();
+            for (i, chunk) in p.pixel_values.chunks(row).enumerate() {
+                let ours: f64 = chunk.iter().map(|&v| f(f64::from(v))).sum();
+                let theirs = want[i].as_f64().unwrap();
+                assert!(
+                    (ours - theirs).abs() <= tol,
+                    "{name} ({max}/{min}) {key} patch {i}: {ours} vs {theirs}"
+                );
+            }
+        }
+    }
 }

@@ -74,14 +74,13 @@ pub fn run(a: PreviewArgs) -> Result<ExitCode> {
                 if let Some(m) = &media {
                     for path in &f.images {
                         let grid = m.image_grid(path).map_err(anyhow::Error::msg)?;
-                        let merge = m.processor.merge_size * m.processor.merge_size;
                         writeln!(
                             out,
                             "── image {path}: grid {}×{}×{} patches → {} image tokens",
                             grid[0],
                             grid[1],
                             grid[2],
-                            grid.iter().product::<usize>() / merge
+                            m.tokens_for(grid)
                         )?;
                     }
                 }
@@ -89,6 +88,11 @@ pub fn run(a: PreviewArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `text` with runs of image tokens (Qwen2-VL's `<|image_pad|>`, LLaVA's `<image>`) collapsed.
+fn collapse_images(text: &str) -> String {
+    collapse_runs(&collapse_runs(text, "<|image_pad|>"), "<image>")
 }
 
 /// `text` with each run of `token` written once with its count (`<|image_pad|>×66`).
@@ -115,7 +119,7 @@ fn collapse_runs(text: &str, token: &str) -> String {
 /// Decoded text with trained spans between ⟦ and ⟧, so people see what the loss covers.
 fn marked(tok: &HfTokenizer, ids: &[u32], labels: Option<&[i64]>) -> String {
     let Some(labels) = labels else {
-        return collapse_runs(&tok.decode(ids, false), "<|image_pad|>");
+        return collapse_images(&tok.decode(ids, false));
     };
     let mut out = String::new();
     let mut start = 0;
@@ -125,7 +129,7 @@ fn marked(tok: &HfTokenizer, ids: &[u32], labels: Option<&[i64]>) -> String {
         while end < ids.len() && labels.get(end).is_some_and(|&l| l != IGNORE_INDEX) == trained {
             end += 1;
         }
-        let text = collapse_runs(&tok.decode(&ids[start..end], false), "<|image_pad|>");
+        let text = collapse_images(&tok.decode(&ids[start..end], false));
         if trained {
             out += &format!("⟦{text}⟧");
         } else {

@@ -1,9 +1,10 @@
 //! Images in the data (LLaMA-Factory's multimodal plugin, `process_messages`): each `<image>`
-//! placeholder of a record expanded into the tokens its image becomes, which depend on the image's
-//! size (Qwen2-VL: one `<|image_pad|>` per merged 2×2 patch window after LLaMA-Factory's
-//! regularization and the processor's `smart_resize`). A template without image support refuses
-//! a dataset with images; a record whose placeholders and images do not match, or whose image
-//! cannot be read, is skipped with a warning that names it.
+//! placeholder of a record expanded into the tokens its image becomes — Qwen2-VL: one
+//! `<|image_pad|>` per merged 2×2 patch window after LLaMA-Factory's regularization and the
+//! processor's `smart_resize`, between `<|vision_start|>` and `<|vision_end|>`; LLaVA: a fixed
+//! run of `<image>` tokens (576 for LLaVA-1.5), whatever the image's size. A template without
+//! image support refuses a dataset with images; a record whose placeholders and images do not
+//! match, or whose image cannot be read, is skipped with a warning that names it.
 
 use std::path::Path;
 
@@ -12,40 +13,81 @@ use anyhow::{bail, Result};
 use super::converter::Example;
 use super::template::{MmPlugin, Template};
 use super::Skipped;
-use crate::model::vision::{mrope_positions, VisionConfig};
+use crate::model::vision::{mrope_positions, VisionConfig, VisionKind};
 use crate::model::VisionBatch;
-use crate::vision::qwen2_vl::{regularize, regularized_size, ImagePatches, Qwen2VlProcessor};
-use crate::vision::{decode, RgbImage};
+use crate::vision::clip::ClipProcessor;
+use crate::vision::qwen2_vl::{ImagePatches, Qwen2VlProcessor};
+use crate::vision::{clip, decode, qwen2_vl, RgbImage};
 
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
 pub const VIDEO_PLACEHOLDER: &str = "<video>";
 pub const AUDIO_PLACEHOLDER: &str = "<audio>";
 
+/// A vision-language model's image processor.
+#[derive(Debug, Clone)]
+pub enum ImageProcessor {
+    /// Qwen2-VL / Qwen2.5-VL: images of any size, M-RoPE positions.
+    Qwen2Vl(Qwen2VlProcessor),
+    /// LLaVA's CLIP processor; every image becomes `tokens` image tokens.
+    Clip {
+        processor: ClipProcessor,
+        tokens: usize,
+    },
+}
+
 /// What expanding images needs: the model's image processor and the regularization budget.
 #[derive(Debug, Clone)]
 pub struct MediaContext {
-    pub processor: Qwen2VlProcessor,
+    pub processor: ImageProcessor,
     pub image_max_pixels: usize,
     pub image_min_pixels: usize,
 }
 
 impl MediaContext {
-    /// The image processor of the model folder `dir` (`preprocessor_config.json`) with the run's
-    /// regularization budget.
+    /// The image processor of the model folder `dir` (`preprocessor_config.json`, and the
+    /// vision config in `config.json`) with the run's regularization budget.
     pub fn load(dir: &Path, args: &protocol::TrainArgs) -> Result<Self> {
-        Self::new(dir, args.image_max_pixels, args.image_min_pixels)
+        let cfg = crate::model::config::ModelConfig::load(dir)?;
+        Self::new(
+            dir,
+            cfg.vision.as_ref(),
+            args.image_max_pixels,
+            args.image_min_pixels,
+        )
     }
 
-    /// [`MediaContext::load`] with the budget given.
-    pub fn new(dir: &Path, image_max_pixels: usize, image_min_pixels: usize) -> Result<Self> {
+    /// The processor for the vision tower `vision` (Qwen2-VL's when not known) from `dir`,
+    /// with the budget given.
+    pub fn new(
+        dir: &Path,
+        vision: Option<&VisionConfig>,
+        image_max_pixels: usize,
+        image_min_pixels: usize,
+    ) -> Result<Self> {
         if !dir.join("preprocessor_config.json").exists() {
             bail!(
                 "Image processor was not found: {} has no preprocessor_config.json (a vision-language model's folder has one)",
                 dir.display()
             );
         }
+        let processor = match vision {
+            Some(v) if v.kind == VisionKind::Llava => {
+                let processor = ClipProcessor::load(dir, v.patch_size)?;
+                let tokens = v.fixed_image_tokens().unwrap_or(0);
+                let (ch, cw) = processor.crop.unwrap_or((0, 0));
+                let image = v.clip.as_ref().map_or(0, |c| c.image_size);
+                if (ch, cw) != (image, image) {
+                    bail!(
+                        "{}: the processor's images are {cw}×{ch} (`crop_size`) but the vision tower reads {image}×{image} (`vision_config.image_size`)",
+                        dir.join("preprocessor_config.json").display()
+                    );
+                }
+                ImageProcessor::Clip { processor, tokens }
+            }
+            _ => ImageProcessor::Qwen2Vl(Qwen2VlProcessor::load(dir)?),
+        };
         Ok(Self {
-            processor: Qwen2VlProcessor::load(dir)?,
+            processor,
             image_max_pixels,
             image_min_pixels,
         })
@@ -53,46 +95,81 @@ impl MediaContext {
 
     /// An image as the model reads it: LLaMA-Factory's regularization, then the processor.
     pub fn process(&self, img: RgbImage) -> Result<ImagePatches> {
-        let img = regularize(img, self.image_max_pixels, self.image_min_pixels);
-        self.processor.preprocess(&img)
+        let (max, min) = (self.image_max_pixels, self.image_min_pixels);
+        match &self.processor {
+            ImageProcessor::Qwen2Vl(p) => p.preprocess(&qwen2_vl::regularize(img, max, min)),
+            ImageProcessor::Clip { processor, .. } => {
+                processor.preprocess(&clip::regularize(img, max, min))
+            }
+        }
+    }
+
+    /// The number of image tokens an image of patch grid `grid` becomes.
+    pub fn tokens_for(&self, grid: [usize; 3]) -> usize {
+        match &self.processor {
+            ImageProcessor::Qwen2Vl(p) => grid.iter().product::<usize>() / (p.merge_size.pow(2)),
+            ImageProcessor::Clip { tokens, .. } => *tokens,
+        }
     }
 
     /// The number of image tokens the image at `path` becomes.
     pub fn image_tokens(&self, path: &str) -> Result<usize, String> {
-        let m = self.processor.merge_size;
-        Ok(self.image_grid(path)?.iter().product::<usize>() / (m * m))
+        Ok(self.tokens_for(self.image_grid(path)?))
     }
 
-    /// The patch grid `(t, h, w)` of the image at `path` after regularization and
-    /// `smart_resize`, read from the image's header.
+    /// The patch grid `(t, h, w)` of the image at `path` as the tower reads it (Qwen2-VL: after
+    /// regularization and `smart_resize`), read from the image's header.
     pub fn image_grid(&self, path: &str) -> Result<[usize; 3], String> {
         let (w, h) =
             image::image_dimensions(path).map_err(|e| format!("cannot read image {path}: {e}"))?;
-        let (w, h) = regularized_size(
-            w as usize,
-            h as usize,
-            self.image_max_pixels,
-            self.image_min_pixels,
-        );
-        let (rh, rw) = self
-            .processor
-            .smart_resize(h, w)
-            .map_err(|e| format!("image {path}: {e}"))?;
-        let p = self.processor.patch_size;
-        Ok([1, rh / p, rw / p])
+        let (max, min) = (self.image_max_pixels, self.image_min_pixels);
+        match &self.processor {
+            ImageProcessor::Qwen2Vl(p) => {
+                let (w, h) = qwen2_vl::regularized_size(w as usize, h as usize, max, min);
+                let (rh, rw) = p
+                    .smart_resize(h, w)
+                    .map_err(|e| format!("image {path}: {e}"))?;
+                Ok([1, rh / p.patch_size, rw / p.patch_size])
+            }
+            ImageProcessor::Clip { processor: p, .. } => {
+                let (w, h) = clip::regularized_size(w as usize, h as usize, max, min);
+                let (oh, ow) = p.output_size(h, w);
+                Ok([1, oh / p.patch_size, ow / p.patch_size])
+            }
+        }
+    }
+
+    /// Qwen2-VL's merge size, when the model places images with M-RoPE.
+    fn mrope_merge(&self) -> Option<usize> {
+        match &self.processor {
+            ImageProcessor::Qwen2Vl(p) => Some(p.merge_size),
+            ImageProcessor::Clip { .. } => None,
+        }
     }
 }
 
-/// `text` with each `<image>` replaced by Qwen2-VL's tokens for the next image (`tokens[next]`
-/// image pads between vision start and end).
-pub fn fill_placeholders(text: &str, tokens: &[usize], next: &mut usize) -> String {
+/// `text` with each `<image>` replaced by the template's tokens for the next image
+/// (`tokens[next]` of them): Qwen2-VL's image pads between vision start and end, LLaVA's
+/// `<image>` tokens.
+pub fn fill_placeholders(
+    plugin: MmPlugin,
+    text: &str,
+    tokens: &[usize],
+    next: &mut usize,
+) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find(IMAGE_PLACEHOLDER) {
         out.push_str(&rest[..i]);
-        out.push_str("<|vision_start|>");
-        out.push_str(&"<|image_pad|>".repeat(tokens.get(*next).copied().unwrap_or(0)));
-        out.push_str("<|vision_end|>");
+        let n = tokens.get(*next).copied().unwrap_or(0);
+        match plugin {
+            MmPlugin::Llava => out.push_str(&IMAGE_PLACEHOLDER.repeat(n)),
+            MmPlugin::Qwen2Vl | MmPlugin::Base => {
+                out.push_str("<|vision_start|>");
+                out.push_str(&"<|image_pad|>".repeat(n));
+                out.push_str("<|vision_end|>");
+            }
+        }
         *next += 1;
         rest = &rest[i + IMAGE_PLACEHOLDER.len()..];
     }
@@ -121,7 +198,7 @@ impl ImageBatcher {
             bail!("the data has images but the model has no vision tower (a text-only model)");
         };
         Ok(Self {
-            media: MediaContext::new(dir, image_max_pixels, image_min_pixels)?,
+            media: MediaContext::new(dir, Some(v), image_max_pixels, image_min_pixels)?,
             image_token_id: v.image_token_id,
         })
     }
@@ -145,19 +222,17 @@ impl ImageBatcher {
     }
 
     /// `v` with the M-RoPE positions of `ids` continued over `len` tokens (padding continues the
-    /// count).
+    /// count); a model without M-RoPE (LLaVA) takes plain positions and `v` as it is.
     pub fn with_positions(
         &self,
         mut v: VisionBatch,
         ids: &[u32],
         len: usize,
     ) -> Result<VisionBatch> {
-        let mut pos = mrope_positions(
-            ids,
-            &v.grids,
-            self.image_token_id,
-            self.media.processor.merge_size,
-        )?;
+        let Some(merge) = self.media.mrope_merge() else {
+            return Ok(v);
+        };
+        let mut pos = mrope_positions(ids, &v.grids, self.image_token_id, merge)?;
         let mut next = pos
             .iter()
             .map(|p| p[0].max(p[1]).max(p[2]) + 1)
@@ -229,7 +304,7 @@ pub fn expand(
     let mut kept = Vec::with_capacity(examples.len());
     let mut skipped = Vec::new();
     for mut ex in examples {
-        match expand_one(&mut ex, ctx) {
+        match expand_one(&mut ex, tpl.mm, ctx) {
             Ok(()) => kept.push(ex),
             Err(reason) => skipped.push(Skipped {
                 file: ex.file.to_string(),
@@ -241,9 +316,9 @@ pub fn expand(
     Ok((kept, skipped))
 }
 
-/// LLaMA-Factory's `Qwen2VLPlugin.process_messages` on the prompt followed by each response (as
-/// its processors call it on `prompt + response`, once per answer of a pair).
-fn expand_one(ex: &mut Example, ctx: &MediaContext) -> Result<(), String> {
+/// LLaMA-Factory's `process_messages` of the template's plugin on the prompt followed by each
+/// response (as its processors call it on `prompt + response`, once per answer of a pair).
+fn expand_one(ex: &mut Example, plugin: MmPlugin, ctx: &MediaContext) -> Result<(), String> {
     if !ex.videos.is_empty() || !ex.audios.is_empty() {
         return Err("videos and audios are not supported yet".into());
     }
@@ -263,7 +338,7 @@ fn expand_one(ex: &mut Example, ctx: &MediaContext) -> Result<(), String> {
         .iter()
         .map(|p| ctx.image_tokens(p))
         .collect::<Result<_, _>>()?;
-    let fill = |text: &str, next: &mut usize| fill_placeholders(text, &tokens, next);
+    let fill = |text: &str, next: &mut usize| fill_placeholders(plugin, text, &tokens, next);
     let mut next = 0;
     for m in &mut ex.prompt {
         m.content = fill(&m.content, &mut next);
@@ -300,7 +375,7 @@ mod tests {
 
     fn ctx() -> MediaContext {
         MediaContext {
-            processor: Qwen2VlProcessor::default(),
+            processor: ImageProcessor::Qwen2Vl(Qwen2VlProcessor::default()),
             image_max_pixels: 768 * 768,
             image_min_pixels: 32 * 32,
         }

@@ -98,7 +98,7 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     let (dtype, dtype_name) = export_dtype(args, &chat.model.cfg.torch_dtype)?;
     let tensors: BTreeMap<String, Tensor> = chat
         .model
-        .params()
+        .checkpoint_params()
         .into_iter()
         .map(|(k, p)| Ok((k, p.tensor.to_dtype(dtype)?)))
         .collect::<Result<_>>()?;

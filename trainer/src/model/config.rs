@@ -26,6 +26,7 @@ pub const SUPPORTED: &[&str] = &[
     "qwen3_moe",
     "qwen2_vl",
     "qwen2_5_vl",
+    "llava",
 ];
 
 /// How a mixture-of-experts checkpoint names its MLP weights.
@@ -185,10 +186,12 @@ pub struct ModelConfig {
     pub norms: NormLayout,
     /// Mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE).
     pub moe: Option<MoeConfig>,
-    /// The vision tower of a vision-language model (Qwen2-VL).
+    /// The vision tower of a vision-language model (Qwen2-VL, Qwen2.5-VL, LLaVA).
     pub vision: Option<super::vision::VisionConfig>,
     /// M-RoPE: the rotary half-dimensions turned by the time, height and width positions.
     pub mrope_section: Option<[usize; 3]>,
+    /// How the checkpoint names the tensors (LLaVA nests its language model).
+    pub layout: super::weights::CheckpointLayout,
     pub raw: serde_json::Map<String, Value>,
 }
 
@@ -283,6 +286,16 @@ impl ModelConfig {
                 Some(vision),
                 "qwen2".to_string(),
             )
+        } else if model_type == "llava" {
+            let vision = super::vision::VisionConfig::from_json(&v, &model_type, file)?;
+            let (v, text_type) = super::vision::llava_text_config(v, file)?;
+            if !SUPPORTED[..SUPPORTED.len() - 3].contains(&text_type.as_str()) {
+                bail!(
+                    "{}: LLaVA with a `{text_type}` language model is not supported (llama, mistral, qwen2 … are)",
+                    file.display()
+                );
+            }
+            (v, Some(vision), text_type)
         } else {
             let t = model_type.clone();
             (v, None, t)
@@ -469,6 +482,11 @@ impl ModelConfig {
             gemma,
             rotary_dim,
             moe: moe_config(&v, &text_type, layers, file)?,
+            layout: if model_type == "llava" {
+                super::weights::CheckpointLayout::Llava
+            } else {
+                super::weights::CheckpointLayout::Plain
+            },
             vision,
             mrope_section,
             fused_qkv: match family {

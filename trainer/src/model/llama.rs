@@ -31,8 +31,8 @@ pub struct Model {
     /// Tensors of the files that the architecture does not read: kept to be saved again,
     /// never trained.
     pub extra: BTreeMap<String, Param>,
-    /// A vision-language model's vision tower and merger (`visual.*`).
-    pub vision: Option<super::vision::qwen2_vl::VisionTower>,
+    /// A vision-language model's vision tower and projector.
+    pub vision: Option<super::vision::VisionTower>,
     /// Gradient checkpointing: training passes keep only each decoder layer's input and
     /// recompute the layer during backward (`gradient_checkpointing: true`).
     pub checkpointing: bool,
@@ -77,7 +77,8 @@ impl Model {
             let mut src = super::gguf::GgufSource::open(&file, dtype, device)?;
             return Self::from_source(cfg, &mut src, dtype, device);
         }
-        let mut src = FileSource::open(dir, dtype, device, quant)?;
+        let layout = cfg.layout;
+        let mut src = FileSource::open(dir, dtype, device, quant, layout)?;
         Self::from_source(cfg, &mut src, dtype, device)
     }
 
@@ -122,7 +123,7 @@ impl Model {
         let vision = cfg
             .vision
             .as_ref()
-            .map(|v| super::vision::qwen2_vl::VisionTower::new(v, src))
+            .map(|v| super::vision::VisionTower::new(v, src))
             .transpose()?;
         let lm_head = if cfg.tie_word_embeddings {
             None
@@ -176,6 +177,14 @@ impl Model {
         out.extend(self.extra.iter().map(|(k, p)| (k.clone(), p)));
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// [`Model::params`] under the names a saved checkpoint gives them (its layout's).
+    pub fn checkpoint_params(&self) -> Vec<(String, &Param)> {
+        self.params()
+            .into_iter()
+            .map(|(k, p)| (self.cfg.layout.file(&k), p))
+            .collect()
     }
 
     /// [`Model::params`], to change them (sorted by name).
@@ -460,8 +469,8 @@ impl Model {
                 "the batch has images but the model has no vision tower (a text-only model)"
             );
         };
-        let image = tower.cfg.image_token_id;
-        let patch_dim = tower.cfg.patch_dim();
+        let image = tower.cfg().image_token_id;
+        let patch_dim = tower.cfg().patch_dim();
         let pixels = Tensor::from_slice(
             &v.pixel_values,
             (v.pixel_values.len() / patch_dim, patch_dim),

@@ -143,6 +143,67 @@ impl OpenFiles {
     }
 }
 
+/// How a checkpoint names the tensors the model calls `model.*` / `lm_head.*` (its language
+/// model) and `vision_tower.*` (LLaVA's CLIP tower).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CheckpointLayout {
+    /// Names as the model calls them.
+    #[default]
+    Plain,
+    /// LLaVA: `language_model.model.*`, `language_model.lm_head.*`,
+    /// `vision_tower.vision_model.*`, `multi_modal_projector.*` (the Hub's llava-hf files);
+    /// transformers 4.52+'s `model.language_model.*`, `model.vision_tower.*`, `lm_head.*` and
+    /// transformers 5's `vision_tower.*` without `vision_model.` are read too.
+    Llava,
+}
+
+impl CheckpointLayout {
+    /// The model's name for the checkpoint tensor `file`.
+    pub fn internal(self, file: &str) -> String {
+        match self {
+            Self::Plain => file.to_string(),
+            Self::Llava => {
+                let mut n = file;
+                for inner in ["language_model.", "vision_tower.", "multi_modal_projector."] {
+                    if let Some(rest) = n.strip_prefix("model.") {
+                        if rest.starts_with(inner) {
+                            n = rest;
+                        }
+                    }
+                }
+                if let Some(rest) = n.strip_prefix("language_model.") {
+                    if rest.starts_with("model.") || rest.starts_with("lm_head.") {
+                        rest.to_string()
+                    } else {
+                        format!("model.{rest}")
+                    }
+                } else if let Some(rest) = n.strip_prefix("vision_tower.vision_model.") {
+                    format!("vision_tower.{rest}")
+                } else {
+                    n.to_string()
+                }
+            }
+        }
+    }
+
+    /// The name a checkpoint written by us gives the model's tensor `internal` (the Hub's
+    /// layout, which transformers 4 and 5 both read).
+    pub fn file(self, internal: &str) -> String {
+        match self {
+            Self::Plain => internal.to_string(),
+            Self::Llava => {
+                if internal.starts_with("model.") || internal.starts_with("lm_head.") {
+                    format!("language_model.{internal}")
+                } else if let Some(rest) = internal.strip_prefix("vision_tower.") {
+                    format!("vision_tower.vision_model.{rest}")
+                } else {
+                    internal.to_string()
+                }
+            }
+        }
+    }
+}
+
 /// Where a model's tensors come from while it is built: each weight taken once by name.
 pub(crate) trait WeightSource {
     /// The tensor called `name`, in the model's dtype; an error names a missing one.
@@ -204,7 +265,8 @@ impl WeightSource for MapSource {
 /// taken, so loading never holds more than the model plus one tensor.
 pub(crate) struct FileSource {
     files: OpenFiles,
-    left: std::collections::BTreeSet<String>,
+    /// The tensors not yet taken: the model's name → the file's.
+    left: std::collections::BTreeMap<String, String>,
     dtype: DType,
     device: Device,
     quant: Option<QuantFormat>,
@@ -216,9 +278,13 @@ impl FileSource {
         dtype: DType,
         device: &Device,
         quant: Option<QuantFormat>,
+        layout: CheckpointLayout,
     ) -> Result<Self> {
         let (files, names) = OpenFiles::open(dir)?;
-        let left = names.into_iter().collect();
+        let left = names
+            .into_iter()
+            .map(|n| (layout.internal(&n), n))
+            .collect();
         Ok(Self {
             files,
             left,
@@ -229,10 +295,8 @@ impl FileSource {
     }
 
     fn read(&mut self, name: &str) -> Result<Tensor> {
-        if !self.left.remove(name) {
-            return Err(missing(name));
-        }
-        self.files.load(name, &self.device)
+        let file = self.left.remove(name).ok_or_else(|| missing(name))?;
+        self.files.load(&file, &self.device)
     }
 }
 
@@ -257,13 +321,60 @@ impl WeightSource for FileSource {
     }
 
     fn rest(&mut self) -> Result<Vec<(String, Tensor)>> {
-        let names: Vec<String> = std::mem::take(&mut self.left).into_iter().collect();
-        names
+        std::mem::take(&mut self.left)
             .into_iter()
-            .map(|n| {
-                let t = self.files.load(&n, &self.device)?;
+            .map(|(n, file)| {
+                let t = self.files.load(&file, &self.device)?;
                 Ok((n, t.to_dtype(self.dtype)?))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CheckpointLayout::Llava;
+
+    #[test]
+    fn llava_names_read_from_every_layout_and_write_the_hubs() {
+        for (file, internal) in [
+            (
+                "language_model.model.layers.0.mlp.up_proj.weight",
+                "model.layers.0.mlp.up_proj.weight",
+            ),
+            (
+                "model.language_model.layers.0.mlp.up_proj.weight",
+                "model.layers.0.mlp.up_proj.weight",
+            ),
+            ("language_model.lm_head.weight", "lm_head.weight"),
+            ("lm_head.weight", "lm_head.weight"),
+            (
+                "vision_tower.vision_model.pre_layrnorm.bias",
+                "vision_tower.pre_layrnorm.bias",
+            ),
+            (
+                "model.vision_tower.vision_model.pre_layrnorm.bias",
+                "vision_tower.pre_layrnorm.bias",
+            ),
+            (
+                "vision_tower.pre_layrnorm.bias",
+                "vision_tower.pre_layrnorm.bias",
+            ),
+            (
+                "model.multi_modal_projector.linear_1.bias",
+                "multi_modal_projector.linear_1.bias",
+            ),
+        ] {
+            assert_eq!(Llava.internal(file), internal, "{file}");
+        }
+        assert_eq!(
+            Llava.file("model.norm.weight"),
+            "language_model.model.norm.weight"
+        );
+        assert_eq!(Llava.file("lm_head.weight"), "language_model.lm_head.weight");
+        assert_eq!(
+            Llava.file("vision_tower.embeddings.class_embedding"),
+            "vision_tower.vision_model.embeddings.class_embedding"
+        );
     }
 }

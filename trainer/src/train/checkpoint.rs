@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::optim::AdamW;
 use crate::files::{write_json, write_safetensors, write_sharded};
+use crate::model::weights::CheckpointLayout;
 use crate::model::adapter::{LoraSpec, PEFT_PREFIX};
 use crate::model::value_head::ValueHead;
 use crate::model::Model;
@@ -50,7 +51,7 @@ pub fn save_model(
             max_shard_bytes,
         } => {
             let tensors: BTreeMap<String, Tensor> = model
-                .params()
+                .checkpoint_params()
                 .into_iter()
                 .map(|(k, p)| Ok((k, p.t().detach().to_dtype(DType::F32)?)))
                 .collect::<Result<_>>()?;
@@ -83,6 +84,7 @@ pub(crate) fn restore(
     opt: &mut AdamW,
     adapter: bool,
     value_head: bool,
+    layout: CheckpointLayout,
     dtype: DType,
     device: &Device,
 ) -> Result<Restored> {
@@ -109,8 +111,10 @@ pub(crate) fn restore(
     for p in &opt.params {
         let key = if adapter && !p.name.starts_with(PEFT_PREFIX) && !p.name.starts_with("v_head.") {
             format!("{PEFT_PREFIX}{}", p.name)
-        } else {
+        } else if adapter {
             p.name.clone()
+        } else {
+            layout.file(&p.name)
         };
         let t = tensors
             .get(&key)

@@ -140,6 +140,7 @@ impl<'a> Session<'a> {
                 &mut opt,
                 lora.is_some(),
                 objective.value_head().is_some(),
+                model.cfg.layout,
                 model.dtype,
                 &model.device,
             )?),

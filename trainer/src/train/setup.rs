@@ -18,6 +18,7 @@ use crate::data::pipeline::{get_dataset, load_tokenizer_and_template};
 use crate::model::adapter::LoraSpec;
 use crate::model::quant::QuantFormat;
 use crate::model::value_head::{ValueHead, VALUE_HEAD_FILE};
+use crate::model::vision::VisionPart;
 use crate::model::Model;
 use crate::tokenizer::HfTokenizer;
 
@@ -375,13 +376,12 @@ fn apply_vision_freezing(
         bail!("`freeze_language_model` / `train_mm_proj_only` with LoRA would train nothing of the language model; use `finetuning_type: full` to train the projector alone");
     }
     let dtype = model.trainable_dtype();
+    let kind = model.vision.as_ref().map(|v| v.cfg().kind);
     for (name, p) in model.params_mut() {
-        let wanted = if name.starts_with("visual.merger.") {
-            train_projector
-        } else if name.starts_with("visual.") {
-            train_tower && !lora
-        } else {
-            !freeze_lm && p.var.is_some()
+        let wanted = match kind.and_then(|k| k.part(&name)) {
+            Some(VisionPart::Projector) => train_projector,
+            Some(VisionPart::Tower) => train_tower && !lora,
+            None => !freeze_lm && p.var.is_some(),
         };
         match (wanted, p.var.is_some()) {
             (true, false) => {
@@ -506,13 +506,18 @@ mod tests {
         let mut m = fixture(name);
         let lora = apply_method(&mut m, args)?.is_some();
         apply_vision_freezing(&mut m, args, lora, &mut Lines::default())?;
-        let names: Vec<String> = m.trainable().into_iter().map(|(n, _)| n).collect();
-        let tower = names
-            .iter()
-            .any(|n| n.contains("visual.") && !n.contains("visual.merger."));
-        let merger = names.iter().any(|n| n.contains("visual.merger."));
-        let lm = names.iter().any(|n| !n.contains("visual."));
-        Ok((tower, merger, lm))
+        let kind = m.vision.as_ref().unwrap().cfg().kind;
+        let parts: Vec<Option<VisionPart>> = m
+            .trainable()
+            .into_iter()
+            .map(|(n, _)| kind.part(&n))
+            .collect();
+        let has = |p: Option<VisionPart>| parts.contains(&p);
+        Ok((
+            has(Some(VisionPart::Tower)),
+            has(Some(VisionPart::Projector)),
+            has(None),
+        ))
     }
 
     #[test]

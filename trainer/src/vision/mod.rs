@@ -1,7 +1,8 @@
 //! Images for vision-language models: decoding as Pillow does ([`decode`]), Pillow's bicubic
-//! resampling ([`resample`]), and each model family's processor ([`qwen2_vl`]), so that pixel
+//! resampling ([`resample`]), and each model family's processor ([`qwen2_vl`], [`clip`] for LLaVA), so that pixel
 //! values equal the Hugging Face processor's.
 
+pub mod clip;
 pub mod decode;
 pub mod qwen2_vl;
 pub mod resample;

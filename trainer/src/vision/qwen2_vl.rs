@@ -184,17 +184,9 @@ fn regularize_steps(
     max_pixels: usize,
     min_pixels: usize,
 ) -> Vec<(usize, usize)> {
-    let mut steps = Vec::new();
-    let area = |w: usize, h: usize| (w * h) as f64;
-    if area(w, h) > max_pixels as f64 {
-        let f = (max_pixels as f64 / area(w, h)).sqrt();
-        (w, h) = ((w as f64 * f) as usize, (h as f64 * f) as usize);
-        steps.push((w, h));
-    }
-    if area(w, h) < min_pixels as f64 {
-        let f = (min_pixels as f64 / area(w, h)).sqrt();
-        (w, h) = ((w as f64 * f) as usize, (h as f64 * f) as usize);
-        steps.push((w, h));
+    let mut steps = super::clip::regularize_steps(w, h, max_pixels, min_pixels);
+    if let Some(&last) = steps.last() {
+        (w, h) = last;
     }
     if w.min(h) < 28 {
         (w, h) = (w.max(28), h.max(28));

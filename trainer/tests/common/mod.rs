@@ -64,16 +64,24 @@ pub fn vision_batch(name: &str) -> Batch {
         &std::fs::read_to_string(root.join("models").join(name).join("expected.json")).unwrap(),
     )
     .unwrap();
+    let llava = name == "llava";
     let processor = qwen2_vl::Qwen2VlProcessor::default();
+    let clip = trainer::vision::clip::ClipProcessor::load(&root.join("models").join(name), 14);
     let (mut pixel_values, mut grids) = (Vec::new(), Vec::new());
     for name in e["images"].as_array().unwrap() {
         let img = decode::load(&root.join("vision").join(name.as_str().unwrap())).unwrap();
-        let img = qwen2_vl::regularize(
-            img,
+        let (max, min) = (
             e["image_max_pixels"].as_u64().unwrap() as usize,
             e["image_min_pixels"].as_u64().unwrap() as usize,
         );
-        let p = processor.preprocess(&img).unwrap();
+        let p = if llava {
+            let img = trainer::vision::clip::regularize(img, max, min);
+            clip.as_ref().unwrap().preprocess(&img).unwrap()
+        } else {
+            processor
+                .preprocess(&qwen2_vl::regularize(img, max, min))
+                .unwrap()
+        };
         pixel_values.extend(p.pixel_values);
         grids.push(p.grid);
     }
@@ -86,7 +94,11 @@ pub fn vision_batch(name: &str) -> Batch {
     let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
     let mut b = Batch::pad(&[(&ids, &labels, None)], 0);
     b.vision = Some(trainer::model::VisionBatch {
-        mrope_positions: trainer::model::vision::mrope_positions(&ids, &grids, 150, 2).unwrap(),
+        mrope_positions: if llava {
+            Vec::new()
+        } else {
+            trainer::model::vision::mrope_positions(&ids, &grids, 150, 2).unwrap()
+        },
         pixel_values,
         grids,
     });

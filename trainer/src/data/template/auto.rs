@@ -50,6 +50,7 @@ fn known_family(
         "baichuan" => ("baichuan2", "Baichuan 2 models"),
         "qwen2_vl" => ("qwen2_vl", "Qwen2-VL models"),
         "qwen2_5_vl" => ("qwen2_vl", "Qwen2.5-VL models"),
+        "llava" => ("llava", "LLaVA-1.5 models"),
         "llama" if name.starts_with("yi-") || name.contains("--yi-") => ("yi", "Yi models"),
         "llama" if name.contains("llama-3") || name.contains("llama3") => {
             ("llama3", "Llama 3 models")

@@ -107,6 +107,8 @@ pub enum MmPlugin {
     /// Qwen2-VL: each `<image>` becomes `<|vision_start|>`, one `<|image_pad|>` per merged
     /// 2×2 patch window, `<|vision_end|>`.
     Qwen2Vl,
+    /// LLaVA: each `<image>` becomes the tower's fixed number of `<image>` tokens.
+    Llava,
 }
 
 impl Template {

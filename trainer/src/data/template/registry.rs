@@ -17,6 +17,7 @@ pub const TEMPLATE_NAMES: &[&str] = &[
     "glm4",
     "llama2",
     "llama3",
+    "llava",
     "mistral",
     "phi",
     "phi4",
@@ -197,6 +198,12 @@ pub fn get_template(name: &str) -> Result<Template> {
             tpl = qwen_family(name);
             tpl.default_system = "You are a helpful assistant.".into();
             tpl.mm = MmPlugin::Qwen2Vl;
+        }
+        "llava" => {
+            // LLaMA-Factory's (copied from vicuna): no BOS, the answer closed by EOS.
+            tpl.format_user = vec![t("USER: {{content}} ASSISTANT:")];
+            tpl.default_system = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.".into();
+            tpl.mm = MmPlugin::Llava;
         }
         "empty" => {
             tpl.format_assistant = vec![t("{{content}}")];

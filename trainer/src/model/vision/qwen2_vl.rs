@@ -17,14 +17,15 @@ use super::{VisionConfig, VisionKind};
 use crate::model::layers::{f32_if_half, Param, Weights};
 use crate::model::weights::WeightSource;
 
+/// A linear map with an optional bias, its weight `(out, in)`.
 #[derive(Clone)]
-struct Dense {
-    w: Param,
-    b: Option<Param>,
+pub(super) struct Dense {
+    pub(super) w: Param,
+    pub(super) b: Option<Param>,
 }
 
 impl Dense {
-    fn new(name: &str, bias: bool, src: &mut dyn WeightSource) -> Result<Self> {
+    pub(super) fn new(name: &str, bias: bool, src: &mut dyn WeightSource) -> Result<Self> {
         Ok(Self {
             w: Param::frozen(src.take(&format!("{name}.weight"))?),
             b: bias
@@ -33,7 +34,7 @@ impl Dense {
         })
     }
 
-    fn forward(&self, x: &Tensor, weights: Weights, dtype: DType) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, weights: Weights, dtype: DType) -> Result<Tensor> {
         let y = x.matmul(&self.w.value(weights, dtype)?.0.to_dtype(dtype)?.t()?)?;
         Ok(match &self.b {
             Some(b) => y.broadcast_add(&b.value(weights, dtype)?.0.to_dtype(dtype)?)?,
@@ -41,14 +42,18 @@ impl Dense {
         })
     }
 
-    fn params<'a>(&'a self, name: &str, out: &mut Vec<(String, &'a Param)>) {
+    pub(super) fn params<'a>(&'a self, name: &str, out: &mut Vec<(String, &'a Param)>) {
         out.push((format!("{name}.weight"), &self.w));
         if let Some(b) = &self.b {
             out.push((format!("{name}.bias"), b));
         }
     }
 
-    fn params_mut<'a>(&'a mut self, name: &str, out: &mut Vec<(String, &'a mut Param)>) {
+    pub(super) fn params_mut<'a>(
+        &'a mut self,
+        name: &str,
+        out: &mut Vec<(String, &'a mut Param)>,
+    ) {
         out.push((format!("{name}.weight"), &mut self.w));
         if let Some(b) = &mut self.b {
             out.push((format!("{name}.bias"), b));
@@ -67,22 +72,30 @@ impl Norm {
     }
 
     fn forward(&self, x: &Tensor, weights: Weights) -> Result<Tensor> {
+        norm(&self.0, x, weights, 1e-6)
+    }
+}
+
+/// LayerNorm over the last dimension when `d` has a bias, else RMSNorm, with `d`'s weight (and
+/// bias), computed in f32 for a half-precision model.
+pub(super) fn norm(d: &Dense, x: &Tensor, weights: Weights, eps: f64) -> Result<Tensor> {
+    {
         let dtype = x.dtype();
         let cd = f32_if_half(dtype);
         let x = x.to_dtype(cd)?;
-        let w = self.0.w.value(weights, cd)?.0.to_dtype(cd)?;
-        let y = match &self.0.b {
+        let w = d.w.value(weights, cd)?.0.to_dtype(cd)?;
+        let y = match &d.b {
             Some(b) => {
                 let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
                 let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
                 centered
-                    .broadcast_div(&(var + 1e-6)?.sqrt()?)?
+                    .broadcast_div(&(var + eps)?.sqrt()?)?
                     .broadcast_mul(&w)?
                     .broadcast_add(&b.value(weights, cd)?.0.to_dtype(cd)?)?
             }
             None => {
                 let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-                x.broadcast_div(&(ms + 1e-6)?.sqrt()?)?.broadcast_mul(&w)?
+                x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(&w)?
             }
         };
         Ok(y.to_dtype(dtype)?)
@@ -161,7 +174,7 @@ impl Block {
                     fc1: Dense::new(&p("mlp.fc1"), true, src)?,
                     fc2: Dense::new(&p("mlp.fc2"), true, src)?,
                 },
-                VisionKind::Qwen25Vl => Ffn::SwiGlu {
+                VisionKind::Qwen25Vl | VisionKind::Llava => Ffn::SwiGlu {
                     gate: Dense::new(&p("mlp.gate_proj"), true, src)?,
                     up: Dense::new(&p("mlp.up_proj"), true, src)?,
                     down: Dense::new(&p("mlp.down_proj"), true, src)?,
@@ -195,7 +208,7 @@ impl Block {
 
 /// The vision tower and its merger (`visual.*`).
 #[derive(Clone)]
-pub struct VisionTower {
+pub struct QwenTower {
     pub cfg: VisionConfig,
     patch_embed: Param,
     blocks: Vec<Block>,
@@ -253,7 +266,7 @@ fn permute_units(x: &Tensor, order: &Tensor, m2: usize) -> Result<Tensor> {
     Ok(x.reshape(grouped)?.index_select(order, 0)?.reshape(dims)?)
 }
 
-impl VisionTower {
+impl QwenTower {
     /// The tower's weights from `visual.*`.
     pub(crate) fn new(cfg: &VisionConfig, src: &mut dyn WeightSource) -> Result<Self> {
         let conv = src.take("visual.patch_embed.proj.weight")?;
