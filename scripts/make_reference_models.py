@@ -391,7 +391,20 @@ def llava():
         gen = model.generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
         step_logits = model(input_ids=gen, pixel_values=pixel_values).logits[0, len(ids) - 1:-1]
+    # A PEFT adapter as LLaMA-Factory sets it up for a vision-language model: the language model's modules by
+    # full path (so the CLIP tower's like-named q_proj/v_proj stay plain), random B.
+    targets = [n for n, _ in model.named_modules()
+               if n.startswith("model.language_model.") and n.endswith(("q_proj", "v_proj", "down_proj"))]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.2 * torch.randn_like(p))
+        lora_logits = peft_model(input_ids=input_ids, pixel_values=pixel_values).logits
+    peft_model.save_pretrained(os.path.join(d, "lora"))
+    model = peft_model.unload()
     expected = {"input_ids": ids, "images": ["small.png", "second.png"], **budget,
+                "lora_logits": lora_logits.flatten().tolist(),
                 "pixel_values": pixel_values.flatten().tolist(), "pixel_shape": list(pixel_values.shape),
                 "logits": logits.flatten().tolist(), "text_ids": text[0].tolist(),
                 "text_logits": text_logits.flatten().tolist(), "greedy": gen[0, len(ids):].tolist(),

@@ -13,6 +13,7 @@ use protocol::TrainArgs;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use trainer::model::adapter::LoraSpec;
+use trainer::model::vision::VisionPart;
 use trainer::model::{Batch, Model};
 
 fn model(name: &str) -> Model {
@@ -454,6 +455,13 @@ fn qwen2_vl_lora_and_projector_match_finite_differences() {
     }
 }
 
+/// LLaVA: LoRA, the projector, and two tensors of the CLIP tower (learned positions, a query
+/// projection), whose gradients come back through the dropped class token's attention.
+#[test]
+fn llava_lora_projector_and_tower_match_finite_differences() {
+    vision_gradients("llava");
+}
+
 fn vision_gradients(name: &str) {
     let args = TrainArgs {
         lora_rank: 2,
@@ -461,8 +469,13 @@ fn vision_gradients(name: &str) {
         ..TrainArgs::default()
     };
     let mut m = with_lora(name, &args);
+    let kind = m.vision.as_ref().unwrap().cfg().kind;
     for (param, p) in m.params_mut() {
-        if param.starts_with("visual.merger.") {
+        let tower = [
+            "vision_tower.embeddings.position_embedding.weight",
+            "vision_tower.encoder.layers.1.self_attn.q_proj.weight",
+        ];
+        if kind.part(&param) == Some(VisionPart::Projector) || tower.contains(&param.as_str()) {
             p.var = Some(Var::from_tensor(&p.tensor).unwrap());
         }
     }

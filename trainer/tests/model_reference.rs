@@ -342,6 +342,52 @@ fn llava_pixels_and_logits_match_transformers() {
     vision_language_case("llava");
 }
 
+/// A PEFT adapter on LLaVA's language model, its modules listed by full path as
+/// LLaMA-Factory does (`model.language_model.layers.N.…`): it loads and gives PEFT's logits with
+/// images, unmerged and merged; and what we save for it is what PEFT saved (the same keys, the
+/// same full-path targets), so PEFT and LLaMA-Factory read ours.
+#[test]
+fn llava_peft_adapter_loads_and_saves_as_peft_names_it() {
+    let e = expected("llava");
+    let b = common::vision_batch("llava");
+    let dir = fixtures().join("llava");
+    let mut model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let spec = model.load_adapter(&dir.join("lora"), true).unwrap();
+    assert_eq!(model.lora_layers().len(), 6, "q/v/down of both layers");
+    let peft: std::collections::BTreeSet<String> =
+        candle_core::safetensors::load(dir.join("lora/adapter_model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_keys()
+            .collect();
+    let ours: std::collections::BTreeSet<String> = model
+        .adapter_tensors(DType::F32)
+        .unwrap()
+        .into_keys()
+        .collect();
+    assert_eq!(ours, peft, "adapter keys");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("lora/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut theirs: Vec<&str> = cfg["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    theirs.sort();
+    assert_eq!(
+        spec.peft_config("base", &model)["target_modules"],
+        serde_json::json!(theirs)
+    );
+    let reference = want(&e, "lora_logits");
+    let err = rel_err(&logits(&model, &b), &reference);
+    assert!(err < 1e-4, "llava/lora unmerged: relative error {err}");
+    model.merge_lora().unwrap();
+    let err = rel_err(&logits(&model, &b), &reference);
+    assert!(err < 1e-4, "llava/lora merged: relative error {err}");
+}
+
 fn vision_language_case(name: &str) {
     let e = expected(name);
     let model = Model::load(&fixtures().join(name), DType::F32, &Device::Cpu).unwrap();

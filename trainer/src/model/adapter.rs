@@ -78,9 +78,19 @@ impl LoraSpec {
         }
     }
 
-    /// PEFT's `adapter_config.json`.
-    pub fn peft_config(&self, base_model: &str) -> Value {
-        let mut targets = self.targets.clone();
+    /// PEFT's `adapter_config.json` for the adapter on `model`. A vision-language model's
+    /// targets are the adapted modules' full paths, as LLaMA-Factory writes them, so that PEFT
+    /// leaves the vision tower's like-named modules alone.
+    pub fn peft_config(&self, base_model: &str, model: &Model) -> Value {
+        let mut targets = if model.vision.is_some() {
+            model
+                .lora_layers()
+                .keys()
+                .map(|m| model.cfg.layout.module_path(m))
+                .collect()
+        } else {
+            self.targets.clone()
+        };
         targets.sort();
         json!({
             "alpha_pattern": {},
@@ -178,16 +188,20 @@ impl Model {
     /// Linear module names (full paths) whose last component is one of `targets`.
     pub fn target_modules(&self, targets: &[String]) -> Result<Vec<String>> {
         let mut out = Vec::new();
+        // A target is a module kind (`q_proj`), or a module's full path (LLaMA-Factory lists
+        // the language model's modules one by one for vision-language models).
+        let layout = self.cfg.layout;
+        let full: Vec<String> = targets.iter().map(|t| layout.internal(t)).collect();
         for lin in self.linears() {
             let m = lin.name.splitn(4, '.').nth(3).unwrap_or_default();
             let short = m.rsplit('.').next().unwrap_or(m);
-            if targets.iter().any(|t| t == short || t == m) {
+            if targets.iter().any(|t| t == short || t == m) || full.contains(&lin.name) {
                 out.push(lin.name.clone());
             }
         }
         let kinds = self.linear_kinds();
-        for t in targets {
-            if !kinds.iter().any(|k| k == t) {
+        for (t, f) in targets.iter().zip(&full) {
+            if !kinds.iter().any(|k| k == t) && !self.linears().any(|l| &l.name == f) {
                 bail!(
                     "lora_target `{t}` matches no linear layer of this {} model; choose from {} or `all`",
                     self.cfg.model_type,
@@ -326,16 +340,18 @@ impl Model {
         Ok(())
     }
 
-    /// Trainable tensors with their names (PEFT names for LoRA tensors).
+    /// Trainable tensors with their names (PEFT names for LoRA tensors: transformers' module
+    /// paths, see [`super::weights::CheckpointLayout::module_path`]).
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for (name, l) in self.lora_layers() {
-            out.push((format!("{PEFT_PREFIX}{name}.lora_A.weight"), l.a.clone()));
-            out.push((format!("{PEFT_PREFIX}{name}.lora_B.weight"), l.b.clone()));
-            if let Some(m) = &l.magnitude {
+            let m = self.cfg.layout.module_path(&name);
+            out.push((format!("{PEFT_PREFIX}{m}.lora_A.weight"), l.a.clone()));
+            out.push((format!("{PEFT_PREFIX}{m}.lora_B.weight"), l.b.clone()));
+            if let Some(mag) = &l.magnitude {
                 out.push((
-                    format!("{PEFT_PREFIX}{name}.lora_magnitude_vector"),
-                    m.clone(),
+                    format!("{PEFT_PREFIX}{m}.lora_magnitude_vector"),
+                    mag.clone(),
                 ));
             }
         }
@@ -354,7 +370,7 @@ impl Model {
             let key = if name.starts_with(PEFT_PREFIX) {
                 name
             } else {
-                format!("{PEFT_PREFIX}{name}")
+                format!("{PEFT_PREFIX}{}", self.cfg.layout.module_path(&name))
             };
             out.insert(key, var.as_tensor().detach().to_dtype(dtype)?);
         }
@@ -417,10 +433,16 @@ impl Model {
         };
         let mut layers = BTreeMap::new();
         for module in self.target_modules(&spec.targets)? {
-            let a = get(&format!("{PEFT_PREFIX}{module}.lora_A.weight"))?;
-            let b = get(&format!("{PEFT_PREFIX}{module}.lora_B.weight"))?;
+            // The module's name in the file: transformers' module path, or an older name.
+            let aliases = self.cfg.layout.module_aliases(&module);
+            let path = aliases
+                .iter()
+                .find(|m| tensors.contains_key(&format!("{PEFT_PREFIX}{m}.lora_A.weight")))
+                .unwrap_or(&aliases[0]);
+            let a = get(&format!("{PEFT_PREFIX}{path}.lora_A.weight"))?;
+            let b = get(&format!("{PEFT_PREFIX}{path}.lora_B.weight"))?;
             let magnitude = if spec.use_dora {
-                let key = format!("{PEFT_PREFIX}{module}.lora_magnitude_vector");
+                let key = format!("{PEFT_PREFIX}{path}.lora_magnitude_vector");
                 let t = tensors
                     .get(&key)
                     .or_else(|| tensors.get(&format!("{key}.weight")));
@@ -437,7 +459,7 @@ impl Model {
         for (key, t) in &tensors {
             if let Some(name) = key.strip_prefix(PEFT_PREFIX) {
                 if !name.contains("lora_") {
-                    full_weights.insert(name.to_string(), t.to_dtype(self.dtype)?);
+                    full_weights.insert(self.cfg.layout.internal(name), t.to_dtype(self.dtype)?);
                 }
             }
         }

@@ -482,10 +482,10 @@ impl ModelConfig {
             gemma,
             rotary_dim,
             moe: moe_config(&v, &text_type, layers, file)?,
-            layout: if model_type == "llava" {
-                super::weights::CheckpointLayout::Llava
-            } else {
-                super::weights::CheckpointLayout::Plain
+            layout: match model_type.as_str() {
+                "llava" => super::weights::CheckpointLayout::Llava,
+                "qwen2_vl" | "qwen2_5_vl" => super::weights::CheckpointLayout::Qwen2Vl,
+                _ => super::weights::CheckpointLayout::Plain,
             },
             vision,
             mrope_section,

@@ -155,13 +155,27 @@ pub enum CheckpointLayout {
     /// transformers 4.52+'s `model.language_model.*`, `model.vision_tower.*`, `lm_head.*` and
     /// transformers 5's `vision_tower.*` without `vision_model.` are read too.
     Llava,
+    /// Qwen2-VL / Qwen2.5-VL: `model.*`, `visual.*`, `lm_head.*` on disk (as the Hub's files and
+    /// transformers save them); transformers 4.52+'s `model.language_model.*`, `model.visual.*`
+    /// are read too.
+    Qwen2Vl,
 }
 
 impl CheckpointLayout {
-    /// The model's name for the checkpoint tensor `file`.
+    /// The model's name for the checkpoint tensor `file` (or a module path of transformers'
+    /// model, as PEFT adapters name them).
     pub fn internal(self, file: &str) -> String {
         match self {
             Self::Plain => file.to_string(),
+            Self::Qwen2Vl => {
+                if let Some(rest) = file.strip_prefix("model.language_model.") {
+                    format!("model.{rest}")
+                } else if let Some(rest) = file.strip_prefix("model.visual.") {
+                    format!("visual.{rest}")
+                } else {
+                    file.to_string()
+                }
+            }
             Self::Llava => {
                 let mut n = file;
                 for inner in ["language_model.", "vision_tower.", "multi_modal_projector."] {
@@ -190,7 +204,7 @@ impl CheckpointLayout {
     /// layout, which transformers 4 and 5 both read).
     pub fn file(self, internal: &str) -> String {
         match self {
-            Self::Plain => internal.to_string(),
+            Self::Plain | Self::Qwen2Vl => internal.to_string(),
             Self::Llava => {
                 if internal.starts_with("model.") || internal.starts_with("lm_head.") {
                     format!("language_model.{internal}")
@@ -201,6 +215,40 @@ impl CheckpointLayout {
                 }
             }
         }
+    }
+}
+
+impl CheckpointLayout {
+    /// The path of the model's module `internal` in transformers' model (4.52 and later, and 5),
+    /// which names the keys of PEFT adapters: a vision-language model's language model sits
+    /// under `model.language_model.`.
+    pub fn module_path(self, internal: &str) -> String {
+        match self {
+            Self::Plain => internal.to_string(),
+            Self::Llava | Self::Qwen2Vl => match internal.strip_prefix("model.") {
+                Some(rest) => format!("model.language_model.{rest}"),
+                None if internal.starts_with("multi_modal_projector.") => {
+                    format!("model.{internal}")
+                }
+                None => match internal.strip_prefix("visual.") {
+                    Some(rest) => format!("model.visual.{rest}"),
+                    None => internal.to_string(),
+                },
+            },
+        }
+    }
+
+    /// The names an adapter may give the module `internal`: transformers' module path first,
+    /// then the checkpoint's and the model's own names (adapters of older transformers, and
+    /// ours before module paths).
+    pub fn module_aliases(self, internal: &str) -> Vec<String> {
+        let mut out = vec![self.module_path(internal)];
+        for n in [self.file(internal), internal.to_string()] {
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+        out
     }
 }
 

@@ -43,7 +43,7 @@ pub fn save_model(
             )?;
             write_json(
                 &dir.join("adapter_config.json"),
-                &spec.peft_config(base_model),
+                &spec.peft_config(base_model, model),
             )?;
         }
         SaveKind::Full {
@@ -110,7 +110,7 @@ pub(crate) fn restore(
     }
     for p in &opt.params {
         let key = if adapter && !p.name.starts_with(PEFT_PREFIX) && !p.name.starts_with("v_head.") {
-            format!("{PEFT_PREFIX}{}", p.name)
+            format!("{PEFT_PREFIX}{}", layout.module_path(&p.name))
         } else if adapter {
             p.name.clone()
         } else {

@@ -569,6 +569,20 @@ mod tests {
             trained_parts("qwen2_vl", &only).unwrap(),
             (false, true, false)
         );
+        // LLaVA names its parts differently (`vision_tower.*`, `multi_modal_projector.*`): the
+        // same keys choose the same parts.
+        assert_eq!(
+            trained_parts("llava", &TrainArgs::default()).unwrap(),
+            (false, false, true)
+        );
+        assert_eq!(
+            trained_parts("llava", &only).unwrap(),
+            (false, true, false)
+        );
+        assert_eq!(
+            trained_parts("llava", &tower).unwrap(),
+            (true, false, true)
+        );
         // LoRA cannot train the tower here: said by name.
         let e = trained_parts(
             "qwen2_vl",
