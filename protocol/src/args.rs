@@ -33,7 +33,7 @@ pub struct TrainArgs {
     // ---- vision-language models ----
     /// The vision tower stays frozen (LLaMA-Factory's default).
     pub freeze_vision_tower: bool,
-    /// The multi-modal projector (Qwen2-VL's merger) stays frozen.
+    /// The multi-modal projector (Qwen2-VL's merger, LLaVA's `multi_modal_projector`) stays frozen.
     pub freeze_multi_modal_projector: bool,
     /// The language model stays frozen (no LoRA or trained weights in it).
     pub freeze_language_model: bool,

@@ -162,7 +162,11 @@ fn llava_pixel_values_equal_the_clip_processor() {
         // 1e-5 per value: a sum moves by at most 588·1e-5, a sum of squares (|x| ≤ 2.2) by
         // 588·4.4e-5.
         for (key, f, tol) in [
-            ("patch_sums", (|x: f64| x) as fn(f64) -> f64, row as f64 * 1e-5),
+            (
+                "patch_sums",
+                (|x: f64| x) as fn(f64) -> f64,
+                row as f64 * 1e-5,
+            ),
             ("patch_sq_sums", |x: f64| x * x, row as f64 * 4.4e-5),
         ] {
             let want = case[key].as_array().unwrap();

@@ -15,7 +15,7 @@ pub struct ChatCmd {
     config: PathBuf,
     /// `key=value` overrides, applied after the file.
     overrides: Vec<String>,
-    /// An image the conversation is about (repeatable; a vision-language model such as Qwen2-VL):
+    /// An image the conversation is about (repeatable; a vision-language model such as Qwen2-VL or LLaVA):
     /// each `<image>` of your messages takes the next one, or they all go before your first.
     #[arg(long = "image", value_name = "PATH")]
     images: Vec<PathBuf>,
@@ -35,7 +35,7 @@ pub fn run(cmd: ChatCmd) -> Result<ExitCode> {
         .collect::<Result<Vec<_>>>()?;
     if !images.is_empty() && !chat.takes_images() {
         anyhow::bail!(
-            "--image: {} does not take images (template `{}`); use a vision-language model such as Qwen2-VL with its template",
+            "--image: {} does not take images (template `{}`); use a vision-language model such as Qwen2-VL or LLaVA with its template",
             chat.name,
             chat.template.name
         );

@@ -345,7 +345,7 @@ impl Model {
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for (name, l) in self.lora_layers() {
-            let m = self.cfg.layout.module_path(&name);
+            let m = self.cfg.layout.module_path(name);
             out.push((format!("{PEFT_PREFIX}{m}.lora_A.weight"), l.a.clone()));
             out.push((format!("{PEFT_PREFIX}{m}.lora_B.weight"), l.b.clone()));
             if let Some(mag) = &l.magnitude {

@@ -419,7 +419,10 @@ mod tests {
             Llava.file("model.norm.weight"),
             "language_model.model.norm.weight"
         );
-        assert_eq!(Llava.file("lm_head.weight"), "language_model.lm_head.weight");
+        assert_eq!(
+            Llava.file("lm_head.weight"),
+            "language_model.lm_head.weight"
+        );
         assert_eq!(
             Llava.file("vision_tower.embeddings.class_embedding"),
             "vision_tower.vision_model.embeddings.class_embedding"

@@ -11,9 +11,9 @@ use serde_json::Value;
 
 use super::optim::AdamW;
 use crate::files::{write_json, write_safetensors, write_sharded};
-use crate::model::weights::CheckpointLayout;
 use crate::model::adapter::{LoraSpec, PEFT_PREFIX};
 use crate::model::value_head::ValueHead;
+use crate::model::weights::CheckpointLayout;
 use crate::model::Model;
 use crate::tokenizer::HfTokenizer;
 

@@ -575,14 +575,8 @@ mod tests {
             trained_parts("llava", &TrainArgs::default()).unwrap(),
             (false, false, true)
         );
-        assert_eq!(
-            trained_parts("llava", &only).unwrap(),
-            (false, true, false)
-        );
-        assert_eq!(
-            trained_parts("llava", &tower).unwrap(),
-            (true, false, true)
-        );
+        assert_eq!(trained_parts("llava", &only).unwrap(), (false, true, false));
+        assert_eq!(trained_parts("llava", &tower).unwrap(), (true, false, true));
         // LoRA cannot train the tower here: said by name.
         let e = trained_parts(
             "qwen2_vl",

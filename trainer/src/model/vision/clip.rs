@@ -215,7 +215,8 @@ impl ClipTower {
             );
         }
         let dtype = self.patch_embedding.tensor.dtype();
-        let value = |p: &Param| -> Result<Tensor> { Ok(p.value(weights, dtype)?.0.to_dtype(dtype)?) };
+        let value =
+            |p: &Param| -> Result<Tensor> { Ok(p.value(weights, dtype)?.0.to_dtype(dtype)?) };
         let embed = value(&self.patch_embedding)?.reshape((d, c.patch_dim()))?;
         let x = pixels
             .to_dtype(dtype)?

@@ -212,7 +212,11 @@ impl VisionConfig {
             ("patch_size", 32),
         ];
         let int = |k: &str| -> usize {
-            let defaults = if given.is_some() { &clip_default } else { &vl15 };
+            let defaults = if given.is_some() {
+                &clip_default
+            } else {
+                &vl15
+            };
             given
                 .and_then(|c| c.get(k))
                 .and_then(Value::as_u64)
@@ -435,10 +439,7 @@ pub fn llava_text_config(
         out.entry(k.to_string()).or_insert_with(|| d.clone());
     }
     if !out.contains_key("hidden_size") {
-        bail!(
-            "{}: `text_config.hidden_size` is missing",
-            file.display()
-        );
+        bail!("{}: `text_config.hidden_size` is missing", file.display());
     }
     Ok((out, text_type))
 }

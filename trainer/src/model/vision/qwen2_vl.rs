@@ -49,11 +49,7 @@ impl Dense {
         }
     }
 
-    pub(super) fn params_mut<'a>(
-        &'a mut self,
-        name: &str,
-        out: &mut Vec<(String, &'a mut Param)>,
-    ) {
+    pub(super) fn params_mut<'a>(&'a mut self, name: &str, out: &mut Vec<(String, &'a mut Param)>) {
         out.push((format!("{name}.weight"), &mut self.w));
         if let Some(b) = &mut self.b {
             out.push((format!("{name}.bias"), b));
