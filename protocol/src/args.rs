@@ -371,27 +371,70 @@ impl Default for TrainArgs {
     }
 }
 
-/// Keys LLaMA-Factory accepts that change nothing in this engine (multi-process, hub and
-/// CUDA-library knobs). They are read so LLaMA-Factory YAMLs run unchanged; a non-default value
-/// earns a warning, never silence.
-pub const NO_EFFECT_KEYS: &[&str] = &[
-    "trust_remote_code",
-    "use_fast_tokenizer",
-    "low_cpu_mem_usage",
-    "flash_attn",
-    "use_unsloth",
-    "enable_liger_kernel",
-    "preprocessing_num_workers",
-    "preprocessing_batch_size",
-    "dataloader_num_workers",
-    "overwrite_cache",
-    "ddp_timeout",
-    "report_to",
-    "model_revision",
-    "infer_backend",
-    "save_safetensors",
-    "optim",
+/// What the engine does with a LLaMA-Factory key it does not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyUse {
+    /// Accepted so LLaMA-Factory YAMLs run unchanged, but it changes nothing here (the reason):
+    /// a non-default value earns a warning, never silence.
+    NoEffect(&'static str),
+    /// A feature this engine does not have (what to do instead): a non-default value is an
+    /// error that names the key.
+    Unsupported(&'static str),
+}
+
+/// Every key of [`TrainArgs`] the engine does not read, and why. Every other key is read (a
+/// test scans the engine's sources for each one), so no key is ever silently ignored.
+pub const UNREAD_KEYS: &[(&str, KeyUse)] = &[
+    ("trust_remote_code", KeyUse::NoEffect("no Python code runs here; the remote-code families supported (Baichuan 2) are built in")),
+    ("use_fast_tokenizer", KeyUse::NoEffect("there is one tokenizer implementation (Hugging Face `tokenizers`)")),
+    ("low_cpu_mem_usage", KeyUse::NoEffect("weights always load one tensor at a time")),
+    ("flash_attn", KeyUse::NoEffect("attention is computed by this engine's own kernels")),
+    ("use_unsloth", KeyUse::NoEffect("Unsloth's kernels are PyTorch-only")),
+    ("enable_liger_kernel", KeyUse::NoEffect("Liger's kernels are PyTorch-only")),
+    ("upcast_layernorm", KeyUse::NoEffect("norms always compute in f32")),
+    ("upcast_lmhead_output", KeyUse::NoEffect("logits and log-probabilities always compute in f32")),
+    ("use_kv_cache", KeyUse::NoEffect("generation always uses the KV cache")),
+    ("hf_hub_token", KeyUse::NoEffect("nothing is downloaded: hub ids resolve through the local Hugging Face cache")),
+    ("infer_backend", KeyUse::NoEffect("this engine is its own inference backend")),
+    ("export_device", KeyUse::NoEffect("export runs on the CPU")),
+    ("streaming", KeyUse::NoEffect("local dataset files are read whole")),
+    ("buffer_size", KeyUse::NoEffect("local dataset files are read whole (no streaming buffer)")),
+    ("overwrite_cache", KeyUse::NoEffect("processed datasets are not cached")),
+    ("preprocessing_num_workers", KeyUse::NoEffect("preprocessing runs on every core")),
+    ("dataloader_num_workers", KeyUse::NoEffect("batches are built in the training process")),
+    ("ignore_pad_token_for_loss", KeyUse::NoEffect("padding never carries a label here")),
+    ("loraplus_lr_embedding", KeyUse::NoEffect("LoRA is not applied to embeddings here")),
+    ("length_penalty", KeyUse::NoEffect("it only matters to beam search, which is not supported")),
+    ("include_effective_tokens_per_second", KeyUse::NoEffect("the results always report throughput (tokens per second)")),
+    ("ddp_timeout", KeyUse::NoEffect("training runs in one process")),
+    ("report_to", KeyUse::NoEffect("only LlamaBoard's own log is written (trainer_log.jsonl)")),
+    ("run_name", KeyUse::NoEffect("it names runs in experiment trackers, which are not connected")),
+    ("save_safetensors", KeyUse::NoEffect("weights are always saved as safetensors")),
+    ("optim", KeyUse::NoEffect("the optimizer is AdamW (PyTorch's `adamw_torch`)")),
+    ("adapter_folder", KeyUse::Unsupported("list the adapters in `adapter_name_or_path` (comma-separated)")),
+    ("cache_dir", KeyUse::Unsupported("set `HF_HOME` / `HF_HUB_CACHE` to read hub ids from another Hugging Face cache")),
+    ("split_special_tokens", KeyUse::Unsupported("special tokens in the text are always tokenized as special tokens")),
+    ("train_from_scratch", KeyUse::Unsupported("training starts from the checkpoint's weights; initialize a model with transformers first")),
+    // Its type has the one value `concat`: another is refused where the key is read.
+    ("mix_strategy", KeyUse::Unsupported("datasets are concatenated (`mix_strategy: concat`); interleaving is not supported")),
+    ("interleave_probs", KeyUse::Unsupported("datasets are concatenated; interleaving is not supported")),
+    ("eval_num_beams", KeyUse::Unsupported("generation is greedy or sampled; beam search is not supported")),
+    ("num_beams", KeyUse::Unsupported("generation is greedy or sampled; beam search is not supported")),
+    ("eval_on_each_dataset", KeyUse::Unsupported("the evaluation datasets are evaluated together")),
+    ("tokenized_path", KeyUse::Unsupported("datasets are processed at the start of every run (fast here); remove the key")),
+    ("pref_bco_weight", KeyUse::Unsupported("the BCO term of DPO is not supported; use `pref_loss` sigmoid, hinge, ipo, orpo or simpo")),
+    ("ld_alpha", KeyUse::Unsupported("LD-DPO is not supported; use `pref_loss` sigmoid, hinge, ipo, orpo or simpo")),
+    ("ref_model", KeyUse::Unsupported("the reference model is the base model (with the adapter off for LoRA)")),
+    ("ref_model_adapters", KeyUse::Unsupported("the reference model is the base model (with the adapter off for LoRA)")),
+    ("early_stopping_steps", KeyUse::Unsupported("early stopping is not supported; use `max_steps` or watch the eval loss in LlamaBoard")),
+    ("deepspeed", KeyUse::Unsupported("this engine trains without DeepSpeed; remove the key")),
+    ("shift_attn", KeyUse::Unsupported("LongLoRA's shifted short attention is not supported yet; use `rope_scaling` for long contexts")),
 ];
+
+/// How the engine treats `key`: `None` when it reads it.
+pub fn key_use(key: &str) -> Option<KeyUse> {
+    UNREAD_KEYS.iter().find(|(k, _)| *k == key).map(|(_, u)| *u)
+}
 
 impl TrainArgs {
     /// Every key of the namespace, in declaration order.
@@ -454,7 +497,7 @@ mod tests {
         };
         assert!(pt.packing());
         assert!(TrainArgs::keys().contains(&"lora_target".to_string()));
-        for k in NO_EFFECT_KEYS {
+        for (k, _) in UNREAD_KEYS {
             assert!(TrainArgs::keys().contains(&k.to_string()), "{k}");
         }
     }

@@ -396,7 +396,7 @@ pub fn random_model(c: &TrainBenchConfig, full: bool) -> Result<crate::model::Mo
             lora_alpha: Some(16.0),
             ..TrainArgs::default()
         };
-        model.add_lora(&LoraSpec::for_model(&args, &model), 0)?;
+        model.add_lora(&LoraSpec::for_model(&args, &model)?, 0)?;
     }
     Ok(model)
 }

@@ -112,7 +112,8 @@ fn check_on(m: &Model, what: &str, samples: usize, b: &Batch) {
 /// LoRA with B randomised so that every path (A and B) carries gradient.
 fn with_lora(name: &str, args: &TrainArgs) -> Model {
     let mut m = model(name);
-    m.add_lora(&LoraSpec::for_model(args, &m), 1).unwrap();
+    m.add_lora(&LoraSpec::for_model(args, &m).unwrap(), 1)
+        .unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     for l in m.lora_layers().values() {
         let shape = l.b.shape().clone();

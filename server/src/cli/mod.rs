@@ -6,6 +6,7 @@ mod bench_server;
 mod chat;
 mod demo;
 mod env;
+mod expand;
 mod export;
 mod preview;
 mod train;
@@ -42,6 +43,9 @@ enum Command {
     Export(export::ExportCmd),
     /// Print the processed training examples of a config, exactly as training would see them.
     PreviewData(preview::PreviewArgs),
+    /// LLaMA Pro block expansion: insert zero-output copies of layers, to train them with
+    /// `use_llama_pro: true` (LLaMA-Factory's scripts/llama_pro.py).
+    ExpandModel(expand::ExpandCmd),
     /// Build the tiny demo model (random init) and its tokenizer in Hugging Face layout.
     Demo {
         /// Output folder.
@@ -121,6 +125,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Api(a) => api::run(a),
         Command::Export(a) => export::run(a),
         Command::PreviewData(a) => preview::run(a),
+        Command::ExpandModel(a) => expand::run(a),
         Command::Demo {
             out,
             dataset_dir,

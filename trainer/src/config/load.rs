@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use protocol::args::{TrainArgs, NO_EFFECT_KEYS};
+use protocol::args::{KeyUse, TrainArgs, UNREAD_KEYS};
 use serde_json::{Map, Value};
 
 use super::suggest::closest;
@@ -213,13 +213,17 @@ fn describe_expected(serde_msg: &str) -> String {
 
 fn no_effect_warnings(merged: &Map<String, Value>) -> Vec<String> {
     let defaults = serde_json::to_value(TrainArgs::default()).unwrap_or_default();
-    NO_EFFECT_KEYS
+    UNREAD_KEYS
         .iter()
-        .filter_map(|k| {
+        .filter_map(|(k, u)| {
+            let KeyUse::NoEffect(why) = u else {
+                return None;
+            };
             let v = merged.get(*k)?;
             let default = defaults.get(*k)?;
-            let harmless = v == default || (v.is_null() && *k != "deepspeed");
-            (!harmless).then(|| format!("`{k}: {v}` has no effect in this engine and is ignored"))
+            let harmless = v == default || v.is_null();
+            (!harmless)
+                .then(|| format!("`{k}: {v}` has no effect in this engine and is ignored: {why}"))
         })
         .collect()
 }

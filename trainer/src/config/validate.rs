@@ -29,6 +29,7 @@ fn fail(key: &'static str, message: impl Into<String>) -> Result<(), ArgError> {
 /// Checks the rules that tie arguments together; values of a single key were checked when it
 /// was read.
 pub fn validate(a: &TrainArgs) -> Result<(), ArgError> {
+    unsupported(a)?;
     if a.stage != Stage::Sft {
         for (key, on) in [
             ("predict_with_generate", a.predict_with_generate),
@@ -129,9 +130,6 @@ pub fn validate(a: &TrainArgs) -> Result<(), ArgError> {
             );
         }
     }
-    if a.deepspeed.is_some() {
-        return fail("deepspeed", "`deepspeed` is not supported: this engine trains on one device without DeepSpeed; remove the key");
-    }
     if a.stage == Stage::Ppo && a.reward_model.is_none() {
         return fail("reward_model", "stage ppo requires `reward_model`");
     }
@@ -162,6 +160,26 @@ pub fn validate(a: &TrainArgs) -> Result<(), ArgError> {
             "gradient_accumulation_steps",
             "`per_device_train_batch_size` and `gradient_accumulation_steps` must be at least 1",
         );
+    }
+    Ok(())
+}
+
+/// A key of a feature this engine does not have, set away from its default.
+fn unsupported(a: &TrainArgs) -> Result<(), ArgError> {
+    let (Ok(mine), Ok(defaults)) = (
+        serde_json::to_value(a),
+        serde_json::to_value(TrainArgs::default()),
+    ) else {
+        return Ok(());
+    };
+    for (key, u) in protocol::args::UNREAD_KEYS {
+        let protocol::args::KeyUse::Unsupported(instead) = u else {
+            continue;
+        };
+        let v = &mine[*key];
+        if v != &defaults[*key] && !v.is_null() {
+            return fail(key, format!("`{key}: {v}` is not supported: {instead}"));
+        }
     }
     Ok(())
 }

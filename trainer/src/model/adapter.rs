@@ -33,12 +33,23 @@ pub struct LoraSpec {
 impl LoraSpec {
     /// [`LoraSpec::from_args`] with `lora_target: all` meaning every linear module kind of
     /// `model` (LLaMA-Factory's `find_all_linear_modules`).
-    pub fn for_model(a: &TrainArgs, model: &Model) -> Self {
+    pub fn for_model(a: &TrainArgs, model: &Model) -> Result<Self> {
         let mut spec = Self::from_args(a);
         if a.lora_target.trim() == "all" {
             spec.targets = model.linear_kinds();
         }
-        spec
+        if a.use_llama_pro {
+            // LLaMA-Factory's `find_expanded_modules`: the targets in the expanded blocks only,
+            // listed by full module path.
+            let layers = model.llama_pro_layers(a.freeze_trainable_layers)?;
+            let modules = model.target_modules(&spec.targets)?;
+            spec.targets = modules
+                .into_iter()
+                .filter(|m| layers.iter().any(|l| m.contains(&format!(".layers.{l}."))))
+                .map(|m| model.cfg.layout.module_path(&m))
+                .collect();
+        }
+        Ok(spec)
     }
 
     /// The spec `a` asks for; `lora_target: all` is the Llama-family module list (see
@@ -82,7 +93,8 @@ impl LoraSpec {
     /// targets are the adapted modules' full paths, as LLaMA-Factory writes them, so that PEFT
     /// leaves the vision tower's like-named modules alone.
     pub fn peft_config(&self, base_model: &str, model: &Model) -> Value {
-        let mut targets = if model.vision.is_some() {
+        let mut targets = if model.vision.is_some() || self.targets.iter().any(|t| t.contains('.'))
+        {
             model
                 .lora_layers()
                 .keys()
@@ -212,6 +224,19 @@ impl Model {
         Ok(out)
     }
 
+    /// LLaMA Pro's trainable layers (`use_llama_pro`): the last of every `num_layers / k` layers,
+    /// which is where `llamafactory expand-model` put the new blocks.
+    pub fn llama_pro_layers(&self, k: i64) -> Result<Vec<usize>> {
+        let n = self.cfg.num_hidden_layers;
+        if k <= 0 || !n.is_multiple_of(k as usize) {
+            bail!(
+                "`use_llama_pro`: `num_layers` {n} should be divisible by `freeze_trainable_layers` {k} (the number of expanded blocks)"
+            );
+        }
+        let stride = n / k as usize;
+        Ok((stride - 1..n + stride - 1).step_by(stride).collect())
+    }
+
     /// The short names of the decoder layers' linear modules (`q_proj`, …, `down_proj`; Phi-3's
     /// `qkv_proj` and `gate_up_proj`; a mixture's `gate` and experts), in layer order, over
     /// every layer (dense and sparse ones differ): what `lora_target: all` means.
@@ -290,7 +315,12 @@ impl Model {
     pub fn setup_freeze(&mut self, a: &TrainArgs) -> Result<()> {
         let n = self.cfg.num_hidden_layers as i64;
         let k = a.freeze_trainable_layers;
-        let ids: Vec<i64> = if k > 0 {
+        let ids: Vec<i64> = if a.use_llama_pro {
+            self.llama_pro_layers(k)?
+                .into_iter()
+                .map(|i| i as i64)
+                .collect()
+        } else if k > 0 {
             ((n - k).max(0)..n).collect()
         } else {
             (0..(-k).min(n)).collect()

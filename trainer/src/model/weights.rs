@@ -88,7 +88,7 @@ pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
 }
 
 /// Opened weight files: safetensors memory-mapped, PyTorch archives indexed by tensor name.
-enum OpenFiles {
+pub(crate) enum OpenFiles {
     Safetensors(candle_core::safetensors::MmapedSafetensors),
     Pytorch {
         files: Vec<candle_core::pickle::PthTensors>,
@@ -97,7 +97,7 @@ enum OpenFiles {
 }
 
 impl OpenFiles {
-    fn open(dir: &Path) -> Result<(Self, Vec<String>)> {
+    pub(crate) fn open(dir: &Path) -> Result<(Self, Vec<String>)> {
         let WeightFiles { format, paths } = weight_files(dir)?;
         let cannot =
             |e: candle_core::Error| anyhow!("cannot read the weights of {}: {e}", dir.display());
@@ -127,7 +127,7 @@ impl OpenFiles {
         })
     }
 
-    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+    pub(crate) fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
         let t = match self {
             Self::Safetensors(f) => f.load(name, device),
             Self::Pytorch { files, file_of } => {

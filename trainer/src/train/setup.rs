@@ -117,6 +117,31 @@ pub(crate) fn prepare(
         .map(|(_, v)| v.elem_count() as u64)
         .sum();
     let n_all = model.num_params() + n_head;
+    if args.print_param_status {
+        // LLaMA-Factory's: every parameter with its dtype, device and whether it trains.
+        let device = if model.device.is_cpu() { "cpu" } else { "gpu" };
+        for (name, p) in model.params() {
+            log(
+                rep,
+                "info",
+                format!(
+                    "name: {name}, dtype: {:?}, device: {device}, trainable: {}",
+                    p.tensor.dtype(),
+                    p.var.is_some()
+                ),
+            );
+        }
+        for (name, v) in trainable.iter().filter(|(n, _)| n.contains("lora_")) {
+            log(
+                rep,
+                "info",
+                format!(
+                    "name: {name}, dtype: {:?}, device: {device}, trainable: true",
+                    v.dtype()
+                ),
+            );
+        }
+    }
     log(
         rep,
         "info",
@@ -410,7 +435,7 @@ fn apply_method(model: &mut Model, args: &TrainArgs) -> Result<Option<LoraSpec>>
             Ok(Some(match resume_adapter {
                 Some(a) => model.load_adapter(Path::new(&a), true)?,
                 None => {
-                    let spec = LoraSpec::for_model(args, model);
+                    let spec = LoraSpec::for_model(args, model)?;
                     model.add_lora(&spec, args.seed)?;
                     spec
                 }
