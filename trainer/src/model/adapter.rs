@@ -28,6 +28,8 @@ pub struct LoraSpec {
     pub use_rslora: bool,
     pub use_dora: bool,
     pub modules_to_save: Vec<String>,
+    /// PiSSA initialization (`pissa_init`), with its SVD.
+    pub pissa: Option<super::pissa::Svd>,
 }
 
 impl LoraSpec {
@@ -78,6 +80,9 @@ impl LoraSpec {
             use_rslora: a.use_rslora,
             use_dora: a.use_dora,
             modules_to_save: TrainArgs::split_list(a.additional_target.as_deref()),
+            pissa: a
+                .pissa_init
+                .then(|| super::pissa::Svd::from_pissa_iter(a.pissa_iter)),
         }
     }
 
@@ -111,7 +116,10 @@ impl LoraSpec {
             "bias": "none",
             "fan_in_fan_out": false,
             "inference_mode": true,
-            "init_lora_weights": true,
+            "init_lora_weights": match self.pissa {
+                Some(svd) => json!(svd.peft_name()),
+                None => json!(true),
+            },
             "layer_replication": null,
             "layers_pattern": null,
             "layers_to_transform": null,
@@ -172,6 +180,11 @@ impl LoraSpec {
                     .collect(),
                 _ => Vec::new(),
             },
+            // Other initializations only change where training starts.
+            pissa: v
+                .get("init_lora_weights")
+                .and_then(Value::as_str)
+                .and_then(super::pissa::Svd::from_peft_name),
         })
     }
 }
@@ -279,6 +292,17 @@ impl Model {
             };
             lin.lora = Some(LoraLayer::new(&a, &b, magnitude, spec)?);
         }
+        if let Some(svd) = spec.pissa {
+            for module in self.target_modules(&spec.targets)? {
+                let (a, b) = self.pissa_residual(&module, spec, svd)?;
+                let l = self
+                    .linear_mut(&module)
+                    .and_then(|l| l.lora.as_mut())
+                    .expect("LoRA just added");
+                l.a.set(&a.to_dtype(l.a.dtype())?)?;
+                l.b.set(&b.to_dtype(l.b.dtype())?)?;
+            }
+        }
         self.make_trainable(
             &spec
                 .modules_to_save
@@ -288,6 +312,36 @@ impl Model {
             true,
         )?;
         Ok(())
+    }
+
+    /// PiSSA on the module `module`: its base weight becomes the residual; returns the
+    /// initial `(A, B)`. The randomized SVD's sketch is seeded by the module's name, so the
+    /// residual a loaded adapter needs is the one it trained on.
+    fn pissa_residual(
+        &mut self,
+        module: &str,
+        spec: &LoraSpec,
+        svd: super::pissa::Svd,
+    ) -> Result<(Tensor, Tensor)> {
+        if spec.use_dora {
+            bail!("`pissa_init` with `use_dora` is not supported");
+        }
+        let model_dtype = self.dtype;
+        let lin = self
+            .linear_mut(module)
+            .ok_or_else(|| anyhow!("no linear module `{module}`"))?;
+        let w = match &lin.weight {
+            LinearWeight::Dense(p) => p.tensor.to_dtype(DType::F32)?,
+            LinearWeight::Quantized(_) => bail!(
+                "`pissa_init` on a quantized base (`quantization_bit`) is not supported: the residual must stay in full precision; train PiSSA on the unquantized model"
+            ),
+        };
+        let seed = module.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
+            (h ^ u64::from(c)).wrapping_mul(0x100_0000_01b3)
+        });
+        let (a, b, residual) = super::pissa::factors(&w, spec.rank, spec.scale(), svd, seed)?;
+        lin.weight = LinearWeight::Dense(Param::frozen(residual.to_dtype(model_dtype)?));
+        Ok((a, b))
     }
 
     /// Marks parameters whose dotted name contains any of `patterns` trainable.
@@ -411,6 +465,12 @@ impl Model {
     /// keeps its tensors as variables to continue training it.
     pub fn load_adapter(&mut self, dir: &Path, trainable: bool) -> Result<LoraSpec> {
         let mut adapter = self.read_adapter(dir)?;
+        // A PiSSA adapter applies to the residual base, as PEFT recomputes it on load.
+        if let Some(svd) = adapter.spec.pissa {
+            for module in adapter.layers.keys().cloned().collect::<Vec<_>>() {
+                self.pissa_residual(&module, &adapter.spec, svd)?;
+            }
+        }
         for lin in self.linears_mut() {
             if let Some(l) = adapter.layers.remove(&lin.name) {
                 lin.lora = Some(l);

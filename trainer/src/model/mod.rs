@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod layers;
 mod llama;
 pub mod mlp;
+pub mod pissa;
 pub mod quant;
 pub mod value_head;
 pub mod vision;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::optim::AdamW;
 use crate::files::{write_json, write_safetensors, write_sharded};
@@ -66,6 +66,67 @@ pub fn save_model(
         }
     }
     tok.save(dir)
+}
+
+/// Where a PiSSA run with `pissa_convert` keeps its initial adapter, and the trained one as
+/// it was before the conversion (LLaMA-Factory's folder names).
+pub const PISSA_INIT: &str = "pissa_init";
+pub const PISSA_BACKUP: &str = "pissa_backup";
+
+/// `pissa_convert`: the PiSSA adapter in `dir` (trained on the residual base) becomes one that
+/// applies to the original base, as PEFT converts it (`[B, −B₀]·[A; A₀]`, rank and alpha
+/// doubled; alpha ×√2 with rsLoRA); the adapter as trained stays in `pissa_backup/`.
+pub fn convert_pissa(dir: &Path) -> Result<()> {
+    let backup = dir.join(PISSA_BACKUP);
+    std::fs::create_dir_all(&backup)
+        .with_context(|| format!("cannot create {}", backup.display()))?;
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(dir.join(f), backup.join(f))
+            .with_context(|| format!("cannot back up {}", dir.join(f).display()))?;
+    }
+    let load = |d: &Path| -> Result<std::collections::HashMap<String, Tensor>> {
+        let f = d.join("adapter_model.safetensors");
+        candle_core::safetensors::load(&f, &candle_core::Device::Cpu)
+            .map_err(|e| anyhow!("cannot read {}: {e}", f.display()))
+    };
+    let (trained, init) = (load(dir)?, load(&dir.join(PISSA_INIT))?);
+    let mut out = BTreeMap::new();
+    for (k, a) in &trained {
+        let Some(module) = k.strip_suffix(".lora_A.weight") else {
+            if !k.contains(".lora_B.") {
+                out.insert(k.clone(), a.clone());
+            }
+            continue;
+        };
+        let b_key = format!("{module}.lora_B.weight");
+        let get = |m: &std::collections::HashMap<String, Tensor>, key: &str| -> Result<Tensor> {
+            m.get(key)
+                .cloned()
+                .ok_or_else(|| anyhow!("PiSSA conversion: `{key}` is missing"))
+        };
+        let (a, b) = crate::model::pissa::convert(
+            a,
+            &get(&trained, &b_key)?,
+            &get(&init, k)?,
+            &get(&init, &b_key)?,
+        )?;
+        out.insert(k.clone(), a);
+        out.insert(b_key, b);
+    }
+    write_safetensors(&dir.join("adapter_model.safetensors"), &out)?;
+    let cfg_path = dir.join("adapter_config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
+    let r = cfg["r"].as_u64().unwrap_or(0);
+    let alpha = cfg["lora_alpha"].as_f64().unwrap_or(r as f64);
+    let rslora = cfg["use_rslora"].as_bool().unwrap_or(false);
+    cfg["r"] = json!(2 * r);
+    cfg["lora_alpha"] = json!(if rslora {
+        alpha * 2f64.sqrt()
+    } else {
+        2.0 * alpha
+    });
+    cfg["init_lora_weights"] = json!(true);
+    write_json(&cfg_path, &cfg)
 }
 
 /// What a checkpoint holds besides weights: the Trainer's progress.

@@ -147,6 +147,27 @@ impl<'a> Session<'a> {
             None => None,
         };
         let start_step = restored.as_ref().map_or(0, |r| r.step);
+        // PiSSA with `pissa_convert`: the initial adapter, which the conversion at the end
+        // subtracts (LLaMA-Factory's `pissa_init` folder).
+        if let Some(spec) = lora
+            .as_ref()
+            .filter(|s| s.pissa.is_some() && args.pissa_convert)
+        {
+            if restored.is_none() {
+                let init = LoraSpec {
+                    pissa: None,
+                    ..spec.clone()
+                };
+                let base = args.model_name_or_path.clone().unwrap_or_default();
+                super::checkpoint::save_model(
+                    &output_dir.join(super::checkpoint::PISSA_INIT),
+                    &model,
+                    &SaveKind::Adapter(&init),
+                    &base,
+                    &tok,
+                )?;
+            }
+        }
         let log = TrainerLog::open(
             &output_dir,
             restored.as_ref().map(|r| r.step),
@@ -342,6 +363,9 @@ impl<'a> Session<'a> {
     fn finish(self) -> Result<Outcome> {
         let total = self.plan.total_steps;
         self.save_model_to(&self.output_dir)?;
+        if self.args.pissa_convert && self.lora.as_ref().is_some_and(|s| s.pissa.is_some()) {
+            super::checkpoint::convert_pissa(&self.output_dir)?;
+        }
         let runtime = self.elapsed();
         let epoch = round(self.plan.epoch_at(total), 4);
         let mut train = Map::new();
