@@ -934,3 +934,95 @@ fn qlora_on_a_quantized_base_trains_close_to_full_precision_lora() {
         stderr(&o)
     );
 }
+
+/// The seed's optimization methods from a LLaMA-Factory YAML: PiSSA with `pissa_convert` (and
+/// NEFTune) leaves LLaMA-Factory's folders and a rank-2r adapter for the original base; LLaMA
+/// Pro expands the demo model and trains the inserted blocks only.
+#[test]
+fn pissa_neftune_and_llama_pro_run_from_yaml() {
+    let dir = workdir();
+    write_config(dir.path(), "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 48\nmax_samples: 32\nper_device_train_batch_size: 4\nmax_steps: 6\nlogging_steps: 1\nlearning_rate: 1.0e-3\nlora_rank: 4\n");
+    let o = run(
+        &train_args(&[
+            "pissa_init=true",
+            "pissa_convert=true",
+            "neftune_noise_alpha=5",
+            "output_dir=pissa",
+        ]),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("pissa");
+    for f in [
+        "pissa_init/adapter_model.safetensors",
+        "pissa_backup/adapter_model.safetensors",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let cfg = read_json(&out.join("adapter_config.json"));
+    assert_eq!(cfg["r"], 8, "rank doubled by the conversion");
+    assert_eq!(cfg["init_lora_weights"], true);
+    assert_eq!(
+        read_json(&out.join("pissa_backup/adapter_config.json"))["init_lora_weights"],
+        "pissa_niter_16"
+    );
+    assert!(losses(&out.join("trainer_log.jsonl"))
+        .iter()
+        .all(|(_, l)| l.is_finite()));
+
+    let o = run(
+        &[
+            "expand-model",
+            "--model-name-or-path",
+            "model",
+            "--output-dir",
+            "expanded",
+            "--num-expand",
+            "1",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(common::stdout(&o).contains("use_llama_pro: true"));
+    let layers = read_json(&dir.path().join("expanded/config.json"))["num_hidden_layers"]
+        .as_u64()
+        .unwrap() as usize;
+    let o = run(
+        &train_args(&[
+            "model_name_or_path=expanded",
+            "finetuning_type=freeze",
+            "use_llama_pro=true",
+            "freeze_trainable_layers=1",
+            "output_dir=pro",
+        ]),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let before = load(&dir.path().join("expanded/model.safetensors"));
+    let after = load(&dir.path().join("pro/model.safetensors"));
+    let mut changed: Vec<String> = before
+        .iter()
+        .filter(|(k, t)| {
+            let a = after[*k].to_dtype(candle_core::DType::F32).unwrap();
+            let b = t.to_dtype(candle_core::DType::F32).unwrap();
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    changed.sort();
+    let last = format!("model.layers.{}.", layers - 1);
+    assert!(!changed.is_empty());
+    assert!(
+        changed.iter().all(|k| k.starts_with(&last)),
+        "only the inserted block trains: {changed:?}"
+    );
+}

@@ -154,6 +154,8 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("create_new_adapter", "Create new adapter", "新建适配器"),
     ("use_rslora", "Use rsLoRA", "使用 rsLoRA"),
     ("use_dora", "Use DoRA", "使用 DoRA"),
+    ("use_pissa", "Use PiSSA", "使用 PiSSA"),
+    ("use_llama_pro", "Enable LLaMA Pro", "使用 LLaMA Pro"),
     ("lora_target", "LoRA modules", "LoRA 作用模块"),
     ("additional_target", "Additional modules", "附加模块"),
     ("rlhf_group", "RLHF configurations", "RLHF 参数设置"),

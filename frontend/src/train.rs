@@ -44,6 +44,7 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
     ("train_on_prompt", "false"),
     ("mask_history", "false"),
     ("resize_vocab", "false"),
+    ("use_llama_pro", "false"),
     ("enable_thinking", "true"),
     ("gradient_checkpointing", "false"),
     ("freeze_vision_tower", "true"),
@@ -61,6 +62,7 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
     ("create_new_adapter", "false"),
     ("use_rslora", "false"),
     ("use_dora", "false"),
+    ("use_pissa", "false"),
     ("lora_target", ""),
     ("additional_target", ""),
     ("pref_beta", "0.1"),
@@ -141,6 +143,20 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
             own.remove(k);
         }
     }
+    // As LlamaBoard's runner: one PiSSA box sets PiSSA's initialization and its conversion
+    // of the saved adapter; unchecked boxes stay out of the arguments.
+    if own
+        .remove("use_pissa")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .as_deref()
+        == Some("true")
+    {
+        own.insert("pissa_init".into(), Value::String("true".into()));
+        own.insert("pissa_convert".into(), Value::String("true".into()));
+    }
+    if own.get("use_llama_pro").and_then(Value::as_str) == Some("false") {
+        own.remove("use_llama_pro");
+    }
     for zero_is_none in ["neftune_noise_alpha", "loraplus_lr_ratio"] {
         if own
             .get(zero_is_none)
@@ -175,6 +191,8 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
                 "create_new_adapter",
                 "use_rslora",
                 "use_dora",
+                "pissa_init",
+                "pissa_convert",
                 "lora_target",
                 "additional_target",
             ],
@@ -449,7 +467,7 @@ pub fn TrainTab() -> impl IntoView {
             <Field form key="val_size" label="val_size" kind="number" min="0" max="1" step="0.001"/>
             <Select form key="lr_scheduler_type" label="lr_scheduler_type" options={choices::<SchedulerType>()}/>
         </div>
-        <Group label="extra_group" form keys=&["logging_steps", "save_steps", "warmup_steps", "neftune_noise_alpha", "packing", "neat_packing", "train_on_prompt", "mask_history", "resize_vocab", "enable_thinking", "gradient_checkpointing"]>
+        <Group label="extra_group" form keys=&["logging_steps", "save_steps", "warmup_steps", "neftune_noise_alpha", "packing", "neat_packing", "train_on_prompt", "mask_history", "resize_vocab", "use_llama_pro", "enable_thinking", "gradient_checkpointing"]>
             <Field form key="logging_steps" label="logging_steps" kind="number" min="1"/>
             <Field form key="save_steps" label="save_steps" kind="number" min="1"/>
             <Field form key="warmup_steps" label="warmup_steps" kind="number" min="0"/>
@@ -459,6 +477,7 @@ pub fn TrainTab() -> impl IntoView {
             <Check form key="train_on_prompt" label="train_on_prompt"/>
             <Check form key="mask_history" label="mask_history"/>
             <Check form key="resize_vocab" label="resize_vocab"/>
+            <Check form key="use_llama_pro" label="use_llama_pro"/>
             <Check form key="enable_thinking" label="enable_thinking"/>
             <Check form key="gradient_checkpointing" label="gradient_checkpointing"/>
         </Group>
@@ -474,7 +493,7 @@ pub fn TrainTab() -> impl IntoView {
             <Field form key="freeze_trainable_modules" label="freeze_trainable_modules"/>
             <Field form key="freeze_extra_modules" label="freeze_extra_modules"/>
         </Group>
-        <Group label="lora_group" form keys=&["lora_rank", "lora_alpha", "lora_dropout", "loraplus_lr_ratio", "create_new_adapter", "use_rslora", "use_dora", "lora_target", "additional_target"]>
+        <Group label="lora_group" form keys=&["lora_rank", "lora_alpha", "lora_dropout", "loraplus_lr_ratio", "create_new_adapter", "use_rslora", "use_dora", "use_pissa", "lora_target", "additional_target"]>
             <Field form key="lora_rank" label="lora_rank" kind="number" min="1" max="1024"/>
             <Field form key="lora_alpha" label="lora_alpha" kind="number" min="1" max="2048"/>
             <Field form key="lora_dropout" label="lora_dropout" kind="number" min="0" max="1" step="0.01"/>
@@ -482,6 +501,7 @@ pub fn TrainTab() -> impl IntoView {
             <Check form key="create_new_adapter" label="create_new_adapter"/>
             <Check form key="use_rslora" label="use_rslora"/>
             <Check form key="use_dora" label="use_dora"/>
+            <Check form key="use_pissa" label="use_pissa"/>
             <Field form key="lora_target" label="lora_target" placeholder="all"/>
             <Field form key="additional_target" label="additional_target"/>
         </Group>

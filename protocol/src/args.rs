@@ -189,6 +189,9 @@ pub struct TrainArgs {
     pub bf16: bool,
     pub fp16: bool,
     pub gradient_checkpointing: bool,
+    /// NEFTune: uniform noise of magnitude α/√(seq·hidden) added to the input embeddings while
+    /// training (transformers' `neftune_noise_alpha`); none when unset.
+    pub neftune_noise_alpha: Option<f64>,
     pub report_to: Option<String>,
     pub run_name: Option<String>,
     pub ddp_timeout: u64,
@@ -358,6 +361,7 @@ impl Default for TrainArgs {
             bf16: false,
             fp16: false,
             gradient_checkpointing: false,
+            neftune_noise_alpha: None,
             report_to: None,
             run_name: None,
             ddp_timeout: 1800,

@@ -36,6 +36,8 @@ pub struct Model {
     /// Gradient checkpointing: training passes keep only each decoder layer's input and
     /// recompute the layer during backward (`gradient_checkpointing: true`).
     pub checkpointing: bool,
+    /// NEFTune's α: noise on the input embeddings in training passes (those given an rng).
+    pub neftune_alpha: Option<f64>,
     /// Where the recomputed layers leave their trainable tensors' gradients; see
     /// [`Model::backward`].
     grad_sink: crate::ops::GradSink,
@@ -151,6 +153,7 @@ impl Model {
                 .map(|(k, t)| (k, Param::frozen(t)))
                 .collect(),
             checkpointing: false,
+            neftune_alpha: None,
             grad_sink: Default::default(),
             router_aux_loss_coef: None,
             routing: Default::default(),
@@ -590,6 +593,11 @@ impl Model {
         weights: Weights,
     ) -> Result<Tensor> {
         let mut x = self.embed(&b.input_ids, weights)?;
+        if let (Some(alpha), Some(rng), Weights::Policy) =
+            (self.neftune_alpha, rng.as_deref_mut(), weights)
+        {
+            x = neftune(&x, alpha, b.seq, rng)?;
+        }
         if let Some(v) = &b.vision {
             x = self.merge_images(x, &b.input_ids, v, weights)?;
         }
@@ -1029,5 +1037,44 @@ impl TargetLogits {
         // Half-precision models get f32 log-probabilities (and so an f32 loss).
         let logits = logits.to_dtype(f32_if_half(logits.dtype()))?;
         Ok(log_softmax(&logits)?.gather(&tgt, 1)?)
+    }
+}
+
+/// NEFTune (Jain et al.; transformers' `neftune_post_forward_hook`): the embeddings `x (B·T,
+/// hidden)` of a batch padded to `seq` tokens plus uniform noise in `±α/√(seq·hidden)`.
+pub(crate) fn neftune(x: &Tensor, alpha: f64, seq: usize, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    use rand::Rng;
+    let hidden = x.dim(1)?;
+    let mag = alpha / ((seq * hidden) as f64).sqrt();
+    let noise: Vec<f32> = (0..x.elem_count())
+        .map(|_| rng.gen_range(-mag..=mag) as f32)
+        .collect();
+    let noise = Tensor::from_vec(noise, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x + noise)?)
+}
+
+#[cfg(test)]
+mod neftune_tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn neftune_noise_is_uniform_with_transformers_magnitude() {
+        // transformers: mag_norm = α / √(seq_len · hidden), noise ~ U(−mag_norm, mag_norm).
+        let (rows, hidden, seq, alpha) = (4 * 16, 64, 16, 5.0);
+        let x = Tensor::zeros((rows, hidden), DType::F32, &Device::Cpu).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let y: Vec<f32> = neftune(&x, alpha, seq, &mut rng)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mag = alpha / ((seq * hidden) as f64).sqrt();
+        let max = y.iter().map(|v| f64::from(v.abs())).fold(0.0, f64::max);
+        assert!(max <= mag + 1e-7 && max > 0.99 * mag, "{max} vs {mag}");
+        let mean_sq = y.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / y.len() as f64;
+        let want = mag * mag / 3.0;
+        assert!((mean_sq - want).abs() < 0.05 * want, "{mean_sq} vs {want}");
     }
 }

@@ -249,6 +249,7 @@ fn load_model(
         model.resize_vocab(tok.len())?;
     }
     model.checkpointing = args.gradient_checkpointing && !args.disable_gradient_checkpointing;
+    model.neftune_alpha = args.neftune_noise_alpha.filter(|a| *a > 0.0);
     Ok((model, dir))
 }
 
