@@ -55,6 +55,11 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
     ("freeze_trainable_layers", "2"),
     ("freeze_trainable_modules", "all"),
     ("freeze_extra_modules", ""),
+    ("use_galore", "false"),
+    ("galore_rank", "16"),
+    ("galore_update_interval", "200"),
+    ("galore_scale", "2"),
+    ("galore_target", "all"),
     ("lora_rank", "8"),
     ("lora_alpha", "16"),
     ("lora_dropout", "0"),
@@ -156,6 +161,18 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
     }
     if own.get("use_llama_pro").and_then(Value::as_str) == Some("false") {
         own.remove("use_llama_pro");
+    }
+    // GaLore's keys go only with GaLore on, as LlamaBoard's runner passes them.
+    if own.get("use_galore").and_then(Value::as_str) != Some("true") {
+        for k in [
+            "use_galore",
+            "galore_rank",
+            "galore_update_interval",
+            "galore_scale",
+            "galore_target",
+        ] {
+            own.remove(k);
+        }
     }
     for zero_is_none in ["neftune_noise_alpha", "loraplus_lr_ratio"] {
         if own
@@ -492,6 +509,13 @@ pub fn TrainTab() -> impl IntoView {
             <Field form key="freeze_trainable_layers" label="freeze_trainable_layers" kind="number"/>
             <Field form key="freeze_trainable_modules" label="freeze_trainable_modules"/>
             <Field form key="freeze_extra_modules" label="freeze_extra_modules"/>
+        </Group>
+        <Group label="galore_group" form keys=&["use_galore", "galore_rank", "galore_update_interval", "galore_scale", "galore_target"]>
+            <Check form key="use_galore" label="use_galore"/>
+            <Field form key="galore_rank" label="galore_rank" kind="number" min="1" max="1024"/>
+            <Field form key="galore_update_interval" label="galore_update_interval" kind="number" min="1" max="2048"/>
+            <Field form key="galore_scale" label="galore_scale" kind="number" min="0" max="100" step="0.01"/>
+            <Field form key="galore_target" label="galore_target"/>
         </Group>
         <Group label="lora_group" form keys=&["lora_rank", "lora_alpha", "lora_dropout", "loraplus_lr_ratio", "create_new_adapter", "use_rslora", "use_dora", "use_pissa", "lora_target", "additional_target"]>
             <Field form key="lora_rank" label="lora_rank" kind="number" min="1" max="1024"/>

@@ -5,9 +5,9 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::options::{
-    Choice, ExportFormat, FinetuningType, GgufType, InferDtype, IntervalStrategy, MixStrategy,
-    PrefLossType, QuantizationMethod, QuantizationType, RewardModelType, RopeScalingType,
-    SchedulerType, Stage,
+    Choice, ExportFormat, FinetuningType, GaloreProjType, GgufType, InferDtype, IntervalStrategy,
+    MixStrategy, PrefLossType, QuantizationMethod, QuantizationType, RewardModelType,
+    RopeScalingType, SchedulerType, Stage,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,6 +122,18 @@ pub struct TrainArgs {
     pub pissa_iter: i64,
     pub pissa_convert: bool,
     pub create_new_adapter: bool,
+    // ---- GaLore ----
+    /// Full-parameter training with gradients projected to a low-rank subspace.
+    pub use_galore: bool,
+    /// Linear modules whose weights GaLore projects (`all`: every linear module).
+    pub galore_target: String,
+    pub galore_rank: usize,
+    /// Steps between refreshes of the projection (an SVD of the gradient).
+    pub galore_update_interval: usize,
+    pub galore_scale: f64,
+    pub galore_proj_type: GaloreProjType,
+    /// LLaMA-Factory's per-layer updates (no gradient clipping, no accumulation).
+    pub galore_layerwise: bool,
     // ---- preference / reward ----
     pub pref_beta: f64,
     pub pref_ftx: f64,
@@ -297,6 +309,13 @@ impl Default for TrainArgs {
             pissa_iter: 16,
             pissa_convert: false,
             create_new_adapter: false,
+            use_galore: false,
+            galore_target: "all".into(),
+            galore_rank: 16,
+            galore_update_interval: 200,
+            galore_scale: 2.0,
+            galore_proj_type: GaloreProjType::Std,
+            galore_layerwise: false,
             pref_beta: 0.1,
             pref_ftx: 0.0,
             pref_bco_weight: 0.0,

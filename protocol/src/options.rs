@@ -183,6 +183,17 @@ choice! {
 }
 
 choice! {
+    /// `galore_proj_type`: which side of a gradient GaLore projects (`std`: the smaller one).
+    GaloreProjType {
+        Std = "std",
+        ReverseStd = "reverse_std",
+        Right = "right",
+        Left = "left",
+        Full = "full",
+    }
+}
+
+choice! {
     /// `mix_strategy`: how several datasets are combined.
     MixStrategy {
         Concat = "concat",

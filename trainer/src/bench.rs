@@ -225,7 +225,7 @@ fn train_steps_for(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut model = random_model(c, full)?;
     model.checkpointing = c.checkpointing;
-    let mut opt = AdamW::for_training(model.trainable(), &args)?;
+    let mut opt = AdamW::for_training(model.trainable(), &args, &[])?;
     let dpo_loss = Dpo::from_args(&args);
     let rows_n = if dpo { 2 * c.batch } else { c.batch };
     let batch = random_batch(&mut rng, rows_n, c.seq, c.vocab, 32);

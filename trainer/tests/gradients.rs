@@ -429,6 +429,7 @@ fn half_precision_models_train_f32_masters() {
                 var: var.clone(),
                 weight_decay: 0.0,
                 lr_scale: 1.0,
+                galore: None,
             }],
             0.9,
             0.999,

@@ -139,6 +139,24 @@ pub fn validate(a: &TrainArgs) -> Result<(), ArgError> {
             "`dpo_label_smoothing` is only valid for pref_loss sigmoid",
         );
     }
+    if a.use_galore && a.finetuning_type == FinetuningType::Lora {
+        return fail(
+            "use_galore",
+            "Cannot use LoRA with GaLore, APOLLO or BAdam together (GaLore trains full weights: use `finetuning_type: full` or `freeze`)",
+        );
+    }
+    if a.use_galore && a.galore_layerwise && a.gradient_accumulation_steps != 1 {
+        return fail(
+            "galore_layerwise",
+            "Per-layer GaLore does not support gradient accumulation (`gradient_accumulation_steps` must be 1)",
+        );
+    }
+    if a.use_galore && (a.galore_rank == 0 || a.galore_update_interval == 0) {
+        return fail(
+            "galore_rank",
+            "`galore_rank` and `galore_update_interval` must be at least 1",
+        );
+    }
     if a.use_llama_pro && a.finetuning_type == FinetuningType::Full {
         return fail(
             "use_llama_pro",

@@ -10,6 +10,7 @@
 
 mod batch;
 pub mod checkpoint;
+pub mod galore;
 mod job;
 pub mod log;
 pub mod memory;

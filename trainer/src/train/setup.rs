@@ -151,6 +151,24 @@ pub(crate) fn prepare(
         ),
     );
 
+    let opt = AdamW::for_training(trainable, args, &galore_targets(&model, args)?)?;
+    if args.use_galore {
+        let plain: usize = opt.params.iter().map(|p| 2 * p.var.elem_count()).sum();
+        log(
+            rep,
+            "info",
+            format!(
+                "GaLore (rank {}, every {} steps, scale {}, {}): optimizer state {:.1} MB instead of AdamW's {:.1} MB",
+                args.galore_rank,
+                args.galore_update_interval,
+                args.galore_scale,
+                args.galore_proj_type,
+                opt.state_elements() as f64 * 4e-6,
+                plain as f64 * 4e-6
+            ),
+        );
+    }
+
     let train = with_images(
         Examples::for_stage(args.stage, &data.train, args.neat_packing),
         &model,
@@ -187,7 +205,7 @@ pub(crate) fn prepare(
         tok,
         model,
         lora,
-        opt: AdamW::for_training(trainable, args)?,
+        opt,
         objective,
         train,
         eval,
@@ -368,6 +386,32 @@ fn with_images(
         args.image_min_pixels,
     )?;
     Ok(examples.with_images(std::sync::Arc::new(batcher)))
+}
+
+/// The linear modules whose weights GaLore projects: LLaMA-Factory's `galore_target` (`all`:
+/// every linear module kind of the decoder), matched within module names.
+fn galore_targets(model: &Model, args: &TrainArgs) -> Result<Vec<String>> {
+    if !args.use_galore {
+        return Ok(Vec::new());
+    }
+    let wanted = if args.galore_target.trim() == "all" {
+        model.linear_kinds()
+    } else {
+        TrainArgs::split_list(Some(&args.galore_target))
+    };
+    let modules: Vec<String> = model
+        .linears()
+        .filter(|l| wanted.iter().any(|t| l.name.contains(t.as_str())))
+        .map(|l| l.name.clone())
+        .collect();
+    if modules.is_empty() {
+        bail!(
+            "`galore_target: {}` matches no linear module; choose from {} or `all`",
+            args.galore_target,
+            model.linear_kinds().join(", ")
+        );
+    }
+    Ok(modules)
 }
 
 /// LLaMA-Factory's freezing keys on a vision-language model: the vision tower trains only with

@@ -293,7 +293,13 @@ impl BatchLoss<'_> {
                 updated: false,
             });
         }
-        let grad_norm = AdamW::clip_grad_norm(&mut grads, input.args.max_grad_norm)?;
+        // Layer-wise GaLore steps each tensor as its gradient arrives, before any clipping
+        // (LLaMA-Factory warns that its gradient norm then shows as 0).
+        let grad_norm = if input.args.use_galore && input.args.galore_layerwise {
+            0.0
+        } else {
+            AdamW::clip_grad_norm(&mut grads, input.args.max_grad_norm)?
+        };
         opt.update(&grads, input.lr)?;
         Ok(StepOutput {
             loss: total,
