@@ -42,3 +42,38 @@ with open(os.path.join(OUT, "galore.json"), "w") as fh:
                "grads": [{k: v.flatten().tolist() for k, v in g.items()} for g in grads],
                "rank": 2, "scale": 0.25, "lr": 0.01, "eps": 1e-3, "weight_decay": 0.01, "cases": cases}, fh)
 print(len(cases), "cases")
+
+# BAdam (layer mode), as LLaMA-Factory builds it: torch AdamW over [no-decay group, decay group] wrapped in
+# `badam.BlockOptimizer` with the blocks it infers from the names (one per `layers.N.`; embeddings and the head never
+# train), a switch every 3 steps, ascending and descending, seven steps of seeded gradients.
+from badam import BlockOptimizer  # noqa: E402
+
+names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.bias",
+         "model.layers.0.input_layernorm.weight", "model.layers.1.mlp.up_proj.weight",
+         "model.layers.1.mlp.up_proj.bias", "model.layers.2.mlp.up_proj.weight", "model.norm.weight"]
+bshapes = {n: ((4, 3) if n.endswith("proj.weight") or "embed" in n else (3,) if "norm" in n else (4,)) for n in names}
+torch.manual_seed(1)
+binit = {n: torch.randn(bshapes[n]) for n in names}
+bgrads = [{n: torch.randn(bshapes[n]) for n in names} for _ in range(7)]
+bcases = []
+for mode in ["ascending", "descending"]:
+    params = {n: torch.nn.Parameter(binit[n].clone()) for n in names}
+    decay = [p for n, p in params.items() if "bias" not in n and "norm" not in n]
+    nodecay = [p for n, p in params.items() if "bias" in n or "norm" in n]
+    base = torch.optim.AdamW([dict(params=nodecay, weight_decay=0.0), dict(params=decay, weight_decay=0.1)], lr=0.01,
+                             betas=(0.9, 0.999), eps=1e-8)
+    opt = BlockOptimizer(base_optimizer=base, named_parameters_list=list(params.items()), block_prefix_list=None,
+                         switch_block_every=3, start_block=None, switch_mode=mode, verbose=0)
+    steps = []
+    for g in bgrads:
+        for n, p in params.items():
+            p.grad = g[n].clone() if p.requires_grad else None
+        opt.step()
+        steps.append({n: p.detach().flatten().tolist() for n, p in params.items()})
+    bcases.append({"switch_mode": mode, "steps": steps})
+with open(os.path.join(OUT, "badam.json"), "w") as fh:
+    json.dump({"names": names, "shapes": {n: list(s) for n, s in bshapes.items()},
+               "init": {n: v.flatten().tolist() for n, v in binit.items()},
+               "grads": [{n: v.flatten().tolist() for n, v in g.items()} for g in bgrads],
+               "lr": 0.01, "weight_decay": 0.1, "switch_interval": 3, "cases": bcases}, fh)
+print(len(bcases), "badam cases")

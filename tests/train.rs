@@ -1060,3 +1060,39 @@ fn galore_trains_full_weights_with_low_rank_state() {
         stderr(&o)
     );
 }
+
+/// BAdam from a LLaMA-Factory YAML: one decoder layer trains at a time; embeddings, final norm
+/// and head never change.
+#[test]
+fn badam_trains_one_layer_block_at_a_time() {
+    let dir = workdir();
+    write_config(dir.path(), "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 48\nmax_samples: 32\nper_device_train_batch_size: 4\nmax_steps: 3\nlogging_steps: 1\nlearning_rate: 1.0e-3\nfinetuning_type: full\nuse_badam: true\nbadam_switch_interval: 50\nbadam_switch_mode: descending\n");
+    let o = run(&train_args(&["output_dir=badam"]), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("BAdam:"), "{}", stderr(&o));
+    let layers = read_json(&dir.path().join("model/config.json"))["num_hidden_layers"]
+        .as_u64()
+        .unwrap();
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let before = load(&dir.path().join("model/model.safetensors"));
+    let after = load(&dir.path().join("badam/model.safetensors"));
+    let last = format!("model.layers.{}.", layers - 1);
+    for (k, t) in &before {
+        let a = after[k].to_dtype(candle_core::DType::F32).unwrap();
+        let b = t.to_dtype(candle_core::DType::F32).unwrap();
+        let moved = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0;
+        assert_eq!(
+            moved,
+            k.starts_with(&last),
+            "`{k}` (descending: the last layer trains first)"
+        );
+    }
+}

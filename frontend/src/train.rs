@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use protocol::args::{Choice, FinetuningType, PrefLossType, RewardModelType, SchedulerType, Stage};
+use protocol::args::{
+    BadamSwitchMode, Choice, FinetuningType, PrefLossType, RewardModelType, SchedulerType, Stage,
+};
 use protocol::run::{
     ArgSet, CommandPreview, Created, DatasetEntry, DatasetPage, MetricPoint, Run, RunKind,
     RunStatus,
@@ -55,6 +57,9 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
     ("freeze_trainable_layers", "2"),
     ("freeze_trainable_modules", "all"),
     ("freeze_extra_modules", ""),
+    ("use_badam", "false"),
+    ("badam_switch_mode", "ascending"),
+    ("badam_switch_interval", "50"),
     ("use_galore", "false"),
     ("galore_rank", "16"),
     ("galore_update_interval", "200"),
@@ -161,6 +166,11 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
     }
     if own.get("use_llama_pro").and_then(Value::as_str) == Some("false") {
         own.remove("use_llama_pro");
+    }
+    if own.get("use_badam").and_then(Value::as_str) != Some("true") {
+        for k in ["use_badam", "badam_switch_mode", "badam_switch_interval"] {
+            own.remove(k);
+        }
     }
     // GaLore's keys go only with GaLore on, as LlamaBoard's runner passes them.
     if own.get("use_galore").and_then(Value::as_str) != Some("true") {
@@ -516,6 +526,11 @@ pub fn TrainTab() -> impl IntoView {
             <Field form key="galore_update_interval" label="galore_update_interval" kind="number" min="1" max="2048"/>
             <Field form key="galore_scale" label="galore_scale" kind="number" min="0" max="100" step="0.01"/>
             <Field form key="galore_target" label="galore_target"/>
+        </Group>
+        <Group label="badam_group" form keys=&["use_badam", "badam_switch_mode", "badam_switch_interval"]>
+            <Check form key="use_badam" label="use_badam"/>
+            <Select form key="badam_switch_mode" label="badam_switch_mode" options={choices::<BadamSwitchMode>()}/>
+            <Field form key="badam_switch_interval" label="badam_switch_interval" kind="number" min="1" max="1024"/>
         </Group>
         <Group label="lora_group" form keys=&["lora_rank", "lora_alpha", "lora_dropout", "loraplus_lr_ratio", "create_new_adapter", "use_rslora", "use_dora", "use_pissa", "lora_target", "additional_target"]>
             <Field form key="lora_rank" label="lora_rank" kind="number" min="1" max="1024"/>

@@ -5,9 +5,9 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::options::{
-    Choice, ExportFormat, FinetuningType, GaloreProjType, GgufType, InferDtype, IntervalStrategy,
-    MixStrategy, PrefLossType, QuantizationMethod, QuantizationType, RewardModelType,
-    RopeScalingType, SchedulerType, Stage,
+    BadamMaskMode, BadamMode, BadamSwitchMode, Choice, ExportFormat, FinetuningType,
+    GaloreProjType, GgufType, InferDtype, IntervalStrategy, MixStrategy, PrefLossType,
+    QuantizationMethod, QuantizationType, RewardModelType, RopeScalingType, SchedulerType, Stage,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +134,19 @@ pub struct TrainArgs {
     pub galore_proj_type: GaloreProjType,
     /// LLaMA-Factory's per-layer updates (no gradient clipping, no accumulation).
     pub galore_layerwise: bool,
+    // ---- BAdam ----
+    /// Block coordinate descent: one decoder layer trains at a time.
+    pub use_badam: bool,
+    pub badam_mode: BadamMode,
+    /// The block to start with (by default the first, or the last when descending).
+    pub badam_start_block: Option<usize>,
+    pub badam_switch_mode: BadamSwitchMode,
+    /// Steps each block trains for.
+    pub badam_switch_interval: usize,
+    pub badam_update_ratio: f64,
+    pub badam_mask_mode: BadamMaskMode,
+    /// 1 or more: log each block switch.
+    pub badam_verbose: u32,
     // ---- preference / reward ----
     pub pref_beta: f64,
     pub pref_ftx: f64,
@@ -316,6 +329,14 @@ impl Default for TrainArgs {
             galore_scale: 2.0,
             galore_proj_type: GaloreProjType::Std,
             galore_layerwise: false,
+            use_badam: false,
+            badam_mode: BadamMode::Layer,
+            badam_start_block: None,
+            badam_switch_mode: BadamSwitchMode::Ascending,
+            badam_switch_interval: 50,
+            badam_update_ratio: 0.05,
+            badam_mask_mode: BadamMaskMode::Adjacent,
+            badam_verbose: 0,
             pref_beta: 0.1,
             pref_ftx: 0.0,
             pref_bco_weight: 0.0,
@@ -450,6 +471,8 @@ pub const UNREAD_KEYS: &[(&str, KeyUse)] = &[
     ("ref_model", KeyUse::Unsupported("the reference model is the base model (with the adapter off for LoRA)")),
     ("ref_model_adapters", KeyUse::Unsupported("the reference model is the base model (with the adapter off for LoRA)")),
     ("early_stopping_steps", KeyUse::Unsupported("early stopping is not supported; use `max_steps` or watch the eval loss in LlamaBoard")),
+    ("badam_update_ratio", KeyUse::NoEffect("only ratio-mode BAdam reads it, which is not supported")),
+    ("badam_mask_mode", KeyUse::NoEffect("only ratio-mode BAdam reads it, which is not supported")),
     ("deepspeed", KeyUse::Unsupported("this engine trains without DeepSpeed; remove the key")),
     ("shift_attn", KeyUse::Unsupported("LongLoRA's shifted short attention is not supported yet; use `rope_scaling` for long contexts")),
 ];

@@ -194,6 +194,33 @@ choice! {
 }
 
 choice! {
+    /// `badam_mode`: BAdam's blocks, whole layers or a ratio of each weight (the latter is not
+    /// supported; validation says so).
+    BadamMode {
+        Layer = "layer",
+        Ratio = "ratio",
+    }
+}
+
+choice! {
+    /// `badam_switch_mode`: the order BAdam's blocks take turns in.
+    BadamSwitchMode {
+        Ascending = "ascending",
+        Descending = "descending",
+        Random = "random",
+        Fixed = "fixed",
+    }
+}
+
+choice! {
+    /// `badam_mask_mode`: ratio-mode BAdam's choice of entries.
+    BadamMaskMode {
+        Adjacent = "adjacent",
+        Scatter = "scatter",
+    }
+}
+
+choice! {
     /// `mix_strategy`: how several datasets are combined.
     MixStrategy {
         Concat = "concat",

@@ -107,16 +107,35 @@ fn yaml_to_json(v: serde_yaml_ng::Value, key: &str) -> Result<Value> {
 /// LLaMA-Factory keys of features this engine does not have yet, by key prefix: what they are
 /// and what to use instead. Any value is an error that says so (not "unknown key").
 const NOT_YET: &[(&str, &str)] = &[
-    ("use_badam", "BAdam is not supported yet; `use_galore: true` (full fine-tuning with low-rank optimizer state) or `finetuning_type: freeze` saves optimizer memory"),
-    ("badam_", "BAdam is not supported yet; `use_galore: true` or `finetuning_type: freeze` saves optimizer memory"),
-    ("use_apollo", "APOLLO is not supported yet; `use_galore: true` is its closest relative here"),
-    ("apollo_", "APOLLO is not supported yet; `use_galore: true` is its closest relative here"),
+    (
+        "use_apollo",
+        "APOLLO is not supported yet; `use_galore: true` is its closest relative here",
+    ),
+    (
+        "apollo_",
+        "APOLLO is not supported yet; `use_galore: true` is its closest relative here",
+    ),
     ("mixture_of_depths", "Mixture-of-Depths is not supported"),
-    ("use_adam_mini", "Adam-mini is not supported; the optimizer is AdamW (GaLore with `use_galore`)"),
-    ("use_muon", "Muon is not supported; the optimizer is AdamW (GaLore with `use_galore`)"),
-    ("oft_", "OFT is not supported; use LoRA or DoRA (`use_dora`)"),
-    ("use_swanlab", "SwanLab tracking is not supported; the run's log is trainer_log.jsonl"),
-    ("swanlab_", "SwanLab tracking is not supported; the run's log is trainer_log.jsonl"),
+    (
+        "use_adam_mini",
+        "Adam-mini is not supported; the optimizer is AdamW (GaLore with `use_galore`)",
+    ),
+    (
+        "use_muon",
+        "Muon is not supported; the optimizer is AdamW (GaLore with `use_galore`)",
+    ),
+    (
+        "oft_",
+        "OFT is not supported; use LoRA or DoRA (`use_dora`)",
+    ),
+    (
+        "use_swanlab",
+        "SwanLab tracking is not supported; the run's log is trainer_log.jsonl",
+    ),
+    (
+        "swanlab_",
+        "SwanLab tracking is not supported; the run's log is trainer_log.jsonl",
+    ),
     ("use_mca", "Megatron-Core training is not supported"),
     ("use_dft_loss", "the DFT loss is not supported"),
     ("use_asft_loss", "the ASFT loss is not supported"),
@@ -289,7 +308,6 @@ mod tests {
     #[test]
     fn llamafactory_methods_not_here_say_so_by_name() {
         for (key, says) in [
-            ("use_badam: true", "BAdam is not supported yet"),
             ("apollo_rank: 8", "APOLLO is not supported yet"),
             ("use_muon: true", "Muon is not supported"),
         ] {

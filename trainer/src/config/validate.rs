@@ -139,6 +139,27 @@ pub fn validate(a: &TrainArgs) -> Result<(), ArgError> {
             "`dpo_label_smoothing` is only valid for pref_loss sigmoid",
         );
     }
+    if a.use_galore && a.use_badam {
+        return fail("use_badam", "Cannot use GaLore, APOLLO or BAdam together.");
+    }
+    if a.use_badam && a.finetuning_type == FinetuningType::Lora {
+        return fail(
+            "use_badam",
+            "Cannot use LoRA with GaLore, APOLLO or BAdam together (BAdam trains full layers: use `finetuning_type: full`)",
+        );
+    }
+    if a.use_badam && a.badam_mode == protocol::args::BadamMode::Ratio {
+        return fail(
+            "badam_mode",
+            "`badam_mode: ratio` is not supported: use `badam_mode: layer` (one decoder layer trains at a time)",
+        );
+    }
+    if a.use_badam && matches!(a.stage, Stage::Dpo | Stage::Kto | Stage::Ppo) {
+        return fail(
+            "use_badam",
+            format!("BAdam with stage {} is not supported here: its frozen reference model would follow the blocks already trained; use stage sft, pt or rm", a.stage),
+        );
+    }
     if a.use_galore && a.finetuning_type == FinetuningType::Lora {
         return fail(
             "use_galore",

@@ -263,6 +263,21 @@ impl Model {
         f32_if_half(self.dtype)
     }
 
+    /// Makes the weights `active` names trainable and freezes the others, keeping what they
+    /// learned (BAdam's block switch).
+    pub fn train_only(&mut self, active: impl Fn(&str) -> bool) -> Result<()> {
+        let (train_dtype, dtype) = (self.trainable_dtype(), self.dtype);
+        for (name, p) in self.params_mut() {
+            match (active(&name), p.var.take()) {
+                (true, Some(v)) => p.var = Some(v),
+                (true, None) => p.var = Some(Var::from_tensor(&p.tensor.to_dtype(train_dtype)?)?),
+                (false, Some(v)) => p.tensor = v.as_tensor().detach().to_dtype(dtype)?,
+                (false, None) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Elements in the base model's weights (quantized ones included).
     pub fn num_base_params(&self) -> u64 {
         let dense: u64 = self

@@ -8,6 +8,7 @@
 //! batches), `objective` (the stage's step and evaluation, reporting through `step`'s types),
 //! `log` (LLaMA-Factory's log and results files), `checkpoint` (saving and restoring).
 
+pub mod badam;
 mod batch;
 pub mod checkpoint;
 pub mod galore;

@@ -58,6 +58,20 @@ pub fn run_training(
         };
         let out = s.objective.step(&mut s.model, &mut s.opt, input)?;
         s.tokens_seen += out.tokens;
+        if let Some(b) = s.badam.as_mut() {
+            if b.after_step() {
+                s.model.train_only(|n| b.is_active(n))?;
+                let mut trainable = s.model.trainable();
+                trainable.extend(s.objective.trainable());
+                s.opt = super::setup::optimizer(trainable, args, &[])?;
+                if args.badam_verbose >= 1 {
+                    rep.event(&WorkerEvent::Log {
+                        level: "info".into(),
+                        message: format!("BAdam: training {} from step {}", b.active(), step + 1),
+                    });
+                }
+            }
+        }
         if !out.loss.is_finite() {
             return Ok(s.stop_on_non_finite(step, &out, rep));
         }
@@ -115,6 +129,7 @@ struct Session<'a> {
     start: Instant,
     /// Seconds already spent before a resume.
     prior_elapsed: f64,
+    badam: Option<super::badam::Badam>,
 }
 
 impl<'a> Session<'a> {
@@ -133,6 +148,7 @@ impl<'a> Session<'a> {
             eval,
             skipped,
             pad,
+            badam,
         } = p;
         let restored = match &resume {
             Some(ckpt) => Some(restore(
@@ -195,6 +211,7 @@ impl<'a> Session<'a> {
             tokens_seen: restored.as_ref().map_or(0, |r| r.tokens_seen),
             start: Instant::now(),
             prior_elapsed: restored.as_ref().map_or(0.0, |r| r.elapsed),
+            badam,
         })
     }
 

@@ -39,6 +39,8 @@ pub(crate) struct Prepared {
     pub eval: Examples,
     pub skipped: usize,
     pub pad: u32,
+    /// BAdam's block schedule, positioned at the step the run starts from.
+    pub badam: Option<super::badam::Badam>,
 }
 
 fn log(rep: &mut dyn Reporter, level: &str, message: String) {
@@ -101,6 +103,7 @@ pub(crate) fn prepare(
     };
     let lora = apply_method(&mut model, args)?;
     apply_vision_freezing(&mut model, args, lora.is_some(), rep)?;
+    let badam = apply_badam(&mut model, args, resume.as_deref(), rep)?;
     let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
     let head = || value_head(args, opts, &model, resume.is_some(), lora.is_some());
     let objective = Objective::new(args, &model, head, template.stop_token_ids(&tok), pad)?;
@@ -151,7 +154,7 @@ pub(crate) fn prepare(
         ),
     );
 
-    let opt = AdamW::for_training(trainable, args, &galore_targets(&model, args)?)?;
+    let opt = optimizer(trainable, args, &galore_targets(&model, args)?)?;
     if args.use_galore {
         let plain: usize = opt.params.iter().map(|p| 2 * p.var.elem_count()).sum();
         log(
@@ -211,7 +214,67 @@ pub(crate) fn prepare(
         eval,
         skipped: data.skipped.len(),
         pad,
+        badam,
     })
+}
+
+/// BAdam: the block schedule over the trainable layers, advanced to the step a resumed run
+/// continues from (whose checkpoint holds every block trained so far), and only the current
+/// block left trainable.
+fn apply_badam(
+    model: &mut Model,
+    args: &TrainArgs,
+    resume: Option<&Path>,
+    rep: &mut dyn Reporter,
+) -> Result<Option<super::badam::Badam>> {
+    if !args.use_badam {
+        return Ok(None);
+    }
+    let names: Vec<String> = model.trainable().into_iter().map(|(n, _)| n).collect();
+    let mut badam = super::badam::Badam::new(
+        &names,
+        args.badam_switch_mode,
+        args.badam_switch_interval,
+        args.badam_start_block,
+        args.seed,
+    )?;
+    if let Some(ckpt) = resume {
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(ckpt.join("trainer_state.json")).with_context(|| {
+                format!("cannot read {}", ckpt.join("trainer_state.json").display())
+            })?,
+        )?;
+        for _ in 0..state["global_step"].as_u64().unwrap_or(0) {
+            badam.after_step();
+        }
+        // Every block trained so far, from the checkpoint's full weights.
+        let file = ckpt.join("model.safetensors");
+        let saved = candle_core::safetensors::load(&file, &model.device)
+            .map_err(|e| anyhow!("cannot read {}: {e}", file.display()))?;
+        let (layout, dtype) = (model.cfg.layout, model.dtype);
+        for (name, p) in model.params_mut() {
+            if let Some(t) = saved.get(&layout.file(&name)) {
+                p.tensor = t.to_dtype(dtype)?;
+                p.var = None;
+            }
+        }
+    }
+    model.train_only(|n| badam.is_active(n))?;
+    if args.weight_decay != 0.0 && args.weight_decay != super::badam::WEIGHT_DECAY {
+        log(rep, "warning", format!("BAdam decays every tensor by {} (BlockOptimizer's behaviour under LLaMA-Factory); `weight_decay: {}` is not used", super::badam::WEIGHT_DECAY, args.weight_decay));
+    }
+    log(
+        rep,
+        "info",
+        format!(
+            "BAdam: {} blocks, switching every {} steps ({}); training {}",
+            badam.blocks.len(),
+            args.badam_switch_interval,
+            args.badam_switch_mode,
+            badam.active()
+        ),
+    );
+    Ok(Some(badam))
 }
 
 /// The checkpoint to resume from: `resume_from_checkpoint`, else the last `checkpoint-N` of an
@@ -386,6 +449,29 @@ fn with_images(
         args.image_min_pixels,
     )?;
     Ok(examples.with_images(std::sync::Arc::new(batcher)))
+}
+
+/// The run's optimizer over `trainable`. BAdam's decays every tensor by BlockOptimizer's
+/// effective weight decay ([`super::badam::WEIGHT_DECAY`]).
+pub(crate) fn optimizer(
+    trainable: Vec<(String, candle_core::Var)>,
+    args: &TrainArgs,
+    galore_targets: &[String],
+) -> Result<AdamW> {
+    if args.use_badam {
+        let groups = trainable
+            .into_iter()
+            .map(|(name, var)| super::optim::ParamGroup {
+                name,
+                var,
+                weight_decay: super::badam::WEIGHT_DECAY,
+                lr_scale: 1.0,
+                galore: None,
+            })
+            .collect();
+        return AdamW::new(groups, args.adam_beta1, args.adam_beta2, args.adam_epsilon);
+    }
+    AdamW::for_training(trainable, args, galore_targets)
 }
 
 /// The linear modules whose weights GaLore projects: LLaMA-Factory's `galore_target` (`all`:
