@@ -267,7 +267,8 @@ fn apply_badam(
         rep,
         "info",
         format!(
-            "BAdam: {} blocks, switching every {} steps ({}); training {}",
+            "BAdam ({} mode): {} blocks, switching every {} steps ({}); training {}",
+            args.badam_mode,
             badam.blocks.len(),
             args.badam_switch_interval,
             args.badam_switch_mode,
