@@ -77,3 +77,28 @@ with open(os.path.join(OUT, "badam.json"), "w") as fh:
                "grads": [{n: v.flatten().tolist() for n, v in g.items()} for g in bgrads],
                "lr": 0.01, "weight_decay": 0.1, "switch_interval": 3, "cases": bcases}, fh)
 print(len(bcases), "badam cases")
+
+# APOLLO: `apollo_torch.APOLLOAdamW` with LLaMA-Factory's groups (a bias without decay; two weights with decay and the
+# APOLLO keys), the SVD projection (`apollo_proj: svd`, deterministic; its random projection draws from torch's
+# generator, which an engine outside torch cannot reproduce), both scale types and three projection sides, three
+# steps (the norm-growth limiter acts from the second).
+from apollo_torch import APOLLOAdamW  # noqa: E402
+
+acases = []
+for proj_type, scale_type in [("std", "channel"), ("std", "tensor"), ("right", "tensor"), ("left", "tensor")]:
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+    opt = APOLLOAdamW([
+        dict(params=[params["bias"]], weight_decay=0.0),
+        dict(params=[params["w_tall"], params["w_wide"]], weight_decay=0.01, rank=2, proj="svd", proj_type=proj_type,
+             update_proj_gap=200, scale=4.0, scale_type=scale_type),
+    ], lr=0.01, betas=(0.9, 0.999), eps=1e-3)
+    steps = []
+    for g in grads:
+        for k, p in params.items():
+            p.grad = g[k].clone()
+        opt.step()
+        steps.append({k: p.detach().flatten().tolist() for k, p in params.items()})
+    acases.append({"proj_type": proj_type, "scale_type": scale_type, "steps": steps})
+with open(os.path.join(OUT, "apollo.json"), "w") as fh:
+    json.dump({"scale": 4.0, "cases": acases}, fh)
+print(len(acases), "apollo cases")

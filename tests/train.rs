@@ -1050,6 +1050,24 @@ fn galore_trains_full_weights_with_low_rank_state() {
     assert_eq!(l.len(), 8);
     assert!(l.iter().all(|(_, x)| x.is_finite()));
     assert!(l[7].1 < l[0].1, "{l:?}");
+    // APOLLO, same family: random projections, channel-wise gradient scaling.
+    let o = run(
+        &train_args(&[
+            "output_dir=apollo",
+            "use_galore=false",
+            "use_apollo=true",
+            "apollo_rank=4",
+            "max_steps=4",
+        ]),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("APOLLO (rank 4, random projection, channel scaling"));
+    let l = losses(&dir.path().join("apollo/trainer_log.jsonl"));
+    assert!(
+        l.len() == 4 && l.iter().all(|(_, x)| x.is_finite()),
+        "{l:?}"
+    );
     let o = run(
         &train_args(&["output_dir=lora", "finetuning_type=lora"]),
         dir.path(),

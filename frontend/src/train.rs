@@ -60,6 +60,11 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
     ("use_badam", "false"),
     ("badam_switch_mode", "ascending"),
     ("badam_switch_interval", "50"),
+    ("use_apollo", "false"),
+    ("apollo_rank", "16"),
+    ("apollo_update_interval", "200"),
+    ("apollo_scale", "32"),
+    ("apollo_target", "all"),
     ("use_galore", "false"),
     ("galore_rank", "16"),
     ("galore_update_interval", "200"),
@@ -169,6 +174,17 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
     }
     if own.get("use_badam").and_then(Value::as_str) != Some("true") {
         for k in ["use_badam", "badam_switch_mode", "badam_switch_interval"] {
+            own.remove(k);
+        }
+    }
+    if own.get("use_apollo").and_then(Value::as_str) != Some("true") {
+        for k in [
+            "use_apollo",
+            "apollo_rank",
+            "apollo_update_interval",
+            "apollo_scale",
+            "apollo_target",
+        ] {
             own.remove(k);
         }
     }
@@ -526,6 +542,13 @@ pub fn TrainTab() -> impl IntoView {
             <Field form key="galore_update_interval" label="galore_update_interval" kind="number" min="1" max="2048"/>
             <Field form key="galore_scale" label="galore_scale" kind="number" min="0" max="100" step="0.01"/>
             <Field form key="galore_target" label="galore_target"/>
+        </Group>
+        <Group label="apollo_group" form keys=&["use_apollo", "apollo_rank", "apollo_update_interval", "apollo_scale", "apollo_target"]>
+            <Check form key="use_apollo" label="use_apollo"/>
+            <Field form key="apollo_rank" label="apollo_rank" kind="number" min="1" max="1024"/>
+            <Field form key="apollo_update_interval" label="apollo_update_interval" kind="number" min="1" max="2048"/>
+            <Field form key="apollo_scale" label="apollo_scale" kind="number" min="0" max="100" step="0.01"/>
+            <Field form key="apollo_target" label="apollo_target"/>
         </Group>
         <Group label="badam_group" form keys=&["use_badam", "badam_switch_mode", "badam_switch_interval"]>
             <Check form key="use_badam" label="use_badam"/>

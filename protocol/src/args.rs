@@ -5,9 +5,10 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::options::{
-    BadamMaskMode, BadamMode, BadamSwitchMode, Choice, ExportFormat, FinetuningType,
-    GaloreProjType, GgufType, InferDtype, IntervalStrategy, MixStrategy, PrefLossType,
-    QuantizationMethod, QuantizationType, RewardModelType, RopeScalingType, SchedulerType, Stage,
+    ApolloProj, ApolloProjType, ApolloScaleType, BadamMaskMode, BadamMode, BadamSwitchMode, Choice,
+    ExportFormat, FinetuningType, GaloreProjType, GgufType, InferDtype, IntervalStrategy,
+    MixStrategy, PrefLossType, QuantizationMethod, QuantizationType, RewardModelType,
+    RopeScalingType, SchedulerType, Stage,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +135,19 @@ pub struct TrainArgs {
     pub galore_proj_type: GaloreProjType,
     /// LLaMA-Factory's per-layer updates (no gradient clipping, no accumulation).
     pub galore_layerwise: bool,
+    // ---- APOLLO ----
+    /// Full-parameter training with gradients scaled by a low-rank Adam ratio.
+    pub use_apollo: bool,
+    pub apollo_target: String,
+    pub apollo_rank: usize,
+    pub apollo_update_interval: usize,
+    pub apollo_scale: f64,
+    pub apollo_proj: ApolloProj,
+    pub apollo_proj_type: ApolloProjType,
+    pub apollo_scale_type: ApolloScaleType,
+    /// Per-layer updates (no gradient clipping, no accumulation).
+    pub apollo_layerwise: bool,
+    pub apollo_scale_front: bool,
     // ---- BAdam ----
     /// Block coordinate descent: one decoder layer trains at a time.
     pub use_badam: bool,
@@ -329,6 +343,16 @@ impl Default for TrainArgs {
             galore_scale: 2.0,
             galore_proj_type: GaloreProjType::Std,
             galore_layerwise: false,
+            use_apollo: false,
+            apollo_target: "all".into(),
+            apollo_rank: 16,
+            apollo_update_interval: 200,
+            apollo_scale: 32.0,
+            apollo_proj: ApolloProj::Random,
+            apollo_proj_type: ApolloProjType::Std,
+            apollo_scale_type: ApolloScaleType::Channel,
+            apollo_layerwise: false,
+            apollo_scale_front: false,
             use_badam: false,
             badam_mode: BadamMode::Layer,
             badam_start_block: None,
@@ -473,6 +497,7 @@ pub const UNREAD_KEYS: &[(&str, KeyUse)] = &[
     ("early_stopping_steps", KeyUse::Unsupported("early stopping is not supported; use `max_steps` or watch the eval loss in LlamaBoard")),
     ("badam_update_ratio", KeyUse::NoEffect("only ratio-mode BAdam reads it, which is not supported")),
     ("badam_mask_mode", KeyUse::NoEffect("only ratio-mode BAdam reads it, which is not supported")),
+    ("apollo_scale_front", KeyUse::NoEffect("APOLLOAdamW reads it from its constructor, which LLaMA-Factory does not pass it to: it has no effect there either")),
     ("deepspeed", KeyUse::Unsupported("this engine trains without DeepSpeed; remove the key")),
     ("shift_attn", KeyUse::Unsupported("LongLoRA's shifted short attention is not supported yet; use `rope_scaling` for long contexts")),
 ];

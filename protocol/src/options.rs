@@ -194,6 +194,32 @@ choice! {
 }
 
 choice! {
+    /// `apollo_proj`: APOLLO's projection, a seeded Gaussian matrix or the gradient's singular
+    /// vectors.
+    ApolloProj {
+        Random = "random",
+        Svd = "svd",
+    }
+}
+
+choice! {
+    /// `apollo_proj_type`: which side of a gradient APOLLO projects (`std`: the smaller one).
+    ApolloProjType {
+        Std = "std",
+        Right = "right",
+        Left = "left",
+    }
+}
+
+choice! {
+    /// `apollo_scale_type`: one gradient scaling factor per channel or per tensor.
+    ApolloScaleType {
+        Channel = "channel",
+        Tensor = "tensor",
+    }
+}
+
+choice! {
     /// `badam_mode`: BAdam's blocks, whole layers or a ratio of each weight (the latter is not
     /// supported; validation says so).
     BadamMode {

@@ -107,14 +107,6 @@ fn yaml_to_json(v: serde_yaml_ng::Value, key: &str) -> Result<Value> {
 /// LLaMA-Factory keys of features this engine does not have yet, by key prefix: what they are
 /// and what to use instead. Any value is an error that says so (not "unknown key").
 const NOT_YET: &[(&str, &str)] = &[
-    (
-        "use_apollo",
-        "APOLLO is not supported yet; `use_galore: true` is its closest relative here",
-    ),
-    (
-        "apollo_",
-        "APOLLO is not supported yet; `use_galore: true` is its closest relative here",
-    ),
     ("mixture_of_depths", "Mixture-of-Depths is not supported"),
     (
         "use_adam_mini",
@@ -308,7 +300,10 @@ mod tests {
     #[test]
     fn llamafactory_methods_not_here_say_so_by_name() {
         for (key, says) in [
-            ("apollo_rank: 8", "APOLLO is not supported yet"),
+            (
+                "mixture_of_depths: convert",
+                "Mixture-of-Depths is not supported",
+            ),
             ("use_muon: true", "Muon is not supported"),
         ] {
             let f = write(&format!("{key}\n"));

@@ -139,6 +139,39 @@ pub fn validate(a: &TrainArgs) -> Result<(), ArgError> {
             "`dpo_label_smoothing` is only valid for pref_loss sigmoid",
         );
     }
+    if [a.use_galore, a.use_apollo, a.use_badam]
+        .iter()
+        .filter(|x| **x)
+        .count()
+        > 1
+    {
+        return fail(
+            if a.use_apollo {
+                "use_apollo"
+            } else {
+                "use_badam"
+            },
+            "Cannot use GaLore, APOLLO or BAdam together.",
+        );
+    }
+    if a.use_apollo && a.finetuning_type == FinetuningType::Lora {
+        return fail(
+            "use_apollo",
+            "Cannot use LoRA with GaLore, APOLLO or BAdam together (APOLLO trains full weights: use `finetuning_type: full` or `freeze`)",
+        );
+    }
+    if a.use_apollo && a.apollo_layerwise && a.gradient_accumulation_steps != 1 {
+        return fail(
+            "apollo_layerwise",
+            "Per-layer APOLLO does not support gradient accumulation (`gradient_accumulation_steps` must be 1)",
+        );
+    }
+    if a.use_apollo && (a.apollo_rank == 0 || a.apollo_update_interval == 0) {
+        return fail(
+            "apollo_rank",
+            "`apollo_rank` and `apollo_update_interval` must be at least 1",
+        );
+    }
     if a.use_galore && a.use_badam {
         return fail("use_badam", "Cannot use GaLore, APOLLO or BAdam together.");
     }

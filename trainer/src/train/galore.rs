@@ -2,19 +2,37 @@
 //! vectors of the gradient itself (refreshed by an SVD every `galore_update_interval` steps),
 //! Adam's moments kept in that `rank`-dimensional subspace — the memory saving — and the update
 //! projected back and scaled by `galore_scale`, as `galore_torch.GaLoreProjector` computes it.
+//!
+//! APOLLO (`use_apollo`) projects the same way — by default with a Gaussian matrix scaled by
+//! 1/√rank instead of singular vectors (`apollo_proj: random`) — but never projects back: the
+//! low-rank Adam ratio only sets a scaling of the full gradient per channel (or per tensor),
+//! bounded by a norm-growth limiter, as `apollo_torch.APOLLOAdamW` does.
 
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor};
 use nalgebra::DMatrix;
 use protocol::args::GaloreProjType;
 
-/// GaLore's settings for one weight.
+/// GaLore's (or APOLLO's) settings for one weight.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GaloreSpec {
     pub rank: usize,
     pub update_interval: usize,
     pub scale: f64,
     pub proj_type: GaloreProjType,
+    /// A seeded Gaussian projection (APOLLO's `random`) instead of singular vectors.
+    pub random: Option<u64>,
+    /// APOLLO: the gradient scaling, in place of projecting the update back.
+    pub apollo: Option<ApolloScale>,
+}
+
+/// APOLLO's `apollo_scale_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApolloScale {
+    /// One factor per row or column (the side that was projected).
+    Channel,
+    /// One factor for the tensor.
+    Tensor,
 }
 
 /// Which side a projection multiplies.
@@ -34,6 +52,8 @@ pub struct Projector {
     spec: GaloreSpec,
     /// `P` of the current side (`Both`: left then right).
     ortho: Vec<Tensor>,
+    /// Random projections made so far (each gets its own draw).
+    draws: u64,
 }
 
 fn matrix(t: &Tensor) -> Result<DMatrix<f64>> {
@@ -54,6 +74,7 @@ impl Projector {
         Self {
             spec,
             ortho: Vec::new(),
+            draws: 0,
         }
     }
 
@@ -86,6 +107,11 @@ impl Projector {
         let (rows, cols) = grad.dims2()?;
         let side = self.side_of(rows, cols);
         if self.ortho.is_empty() || iter.is_multiple_of(self.spec.update_interval.max(1)) {
+            if let Some(seed) = self.spec.random {
+                self.ortho = vec![self.gaussian(rows, cols, side, seed, grad)?];
+                self.draws += 1;
+                return self.apply(grad, side);
+            }
             let svd = matrix(grad)?.svd(true, true);
             let u = svd.u.ok_or_else(|| anyhow!("GaLore: SVD failed"))?;
             let vt = svd.v_t.ok_or_else(|| anyhow!("GaLore: SVD failed"))?;
@@ -99,12 +125,46 @@ impl Projector {
                 Side::Both => vec![left()?, right()?],
             };
         }
+        self.apply(grad, side)
+    }
+
+    fn apply(&self, grad: &Tensor, side: Side) -> Result<Tensor> {
         let p = &self.ortho;
         Ok(match side {
             Side::Right => grad.matmul(&p[0].t()?)?,
             Side::Left => p[0].t()?.matmul(grad)?,
             Side::Both => p[0].t()?.matmul(grad)?.matmul(&p[1].t()?)?,
         })
+    }
+
+    /// APOLLO's random projection: standard normal entries over √rank, `rows × r` on the
+    /// left or `r × cols` on the right, a fresh draw at every refresh.
+    fn gaussian(
+        &self,
+        rows: usize,
+        cols: usize,
+        side: Side,
+        seed: u64,
+        like: &Tensor,
+    ) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let r = self.spec.rank;
+        let (a, b) = match side {
+            Side::Left => (rows, r),
+            _ => (r, cols),
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (self.draws << 32));
+        let scale = 1.0 / (r as f64).sqrt();
+        let v: Vec<f64> = (0..a * b)
+            .map(|_| {
+                let u1: f64 = 1.0 - rng.gen::<f64>();
+                let u2: f64 = rng.gen();
+                (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * scale
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, (a, b), &Device::Cpu)?
+            .to_dtype(like.dtype())?
+            .to_device(like.device())?)
     }
 
     /// The low-rank update `low` back in the weight's shape, times `galore_scale` (the side
@@ -138,6 +198,8 @@ mod tests {
             update_interval: 2,
             scale: 1.0,
             proj_type: GaloreProjType::Std,
+            random: None,
+            apollo: None,
         };
         let mut p = Projector::new(spec);
         let g = |seed: u64| {

@@ -13,7 +13,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use protocol::TrainArgs;
 
-use super::galore::{GaloreSpec, Projector};
+use super::galore::{ApolloScale, GaloreSpec, Projector};
+use protocol::args::{ApolloProj, ApolloProjType, ApolloScaleType, GaloreProjType};
 
 pub struct ParamGroup {
     pub name: String,
@@ -43,8 +44,46 @@ pub struct AdamW {
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     projectors: Vec<Option<Projector>>,
+    /// APOLLO's norm-growth limiter: the last scaled gradient's norm.
+    limiter: Vec<Option<f64>>,
     /// Whether [`AdamW::check_gradients_once`] has checked a step's gradients.
     gradients_checked: bool,
+}
+
+/// APOLLO's update for a weight: the full gradient `full` scaled by the ratio of the low-rank
+/// Adam update `norm` to the low-rank gradient `low` (per channel: the rows of a right
+/// projection, the columns of a left one; or per tensor), its norm kept from growing more than
+/// 1% a step, times √scale.
+fn apollo_scaled(
+    full: &Tensor,
+    low: &Tensor,
+    norm: &Tensor,
+    scale_type: ApolloScale,
+    scale: f64,
+    last: &mut Option<f64>,
+) -> Result<Tensor> {
+    let l2 = |t: &Tensor| -> candle_core::Result<Tensor> { t.sqr()?.sum_all()?.sqrt() };
+    let (rows, cols) = full.dims2()?;
+    let factor = match scale_type {
+        ApolloScale::Tensor => (l2(norm)? / (l2(low)? + 1e-8)?)?,
+        ApolloScale::Channel => {
+            // torch.norm(x, dim=norm_dim): dim 0 when the gradient is wide, else dim 1.
+            let dim = if rows < cols { 0 } else { 1 };
+            (norm.sqr()?.sum_keepdim(dim)?.sqrt()?
+                / (low.sqr()?.sum_keepdim(dim)?.sqrt()? + 1e-8)?)?
+        }
+    };
+    let mut scaled = full.broadcast_mul(&factor)?;
+    let n = l2(&scaled)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    match *last {
+        Some(prev) => {
+            let limiter = (n / (prev + 1e-8)).max(1.01) / 1.01;
+            scaled = (scaled / limiter)?;
+            *last = Some(n / limiter);
+        }
+        None => *last = Some(n),
+    }
+    Ok((scaled * scale.sqrt())?)
 }
 
 /// transformers' `get_decay_parameter_names`: no decay for biases and norm weights.
@@ -64,7 +103,7 @@ impl AdamW {
             .map(|p| p.var.as_tensor().zeros_like())
             .collect::<candle_core::Result<Vec<_>>>()?;
         let v = m.clone();
-        let projectors = params
+        let projectors: Vec<Option<Projector>> = params
             .iter()
             .map(|p| p.galore.map(Projector::new))
             .collect();
@@ -82,6 +121,7 @@ impl AdamW {
             rule,
             m,
             v,
+            limiter: vec![None; projectors.len()],
             projectors,
             gradients_checked: false,
         })
@@ -95,22 +135,53 @@ impl AdamW {
         args: &TrainArgs,
         galore_targets: &[String],
     ) -> Result<Self> {
-        let galore = args.use_galore.then_some(GaloreSpec {
-            rank: args.galore_rank,
-            update_interval: args.galore_update_interval,
-            scale: args.galore_scale,
-            proj_type: args.galore_proj_type,
-        });
+        let galore = if args.use_galore {
+            Some(GaloreSpec {
+                rank: args.galore_rank,
+                update_interval: args.galore_update_interval,
+                scale: args.galore_scale,
+                proj_type: args.galore_proj_type,
+                random: None,
+                apollo: None,
+            })
+        } else if args.use_apollo {
+            Some(GaloreSpec {
+                rank: args.apollo_rank,
+                update_interval: args.apollo_update_interval,
+                scale: args.apollo_scale,
+                proj_type: match args.apollo_proj_type {
+                    ApolloProjType::Std => GaloreProjType::Std,
+                    ApolloProjType::Right => GaloreProjType::Right,
+                    ApolloProjType::Left => GaloreProjType::Left,
+                },
+                random: (args.apollo_proj == ApolloProj::Random).then_some(args.seed),
+                apollo: Some(match args.apollo_scale_type {
+                    ApolloScaleType::Channel => ApolloScale::Channel,
+                    ApolloScaleType::Tensor => ApolloScale::Tensor,
+                }),
+            })
+        } else {
+            None
+        };
         let groups = trainable
             .into_iter()
-            .map(|(name, var)| ParamGroup {
-                // LLaMA-Factory's: the 2-D weights of the target linear modules.
-                galore: galore.filter(|_| {
-                    var.rank() == 2
-                        && name
-                            .strip_suffix(".weight")
-                            .is_some_and(|m| galore_targets.iter().any(|t| m == t))
-                }),
+            .enumerate()
+            .map(|(i, (name, var))| ParamGroup {
+                // LLaMA-Factory's: the 2-D weights of the target linear modules. APOLLO's
+                // random projections are seeded per tensor (by its position).
+                galore: galore
+                    .filter(|_| {
+                        var.rank() == 2
+                            && name
+                                .strip_suffix(".weight")
+                                .is_some_and(|m| galore_targets.iter().any(|t| m == t))
+                    })
+                    .map(|s| GaloreSpec {
+                        random: s
+                            .random
+                            .map(|seed| seed.wrapping_mul(1_000_003) + i as u64 + 1),
+                        ..s
+                    }),
                 lr_scale: match args.loraplus_lr_ratio {
                     Some(r) if name.contains("lora_B") => r,
                     _ => 1.0,
@@ -242,8 +313,22 @@ impl AdamW {
             self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let mut norm = self.m[i].div(&(self.v[i].sqrt()? + self.eps)?)?;
-            if let Some(proj) = &self.projectors[i] {
-                norm = proj.project_back(&norm)?;
+            match (
+                &self.projectors[i],
+                p.galore.and_then(|s| s.apollo.map(|a| (s, a))),
+            ) {
+                (Some(_), Some((spec, scale))) => {
+                    norm = apollo_scaled(
+                        &grads[i].clone().expect("checked above"),
+                        &g,
+                        &norm,
+                        scale,
+                        spec.scale,
+                        &mut self.limiter[i],
+                    )?;
+                }
+                (Some(proj), None) => norm = proj.project_back(&norm)?,
+                _ => {}
             }
             let mut theta = (p.var.as_tensor() - (norm * (lr * step_size))?)?;
             if p.weight_decay > 0.0 {
@@ -405,6 +490,8 @@ mod tests {
                 update_interval: case["update_interval"].as_u64().unwrap() as usize,
                 scale: 0.25,
                 proj_type,
+                random: None,
+                apollo: None,
             };
             let vars: Vec<Var> = names
                 .iter()
@@ -456,6 +543,96 @@ mod tests {
                         worst < 2e-6,
                         "{proj_type:?} interval {}: `{k}` after step {}: off by {worst}",
                         spec.update_interval,
+                        step + 1
+                    );
+                }
+            }
+        }
+    }
+
+    /// `apollo_torch.APOLLOAdamW` on the same gradients (`scripts/optim_reference.py`), with
+    /// its SVD projection: channel and tensor scaling, three projection sides, the limiter.
+    #[test]
+    fn apollo_matches_apollo_torch() {
+        use protocol::args::GaloreProjType;
+        use protocol::options::Choice;
+        let root =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/optim");
+        let read = |f: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(root.join(f)).unwrap()).unwrap()
+        };
+        let (e, a) = (read("galore.json"), read("apollo.json"));
+        let floats = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let shape = |k: &str| -> Vec<usize> {
+            e["shapes"][k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as usize)
+                .collect()
+        };
+        let names = ["bias", "w_tall", "w_wide"];
+        for case in a["cases"].as_array().unwrap() {
+            let spec = GaloreSpec {
+                rank: 2,
+                update_interval: 200,
+                scale: 4.0,
+                proj_type: GaloreProjType::parse(case["proj_type"].as_str().unwrap()).unwrap(),
+                random: None,
+                apollo: Some(if case["scale_type"] == "channel" {
+                    ApolloScale::Channel
+                } else {
+                    ApolloScale::Tensor
+                }),
+            };
+            let vars: Vec<Var> = names
+                .iter()
+                .map(|k| {
+                    Var::from_tensor(
+                        &Tensor::from_vec(floats(&e["init"][*k]), shape(k), &Device::Cpu).unwrap(),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            let groups = names
+                .iter()
+                .zip(&vars)
+                .map(|(k, v)| ParamGroup {
+                    name: k.to_string(),
+                    var: v.clone(),
+                    weight_decay: if *k == "bias" { 0.0 } else { 0.01 },
+                    lr_scale: 1.0,
+                    galore: (*k != "bias").then_some(spec),
+                })
+                .collect();
+            let mut opt = AdamW::new(groups, 0.9, 0.999, 1e-3).unwrap();
+            for (step, g) in e["grads"].as_array().unwrap().iter().enumerate() {
+                let grads: Vec<Option<Tensor>> = names
+                    .iter()
+                    .map(|k| {
+                        Some(Tensor::from_vec(floats(&g[*k]), shape(k), &Device::Cpu).unwrap())
+                    })
+                    .collect();
+                opt.update(&grads, 0.01).unwrap();
+                for (k, v) in names.iter().zip(&vars) {
+                    let ours: Vec<f64> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                    let theirs = floats(&case["steps"][step][*k]);
+                    let worst = ours
+                        .iter()
+                        .zip(&theirs)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0.0, f64::max);
+                    assert!(
+                        worst < 2e-6,
+                        "{} {}: `{k}` after step {}: off by {worst}",
+                        case["proj_type"],
+                        case["scale_type"],
                         step + 1
                     );
                 }

@@ -155,6 +155,23 @@ pub(crate) fn prepare(
     );
 
     let opt = optimizer(trainable, args, &galore_targets(&model, args)?)?;
+    if args.use_apollo {
+        let plain: usize = opt.params.iter().map(|p| 2 * p.var.elem_count()).sum();
+        log(
+            rep,
+            "info",
+            format!(
+                "APOLLO (rank {}, {} projection, {} scaling, every {} steps, scale {}): optimizer state {:.1} MB instead of AdamW's {:.1} MB",
+                args.apollo_rank,
+                args.apollo_proj,
+                args.apollo_scale_type,
+                args.apollo_update_interval,
+                args.apollo_scale,
+                opt.state_elements() as f64 * 4e-6,
+                plain as f64 * 4e-6
+            ),
+        );
+    }
     if args.use_galore {
         let plain: usize = opt.params.iter().map(|p| 2 * p.var.elem_count()).sum();
         log(
@@ -478,13 +495,17 @@ pub(crate) fn optimizer(
 /// The linear modules whose weights GaLore projects: LLaMA-Factory's `galore_target` (`all`:
 /// every linear module kind of the decoder), matched within module names.
 fn galore_targets(model: &Model, args: &TrainArgs) -> Result<Vec<String>> {
-    if !args.use_galore {
+    let (key, target) = if args.use_galore {
+        ("galore_target", &args.galore_target)
+    } else if args.use_apollo {
+        ("apollo_target", &args.apollo_target)
+    } else {
         return Ok(Vec::new());
-    }
-    let wanted = if args.galore_target.trim() == "all" {
+    };
+    let wanted = if target.trim() == "all" {
         model.linear_kinds()
     } else {
-        TrainArgs::split_list(Some(&args.galore_target))
+        TrainArgs::split_list(Some(target))
     };
     let modules: Vec<String> = model
         .linears()
@@ -493,8 +514,7 @@ fn galore_targets(model: &Model, args: &TrainArgs) -> Result<Vec<String>> {
         .collect();
     if modules.is_empty() {
         bail!(
-            "`galore_target: {}` matches no linear module; choose from {} or `all`",
-            args.galore_target,
+            "`{key}: {target}` matches no linear module; choose from {} or `all`",
             model.linear_kinds().join(", ")
         );
     }

@@ -295,7 +295,9 @@ impl BatchLoss<'_> {
         }
         // Layer-wise GaLore steps each tensor as its gradient arrives, before any clipping
         // (LLaMA-Factory warns that its gradient norm then shows as 0).
-        let grad_norm = if input.args.use_galore && input.args.galore_layerwise {
+        let grad_norm = if (input.args.use_galore && input.args.galore_layerwise)
+            || (input.args.use_apollo && input.args.apollo_layerwise)
+        {
             0.0
         } else {
             AdamW::clip_grad_norm(&mut grads, input.args.max_grad_norm)?
