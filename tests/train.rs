@@ -1114,3 +1114,40 @@ fn badam_trains_one_layer_block_at_a_time() {
         );
     }
 }
+
+/// LoftQ as LLaMA-Factory's loftq_init.py is used: `loftq-init` writes a base and an adapter,
+/// and QLoRA training continues that adapter on the 4-bit base.
+#[test]
+fn loftq_init_starts_a_qlora_run() {
+    let dir = workdir();
+    let o = run(
+        &[
+            "loftq-init",
+            "--model-name-or-path",
+            "model",
+            "--output-dir",
+            "loftq",
+            "--lora-rank",
+            "4",
+            "--loftq-iter",
+            "2",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(common::stdout(&o).contains("quantization_bit: 4"));
+    let cfg = read_json(&dir.path().join("loftq/loftq_init/adapter_config.json"));
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    write_config(dir.path(), "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 48\nmax_samples: 16\nper_device_train_batch_size: 4\nmax_steps: 3\nlogging_steps: 1\nadapter_name_or_path: loftq/loftq_init\nquantization_bit: 4\n");
+    let o = run(
+        &train_args(&["output_dir=qlora", "model_name_or_path=loftq"]),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let l = losses(&dir.path().join("qlora/trainer_log.jsonl"));
+    assert!(
+        l.len() == 3 && l.iter().all(|(_, x)| x.is_finite()),
+        "{l:?}"
+    );
+}

@@ -8,6 +8,7 @@ mod demo;
 mod env;
 mod expand;
 mod export;
+mod loftq;
 mod preview;
 mod train;
 mod webui;
@@ -46,6 +47,9 @@ enum Command {
     /// LLaMA Pro block expansion: insert zero-output copies of layers, to train them with
     /// `use_llama_pro: true` (LLaMA-Factory's scripts/llama_pro.py).
     ExpandModel(expand::ExpandCmd),
+    /// LoftQ: quantized base plus the LoRA adapter that makes up for the quantization, as a
+    /// QLoRA starting point (LLaMA-Factory's scripts/loftq_init.py).
+    LoftqInit(loftq::LoftqCmd),
     /// Build the tiny demo model (random init) and its tokenizer in Hugging Face layout.
     Demo {
         /// Output folder.
@@ -126,6 +130,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Export(a) => export::run(a),
         Command::PreviewData(a) => preview::run(a),
         Command::ExpandModel(a) => expand::run(a),
+        Command::LoftqInit(a) => loftq::run(a),
         Command::Demo {
             out,
             dataset_dir,

@@ -17,7 +17,7 @@ use super::weights::OpenFiles;
 use crate::files::{write_json, write_sharded};
 
 /// Files besides the weights that go with the expanded model.
-const COPIED: &[&str] = &[
+pub(crate) const COPIED: &[&str] = &[
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",

@@ -11,6 +11,7 @@ pub mod expand;
 pub mod gguf;
 pub mod layers;
 mod llama;
+pub mod loftq;
 pub mod mlp;
 pub mod pissa;
 pub mod quant;
