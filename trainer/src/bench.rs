@@ -93,6 +93,17 @@ pub struct TrainBenchConfig {
     pub experts: Option<usize>,
     pub device: candle_core::Device,
     pub dtype: candle_core::DType,
+    /// Full fine-tuning's optimizer: AdamW, GaLore (rank 16 on every linear) or BAdam (one
+    /// decoder layer trainable).
+    pub optimizer: FullOptimizer,
+}
+
+/// The optimizer a full fine-tuning benchmark uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullOptimizer {
+    AdamW,
+    Galore,
+    Badam,
 }
 
 impl TrainBenchConfig {
@@ -123,6 +134,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             experts: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
+            optimizer: FullOptimizer::AdamW,
         },
         "smol" => TrainBenchConfig {
             name: "smol",
@@ -141,6 +153,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             experts: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
+            optimizer: FullOptimizer::AdamW,
         },
         // Qwen2.5-0.5B's shape (without its q/k/v biases), for GPU runs.
         "0.5b" => TrainBenchConfig {
@@ -160,6 +173,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             experts: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
+            optimizer: FullOptimizer::AdamW,
         },
         // Qwen2.5-1.5B's shape (without its q/k/v biases).
         "1.5b" => TrainBenchConfig {
@@ -179,6 +193,7 @@ pub fn train_bench_config(name: &str) -> Result<TrainBenchConfig> {
             experts: None,
             device: candle_core::Device::Cpu,
             dtype: candle_core::DType::F32,
+            optimizer: FullOptimizer::AdamW,
         },
         other => anyhow::bail!("unknown bench config `{other}` (tiny, smol, 0.5b, 1.5b)"),
     })
@@ -225,7 +240,21 @@ fn train_steps_for(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut model = random_model(c, full)?;
     model.checkpointing = c.checkpointing;
-    let mut opt = AdamW::for_training(model.trainable(), &args, &[])?;
+    let mut opt = match (full, c.optimizer) {
+        (true, FullOptimizer::Galore) => {
+            let targets: Vec<String> = model.linears().map(|l| l.name.clone()).collect();
+            let galore = protocol::TrainArgs {
+                use_galore: true,
+                ..args.clone()
+            };
+            AdamW::for_training(model.trainable(), &galore, &targets)?
+        }
+        (true, FullOptimizer::Badam) => {
+            model.train_only(|n| n.contains("layers.0."))?;
+            AdamW::for_training(model.trainable(), &args, &[])?
+        }
+        _ => AdamW::for_training(model.trainable(), &args, &[])?,
+    };
     let dpo_loss = Dpo::from_args(&args);
     let rows_n = if dpo { 2 * c.batch } else { c.batch };
     let batch = random_batch(&mut rng, rows_n, c.seq, c.vocab, 32);

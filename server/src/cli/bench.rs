@@ -48,6 +48,10 @@ pub enum BenchCommand {
         /// Full fine-tuning instead of LoRA.
         #[arg(long)]
         full: bool,
+        /// With `--full`: `adamw`, `galore` (rank 16 on every linear, `use_galore`) or
+        /// `badam` (one decoder layer trainable, `use_badam`) — their memory side by side.
+        #[arg(long, default_value = "adamw")]
+        optimizer: String,
         #[arg(long, default_value_t = 10)]
         steps: usize,
         /// Also time a DPO step on the same shape and report its cost in SFT steps.
@@ -167,6 +171,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Train {
             config,
             full,
+            optimizer,
             steps,
             dpo,
             composed,
@@ -181,6 +186,16 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
         } => {
             let mut c = trainer::bench::train_bench_config(&config)?;
             c.checkpointing = gradient_checkpointing;
+            c.optimizer = match optimizer.as_str() {
+                "adamw" => trainer::bench::FullOptimizer::AdamW,
+                "galore" => trainer::bench::FullOptimizer::Galore,
+                "badam" => trainer::bench::FullOptimizer::Badam,
+                other => anyhow::bail!("--optimizer {other}: choose adamw, galore or badam"),
+            };
+            anyhow::ensure!(
+                full || c.optimizer == trainer::bench::FullOptimizer::AdamW,
+                "--optimizer galore / badam are full fine-tuning methods: add --full"
+            );
             if let Some(b) = batch {
                 anyhow::ensure!(b > 0, "--batch must be at least 1");
                 c.batch = b;
@@ -217,6 +232,11 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             .to_string();
             if let Some(q) = c.quant {
                 method = format!("{method}, base {}", q.describe());
+            }
+            match c.optimizer {
+                trainer::bench::FullOptimizer::AdamW => {}
+                trainer::bench::FullOptimizer::Galore => method.push_str(", GaLore r16"),
+                trainer::bench::FullOptimizer::Badam => method.push_str(", BAdam (1 layer)"),
             }
             println!("| engine | config | method | step (s) | fwd | bwd | opt | tokens/s | peak RSS (GB) |");
             println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
