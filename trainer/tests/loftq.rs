@@ -6,10 +6,13 @@
 //! runs in f64 instead of f32, so after four rounds what must agree is the quality — how well
 //! `Q + B·A` approximates `W`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use common::{assert_factors_match, max_diff};
 use trainer::model::loftq::{loftq, normal_map};
 
 fn fixtures() -> PathBuf {
@@ -18,17 +21,6 @@ fn fixtures() -> PathBuf {
 
 fn load(rel: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join(rel), &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]
@@ -60,23 +52,7 @@ fn loftq_equals_pefts() {
             );
             if iters == 1 {
                 assert_eq!(max_diff(&q, pq), 0.0, "{key}: Q");
-                for i in 0..4 {
-                    let (ra, wa) = (a.get(i).unwrap(), pa.get(i).unwrap());
-                    let sign = if max_diff(&ra, &wa) < max_diff(&ra, &wa.neg().unwrap()) {
-                        1.0
-                    } else {
-                        -1.0
-                    };
-                    assert!(
-                        max_diff(&ra, &(&wa * sign).unwrap()) < 1e-4,
-                        "{key}: A row {i}"
-                    );
-                    let (rb, wb) = (b.narrow(1, i, 1).unwrap(), pb.narrow(1, i, 1).unwrap());
-                    assert!(
-                        max_diff(&rb, &(&wb * sign).unwrap()) < 1e-4,
-                        "{key}: B column {i}"
-                    );
-                }
+                assert_factors_match(&a, &b, pa, pb, 1e-4, &key);
             } else {
                 let err = |q: &Tensor, b: &Tensor, a: &Tensor| -> f32 {
                     let approx = (q + b.matmul(a).unwrap()).unwrap();

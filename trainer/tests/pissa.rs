@@ -3,10 +3,13 @@
 //! free), PEFT's conversion of a trained adapter for `pissa_convert`, and the converted adapter
 //! on the original base computing what the trained one computes on the residual base.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use common::{assert_factors_match, max_diff};
 use protocol::TrainArgs;
 use trainer::model::adapter::LoraSpec;
 use trainer::model::pissa::{factors, Svd};
@@ -18,17 +21,6 @@ fn fixtures() -> PathBuf {
 
 fn load(rel: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join(rel), &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn args() -> TrainArgs {
@@ -59,23 +51,7 @@ fn initial_adapter_and_residual_equal_pefts() {
             "{module}: residual"
         );
         // Each singular pair may come with both signs flipped.
-        for i in 0..4 {
-            let (ra, wa) = (a.get(i).unwrap(), want_a.get(i).unwrap());
-            let sign = if max_diff(&ra, &wa) < max_diff(&ra, &wa.neg().unwrap()) {
-                1.0
-            } else {
-                -1.0
-            };
-            assert!(
-                max_diff(&ra, &(&wa * sign).unwrap()) < 1e-4,
-                "{module}: A row {i}"
-            );
-            let (rb, wb) = (b.narrow(1, i, 1).unwrap(), want_b.narrow(1, i, 1).unwrap());
-            assert!(
-                max_diff(&rb, &(&wb * sign).unwrap()) < 1e-4,
-                "{module}: B column {i}"
-            );
-        }
+        assert_factors_match(&a, &b, want_a, want_b, 1e-4, module);
         modules += 1;
     }
     assert_eq!(modules, 4, "q_proj and v_proj of two layers");

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
 
 use super::qwen2_vl::ImagePatches;
@@ -62,11 +62,7 @@ fn hw(v: Option<&Value>) -> Option<(usize, usize)> {
 impl ClipProcessor {
     /// Reads `preprocessor_config.json` in `dir`; `patch_size` is the vision tower's.
     pub fn load(dir: &Path, patch_size: usize) -> Result<Self> {
-        let file = dir.join("preprocessor_config.json");
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow!("{}: invalid JSON: {e}", file.display()))?;
+        let (file, v) = super::preprocessor_config(dir)?;
         let mut p = Self {
             patch_size,
             ..Self::default()
@@ -109,17 +105,7 @@ impl ClipProcessor {
         } else {
             None
         };
-        let triple = |k: &str| -> Result<Option<[f32; 3]>> {
-            let Some(a) = v.get(k) else { return Ok(None) };
-            let a: Vec<f32> = a
-                .as_array()
-                .filter(|a| a.len() == 3)
-                .ok_or_else(|| anyhow!("{}: `{k}` must be three numbers", file.display()))?
-                .iter()
-                .map(|x| x.as_f64().unwrap_or(0.0) as f32)
-                .collect();
-            Ok(Some([a[0], a[1], a[2]]))
-        };
+        let triple = |k: &str| super::channel_triple(&v, k, &file);
         p.image_mean = triple("image_mean")?.unwrap_or(p.image_mean);
         p.image_std = triple("image_std")?.unwrap_or(p.image_std);
         p.rescale_factor = v

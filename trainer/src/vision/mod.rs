@@ -25,3 +25,33 @@ impl RgbImage {
         }
     }
 }
+
+/// `preprocessor_config.json` of the model folder `dir`, and its path (for messages).
+pub(crate) fn preprocessor_config(
+    dir: &std::path::Path,
+) -> anyhow::Result<(std::path::PathBuf, serde_json::Value)> {
+    use anyhow::Context;
+    let file = dir.join("preprocessor_config.json");
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let v = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", file.display()))?;
+    Ok((file, v))
+}
+
+/// A per-channel triple of a processor config (`image_mean`, `image_std`), if given.
+pub(crate) fn channel_triple(
+    v: &serde_json::Value,
+    key: &str,
+    file: &std::path::Path,
+) -> anyhow::Result<Option<[f32; 3]>> {
+    let Some(a) = v.get(key) else { return Ok(None) };
+    let a: Vec<f32> = a
+        .as_array()
+        .filter(|a| a.len() == 3)
+        .ok_or_else(|| anyhow::anyhow!("{}: `{key}` must be three numbers", file.display()))?
+        .iter()
+        .map(|x| x.as_f64().unwrap_or(0.0) as f32)
+        .collect();
+    Ok(Some([a[0], a[1], a[2]]))
+}

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::Value;
 
 use super::resample::resize_bicubic;
@@ -60,11 +60,7 @@ impl ImagePatches {
 impl Qwen2VlProcessor {
     /// Reads `preprocessor_config.json` in `dir` (missing keys take the class defaults).
     pub fn load(dir: &Path) -> Result<Self> {
-        let file = dir.join("preprocessor_config.json");
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow!("{}: invalid JSON: {e}", file.display()))?;
+        let (file, v) = super::preprocessor_config(dir)?;
         let mut p = Self::default();
         let int = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as usize);
         p.patch_size = int("patch_size").unwrap_or(p.patch_size);
@@ -78,17 +74,7 @@ impl Qwen2VlProcessor {
         p.max_pixels = int("max_pixels")
             .or(size("longest_edge").map(|x| x as usize))
             .unwrap_or(p.max_pixels);
-        let triple = |k: &str| -> Result<Option<[f32; 3]>> {
-            let Some(a) = v.get(k) else { return Ok(None) };
-            let a: Vec<f32> = a
-                .as_array()
-                .filter(|a| a.len() == 3)
-                .ok_or_else(|| anyhow!("{}: `{k}` must be three numbers", file.display()))?
-                .iter()
-                .map(|x| x.as_f64().unwrap_or(0.0) as f32)
-                .collect();
-            Ok(Some([a[0], a[1], a[2]]))
-        };
+        let triple = |k: &str| super::channel_triple(&v, k, &file);
         p.image_mean = triple("image_mean")?.unwrap_or(p.image_mean);
         p.image_std = triple("image_std")?.unwrap_or(p.image_std);
         p.rescale_factor = v

@@ -104,3 +104,48 @@ pub fn vision_batch(name: &str) -> Batch {
     });
     b
 }
+
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Checks LoRA factors `(a, b)` against a reference `(want_a, want_b)` built from the same
+/// singular triplets, within `tol`: each rank-one pair (row of A, column of B) up to the joint
+/// sign an SVD leaves free.
+pub fn assert_factors_match(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    want_a: &candle_core::Tensor,
+    want_b: &candle_core::Tensor,
+    tol: f32,
+    what: &str,
+) {
+    for i in 0..a.dim(0).unwrap() {
+        let (ra, wa) = (a.get(i).unwrap(), want_a.get(i).unwrap());
+        let flipped = wa.neg().unwrap();
+        let sign = if max_diff(&ra, &wa) < max_diff(&ra, &flipped) {
+            1.0
+        } else {
+            -1.0
+        };
+        assert!(
+            max_diff(&ra, &(&wa * sign).unwrap()) < tol,
+            "{what}: A row {i}"
+        );
+        let (rb, wb) = (b.narrow(1, i, 1).unwrap(), want_b.narrow(1, i, 1).unwrap());
+        assert!(
+            max_diff(&rb, &(&wb * sign).unwrap()) < tol,
+            "{what}: B column {i}"
+        );
+    }
+}
