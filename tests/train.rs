@@ -1080,14 +1080,14 @@ fn galore_trains_full_weights_with_low_rank_state() {
 }
 
 /// BAdam from a LLaMA-Factory YAML: one decoder layer trains at a time; embeddings, final norm
-/// and head never change.
+/// and head never change; a resumed run continues the same block schedule and loss curve.
 #[test]
 fn badam_trains_one_layer_block_at_a_time() {
     let dir = workdir();
     write_config(dir.path(), "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 48\nmax_samples: 32\nper_device_train_batch_size: 4\nmax_steps: 3\nlogging_steps: 1\nlearning_rate: 1.0e-3\nfinetuning_type: full\nuse_badam: true\nbadam_switch_interval: 50\nbadam_switch_mode: descending\n");
     let o = run(&train_args(&["output_dir=badam"]), dir.path());
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("BAdam:"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("BAdam (layer mode)"), "{}", stderr(&o));
     let layers = read_json(&dir.path().join("model/config.json"))["num_hidden_layers"]
         .as_u64()
         .unwrap();
@@ -1113,6 +1113,41 @@ fn badam_trains_one_layer_block_at_a_time() {
             "`{k}` (descending: the last layer trains first)"
         );
     }
+    // Blocks switching every 2 steps over 6 steps, checkpoints every 2: resumed after step 4
+    // (its checkpoint holds the blocks trained so far), the curve is the uninterrupted one.
+    let body = [
+        "max_steps=6",
+        "badam_switch_interval=2",
+        "save_steps=2",
+        "badam_switch_mode=ascending",
+    ];
+    let with = |out: &'static str| -> Vec<&'static str> {
+        let mut v = vec![out];
+        v.extend_from_slice(&body);
+        v
+    };
+    let o = run(&train_args(&with("output_dir=straight")), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&train_args(&with("output_dir=resumed")), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = dir.path().join("resumed");
+    std::fs::remove_dir_all(r.join("checkpoint-6")).unwrap();
+    std::fs::remove_file(r.join("model.safetensors")).unwrap();
+    let o = run(&train_args(&with("output_dir=resumed")), dir.path());
+    assert!(
+        o.status.success() && stderr(&o).contains("checkpoint-4"),
+        "{}",
+        stderr(&o)
+    );
+    let (a, b) = (
+        losses(&dir.path().join("straight/trainer_log.jsonl")),
+        losses(&r.join("trainer_log.jsonl")),
+    );
+    assert_eq!(a.len(), 6);
+    assert_eq!(
+        a, b,
+        "the resumed BAdam run repeats the uninterrupted curve"
+    );
 }
 
 /// LoftQ as LLaMA-Factory's loftq_init.py is used: `loftq-init` writes a base and an adapter,
