@@ -935,8 +935,8 @@ fn qlora_on_a_quantized_base_trains_close_to_full_precision_lora() {
     );
 }
 
-/// The seed's optimization methods from a LLaMA-Factory YAML: PiSSA with `pissa_convert` (and
-/// NEFTune) leaves LLaMA-Factory's folders and a rank-2r adapter for the original base; LLaMA
+/// The seed's optimization methods from a LLaMA-Factory YAML: PiSSA with `pissa_convert` (with
+/// NEFTune and S²-Attn) leaves LLaMA-Factory's folders and a rank-2r adapter for the original base; LLaMA
 /// Pro expands the demo model and trains the inserted blocks only.
 #[test]
 fn pissa_neftune_and_llama_pro_run_from_yaml() {
@@ -947,9 +947,15 @@ fn pissa_neftune_and_llama_pro_run_from_yaml() {
             "pissa_init=true",
             "pissa_convert=true",
             "neftune_noise_alpha=5",
+            "shift_attn=true",
             "output_dir=pissa",
         ]),
         dir.path(),
+    );
+    assert!(
+        stderr(&o).contains("Using shift short attention with group_size_ratio=1/4."),
+        "{}",
+        stderr(&o)
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("pissa");

@@ -172,6 +172,7 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("use_dora", "Use DoRA", "使用 DoRA"),
     ("use_pissa", "Use PiSSA", "使用 PiSSA"),
     ("use_llama_pro", "Enable LLaMA Pro", "使用 LLaMA Pro"),
+    ("shift_attn", "Enable S^2 Attention", "使用 S^2 Attention"),
     ("lora_target", "LoRA modules", "LoRA 作用模块"),
     ("additional_target", "Additional modules", "附加模块"),
     ("rlhf_group", "RLHF configurations", "RLHF 参数设置"),

@@ -499,7 +499,6 @@ pub const UNREAD_KEYS: &[(&str, KeyUse)] = &[
     ("badam_mask_mode", KeyUse::NoEffect("only ratio-mode BAdam reads it, which is not supported")),
     ("apollo_scale_front", KeyUse::NoEffect("APOLLOAdamW reads it from its constructor, which LLaMA-Factory does not pass it to: it has no effect there either")),
     ("deepspeed", KeyUse::Unsupported("this engine trains without DeepSpeed; remove the key")),
-    ("shift_attn", KeyUse::Unsupported("LongLoRA's shifted short attention is not supported yet; use `rope_scaling` for long contexts")),
 ];
 
 /// How the engine treats `key`: `None` when it reads it.

@@ -64,6 +64,38 @@ impl Batch {
         b
     }
 
+    /// The batch right-padded further to `seq` tokens with `pad_id` (unlabelled, positions
+    /// counting on, outside every packed segment).
+    pub fn padded_to(&self, seq: usize, pad_id: u32) -> Batch {
+        let extra = seq.saturating_sub(self.seq);
+        // Each row's values, then `fill(row, i)` for the i-th added token.
+        let widen = |v: &[u32], fill: &dyn Fn(usize, usize) -> u32| -> Vec<u32> {
+            let mut out = Vec::with_capacity(self.batch * seq);
+            for r in 0..self.batch {
+                out.extend_from_slice(&v[r * self.seq..(r + 1) * self.seq]);
+                out.extend((0..extra).map(|i| fill(r, i)));
+            }
+            out
+        };
+        let mut labels = Vec::with_capacity(self.batch * seq);
+        for r in 0..self.batch {
+            labels.extend_from_slice(&self.labels[r * self.seq..(r + 1) * self.seq]);
+            labels.extend(std::iter::repeat_n(IGNORE_INDEX, extra));
+        }
+        Batch {
+            input_ids: widen(&self.input_ids, &|_, _| pad_id),
+            labels,
+            positions: widen(&self.positions, &|r, i| {
+                self.positions[(r + 1) * self.seq - 1] + 1 + i as u32
+            }),
+            segments: self.segments.as_ref().map(|s| widen(s, &|_, _| 0)),
+            lens: self.lens.clone(),
+            batch: self.batch,
+            seq,
+            vision: self.vision.clone(),
+        }
+    }
+
     /// Tokens that carry loss after the causal shift.
     pub fn num_targets(&self) -> usize {
         (0..self.batch)

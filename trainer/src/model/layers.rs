@@ -539,6 +539,25 @@ impl DecoderLayer {
             }
             cache.layers[l] = Some((k.clone(), v.clone()));
         }
+        // S²-Attn: attention within groups of a quarter of the sequence, half of the heads
+        // looking at groups shifted by half a group.
+        let shifted = if pass.shift {
+            Some(ShortGroups::new(n, bs, nkv)?)
+        } else {
+            None
+        };
+        let (q, k, v, mask, bs, n) = match &shifted {
+            Some(sg) => (
+                sg.shift(&q)?,
+                sg.shift(&k)?,
+                sg.shift(&v)?,
+                sg.mask(mask)?,
+                bs * sg.groups,
+                sg.size,
+            ),
+            None => (q, k, v, mask.clone(), bs, n),
+        };
+        let mask = &mask;
         let total = k.dim(2)?;
         // GQA without copying K and V per query head: the `rep` query heads of a kv head are
         // stacked along the sequence axis, `(B, nkv, rep·n, hd)`, so one product per kv head
@@ -559,9 +578,12 @@ impl DecoderLayer {
         let attn = probs
             .reshape((bs, nkv, rep * n, total))?
             .matmul(&v)?
-            .reshape((bs, nh, n, hd))?
-            .transpose(1, 2)?
-            .reshape((bs * n, nh * hd))?;
+            .reshape((bs, nh, n, hd))?;
+        let (attn, bs, n) = match &shifted {
+            Some(sg) => (sg.unshift(&attn)?, pass.batch, pass.n),
+            None => (attn, bs, n),
+        };
+        let attn = attn.transpose(1, 2)?.reshape((bs * n, nh * hd))?;
         let attn = self
             .o
             .forward(&attn, rng.as_deref_mut(), weights, d.dtype)?;
@@ -604,6 +626,80 @@ fn linears_of<'a>(
     out
 }
 
+/// LongLoRA's shifted short attention over a training batch of `batch` rows of `len` tokens
+/// (LLaMA-Factory's `model_utils/longlora.py`, group size ratio ¼): the sequence cut into groups
+/// of `len / 4` tokens attended to separately, the second half of the heads rolled back by half
+/// a group first (so their groups straddle the others') and forward again after; each group's
+/// mask is the first group's of a row, as LLaMA-Factory tiles it.
+pub(crate) struct ShortGroups {
+    pub groups: usize,
+    pub size: usize,
+    batch: usize,
+    len: usize,
+}
+
+impl ShortGroups {
+    fn new(len: usize, batch: usize, kv_heads: usize) -> Result<Self> {
+        let size = len / 4;
+        if size == 0 || !len.is_multiple_of(size) {
+            anyhow::bail!("shift_attn: q_len {len} should be divisible by group size {size}");
+        }
+        if !kv_heads.is_multiple_of(2) {
+            anyhow::bail!("shift_attn needs an even number of key-value heads ({kv_heads})");
+        }
+        Ok(Self {
+            groups: len / size,
+            size,
+            batch,
+            len,
+        })
+    }
+
+    /// `x (B, H, len, d)` with its second half of heads rolled left by ⌈size/2⌉, cut into
+    /// groups: `(B·groups, H, size, d)`.
+    fn shift(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, n, d) = x.dims4()?;
+        let s = self.size.div_ceil(2);
+        let (keep, turn) = (x.narrow(1, 0, h / 2)?, x.narrow(1, h / 2, h - h / 2)?);
+        let turned = Tensor::cat(&[&turn.narrow(2, s, n - s)?, &turn.narrow(2, 0, s)?], 2)?;
+        let x = Tensor::cat(&[&keep, &turned], 1)?;
+        Ok(x.reshape((b, h, self.groups, self.size, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * self.groups, h, self.size, d))?)
+    }
+
+    /// The groups' outputs `(B·groups, H, size, d)` back in sequence order, the rolled heads
+    /// rolled back over the whole sequence: `(B, H, len, d)`.
+    fn unshift(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, h, _, d) = x.dims4()?;
+        let (b, n) = (self.batch, self.len);
+        let x = x
+            .reshape((b, self.groups, h, self.size, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, h, n, d))?;
+        let s = self.size.div_ceil(2);
+        let (keep, turn) = (x.narrow(1, 0, h / 2)?, x.narrow(1, h / 2, h - h / 2)?);
+        let turned = Tensor::cat(&[&turn.narrow(2, n - s, s)?, &turn.narrow(2, 0, n - s)?], 2)?;
+        Ok(Tensor::cat(&[&keep, &turned], 1)?)
+    }
+
+    /// The first group's mask `(B, 1, size, size)` of each row, tiled over the groups in the
+    /// order `torch.repeat` gives (group row `r` takes row `r mod B`).
+    fn mask(&self, mask: &Tensor) -> Result<Tensor> {
+        let first = mask
+            .narrow(2, 0, self.size)?
+            .narrow(3, 0, self.size)?
+            .contiguous()?;
+        let rows: Vec<u32> = (0..self.batch * self.groups)
+            .map(|r| (r % self.batch) as u32)
+            .collect();
+        let idx = Tensor::from_vec(rows, self.batch * self.groups, mask.device())?;
+        Ok(first.index_select(&idx, 0)?.contiguous()?)
+    }
+}
+
 /// What one forward pass shares across its layers.
 pub(crate) struct Pass<'a> {
     pub batch: usize,
@@ -617,6 +713,8 @@ pub(crate) struct Pass<'a> {
     /// Where sparse layers leave their routing, when a load-balancing loss wants it.
     pub routing: Option<Vec<Routing>>,
     pub cache: Option<&'a mut KvCache>,
+    /// LongLoRA's shifted short attention (S²-Attn) in this training pass.
+    pub shift: bool,
 }
 
 /// RoPE tables and the attention mask of sliding-window layers.
@@ -639,6 +737,7 @@ impl Pass<'_> {
             local: self.local.clone(),
             routing: None,
             cache: None,
+            shift: self.shift,
         }
     }
 }

@@ -38,6 +38,9 @@ pub struct Model {
     pub checkpointing: bool,
     /// NEFTune's α: noise on the input embeddings in training passes (those given an rng).
     pub neftune_alpha: Option<f64>,
+    /// LongLoRA's S²-Attn in training passes (`shift_attn`), with the id that pads a batch to
+    /// a multiple of 8 tokens.
+    pub shift_attn: Option<u32>,
     /// Where the recomputed layers leave their trainable tensors' gradients; see
     /// [`Model::backward`].
     grad_sink: crate::ops::GradSink,
@@ -154,6 +157,7 @@ impl Model {
                 .collect(),
             checkpointing: false,
             neftune_alpha: None,
+            shift_attn: None,
             grad_sink: Default::default(),
             router_aux_loss_coef: None,
             routing: Default::default(),
@@ -595,17 +599,61 @@ impl Model {
         Ok(Tensor::from_vec(m, (bs, 1, t, t), &self.device)?.to_dtype(self.dtype)?)
     }
 
+    /// The causal mask that also hides each row's padding keys, as transformers builds it from
+    /// an attention mask: S²-Attn's groups take it from the first group, where a short row's
+    /// padding shows.
+    fn padded_causal_mask(&self, b: &Batch) -> Result<Tensor> {
+        let (bs, t) = (b.batch, b.seq);
+        let mut m = vec![0f64; bs * t * t];
+        for r in 0..bs {
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || j >= b.lens[r] {
+                        m[(r * t + i) * t + j] = MASK_VALUE;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (bs, 1, t, t), &self.device)?.to_dtype(self.dtype)?)
+    }
+
     /// Final hidden states of the policy, `(B·T, hidden)`. `rng` turns on dropout (training).
     pub fn hidden(&self, b: &Batch, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         self.hidden_with(b, rng, Weights::Policy)
     }
 
-    /// Final hidden states computed with `weights`.
+    /// Final hidden states computed with `weights`. A training pass with S²-Attn runs on the
+    /// batch padded to a multiple of 8 tokens, as LLaMA-Factory's collator pads it (the padding
+    /// matters there: shifted groups wrap around the sequence); the extra rows are dropped.
     pub fn hidden_with(
+        &self,
+        b: &Batch,
+        rng: Option<&mut ChaCha8Rng>,
+        weights: Weights,
+    ) -> Result<Tensor> {
+        let Some(pad) = self
+            .shift_attn
+            .filter(|_| rng.is_some() && weights == Weights::Policy)
+        else {
+            return self.hidden_pass(b, rng, weights, false);
+        };
+        let n8 = b.seq.div_ceil(8) * 8;
+        if n8 == b.seq {
+            return self.hidden_pass(b, rng, weights, true);
+        }
+        let h = self.hidden_pass(&b.padded_to(n8, pad), rng, weights, true)?;
+        let width = h.dim(1)?;
+        Ok(h.reshape((b.batch, n8, width))?
+            .narrow(1, 0, b.seq)?
+            .reshape((b.batch * b.seq, width))?)
+    }
+
+    fn hidden_pass(
         &self,
         b: &Batch,
         mut rng: Option<&mut ChaCha8Rng>,
         weights: Weights,
+        shift: bool,
     ) -> Result<Tensor> {
         let mut x = self.embed(&b.input_ids, weights)?;
         if let (Some(alpha), Some(rng), Weights::Policy) =
@@ -630,11 +678,16 @@ impl Model {
             n: b.seq,
             cos,
             sin,
-            mask: self.attention_mask(b, None)?,
+            mask: if shift {
+                self.padded_causal_mask(b)?
+            } else {
+                self.attention_mask(b, None)?
+            },
             local,
             routing: (self.router_aux_loss_coef.is_some() && weights == Weights::Policy)
                 .then(Vec::new),
             cache: None,
+            shift,
         };
         for layer in &self.layers {
             x = if self.checkpointing && weights == Weights::Policy {
@@ -855,6 +908,7 @@ impl Model {
             local,
             routing: None,
             cache: Some(cache),
+            shift: false,
         };
         for layer in &self.layers {
             x = layer.forward(&self.dims, x, &mut pass, None, Weights::Policy)?;
@@ -870,6 +924,14 @@ impl Model {
     /// Logits for every position, `(B, T, vocab)`.
     pub fn logits(&self, b: &Batch) -> Result<Tensor> {
         let h = self.hidden(b, None)?;
+        let logits = self.lm_head(&h, Weights::Policy)?;
+        Ok(logits.reshape((b.batch, b.seq, ()))?)
+    }
+
+    /// `(B, T, vocab)` logits of a training pass (`rng` drives dropout and NEFTune; S²-Attn
+    /// when `shift_attn` is on).
+    pub fn train_logits(&self, b: &Batch, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+        let h = self.hidden(b, Some(rng))?;
         let logits = self.lm_head(&h, Weights::Policy)?;
         Ok(logits.reshape((b.batch, b.seq, ()))?)
     }

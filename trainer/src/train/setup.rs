@@ -85,6 +85,7 @@ pub(crate) fn prepare(
     }
     configure_rope(&mut model, args, rep);
     configure_moe(&mut model, args, rep)?;
+    configure_shift_attn(&mut model, args, &tok, rep);
     let resized_args;
     let args = match resized_vocab_targets(&model, args) {
         Some(targets) => {
@@ -490,6 +491,36 @@ pub(crate) fn optimizer(
         return AdamW::new(groups, args.adam_beta1, args.adam_beta2, args.adam_epsilon);
     }
     AdamW::for_training(trainable, args, galore_targets)
+}
+
+/// `shift_attn`: LongLoRA's S²-Attn in training passes, as LLaMA-Factory's
+/// `configure_longlora` sets it (Llama models only; other models are told it has no effect).
+fn configure_shift_attn(
+    model: &mut Model,
+    args: &TrainArgs,
+    tok: &HfTokenizer,
+    rep: &mut dyn Reporter,
+) {
+    if !args.shift_attn {
+        return;
+    }
+    if model.cfg.model_type == "llama" {
+        model.shift_attn = Some(tok.pad_id().or(tok.eos_id()).unwrap_or(0));
+        log(
+            rep,
+            "info",
+            "Using shift short attention with group_size_ratio=1/4.".into(),
+        );
+    } else {
+        log(
+            rep,
+            "warning",
+            format!(
+                "Current model does not support shift short attention (`shift_attn` applies to llama models; this is {}).",
+                model.cfg.model_type
+            ),
+        );
+    }
 }
 
 /// The linear modules whose weights GaLore projects: LLaMA-Factory's `galore_target` (`all`:
