@@ -1192,3 +1192,59 @@ fn loftq_init_starts_a_qlora_run() {
         "{l:?}"
     );
 }
+
+/// `report_to: tensorboard` writes a TensorBoard event file under `logging_dir`: TFRecords
+/// (length, CRC, data, CRC) holding the version record, the arguments as text and one summary
+/// per logged line and evaluation, under transformers' tags. (Read back with TensorBoard's own
+/// `EventAccumulator` in a dev check: train/loss, train/grad_norm, train/learning_rate,
+/// train/epoch, eval/loss and args/text_summary.)
+#[test]
+fn report_to_tensorboard_writes_event_files() {
+    let dir = workdir();
+    write_config(dir.path(), "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 48\nmax_samples: 32\nper_device_train_batch_size: 4\nmax_steps: 4\nlogging_steps: 2\nval_size: 0.25\neval_strategy: steps\neval_steps: 4\n");
+    let o = run(
+        &train_args(&[
+            "output_dir=tb",
+            "report_to=tensorboard",
+            "logging_dir=events",
+        ]),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files: Vec<_> = std::fs::read_dir(dir.path().join("events"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1);
+    assert!(files[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("events.out.tfevents."));
+    let bytes = std::fs::read(&files[0]).unwrap();
+    let mut at = 0;
+    let mut records = Vec::new();
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        records.push(&bytes[at + 12..at + 12 + len]);
+        at += 16 + len;
+    }
+    assert_eq!(at, bytes.len(), "records fill the file exactly");
+    // Version, arguments, two training lines, one evaluation.
+    assert_eq!(records.len(), 5);
+    let has = |r: &[u8], s: &str| r.windows(s.len()).any(|w| w == s.as_bytes());
+    assert!(has(records[0], "brain.Event:2"));
+    assert!(has(records[1], "args/text_summary") && has(records[1], "demo_sft"));
+    assert!(has(records[2], "train/loss") && has(records[2], "train/learning_rate"));
+    assert!(records.iter().any(|r| has(r, "eval/loss")));
+    // A tracker name that does not exist is refused by name.
+    let o = run(
+        &train_args(&["output_dir=tb2", "report_to=tensorbord"]),
+        dir.path(),
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("`report_to: tensorbord`"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -232,6 +232,8 @@ pub struct TrainArgs {
     /// training (transformers' `neftune_noise_alpha`); none when unset.
     pub neftune_noise_alpha: Option<f64>,
     pub report_to: Option<String>,
+    /// Where TensorBoard's event files go (default `<output_dir>/runs/<date>_<host>`).
+    pub logging_dir: Option<String>,
     pub run_name: Option<String>,
     pub ddp_timeout: u64,
     pub deepspeed: Option<String>,
@@ -427,6 +429,7 @@ impl Default for TrainArgs {
             gradient_checkpointing: false,
             neftune_noise_alpha: None,
             report_to: None,
+            logging_dir: None,
             run_name: None,
             ddp_timeout: 1800,
             deepspeed: None,
@@ -475,7 +478,6 @@ pub const UNREAD_KEYS: &[(&str, KeyUse)] = &[
     ("length_penalty", KeyUse::NoEffect("it only matters to beam search, which is not supported")),
     ("include_effective_tokens_per_second", KeyUse::NoEffect("the results always report throughput (tokens per second)")),
     ("ddp_timeout", KeyUse::NoEffect("training runs in one process")),
-    ("report_to", KeyUse::NoEffect("only LlamaBoard's own log is written (trainer_log.jsonl)")),
     ("run_name", KeyUse::NoEffect("it names runs in experiment trackers, which are not connected")),
     ("save_safetensors", KeyUse::NoEffect("weights are always saved as safetensors")),
     ("optim", KeyUse::NoEffect("the optimizer is AdamW (PyTorch's `adamw_torch`)")),
@@ -506,7 +508,33 @@ pub fn key_use(key: &str) -> Option<KeyUse> {
     UNREAD_KEYS.iter().find(|(k, _)| *k == key).map(|(_, u)| *u)
 }
 
+/// The experiment trackers transformers knows for `report_to`.
+pub const TRACKERS: &[&str] = &[
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "swanlab",
+    "comet_ml",
+    "clearml",
+    "dagshub",
+    "dvclive",
+    "neptune",
+    "codecarbon",
+    "azure_ml",
+    "flyte",
+    "trackio",
+];
+
 impl TrainArgs {
+    /// The trackers `report_to` names (`all`: every one; `none` or unset: none).
+    pub fn trackers(&self) -> Vec<String> {
+        let list = Self::split_list(self.report_to.as_deref());
+        if list.iter().any(|t| t == "all") {
+            return TRACKERS.iter().map(|t| t.to_string()).collect();
+        }
+        list.into_iter().filter(|t| t != "none").collect()
+    }
+
     /// Every key of the namespace, in declaration order.
     pub fn keys() -> Vec<String> {
         match serde_json::to_value(Self::default()) {

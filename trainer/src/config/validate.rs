@@ -30,6 +30,17 @@ fn fail(key: &'static str, message: impl Into<String>) -> Result<(), ArgError> {
 /// was read.
 pub fn validate(a: &TrainArgs) -> Result<(), ArgError> {
     unsupported(a)?;
+    for t in a.trackers() {
+        if !protocol::args::TRACKERS.contains(&t.as_str()) {
+            return fail(
+                "report_to",
+                format!(
+                    "`report_to: {t}` is not a tracker; choose from none, all, {}",
+                    protocol::args::TRACKERS.join(", ")
+                ),
+            );
+        }
+    }
     if a.stage != Stage::Sft {
         for (key, on) in [
             ("predict_with_generate", a.predict_with_generate),

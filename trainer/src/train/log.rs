@@ -53,6 +53,8 @@ pub(crate) struct TrainerLog {
     window_extra: BTreeMap<String, (f64, usize)>,
     /// Every step's loss of this process, for `train_loss`.
     losses: Vec<f64>,
+    /// TensorBoard's event file (`report_to: tensorboard`): every history entry goes there.
+    pub(crate) tensorboard: Option<super::tensorboard::EventWriter>,
 }
 
 impl TrainerLog {
@@ -93,6 +95,7 @@ impl TrainerLog {
             window_steps: 0,
             window_extra: BTreeMap::new(),
             losses: Vec::new(),
+            tensorboard: None,
         })
     }
 
@@ -141,6 +144,7 @@ impl TrainerLog {
                 k.as_str()
             }] = v.clone();
         }
+        self.track(&entry);
         self.history.push(entry);
         self.append(&line)?;
         Ok(Logged { loss, extra })
@@ -158,6 +162,7 @@ impl TrainerLog {
         for (k, v) in extra {
             entry[k] = v.clone();
         }
+        self.track(&entry);
         self.history.push(entry);
         let line = json!({
             "current_steps": at.step, "total_steps": at.total_steps, "eval_loss": eval_loss, "epoch": epoch,
@@ -165,6 +170,17 @@ impl TrainerLog {
             "elapsed_time": timedelta(at.elapsed), "remaining_time": timedelta(0.0),
         });
         self.append(&line)
+    }
+
+    /// Sends a history entry to the trackers. A tracker that fails is dropped with a warning
+    /// on stderr; training goes on.
+    fn track(&mut self, entry: &Value) {
+        if let Some(tb) = self.tensorboard.as_mut() {
+            if let Err(e) = tb.log_entry(entry) {
+                eprintln!("warning: TensorBoard logging stopped: {e:#}");
+                self.tensorboard = None;
+            }
+        }
     }
 
     /// The mean loss of the steps this process trained (`train_loss`); the last logged loss

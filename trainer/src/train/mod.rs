@@ -25,6 +25,7 @@ pub mod schedule;
 mod session;
 mod setup;
 mod step;
+pub mod tensorboard;
 
 pub use job::run_job;
 pub use session::run_training;

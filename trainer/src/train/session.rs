@@ -132,6 +132,35 @@ struct Session<'a> {
     badam: Option<super::badam::Badam>,
 }
 
+/// The trackers of `report_to`: TensorBoard's event file (with the run's arguments as text);
+/// the others are named in a warning, as they have no effect here yet.
+fn open_trackers(
+    args: &TrainArgs,
+    output_dir: &std::path::Path,
+) -> Result<Option<super::tensorboard::EventWriter>> {
+    let trackers = args.trackers();
+    let others: Vec<&String> = trackers.iter().filter(|t| *t != "tensorboard").collect();
+    if !others.is_empty() {
+        eprintln!(
+            "warning: `report_to`: {} not supported yet, ignored (TensorBoard is; LlamaBoard's own log is always written)",
+            others.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if !trackers.iter().any(|t| t == "tensorboard") {
+        return Ok(None);
+    }
+    let dir = match &args.logging_dir {
+        Some(d) => std::path::PathBuf::from(d),
+        None => super::tensorboard::default_logging_dir(output_dir),
+    };
+    let mut w = super::tensorboard::EventWriter::create(&dir)?;
+    w.text(
+        "args",
+        &serde_json::to_string_pretty(&args.non_default()).unwrap_or_default(),
+    )?;
+    Ok(Some(w))
+}
+
 impl<'a> Session<'a> {
     /// The prepared run, restored from its checkpoint when it resumes.
     fn start(args: &'a TrainArgs, p: Prepared) -> Result<Self> {
@@ -184,7 +213,7 @@ impl<'a> Session<'a> {
                 )?;
             }
         }
-        let log = TrainerLog::open(
+        let mut log = TrainerLog::open(
             &output_dir,
             restored.as_ref().map(|r| r.step),
             restored
@@ -192,6 +221,7 @@ impl<'a> Session<'a> {
                 .map(|r| r.log_history.clone())
                 .unwrap_or_default(),
         )?;
+        log.tensorboard = open_trackers(args, &output_dir)?;
         Ok(Self {
             args,
             plan: Plan::new(args, train.len()),
