@@ -173,6 +173,7 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("use_pissa", "Use PiSSA", "使用 PiSSA"),
     ("use_llama_pro", "Enable LLaMA Pro", "使用 LLaMA Pro"),
     ("shift_attn", "Enable S^2 Attention", "使用 S^2 Attention"),
+    ("report_to", "Enable external logger", "启用外部记录面板"),
     ("lora_target", "LoRA modules", "LoRA 作用模块"),
     ("additional_target", "Additional modules", "附加模块"),
     ("rlhf_group", "RLHF configurations", "RLHF 参数设置"),

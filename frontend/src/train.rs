@@ -48,6 +48,7 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
     ("resize_vocab", "false"),
     ("use_llama_pro", "false"),
     ("shift_attn", "false"),
+    ("report_to", "none"),
     ("enable_thinking", "true"),
     ("gradient_checkpointing", "false"),
     ("freeze_vision_tower", "true"),
@@ -169,6 +170,9 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
     {
         own.insert("pissa_init".into(), Value::String("true".into()));
         own.insert("pissa_convert".into(), Value::String("true".into()));
+    }
+    if own.get("report_to").and_then(Value::as_str) == Some("none") {
+        own.remove("report_to");
     }
     for k in ["use_llama_pro", "shift_attn"] {
         if own.get(k).and_then(Value::as_str) == Some("false") {
@@ -513,7 +517,7 @@ pub fn TrainTab() -> impl IntoView {
             <Field form key="val_size" label="val_size" kind="number" min="0" max="1" step="0.001"/>
             <Select form key="lr_scheduler_type" label="lr_scheduler_type" options={choices::<SchedulerType>()}/>
         </div>
-        <Group label="extra_group" form keys=&["logging_steps", "save_steps", "warmup_steps", "neftune_noise_alpha", "packing", "neat_packing", "train_on_prompt", "mask_history", "resize_vocab", "use_llama_pro", "shift_attn", "enable_thinking", "gradient_checkpointing"]>
+        <Group label="extra_group" form keys=&["logging_steps", "save_steps", "warmup_steps", "neftune_noise_alpha", "packing", "neat_packing", "train_on_prompt", "mask_history", "resize_vocab", "use_llama_pro", "shift_attn", "report_to", "enable_thinking", "gradient_checkpointing"]>
             <Field form key="logging_steps" label="logging_steps" kind="number" min="1"/>
             <Field form key="save_steps" label="save_steps" kind="number" min="1"/>
             <Field form key="warmup_steps" label="warmup_steps" kind="number" min="0"/>
@@ -525,6 +529,7 @@ pub fn TrainTab() -> impl IntoView {
             <Check form key="resize_vocab" label="resize_vocab"/>
             <Check form key="use_llama_pro" label="use_llama_pro"/>
             <Check form key="shift_attn" label="shift_attn"/>
+            <Select form key="report_to" label="report_to" options=vec![("none", ""), ("tensorboard", "")]/>
             <Check form key="enable_thinking" label="enable_thinking"/>
             <Check form key="gradient_checkpointing" label="gradient_checkpointing"/>
         </Group>
