@@ -30,7 +30,14 @@ fn model(name: &str) -> Model {
 }
 
 fn mean_loss(m: &Model, b: &Batch) -> Tensor {
-    let (sum, n) = m.loss_sum(b, None).unwrap();
+    mean_loss_in(m, b, false)
+}
+
+/// The mean loss of an eval pass, or of a training pass (an rng turns on what only training
+/// does — dropout, NEFTune, S²-Attn — seeded the same every time, so it is one function).
+fn mean_loss_in(m: &Model, b: &Batch, training: bool) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let (sum, n) = m.loss_sum(b, training.then_some(&mut rng)).unwrap();
     (sum / n as f64).unwrap()
 }
 
@@ -58,6 +65,12 @@ fn check(m: &Model, what: &str, samples: usize) {
 
 /// [`check`] on the batch `b`.
 fn check_on(m: &Model, what: &str, samples: usize, b: &Batch) {
+    check_pass(m, what, samples, b, false);
+}
+
+/// [`check_on`] with an eval or a training pass.
+fn check_pass(m: &Model, what: &str, samples: usize, b: &Batch, training: bool) {
+    let mean_loss = |m: &Model, b: &Batch| mean_loss_in(m, b, training);
     let trainable = m.trainable();
     assert!(!trainable.is_empty(), "{what}: nothing trainable");
     let grads = mean_loss(m, b).backward().unwrap();
@@ -455,6 +468,38 @@ fn qwen2_vl_lora_and_projector_match_finite_differences() {
     for name in ["qwen2_vl", "qwen2_5_vl"] {
         vision_gradients(name);
     }
+}
+
+/// LongLoRA's S²-Attn in a training pass: the shifted, grouped attention (on a batch padded
+/// to a multiple of 8) hands LoRA on q/k/v/o and the MLP exact gradients.
+#[test]
+fn shifted_short_attention_matches_finite_differences() {
+    let args = TrainArgs {
+        lora_rank: 2,
+        lora_target: "q_proj,k_proj,v_proj,o_proj,down_proj".into(),
+        lora_dropout: 0.0,
+        ..TrainArgs::default()
+    };
+    let mut m = with_lora("llama", &args);
+    m.shift_attn = Some(0);
+    // Rows of 13 and 9 tokens: padded to 16, groups of 4.
+    let rows: Vec<Vec<u32>> = vec![(1..14).collect(), (20..29).collect()];
+    let labels: Vec<Vec<i64>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&x| x as i64).collect())
+        .collect();
+    let refs: Vec<trainer::model::RowRef> = rows
+        .iter()
+        .zip(&labels)
+        .map(|(r, l)| (r.as_slice(), l.as_slice(), None))
+        .collect();
+    let b = Batch::pad(&refs, 0);
+    let (shifted, plain) = (mean_loss_in(&m, &b, true), mean_loss(&m, &b));
+    assert!(
+        (scalar(&shifted) - scalar(&plain)).abs() > 1e-6,
+        "the training pass attends differently"
+    );
+    check_pass(&m, "llama/S²-Attn", 3, &b, true);
 }
 
 /// LLaVA: LoRA, the projector, and two tensors of the CLIP tower (learned positions, a query
