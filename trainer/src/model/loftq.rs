@@ -178,10 +178,7 @@ pub fn loftq(w: &Tensor, bits: u32, r: usize, num_iter: usize) -> Result<(Tensor
             .collect();
     }
     let dev = &Device::Cpu;
-    let to = |m: &DMatrix<f64>| -> Result<Tensor> {
-        let v: Vec<f32> = m.transpose().iter().map(|x| *x as f32).collect();
-        Ok(Tensor::from_vec(v, (m.nrows(), m.ncols()), dev)?)
-    };
+    let to = |m: &DMatrix<f64>| super::linalg::to_tensor(m, DType::F32, dev);
     Ok((Tensor::from_vec(q, (rows, cols), dev)?, to(&a)?, to(&b)?))
 }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod expand;
 pub mod gguf;
 pub mod layers;
+pub mod linalg;
 mod llama;
 pub mod loftq;
 pub mod mlp;

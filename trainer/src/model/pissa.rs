@@ -10,17 +10,12 @@
 //! `[B, −B₀]·[A; A₀]` with rank and alpha doubled.
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use nalgebra::DMatrix;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-/// A standard normal draw (Box–Muller).
-fn normal(rng: &mut ChaCha8Rng) -> f64 {
-    let u1: f64 = 1.0 - rng.gen::<f64>();
-    let u2: f64 = rng.gen();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-}
+use super::linalg::{standard_normal, to_matrix, to_tensor};
 
 /// How the top singular triplets are found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,17 +56,6 @@ impl Svd {
     }
 }
 
-fn to_matrix(t: &Tensor) -> Result<DMatrix<f64>> {
-    let (rows, cols) = t.dims2()?;
-    let v: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    Ok(DMatrix::from_row_slice(rows, cols, &v))
-}
-
-fn to_tensor(m: &DMatrix<f64>, dtype: DType, device: &Device) -> Result<Tensor> {
-    let rows: Vec<f64> = m.transpose().iter().copied().collect();
-    Ok(Tensor::from_vec(rows, (m.nrows(), m.ncols()), device)?.to_dtype(dtype)?)
-}
-
 /// The top `r` singular triplets `(U_r, S_r, V_rᵀ)` of `w`.
 fn top_singular(
     w: &DMatrix<f64>,
@@ -95,7 +79,7 @@ fn top_singular(
             // projection `Qᵀ·W`.
             let (m, n) = w.shape();
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            let g = DMatrix::from_fn(n, r, |_, _| normal(&mut rng));
+            let g = DMatrix::from_fn(n, r, |_, _| standard_normal(&mut rng));
             let orth = |x: DMatrix<f64>| x.qr().q();
             let mut q = orth(w * g);
             for _ in 0..niter {
@@ -151,11 +135,12 @@ pub fn convert(a: &Tensor, b: &Tensor, a0: &Tensor, b0: &Tensor) -> Result<(Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
 
     /// A matrix with a clear spectral gap after `r` values (randomized SVD converges there).
     fn gapped(rows: usize, cols: usize, seed: u64) -> Tensor {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut g = |r, c| DMatrix::<f64>::from_fn(r, c, |_, _| normal(&mut rng));
+        let mut g = |r, c| DMatrix::<f64>::from_fn(r, c, |_, _| standard_normal(&mut rng));
         let u = g(rows, rows).qr().q();
         let v = g(cols, cols).qr().q();
         let k = rows.min(cols);

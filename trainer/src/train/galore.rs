@@ -9,8 +9,10 @@
 //! bounded by a norm-growth limiter, as `apollo_torch.APOLLOAdamW` does.
 
 use anyhow::{anyhow, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use nalgebra::DMatrix;
+
+use crate::model::linalg::{standard_normal, to_matrix, to_tensor};
 use protocol::args::GaloreProjType;
 
 /// GaLore's (or APOLLO's) settings for one weight.
@@ -56,19 +58,6 @@ pub struct Projector {
     draws: u64,
 }
 
-fn matrix(t: &Tensor) -> Result<DMatrix<f64>> {
-    let (r, c) = t.dims2()?;
-    let v: Vec<f64> = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    Ok(DMatrix::from_row_slice(r, c, &v))
-}
-
-fn tensor(m: &DMatrix<f64>, dtype: DType, device: &Device) -> Result<Tensor> {
-    let v: Vec<f64> = m.transpose().iter().copied().collect();
-    Ok(Tensor::from_vec(v, (m.nrows(), m.ncols()), &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(device)?)
-}
-
 impl Projector {
     pub fn new(spec: GaloreSpec) -> Self {
         Self {
@@ -112,13 +101,13 @@ impl Projector {
                 self.draws += 1;
                 return self.apply(grad, side);
             }
-            let svd = matrix(grad)?.svd(true, true);
+            let svd = to_matrix(grad)?.svd(true, true);
             let u = svd.u.ok_or_else(|| anyhow!("GaLore: SVD failed"))?;
             let vt = svd.v_t.ok_or_else(|| anyhow!("GaLore: SVD failed"))?;
             let r = self.spec.rank.min(rows).min(cols);
             let (dtype, device) = (grad.dtype(), grad.device());
-            let left = || tensor(&u.columns(0, r).into_owned(), dtype, device);
-            let right = || tensor(&vt.rows(0, r).into_owned(), dtype, device);
+            let left = || to_tensor(&u.columns(0, r).into_owned(), dtype, device);
+            let right = || to_tensor(&vt.rows(0, r).into_owned(), dtype, device);
             self.ortho = match side {
                 Side::Right => vec![right()?],
                 Side::Left => vec![left()?],
@@ -147,7 +136,7 @@ impl Projector {
         seed: u64,
         like: &Tensor,
     ) -> Result<Tensor> {
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let r = self.spec.rank;
         let (a, b) = match side {
             Side::Left => (rows, r),
@@ -155,16 +144,9 @@ impl Projector {
         };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (self.draws << 32));
         let scale = 1.0 / (r as f64).sqrt();
-        let v: Vec<f64> = (0..a * b)
-            .map(|_| {
-                let u1: f64 = 1.0 - rng.gen::<f64>();
-                let u2: f64 = rng.gen();
-                (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * scale
-            })
-            .collect();
-        Ok(Tensor::from_vec(v, (a, b), &Device::Cpu)?
-            .to_dtype(like.dtype())?
-            .to_device(like.device())?)
+        let m =
+            DMatrix::from_row_iterator(a, b, (0..a * b).map(|_| standard_normal(&mut rng) * scale));
+        to_tensor(&m, like.dtype(), like.device())
     }
 
     /// The low-rank update `low` back in the weight's shape, times `galore_scale` (the side
@@ -190,6 +172,7 @@ impl Projector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn the_projection_refreshes_every_interval_and_keeps_its_side() {
