@@ -658,11 +658,8 @@ impl ShortGroups {
     /// `x (B, H, len, d)` with its second half of heads rolled left by ⌈size/2⌉, cut into
     /// groups: `(B·groups, H, size, d)`.
     fn shift(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, n, d) = x.dims4()?;
-        let s = self.size.div_ceil(2);
-        let (keep, turn) = (x.narrow(1, 0, h / 2)?, x.narrow(1, h / 2, h - h / 2)?);
-        let turned = Tensor::cat(&[&turn.narrow(2, s, n - s)?, &turn.narrow(2, 0, s)?], 2)?;
-        let x = Tensor::cat(&[&keep, &turned], 1)?;
+        let (b, h, _, d) = x.dims4()?;
+        let x = roll_second_half(x, self.size.div_ceil(2))?;
         Ok(x.reshape((b, h, self.groups, self.size, d))?
             .transpose(1, 2)?
             .contiguous()?
@@ -679,10 +676,7 @@ impl ShortGroups {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, h, n, d))?;
-        let s = self.size.div_ceil(2);
-        let (keep, turn) = (x.narrow(1, 0, h / 2)?, x.narrow(1, h / 2, h - h / 2)?);
-        let turned = Tensor::cat(&[&turn.narrow(2, n - s, s)?, &turn.narrow(2, 0, n - s)?], 2)?;
-        Ok(Tensor::cat(&[&keep, &turned], 1)?)
+        roll_second_half(&x, n - self.size.div_ceil(2))
     }
 
     /// The first group's mask `(B, 1, size, size)` of each row, tiled over the groups in the
@@ -698,6 +692,18 @@ impl ShortGroups {
         let idx = Tensor::from_vec(rows, self.batch * self.groups, mask.device())?;
         Ok(first.index_select(&idx, 0)?.contiguous()?)
     }
+}
+
+/// `x (B, H, n, d)` with the second half of its heads rolled `left` positions left along the
+/// sequence (`torch.roll(…, -left, dims=seq)`).
+fn roll_second_half(x: &Tensor, left: usize) -> Result<Tensor> {
+    let (_, h, n, _) = x.dims4()?;
+    let (keep, turn) = (x.narrow(1, 0, h / 2)?, x.narrow(1, h / 2, h - h / 2)?);
+    let turned = Tensor::cat(
+        &[&turn.narrow(2, left, n - left)?, &turn.narrow(2, 0, left)?],
+        2,
+    )?;
+    Ok(Tensor::cat(&[&keep, &turned], 1)?)
 }
 
 /// What one forward pass shares across its layers.

@@ -580,35 +580,27 @@ impl Model {
 
     /// The causal mask of a training pass (within packed segments), with keys `window` or more
     /// tokens back blocked too for a sliding-window layer.
-    fn attention_mask(&self, b: &Batch, window: Option<usize>) -> Result<Tensor> {
+    /// `hide_padding` also masks each row's padding keys, as transformers builds the mask from
+    /// an attention mask (S²-Attn's groups take the first group's mask, where a short row's
+    /// padding shows; otherwise right padding only ever follows a query).
+    fn attention_mask(
+        &self,
+        b: &Batch,
+        window: Option<usize>,
+        hide_padding: bool,
+    ) -> Result<Tensor> {
         let (bs, t) = (b.batch, b.seq);
         let mut m = vec![0f64; bs * t * t];
         for r in 0..bs {
             for i in 0..t {
                 for j in 0..t {
-                    let mut blocked = j > i || window.is_some_and(|w| i - j.min(i) >= w);
+                    let mut blocked = j > i
+                        || window.is_some_and(|w| i - j.min(i) >= w)
+                        || (hide_padding && j >= b.lens[r]);
                     if let Some(seg) = &b.segments {
                         blocked |= seg[r * t + i] != seg[r * t + j];
                     }
                     if blocked {
-                        m[(r * t + i) * t + j] = MASK_VALUE;
-                    }
-                }
-            }
-        }
-        Ok(Tensor::from_vec(m, (bs, 1, t, t), &self.device)?.to_dtype(self.dtype)?)
-    }
-
-    /// The causal mask that also hides each row's padding keys, as transformers builds it from
-    /// an attention mask: S²-Attn's groups take it from the first group, where a short row's
-    /// padding shows.
-    fn padded_causal_mask(&self, b: &Batch) -> Result<Tensor> {
-        let (bs, t) = (b.batch, b.seq);
-        let mut m = vec![0f64; bs * t * t];
-        for r in 0..bs {
-            for i in 0..t {
-                for j in 0..t {
-                    if j > i || j >= b.lens[r] {
                         m[(r * t + i) * t + j] = MASK_VALUE;
                     }
                 }
@@ -671,18 +663,14 @@ impl Model {
             _ => self.rope_tables(&b.positions, b.batch, b.seq)?,
         };
         let local = self.local_tables(&b.positions, b.batch, b.seq, |w| {
-            self.attention_mask(b, Some(w))
+            self.attention_mask(b, Some(w), false)
         })?;
         let mut pass = Pass {
             batch: b.batch,
             n: b.seq,
             cos,
             sin,
-            mask: if shift {
-                self.padded_causal_mask(b)?
-            } else {
-                self.attention_mask(b, None)?
-            },
+            mask: self.attention_mask(b, None, shift)?,
             local,
             routing: (self.router_aux_loss_coef.is_some() && weights == Weights::Policy)
                 .then(Vec::new),
