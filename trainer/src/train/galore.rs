@@ -28,6 +28,21 @@ pub struct GaloreSpec {
     pub apollo: Option<ApolloScale>,
 }
 
+impl GaloreSpec {
+    /// The side a `rows × cols` gradient is projected on.
+    pub fn side_of(&self, rows: usize, cols: usize) -> Side {
+        match self.proj_type {
+            GaloreProjType::Std if rows >= cols => Side::Right,
+            GaloreProjType::Std => Side::Left,
+            GaloreProjType::ReverseStd if rows >= cols => Side::Left,
+            GaloreProjType::ReverseStd => Side::Right,
+            GaloreProjType::Right => Side::Right,
+            GaloreProjType::Left => Side::Left,
+            GaloreProjType::Full => Side::Both,
+        }
+    }
+}
+
 /// APOLLO's `apollo_scale_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApolloScale {
@@ -67,19 +82,6 @@ impl Projector {
         }
     }
 
-    /// The side a `rows × cols` gradient is projected on.
-    pub fn side_of(&self, rows: usize, cols: usize) -> Side {
-        match self.spec.proj_type {
-            GaloreProjType::Std if rows >= cols => Side::Right,
-            GaloreProjType::Std => Side::Left,
-            GaloreProjType::ReverseStd if rows >= cols => Side::Left,
-            GaloreProjType::ReverseStd => Side::Right,
-            GaloreProjType::Right => Side::Right,
-            GaloreProjType::Left => Side::Left,
-            GaloreProjType::Full => Side::Both,
-        }
-    }
-
     /// The projection matrices, saved with the optimizer state.
     pub fn matrices(&self) -> &[Tensor] {
         &self.ortho
@@ -94,7 +96,7 @@ impl Projector {
     /// the projection from `grad`'s SVD on the first step and every `update_interval` steps.
     pub fn project(&mut self, grad: &Tensor, iter: usize) -> Result<Tensor> {
         let (rows, cols) = grad.dims2()?;
-        let side = self.side_of(rows, cols);
+        let side = self.spec.side_of(rows, cols);
         if self.ortho.is_empty() || iter.is_multiple_of(self.spec.update_interval.max(1)) {
             if let Some(seed) = self.spec.random {
                 self.ortho = vec![self.gaussian(rows, cols, side, seed, grad)?];

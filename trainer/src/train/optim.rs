@@ -349,7 +349,7 @@ impl AdamW {
                 };
                 let (r, c) = p.var.as_tensor().dims2().unwrap_or((0, 0));
                 let k = s.rank.min(r).min(c);
-                let (low, proj) = match Projector::new(s).side_of(r, c) {
+                let (low, proj) = match s.side_of(r, c) {
                     super::galore::Side::Right => (r * k, k * c),
                     super::galore::Side::Left => (k * c, r * k),
                     super::galore::Side::Both => (k * k, k * (r + c)),

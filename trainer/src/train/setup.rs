@@ -156,34 +156,30 @@ pub(crate) fn prepare(
     );
 
     let opt = optimizer(trainable, args, &galore_targets(&model, args)?)?;
-    if args.use_apollo {
+    let projection = if args.use_apollo {
+        Some(format!(
+            "APOLLO (rank {}, {} projection, {} scaling, every {} steps, scale {})",
+            args.apollo_rank,
+            args.apollo_proj,
+            args.apollo_scale_type,
+            args.apollo_update_interval,
+            args.apollo_scale
+        ))
+    } else if args.use_galore {
+        Some(format!(
+            "GaLore (rank {}, every {} steps, scale {}, {})",
+            args.galore_rank, args.galore_update_interval, args.galore_scale, args.galore_proj_type
+        ))
+    } else {
+        None
+    };
+    if let Some(method) = projection {
         let plain: usize = opt.params.iter().map(|p| 2 * p.var.elem_count()).sum();
         log(
             rep,
             "info",
             format!(
-                "APOLLO (rank {}, {} projection, {} scaling, every {} steps, scale {}): optimizer state {:.1} MB instead of AdamW's {:.1} MB",
-                args.apollo_rank,
-                args.apollo_proj,
-                args.apollo_scale_type,
-                args.apollo_update_interval,
-                args.apollo_scale,
-                opt.state_elements() as f64 * 4e-6,
-                plain as f64 * 4e-6
-            ),
-        );
-    }
-    if args.use_galore {
-        let plain: usize = opt.params.iter().map(|p| 2 * p.var.elem_count()).sum();
-        log(
-            rep,
-            "info",
-            format!(
-                "GaLore (rank {}, every {} steps, scale {}, {}): optimizer state {:.1} MB instead of AdamW's {:.1} MB",
-                args.galore_rank,
-                args.galore_update_interval,
-                args.galore_scale,
-                args.galore_proj_type,
+                "{method}: optimizer state {:.1} MB instead of AdamW's {:.1} MB",
                 opt.state_elements() as f64 * 4e-6,
                 plain as f64 * 4e-6
             ),

@@ -104,13 +104,19 @@ fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// This machine's name, as event-file and run-folder names carry it.
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
 /// transformers' default `logging_dir`: `runs/<Mon>DD_HH-MM-SS_<host>`.
 pub fn default_logging_dir(output_dir: &Path) -> PathBuf {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
     let stamp = chrono::Local::now().format("%b%d_%H-%M-%S");
-    output_dir.join("runs").join(format!("{stamp}_{host}"))
+    output_dir
+        .join("runs")
+        .join(format!("{stamp}_{}", hostname()))
 }
 
 /// An open event file.
@@ -123,12 +129,10 @@ impl EventWriter {
     /// A new event file in `dir`, named as TensorBoard's writers name theirs.
     pub fn create(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let host = std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into());
         let path = dir.join(format!(
-            "events.out.tfevents.{}.{host}.{}.0",
+            "events.out.tfevents.{}.{}.{}.0",
             now() as u64,
+            hostname(),
             std::process::id()
         ));
         let file = std::fs::File::create(&path)
