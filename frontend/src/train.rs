@@ -147,14 +147,17 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
         }
         _ => {}
     }
-    // The multimodal keys go only where they differ from LLaMA-Factory's defaults (a text
-    // model then says that a changed one has no effect).
+    // These keys go only where they differ from LLaMA-Factory's defaults (a text model then
+    // says that a changed multimodal key has no effect).
     for (k, default) in [
         ("freeze_vision_tower", "true"),
         ("freeze_multi_modal_projector", "true"),
         ("freeze_language_model", "false"),
         ("image_max_pixels", "589824"),
         ("image_min_pixels", "1024"),
+        ("report_to", "none"),
+        ("use_llama_pro", "false"),
+        ("shift_attn", "false"),
     ] {
         if own.get(k).and_then(Value::as_str) == Some(default) {
             own.remove(k);
@@ -171,40 +174,29 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
         own.insert("pissa_init".into(), Value::String("true".into()));
         own.insert("pissa_convert".into(), Value::String("true".into()));
     }
-    if own.get("report_to").and_then(Value::as_str) == Some("none") {
-        own.remove("report_to");
-    }
-    for k in ["use_llama_pro", "shift_attn"] {
-        if own.get(k).and_then(Value::as_str) == Some("false") {
-            own.remove(k);
-        }
-    }
-    if own.get("use_badam").and_then(Value::as_str) != Some("true") {
-        for k in ["use_badam", "badam_switch_mode", "badam_switch_interval"] {
-            own.remove(k);
-        }
-    }
-    if own.get("use_apollo").and_then(Value::as_str) != Some("true") {
-        for k in [
+    // A method's keys go only with the method on, as LlamaBoard's runner passes them.
+    let methods: [&[&str]; 3] = [
+        &["use_badam", "badam_switch_mode", "badam_switch_interval"],
+        &[
             "use_apollo",
             "apollo_rank",
             "apollo_update_interval",
             "apollo_scale",
             "apollo_target",
-        ] {
-            own.remove(k);
-        }
-    }
-    // GaLore's keys go only with GaLore on, as LlamaBoard's runner passes them.
-    if own.get("use_galore").and_then(Value::as_str) != Some("true") {
-        for k in [
+        ],
+        &[
             "use_galore",
             "galore_rank",
             "galore_update_interval",
             "galore_scale",
             "galore_target",
-        ] {
-            own.remove(k);
+        ],
+    ];
+    for keys in methods {
+        if own.get(keys[0]).and_then(Value::as_str) != Some("true") {
+            for k in keys {
+                own.remove(*k);
+            }
         }
     }
     for zero_is_none in ["neftune_noise_alpha", "loraplus_lr_ratio"] {
