@@ -935,6 +935,26 @@ fn qlora_on_a_quantized_base_trains_close_to_full_precision_lora() {
     );
 }
 
+/// The tensor names of the weights file `before`, and those whose values differ in `after`
+/// (both sorted).
+fn changed_tensors(before: &Path, after: &Path) -> (Vec<String>, Vec<String>) {
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let (before, after) = (load(before), load(after));
+    let mut all: Vec<String> = before.keys().cloned().collect();
+    all.sort();
+    let changed = all
+        .iter()
+        .filter(|k| {
+            let a = after[*k].to_dtype(candle_core::DType::F32).unwrap();
+            let b = before[*k].to_dtype(candle_core::DType::F32).unwrap();
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f32>().unwrap() > 0.0
+        })
+        .cloned()
+        .collect();
+    (all, changed)
+}
+
 /// The seed's optimization methods from a LLaMA-Factory YAML: PiSSA with `pissa_convert` (with
 /// NEFTune and S²-Attn) leaves LLaMA-Factory's folders and a rank-2r adapter for the original base; LLaMA
 /// Pro expands the demo model and trains the inserted blocks only.
@@ -1004,27 +1024,10 @@ fn pissa_neftune_and_llama_pro_run_from_yaml() {
         dir.path(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
-    let before = load(&dir.path().join("expanded/model.safetensors"));
-    let after = load(&dir.path().join("pro/model.safetensors"));
-    let mut changed: Vec<String> = before
-        .iter()
-        .filter(|(k, t)| {
-            let a = after[*k].to_dtype(candle_core::DType::F32).unwrap();
-            let b = t.to_dtype(candle_core::DType::F32).unwrap();
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        })
-        .map(|(k, _)| k.clone())
-        .collect();
-    changed.sort();
+    let (_, changed) = changed_tensors(
+        &dir.path().join("expanded/model.safetensors"),
+        &dir.path().join("pro/model.safetensors"),
+    );
     let last = format!("model.layers.{}.", layers - 1);
     assert!(!changed.is_empty());
     assert!(
@@ -1097,28 +1100,16 @@ fn badam_trains_one_layer_block_at_a_time() {
     let layers = read_json(&dir.path().join("model/config.json"))["num_hidden_layers"]
         .as_u64()
         .unwrap();
-    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
-    let before = load(&dir.path().join("model/model.safetensors"));
-    let after = load(&dir.path().join("badam/model.safetensors"));
+    let (all, changed) = changed_tensors(
+        &dir.path().join("model/model.safetensors"),
+        &dir.path().join("badam/model.safetensors"),
+    );
     let last = format!("model.layers.{}.", layers - 1);
-    for (k, t) in &before {
-        let a = after[k].to_dtype(candle_core::DType::F32).unwrap();
-        let b = t.to_dtype(candle_core::DType::F32).unwrap();
-        let moved = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            > 0.0;
-        assert_eq!(
-            moved,
-            k.starts_with(&last),
-            "`{k}` (descending: the last layer trains first)"
-        );
-    }
+    let in_last: Vec<String> = all.into_iter().filter(|k| k.starts_with(&last)).collect();
+    assert_eq!(
+        changed, in_last,
+        "exactly the last layer moves (descending: it trains first)"
+    );
     // Blocks switching every 2 steps over 6 steps, checkpoints every 2: resumed after step 4
     // (its checkpoint holds the blocks trained so far), the curve is the uninterrupted one.
     let body = [
