@@ -483,17 +483,7 @@ fn shifted_short_attention_matches_finite_differences() {
     let mut m = with_lora("llama", &args);
     m.shift_attn = Some(0);
     // Rows of 13 and 9 tokens: padded to 16, groups of 4.
-    let rows: Vec<Vec<u32>> = vec![(1..14).collect(), (20..29).collect()];
-    let labels: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&x| x as i64).collect())
-        .collect();
-    let refs: Vec<trainer::model::RowRef> = rows
-        .iter()
-        .zip(&labels)
-        .map(|(r, l)| (r.as_slice(), l.as_slice(), None))
-        .collect();
-    let b = Batch::pad(&refs, 0);
+    let b = common::full_rows(&[(1..14).collect(), (20..29).collect()]);
     let (shifted, plain) = (mean_loss_in(&m, &b, true), mean_loss(&m, &b));
     assert!(
         (scalar(&shifted) - scalar(&plain)).abs() > 1e-6,

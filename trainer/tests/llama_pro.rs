@@ -74,9 +74,7 @@ fn expansion_equals_llamafactorys_script_and_keeps_the_function() {
             cfg(&fixtures().join("llama_pro").join(name))["num_hidden_layers"]
         );
         // Zero o_proj / down_proj: the same logits as the original.
-        let ids: Vec<u32> = vec![3, 17, 5, 42, 8, 1];
-        let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-        let b = trainer::model::Batch::pad(&[(&ids, &labels, None)], 0);
+        let b = common::full_rows(&[vec![3, 17, 5, 42, 8, 1]]);
         let logits = |dir: &std::path::Path| -> Vec<f32> {
             let m = Model::load(dir, DType::F32, &Device::Cpu).unwrap();
             m.logits(&b)

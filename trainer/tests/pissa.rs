@@ -13,7 +13,7 @@ use common::{assert_factors_match, max_diff};
 use protocol::TrainArgs;
 use trainer::model::adapter::LoraSpec;
 use trainer::model::pissa::{factors, Svd};
-use trainer::model::{Batch, Model};
+use trainer::model::Model;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -120,9 +120,7 @@ fn conversion_equals_pefts_and_applies_to_the_original_base() {
     // The trained adapter on the residual base and the converted one on the original base
     // compute the same function.
     let dir = fixtures().join("models/llama");
-    let ids: Vec<u32> = vec![3, 17, 5, 42, 8, 1];
-    let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-    let b = Batch::pad(&[(&ids, &labels, None)], 0);
+    let b = common::full_rows(&[vec![3, 17, 5, 42, 8, 1]]);
     let mut trained_model = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let spec = LoraSpec::for_model(&args(), &trained_model).unwrap();
     trained_model.add_lora(&spec, 42).unwrap();

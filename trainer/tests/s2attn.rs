@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use rand::SeedableRng;
-use trainer::model::{Batch, Model};
+use trainer::model::Model;
 
 fn rel_err(ours: &[f32], theirs: &[f64]) -> f64 {
     let num: f64 = ours
@@ -46,16 +46,7 @@ fn shifted_short_attention_matches_llamafactorys() {
                 .collect()
         })
         .collect();
-    let labels: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&x| x as i64).collect())
-        .collect();
-    let refs: Vec<trainer::model::RowRef> = rows
-        .iter()
-        .zip(&labels)
-        .map(|(r, l)| (r.as_slice(), l.as_slice(), None))
-        .collect();
-    let b = Batch::pad(&refs, 0);
+    let b = common::full_rows(&rows);
     assert_eq!(b.seq, 16);
     let mut model = Model::load(
         &common::repo().join("tests/fixtures/models/llama"),
