@@ -41,8 +41,8 @@ impl Default for ClipProcessor {
             resize: ClipResize::ShortestEdge(336),
             crop: Some((336, 336)),
             patch_size: 14,
-            image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-            image_std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+            image_mean: super::CLIP_MEAN,
+            image_std: super::CLIP_STD,
             rescale_factor: 1.0 / 255.0,
         }
     }

@@ -7,6 +7,10 @@ pub mod decode;
 pub mod qwen2_vl;
 pub mod resample;
 
+/// OpenAI CLIP's per-channel normalization, the default of both processors.
+pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
 /// An 8-bit RGB image, rows top to bottom, pixels `[r, g, b]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RgbImage {
