@@ -1239,3 +1239,74 @@ fn report_to_tensorboard_writes_event_files() {
         stderr(&o)
     );
 }
+
+/// Mixture-of-Depths from a LLaMA-Factory YAML: `convert` routes the demo model's odd layers and
+/// trains them with their routers (full fine-tuning); the output is saved as the package saves a
+/// routed model, and `load` trains on from it.
+#[test]
+fn mixture_of_depths_converts_trains_and_loads() {
+    let dir = workdir();
+    write_config(dir.path(), "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 48\nmax_samples: 16\nper_device_train_batch_size: 4\nmax_steps: 3\nlogging_steps: 1\nlearning_rate: 1.0e-3\nfinetuning_type: full\n");
+    let o = run(
+        &train_args(&["mixture_of_depths=convert", "output_dir=mod"]),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("mod");
+    assert_eq!(
+        read_json(&out.join("config.json"))["architectures"][0],
+        "LlamaMoDForCausalLM"
+    );
+    let saved =
+        candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    for name in [
+        "model.layers.1.router.weight_predictor.weight",
+        "model.layers.1.block.mlp.down_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    ] {
+        assert!(saved.contains_key(name), "{name} not in {:?}", saved.keys());
+    }
+    assert!(!saved.contains_key("model.layers.1.mlp.down_proj.weight"));
+    assert!(losses(&out.join("trainer_log.jsonl"))
+        .iter()
+        .all(|(_, l)| l.is_finite()));
+    // A dense model is not `load`ed; a routed one is not converted again.
+    let o = run(
+        &train_args(&["mixture_of_depths=load", "output_dir=x", "--events", "json"]),
+        dir.path(),
+    );
+    assert!(
+        failure(&o).contains("not a Mixture-of-Depths checkpoint"),
+        "{}",
+        failure(&o)
+    );
+    let o = run(
+        &train_args(&[
+            "model_name_or_path=mod",
+            "mixture_of_depths=convert",
+            "output_dir=x",
+            "--events",
+            "json",
+        ]),
+        dir.path(),
+    );
+    assert!(failure(&o).contains("already routed"), "{}", failure(&o));
+    let o = run(
+        &train_args(&[
+            "model_name_or_path=mod",
+            "mixture_of_depths=load",
+            "output_dir=again",
+        ]),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, changed) = changed_tensors(
+        &out.join("model.safetensors"),
+        &dir.path().join("again/model.safetensors"),
+    );
+    assert!(
+        changed.contains(&"model.layers.1.router.weight_predictor.weight".to_string()),
+        "{changed:?}"
+    );
+}

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 pub use crate::options::{
     ApolloProj, ApolloProjType, ApolloScaleType, BadamMaskMode, BadamMode, BadamSwitchMode, Choice,
     ExportFormat, FinetuningType, GaloreProjType, GgufType, InferDtype, IntervalStrategy,
-    MixStrategy, PrefLossType, QuantizationMethod, QuantizationType, RewardModelType,
-    RopeScalingType, SchedulerType, Stage,
+    MixStrategy, MixtureOfDepths, PrefLossType, QuantizationMethod, QuantizationType,
+    RewardModelType, RopeScalingType, SchedulerType, Stage,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +42,8 @@ pub struct TrainArgs {
     pub train_mm_proj_only: bool,
     pub flash_attn: String,
     pub shift_attn: bool,
+    /// Mixture-of-Depths: routed odd layers (`convert` a dense model, `load` a routed one).
+    pub mixture_of_depths: Option<MixtureOfDepths>,
     pub use_unsloth: bool,
     pub enable_liger_kernel: bool,
     pub disable_gradient_checkpointing: bool,
@@ -267,6 +269,7 @@ impl Default for TrainArgs {
             train_mm_proj_only: false,
             flash_attn: "auto".into(),
             shift_attn: false,
+            mixture_of_depths: None,
             use_unsloth: false,
             enable_liger_kernel: false,
             disable_gradient_checkpointing: false,

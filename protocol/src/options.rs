@@ -142,6 +142,16 @@ choice! {
 }
 
 choice! {
+    /// `mixture_of_depths`: Mixture-of-Depths (the `mixture-of-depth` package LLaMA-Factory
+    /// uses): `convert` wraps every odd decoder layer of a dense model in a token router,
+    /// `load` reads a checkpoint saved that way (`LlamaMoDForCausalLM`, …).
+    MixtureOfDepths {
+        Convert = "convert",
+        Load = "load",
+    }
+}
+
+choice! {
     /// `quantization_method`: how `quantization_bit` quantizes the frozen base (QLoRA).
     /// `bnb` (LLaMA-Factory's default): bitsandbytes' 4-bit NF4/FP4, or 8-bit; `ggml`:
     /// candle's GGML k-quants for 2, 3, 4, 5, 6 and 8 bits. The other methods LLaMA-Factory

@@ -337,6 +337,7 @@ impl ChatModel {
         let (tok, template, _warnings) = load_tokenizer_and_template(args)?;
         let quant = crate::model::quant::QuantFormat::from_args(args)?;
         let mut model = Model::load_quantized(&dir, DType::F32, device, quant)?;
+        crate::model::depths::configure(&mut model, args.mixture_of_depths, args.seed)?;
         if let Some(kind) = args.rope_scaling {
             model.cfg.apply_rope_scaling(kind, None);
         }

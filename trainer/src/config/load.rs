@@ -107,7 +107,6 @@ fn yaml_to_json(v: serde_yaml_ng::Value, key: &str) -> Result<Value> {
 /// LLaMA-Factory keys of features this engine does not have yet, by key prefix: what they are
 /// and what to use instead. Any value is an error that says so (not "unknown key").
 const NOT_YET: &[(&str, &str)] = &[
-    ("mixture_of_depths", "Mixture-of-Depths is not supported"),
     (
         "use_adam_mini",
         "Adam-mini is not supported; the optimizer is AdamW (GaLore with `use_galore`)",
@@ -300,10 +299,7 @@ mod tests {
     #[test]
     fn llamafactory_methods_not_here_say_so_by_name() {
         for (key, says) in [
-            (
-                "mixture_of_depths: convert",
-                "Mixture-of-Depths is not supported",
-            ),
+            ("use_adam_mini: true", "Adam-mini is not supported"),
             ("use_muon: true", "Muon is not supported"),
         ] {
             let f = write(&format!("{key}\n"));

@@ -192,6 +192,8 @@ pub struct ModelConfig {
     pub mrope_section: Option<[usize; 3]>,
     /// How the checkpoint names the tensors (LLaVA nests its language model).
     pub layout: super::weights::CheckpointLayout,
+    /// Mixture-of-Depths: the odd layers are routed (`LlamaMoDForCausalLM`, …).
+    pub mixture_of_depths: bool,
     pub raw: serde_json::Map<String, Value>,
 }
 
@@ -489,6 +491,12 @@ impl ModelConfig {
             },
             vision,
             mrope_section,
+            mixture_of_depths: v
+                .get("architectures")
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .and_then(Value::as_str)
+                .is_some_and(super::depths::is_routed_architecture),
             fused_qkv: match family {
                 Family::Phi3 => Some("qkv_proj"),
                 Family::Baichuan => Some("W_pack"),
@@ -507,6 +515,17 @@ impl ModelConfig {
             model_type,
             raw,
         })
+    }
+
+    /// The checkpoint's class (`architectures[0]`), or a name made from its model type.
+    pub fn architecture(&self) -> String {
+        self.raw
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .map(String::from)
+            .unwrap_or_else(|| format!("{}ForCausalLM", self.model_type))
     }
 
     /// Whether RMSNorm weights are offsets from one (Gemma).

@@ -286,12 +286,25 @@ pub struct DecoderLayer {
     /// The window of a sliding-window attention layer.
     pub sliding_window: Option<usize>,
     pub mlp: Mlp,
+    /// Mixture-of-Depths: the router of a routed layer (see [`super::depths`]).
+    pub router: Option<super::depths::Router>,
+    /// Where the layer's tensors are named: `model.layers.N`, or `model.layers.N.block` in a
+    /// routed layer.
+    pub prefix: String,
 }
 
 impl DecoderLayer {
     /// Layer `l`'s weights, each taken by name from `src` (which fails on a missing one).
     pub(crate) fn new(l: usize, c: &ModelConfig, src: &mut dyn WeightSource) -> Result<Self> {
-        let p = format!("model.layers.{l}");
+        let routed = c.mixture_of_depths && l % 2 == 1;
+        let router = routed
+            .then(|| super::depths::Router::take(&router_prefix(l), &mut *src))
+            .transpose()?;
+        let p = if routed {
+            format!("model.layers.{l}.block")
+        } else {
+            format!("model.layers.{l}")
+        };
         let mut linear = |m: &str, bias: bool| Linear::new(format!("{p}.{m}"), bias, &mut *src);
         let qkv = if let Some(name) = c.fused_qkv {
             QkvProj::Fused(linear(&format!("self_attn.{name}"), c.qkv_bias)?)
@@ -303,7 +316,7 @@ impl DecoderLayer {
             }
         };
         let o = linear("self_attn.o_proj", c.o_bias)?;
-        let mlp = Mlp::new(l, c, &mut *src)?;
+        let mlp = Mlp::new(l, &p, c, &mut *src)?;
         let mut norm =
             |n: &str| -> Result<Param> { Ok(Param::frozen(src.take(&format!("{p}.{n}"))?)) };
         Ok(Self {
@@ -332,7 +345,23 @@ impl DecoderLayer {
             qkv,
             o,
             mlp,
+            router,
+            prefix: p,
         })
+    }
+
+    /// Makes this a routed layer (Mixture-of-Depths `convert`): its tensors move under
+    /// `model.layers.N.block`, next to the new router.
+    pub(crate) fn route(&mut self, router: super::depths::Router) {
+        let (plain, block) = (
+            format!("{}.", self.prefix),
+            format!("model.layers.{}.block", self.index),
+        );
+        for lin in self.linears_mut() {
+            lin.name = lin.name.replacen(&plain, &format!("{block}."), 1);
+        }
+        self.prefix = block;
+        self.router = Some(router);
     }
 
     /// The linear modules in PEFT's order: attention inputs, output, then the MLP's.
@@ -353,7 +382,7 @@ impl DecoderLayer {
     /// Every tensor of the layer under its Hugging Face name (quantized weights are not tensors:
     /// see [`Linear::weight`]).
     pub fn params(&self) -> Vec<(String, &Param)> {
-        let p = format!("model.layers.{}", self.index);
+        let p = &self.prefix;
         let mut out = vec![(format!("{p}.input_layernorm.weight"), &self.input_norm)];
         for n in [
             self.attn_out_norm.as_ref(),
@@ -377,11 +406,15 @@ impl DecoderLayer {
                 out.push((format!("{}.bias", lin.name), b));
             }
         }
+        if let Some(r) = &self.router {
+            out.extend(r.params(&router_prefix(self.index)));
+        }
         out
     }
 
     pub fn params_mut(&mut self) -> Vec<(String, &mut Param)> {
-        let p = format!("model.layers.{}", self.index);
+        let p = self.prefix.clone();
+        let router_name = router_prefix(self.index);
         let Self {
             input_norm,
             qkv,
@@ -392,6 +425,7 @@ impl DecoderLayer {
             mlp_norm,
             mlp_out_norm,
             mlp,
+            router,
             ..
         } = self;
         let mut out = vec![(format!("{p}.input_layernorm.weight"), input_norm)];
@@ -419,6 +453,9 @@ impl DecoderLayer {
                 out.push((format!("{}.bias", lin.name), b));
             }
         }
+        if let Some(r) = router {
+            out.extend(r.params_mut(&router_name));
+        }
         out
     }
 
@@ -445,6 +482,21 @@ impl DecoderLayer {
     /// The layer over `x (B·n, hidden)`. With a cache, keys and values are appended to those of
     /// earlier tokens (decoding); without, the pass is self-contained (training).
     pub(crate) fn forward(
+        &self,
+        d: &Dims,
+        x: Tensor,
+        pass: &mut Pass,
+        rng: Option<&mut ChaCha8Rng>,
+        weights: Weights,
+    ) -> Result<Tensor> {
+        match &self.router {
+            Some(router) => super::depths::forward(self, router, d, x, pass, rng, weights),
+            None => self.block(d, x, pass, rng, weights),
+        }
+    }
+
+    /// The layer itself, without a router's choice of tokens.
+    pub(crate) fn block(
         &self,
         d: &Dims,
         x: Tensor,
@@ -706,6 +758,11 @@ fn roll_second_half(x: &Tensor, left: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[&keep, &turned], 1)?)
 }
 
+/// Where a routed layer's router is named (the package's `router.weight_predictor`).
+fn router_prefix(l: usize) -> String {
+    format!("model.layers.{l}.router.weight_predictor")
+}
+
 /// What one forward pass shares across its layers.
 pub(crate) struct Pass<'a> {
     pub batch: usize,
@@ -721,6 +778,8 @@ pub(crate) struct Pass<'a> {
     pub cache: Option<&'a mut KvCache>,
     /// LongLoRA's shifted short attention (S²-Attn) in this training pass.
     pub shift: bool,
+    /// The share of tokens Mixture-of-Depths layers route through in this pass.
+    pub depth_capacity: f64,
 }
 
 /// RoPE tables and the attention mask of sliding-window layers.
@@ -744,6 +803,7 @@ impl Pass<'_> {
             routing: None,
             cache: None,
             shift: self.shift,
+            depth_capacity: self.depth_capacity,
         }
     }
 }
@@ -756,6 +816,8 @@ pub struct KvCache {
     /// M-RoPE after a prompt with images: later tokens sit this far from their cache index
     /// (the prompt's largest position + 1 − its length, negative when images made it compact).
     pub mrope_delta: i64,
+    /// Mixture-of-Depths: per routed layer, per row, whether each cached token went through it.
+    pub routed: std::collections::BTreeMap<usize, Vec<Vec<bool>>>,
 }
 
 /// Softmax over the last dim from differentiable ops; the max is detached, which is exact

@@ -41,6 +41,8 @@ pub struct Model {
     /// LongLoRA's S²-Attn in training passes (`shift_attn`), with the id that pads a batch to
     /// a multiple of 8 tokens.
     pub shift_attn: Option<u32>,
+    /// Mixture-of-Depths' capacity schedule (used by routed layers only).
+    pub depths: super::depths::Schedule,
     /// Where the recomputed layers leave their trainable tensors' gradients; see
     /// [`Model::backward`].
     grad_sink: crate::ops::GradSink,
@@ -158,12 +160,44 @@ impl Model {
             checkpointing: false,
             neftune_alpha: None,
             shift_attn: None,
+            depths: Default::default(),
             grad_sink: Default::default(),
             router_aux_loss_coef: None,
             routing: Default::default(),
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// Mixture-of-Depths `convert`: every odd layer gets a new router (PyTorch's `nn.Linear`
+    /// initialization drawn from `seed`), as the package's `apply_mod_to_hf` wraps them; the
+    /// saved config names the routed class (`LlamaMoDForCausalLM`, …), as the package renames it.
+    pub fn route_depths(&mut self, seed: u64) -> Result<()> {
+        use rand::SeedableRng;
+        let family = self.cfg.model_type.clone();
+        if !super::depths::SUPPORTED.contains(&family.as_str()) {
+            anyhow::bail!(
+                "`mixture_of_depths: convert`: Current model is not supported by mixture-of-depth (model_type `{family}`; supported here: {})",
+                super::depths::SUPPORTED.join(", ")
+            );
+        }
+        if self.cfg.mixture_of_depths {
+            anyhow::bail!(
+                "`mixture_of_depths: convert`: this checkpoint is already routed ({}); use `mixture_of_depths: load`",
+                self.cfg.architecture()
+            );
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let hidden = self.cfg.hidden_size;
+        for layer in self.layers.iter_mut().filter(|l| l.index % 2 == 1) {
+            layer.route(super::depths::Router::init(hidden, &mut rng, &self.device)?);
+        }
+        self.cfg.mixture_of_depths = true;
+        let routed = super::depths::routed_architecture(&self.cfg.architecture());
+        self.cfg
+            .raw
+            .insert("architectures".into(), serde_json::json!([routed]));
+        Ok(())
     }
 
     /// Every tensor under its Hugging Face name, sorted by name.
@@ -676,6 +710,9 @@ impl Model {
                 .then(Vec::new),
             cache: None,
             shift,
+            depth_capacity: self
+                .depths
+                .next(rng.is_some() && weights == Weights::Policy),
         };
         for layer in &self.layers {
             x = if self.checkpointing && weights == Weights::Policy {
@@ -897,6 +934,7 @@ impl Model {
             routing: None,
             cache: Some(cache),
             shift: false,
+            depth_capacity: self.depths.next(false),
         };
         for layer in &self.layers {
             x = layer.forward(&self.dims, x, &mut pass, None, Weights::Policy)?;

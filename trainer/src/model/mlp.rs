@@ -230,8 +230,12 @@ pub enum Mlp {
 impl Mlp {
     /// Layer `l`'s MLP: sparse where the config says so, else dense (`mlp.gate_proj`, … or
     /// Phi-3/GLM's fused `mlp.gate_up_proj`).
-    pub(crate) fn new(l: usize, c: &ModelConfig, src: &mut dyn WeightSource) -> Result<Self> {
-        let p = format!("model.layers.{l}");
+    pub(crate) fn new(
+        l: usize,
+        p: &str,
+        c: &ModelConfig,
+        src: &mut dyn WeightSource,
+    ) -> Result<Self> {
         match &c.moe {
             Some(m) if m.sparse_layers[l] => {
                 let block = match m.naming {

@@ -7,6 +7,7 @@
 pub mod adapter;
 pub mod batch;
 pub mod config;
+pub mod depths;
 pub mod expand;
 pub mod gguf;
 pub mod layers;

@@ -334,6 +334,10 @@ fn load_model(
     let quant = QuantFormat::from_args(args)?;
     let mut model = Model::load_quantized(&dir, opts.dtype, &opts.device, quant)
         .with_context(|| format!("loading model {}", dir.display()))?;
+    crate::model::depths::configure(&mut model, args.mixture_of_depths, args.seed)?;
+    if model.cfg.mixture_of_depths && args.shift_attn {
+        bail!("`shift_attn` cannot be combined with Mixture-of-Depths (`mixture_of_depths`): the routed layers attend over the tokens they chose");
+    }
     if tok.len() > model.cfg.vocab_size {
         if !args.resize_vocab {
             bail!(

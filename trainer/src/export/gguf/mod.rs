@@ -130,6 +130,13 @@ fn pick_type(t: GgufType, name: &str, cols: usize, n_layers: usize) -> GgmlDType
 /// Writes `path` as one GGUF file of the merged model.
 pub fn write_gguf(chat: &ChatModel, path: &Path, kind: GgufType) -> Result<()> {
     let c = &chat.model.cfg;
+    if c.mixture_of_depths {
+        bail!(
+            "{} is a Mixture-of-Depths model ({}): llama.cpp has no routed layers, so GGUF cannot hold it; export safetensors (`export_format: safetensors`)",
+            chat.dir.display(),
+            c.architecture()
+        );
+    }
     let a = arch(c)?;
     let plan = TypePlan::new(kind, chat)?;
     let mut meta: Vec<(String, Value)> = vec![
