@@ -199,6 +199,56 @@ try {
   console.log('export ok');
   await page.screenshot({ path: join(shots, 'export.png'), fullPage: true });
 
+  // The optimization methods' controls reach the run's YAML, and a full GaLore run (with S²-Attn,
+  // NEFTune and TensorBoard) started from the form finishes.
+  await page.click('[data-tab="tab_train"]');
+  await page.selectOption('#f-top-finetuning_type', 'full');
+  await page.click('summary:has-text("GaLore configurations")');
+  await page.check('#f-train-use_galore');
+  await fill('galore_rank', '4');
+  await fill('galore_update_interval', '4');
+  await page.check('#f-train-shift_attn');
+  await fill('neftune_noise_alpha', '5');
+  await page.selectOption('#f-train-report_to', 'tensorboard');
+  await fill('num_train_epochs', '1');
+  await fill('max_samples', '16');
+  await fill('output_dir', 'e2e_galore');
+  const preview = async () => {
+    await page.click('button:has-text("Preview command")');
+    await page.waitForSelector('[data-testid="command"]');
+    return page.textContent('[data-testid="command"] pre.yaml');
+  };
+  let methods = await preview();
+  for (const line of ['finetuning_type: full', 'use_galore: true', 'galore_rank: 4', 'galore_update_interval: 4', 'shift_attn: true', 'neftune_noise_alpha: 5', 'report_to: tensorboard']) {
+    if (!methods.split('\n').includes(line)) fail(`preview lacks "${line}": ${methods}`);
+  }
+  const runs = await page.$$eval('[data-testid="history"] tr[data-run]', (r) => r.length);
+  await page.click('[data-testid="start"]');
+  await page.waitForFunction((n) => document.querySelectorAll('[data-testid="history"] tr[data-run]').length > n, runs, { timeout: 60000 });
+  await page.waitForFunction(() => document.querySelector('[data-testid="run-status"]').className.includes('succeeded'), null, { timeout: 300000 });
+  console.log('galore run from the form ok');
+  // The other groups' switches, one at a time (they exclude each other).
+  await page.uncheck('#f-train-use_galore');
+  for (const [group, key] of [['BAdam configurations', 'use_badam'], ['APOLLO configurations', 'use_apollo']]) {
+    await page.click(`summary:has-text("${group}")`);
+    await page.check(`#f-train-${key}`);
+    methods = await preview();
+    if (!methods.split('\n').includes(`${key}: true`)) fail(`preview lacks "${key}: true": ${methods}`);
+    await page.uncheck(`#f-train-${key}`);
+  }
+  await page.selectOption('#f-top-finetuning_type', 'freeze');
+  await page.check('#f-train-use_llama_pro');
+  methods = await preview();
+  if (!methods.split('\n').includes('use_llama_pro: true')) fail(`preview lacks use_llama_pro: ${methods}`);
+  await page.uncheck('#f-train-use_llama_pro');
+  await page.selectOption('#f-top-finetuning_type', 'lora');
+  await page.click('summary:has-text("LoRA configurations")');
+  await page.check('#f-train-use_pissa');
+  methods = await preview();
+  if (!methods.split('\n').includes('pissa_init: true')) fail(`preview lacks pissa_init: ${methods}`);
+  await page.uncheck('#f-train-use_pissa');
+  console.log('method controls ok');
+
   // Image chat with the demo vision-language model (a tiny Qwen2-VL built beside the demo model).
   await page.fill('#f-top-model_name_or_path', 'models/demo-vl');
   await page.press('#f-top-model_name_or_path', 'Tab');
