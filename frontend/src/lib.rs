@@ -194,6 +194,16 @@ impl Ctx {
                 enc(&ft)
             );
             if let Ok(list) = get::<Vec<CheckpointEntry>>(&url).await {
+                // A selection the new list lacks (another method's checkpoints) is dropped, as
+                // LlamaBoard resets the dropdown when the fine-tuning method changes.
+                let chosen = ctx.top.get_untracked("checkpoint");
+                let kept: Vec<&str> = chosen
+                    .split(',')
+                    .filter(|c| list.iter().any(|e| e.path == *c))
+                    .collect();
+                if kept.join(",") != chosen {
+                    ctx.top.set("checkpoint", &kept.join(","));
+                }
                 ctx.checkpoints.set(list);
             }
         });

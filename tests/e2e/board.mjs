@@ -202,8 +202,11 @@ try {
   // The optimization methods' controls reach the run's YAML, and a full GaLore run (with S²-Attn,
   // NEFTune and TensorBoard) started from the form finishes.
   await page.click('[data-tab="tab_train"]');
+  const open = (label) => page.$eval(`details.group:has(> summary:has-text("${label}"))`, (d) => { d.open = true; });
   await page.selectOption('#f-top-finetuning_type', 'full');
-  await page.click('summary:has-text("GaLore configurations")');
+  await page.check('input[name="dataset"][value="demo_sft"]');
+  await open('GaLore configurations');
+  await open('Extra configurations');
   await page.check('#f-train-use_galore');
   await fill('galore_rank', '4');
   await fill('galore_update_interval', '4');
@@ -214,12 +217,17 @@ try {
   await fill('max_samples', '16');
   await fill('output_dir', 'e2e_galore');
   const preview = async () => {
+    const old = await page.evaluate(() => document.querySelector('[data-testid="command"] pre.yaml')?.textContent);
     await page.click('button:has-text("Preview command")');
-    await page.waitForSelector('[data-testid="command"]');
+    // The command is fetched: wait for the new one (every call here changes the form).
+    await page.waitForFunction((o) => document.querySelector('.field-error')
+      || document.querySelector('[data-testid="command"] pre.yaml')?.textContent !== o, old);
+    const err = await page.$('.field-error');
+    if (err) fail(`the form refused the preview: ${await err.getAttribute('data-field')}: ${await err.textContent()}`);
     return page.textContent('[data-testid="command"] pre.yaml');
   };
   let methods = await preview();
-  for (const line of ['finetuning_type: full', 'use_galore: true', 'galore_rank: 4', 'galore_update_interval: 4', 'shift_attn: true', 'neftune_noise_alpha: 5', 'report_to: tensorboard']) {
+  for (const line of ['finetuning_type: full', 'use_galore: true', 'galore_rank: 4', 'galore_update_interval: 4', 'shift_attn: true', 'neftune_noise_alpha: 5.0', 'report_to: tensorboard']) {
     if (!methods.split('\n').includes(line)) fail(`preview lacks "${line}": ${methods}`);
   }
   const runs = await page.$$eval('[data-testid="history"] tr[data-run]', (r) => r.length);
@@ -230,7 +238,7 @@ try {
   // The other groups' switches, one at a time (they exclude each other).
   await page.uncheck('#f-train-use_galore');
   for (const [group, key] of [['BAdam configurations', 'use_badam'], ['APOLLO configurations', 'use_apollo']]) {
-    await page.click(`summary:has-text("${group}")`);
+    await open(group);
     await page.check(`#f-train-${key}`);
     methods = await preview();
     if (!methods.split('\n').includes(`${key}: true`)) fail(`preview lacks "${key}: true": ${methods}`);
@@ -242,7 +250,7 @@ try {
   if (!methods.split('\n').includes('use_llama_pro: true')) fail(`preview lacks use_llama_pro: ${methods}`);
   await page.uncheck('#f-train-use_llama_pro');
   await page.selectOption('#f-top-finetuning_type', 'lora');
-  await page.click('summary:has-text("LoRA configurations")');
+  await open('LoRA configurations');
   await page.check('#f-train-use_pissa');
   methods = await preview();
   if (!methods.split('\n').includes('pissa_init: true')) fail(`preview lacks pissa_init: ${methods}`);
