@@ -202,7 +202,7 @@ impl Ctx {
                     .filter(|c| list.iter().any(|e| e.path == *c))
                     .collect();
                 if kept.join(",") != chosen {
-                    ctx.top.set("checkpoint", &kept.join(","));
+                    ctx.top.set("checkpoint", kept.join(","));
                 }
                 ctx.checkpoints.set(list);
             }

@@ -55,6 +55,8 @@ pub(crate) struct TrainerLog {
     losses: Vec<f64>,
     /// TensorBoard's event file (`report_to: tensorboard`): every history entry goes there.
     pub(crate) tensorboard: Option<super::tensorboard::EventWriter>,
+    /// The MLflow run (`report_to: mlflow`): every history entry's numbers go there.
+    pub(crate) mlflow: Option<super::mlflow::Mlflow>,
 }
 
 impl TrainerLog {
@@ -96,6 +98,7 @@ impl TrainerLog {
             window_extra: BTreeMap::new(),
             losses: Vec::new(),
             tensorboard: None,
+            mlflow: None,
         })
     }
 
@@ -174,12 +177,27 @@ impl TrainerLog {
 
     /// Sends a history entry to the trackers. A tracker that fails is dropped with a warning
     /// on stderr; training goes on.
-    fn track(&mut self, entry: &Value) {
+    pub(crate) fn track(&mut self, entry: &Value) {
         if let Some(tb) = self.tensorboard.as_mut() {
             if let Err(e) = tb.log_entry(entry) {
                 eprintln!("warning: TensorBoard logging stopped: {e:#}");
                 self.tensorboard = None;
             }
+        }
+        if let Some(m) = self.mlflow.as_mut() {
+            m.log(entry);
+        }
+    }
+
+    /// Ends the trackers' runs: MLflow's gets its status and, when it finished, the files of
+    /// `outputs`.
+    pub(crate) fn end_tracking(
+        &mut self,
+        status: super::mlflow::RunStatus,
+        outputs: Option<&Path>,
+    ) {
+        if let Some(m) = self.mlflow.take() {
+            m.end(status, outputs);
         }
     }
 

@@ -15,6 +15,7 @@ pub mod galore;
 mod job;
 pub mod log;
 pub mod memory;
+pub mod mlflow;
 mod model_card;
 pub mod objective;
 pub mod optim;

@@ -101,6 +101,7 @@ pub fn run_training(
                 step: step as u64,
                 checkpoint: Some(dir.display().to_string()),
             });
+            s.log.end_tracking(super::mlflow::RunStatus::Killed, None);
             return Ok(Outcome::Aborted);
         }
     }
@@ -132,23 +133,49 @@ struct Session<'a> {
     badam: Option<super::badam::Badam>,
 }
 
-/// The trackers of `report_to`: TensorBoard's event file (with the run's arguments as text);
-/// the others are named in a warning, as they have no effect here yet.
+/// The trackers `report_to` names that run here.
+const TRACKERS_HERE: &[&str] = &["tensorboard", "mlflow"];
+
+/// The trackers of `report_to`: TensorBoard's event file (with the run's arguments as text) and
+/// MLflow's run; the others are named in a warning, as they have no effect here.
 fn open_trackers(
     args: &TrainArgs,
     output_dir: &std::path::Path,
-) -> Result<Option<super::tensorboard::EventWriter>> {
+    log: &mut TrainerLog,
+    model: &Model,
+) -> Result<()> {
     let trackers = args.trackers();
-    let others: Vec<&String> = trackers.iter().filter(|t| *t != "tensorboard").collect();
+    let others: Vec<&String> = trackers
+        .iter()
+        .filter(|t| !TRACKERS_HERE.contains(&t.as_str()))
+        .collect();
     if !others.is_empty() {
         eprintln!(
-            "warning: `report_to`: {} not supported yet, ignored (TensorBoard is; LlamaBoard's own log is always written)",
+            "warning: `report_to`: {} not supported, ignored (TensorBoard and MLflow are; LlamaBoard's own log is always written)",
             others.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
         );
     }
-    if !trackers.iter().any(|t| t == "tensorboard") {
-        return Ok(None);
+    if trackers.iter().any(|t| t == "mlflow") {
+        let args_json = serde_json::to_value(args).unwrap_or_default();
+        log.mlflow = super::mlflow::Mlflow::start(super::mlflow::RunInfo {
+            run_name: args
+                .run_name
+                .as_deref()
+                .unwrap_or(&output_dir.display().to_string()),
+            params: super::mlflow::params(&args_json, &model.cfg.raw),
+        });
     }
+    if trackers.iter().any(|t| t == "tensorboard") {
+        log.tensorboard = Some(tensorboard_writer(args, output_dir)?);
+    }
+    Ok(())
+}
+
+/// TensorBoard's event file under `logging_dir`, with the run's arguments as text.
+fn tensorboard_writer(
+    args: &TrainArgs,
+    output_dir: &std::path::Path,
+) -> Result<super::tensorboard::EventWriter> {
     let dir = match &args.logging_dir {
         Some(d) => std::path::PathBuf::from(d),
         None => super::tensorboard::default_logging_dir(output_dir),
@@ -158,7 +185,7 @@ fn open_trackers(
         "args",
         &serde_json::to_string_pretty(&args.non_default()).unwrap_or_default(),
     )?;
-    Ok(Some(w))
+    Ok(w)
 }
 
 impl<'a> Session<'a> {
@@ -221,7 +248,7 @@ impl<'a> Session<'a> {
                 .map(|r| r.log_history.clone())
                 .unwrap_or_default(),
         )?;
-        log.tensorboard = open_trackers(args, &output_dir)?;
+        open_trackers(args, &output_dir, &mut log, &model)?;
         Ok(Self {
             args,
             plan: Plan::new(args, train.len()),
@@ -380,7 +407,12 @@ impl<'a> Session<'a> {
     /// Ends the run on a non-finite loss at `step`. The weights of step `step - 1` are saved
     /// as the last good state unless an update of this step already changed them (PPO), in
     /// which case the last checkpoint on disk is the one to go back to.
-    fn stop_on_non_finite(&self, step: usize, out: &StepOutput, rep: &mut dyn Reporter) -> Outcome {
+    fn stop_on_non_finite(
+        &mut self,
+        step: usize,
+        out: &StepOutput,
+        rep: &mut dyn Reporter,
+    ) -> Outcome {
         let saved = if out.updated {
             match last_checkpoint(&self.output_dir) {
                 Some(p) => format!(
@@ -403,11 +435,13 @@ impl<'a> Session<'a> {
             step: Some(step as u64),
             error: msg.clone(),
         });
+        self.log
+            .end_tracking(super::mlflow::RunStatus::Failed, None);
         Outcome::Failed(msg)
     }
 
     /// The final model, results, state and loss plot, as LLaMA-Factory writes them.
-    fn finish(self) -> Result<Outcome> {
+    fn finish(mut self) -> Result<Outcome> {
         let total = self.plan.total_steps;
         self.save_model_to(&self.output_dir)?;
         if self.args.pissa_convert && self.lora.as_ref().is_some_and(|s| s.pissa.is_some()) {
@@ -467,6 +501,16 @@ impl<'a> Session<'a> {
             },
         )?;
         all.insert("global_step".into(), json!(total));
+        // The trackers get the end-of-training entry transformers logs (runtime, speeds, mean
+        // loss) and the evaluation's, then MLflow the output files.
+        let mut last = train.clone();
+        last.insert("step".into(), json!(total));
+        if let Some(e) = &eval {
+            last.extend(e.clone());
+        }
+        self.log.track(&Value::Object(last));
+        self.log
+            .end_tracking(super::mlflow::RunStatus::Finished, Some(&self.output_dir));
         Ok(Outcome::Finished(all))
     }
 }
