@@ -5,6 +5,7 @@
 //! bitsandbytes' 4-bit NF4 / FP4 (`bnb`).
 
 pub mod bnb;
+pub mod gptq;
 mod op;
 
 use std::sync::Arc;
