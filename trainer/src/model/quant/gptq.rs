@@ -16,7 +16,6 @@
 
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
-use half::f16;
 
 /// The quantization transformers' `GPTQConfig` asks for (LLaMA-Factory passes `bits`; the rest are
 /// its defaults: `group_size` 128, `damp_percent` 0.1, `desc_act` false, `sym` true).
@@ -468,6 +467,7 @@ fn inverse_cholesky_upper(h: Vec<f32>, n: usize) -> Result<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     #[test]
     fn bit_streams_round_trip_for_every_width() {
