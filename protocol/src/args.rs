@@ -65,6 +65,12 @@ pub struct TrainArgs {
     pub export_device: String,
     pub export_legacy_format: bool,
     pub export_quantization_bit: Option<u32>,
+    /// GPTQ's calibration texts: a file (its `text` column) or a dataset of `dataset_dir`.
+    pub export_quantization_dataset: Option<String>,
+    /// Calibration windows (LLaMA-Factory's 128).
+    pub export_quantization_nsamples: usize,
+    /// Tokens per calibration window (LLaMA-Factory's 1024).
+    pub export_quantization_maxlen: usize,
     /// `safetensors` (a Hugging Face folder) or `gguf` (one llama.cpp / Ollama file).
     pub export_format: ExportFormat,
     /// GGUF weight type: `f16`, `q8_0` or `q4_k_m`.
@@ -290,6 +296,9 @@ impl Default for TrainArgs {
             export_device: "cpu".into(),
             export_legacy_format: false,
             export_quantization_bit: None,
+            export_quantization_dataset: None,
+            export_quantization_nsamples: 128,
+            export_quantization_maxlen: 1024,
             export_format: ExportFormat::Safetensors,
             export_gguf_type: GgufType::F16,
             template: None,

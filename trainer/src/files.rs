@@ -32,6 +32,8 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
                 DType::F64 => safetensors::Dtype::F64,
                 DType::BF16 => safetensors::Dtype::BF16,
                 DType::F16 => safetensors::Dtype::F16,
+                // GPTQ's packed integers.
+                DType::I32 => safetensors::Dtype::I32,
                 other => return Err(anyhow!("cannot save dtype {other:?}")),
             };
             Ok((
@@ -65,6 +67,11 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
             .collect(),
         DType::F16 => flat
             .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::I32 => flat
+            .to_vec1::<i32>()?
             .iter()
             .flat_map(|x| x.to_le_bytes())
             .collect(),

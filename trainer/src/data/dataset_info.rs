@@ -105,7 +105,7 @@ impl DatasetAttr {
         self.kto_tag.is_some()
     }
 
-    fn from_entry(name: &str, entry: &Map<String, Value>, file: &Path) -> Result<Self> {
+    pub(crate) fn from_entry(name: &str, entry: &Map<String, Value>, file: &Path) -> Result<Self> {
         let at = |key: &str| format!("{}: dataset `{name}`: attribute `{key}`", file.display());
         let string = |key: &str| -> Result<Option<String>> {
             match entry.get(key) {

@@ -10,6 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 pub mod gguf;
+pub mod gptq;
+
+pub use crate::model::quant::gptq::GptqConfig;
 
 use crate::files::{write_json, write_sharded};
 use crate::infer::ChatModel;
@@ -33,6 +36,17 @@ fn export_dtype(args: &TrainArgs, config_dtype: &str) -> Result<(DType, &'static
 
 /// Writes the merged model; returns the files written.
 pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
+    export_model_with(args, &mut |done, total| {
+        eprintln!("GPTQ: {done}/{total} layers quantized");
+    })
+}
+
+/// [`export_model`], telling `progress(done, total)` how many decoder layers GPTQ has
+/// quantized (`export_quantization_bit`).
+pub fn export_model_with(
+    args: &TrainArgs,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<PathBuf>> {
     let dir = PathBuf::from(
         args.export_dir
             .as_deref()
@@ -41,8 +55,21 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     if args.export_legacy_format {
         bail!("`export_legacy_format` (PyTorch .bin files) is not supported; remove it to export safetensors");
     }
-    if args.export_quantization_bit.is_some() {
-        bail!("`export_quantization_bit` (GPTQ) is not supported yet");
+    let gptq_cfg = match args.export_quantization_bit {
+        None => None,
+        Some(b @ (2 | 3 | 4 | 8)) => Some(GptqConfig::new(b)),
+        Some(b) => bail!("`export_quantization_bit: {b}`: GPTQ exports 2, 3, 4 or 8 bits"),
+    };
+    if gptq_cfg.is_some() {
+        if args.adapter_name_or_path.is_some() {
+            bail!("Please merge adapters before quantizing the model. (`export_quantization_bit` quantizes a full model: export the merged model first, then quantize that folder)");
+        }
+        if args.export_format == ExportFormat::Gguf {
+            bail!("`export_quantization_bit` (GPTQ) writes safetensors; a quantized GGUF comes from `export_gguf_type` (q8_0, q4_k_m, …)");
+        }
+        if args.export_quantization_dataset.is_none() {
+            bail!("Please choose a dataset. (`export_quantization_bit` needs `export_quantization_dataset`: the calibration texts)");
+        }
     }
     // Adapters merge into the full-precision base: a QLoRA run's `quantization_bit` does not
     // apply to the export (as in LLaMA-Factory, which refuses to merge into a quantized model).
@@ -66,6 +93,17 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
     }
     if args.export_format == ExportFormat::Gguf {
         gguf::arch(&chat.model.cfg)?;
+    }
+    if gptq_cfg.is_some() && chat.model.quantized().next().is_some() {
+        bail!(
+            "{} is already quantized ({}); GPTQ quantizes a full-precision model",
+            chat.dir.display(),
+            chat.model
+                .quantized()
+                .next()
+                .map(|q| q.format.describe())
+                .unwrap_or_default()
+        );
     }
     let dequantized = chat.model.dequantize_all()?;
     if dequantized > 0 {
@@ -95,19 +133,44 @@ pub fn export_model(args: &TrainArgs) -> Result<Vec<PathBuf>> {
             return Ok(vec![path, dir.join("Modelfile")]);
         }
     }
-    let (dtype, dtype_name) = export_dtype(args, &chat.model.cfg.torch_dtype)?;
-    let tensors: BTreeMap<String, Tensor> = chat
+    let (dtype, dtype_name) = match gptq_cfg {
+        // transformers saves a GPTQ model in float16, as LLaMA-Factory's export does.
+        Some(_) => (DType::F16, "float16"),
+        None => export_dtype(args, &chat.model.cfg.torch_dtype)?,
+    };
+    let quantized = match &gptq_cfg {
+        Some(cfg) => {
+            let samples = gptq::calibration_samples(args, &chat.tok)?;
+            eprintln!(
+                "GPTQ: {}-bit, groups of 128, {} calibration windows of {} tokens",
+                cfg.bits,
+                samples.len(),
+                args.export_quantization_maxlen
+            );
+            gptq::quantize_model(&mut chat.model, &samples, cfg, progress)?
+        }
+        None => BTreeMap::new(),
+    };
+    let mut tensors: BTreeMap<String, Tensor> = chat
         .model
         .checkpoint_params()
         .into_iter()
         .map(|(k, p)| Ok((k, p.tensor.to_dtype(dtype)?)))
         .collect::<Result<_>>()?;
+    for (name, q) in &quantized {
+        for (part, t) in q.to_tensors()? {
+            tensors.insert(chat.model.cfg.layout.file(&format!("{name}.{part}")), t);
+        }
+    }
     let max_bytes = (args.export_size as u64).max(1) * 1_000_000_000;
     let mut files = write_sharded(&dir, &tensors, max_bytes)?;
     let mut cfg = Value::Object(chat.model.cfg.raw.clone());
     cfg["torch_dtype"] = json!(dtype_name);
     if cfg.get("dtype").is_some() {
         cfg["dtype"] = json!(dtype_name);
+    }
+    if let Some(q) = &gptq_cfg {
+        cfg["quantization_config"] = q.to_json();
     }
     write_json(&dir.join("config.json"), &cfg)?;
     let gen = chat.dir.join("generation_config.json");

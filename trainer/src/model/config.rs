@@ -194,6 +194,8 @@ pub struct ModelConfig {
     pub layout: super::weights::CheckpointLayout,
     /// Mixture-of-Depths: the odd layers are routed (`LlamaMoDForCausalLM`, …).
     pub mixture_of_depths: bool,
+    /// The checkpoint's linear weights are GPTQ-quantized (`quantization_config`).
+    pub gptq: Option<super::quant::gptq::GptqCheckpoint>,
     pub raw: serde_json::Map<String, Value>,
 }
 
@@ -491,6 +493,7 @@ impl ModelConfig {
             },
             vision,
             mrope_section,
+            gptq: super::quant::gptq::GptqCheckpoint::from_config(&raw, file)?,
             mixture_of_depths: v
                 .get("architectures")
                 .and_then(Value::as_array)

@@ -122,6 +122,33 @@ pub struct Linear {
     pub weight: LinearWeight,
     pub bias: Option<Param>,
     pub lora: Option<LoraLayer>,
+    /// Sees every input of this module while set (GPTQ's calibration).
+    pub observer: Option<Arc<InputSums>>,
+}
+
+/// `Σ x xᵀ` over the rows of every input a linear module sees, and how many forward calls
+/// brought them: GPTQ's Hessian.
+#[derive(Default)]
+pub struct InputSums {
+    sum: std::sync::Mutex<Option<(Tensor, usize)>>,
+}
+
+impl InputSums {
+    fn add(&self, x: &Tensor) -> Result<()> {
+        let x = x.detach().to_dtype(DType::F32)?;
+        let xtx = x.t()?.matmul(&x)?;
+        let mut g = self.sum.lock().expect("input sums");
+        *g = Some(match g.take() {
+            Some((s, n)) => ((s + xtx)?, n + 1),
+            None => (xtx, 1),
+        });
+        Ok(())
+    }
+
+    /// The sum and the number of calls; `None` when no input came.
+    pub fn take(&self) -> Option<(Tensor, usize)> {
+        self.sum.lock().expect("input sums").take()
+    }
 }
 
 impl Linear {
@@ -134,6 +161,7 @@ impl Linear {
                 None
             },
             lora: None,
+            observer: None,
             name,
         })
     }
@@ -146,6 +174,9 @@ impl Linear {
         weights: Weights,
         dtype: DType,
     ) -> Result<Tensor> {
+        if let Some(o) = &self.observer {
+            o.add(x)?;
+        }
         let (mut y, w) = match &self.weight {
             LinearWeight::Dense(p) => {
                 let (w, trainable) = p.value(weights, dtype)?;

@@ -85,7 +85,14 @@ impl Model {
             return Self::from_source(cfg, &mut src, dtype, device);
         }
         let layout = cfg.layout;
-        let mut src = FileSource::open(dir, dtype, device, quant, layout)?;
+        let quant = match (cfg.gptq, quant) {
+            (Some(_), Some(_)) => {
+                eprintln!("warning: `quantization_bit` will not affect on the PTQ-quantized models (this checkpoint is GPTQ-quantized).");
+                None
+            }
+            (_, q) => q,
+        };
+        let mut src = FileSource::open(dir, dtype, device, quant, layout, cfg.gptq)?;
         Self::from_source(cfg, &mut src, dtype, device)
     }
 
@@ -681,6 +688,28 @@ impl Model {
         weights: Weights,
         shift: bool,
     ) -> Result<Tensor> {
+        let (mut x, mut pass) = self.begin_pass(b, rng.as_deref_mut(), weights, shift)?;
+        for layer in &self.layers {
+            x = if self.checkpointing && weights == Weights::Policy {
+                self.checkpointed_layer(layer, x, &pass, rng.as_deref_mut())?
+            } else {
+                layer.forward(&self.dims, x, &mut pass, rng.as_deref_mut(), weights)?
+            };
+        }
+        if let Some(routing) = pass.routing {
+            *self.routing.lock().expect("routing") = routing;
+        }
+        self.final_norm(&x, weights)
+    }
+
+    /// The input embeddings of `b` and what its pass shares across layers (RoPE tables, masks).
+    pub(crate) fn begin_pass(
+        &self,
+        b: &Batch,
+        mut rng: Option<&mut ChaCha8Rng>,
+        weights: Weights,
+        shift: bool,
+    ) -> Result<(Tensor, Pass<'static>)> {
         let mut x = self.embed(&b.input_ids, weights)?;
         if let (Some(alpha), Some(rng), Weights::Policy) =
             (self.neftune_alpha, rng.as_deref_mut(), weights)
@@ -699,7 +728,7 @@ impl Model {
         let local = self.local_tables(&b.positions, b.batch, b.seq, |w| {
             self.attention_mask(b, Some(w), false)
         })?;
-        let mut pass = Pass {
+        let pass = Pass {
             batch: b.batch,
             n: b.seq,
             cos,
@@ -714,17 +743,12 @@ impl Model {
                 .depths
                 .next(rng.is_some() && weights == Weights::Policy),
         };
-        for layer in &self.layers {
-            x = if self.checkpointing && weights == Weights::Policy {
-                self.checkpointed_layer(layer, x, &pass, rng.as_deref_mut())?
-            } else {
-                layer.forward(&self.dims, x, &mut pass, rng.as_deref_mut(), weights)?
-            };
-        }
-        if let Some(routing) = pass.routing {
-            *self.routing.lock().expect("routing") = routing;
-        }
-        self.final_norm(&x, weights)
+        Ok((x, pass))
+    }
+
+    /// Decoder layer `l` over `x` in `pass` (an evaluation pass: GPTQ's calibration).
+    pub(crate) fn layer_forward(&self, l: usize, x: Tensor, pass: &mut Pass) -> Result<Tensor> {
+        self.layers[l].forward(&self.dims, x, pass, None, Weights::Policy)
     }
 
     /// A decoder layer whose activations are not kept: the output joins the graph through a

@@ -318,6 +318,8 @@ pub(crate) struct FileSource {
     dtype: DType,
     device: Device,
     quant: Option<QuantFormat>,
+    /// A GPTQ checkpoint: its linear weights are read packed (`qweight`, `qzeros`, …).
+    gptq: Option<super::quant::gptq::GptqCheckpoint>,
 }
 
 impl FileSource {
@@ -327,6 +329,7 @@ impl FileSource {
         device: &Device,
         quant: Option<QuantFormat>,
         layout: CheckpointLayout,
+        gptq: Option<super::quant::gptq::GptqCheckpoint>,
     ) -> Result<Self> {
         let (files, names) = OpenFiles::open(dir)?;
         let left = names
@@ -339,6 +342,7 @@ impl FileSource {
             dtype,
             device: device.clone(),
             quant,
+            gptq,
         })
     }
 
@@ -354,6 +358,31 @@ impl WeightSource for FileSource {
     }
 
     fn take_linear(&mut self, name: &str) -> Result<LinearWeight> {
+        let base = name.strip_suffix(".weight").unwrap_or(name);
+        let packed = format!("{base}.qweight");
+        if let (Some(g), true) = (self.gptq, self.left.contains_key(&packed)) {
+            let qweight = self.read(&packed)?;
+            let qzeros = self.read(&format!("{base}.qzeros"))?;
+            let scales = self.read(&format!("{base}.scales"))?;
+            let g_idx_name = format!("{base}.g_idx");
+            let g_idx = if self.left.contains_key(&g_idx_name) {
+                Some(self.read(&g_idx_name)?)
+            } else {
+                None
+            };
+            let q = super::quant::gptq::Quantized::from_tensors(
+                g.bits,
+                &qweight,
+                &qzeros,
+                &scales,
+                g_idx.as_ref(),
+                g.zeros_minus_one,
+                base,
+            )?;
+            return Ok(LinearWeight::Quantized(
+                super::quant::QuantWeight::from_gptq(q, g.group_size, &self.device),
+            ));
+        }
         let t = self.read(name)?;
         quantized_or_dense(t, self.quant, self.dtype)
     }

@@ -110,6 +110,14 @@ impl HfTokenizer {
             .unwrap_or_default()
     }
 
+    /// `tokenizer(text)["input_ids"]`: with the special tokens the tokenizer adds (a BOS).
+    pub fn encode_with_special(&self, text: &str) -> Vec<u32> {
+        self.inner
+            .encode_fast(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default()
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> String {
         self.inner.decode(ids, skip_special).unwrap_or_default()
     }

@@ -70,14 +70,67 @@ impl GptqConfig {
     }
 }
 
+/// What a GPTQ checkpoint's `quantization_config` says about reading it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GptqCheckpoint {
+    pub bits: u32,
+    pub group_size: Option<usize>,
+    /// `checkpoint_format: gptq` (the default) stores zeros minus one; `gptq_v2` as they are.
+    pub zeros_minus_one: bool,
+}
+
+impl GptqCheckpoint {
+    /// The checkpoint's quantization, from `config.json`'s `quantization_config`; `None` when
+    /// there is none, an error naming the method when it is not GPTQ.
+    pub fn from_config(
+        config: &serde_json::Map<String, serde_json::Value>,
+        file: &std::path::Path,
+    ) -> Result<Option<Self>> {
+        let Some(q) = config.get("quantization_config") else {
+            return Ok(None);
+        };
+        let method = q["quant_method"].as_str().unwrap_or("");
+        if method != "gptq" {
+            bail!(
+                "{}: the checkpoint is quantized with `{method}`, which this engine does not read (GPTQ checkpoints are; or use the unquantized model with `quantization_bit`)",
+                file.display()
+            );
+        }
+        let bits = q["bits"].as_u64().unwrap_or(0) as u32;
+        if !matches!(bits, 2 | 3 | 4 | 8) {
+            bail!(
+                "{}: GPTQ with {bits} bits is not supported (2, 3, 4 or 8)",
+                file.display()
+            );
+        }
+        let group_size = q["group_size"]
+            .as_i64()
+            .filter(|g| *g > 0)
+            .map(|g| g as usize);
+        let format = q["checkpoint_format"].as_str().unwrap_or("gptq");
+        if !matches!(format, "gptq" | "gptq_v2") {
+            bail!(
+                "{}: GPTQ `checkpoint_format: {format}` is not supported (gptq, gptq_v2)",
+                file.display()
+            );
+        }
+        Ok(Some(Self {
+            bits,
+            group_size,
+            zeros_minus_one: format == "gptq",
+        }))
+    }
+}
+
 /// A quantized weight: the integers, per-group scales and zeros, and each input's group.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quantized {
     pub bits: u32,
     pub rows: usize,
     pub cols: usize,
-    /// `q[r · cols + c]`, in `0 ..= 2^bits − 1`.
-    pub q: Vec<u8>,
+    /// The integers (`0 ..= 2^bits − 1`), each row's as a bit stream of [`Self::row_words`]
+    /// words: a quarter of a byte per weight at 2 bits, half at 4.
+    q: Vec<u32>,
     /// `scales[g · rows + r]` (float16 values).
     pub scales: Vec<f32>,
     /// `zeros[g · rows + r]`.
@@ -87,6 +140,36 @@ pub struct Quantized {
 }
 
 impl Quantized {
+    /// Words per row's stream.
+    pub fn row_words(&self) -> usize {
+        (self.cols * self.bits as usize).div_ceil(32)
+    }
+
+    fn set_code(&mut self, r: usize, c: usize, v: u8) {
+        let wpr = self.row_words();
+        pack_at(
+            &mut self.q[r * wpr..(r + 1) * wpr],
+            c,
+            self.bits as usize,
+            v,
+        );
+    }
+
+    /// Row `r`'s integers.
+    pub fn row_codes(&self, r: usize) -> Vec<u8> {
+        let wpr = self.row_words();
+        unpack(
+            &self.q[r * wpr..(r + 1) * wpr],
+            self.bits as usize,
+            self.cols,
+        )
+    }
+
+    /// Every integer, row-major.
+    pub fn codes(&self) -> Vec<u8> {
+        (0..self.rows).flat_map(|r| self.row_codes(r)).collect()
+    }
+
     pub fn groups(&self) -> usize {
         self.scales.len() / self.rows.max(1)
     }
@@ -95,11 +178,11 @@ impl Quantized {
     pub fn dequantize_rows(&self, r0: usize, n: usize, out: &mut [f32]) {
         for r in 0..n {
             let row = r0 + r;
+            let codes = self.row_codes(row);
             let dst = &mut out[r * self.cols..(r + 1) * self.cols];
             for (c, d) in dst.iter_mut().enumerate() {
                 let g = self.g_idx[c] as usize * self.rows + row;
-                *d = self.scales[g]
-                    * (f32::from(self.q[row * self.cols + c]) - f32::from(self.zeros[g]));
+                *d = self.scales[g] * (f32::from(codes[c]) - f32::from(self.zeros[g]));
             }
         }
     }
@@ -123,7 +206,8 @@ impl Quantized {
         let mut qweight = vec![0u32; words * rows];
         for r in 0..rows {
             let mut column = vec![0u32; words];
-            pack((0..cols).map(|c| self.q[r * cols + c]), bits, &mut column);
+            column.fill(0);
+            pack(self.row_codes(r).into_iter(), bits, &mut column);
             for (w, v) in column.into_iter().enumerate() {
                 qweight[w * rows + r] = v;
             }
@@ -206,14 +290,11 @@ impl Quantized {
             })
         };
         let qw = words_of(qweight)?;
-        let mut q = vec![0u8; rows * cols];
-        let mut column = vec![0u32; words];
+        // The checkpoint's streams run down each output column; ours along each row.
+        let mut q = vec![0u32; rows * words];
         for r in 0..rows {
-            for (w, c) in column.iter_mut().enumerate() {
-                *c = qw[w * rows + r];
-            }
-            for (c, v) in unpack(&column, b, cols).into_iter().enumerate() {
-                q[r * cols + c] = v;
+            for w in 0..words {
+                q[r * words + w] = qw[w * rows + r];
             }
         }
         let qz = words_of(qzeros)?;
@@ -267,15 +348,20 @@ impl Quantized {
     }
 }
 
-/// Writes `values` as a little-endian stream of `bits`-bit fields into `words`.
+/// Writes `values` as a little-endian stream of `bits`-bit fields into `words` (zeroed).
 fn pack(values: impl Iterator<Item = u8>, bits: usize, words: &mut [u32]) {
     for (i, v) in values.enumerate() {
-        let at = i * bits;
-        let (w, s) = (at / 32, at % 32);
-        words[w] |= (u32::from(v)) << s;
-        if s + bits > 32 {
-            words[w + 1] |= u32::from(v) >> (32 - s);
-        }
+        pack_at(words, i, bits, v);
+    }
+}
+
+/// Field `i` of the stream in `words` (zeroed there) set to `v`.
+fn pack_at(words: &mut [u32], i: usize, bits: usize, v: u8) {
+    let at = i * bits;
+    let (w, s) = (at / 32, at % 32);
+    words[w] |= u32::from(v) << s;
+    if s + bits > 32 {
+        words[w + 1] |= u32::from(v) >> (32 - s);
     }
 }
 
@@ -330,7 +416,7 @@ pub fn rtn(w: &Tensor, cfg: &GptqConfig) -> Result<Quantized> {
             out.scales[g * rows + r] = scale;
             out.zeros[g * rows + r] = zero as u16;
             for c in span {
-                out.q[r * cols + c] = quantize(row[c], scale, zero, maxq) as u8;
+                out.set_code(r, c, quantize(row[c], scale, zero, maxq) as u8);
             }
         }
     }
@@ -343,7 +429,7 @@ fn empty(cfg: &GptqConfig, rows: usize, cols: usize, groups: usize) -> Quantized
         bits: cfg.bits,
         rows,
         cols,
-        q: vec![0; rows * cols],
+        q: vec![0; rows * (cols * cfg.bits as usize).div_ceil(32)],
         scales: vec![0.0; groups * rows],
         zeros: vec![0; groups * rows],
         g_idx: (0..cols).map(|c| (c / gs) as u32).collect(),
@@ -411,7 +497,7 @@ pub fn gptq(w: &Tensor, h: &Tensor, cfg: &GptqConfig) -> Result<Quantized> {
             for (r, &(scale, zero)) in params.iter().enumerate() {
                 let x = w[r * cols + c];
                 let q = quantize(x, scale, zero, maxq);
-                out.q[r * cols + c] = q as u8;
+                out.set_code(r, c, q as u8);
                 let e = (x - scale * (q - zero)) / d;
                 err[r * BLOCK + i] = e;
                 // The error spread over the block's columns not yet done.
@@ -526,8 +612,8 @@ mod tests {
             )
             .unwrap();
             assert_eq!(
-                (&back.q, &back.zeros, &back.g_idx),
-                (&q.q, &q.zeros, &q.g_idx),
+                (back.codes(), &back.zeros, &back.g_idx),
+                (q.codes(), &q.zeros, &q.g_idx),
                 "{bits} bits"
             );
             for (a, b) in back.scales.iter().zip(&q.scales) {

@@ -22,7 +22,15 @@ pub use op::quant_linear;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum QuantFormat {
     Ggml(GgmlDType),
-    Bnb4 { kind: bnb::Kind, double: bool },
+    Bnb4 {
+        kind: bnb::Kind,
+        double: bool,
+    },
+    /// A GPTQ checkpoint's weights, used as stored (see [`gptq`]).
+    Gptq {
+        bits: u32,
+        group_size: Option<usize>,
+    },
 }
 
 impl QuantFormat {
@@ -49,6 +57,9 @@ impl QuantFormat {
             (QuantizationMethod::Ggml, 4) => QuantFormat::Ggml(GgmlDType::Q4K),
             (QuantizationMethod::Ggml, 5) => QuantFormat::Ggml(GgmlDType::Q5K),
             (QuantizationMethod::Ggml, 6) => QuantFormat::Ggml(GgmlDType::Q6K),
+            (QuantizationMethod::Gptq, _) => bail!(
+                "`quantization_method: gptq` is for checkpoints already quantized with GPTQ: give such a folder as `model_name_or_path` without `quantization_bit` (or make one with `llamafactory export` and `export_quantization_bit`)"
+            ),
             (m, b) => {
                 bail!("`quantization_bit: {b}` with `quantization_method: {m}` is not supported")
             }
@@ -66,6 +77,10 @@ impl QuantFormat {
                 },
                 if double { ", double quantization" } else { "" }
             ),
+            QuantFormat::Gptq { bits, group_size } => match group_size {
+                Some(g) => format!("GPTQ {bits}-bit (groups of {g})"),
+                None => format!("GPTQ {bits}-bit (one group per row)"),
+            },
         }
     }
 
@@ -94,6 +109,11 @@ impl QuantFormat {
             QuantFormat::Bnb4 { double: true, .. } => {
                 4.0 + (8.0 + 32.0 / bnb::STATS_BLOCK as f64) / bnb::BLOCK as f64
             }
+            // Scales in 16 bits and zeros in `bits` per group.
+            QuantFormat::Gptq { bits, group_size } => {
+                let g = group_size.unwrap_or(4096) as f64;
+                bits as f64 + (16.0 + bits as f64) / g
+            }
         }
     }
 
@@ -102,6 +122,7 @@ impl QuantFormat {
         match self {
             QuantFormat::Ggml(t) => Self::ggml_for(t, cols).is_some(),
             QuantFormat::Bnb4 { .. } => true,
+            QuantFormat::Gptq { bits, .. } => (cols * bits as usize).is_multiple_of(32),
         }
     }
 }
@@ -111,6 +132,8 @@ enum Store {
     Ggml(Vec<QTensor>),
     /// The whole flattened weight, as bitsandbytes stores it.
     Bnb4(bnb::Bnb4),
+    /// Packed integers with per-group scales and zeros.
+    Gptq(gptq::Quantized),
 }
 
 /// A frozen `(rows, cols)` weight in a quantized format.
@@ -155,6 +178,13 @@ impl QuantWeight {
                     .to_vec1::<f32>()?;
                 Store::Bnb4(bnb::Bnb4::quantize(&flat, kind, double))
             }
+            QuantFormat::Gptq { bits, group_size } => {
+                let cfg = gptq::GptqConfig {
+                    group_size,
+                    ..gptq::GptqConfig::new(bits)
+                };
+                Store::Gptq(gptq::rtn(w, &cfg)?)
+            }
         };
         Ok(Arc::new(Self {
             format,
@@ -190,11 +220,27 @@ impl QuantWeight {
         }))
     }
 
+    /// A GPTQ checkpoint's weight, used as stored.
+    pub fn from_gptq(q: gptq::Quantized, group_size: Option<usize>, device: &Device) -> Arc<Self> {
+        let (rows, cols) = (q.rows, q.cols);
+        Arc::new(Self {
+            format: QuantFormat::Gptq {
+                bits: q.bits,
+                group_size,
+            },
+            rows,
+            cols,
+            tile_rows: (TILE_VALUES / cols.max(1)).clamp(1, rows.max(1)),
+            store: Store::Gptq(q),
+            device: device.clone(),
+        })
+    }
+
     /// How the weight is stored (a GGML fallback type where the rows asked for it).
     pub fn stored(&self) -> QuantFormat {
         match &self.store {
             Store::Ggml(t) => QuantFormat::Ggml(t.first().map_or(GgmlDType::Q8_0, QTensor::dtype)),
-            Store::Bnb4(_) => self.format,
+            Store::Bnb4(_) | Store::Gptq(_) => self.format,
         }
     }
 
@@ -218,6 +264,11 @@ impl QuantWeight {
                 data.dequantize_range(r0 * self.cols, &mut out);
                 Tensor::from_vec(out, (n, self.cols), &self.device)?
             }
+            Store::Gptq(q) => {
+                let mut out = vec![0f32; n * self.cols];
+                q.dequantize_rows(r0, n, &mut out);
+                Tensor::from_vec(out, (n, self.cols), &self.device)?
+            }
         };
         Ok(t.to_dtype(dtype)?)
     }
@@ -235,6 +286,7 @@ impl QuantWeight {
         match &self.store {
             Store::Ggml(tiles) => tiles.iter().map(QTensor::storage_size_in_bytes).sum(),
             Store::Bnb4(data) => data.bytes(),
+            Store::Gptq(q) => q.packed_bytes(),
         }
     }
 
