@@ -1,5 +1,6 @@
 //! The Export tab: merge the top bar's model and checkpoint into a Hugging Face folder
-//! (sharded safetensors) or a GGUF file, with progress and the list of written files.
+//! (sharded safetensors) or a GGUF file, or quantize a full model with GPTQ over calibration
+//! texts (progress in layers), with the list of written files.
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -19,6 +20,18 @@ const EXPORT_DEFAULTS: &[(&str, &str)] = &[
     ("export_gguf_type", "f16"),
     ("infer_dtype", "auto"),
     ("export_dir", ""),
+    ("export_quantization_bit", "none"),
+    ("export_quantization_dataset", "demo_pt"),
+    ("export_quantization_nsamples", "128"),
+    ("export_quantization_maxlen", "1024"),
+];
+
+/// The calibration keys, sent only with a quantization bit.
+const GPTQ_KEYS: &[&str] = &[
+    "export_quantization_bit",
+    "export_quantization_dataset",
+    "export_quantization_nsamples",
+    "export_quantization_maxlen",
 ];
 
 fn size(bytes: u64) -> String {
@@ -39,6 +52,14 @@ pub fn ExportTab() -> impl IntoView {
     let message = RwSignal::new(None::<String>);
     let busy = Signal::derive(move || view_.is_active());
     let gguf = Signal::derive(move || form.get("export_format") != ExportFormat::Gguf.as_str());
+    // GPTQ quantizes a full model: not with adapters selected (LlamaBoard disables it), not
+    // into GGUF.
+    let no_gptq = Signal::derive(move || {
+        !ctx.top.get("checkpoint").is_empty()
+            || form.get("export_format") == ExportFormat::Gguf.as_str()
+    });
+    let no_calibration =
+        Signal::derive(move || no_gptq.get() || form.get("export_quantization_bit") == "none");
     let on_export = move |_| {
         form.clear_errors();
         ctx.top.clear_errors();
@@ -47,6 +68,11 @@ pub fn ExportTab() -> impl IntoView {
         let mut own = form.to_json();
         if form.get_untracked("export_format") != ExportFormat::Gguf.as_str() {
             own.remove("export_gguf_type");
+        }
+        if no_calibration.get_untracked() {
+            for k in GPTQ_KEYS {
+                own.remove(*k);
+            }
         }
         body.extend(own);
         spawn_local(async move {
@@ -84,6 +110,11 @@ pub fn ExportTab() -> impl IntoView {
             <Select form key="export_gguf_type" label="export_gguf_type" options={choices::<GgufType>()} disabled=gguf/>
             <Select form key="infer_dtype" label="export_dtype" options={choices::<InferDtype>()}/>
             <Field form key="export_dir" label="export_dir" placeholder="export_<time>"/>
+            <Select form key="export_quantization_bit" label="export_quantization_bit"
+                options=vec![("none", "none"), ("8", ""), ("4", ""), ("3", ""), ("2", "")] disabled=no_gptq/>
+            <Field form key="export_quantization_dataset" label="export_quantization_dataset" disabled=no_calibration/>
+            <Field form key="export_quantization_nsamples" label="export_quantization_nsamples" kind="number" min="1" disabled=no_calibration/>
+            <Field form key="export_quantization_maxlen" label="export_quantization_maxlen" kind="number" min="1" disabled=no_calibration/>
         </div>
         <div class="actions">
             <button class="primary" data-testid="export-start" disabled=busy on:click=on_export>{i.t("export")}</button>

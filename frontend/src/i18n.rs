@@ -277,6 +277,26 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("export_format", "Export format", "导出格式"),
     ("export_gguf_type", "GGUF type", "GGUF 类型"),
     ("export_dtype", "Export data type", "导出数据类型"),
+    (
+        "export_quantization_bit",
+        "Export quantization bit.",
+        "导出量化等级",
+    ),
+    (
+        "export_quantization_dataset",
+        "Export quantization dataset",
+        "导出量化数据集",
+    ),
+    (
+        "export_quantization_nsamples",
+        "Calibration samples",
+        "校准样本数",
+    ),
+    (
+        "export_quantization_maxlen",
+        "Calibration length (tokens)",
+        "校准长度（token）",
+    ),
     ("export_dir", "Export dir", "导出目录"),
     ("export", "Export", "开始导出"),
     ("exported_files", "Written files", "已写入文件"),

@@ -6,7 +6,7 @@
 //      SCREENSHOTS (folder for the screenshots).
 import { chromium } from 'playwright-core';
 import { spawn } from 'node:child_process';
-import { chmodSync, copyFileSync, mkdtempSync, mkdirSync, readdirSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdtempSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -256,6 +256,22 @@ try {
   if (!methods.split('\n').includes('pissa_init: true')) fail(`preview lacks pissa_init: ${methods}`);
   await page.uncheck('#f-train-use_pissa');
   console.log('method controls ok');
+
+  // GPTQ from the Export tab (no adapter selected): progress counts layers, the folder is written.
+  await page.click('[data-tab="tab_export"]');
+  await page.selectOption('#f-export-export_quantization_bit', '4');
+  await page.fill('#f-export-export_quantization_dataset', 'demo_pt');
+  await page.fill('#f-export-export_quantization_nsamples', '8');
+  await page.fill('#f-export-export_quantization_maxlen', '8');
+  await page.fill('#f-export-export_dir', 'e2e_gptq');
+  await page.click('[data-testid="export-start"]');
+  await page.waitForFunction(() => [...document.querySelectorAll('[data-testid="export-files"] td')].some((t) => t.textContent.includes('e2e_gptq')), null, { timeout: 120000 });
+  const layers = await page.textContent('[data-panel="export"] [data-testid="step-count"]');
+  if (!/^(\d+) \/ \1$/.test(layers.trim()) || layers.trim() === '1 / 1') fail(`GPTQ progress should count the layers: ${layers}`);
+  const gptqCfg = JSON.parse(readFileSync(join(work, 'saves', 'e2e_gptq', 'config.json'), 'utf8'));
+  if (gptqCfg.quantization_config?.quant_method !== 'gptq' || gptqCfg.quantization_config.bits !== 4) fail(`GPTQ config: ${JSON.stringify(gptqCfg.quantization_config)}`);
+  await page.selectOption('#f-export-export_quantization_bit', 'none');
+  console.log(`gptq export ok (${layers.trim()} layers)`);
 
   // Image chat with the demo vision-language model (a tiny Qwen2-VL built beside the demo model).
   await page.fill('#f-top-model_name_or_path', 'models/demo-vl');

@@ -43,20 +43,35 @@ pub fn run(cmd: ExportCmd) -> Result<ExitCode> {
                 });
             }
             let t = std::time::Instant::now();
-            let files = trainer::export::export_model(&args)?;
-            Ok((files, t.elapsed().as_secs_f64()))
+            // GPTQ reports its layers: the board's progress shows layers done / total.
+            let mut layers = 0;
+            let mut report = |done: usize, total: usize| {
+                layers = total;
+                let elapsed = t.elapsed().as_secs_f64();
+                match json.as_mut() {
+                    Some(r) => r.event(&WorkerEvent::Progress {
+                        step: done as u64,
+                        total: total as u64,
+                        elapsed_s: elapsed,
+                        eta_s: elapsed / done.max(1) as f64 * (total - done) as f64,
+                    }),
+                    None => eprintln!("GPTQ: {done}/{total} layers quantized"),
+                }
+            };
+            let files = trainer::export::export_model_with(&args, &mut report)?;
+            Ok((files, t.elapsed().as_secs_f64(), layers.max(1) as u64))
         });
     match (result, json.as_mut()) {
-        (Ok((files, _)), None) => {
+        (Ok((files, _, _)), None) => {
             for f in files {
                 println!("{}", f.display());
             }
             Ok(ExitCode::SUCCESS)
         }
-        (Ok((files, secs)), Some(r)) => {
+        (Ok((files, secs, steps)), Some(r)) => {
             r.event(&WorkerEvent::Progress {
-                step: 1,
-                total: 1,
+                step: steps,
+                total: steps,
                 elapsed_s: secs,
                 eta_s: 0.0,
             });
@@ -70,7 +85,10 @@ pub fn run(cmd: ExportCmd) -> Result<ExitCode> {
                 .collect();
             metrics.insert("files".into(), listed.into());
             metrics.insert("export_runtime".into(), secs.into());
-            r.event(&WorkerEvent::Finished { step: 1, metrics });
+            r.event(&WorkerEvent::Finished {
+                step: steps,
+                metrics,
+            });
             Ok(ExitCode::SUCCESS)
         }
         (Err(e), Some(r)) => {

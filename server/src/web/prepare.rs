@@ -199,6 +199,47 @@ fn default_dir(prefix: &str) -> String {
     )
 }
 
+/// GPTQ's calibration texts (LlamaBoard's checks): no adapters (they merge first), and a dataset
+/// of the dataset dir or a file of the work dir, made absolute.
+fn calibration_source(workdir: &Path, args: &mut TrainArgs) -> ApiResult<()> {
+    let field = "export_quantization_dataset";
+    if args.adapter_name_or_path.is_some() {
+        return Err(ApiError::field(
+            "export_quantization_bit",
+            "Please merge adapters before quantizing the model.",
+        ));
+    }
+    let source = args
+        .export_quantization_dataset
+        .clone()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    if source.is_empty() {
+        return Err(ApiError::field(field, "Please choose a dataset."));
+    }
+    let dir = dataset_dir(workdir, &args.dataset_dir)?;
+    args.dataset_dir = dir.to_string_lossy().into_owned();
+    let named = trainer::data::dataset_info::DatasetInfo::load(&dir)
+        .is_ok_and(|info| info.names().any(|n| n == source));
+    if named {
+        return Ok(());
+    }
+    match canonical(workdir, &source).filter(|p| p.is_file()) {
+        Some(file) => {
+            args.export_quantization_dataset = Some(file.to_string_lossy().into_owned());
+            Ok(())
+        }
+        None => Err(ApiError::field(
+            field,
+            format!(
+                "`{source}` is neither a dataset of {} nor a file",
+                dir.display()
+            ),
+        )),
+    }
+}
+
 /// Checks and completes the arguments of a job of `kind`; `None` prepares a chat model load.
 pub fn prepare(
     workdir: &Path,
@@ -284,6 +325,9 @@ pub fn prepare(
                     .to_string_lossy()
                     .into_owned(),
             );
+            if args.export_quantization_bit.is_some() {
+                calibration_source(workdir, &mut args)?;
+            }
         }
         None => {}
     }
