@@ -276,4 +276,27 @@ fn a_gptq_export_loads_and_beats_rounding_on_held_out_text() {
         (p_gptq - p_full) < 0.5 * (p_rtn - p_full),
         "GPTQ should lose less than half of what rounding loses: f32 {p_full}, GPTQ {p_gptq}, RTN {p_rtn}"
     );
+
+    // The GPTQ folder is a QLoRA base: LoRA trains on it; full fine-tuning is refused.
+    let lora = TrainArgs {
+        model_name_or_path: Some(exported.display().to_string()),
+        finetuning_type: protocol::args::FinetuningType::Lora,
+        num_train_epochs: 1.0,
+        max_samples: Some(32),
+        output_dir: Some(tmp.path().join("qlora").display().to_string()),
+        ..args.clone()
+    };
+    let outcome = trainer::train::run_training(&lora, &Default::default(), &mut Quiet).unwrap();
+    let trainer::train::Outcome::Finished(m) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(m["train_loss"].as_f64().unwrap().is_finite());
+    assert!(tmp.path().join("qlora/adapter_model.safetensors").exists());
+    let full = TrainArgs {
+        finetuning_type: protocol::args::FinetuningType::Full,
+        output_dir: Some(tmp.path().join("full").display().to_string()),
+        ..lora
+    };
+    let e = trainer::train::run_training(&full, &Default::default(), &mut Quiet).unwrap_err();
+    assert!(e.to_string().contains("trains with LoRA only"), "{e}");
 }

@@ -169,8 +169,14 @@ pub fn export_model_with(
     if cfg.get("dtype").is_some() {
         cfg["dtype"] = json!(dtype_name);
     }
-    if let Some(q) = &gptq_cfg {
-        cfg["quantization_config"] = q.to_json();
+    match &gptq_cfg {
+        Some(q) => cfg["quantization_config"] = q.to_json(),
+        // Written dense (a GPTQ base dequantized, adapters merged into it): no longer quantized.
+        None => {
+            if let Some(c) = cfg.as_object_mut() {
+                c.remove("quantization_config");
+            }
+        }
     }
     write_json(&dir.join("config.json"), &cfg)?;
     let gen = chat.dir.join("generation_config.json");

@@ -335,6 +335,14 @@ fn load_model(
     let mut model = Model::load_quantized(&dir, opts.dtype, &opts.device, quant)
         .with_context(|| format!("loading model {}", dir.display()))?;
     crate::model::depths::configure(&mut model, args.mixture_of_depths, args.seed)?;
+    if let Some(q) = model.quantized().next() {
+        if args.finetuning_type != protocol::args::FinetuningType::Lora {
+            bail!(
+                "the model's weights are quantized ({}): a quantized model trains with LoRA only (`finetuning_type: lora`), as in LLaMA-Factory",
+                q.format.describe()
+            );
+        }
+    }
     if model.cfg.mixture_of_depths && args.shift_attn {
         bail!("`shift_attn` cannot be combined with Mixture-of-Depths (`mixture_of_depths`): the routed layers attend over the tokens they chose");
     }

@@ -619,6 +619,19 @@ mod tests {
             for (a, b) in back.scales.iter().zip(&q.scales) {
                 assert_eq!(*a, f16::from_f32(*b).to_f32());
             }
+            // `gptq_v2` keeps the zeros as they are: the same words read one lower.
+            let v2 = Quantized::from_tensors(
+                bits,
+                get("qweight"),
+                get("qzeros"),
+                get("scales"),
+                None,
+                false,
+                "w",
+            )
+            .unwrap();
+            assert!(v2.zeros.iter().zip(&q.zeros).all(|(a, b)| a + 1 == *b));
+            assert_eq!(v2.g_idx, q.g_idx, "g_idx from the group size when absent");
         }
     }
 
