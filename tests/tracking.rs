@@ -210,3 +210,101 @@ fn an_unreachable_tracking_server_costs_a_warning_not_the_run() {
     assert!(err.contains("MLflow logging is off for this run"), "{err}");
     assert!(dir.path().join("out/adapter_model.safetensors").exists());
 }
+
+/// `report_to: wandb` with `WANDB_MODE=offline`: the run folder wandb writes, its records (the
+/// framing is checked against wandb's own bytes in the unit tests; `scripts/wandb_offline_check.py`
+/// reads a run with wandb's reader): the run with its config, a history row per log line with
+/// transformers' keys, the summary and a zero exit code. Online mode warns and stays off.
+#[test]
+fn an_offline_wandb_run_is_written_for_wandb_sync() {
+    use prost::Message;
+    use trainer::train::wandb::{read_records, Kind, Record};
+    let dir = workdir();
+    write_config(dir.path(), "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 48\nmax_samples: 8\nper_device_train_batch_size: 4\nmax_steps: 4\nlogging_steps: 1\nreport_to: wandb\nrun_name: wb\n");
+    let o = common::bin()
+        .args(["train", "cfg.yaml"])
+        .current_dir(dir.path())
+        .env("WANDB_MODE", "offline")
+        .env("WANDB_PROJECT", "board")
+        .env_remove("WANDB_DIR")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let runs: Vec<PathBuf> = std::fs::read_dir(dir.path().join("wandb"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("offline-run-")
+        })
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let file = std::fs::read_dir(&runs[0])
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "wandb"))
+        .unwrap();
+    let records: Vec<Record> = read_records(&std::fs::read(&file).unwrap())
+        .unwrap()
+        .iter()
+        .map(|b| Record::decode(b.as_slice()).unwrap())
+        .collect();
+    assert!(matches!(records[0].kind, Some(Kind::Header(_))));
+    let Some(Kind::Run(run)) = &records[1].kind else {
+        panic!("{:?}", records[1])
+    };
+    assert_eq!(
+        (run.project.as_str(), run.display_name.as_str()),
+        ("board", "wb")
+    );
+    let config = &run.config.as_ref().unwrap().update;
+    assert!(config
+        .iter()
+        .any(|i| i.key == "lora_rank" && i.value_json == "8"));
+    assert!(config
+        .iter()
+        .any(|i| i.key == "model_type" && i.value_json == "\"llama\""));
+    let rows: Vec<_> = records
+        .iter()
+        .filter_map(|r| match &r.kind {
+            Some(Kind::History(h)) => Some(h),
+            _ => None,
+        })
+        .collect();
+    // A row per logged step, then the end-of-training row (its epoch), as transformers logs.
+    assert_eq!(rows.len(), 5);
+    let value = |row: &trainer::train::wandb::HistoryRecord, k: &str| {
+        row.item
+            .iter()
+            .find(|i| i.key == k)
+            .map(|i| i.value_json.clone())
+    };
+    assert_eq!(value(rows[3], "train/global_step").as_deref(), Some("4"));
+    assert_eq!(value(rows[3], "_step").as_deref(), Some("3"));
+    assert!(
+        value(rows[0], "train/loss").is_some() && value(rows[0], "train/learning_rate").is_some()
+    );
+    let Some(Kind::Summary(summary)) = &records[records.len() - 2].kind else {
+        panic!()
+    };
+    assert!(summary.update.iter().any(|i| i.key == "train_runtime"));
+    assert!(matches!(records.last().unwrap().kind, Some(Kind::Exit(ref e)) if e.exit_code == 0));
+
+    // Online mode (no WANDB_MODE) needs the network: a warning, and the run goes on.
+    let o = common::bin()
+        .args(["train", "cfg.yaml", "output_dir=online"])
+        .current_dir(dir.path())
+        .env_remove("WANDB_MODE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("set WANDB_MODE=offline"),
+        "{}",
+        stderr(&o)
+    );
+}

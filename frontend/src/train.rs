@@ -521,7 +521,7 @@ pub fn TrainTab() -> impl IntoView {
             <Check form key="resize_vocab" label="resize_vocab"/>
             <Check form key="use_llama_pro" label="use_llama_pro"/>
             <Check form key="shift_attn" label="shift_attn"/>
-            <Select form key="report_to" label="report_to" options=vec![("none", ""), ("tensorboard", ""), ("mlflow", "")]/>
+            <Select form key="report_to" label="report_to" options=vec![("none", ""), ("tensorboard", ""), ("mlflow", ""), ("wandb", ""), ("all", "")]/>
             <Check form key="enable_thinking" label="enable_thinking"/>
             <Check form key="gradient_checkpointing" label="gradient_checkpointing"/>
         </Group>

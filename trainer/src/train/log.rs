@@ -57,6 +57,8 @@ pub(crate) struct TrainerLog {
     pub(crate) tensorboard: Option<super::tensorboard::EventWriter>,
     /// The MLflow run (`report_to: mlflow`): every history entry's numbers go there.
     pub(crate) mlflow: Option<super::mlflow::Mlflow>,
+    /// The offline W&B run (`report_to: wandb`, `WANDB_MODE=offline`).
+    pub(crate) wandb: Option<super::wandb::WandbRun>,
 }
 
 impl TrainerLog {
@@ -99,6 +101,7 @@ impl TrainerLog {
             losses: Vec::new(),
             tensorboard: None,
             mlflow: None,
+            wandb: None,
         })
     }
 
@@ -187,6 +190,12 @@ impl TrainerLog {
         if let Some(m) = self.mlflow.as_mut() {
             m.log(entry);
         }
+        if let Some(w) = self.wandb.as_mut() {
+            if let Err(e) = w.log_entry(entry) {
+                eprintln!("warning: W&B logging stopped: {e:#}");
+                self.wandb = None;
+            }
+        }
     }
 
     /// Ends the trackers' runs: MLflow's gets its status and, when it finished, the files of
@@ -198,6 +207,16 @@ impl TrainerLog {
     ) {
         if let Some(m) = self.mlflow.take() {
             m.end(status, outputs);
+        }
+        if let Some(w) = self.wandb.take() {
+            let code = match status {
+                super::mlflow::RunStatus::Finished => 0,
+                super::mlflow::RunStatus::Failed => 1,
+                super::mlflow::RunStatus::Killed => 255,
+            };
+            if let Err(e) = w.finish(code) {
+                eprintln!("warning: W&B: the run's end was not written: {e:#}");
+            }
         }
     }
 

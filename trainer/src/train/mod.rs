@@ -27,6 +27,7 @@ mod session;
 mod setup;
 mod step;
 pub mod tensorboard;
+pub mod wandb;
 
 pub use job::run_job;
 pub use session::run_training;

@@ -134,10 +134,11 @@ struct Session<'a> {
 }
 
 /// The trackers `report_to` names that run here.
-const TRACKERS_HERE: &[&str] = &["tensorboard", "mlflow"];
+const TRACKERS_HERE: &[&str] = &["tensorboard", "mlflow", "wandb"];
 
-/// The trackers of `report_to`: TensorBoard's event file (with the run's arguments as text) and
-/// MLflow's run; the others are named in a warning, as they have no effect here.
+/// The trackers of `report_to`: TensorBoard's event file (with the run's arguments as text),
+/// MLflow's run and an offline W&B run; the others are named in a warning, as they have no
+/// effect here.
 fn open_trackers(
     args: &TrainArgs,
     output_dir: &std::path::Path,
@@ -151,7 +152,7 @@ fn open_trackers(
         .collect();
     if !others.is_empty() {
         eprintln!(
-            "warning: `report_to`: {} not supported, ignored (TensorBoard and MLflow are; LlamaBoard's own log is always written)",
+            "warning: `report_to`: {} not supported, ignored (TensorBoard, MLflow and W&B offline are; LlamaBoard's own log is always written)",
             others.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
         );
     }
@@ -164,6 +165,24 @@ fn open_trackers(
                 .unwrap_or(&output_dir.display().to_string()),
             params: super::mlflow::params(&args_json, &model.cfg.raw),
         });
+    }
+    if trackers.iter().any(|t| t == "wandb") {
+        // transformers' config: the model's, then every argument over it.
+        let mut config: Vec<(String, serde_json::Value)> = model
+            .cfg
+            .raw
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let serde_json::Value::Object(a) = serde_json::to_value(args).unwrap_or_default() {
+            config.retain(|(k, _)| !a.contains_key(k));
+            config.extend(a);
+        }
+        let name = args
+            .run_name
+            .clone()
+            .unwrap_or_else(|| output_dir.display().to_string());
+        log.wandb = super::wandb::WandbRun::start(&name, config);
     }
     if trackers.iter().any(|t| t == "tensorboard") {
         log.tensorboard = Some(tensorboard_writer(args, output_dir)?);
