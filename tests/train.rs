@@ -1310,3 +1310,70 @@ fn mixture_of_depths_converts_trains_and_loads() {
         "{changed:?}"
     );
 }
+
+/// BAdam's ratio mode from a YAML: the embedding and head stay, and within three steps (one
+/// mask: masks move every 100) each other tensor changes in at most its ratio of entries; a run
+/// resumed from a checkpoint continues the same curve (the sparse Adam state is saved).
+#[test]
+fn badam_ratio_mode_updates_a_share_of_each_tensor() {
+    let dir = workdir();
+    write_config(dir.path(), "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 48\nmax_samples: 32\nper_device_train_batch_size: 4\nmax_steps: 4\nlogging_steps: 1\nsave_steps: 2\nlearning_rate: 1.0e-3\nfinetuning_type: full\nuse_badam: true\nbadam_mode: ratio\nbadam_update_ratio: 0.1\n");
+    let o = run(
+        &train_args(&["output_dir=ratio", "max_steps=3"]),
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("ratio-based update, update ratio is 0.1"),
+        "{}",
+        stderr(&o)
+    );
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let (before, after) = (
+        load(&dir.path().join("model/model.safetensors")),
+        load(&dir.path().join("ratio/model.safetensors")),
+    );
+    let mut moved = 0;
+    for (name, b) in &before {
+        let flat = |t: &candle_core::Tensor| -> Vec<f32> {
+            t.to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (x, y) = (flat(b), flat(&after[name]));
+        let changed = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+        if name.contains("embed") || name.contains("lm_head") {
+            assert_eq!(changed, 0, "{name} trains");
+        }
+        let allowed = (x.len() as f64 * 0.1) as usize;
+        assert!(
+            changed <= allowed,
+            "{name}: {changed} of {} entries changed",
+            x.len()
+        );
+        moved += usize::from(changed > 0);
+    }
+    assert!(moved > 10, "only {moved} tensors moved");
+    // Resumed after step 2: the same losses as straight through.
+    let o = run(&train_args(&["output_dir=straight"]), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&train_args(&["output_dir=resumed"]), dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_dir_all(dir.path().join("resumed/checkpoint-4")).unwrap();
+    std::fs::remove_file(dir.path().join("resumed/model.safetensors")).unwrap();
+    let o = run(&train_args(&["output_dir=resumed"]), dir.path());
+    assert!(stderr(&o).contains("checkpoint-2"), "{}", stderr(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (
+        losses(&dir.path().join("straight/trainer_log.jsonl")),
+        losses(&dir.path().join("resumed/trainer_log.jsonl")),
+    );
+    assert_eq!(a.len(), 4);
+    for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
+        assert_eq!(sa, sb);
+        assert!((la - lb).abs() < 1e-4, "step {sa}: {la} vs {lb}");
+    }
+}

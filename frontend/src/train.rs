@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 use protocol::args::{
-    BadamSwitchMode, Choice, FinetuningType, PrefLossType, RewardModelType, SchedulerType, Stage,
+    BadamMode, BadamSwitchMode, Choice, FinetuningType, PrefLossType, RewardModelType,
+    SchedulerType, Stage,
 };
 use protocol::run::{
     ArgSet, CommandPreview, Created, DatasetEntry, DatasetPage, MetricPoint, Run, RunKind,
@@ -60,8 +61,10 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
     ("freeze_trainable_modules", "all"),
     ("freeze_extra_modules", ""),
     ("use_badam", "false"),
+    ("badam_mode", "layer"),
     ("badam_switch_mode", "ascending"),
     ("badam_switch_interval", "50"),
+    ("badam_update_ratio", "0.05"),
     ("use_apollo", "false"),
     ("apollo_rank", "16"),
     ("apollo_update_interval", "200"),
@@ -176,7 +179,13 @@ pub fn train_args(top: Map<String, Value>, form: &Form) -> Map<String, Value> {
     }
     // A method's keys go only with the method on, as LlamaBoard's runner passes them.
     let methods: [&[&str]; 3] = [
-        &["use_badam", "badam_switch_mode", "badam_switch_interval"],
+        &[
+            "use_badam",
+            "badam_mode",
+            "badam_switch_mode",
+            "badam_switch_interval",
+            "badam_update_ratio",
+        ],
         &[
             "use_apollo",
             "apollo_rank",
@@ -551,10 +560,12 @@ pub fn TrainTab() -> impl IntoView {
             <Field form key="apollo_scale" label="apollo_scale" kind="number" min="0" max="100" step="0.01"/>
             <Field form key="apollo_target" label="apollo_target"/>
         </Group>
-        <Group label="badam_group" form keys=&["use_badam", "badam_switch_mode", "badam_switch_interval"]>
+        <Group label="badam_group" form keys=&["use_badam", "badam_mode", "badam_switch_mode", "badam_switch_interval", "badam_update_ratio"]>
             <Check form key="use_badam" label="use_badam"/>
+            <Select form key="badam_mode" label="badam_mode" options={choices::<BadamMode>()}/>
             <Select form key="badam_switch_mode" label="badam_switch_mode" options={choices::<BadamSwitchMode>()}/>
             <Field form key="badam_switch_interval" label="badam_switch_interval" kind="number" min="1" max="1024"/>
+            <Field form key="badam_update_ratio" label="badam_update_ratio" kind="number" min="0" max="1" step="0.01"/>
         </Group>
         <Group label="lora_group" form keys=&["lora_rank", "lora_alpha", "lora_dropout", "loraplus_lr_ratio", "create_new_adapter", "use_rslora", "use_dora", "use_pissa", "lora_target", "additional_target"]>
             <Field form key="lora_rank" label="lora_rank" kind="number" min="1" max="1024"/>

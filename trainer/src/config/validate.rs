@@ -192,10 +192,16 @@ pub fn validate(a: &TrainArgs) -> Result<(), ArgError> {
             "Cannot use LoRA with GaLore, APOLLO or BAdam together (BAdam trains full layers: use `finetuning_type: full`)",
         );
     }
-    if a.use_badam && a.badam_mode == protocol::args::BadamMode::Ratio {
+    if a.use_badam
+        && a.badam_mode == protocol::args::BadamMode::Ratio
+        && !(a.badam_update_ratio > 1e-6 && a.badam_update_ratio <= 1.0)
+    {
         return fail(
-            "badam_mode",
-            "`badam_mode: ratio` is not supported: use `badam_mode: layer` (one decoder layer trains at a time)",
+            "badam_update_ratio",
+            format!(
+                "`badam_update_ratio: {}`: ratio-based BAdam updates a share of each tensor, above 0 and at most 1",
+                a.badam_update_ratio
+            ),
         );
     }
     if a.use_badam && matches!(a.stage, Stage::Dpo | Stage::Kto | Stage::Ppo) {

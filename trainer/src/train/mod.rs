@@ -9,6 +9,7 @@
 //! `log` (LLaMA-Factory's log and results files), `checkpoint` (saving and restoring).
 
 pub mod badam;
+pub mod badam_ratio;
 mod batch;
 pub mod checkpoint;
 pub mod galore;

@@ -48,6 +48,11 @@ pub struct AdamW {
     limiter: Vec<Option<f64>>,
     /// Whether [`AdamW::check_gradients_once`] has checked a step's gradients.
     gradients_checked: bool,
+    /// BAdam's ratio mode: each step updates masked entries only (see [`super::badam_ratio`]).
+    pub ratio: Option<super::badam_ratio::RatioMasks>,
+    /// Ratio mode's sparse moments, per tensor, and their step count.
+    sparse: Vec<(Vec<f32>, Vec<f32>)>,
+    sparse_step: usize,
 }
 
 /// APOLLO's update for a weight: the full gradient `full` scaled by the ratio of the low-rank
@@ -124,6 +129,39 @@ impl AdamW {
             limiter: vec![None; projectors.len()],
             projectors,
             gradients_checked: false,
+            ratio: None,
+            sparse: Vec::new(),
+            sparse_step: 0,
+        })
+    }
+
+    /// BAdam's ratio mode over `params`: no dense moments, only the masked entries' (see
+    /// [`super::badam_ratio`]).
+    pub fn ratio(
+        params: Vec<ParamGroup>,
+        (beta1, beta2, eps): (f64, f64, f64),
+        masks: super::badam_ratio::RatioMasks,
+    ) -> Result<Self> {
+        let none = |p: &ParamGroup| Tensor::zeros(0, DType::F32, p.var.device());
+        let m = params
+            .iter()
+            .map(none)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            v: m.clone(),
+            m,
+            limiter: vec![None; params.len()],
+            projectors: params.iter().map(|_| None).collect(),
+            sparse: vec![(Vec::new(), Vec::new()); params.len()],
+            params,
+            beta1,
+            beta2,
+            eps,
+            step: 0,
+            rule: Rule::Torch,
+            gradients_checked: false,
+            ratio: Some(masks),
+            sparse_step: 0,
         })
     }
 
@@ -268,8 +306,20 @@ impl AdamW {
         Ok(norm)
     }
 
+    /// Ratio-mode BAdam keeps of each gradient only this step's masked entries (before the
+    /// gradient norm is taken, as its gradient hook runs before clipping); a no-op otherwise.
+    pub fn restrict_gradients(&mut self, grads: &mut [Option<Tensor>]) -> Result<()> {
+        match self.ratio.as_mut() {
+            Some(r) => r.restrict(grads),
+            None => Ok(()),
+        }
+    }
+
     /// One update with learning rate `lr` (before each group's scale).
     pub fn update(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        if self.ratio.is_some() {
+            return self.ratio_update(grads, lr);
+        }
         if self.rule == Rule::Galore {
             return self.galore_update(grads, lr);
         }
@@ -289,6 +339,42 @@ impl AdamW {
             let denom = ((self.v[i].sqrt()? / bc2.sqrt())? + self.eps)?;
             let update = (self.m[i].div(&denom)? * (lr / bc1))?;
             p.var.set(&(theta - update)?)?;
+        }
+        Ok(())
+    }
+
+    /// `BlockOptimizerRatio.step`: sparse Adam on the masked entries; the state starts afresh
+    /// when the masks move on.
+    fn ratio_update(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        let Some(ratio) = self.ratio.as_mut() else {
+            return Ok(());
+        };
+        self.step += 1;
+        self.sparse_step += 1;
+        self.sparse
+            .resize(self.params.len(), (Vec::new(), Vec::new()));
+        for (i, p) in self.params.iter().enumerate() {
+            let Some(g) = &grads[i] else { continue };
+            let (m, v) = &mut self.sparse[i];
+            let theta = super::badam_ratio::sparse_adam(
+                p.var.as_tensor(),
+                g,
+                &ratio.masks[i],
+                m,
+                v,
+                self.sparse_step,
+                lr * p.lr_scale,
+                (self.beta1, self.beta2, self.eps),
+            )?;
+            p.var.set(&theta)?;
+        }
+        let shapes: Vec<Vec<usize>> = self.params.iter().map(|p| p.var.dims().to_vec()).collect();
+        if ratio.after_step(&shapes) {
+            self.sparse_step = 0;
+            self.sparse.iter_mut().for_each(|(m, v)| {
+                m.clear();
+                v.clear();
+            });
         }
         Ok(())
     }
@@ -341,6 +427,9 @@ impl AdamW {
 
     /// Elements of optimizer state (the moments; GaLore's projections), for the log.
     pub fn state_elements(&self) -> usize {
+        if let Some(r) = &self.ratio {
+            return r.masks.iter().map(|m| 2 * m.len()).sum();
+        }
         self.params
             .iter()
             .map(|p| {
@@ -362,6 +451,25 @@ impl AdamW {
     /// Moments by parameter name plus the step count, for checkpoints.
     pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
+        if self.ratio.is_some() {
+            let dev = candle_core::Device::Cpu;
+            for (p, (m, v)) in self.params.iter().zip(&self.sparse) {
+                out.insert(
+                    format!("exp_avg.{}", p.name),
+                    Tensor::from_slice(m, m.len(), &dev)?,
+                );
+                out.insert(
+                    format!("exp_avg_sq.{}", p.name),
+                    Tensor::from_slice(v, v.len(), &dev)?,
+                );
+            }
+            out.insert("step".into(), Tensor::new(&[self.step as f64], &dev)?);
+            out.insert(
+                "sparse_step".into(),
+                Tensor::new(&[self.sparse_step as f64], &dev)?,
+            );
+            return Ok(out);
+        }
         for (i, p) in self.params.iter().enumerate() {
             out.insert(format!("exp_avg.{}", p.name), self.m[i].clone());
             out.insert(format!("exp_avg_sq.{}", p.name), self.v[i].clone());
@@ -392,6 +500,33 @@ impl AdamW {
             .unwrap_or(candle_core::Device::Cpu);
         let t: HashMap<String, Tensor> = candle_core::safetensors::load(file, &device)
             .map_err(|e| anyhow!("cannot read optimizer state {}: {e}", file.display()))?;
+        let scalar = |k: &str| -> Result<usize> {
+            let s = t
+                .get(k)
+                .ok_or_else(|| anyhow!("{}: `{k}` missing", file.display()))?;
+            Ok(s.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as usize)
+        };
+        if let Some(ratio) = self.ratio.as_mut() {
+            for (p, (m, v)) in self.params.iter().zip(self.sparse.iter_mut()) {
+                let get = |k: String| -> Result<Vec<f32>> {
+                    Ok(t.get(&k)
+                        .ok_or_else(|| anyhow!("{}: `{k}` missing", file.display()))?
+                        .to_dtype(DType::F32)?
+                        .to_vec1()?)
+                };
+                *m = get(format!("exp_avg.{}", p.name))?;
+                *v = get(format!("exp_avg_sq.{}", p.name))?;
+            }
+            self.step = scalar("step")?;
+            self.sparse_step = scalar("sparse_step")?;
+            // The masks where the run left them.
+            let shapes: Vec<Vec<usize>> =
+                self.params.iter().map(|p| p.var.dims().to_vec()).collect();
+            for _ in 0..self.step {
+                ratio.after_step(&shapes);
+            }
+            return Ok(());
+        }
         for (i, p) in self.params.iter().enumerate() {
             let get = |k: String| -> Result<Tensor> {
                 let dtype = p.var.dtype();

@@ -244,6 +244,22 @@ fn apply_badam(
     if !args.use_badam {
         return Ok(None);
     }
+    if args.badam_mode == protocol::args::BadamMode::Ratio {
+        // BlockOptimizerRatio freezes the embedding (LLaMA-Factory passes
+        // `include_embedding=False`) and the head (its default); the optimizer masks the rest.
+        model.train_only(|n| !n.contains("embed") && !n.contains("lm_head"))?;
+        log(
+            rep,
+            "info",
+            format!(
+                "Using BAdam optimizer with ratio-based update, update ratio is {}, mask mode is {} (the masks move every {} steps)",
+                args.badam_update_ratio,
+                args.badam_mask_mode,
+                super::badam_ratio::SWITCH_EVERY
+            ),
+        );
+        return Ok(None);
+    }
     let names: Vec<String> = model.trainable().into_iter().map(|(n, _)| n).collect();
     let mut badam = super::badam::Badam::new(
         &names,
@@ -485,6 +501,30 @@ pub(crate) fn optimizer(
     args: &TrainArgs,
     galore_targets: &[String],
 ) -> Result<AdamW> {
+    if args.use_badam && args.badam_mode == protocol::args::BadamMode::Ratio {
+        let masks = super::badam_ratio::RatioMasks::new(
+            trainable.len(),
+            args.badam_update_ratio,
+            args.badam_mask_mode,
+            super::badam_ratio::SWITCH_EVERY,
+            args.seed,
+        );
+        let groups = trainable
+            .into_iter()
+            .map(|(name, var)| super::optim::ParamGroup {
+                name,
+                var,
+                weight_decay: 0.0,
+                lr_scale: 1.0,
+                galore: None,
+            })
+            .collect();
+        return AdamW::ratio(
+            groups,
+            (args.adam_beta1, args.adam_beta2, args.adam_epsilon),
+            masks,
+        );
+    }
     if args.use_badam {
         let groups = trainable
             .into_iter()

@@ -283,6 +283,7 @@ impl BatchLoss<'_> {
             opt.accumulate(&mut grads, &model.backward(&scaled)?)?;
         }
         opt.check_gradients_once(&grads)?;
+        opt.restrict_gradients(&mut grads)?;
         let tokens = batches.iter().map(|m| m.tokens).sum();
         if !total.is_finite() {
             return Ok(StepOutput {
