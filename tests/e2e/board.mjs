@@ -215,7 +215,6 @@ try {
   await page.selectOption('#f-train-report_to', 'tensorboard');
   await fill('num_train_epochs', '1');
   await fill('max_samples', '16');
-  await fill('output_dir', 'e2e_galore');
   const preview = async () => {
     const old = await page.evaluate(() => document.querySelector('[data-testid="command"] pre.yaml')?.textContent);
     await page.click('button:has-text("Preview command")');
@@ -230,30 +229,49 @@ try {
   for (const line of ['finetuning_type: full', 'use_galore: true', 'galore_rank: 4', 'galore_update_interval: 4', 'shift_attn: true', 'neftune_noise_alpha: 5.0', 'report_to: tensorboard']) {
     if (!methods.split('\n').includes(line)) fail(`preview lacks "${line}": ${methods}`);
   }
-  const runs = await page.$$eval('[data-testid="history"] tr[data-run]', (r) => r.length);
-  await page.click('[data-testid="start"]');
-  await page.waitForFunction((n) => document.querySelectorAll('[data-testid="history"] tr[data-run]').length > n, runs, { timeout: 60000 });
-  await page.waitForFunction(() => document.querySelector('[data-testid="run-status"]').className.includes('succeeded'), null, { timeout: 300000 });
-  console.log('galore run from the form ok');
-  // The other groups' switches, one at a time (they exclude each other).
+  // A run of the form as it stands: a new history row, then success.
+  const runFromForm = async (out) => {
+    await fill('output_dir', out);
+    const runs = await page.$$eval('[data-testid="history"] tr[data-run]', (r) => r.length);
+    await page.click('[data-testid="start"]');
+    await page.waitForFunction((n) => document.querySelectorAll('[data-testid="history"] tr[data-run]').length > n, runs, { timeout: 60000 });
+    await page.waitForFunction(() => /succeeded|failed/.test(document.querySelector('[data-testid="run-status"]').className), null, { timeout: 300000 });
+    const status = await page.getAttribute('[data-testid="run-status"]', 'class');
+    if (!status.includes('succeeded')) fail(`${out}: ${await page.textContent('[data-testid="progress"]')}`);
+    console.log(`${out} run from the form ok`);
+  };
+  await runFromForm('e2e_galore');
+  // The other methods, one at a time (GaLore, APOLLO and BAdam exclude each other): each
+  // control reaches the YAML and each run finishes.
   await page.uncheck('#f-train-use_galore');
-  for (const [group, key] of [['BAdam configurations', 'use_badam'], ['APOLLO configurations', 'use_apollo']]) {
-    await open(group);
-    await page.check(`#f-train-${key}`);
-    methods = await preview();
-    if (!methods.split('\n').includes(`${key}: true`)) fail(`preview lacks "${key}: true": ${methods}`);
-    await page.uncheck(`#f-train-${key}`);
+  await open('BAdam configurations');
+  await page.check('#f-train-use_badam');
+  await page.selectOption('#f-train-badam_mode', 'ratio');
+  await fill('badam_update_ratio', '0.1');
+  methods = await preview();
+  for (const line of ['use_badam: true', 'badam_mode: ratio', 'badam_update_ratio: 0.1']) {
+    if (!methods.split('\n').includes(line)) fail(`preview lacks "${line}": ${methods}`);
   }
+  await runFromForm('e2e_badam');
+  await page.uncheck('#f-train-use_badam');
+  await open('APOLLO configurations');
+  await page.check('#f-train-use_apollo');
+  methods = await preview();
+  if (!methods.split('\n').includes('use_apollo: true')) fail(`preview lacks "use_apollo: true": ${methods}`);
+  await runFromForm('e2e_apollo');
+  await page.uncheck('#f-train-use_apollo');
   await page.selectOption('#f-top-finetuning_type', 'freeze');
   await page.check('#f-train-use_llama_pro');
   methods = await preview();
   if (!methods.split('\n').includes('use_llama_pro: true')) fail(`preview lacks use_llama_pro: ${methods}`);
+  await runFromForm('e2e_llama_pro');
   await page.uncheck('#f-train-use_llama_pro');
   await page.selectOption('#f-top-finetuning_type', 'lora');
   await open('LoRA configurations');
   await page.check('#f-train-use_pissa');
   methods = await preview();
   if (!methods.split('\n').includes('pissa_init: true')) fail(`preview lacks pissa_init: ${methods}`);
+  await runFromForm('e2e_pissa');
   await page.uncheck('#f-train-use_pissa');
   console.log('method controls ok');
 

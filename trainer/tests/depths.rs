@@ -63,13 +63,7 @@ fn rows(e: &Value) -> Vec<Vec<u32>> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
+        .map(common::token_ids)
         .collect()
 }
 
@@ -130,12 +124,7 @@ fn a_loaded_routed_model_evaluates_and_decodes_as_the_package() {
         "fresh model (capacity 0.125): relative error {err}"
     );
     // Greedy decoding with the KV cache: each new token always routes, over the routed prompt.
-    let prompt: Vec<u32> = e["prompt"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let prompt = common::token_ids(&e["prompt"]);
     let mut cache = Default::default();
     let mut logits = m.forward_cached(&prompt, &mut cache).unwrap();
     let mut out = Vec::new();

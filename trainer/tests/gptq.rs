@@ -55,14 +55,7 @@ fn our_layout_is_autogptqs_bit_for_bit() {
         // within float16 scale rounding.
         let deq = theirs.dequantize(&Device::Cpu).unwrap();
         let want = &f[&format!("b{bits}g{group}.dequantized")];
-        let diff = (deq - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = common::max_diff(&deq, want);
         assert!(
             diff < 1e-3,
             "b{bits}g{group}: dequantized differs by {diff}"

@@ -12,9 +12,11 @@
 //!   `k = 1` (so a decoded token always goes through);
 //! - routed tokens attend only to routed tokens (causally), at their own positions.
 //!
-//! The routed tokens are computed here by hiding the unrouted ones' keys from the layer's
-//! attention and discarding their outputs, which gives the package's numbers without gathering
-//! each row's tokens; the layer's compute is not reduced.
+//! In a full pass (training, evaluation) each row's chosen tokens are gathered and go through
+//! the layer alone, so a routed layer computes only its capacity's share of the tokens. In
+//! decoding with the KV cache the layer runs on the new tokens with the unchosen ones' keys
+//! hidden (a decoded token is always chosen), and the cache keeps which tokens each routed
+//! layer chose.
 
 use std::sync::Mutex;
 
@@ -204,6 +206,9 @@ pub(crate) fn forward(
     let scores = router.scores(&x, weights)?;
     let flat: Vec<f32> = scores.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
     let chosen = select(&flat, n, pass.depth_capacity);
+    if pass.cache.is_none() {
+        return gathered(layer, d, &x, &scores, &chosen, pass, rng, weights);
+    }
     let (start, routed) = match pass.cache.as_deref_mut() {
         Some(cache) => {
             let start = cache.len;
@@ -242,6 +247,86 @@ pub(crate) fn forward(
     let routed_out = y.broadcast_mul(&scores)?.broadcast_mul(&keep)?;
     let passed = x.broadcast_mul(&(1.0 - keep)?)?;
     Ok((routed_out + passed)?)
+}
+
+/// A full pass (training, evaluation) through a routed layer: each row's chosen tokens alone go
+/// through the layer, at their positions and under the pass's mask restricted to them, so the
+/// layer computes the chosen share of the tokens only.
+#[allow(clippy::too_many_arguments)]
+fn gathered(
+    layer: &super::layers::DecoderLayer,
+    d: &super::layers::Dims,
+    x: &Tensor,
+    scores: &Tensor,
+    chosen: &[bool],
+    pass: &super::layers::Pass,
+    mut rng: Option<&mut ChaCha8Rng>,
+    weights: Weights,
+) -> Result<Tensor> {
+    let (bs, n) = (pass.batch, pass.n);
+    let device = x.device();
+    let mut all = Vec::new();
+    let mut outs = Vec::new();
+    for r in 0..bs {
+        let picked: Vec<u32> = (0..n)
+            .filter(|&i| chosen[r * n + i])
+            .map(|i| i as u32)
+            .collect();
+        if picked.is_empty() {
+            continue;
+        }
+        let m = picked.len();
+        let local = Tensor::from_slice(&picked, m, device)?;
+        let rows: Vec<u32> = picked.iter().map(|&i| (r * n) as u32 + i).collect();
+        let rows = Tensor::from_slice(&rows, m, device)?;
+        // The row's tables at the chosen positions: `(1, 1, m, ·)` and the `(m, m)` mask.
+        let pick = |t: &Tensor, square: bool| -> Result<Tensor> {
+            let t = t
+                .narrow(0, r.min(t.dim(0)? - 1), 1)?
+                .index_select(&local, 2)?;
+            Ok(if square {
+                t.index_select(&local, 3)?
+            } else {
+                t
+            })
+        };
+        let mut sub = super::layers::Pass {
+            batch: 1,
+            n: m,
+            cos: pick(&pass.cos, false)?,
+            sin: pick(&pass.sin, false)?,
+            mask: pick(&pass.mask, true)?,
+            local: match &pass.local {
+                Some(l) => Some(super::layers::LocalTables {
+                    cos: pick(&l.cos, false)?,
+                    sin: pick(&l.sin, false)?,
+                    mask: pick(&l.mask, true)?,
+                }),
+                None => None,
+            },
+            routing: None,
+            cache: None,
+            shift: false,
+            depth_capacity: pass.depth_capacity,
+        };
+        let y = layer.block(
+            d,
+            x.index_select(&rows, 0)?,
+            &mut sub,
+            rng.as_deref_mut(),
+            weights,
+        )?;
+        outs.push(y.broadcast_mul(&scores.index_select(&rows, 0)?)?);
+        all.push(rows);
+    }
+    let keep: Vec<f32> = chosen.iter().map(|&c| f32::from(u8::from(!c))).collect();
+    let passed =
+        x.broadcast_mul(&Tensor::from_vec(keep, (bs * n, 1), device)?.to_dtype(x.dtype())?)?;
+    if outs.is_empty() {
+        return Ok(passed);
+    }
+    let (ids, ys) = (Tensor::cat(&all, 0)?, Tensor::cat(&outs, 0)?);
+    Ok(passed.index_add(&ids, &ys, 0)?)
 }
 
 #[cfg(test)]

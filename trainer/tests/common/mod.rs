@@ -85,12 +85,7 @@ pub fn vision_batch(name: &str) -> Batch {
         pixel_values.extend(p.pixel_values);
         grids.push(p.grid);
     }
-    let ids: Vec<u32> = e["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let ids = token_ids(&e["input_ids"]);
     let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
     let mut b = Batch::pad(&[(&ids, &labels, None)], 0);
     b.vision = Some(trainer::model::VisionBatch {
@@ -103,6 +98,15 @@ pub fn vision_batch(name: &str) -> Batch {
         grids,
     });
     b
+}
+
+/// A fixture's JSON array of token ids.
+pub fn token_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of token ids")
+        .iter()
+        .map(|x| x.as_u64().expect("a token id") as u32)
+        .collect()
 }
 
 /// The largest absolute difference between two tensors of one shape.
