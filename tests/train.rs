@@ -1221,8 +1221,12 @@ fn report_to_tensorboard_writes_event_files() {
         at += 16 + len;
     }
     assert_eq!(at, bytes.len(), "records fill the file exactly");
-    // Version, arguments, two training lines, one evaluation.
-    assert_eq!(records.len(), 5);
+    // Version, arguments, two training lines, one evaluation, and the end of training's
+    // figures (transformers logs them through `on_log` too).
+    assert_eq!(records.len(), 6);
+    assert!(records[5]
+        .windows("train/train_runtime".len())
+        .any(|w| w == b"train/train_runtime"));
     let has = |r: &[u8], s: &str| r.windows(s.len()).any(|w| w == s.as_bytes());
     assert!(has(records[0], "brain.Event:2"));
     assert!(has(records[1], "args/text_summary") && has(records[1], "demo_sft"));
