@@ -508,8 +508,6 @@ pub const UNREAD_KEYS: &[(&str, KeyUse)] = &[
     ("ref_model", KeyUse::Unsupported("the reference model is the base model (with the adapter off for LoRA)")),
     ("ref_model_adapters", KeyUse::Unsupported("the reference model is the base model (with the adapter off for LoRA)")),
     ("early_stopping_steps", KeyUse::Unsupported("early stopping is not supported; use `max_steps` or watch the eval loss in LlamaBoard")),
-    ("badam_update_ratio", KeyUse::NoEffect("only ratio-mode BAdam reads it, which is not supported")),
-    ("badam_mask_mode", KeyUse::NoEffect("only ratio-mode BAdam reads it, which is not supported")),
     ("apollo_scale_front", KeyUse::NoEffect("APOLLOAdamW reads it from its constructor, which LLaMA-Factory does not pass it to: it has no effect there either")),
     ("deepspeed", KeyUse::Unsupported("this engine trains without DeepSpeed; remove the key")),
 ];
