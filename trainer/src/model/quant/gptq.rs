@@ -508,19 +508,24 @@ pub fn gptq(w: &Tensor, h: &Tensor, cfg: &GptqConfig) -> Result<Quantized> {
                 }
             }
         }
-        // Then over the columns after the block, all at once.
+        // Then over the columns after the block, all at once: `W[:, i2:] -= E · H⁻¹[i1:i2, i2:]`,
+        // the O(rows · cols²) part of GPTQ, as one matrix product.
         if i2 < cols {
+            let rest = cols - i2;
+            let e: Vec<f32> = (0..rows)
+                .flat_map(|r| err[r * BLOCK..r * BLOCK + count].iter().copied())
+                .collect();
+            let hb: Vec<f32> = (i1..i2)
+                .flat_map(|i| hinv[i * cols + i2..(i + 1) * cols].iter().copied())
+                .collect();
+            let dev = Device::Cpu;
+            let update = Tensor::from_vec(e, (rows, count), &dev)?
+                .matmul(&Tensor::from_vec(hb, (count, rest), &dev)?)?;
+            let update: Vec<f32> = update.flatten_all()?.to_vec1()?;
             for r in 0..rows {
-                let e = &err[r * BLOCK..r * BLOCK + count];
-                let wrow = &mut w[r * cols..(r + 1) * cols];
-                for (i, &ei) in e.iter().enumerate() {
-                    if ei == 0.0 {
-                        continue;
-                    }
-                    let hrow = &hinv[(i1 + i) * cols..(i1 + i + 1) * cols];
-                    for j in i2..cols {
-                        wrow[j] -= ei * hrow[j];
-                    }
+                let wrow = &mut w[r * cols + i2..(r + 1) * cols];
+                for (x, u) in wrow.iter_mut().zip(&update[r * rest..(r + 1) * rest]) {
+                    *x -= u;
                 }
             }
         }
