@@ -279,3 +279,40 @@ fn malformed_rows_are_skipped_with_file_row_and_reason() {
         stderr(&o)
     );
 }
+
+/// `bench e2e` runs a LLaMA-Factory YAML whole and prints its row; without `--python` it says
+/// how to add LLaMA-Factory's side (the side-by-side run is a dev measurement, in the README).
+#[test]
+fn bench_e2e_runs_a_yaml_and_prints_its_row() {
+    let dir = workdir();
+    write_config(dir.path(), "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 48\nmax_samples: 8\nper_device_train_batch_size: 4\n");
+    let o = run(
+        &[
+            "bench",
+            "e2e",
+            "--config",
+            "cfg.yaml",
+            "--dtypes",
+            "f32",
+            "max_steps=2",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("machine: "), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("| ours | f32 | 1 |"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let cells: Vec<f64> = row
+        .split('|')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    // run, samples/s, runtime, wall, RSS: all measured.
+    assert!(
+        cells.len() == 5 && cells[1..].iter().all(|x| *x > 0.0),
+        "{row}"
+    );
+    assert!(out.contains("--python PY"), "{out}");
+}

@@ -1,5 +1,6 @@
-//! `llamafactory bench`: speed and memory tables (training steps, data pipeline, decoding, the
-//! GPU path, the web server's event latency) measured side by side in one run.
+//! `llamafactory bench`: speed and memory tables (training steps, whole training runs beside
+//! LLaMA-Factory's, data pipeline, decoding, the GPU path, the web server's event latency)
+//! measured side by side in one run.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -89,6 +90,25 @@ pub enum BenchCommand {
         #[arg(long, default_value = "python3")]
         python: String,
     },
+    /// A LLaMA-Factory training YAML run whole, through our trainer and (with `--python`)
+    /// through `llamafactory-cli train` on the CPU, in f32 and bf16: samples/s, wall time and
+    /// peak RSS side by side, with the CPU's flags.
+    E2e {
+        /// The training YAML (LLaMA-Factory's format).
+        #[arg(long)]
+        config: PathBuf,
+        /// A Python with `llamafactory[torch]` installed, for LLaMA-Factory's side.
+        #[arg(long)]
+        python: Option<String>,
+        /// Comma-separated: f32, bf16.
+        #[arg(long, default_value = "f32,bf16")]
+        dtypes: String,
+        /// Runs of each engine and dtype (the table gives each, the summary their range).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// `key=value` overrides for both engines (e.g. `max_steps=20`).
+        overrides: Vec<String>,
+    },
     /// The compute device (a GPU when built with `--features cuda` or `metal`): logits, loss
     /// and LoRA gradients against the CPU on the same weights, then LoRA training step time,
     /// tokens/s and MFU, and decode tokens/s, for one shape (default: a 0.5B-class model).
@@ -124,6 +144,13 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             peak_tflops,
         } => device(&config, steps, batch, seq, &dtype, peak_tflops),
         BenchCommand::Server { subscribers, steps } => super::bench_server::run(subscribers, steps),
+        BenchCommand::E2e {
+            config,
+            python,
+            dtypes,
+            runs,
+            overrides,
+        } => super::bench_e2e::run(&config, python.as_deref(), &dtypes, runs, &overrides),
         BenchCommand::Decode {
             config,
             batch,

@@ -2,6 +2,7 @@
 
 mod api;
 mod bench;
+mod bench_e2e;
 mod bench_server;
 mod chat;
 mod demo;

@@ -519,8 +519,11 @@ pub fn gptq(w: &Tensor, h: &Tensor, cfg: &GptqConfig) -> Result<Quantized> {
                 .flat_map(|i| hinv[i * cols + i2..(i + 1) * cols].iter().copied())
                 .collect();
             let dev = Device::Cpu;
-            let update = Tensor::from_vec(e, (rows, count), &dev)?
-                .matmul(&Tensor::from_vec(hb, (count, rest), &dev)?)?;
+            let update = Tensor::from_vec(e, (rows, count), &dev)?.matmul(&Tensor::from_vec(
+                hb,
+                (count, rest),
+                &dev,
+            )?)?;
             let update: Vec<f32> = update.flatten_all()?.to_vec1()?;
             for r in 0..rows {
                 let wrow = &mut w[r * cols + i2..(r + 1) * cols];
