@@ -160,7 +160,7 @@ pub fn quantize_model(
                 // AutoGPTQ's scale, 2/N Σ x xᵀ over N calibration windows; a module no token
                 // reached gets zeros (all its inputs "dead", as there).
                 let h = match sums[i].take() {
-                    Some((sum, _)) => (sum * (2.0 / samples.len().max(1) as f64))?,
+                    Some(sum) => (sum * (2.0 / samples.len().max(1) as f64))?,
                     None => Tensor::zeros((cols, cols), DType::F32, &model.device)?,
                 };
                 let w = lin.weight.to_dense(DType::F32)?;

@@ -126,11 +126,10 @@ pub struct Linear {
     pub observer: Option<Arc<InputSums>>,
 }
 
-/// `Σ x xᵀ` over the rows of every input a linear module sees, and how many forward calls
-/// brought them: GPTQ's Hessian.
+/// `Σ x xᵀ` over the rows of every input a linear module sees: GPTQ's Hessian.
 #[derive(Default)]
 pub struct InputSums {
-    sum: std::sync::Mutex<Option<(Tensor, usize)>>,
+    sum: std::sync::Mutex<Option<Tensor>>,
 }
 
 impl InputSums {
@@ -139,14 +138,14 @@ impl InputSums {
         let xtx = x.t()?.matmul(&x)?;
         let mut g = self.sum.lock().expect("input sums");
         *g = Some(match g.take() {
-            Some((s, n)) => ((s + xtx)?, n + 1),
-            None => (xtx, 1),
+            Some(s) => (s + xtx)?,
+            None => xtx,
         });
         Ok(())
     }
 
-    /// The sum and the number of calls; `None` when no input came.
-    pub fn take(&self) -> Option<(Tensor, usize)> {
+    /// The sum; `None` when no input came.
+    pub fn take(&self) -> Option<Tensor> {
         self.sum.lock().expect("input sums").take()
     }
 }

@@ -33,8 +33,6 @@ pub struct RatioMasks {
     seed: u64,
     /// Each tensor's offset into its entries.
     offsets: Vec<usize>,
-    /// Optimizer steps taken.
-    pub step: usize,
     /// This step's mask of each tensor: sorted flat indices.
     pub masks: Vec<Vec<u32>>,
 }
@@ -53,7 +51,6 @@ impl RatioMasks {
             switch_every: switch_every.max(1),
             seed,
             offsets: vec![0; count],
-            step: 0,
             masks: vec![Vec::new(); count],
         }
     }
@@ -107,10 +104,16 @@ impl RatioMasks {
         Ok(())
     }
 
-    /// After an optimizer step: whether the Adam state starts afresh (the masks moved on).
-    pub fn after_step(&mut self, shapes: &[Vec<usize>]) -> bool {
-        self.step += 1;
-        if !self.step.is_multiple_of(self.switch_every) {
+    /// Adam's step count for optimizer step `step` (from 1): steps since the state last
+    /// started afresh.
+    pub fn state_step(&self, step: usize) -> usize {
+        (step - 1) % self.switch_every + 1
+    }
+
+    /// After optimizer step `step` (from 1): whether the Adam state starts afresh (the masks
+    /// moved on).
+    pub fn after_step(&mut self, step: usize, shapes: &[Vec<usize>]) -> bool {
+        if !step.is_multiple_of(self.switch_every) {
             return false;
         }
         for (o, shape) in self.offsets.iter_mut().zip(shapes) {
@@ -162,8 +165,8 @@ mod tests {
         assert_eq!(r.mask_of(&[2, 3], 0), [0, 1, 2]);
         assert_eq!(r.mask_of(&[2, 3], 4), [0, 4, 5]);
         let shapes = vec![vec![2, 3]];
-        assert!(!r.after_step(&shapes));
-        assert!(r.after_step(&shapes));
+        assert!(!r.after_step(1, &shapes));
+        assert!(r.after_step(2, &shapes));
         assert_eq!(r.offsets, [3]);
     }
 
@@ -217,14 +220,13 @@ mod tests {
                 vec![Vec::new(); trained.len()],
                 vec![Vec::new(); trained.len()],
             );
-            let mut state_step = 0;
+
             for (s, g) in f["grads"].as_array().unwrap().iter().enumerate() {
                 let mut grads: Vec<Option<Tensor>> = trained
                     .iter()
                     .map(|n| Some(tensor(&g[n.as_str()], n)))
                     .collect();
                 masks.restrict(&mut grads).unwrap();
-                state_step += 1;
                 for i in 0..trained.len() {
                     theta[i] = sparse_adam(
                         &theta[i],
@@ -232,14 +234,13 @@ mod tests {
                         &masks.masks[i],
                         &mut m[i],
                         &mut v[i],
-                        state_step,
+                        masks.state_step(s + 1),
                         f["lr"].as_f64().unwrap(),
                         (0.9, 0.999, 1e-8),
                     )
                     .unwrap();
                 }
-                if masks.after_step(&shapes) {
-                    state_step = 0;
+                if masks.after_step(s + 1, &shapes) {
                     m.iter_mut().for_each(Vec::clear);
                     v.iter_mut().for_each(Vec::clear);
                 }

@@ -225,23 +225,15 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The params of a run: every argument, then the model config's entries it does not repeat,
-/// as strings (JSON for lists, objects and non-strings).
-pub fn params(args: &Value, model_config: &Map<String, Value>) -> Vec<(String, String)> {
-    let text = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    let mut out: Vec<(String, String)> = Vec::new();
-    if let Some(a) = args.as_object() {
-        out.extend(a.iter().map(|(k, v)| (k.clone(), text(v))));
-    }
-    for (k, v) in model_config {
-        if !out.iter().any(|(o, _)| o == k) {
-            out.push((k.clone(), text(v)));
-        }
-    }
-    out
+/// A run's config as MLflow params: strings as they are, other values as JSON.
+pub fn params(config: Vec<(String, Value)>) -> Vec<(String, String)> {
+    config
+        .into_iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => (k, s),
+            other => (k, other.to_string()),
+        })
+        .collect()
 }
 
 /// The sending thread's state.

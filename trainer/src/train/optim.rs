@@ -50,9 +50,8 @@ pub struct AdamW {
     gradients_checked: bool,
     /// BAdam's ratio mode: each step updates masked entries only (see [`super::badam_ratio`]).
     pub ratio: Option<super::badam_ratio::RatioMasks>,
-    /// Ratio mode's sparse moments, per tensor, and their step count.
+    /// Ratio mode's sparse moments, per tensor.
     sparse: Vec<(Vec<f32>, Vec<f32>)>,
-    sparse_step: usize,
 }
 
 /// APOLLO's update for a weight: the full gradient `full` scaled by the ratio of the low-rank
@@ -131,7 +130,6 @@ impl AdamW {
             gradients_checked: false,
             ratio: None,
             sparse: Vec::new(),
-            sparse_step: 0,
         })
     }
 
@@ -161,7 +159,6 @@ impl AdamW {
             rule: Rule::Torch,
             gradients_checked: false,
             ratio: Some(masks),
-            sparse_step: 0,
         })
     }
 
@@ -350,7 +347,7 @@ impl AdamW {
             return Ok(());
         };
         self.step += 1;
-        self.sparse_step += 1;
+        let state_step = ratio.state_step(self.step);
         self.sparse
             .resize(self.params.len(), (Vec::new(), Vec::new()));
         for (i, p) in self.params.iter().enumerate() {
@@ -362,15 +359,14 @@ impl AdamW {
                 &ratio.masks[i],
                 m,
                 v,
-                self.sparse_step,
+                state_step,
                 lr * p.lr_scale,
                 (self.beta1, self.beta2, self.eps),
             )?;
             p.var.set(&theta)?;
         }
         let shapes: Vec<Vec<usize>> = self.params.iter().map(|p| p.var.dims().to_vec()).collect();
-        if ratio.after_step(&shapes) {
-            self.sparse_step = 0;
+        if ratio.after_step(self.step, &shapes) {
             self.sparse.iter_mut().for_each(|(m, v)| {
                 m.clear();
                 v.clear();
@@ -464,10 +460,6 @@ impl AdamW {
                 );
             }
             out.insert("step".into(), Tensor::new(&[self.step as f64], &dev)?);
-            out.insert(
-                "sparse_step".into(),
-                Tensor::new(&[self.sparse_step as f64], &dev)?,
-            );
             return Ok(out);
         }
         for (i, p) in self.params.iter().enumerate() {
@@ -518,12 +510,11 @@ impl AdamW {
                 *v = get(format!("exp_avg_sq.{}", p.name))?;
             }
             self.step = scalar("step")?;
-            self.sparse_step = scalar("sparse_step")?;
             // The masks where the run left them.
             let shapes: Vec<Vec<usize>> =
                 self.params.iter().map(|p| p.var.dims().to_vec()).collect();
-            for _ in 0..self.step {
-                ratio.after_step(&shapes);
+            for step in 1..=self.step {
+                ratio.after_step(step, &shapes);
             }
             return Ok(());
         }

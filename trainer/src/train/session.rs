@@ -156,18 +156,13 @@ fn open_trackers(
             others.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
         );
     }
-    if trackers.iter().any(|t| t == "mlflow") {
-        let args_json = serde_json::to_value(args).unwrap_or_default();
-        log.mlflow = super::mlflow::Mlflow::start(super::mlflow::RunInfo {
-            run_name: args
-                .run_name
-                .as_deref()
-                .unwrap_or(&output_dir.display().to_string()),
-            params: super::mlflow::params(&args_json, &model.cfg.raw),
-        });
-    }
-    if trackers.iter().any(|t| t == "wandb") {
-        // transformers' config: the model's, then every argument over it.
+    // transformers names a run `run_name`, by default the output dir, and gives the trackers
+    // the model's config with every argument over it.
+    let name = args
+        .run_name
+        .clone()
+        .unwrap_or_else(|| output_dir.display().to_string());
+    let config = || {
         let mut config: Vec<(String, serde_json::Value)> = model
             .cfg
             .raw
@@ -178,11 +173,16 @@ fn open_trackers(
             config.retain(|(k, _)| !a.contains_key(k));
             config.extend(a);
         }
-        let name = args
-            .run_name
-            .clone()
-            .unwrap_or_else(|| output_dir.display().to_string());
-        log.wandb = super::wandb::WandbRun::start(&name, config);
+        config
+    };
+    if trackers.iter().any(|t| t == "mlflow") {
+        log.mlflow = super::mlflow::Mlflow::start(super::mlflow::RunInfo {
+            run_name: &name,
+            params: super::mlflow::params(config()),
+        });
+    }
+    if trackers.iter().any(|t| t == "wandb") {
+        log.wandb = super::wandb::WandbRun::start(&name, config());
     }
     if trackers.iter().any(|t| t == "tensorboard") {
         log.tensorboard = Some(tensorboard_writer(args, output_dir)?);

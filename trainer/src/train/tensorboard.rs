@@ -104,11 +104,20 @@ fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// This machine's name, as event-file and run-folder names carry it.
-fn hostname() -> String {
+/// This machine's name, as event-file and run-folder names (and W&B's run record) carry it.
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// transformers' `rewrite_logs`, which its TensorBoard and W&B callbacks apply: `eval_x` becomes
+/// `eval/x`, anything else `train/x`.
+pub(crate) fn rewrite_key(k: &str) -> String {
+    match k.strip_prefix("eval_") {
+        Some(rest) => format!("eval/{rest}"),
+        None => format!("train/{k}"),
+    }
 }
 
 /// transformers' default `logging_dir`: `runs/<Mon>DD_HH-MM-SS_<host>`.
@@ -203,13 +212,7 @@ impl EventWriter {
         let values: Vec<(String, f64)> = map
             .iter()
             .filter(|(k, _)| k.as_str() != "step")
-            .filter_map(|(k, v)| {
-                let tag = match k.strip_prefix("eval_") {
-                    Some(rest) => format!("eval/{rest}"),
-                    None => format!("train/{k}"),
-                };
-                Some((tag, v.as_f64()?))
-            })
+            .filter_map(|(k, v)| Some((rewrite_key(k), v.as_f64()?)))
             .collect();
         self.scalars(step, &values)
     }

@@ -340,9 +340,7 @@ impl WandbRun {
                 min_consumer: "0.40.0".into(),
             }),
         }))?;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
+        let host = super::tensorboard::hostname();
         run.write(Kind::Run(RunRecord {
             run_id,
             entity: std::env::var("WANDB_ENTITY").unwrap_or_default(),
@@ -398,11 +396,7 @@ impl WandbRun {
                 self.summary.insert(k.clone(), v.clone());
                 continue;
             }
-            let key = match k.strip_prefix("eval_") {
-                Some(rest) => format!("eval/{rest}"),
-                None => format!("train/{k}"),
-            };
-            row.push((key, v.clone()));
+            row.push((super::tensorboard::rewrite_key(k), v.clone()));
         }
         if row.is_empty() {
             return Ok(());
