@@ -106,6 +106,10 @@ pub enum BenchCommand {
         /// Runs of each engine and dtype (the table gives each, the summary their range).
         #[arg(long, default_value_t = 1)]
         runs: usize,
+        /// Also run our trainer on padded batches (`LLAMAFACTORY_PADDING_FREE=0`), to show what
+        /// padding-free batches gain.
+        #[arg(long)]
+        padded: bool,
         /// `key=value` overrides for both engines (e.g. `max_steps=20`).
         overrides: Vec<String>,
     },
@@ -149,8 +153,16 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             python,
             dtypes,
             runs,
+            padded,
             overrides,
-        } => super::bench_e2e::run(&config, python.as_deref(), &dtypes, runs, &overrides),
+        } => super::bench_e2e::run(
+            &config,
+            python.as_deref(),
+            &dtypes,
+            runs,
+            padded,
+            &overrides,
+        ),
         BenchCommand::Decode {
             config,
             batch,

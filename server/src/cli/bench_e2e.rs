@@ -92,6 +92,7 @@ pub fn run(
     python: Option<&str>,
     dtypes: &str,
     runs: usize,
+    padded: bool,
     overrides: &[String],
 ) -> Result<ExitCode> {
     if !config.is_file() {
@@ -113,8 +114,10 @@ pub fn run(
         };
         let mut ours = Vec::new();
         let mut theirs = Vec::new();
+        let mut padded_runs = Vec::new();
         for i in 1..=runs.max(1) {
             let engines: Vec<&str> = std::iter::once("ours")
+                .chain(padded.then_some("ours-padded"))
                 .chain(python.map(|_| "llamafactory"))
                 .collect();
             for engine in engines {
@@ -127,9 +130,12 @@ pub fn run(
                     "report_to=none".into(),
                 ];
                 args.extend(overrides.iter().cloned());
-                let cmd = if engine == "ours" {
+                let cmd = if engine.starts_with("ours") {
                     let mut c = Command::new(&me);
                     c.arg("train").arg(config).args(&args);
+                    if engine == "ours-padded" {
+                        c.env("LLAMAFACTORY_PADDING_FREE", "0");
+                    }
                     c
                 } else {
                     let mut c = Command::new(python.unwrap_or("python3"));
@@ -155,12 +161,24 @@ pub fn run(
                     m.wall_s,
                     m.peak_rss as f64 / 1e9
                 );
-                if engine == "ours" {
-                    ours.push(m);
-                } else {
-                    theirs.push(m);
+                match engine {
+                    "ours" => ours.push(m),
+                    "ours-padded" => padded_runs.push(m),
+                    _ => theirs.push(m),
                 }
             }
+        }
+        if !padded_runs.is_empty() {
+            let speed: Vec<f64> = ours
+                .iter()
+                .zip(&padded_runs)
+                .map(|(a, b)| a.samples_per_s / b.samples_per_s)
+                .collect();
+            summary.push(format!(
+                "{dtype}: samples/s padding-free / padded {}× (over {} runs)",
+                range(&speed),
+                speed.len()
+            ));
         }
         if !theirs.is_empty() {
             let speed: Vec<f64> = ours

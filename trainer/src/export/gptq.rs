@@ -124,7 +124,13 @@ pub fn quantize_model(
     for ids in samples {
         let labels = vec![-100i64; ids.len()];
         let b = Batch::pad(&[(ids.as_slice(), labels.as_slice(), None)], 0);
-        states.push(model.begin_pass(&b, None, crate::model::layers::Weights::Policy, false)?);
+        states.push(model.begin_pass(
+            &b,
+            None,
+            crate::model::layers::Weights::Policy,
+            false,
+            false,
+        )?);
     }
     let layers = model.layers.len();
     let mut out = BTreeMap::new();

@@ -240,6 +240,7 @@ pub(crate) fn forward(
         cache: pass.cache.as_deref_mut(),
         shift: false,
         depth_capacity: pass.depth_capacity,
+        blocks: None,
     };
     let y = layer.block(d, x.clone(), &mut inner, rng, weights)?;
     let keep: Vec<f32> = chosen.iter().map(|&c| f32::from(u8::from(c))).collect();
@@ -308,6 +309,7 @@ fn gathered(
             cache: None,
             shift: false,
             depth_capacity: pass.depth_capacity,
+            blocks: None,
         };
         let y = layer.block(
             d,

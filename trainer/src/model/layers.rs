@@ -176,6 +176,30 @@ impl Linear {
         if let Some(o) = &self.observer {
             o.add(x)?;
         }
+        // Plain LoRA on a frozen dense weight: one graph node (see `ops::lora_linear`).
+        if let (LinearWeight::Dense(p), Some(lora)) = (
+            &self.weight,
+            self.lora
+                .as_ref()
+                .filter(|l| weights == Weights::Policy && l.magnitude.is_none()),
+        ) {
+            let (w, trainable) = p.value(weights, dtype)?;
+            if !trainable && x.rank() == 2 {
+                let mask = match rng {
+                    Some(rng) if lora.dropout > 0.0 => Some(dropout_mask(x, lora.dropout, rng)?),
+                    _ => None,
+                };
+                let (a, b) = (
+                    lora.a.as_tensor().to_dtype(dtype)?,
+                    lora.b.as_tensor().to_dtype(dtype)?,
+                );
+                let mut y = crate::ops::lora_linear(x, &w, &a, &b, lora.scale, mask)?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(&b.value(weights, dtype)?.0)?;
+                }
+                return Ok(y);
+            }
+        }
         let (mut y, w) = match &self.weight {
             LinearWeight::Dense(p) => {
                 let (w, trainable) = p.value(weights, dtype)?;
@@ -639,28 +663,22 @@ impl DecoderLayer {
             ),
             None => (q, k, v, mask.clone(), bs, n),
         };
-        let mask = &mask;
-        let total = k.dim(2)?;
-        // GQA without copying K and V per query head: the `rep` query heads of a kv head are
-        // stacked along the sequence axis, `(B, nkv, rep·n, hd)`, so one product per kv head
-        // serves them all (and the backward needs no sum over copies).
-        let rep = nh / nkv;
-        let q = q.reshape((bs, nkv, rep * n, hd))?;
-        let mut scores = q.matmul(&k.t()?)?.reshape((bs, nh, n, total))?;
-        let mut scale = d.attn_scale;
-        if let Some(cap) = d.attn_softcap {
-            scores = ((scores * (scale / cap))?.tanh()? * cap)?;
-            scale = 1.0;
-        }
-        let probs = if crate::ops::fused_for(&scores) {
-            crate::ops::masked_softmax(&scores, mask, scale)?
-        } else {
-            in_f32(&(scores * scale)?.broadcast_add(mask)?, softmax)?
+        let attn = match (&pass.blocks, &shifted) {
+            // A padding-free pass: each sequence of the packed row attends within itself.
+            (Some(blocks), None) => {
+                let mut outs = Vec::with_capacity(blocks.len());
+                for blk in blocks {
+                    let part = |t: &Tensor| t.narrow(2, blk.start, blk.len)?.contiguous();
+                    let mask = match (self.sliding_window, &blk.local_mask) {
+                        (Some(_), Some(local)) => local,
+                        _ => &blk.mask,
+                    };
+                    outs.push(attend(d, &part(&q)?, &part(&k)?, &part(&v)?, mask)?);
+                }
+                Tensor::cat(&outs, 2)?
+            }
+            _ => attend(d, &q, &k, &v, &mask)?,
         };
-        let attn = probs
-            .reshape((bs, nkv, rep * n, total))?
-            .matmul(&v)?
-            .reshape((bs, nh, n, hd))?;
         let (attn, bs, n) = match &shifted {
             Some(sg) => (sg.unshift(&attn)?, pass.batch, pass.n),
             None => (attn, bs, n),
@@ -684,6 +702,16 @@ impl DecoderLayer {
             Some(n) => (x + norm(&down, &n.p)?)?,
         })
     }
+}
+
+/// Scaled dot-product attention of `q (B, heads, n, hd)` over `k`, `v (B, kv_heads, total, hd)`
+/// with an additive `mask` broadcast to `(B, 1, n, total)`; `(B, heads, n, hd)`.
+fn attend(d: &Dims, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (bs, nh, n, hd) = q.dims4()?;
+    let rep = nh / k.dim(1)?;
+    let q = q.reshape((bs, k.dim(1)?, rep * n, hd))?;
+    let o = crate::ops::attention(&q, k, v, mask, d.attn_scale, d.attn_softcap, rep)?;
+    Ok(o.reshape((bs, nh, n, hd))?)
 }
 
 fn named(name: &'static str, norm: &mut impl FnMut(&str) -> Result<Param>) -> Result<Norm> {
@@ -810,6 +838,20 @@ pub(crate) struct Pass<'a> {
     pub shift: bool,
     /// The share of tokens Mixture-of-Depths layers route through in this pass.
     pub depth_capacity: f64,
+    /// A padding-free pass: the batch's sequences concatenated into one row (`batch` 1), each
+    /// attending within itself (`mask` and `local.mask` are then unused).
+    pub blocks: Option<Vec<Block>>,
+}
+
+/// One sequence of a padding-free pass.
+#[derive(Clone)]
+pub(crate) struct Block {
+    /// Its first token in the packed row, and its length.
+    pub start: usize,
+    pub len: usize,
+    /// Its causal mask `(1, 1, len, len)`, and that of the sliding-window layers.
+    pub mask: Tensor,
+    pub local_mask: Option<Tensor>,
 }
 
 /// RoPE tables and the attention mask of sliding-window layers.
@@ -834,6 +876,7 @@ impl Pass<'_> {
             cache: None,
             shift: self.shift,
             depth_capacity: self.depth_capacity,
+            blocks: self.blocks.clone(),
         }
     }
 }
@@ -900,11 +943,15 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
 }
 
 fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    Ok((x * dropout_mask(x, p, rng)?)?)
+}
+
+/// Dropout's mask for `x`: 0 with probability `p`, else `1 / (1 − p)`.
+fn dropout_mask(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let n = x.elem_count();
     let keep = 1.0 / (1.0 - p);
     let mask: Vec<f64> = (0..n)
         .map(|_| if rng.gen::<f64>() < p { 0.0 } else { keep })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok((x * mask)?)
+    Ok(Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }

@@ -15,8 +15,8 @@ use rand_chacha::ChaCha8Rng;
 use super::batch::{shifted_targets, Batch};
 use super::config::ModelConfig;
 use super::layers::{
-    f32_if_half, log_softmax, DecoderLayer, Dims, KvCache, Linear, LinearWeight, LocalTables,
-    LoraLayer, Param, Pass, Weights, MASK_VALUE,
+    f32_if_half, log_softmax, Block, DecoderLayer, Dims, KvCache, Linear, LinearWeight,
+    LocalTables, LoraLayer, Param, Pass, Weights, MASK_VALUE,
 };
 use super::quant::QuantFormat;
 use super::weights::{FileSource, MapSource, WeightSource};
@@ -46,6 +46,10 @@ pub struct Model {
     /// Where the recomputed layers leave their trainable tensors' gradients; see
     /// [`Model::backward`].
     grad_sink: crate::ops::GradSink,
+    /// Padding-free passes: a batch of rows of different lengths is computed as one row of its
+    /// real tokens, each sequence attending within itself (see [`Model::packs`]). On by
+    /// default; off only to compare with the padded computation.
+    pub padding_free: bool,
     /// The load-balancing loss's coefficient when training a mixture of experts with it
     /// (LLaMA-Factory's `moe_aux_loss_coef`, or the checkpoint's `output_router_logits`).
     pub router_aux_loss_coef: Option<f64>,
@@ -169,6 +173,7 @@ impl Model {
             shift_attn: None,
             depths: Default::default(),
             grad_sink: Default::default(),
+            padding_free: true,
             router_aux_loss_coef: None,
             routing: Default::default(),
             dtype,
@@ -688,7 +693,8 @@ impl Model {
         weights: Weights,
         shift: bool,
     ) -> Result<Tensor> {
-        let (mut x, mut pass) = self.begin_pass(b, rng.as_deref_mut(), weights, shift)?;
+        let pack = !shift && self.packs(b);
+        let (mut x, mut pass) = self.begin_pass(b, rng.as_deref_mut(), weights, shift, pack)?;
         for layer in &self.layers {
             x = if self.checkpointing && weights == Weights::Policy {
                 self.checkpointed_layer(layer, x, &pass, rng.as_deref_mut())?
@@ -699,7 +705,23 @@ impl Model {
         if let Some(routing) = pass.routing {
             *self.routing.lock().expect("routing") = routing;
         }
-        self.final_norm(&x, weights)
+        let h = self.final_norm(&x, weights)?;
+        if pack {
+            return unpack_rows(&h, b);
+        }
+        Ok(h)
+    }
+
+    /// Whether a pass over `b` runs padding-free: its rows differ in length, and nothing in it
+    /// needs the padded layout (neat packing's segments, images and M-RoPE, Mixture-of-Depths'
+    /// per-row capacity, S²-Attn's groups — the caller checks the last).
+    pub fn packs(&self, b: &Batch) -> bool {
+        self.padding_free
+            && b.batch > 1
+            && b.segments.is_none()
+            && b.vision.is_none()
+            && !self.layers.iter().any(|l| l.router.is_some())
+            && b.lens.iter().sum::<usize>() < b.batch * b.seq
     }
 
     /// The input embeddings of `b` and what its pass shares across layers (RoPE tables, masks).
@@ -709,12 +731,22 @@ impl Model {
         mut rng: Option<&mut ChaCha8Rng>,
         weights: Weights,
         shift: bool,
+        pack: bool,
     ) -> Result<(Tensor, Pass<'static>)> {
         let mut x = self.embed(&b.input_ids, weights)?;
         if let (Some(alpha), Some(rng), Weights::Policy) =
             (self.neftune_alpha, rng.as_deref_mut(), weights)
         {
             x = neftune(&x, alpha, b.seq, rng)?;
+        }
+        if pack {
+            // The padded rows are embedded (and NEFTune's noise drawn) as in the padded pass,
+            // then only the real tokens go on.
+            let real = real_tokens(b);
+            let idx = Tensor::from_slice(&real, real.len(), &self.device)?;
+            x = x.index_select(&idx, 0)?;
+            let positions: Vec<u32> = real.iter().map(|&i| b.positions[i as usize]).collect();
+            return self.packed_pass(x, b, &positions, rng, weights);
         }
         if let Some(v) = &b.vision {
             x = self.merge_images(x, &b.input_ids, v, weights)?;
@@ -742,6 +774,61 @@ impl Model {
             depth_capacity: self
                 .depths
                 .next(rng.is_some() && weights == Weights::Policy),
+            blocks: None,
+        };
+        Ok((x, pass))
+    }
+
+    /// The pass of a padding-free batch: one row of `x`'s real tokens at `positions`, with a
+    /// causal mask per sequence.
+    fn packed_pass(
+        &self,
+        x: Tensor,
+        b: &Batch,
+        positions: &[u32],
+        rng: Option<&mut ChaCha8Rng>,
+        weights: Weights,
+    ) -> Result<(Tensor, Pass<'static>)> {
+        let n = positions.len();
+        let window = self.cfg.sliding_window.iter().flatten().next().copied();
+        let mut masks: BTreeMap<usize, (Tensor, Option<Tensor>)> = BTreeMap::new();
+        let mut blocks = Vec::with_capacity(b.batch);
+        let mut start = 0;
+        for &len in &b.lens {
+            if let std::collections::btree_map::Entry::Vacant(e) = masks.entry(len) {
+                let global = causal_mask(len, None, self.dtype, &self.device)?;
+                let local = window
+                    .map(|w| causal_mask(len, Some(w), self.dtype, &self.device))
+                    .transpose()?;
+                e.insert((global, local));
+            }
+            let (mask, local_mask) = masks[&len].clone();
+            blocks.push(Block {
+                start,
+                len,
+                mask,
+                local_mask,
+            });
+            start += len;
+        }
+        let (cos, sin) = self.rope_tables(positions, 1, n)?;
+        let unused = Tensor::zeros((1, 1, 1, 1), self.dtype, &self.device)?;
+        let local = self.local_tables(positions, 1, n, |_| Ok(unused.clone()))?;
+        let pass = Pass {
+            batch: 1,
+            n,
+            cos,
+            sin,
+            mask: unused,
+            local,
+            routing: (self.router_aux_loss_coef.is_some() && weights == Weights::Policy)
+                .then(Vec::new),
+            cache: None,
+            shift: false,
+            depth_capacity: self
+                .depths
+                .next(rng.is_some() && weights == Weights::Policy),
+            blocks: Some(blocks),
         };
         Ok((x, pass))
     }
@@ -959,6 +1046,7 @@ impl Model {
             cache: Some(cache),
             shift: false,
             depth_capacity: self.depths.next(false),
+            blocks: None,
         };
         for layer in &self.layers {
             x = layer.forward(&self.dims, x, &mut pass, None, Weights::Policy)?;
@@ -1085,13 +1173,54 @@ impl Model {
         let Some(moe) = self.cfg.moe.as_ref().filter(|_| !routing.is_empty()) else {
             anyhow::bail!("the load-balancing loss needs the router logits of a mixture-of-experts pass without gradient checkpointing");
         };
-        let keep: Vec<bool> = (0..b.batch)
-            .flat_map(|r| (0..b.seq).map(move |t| t < b.lens[r]))
-            .collect();
+        // A padding-free pass routed the real tokens only.
+        let keep: Vec<bool> = if routing[0].probs.dim(0)? == b.batch * b.seq {
+            (0..b.batch)
+                .flat_map(|r| (0..b.seq).map(move |t| t < b.lens[r]))
+                .collect()
+        } else {
+            vec![true; routing[0].probs.dim(0)?]
+        };
         let aux = super::mlp::load_balancing_loss(&routing, &keep, moe.top_k)?;
         let aux = (aux.to_dtype(ce.dtype())? * (coef * n as f64))?;
         Ok(((ce + aux)?, n))
     }
+}
+
+/// Index into `B·T` of every real (unpadded) token of `b`, row by row.
+fn real_tokens(b: &Batch) -> Vec<u32> {
+    (0..b.batch)
+        .flat_map(|r| (0..b.lens[r]).map(move |t| (r * b.seq + t) as u32))
+        .collect()
+}
+
+/// The rows of a padding-free pass `(Σ lens, width)` put back in the batch's `(B·T, width)`
+/// layout, zeros at the padding.
+fn unpack_rows(h: &Tensor, b: &Batch) -> Result<Tensor> {
+    let width = h.dim(1)?;
+    let mut pieces = Vec::with_capacity(2 * b.batch);
+    let mut start = 0;
+    for &len in &b.lens {
+        pieces.push(h.narrow(0, start, len)?);
+        start += len;
+        if len < b.seq {
+            pieces.push(Tensor::zeros((b.seq - len, width), h.dtype(), h.device())?);
+        }
+    }
+    Ok(Tensor::cat(&pieces, 0)?)
+}
+
+/// A causal mask `(1, 1, len, len)`, keys `window` or more tokens back blocked too.
+fn causal_mask(len: usize, window: Option<usize>, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; len * len];
+    for i in 0..len {
+        for j in 0..len {
+            if j > i || window.is_some_and(|w| i - j.min(i) >= w) {
+                m[i * len + j] = MASK_VALUE as f32;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (1, 1, len, len), dev)?.to_dtype(dtype)?)
 }
 
 /// Each row of `w` divided by its length (`torch.nn.functional.normalize`, eps 1e-12), computed

@@ -2,62 +2,99 @@
 //! re-attach it to its input with a hand-written input gradient. The forward is one copy of
 //! the precomputed result.
 
+use std::sync::Mutex;
+
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 
 type InputGrad = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
-struct Attach {
+/// A result computed before its op: the op's forward takes it out (the graph keeps the op's
+/// inputs and its output, never a second copy of the result).
+pub(super) struct Slot {
     name: &'static str,
+    result: Mutex<Option<Tensor>>,
+}
+
+impl Slot {
+    pub(super) fn new(name: &'static str, result: Tensor) -> Result<Self> {
+        Ok(Self {
+            name,
+            result: Mutex::new(Some(result.contiguous()?)),
+        })
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        let mut slot = self.result.lock().unwrap_or_else(|e| e.into_inner());
+        slot.take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: the forward ran twice", self.name)))
+    }
+
+    pub(super) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let y = self.take()?;
+        let (s, l) = y.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => precomputed(self.name, c, l),
+            _ => candle_core::bail!("{}: result on another device", self.name),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(super) fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = self.take()?;
+        let (s, l) = y.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) => precomputed(self.name, c, l),
+            _ => candle_core::bail!("{}: result on another device", self.name),
+        }
+    }
+
+    #[cfg(feature = "metal")]
+    pub(super) fn metal(&self) -> Result<(candle_core::MetalStorage, Shape)> {
+        let y = self.take()?;
+        let (s, l) = y.storage_and_layout();
+        match &*s {
+            Storage::Metal(c) => precomputed(self.name, c, l),
+            _ => candle_core::bail!("{}: result on another device", self.name),
+        }
+    }
+}
+
+struct Attach {
+    result: Slot,
     /// (input, gradient of the result) → gradient of the input.
     input_grad: InputGrad,
 }
 
-impl CustomOp2 for Attach {
+impl CustomOp1 for Attach {
     fn name(&self) -> &'static str {
-        self.name
+        self.result.name
     }
 
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        precomputed(self.name, s2, l2)
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.result.cpu()
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
+        _s: &candle_core::CudaStorage,
+        _l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        precomputed(self.name, s2, l2)
+        self.result.cuda()
     }
 
     #[cfg(feature = "metal")]
     fn metal_fwd(
         &self,
-        _s1: &candle_core::MetalStorage,
-        _l1: &Layout,
-        s2: &candle_core::MetalStorage,
-        l2: &Layout,
+        _s: &candle_core::MetalStorage,
+        _l: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        precomputed(self.name, s2, l2)
+        self.result.metal()
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _y0: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.input_grad)(x, grad)?), None))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.input_grad)(x, grad)?))
     }
 }
 
@@ -70,6 +107,13 @@ pub(super) fn precomputed<S: BackendStorage>(op: &str, s: &S, l: &Layout) -> Res
     Ok((s.try_clone(l)?, l.shape().clone()))
 }
 
+/// Whether this build has a forward for ops on `t`'s device.
+pub(super) fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu()
+        || (cfg!(feature = "cuda") && t.device().is_cuda())
+        || (cfg!(feature = "metal") && t.device().is_metal())
+}
+
 /// `y0` (computed from `x` outside the graph) as a differentiable function of `x` whose
 /// gradient is `input_grad(x, dy)`, on the CPU and the GPU back-ends built in; `None` on a
 /// device this build has no forward for (callers then use their composed version).
@@ -79,18 +123,12 @@ pub fn attach(
     y0: Tensor,
     input_grad: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Option<Tensor>> {
-    let supported = x.device().is_cpu()
-        || (cfg!(feature = "cuda") && x.device().is_cuda())
-        || (cfg!(feature = "metal") && x.device().is_metal());
-    if !supported {
+    if !supported(x) {
         return Ok(None);
     }
-    let y0 = y0.contiguous()?;
     let op = Attach {
-        name,
+        result: Slot::new(name, y0)?,
         input_grad: Box::new(input_grad),
     };
-    Ok(Some(
-        x.apply_op2_arc(&y0, std::sync::Arc::new(Box::new(op)))?,
-    ))
+    Ok(Some(x.apply_op1_arc(std::sync::Arc::new(Box::new(op)))?))
 }

@@ -1,10 +1,12 @@
 //! CustomOps with hand-written backward passes.
 
 mod attach;
+mod attention;
 mod checkpoint;
 mod frozen_linear;
 mod head_logps;
 mod log_sigmoid;
+mod lora_linear;
 mod rowwise;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,10 +14,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Tensor};
 
 pub use attach::attach;
+pub use attention::attention;
 pub use checkpoint::{checkpoint, GradSink, Recompute};
 pub use frozen_linear::frozen_linear;
 pub use head_logps::{frozen_head, frozen_head_logps, HEAD_TILE_ELEMS};
 pub use log_sigmoid::log_sigmoid;
+pub use lora_linear::lora_linear;
 pub use rowwise::{geglu, log_softmax_gather, masked_softmax, rms_norm, rope, swiglu};
 
 static COMPOSED: AtomicBool = AtomicBool::new(false);
@@ -23,6 +27,11 @@ static COMPOSED: AtomicBool = AtomicBool::new(false);
 /// Turns the fused row-wise kernels off (benchmarks and tests compare both paths).
 pub fn use_composed_ops(on: bool) {
     COMPOSED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels are switched off.
+pub(crate) fn composed() -> bool {
+    COMPOSED.load(Ordering::Relaxed)
 }
 
 /// Whether the fused kernels apply to `t`: CPU, f32 or f64, and not switched off.

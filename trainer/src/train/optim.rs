@@ -237,7 +237,9 @@ impl AdamW {
     pub fn grads_of(&self, store: &GradStore) -> Vec<Option<Tensor>> {
         self.params
             .iter()
-            .map(|p| store.get(p.var.as_tensor()).cloned())
+            // Detached: a gradient computed by a custom backward from graph tensors would
+            // otherwise keep that graph alive in the optimizer's moments.
+            .map(|p| store.get(p.var.as_tensor()).map(Tensor::detach))
             .collect()
     }
 

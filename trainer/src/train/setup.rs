@@ -374,6 +374,9 @@ fn load_model(
     }
     model.checkpointing = args.gradient_checkpointing && !args.disable_gradient_checkpointing;
     model.neftune_alpha = args.neftune_noise_alpha.filter(|a| *a > 0.0);
+    // A diagnostic switch for benchmarks (`bench e2e --padded`): the result is the same either
+    // way, only slower padded.
+    model.padding_free = std::env::var("LLAMAFACTORY_PADDING_FREE").map_or(true, |v| v != "0");
     Ok((model, dir))
 }
 
