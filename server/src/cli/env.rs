@@ -25,6 +25,7 @@ pub fn run() -> Result<ExitCode> {
     };
     println!("- Device: {} ({built})", trainer::device::describe(&device));
     println!("- CPU threads: {threads}");
+    println!("- CPU bf16: {}", trainer::sysinfo::bf16_units().describe());
     if let Ok(t) = std::env::var("RAYON_NUM_THREADS") {
         println!("- RAYON_NUM_THREADS: {t}");
     }

@@ -1,6 +1,7 @@
 //! The attach trick: compute a result outside the autograd graph (fused or stable code), then
 //! re-attach it to its input with a hand-written input gradient. The forward is one copy of
-//! the precomputed result.
+//! the precomputed result, which the op then drops: the graph keeps the input and the output,
+//! never the result twice.
 
 use std::sync::Mutex;
 

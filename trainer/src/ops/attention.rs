@@ -119,17 +119,28 @@ impl CustomOp3 for Attention {
         let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), g.detach());
         let (p, t) = self.scores.probs(&q, &k)?;
         let dv = p.t()?.matmul(&g)?;
-        // The softmax backward in f32 for half-precision inputs.
-        let wide = f32_if_half(p.dtype());
-        let pw = p.to_dtype(wide)?;
-        let dp = g.matmul(&v.t()?)?.to_dtype(wide)?;
-        let dz = (&pw * dp.broadcast_sub(&(&dp * &pw)?.sum_keepdim(D::Minus1)?)?)?;
-        let dz = match (&t, self.scores.softcap) {
-            (Some(t), Some(_)) => {
-                let t = t.reshape(dz.shape())?.to_dtype(wide)?;
+        let dp = g.matmul(&v.t()?)?;
+        let dz = if super::fused_for(&p) {
+            // The scale folds in here unless a cap comes first.
+            let scale = if t.is_some() { 1.0 } else { self.scores.scale };
+            super::rowwise::softmax_backward(&p, &dp, scale)?
+        } else {
+            // In f32 for half-precision inputs.
+            let wide = f32_if_half(p.dtype());
+            let (pw, dp) = (p.to_dtype(wide)?, dp.to_dtype(wide)?);
+            let dz = (&pw * dp.broadcast_sub(&(&dp * &pw)?.sum_keepdim(D::Minus1)?)?)?;
+            if t.is_some() {
+                dz
+            } else {
+                (dz * self.scores.scale)?
+            }
+        };
+        let dz = match &t {
+            Some(t) => {
+                let t = t.reshape(dz.shape())?.to_dtype(dz.dtype())?;
                 (dz * (t.sqr()?.affine(-1.0, 1.0)? * self.scores.scale)?)?
             }
-            _ => (dz * self.scores.scale)?,
+            None => dz,
         };
         let dz = dz.to_dtype(q.dtype())?;
         let dq = dz.matmul(&k)?;

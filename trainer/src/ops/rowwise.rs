@@ -220,6 +220,13 @@ impl CustomOp2 for MaskedSoftmax {
     }
 }
 
+/// The gradient of the scores of `p = softmax(scale · scores + mask)`, `scale · p ⊙ (g − Σ g⊙p)`
+/// per row, for a constant `p` and `g` (no graph).
+pub(crate) fn softmax_backward(p: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
+    p.contiguous()?
+        .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd { scale })
+}
+
 /// `scale · p ⊙ (g − Σ g⊙p)` per row.
 struct SoftmaxBwd {
     scale: f64,
