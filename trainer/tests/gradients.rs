@@ -127,15 +127,7 @@ fn with_lora(name: &str, args: &TrainArgs) -> Model {
     let mut m = model(name);
     m.add_lora(&LoraSpec::for_model(args, &m).unwrap(), 1)
         .unwrap();
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    for l in m.lora_layers().values() {
-        let shape = l.b.shape().clone();
-        let data: Vec<f64> = (0..shape.elem_count())
-            .map(|_| rng.gen_range(-0.2..0.2))
-            .collect();
-        l.b.set(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    common::randomize_lora_b(&m);
     m
 }
 

@@ -8,7 +8,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use protocol::TrainArgs;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use trainer::model::adapter::LoraSpec;
 use trainer::model::{Batch, Model, RowRef};
@@ -26,16 +26,7 @@ fn lora_model(name: &str) -> Model {
     };
     m.add_lora(&LoraSpec::for_model(&args, &m).unwrap(), 1)
         .unwrap();
-    // B randomised so that the adapters change the function and carry gradient on both sides.
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    for l in m.lora_layers().values() {
-        let shape = l.b.shape().clone();
-        let data: Vec<f64> = (0..shape.elem_count())
-            .map(|_| rng.gen_range(-0.2..0.2))
-            .collect();
-        l.b.set(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    common::randomize_lora_b(&m);
     m
 }
 

@@ -61,6 +61,50 @@ impl Slot {
     }
 }
 
+/// The device forwards of a `CustomOp3` whose result waits in its `result` [`Slot`].
+macro_rules! slot_forwards3 {
+    () => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            self.result.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.result.cuda()
+        }
+
+        #[cfg(feature = "metal")]
+        fn metal_fwd(
+            &self,
+            _: &candle_core::MetalStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::MetalStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::MetalStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::MetalStorage, candle_core::Shape)> {
+            self.result.metal()
+        }
+    };
+}
+pub(super) use slot_forwards3;
+
 struct Attach {
     result: Slot,
     /// (input, gradient of the result) → gradient of the input.

@@ -13,7 +13,7 @@
 //! `dz' = P ⊙ (dP − Σ dP ⊙ P)`, `dz = dz' · scale` (times `1 − tanh²` when capped),
 //! `dq = dz·k`, `dk = dzᵀ·q`.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CustomOp3, Result, Tensor, D};
 
 use super::attach::{supported, Slot};
 use crate::model::layers::f32_if_half;
@@ -70,43 +70,7 @@ impl CustomOp3 for Attention {
         "attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        _s2: &CpuStorage,
-        _l2: &Layout,
-        _s3: &CpuStorage,
-        _l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.result.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &Layout,
-        _s2: &candle_core::CudaStorage,
-        _l2: &Layout,
-        _s3: &candle_core::CudaStorage,
-        _l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.result.cuda()
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _s1: &candle_core::MetalStorage,
-        _l1: &Layout,
-        _s2: &candle_core::MetalStorage,
-        _l2: &Layout,
-        _s3: &candle_core::MetalStorage,
-        _l3: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.result.metal()
-    }
+    super::attach::slot_forwards3!();
 
     fn bwd(
         &self,

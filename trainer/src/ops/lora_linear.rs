@@ -7,7 +7,7 @@
 //! Backward, with `g = ∂L/∂y`, `gB = s·g·B` and `h = s·(m ⊙ x)·Aᵀ`:
 //! `dx = g·W + m ⊙ (gB·A)`, `dA = gBᵀ·(m ⊙ x)`, `dB = gᵀ·h`.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp3, Result, Tensor};
 
 use super::attach::{supported, Slot};
 
@@ -33,43 +33,7 @@ impl CustomOp3 for LoraLinear {
         "lora-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        _s1: &CpuStorage,
-        _l1: &Layout,
-        _s2: &CpuStorage,
-        _l2: &Layout,
-        _s3: &CpuStorage,
-        _l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.result.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s1: &candle_core::CudaStorage,
-        _l1: &Layout,
-        _s2: &candle_core::CudaStorage,
-        _l2: &Layout,
-        _s3: &candle_core::CudaStorage,
-        _l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.result.cuda()
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _s1: &candle_core::MetalStorage,
-        _l1: &Layout,
-        _s2: &candle_core::MetalStorage,
-        _l2: &Layout,
-        _s3: &candle_core::MetalStorage,
-        _l3: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.result.metal()
-    }
+    super::attach::slot_forwards3!();
 
     fn bwd(
         &self,

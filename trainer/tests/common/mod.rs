@@ -153,3 +153,18 @@ pub fn assert_factors_match(
         );
     }
 }
+
+/// Sets every LoRA `B` of `m` to uniform draws in ±0.2 (seeded), so that the adapters change the
+/// function and both factors carry gradient.
+pub fn randomize_lora_b(m: &trainer::model::Model) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for l in m.lora_layers().values() {
+        let shape = l.b.shape().clone();
+        let data: Vec<f64> = (0..shape.elem_count())
+            .map(|_| rng.gen_range(-0.2..0.2))
+            .collect();
+        l.b.set(&candle_core::Tensor::from_vec(data, shape, &candle_core::Device::Cpu).unwrap())
+            .unwrap();
+    }
+}
