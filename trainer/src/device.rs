@@ -44,18 +44,21 @@ pub fn train_dtype(
         None
     };
     match (wanted, device.is_cpu()) {
-        (Some((_, name)), true) => (
+        (Some((_, name)), true) => {
+            let units = crate::sysinfo::bf16_units();
+            (
             DType::F32,
             Some(format!(
                 "`{name}: true` has no effect on the CPU: training computes in f32 (this CPU has {}; {})",
-                crate::sysinfo::bf16_units().describe(),
-                if crate::sysinfo::bf16_units().amx_bf16 {
+                units.describe(),
+                if units.amx_bf16 {
                     "this build has no AMX kernel yet"
                 } else {
                     "without AMX tiles bf16 is not faster than f32 here"
                 }
             )),
-        ),
+            )
+        }
         (Some((dtype, _)), false) => (dtype, None),
         (None, _) => (DType::F32, None),
     }

@@ -87,6 +87,11 @@ fn range(xs: &[f64]) -> String {
     }
 }
 
+/// `f(a) / f(b)` for each pair of runs.
+fn ratios(a: &[Measured], b: &[Measured], f: impl Fn(&Measured) -> f64) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect()
+}
+
 pub fn run(
     config: &Path,
     python: Option<&str>,
@@ -169,11 +174,7 @@ pub fn run(
             }
         }
         if !padded_runs.is_empty() {
-            let speed: Vec<f64> = ours
-                .iter()
-                .zip(&padded_runs)
-                .map(|(a, b)| a.samples_per_s / b.samples_per_s)
-                .collect();
+            let speed = ratios(&ours, &padded_runs, |m| m.samples_per_s);
             summary.push(format!(
                 "{dtype}: samples/s padding-free / padded {}× (over {} runs)",
                 range(&speed),
@@ -181,21 +182,9 @@ pub fn run(
             ));
         }
         if !theirs.is_empty() {
-            let speed: Vec<f64> = ours
-                .iter()
-                .zip(&theirs)
-                .map(|(a, b)| a.samples_per_s / b.samples_per_s)
-                .collect();
-            let rss: Vec<f64> = ours
-                .iter()
-                .zip(&theirs)
-                .map(|(a, b)| a.peak_rss as f64 / b.peak_rss as f64)
-                .collect();
-            let wall: Vec<f64> = ours
-                .iter()
-                .zip(&theirs)
-                .map(|(a, b)| a.wall_s / b.wall_s)
-                .collect();
+            let speed = ratios(&ours, &theirs, |m| m.samples_per_s);
+            let rss = ratios(&ours, &theirs, |m| m.peak_rss as f64);
+            let wall = ratios(&ours, &theirs, |m| m.wall_s);
             summary.push(format!(
                 "{dtype}: samples/s ours / LLaMA-Factory {}×, wall {}×, peak RSS {}× (over {} runs)",
                 range(&speed),

@@ -708,8 +708,9 @@ impl DecoderLayer {
 /// with an additive `mask` broadcast to `(B, 1, n, total)`; `(B, heads, n, hd)`.
 fn attend(d: &Dims, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (bs, nh, n, hd) = q.dims4()?;
-    let rep = nh / k.dim(1)?;
-    let q = q.reshape((bs, k.dim(1)?, rep * n, hd))?;
+    let nkv = k.dim(1)?;
+    let rep = nh / nkv;
+    let q = q.reshape((bs, nkv, rep * n, hd))?;
     let o = crate::ops::attention(&q, k, v, mask, d.attn_scale, d.attn_softcap, rep)?;
     Ok(o.reshape((bs, nh, n, hd))?)
 }

@@ -640,9 +640,8 @@ impl Model {
         for r in 0..bs {
             for i in 0..t {
                 for j in 0..t {
-                    let mut blocked = j > i
-                        || window.is_some_and(|w| i - j.min(i) >= w)
-                        || (hide_padding && j >= b.lens[r]);
+                    let mut blocked =
+                        causally_blocked(i, j, window) || (hide_padding && j >= b.lens[r]);
                     if let Some(seg) = &b.segments {
                         blocked |= seg[r * t + i] != seg[r * t + j];
                     }
@@ -739,6 +738,9 @@ impl Model {
         {
             x = neftune(&x, alpha, b.seq, rng)?;
         }
+        let policy = weights == Weights::Policy;
+        let routing = (self.router_aux_loss_coef.is_some() && policy).then(Vec::new);
+        let depth_capacity = self.depths.next(rng.is_some() && policy);
         if pack {
             // The padded rows are embedded (and NEFTune's noise drawn) as in the padded pass,
             // then only the real tokens go on.
@@ -746,7 +748,10 @@ impl Model {
             let idx = Tensor::from_slice(&real, real.len(), &self.device)?;
             x = x.index_select(&idx, 0)?;
             let positions: Vec<u32> = real.iter().map(|&i| b.positions[i as usize]).collect();
-            return self.packed_pass(x, b, &positions, rng, weights);
+            let mut pass = self.packed_pass(b, &positions)?;
+            pass.routing = routing;
+            pass.depth_capacity = depth_capacity;
+            return Ok((x, pass));
         }
         if let Some(v) = &b.vision {
             x = self.merge_images(x, &b.input_ids, v, weights)?;
@@ -767,28 +772,18 @@ impl Model {
             sin,
             mask: self.attention_mask(b, None, shift)?,
             local,
-            routing: (self.router_aux_loss_coef.is_some() && weights == Weights::Policy)
-                .then(Vec::new),
+            routing,
             cache: None,
             shift,
-            depth_capacity: self
-                .depths
-                .next(rng.is_some() && weights == Weights::Policy),
+            depth_capacity,
             blocks: None,
         };
         Ok((x, pass))
     }
 
-    /// The pass of a padding-free batch: one row of `x`'s real tokens at `positions`, with a
-    /// causal mask per sequence.
-    fn packed_pass(
-        &self,
-        x: Tensor,
-        b: &Batch,
-        positions: &[u32],
-        rng: Option<&mut ChaCha8Rng>,
-        weights: Weights,
-    ) -> Result<(Tensor, Pass<'static>)> {
+    /// The pass of a padding-free batch: one row of its real tokens at `positions`, with a
+    /// causal mask per sequence (no routing sink, capacity 1: the caller sets those).
+    fn packed_pass(&self, b: &Batch, positions: &[u32]) -> Result<Pass<'static>> {
         let n = positions.len();
         let window = self.cfg.sliding_window.iter().flatten().next().copied();
         let mut masks: BTreeMap<usize, (Tensor, Option<Tensor>)> = BTreeMap::new();
@@ -821,16 +816,13 @@ impl Model {
             sin,
             mask: unused,
             local,
-            routing: (self.router_aux_loss_coef.is_some() && weights == Weights::Policy)
-                .then(Vec::new),
+            routing: None,
             cache: None,
             shift: false,
-            depth_capacity: self
-                .depths
-                .next(rng.is_some() && weights == Weights::Policy),
+            depth_capacity: 1.0,
             blocks: Some(blocks),
         };
-        Ok((x, pass))
+        Ok(pass)
     }
 
     /// Decoder layer `l` over `x` in `pass` (an evaluation pass: GPTQ's calibration).
@@ -1174,12 +1166,13 @@ impl Model {
             anyhow::bail!("the load-balancing loss needs the router logits of a mixture-of-experts pass without gradient checkpointing");
         };
         // A padding-free pass routed the real tokens only.
-        let keep: Vec<bool> = if routing[0].probs.dim(0)? == b.batch * b.seq {
+        let routed = routing[0].probs.dim(0)?;
+        let keep: Vec<bool> = if routed == b.batch * b.seq {
             (0..b.batch)
                 .flat_map(|r| (0..b.seq).map(move |t| t < b.lens[r]))
                 .collect()
         } else {
-            vec![true; routing[0].probs.dim(0)?]
+            vec![true; routed]
         };
         let aux = super::mlp::load_balancing_loss(&routing, &keep, moe.top_k)?;
         let aux = (aux.to_dtype(ce.dtype())? * (coef * n as f64))?;
@@ -1210,12 +1203,17 @@ fn unpack_rows(h: &Tensor, b: &Batch) -> Result<Tensor> {
     Ok(Tensor::cat(&pieces, 0)?)
 }
 
+/// Whether query `i` may not see key `j`: a later key, or one `window` or more tokens back.
+fn causally_blocked(i: usize, j: usize, window: Option<usize>) -> bool {
+    j > i || window.is_some_and(|w| i - j.min(i) >= w)
+}
+
 /// A causal mask `(1, 1, len, len)`, keys `window` or more tokens back blocked too.
 fn causal_mask(len: usize, window: Option<usize>, dtype: DType, dev: &Device) -> Result<Tensor> {
     let mut m = vec![0f32; len * len];
     for i in 0..len {
         for j in 0..len {
-            if j > i || window.is_some_and(|w| i - j.min(i) >= w) {
+            if causally_blocked(i, j, window) {
                 m[i * len + j] = MASK_VALUE as f32;
             }
         }
