@@ -6,5 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build-web.sh release
 # The bundle is built into the binary (server/build.rs picks it up from target/site).
-cargo build --profile fast-release --locked -p server
+# With Open MPI installed, CPU runs can use several ranks (LlamaBoard's device count).
+features=()
+if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then
+  features=(--features mpi)
+fi
+cargo build --profile fast-release --locked -p server "${features[@]}"
 exec "${CARGO_TARGET_DIR:-target}/fast-release/llamafactory" webui "$@"

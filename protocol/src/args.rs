@@ -489,7 +489,6 @@ pub const UNREAD_KEYS: &[(&str, KeyUse)] = &[
     ("loraplus_lr_embedding", KeyUse::NoEffect("LoRA is not applied to embeddings here")),
     ("length_penalty", KeyUse::NoEffect("it only matters to beam search, which is not supported")),
     ("include_effective_tokens_per_second", KeyUse::NoEffect("the results always report throughput (tokens per second)")),
-    ("ddp_timeout", KeyUse::NoEffect("training runs in one process")),
     ("save_safetensors", KeyUse::NoEffect("weights are always saved as safetensors")),
     ("optim", KeyUse::NoEffect("the optimizer is AdamW (PyTorch's `adamw_torch`)")),
     ("adapter_folder", KeyUse::Unsupported("list the adapters in `adapter_name_or_path` (comma-separated)")),

@@ -63,3 +63,23 @@ pub fn train_dtype(
         (None, _) => (DType::F32, None),
     }
 }
+
+/// The device of a data-parallel rank: GPU `local_rank` on a GPU build with GPUs (each rank
+/// its own), else the CPU.
+pub fn device_for_rank(local_rank: usize) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = Device::new_cuda(local_rank) {
+        return d;
+    }
+    let _ = local_rank;
+    default_device()
+}
+
+/// How many CUDA GPUs this process sees (0 without the `cuda` feature or a driver).
+pub fn cuda_device_count() -> usize {
+    #[cfg(feature = "cuda")]
+    if let Ok(n) = candle_core::cuda_backend::cudarc::driver::CudaContext::device_count() {
+        return n.max(0) as usize;
+    }
+    0
+}

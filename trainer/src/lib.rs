@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod device;
+pub mod dist;
 pub mod export;
 pub mod files;
 pub mod hub;

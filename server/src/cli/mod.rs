@@ -8,6 +8,7 @@ mod chat;
 mod demo;
 mod env;
 mod expand;
+mod launch;
 mod export;
 mod loftq;
 mod preview;

@@ -27,18 +27,62 @@ pub struct TrainCmd {
     /// Machine-readable progress instead of a progress bar.
     #[arg(long, value_enum)]
     events: Option<Events>,
+    #[command(flatten)]
+    launch: super::launch::LaunchArgs,
+}
+
+/// A stop request that arrives as SIGUSR1 (how `mpirun` passes one on to its ranks).
+static STOP_FLAG: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    if let Some(stop) = STOP_FLAG.get() {
+        stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A rank other than 0 reports nothing (rank 0 speaks for the run) but its failure, on stderr.
+struct OtherRank(usize);
+
+impl Reporter for OtherRank {
+    fn event(&mut self, e: &WorkerEvent) {
+        if let WorkerEvent::Failed { error, .. } = e {
+            eprintln!("rank {}: {error}", self.0);
+        }
+    }
 }
 
 pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
+    let place = trainer::dist::ranks()?;
+    if place.world_size == 1 {
+        if let Some(launch) = cmd.launch.plan()? {
+            let mut train_args: Vec<std::ffi::OsString> = vec![cmd.config.clone().into()];
+            train_args.extend(cmd.overrides.iter().map(Into::into));
+            if cmd.events.is_some() {
+                train_args.extend(["--events".into(), "json".into()]);
+            }
+            return launch.run(train_args, cmd.events.is_some());
+        }
+    }
     let mut reporter: Box<dyn Reporter> = match cmd.events {
+        _ if place.rank > 0 => Box::new(OtherRank(place.rank)),
         Some(Events::Json) => Box::new(JsonReporter),
         None => Box::new(BarReporter::new()),
     };
     let mut opts = TrainOptions {
-        device: trainer::device::default_device(),
+        device: if place.world_size > 1 {
+            trainer::device::device_for_rank(place.local_rank)
+        } else {
+            trainer::device::default_device()
+        },
         ..TrainOptions::default()
     };
     let stop = opts.stop.clone();
+    let _ = STOP_FLAG.set(stop.clone());
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
+    }
     // First signal: finish the step, save, exit cleanly. A second one, a moment later, exits at
     // once. Repeats within a second are one event: when the server dies, the kernel re-sends the
     // parent-death signal each time the worker is handed to another of its dying threads.
@@ -58,6 +102,19 @@ pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
                 reporter.event(&WorkerEvent::Log {
                     level: "warning".into(),
                     message: w,
+                });
+            }
+            let timeout = std::time::Duration::from_secs(args.ddp_timeout.max(1));
+            opts.world = trainer::dist::World::connect(&place, &opts.device, timeout)?;
+            if opts.world.size() > 1 {
+                reporter.event(&WorkerEvent::Log {
+                    level: "info".into(),
+                    message: format!(
+                        "data-parallel run: {} ranks over {} ({} examples per rank and micro-batch)",
+                        opts.world.size(),
+                        opts.world.engine(),
+                        args.per_device_train_batch_size
+                    ),
                 });
             }
             run_job(&args, &opts, reporter.as_mut())

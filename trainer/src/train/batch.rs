@@ -138,14 +138,21 @@ impl Examples {
         })
     }
 
-    /// Consecutive micro-batches of `bs` examples over all of them (evaluation).
+    /// Consecutive micro-batches of `bs` examples over all of them (evaluation); of those,
+    /// every `parts`-th from the `part`-th (a rank's turns).
     pub(crate) fn chunks(
         &self,
         bs: usize,
         pad: u32,
+        (part, parts): (usize, usize),
     ) -> impl Iterator<Item = anyhow::Result<MicroBatch>> + '_ {
         let idx: Vec<usize> = (0..self.len()).collect();
-        let chunks: Vec<Vec<usize>> = idx.chunks(bs.max(1)).map(<[usize]>::to_vec).collect();
+        let chunks: Vec<Vec<usize>> = idx
+            .chunks(bs.max(1))
+            .skip(part)
+            .step_by(parts.max(1))
+            .map(<[usize]>::to_vec)
+            .collect();
         chunks.into_iter().map(move |c| self.micro_batch(&c, pad))
     }
 }

@@ -19,6 +19,10 @@ pub fn run_job(args: &TrainArgs, opts: &TrainOptions, rep: &mut dyn Reporter) ->
             Outcome::Finished(m) => metrics = m,
             other => return Ok(other),
         }
+        // In a data-parallel run, rank 0 alone predicts with the result and reports.
+        if !opts.world.is_main() {
+            return Ok(Outcome::Finished(metrics));
+        }
         let out = args.output_dir.clone();
         if args.finetuning_type == FinetuningType::Lora {
             predict_args.adapter_name_or_path = out;
@@ -27,6 +31,11 @@ pub fn run_job(args: &TrainArgs, opts: &TrainOptions, rep: &mut dyn Reporter) ->
         }
     } else if !args.do_predict && !args.do_eval {
         bail!("nothing to do: set `do_train`, `do_eval` or `do_predict` to true");
+    } else if opts.world.size() > 1 {
+        bail!(
+            "prediction and evaluation without training run in one process, not {} ranks: drop `--nproc-per-node` (or the launcher)",
+            opts.world.size()
+        );
     }
     if !args.do_train && args.do_eval {
         crate::config::validate(args)?;

@@ -45,7 +45,8 @@ pub(crate) struct Logged {
 }
 
 pub(crate) struct TrainerLog {
-    path: PathBuf,
+    /// `trainer_log.jsonl`; none on the ranks that do not write (all but rank 0).
+    path: Option<PathBuf>,
     /// The Trainer's `log_history`.
     pub(crate) history: Vec<Value>,
     window_loss: f64,
@@ -66,14 +67,15 @@ impl TrainerLog {
     /// ones belong to the lost part of the run) and the checkpoint's `history`; a new run
     /// starts an empty file.
     pub(crate) fn open(
-        output_dir: &Path,
+        output_dir: Option<&Path>,
         resume_step: Option<usize>,
         history: Vec<Value>,
     ) -> Result<Self> {
-        let path = output_dir.join("trainer_log.jsonl");
-        match resume_step {
-            Some(step) => {
-                if let Ok(text) = std::fs::read_to_string(&path) {
+        let path = output_dir.map(|d| d.join("trainer_log.jsonl"));
+        match (resume_step, &path) {
+            (_, None) => {}
+            (Some(step), Some(path)) => {
+                if let Ok(text) = std::fs::read_to_string(path) {
                     let kept: String = text
                         .lines()
                         .filter(|l| {
@@ -84,12 +86,12 @@ impl TrainerLog {
                         })
                         .map(|l| format!("{l}\n"))
                         .collect();
-                    std::fs::write(&path, kept)
+                    std::fs::write(path, kept)
                         .with_context(|| format!("cannot write {}", path.display()))?;
                 }
             }
-            None => {
-                let _ = std::fs::remove_file(&path);
+            (None, Some(path)) => {
+                let _ = std::fs::remove_file(path);
             }
         }
         Ok(Self {
@@ -235,11 +237,14 @@ impl TrainerLog {
     }
 
     fn append(&self, line: &Value) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.path)
-            .with_context(|| format!("cannot write {}", self.path.display()))?;
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         writeln!(f, "{}", serde_json::to_string(line)?)?;
         Ok(())
     }
@@ -290,10 +295,10 @@ mod tests {
             .map(|s| format!("{}\n", json!({"current_steps": s})))
             .collect();
         std::fs::write(dir.path().join("trainer_log.jsonl"), lines).unwrap();
-        TrainerLog::open(dir.path(), Some(2), Vec::new()).unwrap();
+        TrainerLog::open(Some(dir.path()), Some(2), Vec::new()).unwrap();
         let text = std::fs::read_to_string(dir.path().join("trainer_log.jsonl")).unwrap();
         assert_eq!(text.lines().count(), 2, "{text}");
-        TrainerLog::open(dir.path(), None, Vec::new()).unwrap();
+        TrainerLog::open(Some(dir.path()), None, Vec::new()).unwrap();
         assert!(!dir.path().join("trainer_log.jsonl").exists());
     }
 }

@@ -44,6 +44,8 @@ pub struct TrainOptions {
     pub device: Device,
     /// Set by SIGINT/SIGTERM: finish the step, save, stop.
     pub stop: Arc<AtomicBool>,
+    /// The ranks of a data-parallel run (one process by default).
+    pub world: crate::dist::World,
 }
 
 impl Default for TrainOptions {
@@ -52,6 +54,7 @@ impl Default for TrainOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             stop: Arc::new(AtomicBool::new(false)),
+            world: crate::dist::World::single(),
         }
     }
 }

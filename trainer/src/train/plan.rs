@@ -32,10 +32,11 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// The plan for `examples` training examples. A PPO step samples `ppo_buffer_size` batches
-    /// of prompts.
-    pub(crate) fn new(args: &TrainArgs, examples: usize) -> Self {
-        let batch_size = args.per_device_train_batch_size.max(1);
+    /// The plan for `examples` training examples over `ranks` data-parallel ranks: a
+    /// micro-batch is `per_device_train_batch_size` examples per rank. A PPO step samples
+    /// `ppo_buffer_size` batches of prompts.
+    pub(crate) fn new(args: &TrainArgs, examples: usize, ranks: usize) -> Self {
+        let batch_size = args.per_device_train_batch_size.max(1) * ranks.max(1);
         let buffer = if args.stage == Stage::Ppo {
             args.ppo_buffer_size.max(1)
         } else {
@@ -166,7 +167,7 @@ mod tests {
             eval_steps: Some(4),
             ..TrainArgs::default()
         };
-        Plan::new(&args, 6) // 3 steps per epoch
+        Plan::new(&args, 6, 1) // 3 steps per epoch
     }
 
     #[test]

@@ -37,7 +37,8 @@ pub fn run_training(
     rep: &mut dyn Reporter,
 ) -> Result<Outcome> {
     crate::config::validate(args)?;
-    let mut s = Session::start(args, prepare(args, opts, rep)?)?;
+    check_data_parallel(args, &opts.world)?;
+    let mut s = Session::start(args, prepare(args, opts, rep)?, &opts.world)?;
     rep.event(&WorkerEvent::Started {
         total_steps: s.plan.total_steps as u64,
         num_examples: s.train.len() as u64,
@@ -55,6 +56,7 @@ pub fn run_training(
             examples: &s.train,
             micro: &micro,
             pad: s.pad,
+            world: s.world,
         };
         let out = s.objective.step(&mut s.model, &mut s.opt, input)?;
         s.tokens_seen += out.tokens;
@@ -92,7 +94,8 @@ pub fn run_training(
         } else {
             None
         };
-        if opts.stop.load(Ordering::SeqCst) {
+        // One rank asked to stop (LlamaBoard's abort reaches each): all stop after this step.
+        if s.world.any(opts.stop.load(Ordering::SeqCst), "stop requests")? {
             let dir = match saved {
                 Some(dir) => dir,
                 None => s.save_checkpoint(step, rep)?,
@@ -108,9 +111,40 @@ pub fn run_training(
     s.finish()
 }
 
-/// A run between its preparation and its last file.
+/// What data-parallel runs do not support, as an error naming the key: KTO's KL estimate and
+/// PPO's rollouts are per batch, and layer-wise GaLore/APOLLO step each tensor during the
+/// backward pass, before the gradients could be summed over ranks (LLaMA-Factory refuses
+/// those too).
+fn check_data_parallel(args: &TrainArgs, world: &crate::dist::World) -> Result<()> {
+    use protocol::args::Stage;
+    if world.size() == 1 {
+        return Ok(());
+    }
+    let refuse = |key: &str, why: &str| {
+        anyhow::bail!(
+            "`{key}`: {why} is not supported in a data-parallel run ({} ranks); run it in one process",
+            world.size()
+        )
+    };
+    match args.stage {
+        Stage::Kto => refuse("stage", "KTO (its KL estimate spans the whole batch)")?,
+        Stage::Ppo => refuse("stage", "PPO")?,
+        _ => {}
+    }
+    if args.use_galore && args.galore_layerwise {
+        refuse("galore_layerwise", "layer-wise GaLore")?;
+    }
+    if args.use_apollo && args.apollo_layerwise {
+        refuse("apollo_layerwise", "layer-wise APOLLO")?;
+    }
+    Ok(())
+}
+
+/// A run between its preparation and its last file. In a data-parallel run every rank has
+/// one; rank 0's alone writes files and reports.
 struct Session<'a> {
     args: &'a TrainArgs,
+    world: &'a crate::dist::World,
     output_dir: PathBuf,
     model_dir: PathBuf,
     model: Model,
@@ -209,7 +243,7 @@ fn tensorboard_writer(
 
 impl<'a> Session<'a> {
     /// The prepared run, restored from its checkpoint when it resumes.
-    fn start(args: &'a TrainArgs, p: Prepared) -> Result<Self> {
+    fn start(args: &'a TrainArgs, p: Prepared, world: &'a crate::dist::World) -> Result<Self> {
         let Prepared {
             output_dir,
             model_dir,
@@ -238,11 +272,15 @@ impl<'a> Session<'a> {
             None => None,
         };
         let start_step = restored.as_ref().map_or(0, |r| r.step);
+        // Every rank starts from rank 0's weights (a resumed run's come from one checkpoint).
+        let vars: Vec<candle_core::Var> = opt.params.iter().map(|p| p.var.clone()).collect();
+        world.broadcast_vars(&vars)?;
+        let main = world.is_main();
         // PiSSA with `pissa_convert`: the initial adapter, which the conversion at the end
         // subtracts (LLaMA-Factory's `pissa_init` folder).
         if let Some(spec) = lora
             .as_ref()
-            .filter(|s| s.pissa.is_some() && args.pissa_convert)
+            .filter(|s| s.pissa.is_some() && args.pissa_convert && main)
         {
             if restored.is_none() {
                 let init = LoraSpec {
@@ -260,17 +298,20 @@ impl<'a> Session<'a> {
             }
         }
         let mut log = TrainerLog::open(
-            &output_dir,
+            main.then_some(output_dir.as_path()),
             restored.as_ref().map(|r| r.step),
             restored
                 .as_ref()
                 .map(|r| r.log_history.clone())
                 .unwrap_or_default(),
         )?;
-        open_trackers(args, &output_dir, &mut log, &model)?;
+        if main {
+            open_trackers(args, &output_dir, &mut log, &model)?;
+        }
         Ok(Self {
             args,
-            plan: Plan::new(args, train.len()),
+            world,
+            plan: Plan::new(args, train.len(), world.size()),
             output_dir,
             model_dir,
             model,
@@ -338,7 +379,10 @@ impl<'a> Session<'a> {
     /// Evaluates the held-out examples after `step` and records the result.
     fn evaluate(&mut self, step: usize, rep: &mut dyn Reporter) -> Result<()> {
         let bs = self.args.per_device_eval_batch_size.max(1);
-        let Some(e) = self.objective.eval(&self.model, &self.eval, bs, self.pad)? else {
+        let Some(e) = self
+            .objective
+            .eval(&self.model, &self.eval, bs, self.pad, self.world)?
+        else {
             return Ok(());
         };
         let at = self.progress(step, 0.0);
@@ -401,8 +445,12 @@ impl<'a> Session<'a> {
     }
 
     /// Writes `checkpoint-<step>/` (model, value head, optimizer, state) and rotates old ones.
+    /// Rank 0 alone writes; the others return the same path.
     fn save_checkpoint(&self, step: usize, rep: &mut dyn Reporter) -> Result<PathBuf> {
         let dir = self.output_dir.join(format!("checkpoint-{step}"));
+        if !self.world.is_main() {
+            return Ok(dir);
+        }
         atomic_dir(&dir, |tmp| {
             self.save_model_to(tmp)?;
             if !self.args.save_only_model {
@@ -462,8 +510,11 @@ impl<'a> Session<'a> {
     /// The final model, results, state and loss plot, as LLaMA-Factory writes them.
     fn finish(mut self) -> Result<Outcome> {
         let total = self.plan.total_steps;
-        self.save_model_to(&self.output_dir)?;
-        if self.args.pissa_convert && self.lora.as_ref().is_some_and(|s| s.pissa.is_some()) {
+        let main = self.world.is_main();
+        if main {
+            self.save_model_to(&self.output_dir)?;
+        }
+        if main && self.args.pissa_convert && self.lora.as_ref().is_some_and(|s| s.pissa.is_some()) {
             super::checkpoint::convert_pissa(&self.output_dir)?;
         }
         let runtime = self.elapsed();
@@ -490,8 +541,13 @@ impl<'a> Session<'a> {
         let bs = self.args.per_device_eval_batch_size.max(1);
         let eval = match self.eval.is_empty() {
             true => None,
-            false => self.objective.eval(&self.model, &self.eval, bs, self.pad)?,
+            false => self
+                .objective
+                .eval(&self.model, &self.eval, bs, self.pad, self.world)?,
         };
+        if !self.world.is_main() {
+            return Ok(Outcome::Finished(Map::new()));
+        }
         let eval = eval.map(|e| {
             let mut m = Map::new();
             m.insert("epoch".into(), json!(epoch));

@@ -14,8 +14,12 @@ pub(crate) struct StepInput<'a> {
     pub lr: f64,
     pub examples: &'a Examples,
     /// Example indices of each micro-batch.
+    /// Example indices of each global micro-batch (all ranks' examples); each rank trains on
+    /// its shard.
     pub micro: &'a [Vec<usize>],
     pub pad: u32,
+    /// The ranks sharing the step.
+    pub world: &'a crate::dist::World,
 }
 
 /// What one optimizer step reports.

@@ -141,13 +141,14 @@ impl Objective {
     }
 
     /// The loss and metrics over `examples` in batches of `batch_size`; `None` when the
-    /// objective does not evaluate.
+    /// objective does not evaluate. Ranks take turns at the batches and sum what they found.
     pub(crate) fn eval(
         &self,
         model: &Model,
         examples: &Examples,
         batch_size: usize,
         pad: u32,
+        world: &crate::dist::World,
     ) -> Result<Option<EvalOutput>> {
         let Some(loss) = self.batch_loss() else {
             return Ok(None);
@@ -155,7 +156,7 @@ impl Objective {
         let (mut sum, mut weight) = (0.0, 0.0);
         // Weighted sums and weights per metric: a KTO batch may lack one kind of example.
         let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-        for mb in examples.chunks(batch_size, pad) {
+        for mb in examples.chunks(batch_size, pad, (world.rank(), world.size())) {
             let mb = mb?;
             let l = loss.loss(model, &mb, None)?;
             let value = l.value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -174,6 +175,21 @@ impl Objective {
                 let e = sums.entry(format!("eval_{k}")).or_default();
                 e.0 += v * n;
                 e.1 += n;
+            }
+        }
+        if world.size() > 1 {
+            let all = world.gather_json(&json!([sum, weight, sums]), "evaluation")?;
+            (sum, weight, sums) = (0.0, 0.0, BTreeMap::new());
+            for rank in all {
+                let (s, w, m): (f64, f64, BTreeMap<String, (f64, f64)>) =
+                    serde_json::from_value(rank)?;
+                sum += s;
+                weight += w;
+                for (k, (v, n)) in m {
+                    let e = sums.entry(k).or_default();
+                    e.0 += v;
+                    e.1 += n;
+                }
             }
         }
         let loss = if weight == 0.0 {
@@ -250,41 +266,59 @@ impl BatchLoss<'_> {
         !matches!(self, Self::Reward(_)) || metric == "accuracy"
     }
 
-    /// Gradient accumulation over the step's micro-batches, then clipping and the update.
+    /// Gradient accumulation over the step's micro-batches, then clipping and the update. In
+    /// a data-parallel run each rank takes its shard of every micro-batch and the gradients,
+    /// loss and token counts are summed over ranks, weighted so the step equals one process
+    /// taking the whole global batch.
     fn gradient_step(
         &self,
         model: &Model,
         opt: &mut AdamW,
         input: StepInput,
     ) -> Result<StepOutput> {
-        let batches: Vec<MicroBatch> = input
+        let world = input.world;
+        let per_rank = input.args.per_device_train_batch_size.max(1);
+        let n_micro = input.micro.len().max(1);
+        // This rank's part of each micro-batch, with the micro-batch's size over all ranks.
+        let batches: Vec<(usize, MicroBatch, usize)> = input
             .micro
             .iter()
-            .map(|idx| input.examples.micro_batch(idx, input.pad))
+            .enumerate()
+            .map(|(i, global)| (i, global, world.shard(global, per_rank)))
+            .filter(|(_, _, mine)| !mine.is_empty())
+            .map(|(i, global, mine)| Ok((i, input.examples.micro_batch(mine, input.pad)?, global.len())))
             .collect::<Result<_>>()?;
-        let n_targets: usize = batches
-            .iter()
-            .map(|m| m.batch.num_targets())
-            .sum::<usize>()
-            .max(1);
+        let local_targets: usize = batches.iter().map(|(_, m, _)| m.batch.num_targets()).sum();
+        let n_targets = world.sum_f64(&[local_targets as f64], "label counts")?[0].max(1.0);
         let mut rng = ChaCha8Rng::seed_from_u64(
-            input.args.seed ^ (input.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            input.args.seed
+                ^ (input.step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (world.rank() as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
         );
         let mut grads: Vec<Option<Tensor>> = vec![None; opt.params.len()];
         let (mut total, mut metrics) = (0.0, Vec::new());
-        for mb in &batches {
+        for (i, mb, global_len) in &batches {
             let l = self.loss(model, mb, Some(&mut rng))?;
             let scaled = match l.reduction {
-                Reduction::TokenSum(_) => (l.value / n_targets as f64)?,
-                Reduction::Mean => (l.value / batches.len() as f64)?,
+                Reduction::TokenSum(_) => (l.value / n_targets)?,
+                // A mean over this rank's examples, weighed by their share of the micro-batch.
+                Reduction::Mean if mb.examples == *global_len => (l.value / n_micro as f64)?,
+                Reduction::Mean => {
+                    (l.value * (mb.examples as f64 / (*global_len * n_micro) as f64))?
+                }
             };
-            metrics.extend(l.metrics);
+            metrics.extend(l.metrics.into_iter().map(|(k, v)| (*i, k, v, mb.examples)));
             total += scaled.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             opt.accumulate(&mut grads, &model.backward(&scaled)?)?;
         }
+        let vars: Vec<Var> = opt.params.iter().map(|p| p.var.clone()).collect();
+        world.all_reduce_gradients(&mut grads, &vars)?;
+        let local_tokens: u64 = batches.iter().map(|(_, m, _)| m.tokens).sum();
+        let sums = world.sum_f64(&[total, local_tokens as f64], "loss")?;
+        let (total, tokens) = (sums[0], sums[1] as u64);
+        let metrics = merge_metrics(world, metrics)?;
         opt.check_gradients_once(&grads)?;
         opt.restrict_gradients(&mut grads)?;
-        let tokens = batches.iter().map(|m| m.tokens).sum();
         if !total.is_finite() {
             return Ok(StepOutput {
                 loss: total,
@@ -312,4 +346,36 @@ impl BatchLoss<'_> {
             updated: true,
         })
     }
+}
+
+/// The stage metrics of a step, one entry per micro-batch and name: on one rank as they came;
+/// over ranks, each micro-batch's value is the mean of the ranks' values weighed by their
+/// examples (each rank's value is a mean over its examples).
+fn merge_metrics(
+    world: &crate::dist::World,
+    mine: Vec<(usize, String, f64, usize)>,
+) -> Result<Vec<(String, f64)>> {
+    if world.size() == 1 {
+        return Ok(mine.into_iter().map(|(_, k, v, _)| (k, v)).collect());
+    }
+    let all = world.gather_json(&json!(mine), "metrics")?;
+    let mut merged: Vec<((usize, String), (f64, f64))> = Vec::new();
+    for rank in all {
+        let entries: Vec<(usize, String, f64, usize)> = serde_json::from_value(rank)?;
+        for (i, k, v, n) in entries {
+            let key = (i, k);
+            match merged.iter_mut().find(|(k2, _)| *k2 == key) {
+                Some((_, (sum, w))) => {
+                    *sum += v * n as f64;
+                    *w += n as f64;
+                }
+                None => merged.push((key, (v * n as f64, n as f64))),
+            }
+        }
+    }
+    merged.sort_by_key(|((i, _), _)| *i);
+    Ok(merged
+        .into_iter()
+        .map(|((_, k), (sum, w))| (k, sum / w.max(1.0)))
+        .collect())
 }
