@@ -45,7 +45,11 @@ fn adapter_difference(a: &Path, b: &Path) -> f64 {
     a.iter()
         .map(|(k, x)| {
             let y = &b[k];
-            let d: f64 = x.iter().zip(y).map(|(p, q)| (*p as f64 - *q as f64).powi(2)).sum();
+            let d: f64 = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (*p as f64 - *q as f64).powi(2))
+                .sum();
             let n: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum();
             (d / n.max(1e-30)).sqrt()
         })
@@ -76,24 +80,54 @@ fn assert_two_ranks_equal_the_doubled_batch(body: &str, tolerance: f64) {
     let dir = workdir();
     let cfg = write_config(dir.path(), body);
     let cfg = cfg.to_str().unwrap();
-    let one = run(&["train", cfg, "output_dir=one", "per_device_train_batch_size=4"], dir.path());
+    let one = run(
+        &[
+            "train",
+            cfg,
+            "output_dir=one",
+            "per_device_train_batch_size=4",
+        ],
+        dir.path(),
+    );
     assert!(one.status.success(), "{}", stderr(&one));
     let by_mpirun = mpirun()
-        .args(["train", cfg, "output_dir=mpi", "per_device_train_batch_size=2"])
+        .args([
+            "train",
+            cfg,
+            "output_dir=mpi",
+            "per_device_train_batch_size=2",
+        ])
         .current_dir(dir.path())
         .output()
         .unwrap();
     assert!(by_mpirun.status.success(), "{}", stderr(&by_mpirun));
     let ours = run(
-        &["train", cfg, "output_dir=ours", "per_device_train_batch_size=2", "--nproc-per-node", "2", "--events", "json"],
+        &[
+            "train",
+            cfg,
+            "output_dir=ours",
+            "per_device_train_batch_size=2",
+            "--nproc-per-node",
+            "2",
+            "--events",
+            "json",
+        ],
         dir.path(),
     );
     assert!(ours.status.success(), "{}", stderr(&ours));
     let events = stdout(&ours);
     assert!(events.contains("2 ranks over MPI"), "{events}");
     // Rank 0 alone reports: one `started`, one `finished`.
-    assert_eq!(events.matches("\"event\":\"started\"").count(), 1, "{events}");
-    assert_eq!(events.matches("\"event\":\"finished\"").count(), 1, "{events}");
+    assert_eq!(
+        events.matches("\"event\":\"started\"").count(),
+        1,
+        "{events}"
+    );
+    assert_eq!(
+        events.matches("\"event\":\"finished\"").count(),
+        1,
+        "{events}"
+    );
 
     let reference = losses(&dir.path().join("one"));
     assert!(reference.len() >= 4, "{reference:?}");
@@ -101,19 +135,32 @@ fn assert_two_ranks_equal_the_doubled_batch(body: &str, tolerance: f64) {
         let out = dir.path().join(run);
         let got = losses(&out);
         // Rank 0 alone writes the log: one line per logged step, as the single process.
-        assert_eq!(got.len(), reference.len(), "{run}: {got:?} vs {reference:?}");
+        assert_eq!(
+            got.len(),
+            reference.len(),
+            "{run}: {got:?} vs {reference:?}"
+        );
         for ((s1, l1, e1), (s2, l2, e2)) in reference.iter().zip(&got) {
             assert_eq!(s1, s2);
             // The log keeps 4 decimals, as transformers': equal up to one rounding unit.
-            assert!((l1 - l2).abs() <= 1.01e-4, "{run} step {s1}: loss {l1} vs {l2}");
+            assert!(
+                (l1 - l2).abs() <= 1.01e-4,
+                "{run} step {s1}: loss {l1} vs {l2}"
+            );
             assert_eq!(e1.is_some(), e2.is_some());
         }
-        let (r1, r2) = (read_json(&dir.path().join("one/all_results.json")), read_json(&out.join("all_results.json")));
+        let (r1, r2) = (
+            read_json(&dir.path().join("one/all_results.json")),
+            read_json(&out.join("all_results.json")),
+        );
         for key in ["train_loss", "eval_loss"] {
             let (a, b) = (r1[key].as_f64().unwrap(), r2[key].as_f64().unwrap());
             assert!(rel(a, b) <= 1e-6, "{run} {key}: {a} vs {b}");
         }
-        assert_eq!(r1["num_input_tokens_seen"], r2["num_input_tokens_seen"], "{run}");
+        assert_eq!(
+            r1["num_input_tokens_seen"], r2["num_input_tokens_seen"],
+            "{run}"
+        );
         let d = adapter_difference(
             &dir.path().join("one/adapter_model.safetensors"),
             &out.join("adapter_model.safetensors"),
@@ -154,14 +201,20 @@ fn rank_pids(dir: &Path, out: &str) -> BTreeMap<usize, i32> {
     let dir = dir.canonicalize().unwrap();
     let mut pids = BTreeMap::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = String::from_utf8_lossy(&cmdline);
         let here = std::fs::read_link(entry.path().join("cwd")).is_ok_and(|c| c == dir);
         if !here || !cmdline.contains(&format!("output_dir={out}")) {
             continue;
         }
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
         for var in environ.split(|&b| b == 0) {
             if let Some(r) = String::from_utf8_lossy(var).strip_prefix("OMPI_COMM_WORLD_RANK=") {
                 pids.insert(r.parse().unwrap(), pid);
@@ -172,7 +225,11 @@ fn rank_pids(dir: &Path, out: &str) -> BTreeMap<usize, i32> {
 }
 
 /// Starts a long two-rank run into `out_name` by our launcher, waiting until `ready` holds.
-fn start_long_run(dir: &Path, out_name: &str, ready: impl Fn(&Path) -> bool) -> std::process::Child {
+fn start_long_run(
+    dir: &Path,
+    out_name: &str,
+    ready: impl Fn(&Path) -> bool,
+) -> std::process::Child {
     let cfg = write_config(
         dir,
         "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 64\nmax_samples: 64\n\
@@ -180,7 +237,15 @@ fn start_long_run(dir: &Path, out_name: &str, ready: impl Fn(&Path) -> bool) -> 
          learning_rate: 1.0e-3\nlora_rank: 4\nreport_to: none\nddp_timeout: 30\n",
     );
     let child = bin()
-        .args(["train", cfg.to_str().unwrap(), &format!("output_dir={out_name}"), "--nproc-per-node", "2", "--events", "json"])
+        .args([
+            "train",
+            cfg.to_str().unwrap(),
+            &format!("output_dir={out_name}"),
+            "--nproc-per-node",
+            "2",
+            "--events",
+            "json",
+        ])
         .current_dir(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -189,13 +254,19 @@ fn start_long_run(dir: &Path, out_name: &str, ready: impl Fn(&Path) -> bool) -> 
     let out = dir.join(out_name);
     let t0 = Instant::now();
     while !ready(&out) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "the run did not get going");
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the run did not get going"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     child
 }
 
-fn finish(child: std::process::Child, within: Duration) -> (std::process::ExitStatus, String, String) {
+fn finish(
+    child: std::process::Child,
+    within: Duration,
+) -> (std::process::ExitStatus, String, String) {
     let t0 = Instant::now();
     let pid = child.id();
     let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
@@ -214,7 +285,9 @@ fn finish(child: std::process::Child, within: Duration) -> (std::process::ExitSt
 #[test]
 fn a_killed_rank_ends_the_job_with_a_clear_error_and_keeps_its_checkpoint() {
     let dir = workdir();
-    let child = start_long_run(dir.path(), "killed", |out| out.join("checkpoint-2/trainer_state.json").exists());
+    let child = start_long_run(dir.path(), "killed", |out| {
+        out.join("checkpoint-2/trainer_state.json").exists()
+    });
     let out = dir.path().join("killed");
     let pids = rank_pids(dir.path(), "killed");
     assert_eq!(pids.len(), 2, "{pids:?}");
@@ -228,7 +301,10 @@ fn a_killed_rank_ends_the_job_with_a_clear_error_and_keeps_its_checkpoint() {
         .find(|e| e["event"] == "failed")
         .unwrap_or_else(|| panic!("no failed event:\n{events}\n{log}"));
     let error = failed["error"].as_str().unwrap();
-    assert!(error.contains("rank") && error.contains("mpirun"), "{error}");
+    assert!(
+        error.contains("rank") && error.contains("mpirun"),
+        "{error}"
+    );
     // Every rank is gone, and the checkpoint saved before is whole.
     assert!(rank_pids(dir.path(), "killed").is_empty());
     let state = read_json(&out.join("checkpoint-2/trainer_state.json"));
@@ -242,7 +318,8 @@ fn an_abort_stops_every_rank_at_one_step_and_saves_one_checkpoint() {
     let dir = workdir();
     let child = start_long_run(dir.path(), "aborted", |out| {
         out.join("trainer_log.jsonl").exists()
-            && std::fs::read_to_string(out.join("trainer_log.jsonl")).is_ok_and(|t| t.lines().count() >= 3)
+            && std::fs::read_to_string(out.join("trainer_log.jsonl"))
+                .is_ok_and(|t| t.lines().count() >= 3)
     });
     // What LlamaBoard's abort does: SIGINT to the worker (the launcher).
     // SAFETY: kill(2) on our own child.
@@ -257,6 +334,12 @@ fn an_abort_stops_every_rank_at_one_step_and_saves_one_checkpoint() {
     assert_eq!(aborted.len(), 1, "{events}");
     let step = aborted[0]["step"].as_u64().unwrap();
     let ckpt = dir.path().join(format!("aborted/checkpoint-{step}"));
-    assert_eq!(aborted[0]["checkpoint"], format!("aborted/checkpoint-{step}"));
-    assert_eq!(read_json(&ckpt.join("trainer_state.json"))["global_step"], step);
+    assert_eq!(
+        aborted[0]["checkpoint"],
+        format!("aborted/checkpoint-{step}")
+    );
+    assert_eq!(
+        read_json(&ckpt.join("trainer_state.json"))["global_step"],
+        step
+    );
 }

@@ -94,6 +94,11 @@ pub const TABLE: &[(&str, &str, &str)] = &[
     ("cutoff_len", "Cutoff length", "截断长度"),
     ("batch_size", "Batch size", "批处理大小"),
     (
+        "nproc_per_node",
+        "Devices (data-parallel ranks)",
+        "设备数量（数据并行）",
+    ),
+    (
         "gradient_accumulation_steps",
         "Gradient accumulation",
         "梯度累积",

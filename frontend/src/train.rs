@@ -35,6 +35,7 @@ pub const TRAIN_DEFAULTS: &[(&str, &str)] = &[
     ("compute_type", "fp32"),
     ("cutoff_len", "2048"),
     ("per_device_train_batch_size", "2"),
+    ("nproc_per_node", "1"),
     ("gradient_accumulation_steps", "8"),
     ("val_size", "0"),
     ("lr_scheduler_type", "cosine"),
@@ -515,6 +516,7 @@ pub fn TrainTab() -> impl IntoView {
             <Field form key="cutoff_len" label="cutoff_len" kind="number" min="4" max="131072"/>
             <Field form key="per_device_train_batch_size" label="batch_size" kind="number" min="1" max="1024"/>
             <Field form key="gradient_accumulation_steps" label="gradient_accumulation_steps" kind="number" min="1" max="1024"/>
+            <Field form key="nproc_per_node" label="nproc_per_node" kind="number" min="1" max="64"/>
             <Field form key="val_size" label="val_size" kind="number" min="0" max="1" step="0.001"/>
             <Select form key="lr_scheduler_type" label="lr_scheduler_type" options={choices::<SchedulerType>()}/>
         </div>

@@ -243,7 +243,12 @@ pub struct TrainArgs {
     /// Where TensorBoard's event files go (default `<output_dir>/runs/<date>_<host>`).
     pub logging_dir: Option<String>,
     pub run_name: Option<String>,
+    /// Seconds a collective operation waits for the other ranks of a data-parallel run
+    /// before the rank ends with an error (transformers' default: 1800).
     pub ddp_timeout: u64,
+    /// Data-parallel ranks on this machine (LLaMA-Factory's `NPROC_PER_NODE`; LlamaBoard's
+    /// device count): one per GPU over NCCL, or CPU ranks over MPI. 1: one process.
+    pub nproc_per_node: usize,
     pub deepspeed: Option<String>,
     pub resume_from_checkpoint: Option<String>,
     pub predict_with_generate: bool,
@@ -444,6 +449,7 @@ impl Default for TrainArgs {
             logging_dir: None,
             run_name: None,
             ddp_timeout: 1800,
+            nproc_per_node: 1,
             deepspeed: None,
             resume_from_checkpoint: None,
             predict_with_generate: false,

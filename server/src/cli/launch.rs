@@ -85,7 +85,10 @@ impl LaunchArgs {
             per_node,
             nnodes: self.nnodes,
             node_rank: self.node_rank,
-            master_addr: self.master_addr.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            master_addr: self
+                .master_addr
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1".into()),
             master_port: self.master_port,
             hosts: self.hosts.clone(),
             gpus,
@@ -126,7 +129,11 @@ impl Launch {
     }
 
     /// CPU ranks: `mpirun -np N` (or over `--hosts`) running this program's `train`.
-    fn run_mpi_ranks(&self, exe: &std::path::Path, train_args: &[OsString]) -> Result<Option<anyhow::Error>> {
+    fn run_mpi_ranks(
+        &self,
+        exe: &std::path::Path,
+        train_args: &[OsString],
+    ) -> Result<Option<anyhow::Error>> {
         if !cfg!(feature = "mpi") {
             bail!("CPU ranks need the MPI engine, which this build lacks: build with `cargo build --release --features mpi` (Open MPI: `apt-get install libopenmpi-dev openmpi-bin libclang-dev`)");
         }
@@ -143,11 +150,22 @@ impl Launch {
             let list: Vec<String> = self
                 .hosts
                 .iter()
-                .map(|h| if h.contains(':') { h.clone() } else { format!("{h}:{}", self.per_node) })
+                .map(|h| {
+                    if h.contains(':') {
+                        h.clone()
+                    } else {
+                        format!("{h}:{}", self.per_node)
+                    }
+                })
                 .collect();
             let n: usize = list
                 .iter()
-                .map(|h| h.rsplit(':').next().and_then(|s| s.parse::<usize>().ok()).unwrap_or(1))
+                .map(|h| {
+                    h.rsplit(':')
+                        .next()
+                        .and_then(|s| s.parse::<usize>().ok())
+                        .unwrap_or(1)
+                })
                 .sum();
             cmd.args(["-np", &n.to_string(), "-H", &list.join(",")]);
             n
@@ -157,7 +175,12 @@ impl Launch {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             (cores / self.per_node).max(1).to_string()
         });
-        cmd.args(["--bind-to", "none", "-x", &format!("RAYON_NUM_THREADS={threads}")]);
+        cmd.args([
+            "--bind-to",
+            "none",
+            "-x",
+            &format!("RAYON_NUM_THREADS={threads}"),
+        ]);
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
             cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
@@ -188,12 +211,18 @@ impl Launch {
     }
 
     /// GPU ranks: one process per GPU with torchrun's variables; rank 0 shares NCCL's id.
-    fn run_gpu_ranks(&self, exe: &std::path::Path, train_args: &[OsString]) -> Result<Option<anyhow::Error>> {
+    fn run_gpu_ranks(
+        &self,
+        exe: &std::path::Path,
+        train_args: &[OsString],
+    ) -> Result<Option<anyhow::Error>> {
         let world = self.per_node * self.nnodes;
         let port = match self.master_port {
             Some(p) => p,
             None if self.nnodes > 1 => 29500,
-            None => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+            None => std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port(),
         };
         let mut children = Vec::new();
         for local in 0..self.per_node {
@@ -224,7 +253,13 @@ impl Launch {
             .iter()
             .enumerate()
             .filter(|(_, s)| !s.is_some_and(|s| s.success()))
-            .map(|(i, s)| format!("rank {} {}", self.node_rank * self.per_node + i, describe(*s)))
+            .map(|(i, s)| {
+                format!(
+                    "rank {} {}",
+                    self.node_rank * self.per_node + i,
+                    describe(*s)
+                )
+            })
             .collect();
         Ok((!failed.is_empty()).then(|| anyhow::anyhow!("{}", failed.join("; "))))
     }

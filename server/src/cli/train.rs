@@ -55,7 +55,17 @@ impl Reporter for OtherRank {
 pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
     let place = trainer::dist::ranks()?;
     if place.world_size == 1 {
-        if let Some(launch) = cmd.launch.plan()? {
+        // The config's `nproc_per_node` (LlamaBoard's device count) unless a flag or
+        // NPROC_PER_NODE says otherwise.
+        let mut launch_args = cmd.launch.clone();
+        if launch_args.nproc_per_node.is_none() {
+            // A config that does not load is reported by the run below.
+            if let Ok((args, _)) = trainer::config::load_args(&cmd.config, &cmd.overrides) {
+                launch_args.nproc_per_node =
+                    (args.nproc_per_node > 1).then_some(args.nproc_per_node);
+            }
+        }
+        if let Some(launch) = launch_args.plan()? {
             let mut train_args: Vec<std::ffi::OsString> = vec![cmd.config.clone().into()];
             train_args.extend(cmd.overrides.iter().map(Into::into));
             if cmd.events.is_some() {

@@ -264,6 +264,24 @@ pub fn prepare(
     } else {
         args.adapter_name_or_path = None;
     }
+    if args.nproc_per_node > 1 {
+        if kind != Some(&RunKind::Train) {
+            return Err(ApiError::field(
+                "nproc_per_node",
+                "several devices train only; prediction and export run in one process",
+            ));
+        }
+        let gpus = trainer::device::cuda_device_count();
+        if gpus > 0 && args.nproc_per_node > gpus {
+            return Err(ApiError::field(
+                "nproc_per_node",
+                format!("this machine has {gpus} GPUs (one rank per GPU)"),
+            ));
+        }
+        if gpus == 0 && !cfg!(feature = "mpi") {
+            return Err(ApiError::field("nproc_per_node", "several CPU ranks need the MPI engine: build with `--features mpi` (Open MPI installed)"));
+        }
+    }
     match kind {
         Some(RunKind::Train) | Some(RunKind::Predict) => {
             let dir = dataset_dir(workdir, &args.dataset_dir)?;

@@ -273,7 +273,7 @@ mod tests {
 
     #[test]
     fn reads_llamafactory_example_with_overrides() {
-        let f = write("model_name_or_path: m\nlearning_rate: 1.0e-4\nnum_train_epochs: 3\nlora_target: all\nbf16: true\nddp_timeout: 180000000\nresume_from_checkpoint: null\n");
+        let f = write("model_name_or_path: m\nlearning_rate: 1.0e-4\nnum_train_epochs: 3\nlora_target: all\nbf16: true\nddp_timeout: 180000000\ndataloader_num_workers: 4\nresume_from_checkpoint: null\n");
         let (a, warnings) = load_args(
             f.path(),
             &["learning_rate=2e-5".into(), "cutoff_len=512".into()],
@@ -283,8 +283,9 @@ mod tests {
         assert_eq!(a.cutoff_len, 512);
         assert_eq!(a.num_train_epochs, 3.0);
         assert!(a.bf16);
+        assert_eq!(a.ddp_timeout, 180000000, "read: the collective timeout");
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        assert!(warnings[0].contains("ddp_timeout"));
+        assert!(warnings[0].contains("dataloader_num_workers"));
     }
 
     #[test]

@@ -227,7 +227,11 @@ impl World {
         let mut sum = vec![0.0; mine.len()];
         for values in &all {
             if values.len() != sum.len() {
-                bail!("ranks disagree on what `{what}` sums ({} vs {} values)", values.len(), sum.len());
+                bail!(
+                    "ranks disagree on what `{what}` sums ({} vs {} values)",
+                    values.len(),
+                    sum.len()
+                );
             }
             for (s, v) in sum.iter_mut().zip(values) {
                 *s += v;
@@ -242,15 +246,19 @@ impl World {
     }
 
     /// Each rank's JSON value, in rank order.
-    pub fn gather_json(&self, mine: &serde_json::Value, what: &'static str) -> Result<Vec<serde_json::Value>> {
+    pub fn gather_json(
+        &self,
+        mine: &serde_json::Value,
+        what: &'static str,
+    ) -> Result<Vec<serde_json::Value>> {
         if self.size() == 1 {
             return Ok(vec![mine.clone()]);
         }
         let _armed = self.armed(what);
-        let all = self.engine.all_gather_bytes(serde_json::to_string(mine)?.as_bytes())?;
-        all.iter()
-            .map(|b| Ok(serde_json::from_slice(b)?))
-            .collect()
+        let all = self
+            .engine
+            .all_gather_bytes(serde_json::to_string(mine)?.as_bytes())?;
+        all.iter().map(|b| Ok(serde_json::from_slice(b)?)).collect()
     }
 
     /// Sums gradients over ranks, in buckets of at most [`BUCKET_ELEMS`] elements. A tensor no
@@ -261,23 +269,37 @@ impl World {
             return Ok(());
         }
         // Which tensors have a gradient anywhere: one flag per tensor, summed.
-        let mine: Vec<f64> = grads.iter().map(|g| f64::from(u8::from(g.is_some()))).collect();
+        let mine: Vec<f64> = grads
+            .iter()
+            .map(|g| f64::from(u8::from(g.is_some())))
+            .collect();
         let present = self.sum_f64(&mine, "gradient presence")?;
         let mut start = 0;
         while start < grads.len() {
             let mut end = start;
             let mut elems = 0;
-            while end < grads.len() && (end == start || elems + like[end].elem_count() <= BUCKET_ELEMS) {
+            while end < grads.len()
+                && (end == start || elems + like[end].elem_count() <= BUCKET_ELEMS)
+            {
                 elems += like[end].elem_count();
                 end += 1;
             }
-            self.reduce_bucket(&mut grads[start..end], &like[start..end], &present[start..end])?;
+            self.reduce_bucket(
+                &mut grads[start..end],
+                &like[start..end],
+                &present[start..end],
+            )?;
             start = end;
         }
         Ok(())
     }
 
-    fn reduce_bucket(&self, grads: &mut [Option<Tensor>], like: &[Var], present: &[f64]) -> Result<()> {
+    fn reduce_bucket(
+        &self,
+        grads: &mut [Option<Tensor>],
+        like: &[Var],
+        present: &[f64],
+    ) -> Result<()> {
         let wide = like.iter().any(|v| v.dtype() == DType::F64);
         let flat_dtype = if wide { DType::F64 } else { DType::F32 };
         let mut parts = Vec::new();
@@ -306,7 +328,12 @@ impl World {
                 continue;
             }
             let n = v.elem_count();
-            *g = Some(summed.narrow(0, offset, n)?.reshape(v.shape())?.to_dtype(v.dtype())?);
+            *g = Some(
+                summed
+                    .narrow(0, offset, n)?
+                    .reshape(v.shape())?
+                    .to_dtype(v.dtype())?,
+            );
             offset += n;
         }
         Ok(())
@@ -320,7 +347,11 @@ impl World {
         }
         for v in vars {
             let dtype = v.dtype();
-            let flat_dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+            let flat_dtype = if dtype == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
             let flat = v.as_tensor().flatten_all()?.to_dtype(flat_dtype)?;
             let got = {
                 let _armed = self.armed("initial weights");

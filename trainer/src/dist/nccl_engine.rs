@@ -31,8 +31,13 @@ impl Nccl {
         let id = share_id(env, made, timeout)?;
         let id = Id::uninit(id.map(|b| b as std::ffi::c_char));
         let stream = device.cuda_stream();
-        let comm = Comm::from_rank(stream.clone(), env.rank, env.world_size, id)
-            .map_err(|e| anyhow!("NCCL cannot join rank {} of {}: {e:?}", env.rank, env.world_size))?;
+        let comm = Comm::from_rank(stream.clone(), env.rank, env.world_size, id).map_err(|e| {
+            anyhow!(
+                "NCCL cannot join rank {} of {}: {e:?}",
+                env.rank,
+                env.world_size
+            )
+        })?;
         Ok(Self {
             comm,
             stream,
@@ -62,7 +67,10 @@ impl OverRanks<'_> {
         };
         let src = src.slice(start..end);
         let dev = s.device().clone();
-        let mut dst = dev.cuda_stream().alloc_zeros::<T>(end - start).map_err(candle_core::Error::wrap)?;
+        let mut dst = dev
+            .cuda_stream()
+            .alloc_zeros::<T>(end - start)
+            .map_err(candle_core::Error::wrap)?;
         let done = if self.broadcast {
             self.comm.broadcast(Some(&src), &mut dst, 0)
         } else {
@@ -115,12 +123,18 @@ impl Collective for Nccl {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let op = OverRanks { comm: &self.comm, broadcast: false };
+        let op = OverRanks {
+            comm: &self.comm,
+            broadcast: false,
+        };
         Ok(t.contiguous()?.apply_op1_no_bwd(&op)?)
     }
 
     fn broadcast(&self, t: &Tensor) -> Result<Tensor> {
-        let op = OverRanks { comm: &self.comm, broadcast: true };
+        let op = OverRanks {
+            comm: &self.comm,
+            broadcast: true,
+        };
         Ok(t.contiguous()?.apply_op1_no_bwd(&op)?)
     }
 
@@ -142,7 +156,11 @@ impl Collective for Nccl {
         self.comm.all_gather(&send, &mut all).map_err(nccl)?;
         let all: Vec<u8> = self.stream.memcpy_dtov(&all)?;
         if all.len() != longest * self.world {
-            bail!("NCCL gathered {} bytes, not {}", all.len(), longest * self.world);
+            bail!(
+                "NCCL gathered {} bytes, not {}",
+                all.len(),
+                longest * self.world
+            );
         }
         Ok(lens
             .iter()

@@ -88,7 +88,12 @@ pub fn ranks_from(var: &dyn Fn(&str) -> Option<String>) -> Result<RankEnv> {
     } else if let (Some(rank), Some(world)) =
         (num("OMPI_COMM_WORLD_RANK")?, num("OMPI_COMM_WORLD_SIZE")?)
     {
-        Some((rank, world, num("OMPI_COMM_WORLD_LOCAL_RANK")?, Launcher::Mpirun))
+        Some((
+            rank,
+            world,
+            num("OMPI_COMM_WORLD_LOCAL_RANK")?,
+            Launcher::Mpirun,
+        ))
     } else if let (Some(rank), Some(world)) = (num("PMI_RANK")?, num("PMI_SIZE")?) {
         Some((rank, world, num("MPI_LOCALRANKID")?, Launcher::Pmi))
     } else if let (Some(rank), Some(world)) =
@@ -136,15 +141,44 @@ mod tests {
     #[test]
     fn each_launcher_s_variables_give_the_rank() {
         assert_eq!(from(&[]).unwrap(), RankEnv::single());
-        let t = from(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29400")]).unwrap();
-        assert_eq!((t.rank, t.world_size, t.local_rank, t.launcher), (3, 4, 1, Launcher::Torchrun));
+        let t = from(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29400"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (t.rank, t.world_size, t.local_rank, t.launcher),
+            (3, 4, 1, Launcher::Torchrun)
+        );
         assert_eq!((t.master_addr.as_str(), t.master_port), ("10.0.0.1", 29400));
-        let m = from(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_LOCAL_RANK", "1")]).unwrap();
-        assert_eq!((m.rank, m.world_size, m.local_rank, m.launcher), (1, 2, 1, Launcher::Mpirun));
-        let s = from(&[("SLURM_PROCID", "5"), ("SLURM_STEP_NUM_TASKS", "8"), ("SLURM_LOCALID", "1")]).unwrap();
-        assert_eq!((s.rank, s.world_size, s.local_rank, s.launcher), (5, 8, 1, Launcher::Slurm));
+        let m = from(&[
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (m.rank, m.world_size, m.local_rank, m.launcher),
+            (1, 2, 1, Launcher::Mpirun)
+        );
+        let s = from(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_STEP_NUM_TASKS", "8"),
+            ("SLURM_LOCALID", "1"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (s.rank, s.world_size, s.local_rank, s.launcher),
+            (5, 8, 1, Launcher::Slurm)
+        );
         // A Slurm batch script (no job step) is one process.
-        assert_eq!(from(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8")]).unwrap(), RankEnv::single());
+        assert_eq!(
+            from(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8")]).unwrap(),
+            RankEnv::single()
+        );
     }
 
     #[test]

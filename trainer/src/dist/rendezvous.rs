@@ -14,7 +14,11 @@ const MAGIC: &[u8; 8] = b"LFNCCL01";
 pub(super) const ID_BYTES: usize = 128;
 
 /// Rank 0: `id` to every other rank. Others: rank 0's id. Gives up after `timeout`.
-pub(super) fn share_id(env: &RankEnv, id: Option<[u8; ID_BYTES]>, timeout: Duration) -> Result<[u8; ID_BYTES]> {
+pub(super) fn share_id(
+    env: &RankEnv,
+    id: Option<[u8; ID_BYTES]>,
+    timeout: Duration,
+) -> Result<[u8; ID_BYTES]> {
     let deadline = Instant::now() + timeout;
     let at = format!("{}:{}", env.master_addr, env.master_port);
     if env.rank == 0 {
@@ -54,7 +58,11 @@ pub(super) fn share_id(env: &RankEnv, id: Option<[u8; ID_BYTES]>, timeout: Durat
     loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(mut s) => {
-                s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))))?;
+                s.set_read_timeout(Some(
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_secs(1)),
+                ))?;
                 let mut magic = [0u8; 8];
                 s.read_exact(&mut magic)
                     .with_context(|| format!("rank {}: reading from {at}", env.rank))?;
@@ -68,7 +76,11 @@ pub(super) fn share_id(env: &RankEnv, id: Option<[u8; ID_BYTES]>, timeout: Durat
             Err(e) => {
                 if Instant::now() > deadline {
                     return Err(e).with_context(|| {
-                        format!("rank {}: rank 0 did not answer at {at} within {} s", env.rank, timeout.as_secs())
+                        format!(
+                            "rank {}: rank 0 did not answer at {at} within {} s",
+                            env.rank,
+                            timeout.as_secs()
+                        )
                     });
                 }
                 std::thread::sleep(Duration::from_millis(200));
@@ -84,7 +96,11 @@ mod tests {
 
     #[test]
     fn every_rank_gets_rank_zero_s_id() {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let env = |rank| RankEnv {
             rank,
             world_size: 3,
@@ -95,9 +111,16 @@ mod tests {
         };
         let id = [7u8; ID_BYTES];
         let others: Vec<_> = (1..3)
-            .map(|r| std::thread::spawn(move || share_id(&env(r), None, Duration::from_secs(20)).unwrap()))
+            .map(|r| {
+                std::thread::spawn(move || {
+                    share_id(&env(r), None, Duration::from_secs(20)).unwrap()
+                })
+            })
             .collect();
-        assert_eq!(share_id(&env(0), Some(id), Duration::from_secs(20)).unwrap(), id);
+        assert_eq!(
+            share_id(&env(0), Some(id), Duration::from_secs(20)).unwrap(),
+            id
+        );
         for o in others {
             assert_eq!(o.join().unwrap(), id);
         }

@@ -95,7 +95,9 @@ pub fn run_training(
             None
         };
         // One rank asked to stop (LlamaBoard's abort reaches each): all stop after this step.
-        if s.world.any(opts.stop.load(Ordering::SeqCst), "stop requests")? {
+        if s.world
+            .any(opts.stop.load(Ordering::SeqCst), "stop requests")?
+        {
             let dir = match saved {
                 Some(dir) => dir,
                 None => s.save_checkpoint(step, rep)?,
@@ -118,6 +120,12 @@ pub fn run_training(
 fn check_data_parallel(args: &TrainArgs, world: &crate::dist::World) -> Result<()> {
     use protocol::args::Stage;
     if world.size() == 1 {
+        if args.nproc_per_node > 1 {
+            anyhow::bail!(
+                "`nproc_per_node`: {} ranks are started by `llamafactory train` (or mpirun, torchrun, srun), not inside this process",
+                args.nproc_per_node
+            );
+        }
         return Ok(());
     }
     let refuse = |key: &str, why: &str| {
@@ -514,7 +522,8 @@ impl<'a> Session<'a> {
         if main {
             self.save_model_to(&self.output_dir)?;
         }
-        if main && self.args.pissa_convert && self.lora.as_ref().is_some_and(|s| s.pissa.is_some()) {
+        if main && self.args.pissa_convert && self.lora.as_ref().is_some_and(|s| s.pissa.is_some())
+        {
             super::checkpoint::convert_pissa(&self.output_dir)?;
         }
         let runtime = self.elapsed();

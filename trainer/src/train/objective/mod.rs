@@ -286,7 +286,13 @@ impl BatchLoss<'_> {
             .enumerate()
             .map(|(i, global)| (i, global, world.shard(global, per_rank)))
             .filter(|(_, _, mine)| !mine.is_empty())
-            .map(|(i, global, mine)| Ok((i, input.examples.micro_batch(mine, input.pad)?, global.len())))
+            .map(|(i, global, mine)| {
+                Ok((
+                    i,
+                    input.examples.micro_batch(mine, input.pad)?,
+                    global.len(),
+                ))
+            })
             .collect::<Result<_>>()?;
         let local_targets: usize = batches.iter().map(|(_, m, _)| m.batch.num_targets()).sum();
         let n_targets = world.sum_f64(&[local_targets as f64], "label counts")?[0].max(1.0);
