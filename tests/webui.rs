@@ -981,3 +981,58 @@ fn dataset_preview_links_images_served_from_the_dataset_dir_only() {
         );
     }
 }
+
+/// LlamaBoard's device count: a two-rank run (CPU ranks over MPI) records its rank count and
+/// streams rank 0's steps; killing one rank mid-run leaves it `failed` with the reason, and the
+/// checkpoint saved before is whole.
+#[cfg(feature = "mpi")]
+#[test]
+fn a_two_rank_run_records_its_devices_and_a_killed_rank_fails_it() {
+    let dir = workdir();
+    let s = start(dir.path());
+    let extra = json!({"nproc_per_node": 2, "num_train_epochs": 500, "max_samples": 64, "save_steps": 2, "ddp_timeout": 30});
+    let id = start_run(&s, &quick_run(dir.path(), extra));
+    let mut sock = ws(&s, &format!("/api/runs/{id}/events"));
+    wait_for_step(&mut sock, 3);
+    let (_, run) = get(&s, &format!("/api/runs/{id}"));
+    assert_eq!(run["config"]["nproc_per_node"], 2, "{run}");
+    let out = PathBuf::from(run["output_dir"].as_str().unwrap());
+    let t = Instant::now();
+    while !out.join("checkpoint-2/trainer_state.json").exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "no checkpoint-2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Rank 1: a process working in the server's folder with Open MPI's rank variable.
+    let workdir = dir.path().canonicalize().unwrap();
+    let rank1 = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .find(|pid| {
+            let here = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == workdir);
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            here && env
+                .split(|&b| b == 0)
+                .any(|v| v == b"OMPI_COMM_WORLD_RANK=1")
+        })
+        .expect("rank 1 runs");
+    unsafe {
+        libc::kill(rank1, libc::SIGKILL);
+    }
+    let run = wait_status(
+        &s,
+        id,
+        &["failed", "aborted", "succeeded"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(run["status"], "failed", "{run}");
+    let err = run["error"].as_str().unwrap();
+    assert!(err.contains("rank") && err.contains("mpirun"), "{err}");
+    assert_eq!(
+        read_json(&out.join("checkpoint-2/trainer_state.json"))["global_step"],
+        2
+    );
+    let (_, log) = http(&s.addr, "GET", &format!("/api/runs/{id}/log"), "", &[]);
+    assert!(log.contains("2 ranks over MPI"), "{log}");
+    assert_eq!(get(&s, "/api/health").0, 200);
+}
