@@ -1029,7 +1029,7 @@ fn a_two_rank_run_records_its_devices_and_a_killed_rank_fails_it() {
     let err = run["error"].as_str().unwrap();
     assert!(err.contains("rank") && err.contains("mpirun"), "{err}");
     assert_eq!(
-        read_json(&out.join("checkpoint-2/trainer_state.json"))["global_step"],
+        common::read_json(&out.join("checkpoint-2/trainer_state.json"))["global_step"],
         2
     );
     let (_, log) = http(&s.addr, "GET", &format!("/api/runs/{id}/log"), "", &[]);
