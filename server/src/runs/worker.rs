@@ -157,7 +157,11 @@ where
                 match &e {
                     WorkerEvent::Finished { .. } => end.finished = true,
                     WorkerEvent::Aborted { .. } => end.aborted = true,
-                    WorkerEvent::Failed { error, .. } => end.failure = Some(error.clone()),
+                    // The first failure is the cause: a data-parallel launcher reports its
+                    // ranks' end after rank 0 has reported why.
+                    WorkerEvent::Failed { error, .. } => {
+                        end.failure.get_or_insert_with(|| error.clone());
+                    }
                     _ => {}
                 }
                 Line::Event(e, ts)
