@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::CudaStream;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::cuda_backend::CudaDevice;
@@ -141,20 +142,20 @@ impl Collective for Nccl {
     fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
         let nccl = |e| anyhow!("NCCL: {e:?}");
         // Lengths first, then every rank's bytes padded to the longest.
-        let len = self.stream.memcpy_stod(&[mine.len() as u64])?;
+        let len = self.stream.clone_htod(&[mine.len() as u64])?;
         let mut lens = self.stream.alloc_zeros::<u64>(self.world)?;
         self.comm.all_gather(&len, &mut lens).map_err(nccl)?;
-        let lens: Vec<u64> = self.stream.memcpy_dtov(&lens)?;
+        let lens: Vec<u64> = self.stream.clone_dtoh(&lens)?;
         let longest = lens.iter().copied().max().unwrap_or(0) as usize;
         if longest == 0 {
             return Ok(vec![Vec::new(); self.world]);
         }
         let mut padded = mine.to_vec();
         padded.resize(longest, 0);
-        let send = self.stream.memcpy_stod(&padded)?;
+        let send = self.stream.clone_htod(&padded)?;
         let mut all = self.stream.alloc_zeros::<u8>(longest * self.world)?;
         self.comm.all_gather(&send, &mut all).map_err(nccl)?;
-        let all: Vec<u8> = self.stream.memcpy_dtov(&all)?;
+        let all: Vec<u8> = self.stream.clone_dtoh(&all)?;
         if all.len() != longest * self.world {
             bail!(
                 "NCCL gathered {} bytes, not {}",
