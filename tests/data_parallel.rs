@@ -196,51 +196,26 @@ fn dpo_on_two_mpi_ranks_equals_one_process_with_the_doubled_batch() {
     );
 }
 
-/// The pids of the ranks working in `dir` on output `out`, by rank.
-fn rank_pids(dir: &Path, out: &str) -> BTreeMap<usize, i32> {
-    let dir = dir.canonicalize().unwrap();
-    let mut pids = BTreeMap::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        let here = std::fs::read_link(entry.path().join("cwd")).is_ok_and(|c| c == dir);
-        if !here || !cmdline.contains(&format!("output_dir={out}")) {
-            continue;
-        }
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        for var in environ.split(|&b| b == 0) {
-            if let Some(r) = String::from_utf8_lossy(var).strip_prefix("OMPI_COMM_WORLD_RANK=") {
-                pids.insert(r.parse().unwrap(), pid);
-            }
-        }
-    }
-    pids
-}
-
-/// Starts a long two-rank run into `out_name` by our launcher, waiting until `ready` holds.
+/// Starts a long two-rank run into `out_name` by our launcher, with collectives waiting at most
+/// `ddp_timeout` seconds, and waits until `ready` holds.
 fn start_long_run(
     dir: &Path,
     out_name: &str,
+    ddp_timeout: u64,
     ready: impl Fn(&Path) -> bool,
 ) -> std::process::Child {
     let cfg = write_config(
         dir,
         "stage: sft\ndo_train: true\ndataset: demo_sft\ntemplate: qwen\ncutoff_len: 64\nmax_samples: 64\n\
          per_device_train_batch_size: 2\nnum_train_epochs: 1000\nlogging_steps: 1\nsave_steps: 2\n\
-         learning_rate: 1.0e-3\nlora_rank: 4\nreport_to: none\nddp_timeout: 30\n",
+         learning_rate: 1.0e-3\nlora_rank: 4\nreport_to: none\n",
     );
     let child = bin()
         .args([
             "train",
             cfg.to_str().unwrap(),
             &format!("output_dir={out_name}"),
+            &format!("ddp_timeout={ddp_timeout}"),
             "--nproc-per-node",
             "2",
             "--events",
@@ -285,11 +260,11 @@ fn finish(
 #[test]
 fn a_killed_rank_ends_the_job_with_a_clear_error_and_keeps_its_checkpoint() {
     let dir = workdir();
-    let child = start_long_run(dir.path(), "killed", |out| {
+    let child = start_long_run(dir.path(), "killed", 30, |out| {
         out.join("checkpoint-2/trainer_state.json").exists()
     });
     let out = dir.path().join("killed");
-    let pids = rank_pids(dir.path(), "killed");
+    let pids = mpi_ranks(dir.path(), "output_dir=killed");
     assert_eq!(pids.len(), 2, "{pids:?}");
     // SAFETY: kill(2) on a rank of our own job.
     unsafe { libc::kill(pids[&1], libc::SIGKILL) };
@@ -306,7 +281,7 @@ fn a_killed_rank_ends_the_job_with_a_clear_error_and_keeps_its_checkpoint() {
         "{error}"
     );
     // Every rank is gone, and the checkpoint saved before is whole.
-    assert!(rank_pids(dir.path(), "killed").is_empty());
+    assert!(mpi_ranks(dir.path(), "output_dir=killed").is_empty());
     let state = read_json(&out.join("checkpoint-2/trainer_state.json"));
     assert_eq!(state["global_step"], 2);
     assert!(!tensors(&out.join("checkpoint-2/adapter_model.safetensors")).is_empty());
@@ -316,7 +291,7 @@ fn a_killed_rank_ends_the_job_with_a_clear_error_and_keeps_its_checkpoint() {
 #[test]
 fn an_abort_stops_every_rank_at_one_step_and_saves_one_checkpoint() {
     let dir = workdir();
-    let child = start_long_run(dir.path(), "aborted", |out| {
+    let child = start_long_run(dir.path(), "aborted", 30, |out| {
         out.join("trainer_log.jsonl").exists()
             && std::fs::read_to_string(out.join("trainer_log.jsonl"))
                 .is_ok_and(|t| t.lines().count() >= 3)
@@ -342,4 +317,26 @@ fn an_abort_stops_every_rank_at_one_step_and_saves_one_checkpoint() {
         read_json(&ckpt.join("trainer_state.json"))["global_step"],
         step
     );
+}
+
+/// `ddp_timeout`: a rank that stops answering (SIGSTOP: alive, so mpirun sees nothing) leaves
+/// rank 0 waiting in a collective; after `ddp_timeout` seconds rank 0 ends with an error naming
+/// the wait, and the job ends.
+#[test]
+fn a_rank_that_stops_answering_ends_the_job_after_ddp_timeout() {
+    let dir = workdir();
+    let child = start_long_run(dir.path(), "stalled", 3, |out| {
+        out.join("checkpoint-2/trainer_state.json").exists()
+    });
+    let pids = mpi_ranks(dir.path(), "output_dir=stalled");
+    // SAFETY: kill(2) on a rank of our own job.
+    unsafe { libc::kill(pids[&1], libc::SIGSTOP) };
+    let (status, events, log) = finish(child, Duration::from_secs(60));
+    assert!(!status.success());
+    assert!(
+        log.contains("rank 0: waited 3 s for the other ranks"),
+        "{events}\n{log}"
+    );
+    assert!(events.contains("\"event\":\"failed\""), "{events}");
+    assert!(mpi_ranks(dir.path(), "output_dir=stalled").is_empty());
 }

@@ -1003,18 +1003,8 @@ fn a_two_rank_run_records_its_devices_and_a_killed_rank_fails_it() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Rank 1: a process working in the server's folder with Open MPI's rank variable.
-    let workdir = dir.path().canonicalize().unwrap();
-    let rank1 = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-        .find(|pid| {
-            let here = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == workdir);
-            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            here && env
-                .split(|&b| b == 0)
-                .any(|v| v == b"OMPI_COMM_WORLD_RANK=1")
-        })
+    let rank1 = *common::mpi_ranks(dir.path(), "")
+        .get(&1)
         .expect("rank 1 runs");
     unsafe {
         libc::kill(rank1, libc::SIGKILL);

@@ -140,3 +140,31 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
+
+/// The pids of the MPI ranks (Open MPI's) working in `dir` whose command line contains `arg`,
+/// by rank.
+pub fn mpi_ranks(dir: &Path, arg: &str) -> std::collections::BTreeMap<usize, i32> {
+    let dir = dir.canonicalize().unwrap();
+    let mut pids = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let here = std::fs::read_link(entry.path().join("cwd")).is_ok_and(|c| c == dir);
+        if !here || !String::from_utf8_lossy(&cmdline).contains(arg) {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        for var in environ.split(|&b| b == 0) {
+            if let Some(r) = String::from_utf8_lossy(var).strip_prefix("OMPI_COMM_WORLD_RANK=") {
+                pids.insert(r.parse().unwrap(), pid);
+            }
+        }
+    }
+    pids
+}

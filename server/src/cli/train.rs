@@ -54,16 +54,15 @@ impl Reporter for OtherRank {
 
 pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
     let place = trainer::dist::ranks()?;
+    // Read once, by the launcher and the run alike; a config that does not load is reported by
+    // the run below.
+    let loaded = trainer::config::load_args(&cmd.config, &cmd.overrides);
     if place.world_size == 1 {
         // The config's `nproc_per_node` (LlamaBoard's device count) unless a flag or
         // NPROC_PER_NODE says otherwise.
         let mut launch_args = cmd.launch.clone();
-        if launch_args.nproc_per_node.is_none() {
-            // A config that does not load is reported by the run below.
-            if let Ok((args, _)) = trainer::config::load_args(&cmd.config, &cmd.overrides) {
-                launch_args.nproc_per_node =
-                    (args.nproc_per_node > 1).then_some(args.nproc_per_node);
-            }
+        if let (None, Ok((args, _))) = (launch_args.nproc_per_node, &loaded) {
+            launch_args.nproc_per_node = (args.nproc_per_node > 1).then_some(args.nproc_per_node);
         }
         if let Some(launch) = launch_args.plan()? {
             let mut train_args: Vec<std::ffi::OsString> = vec![cmd.config.clone().into()];
@@ -80,11 +79,8 @@ pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
         None => Box::new(BarReporter::new()),
     };
     let mut opts = TrainOptions {
-        device: if place.world_size > 1 {
-            trainer::device::device_for_rank(place.local_rank)
-        } else {
-            trainer::device::default_device()
-        },
+        // One process alone is local rank 0: the first GPU, as `default_device`.
+        device: trainer::device::device_for_rank(place.local_rank),
         ..TrainOptions::default()
     };
     let stop = opts.stop.clone();
@@ -103,32 +99,31 @@ pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
             std::process::exit(130);
         }
     })?;
-    let result =
-        trainer::config::load_args(&cmd.config, &cmd.overrides).and_then(|(args, mut warnings)| {
-            let (dtype, warning) = trainer::device::train_dtype(&args, &opts.device);
-            opts.dtype = dtype;
-            warnings.extend(warning);
-            for w in warnings {
-                reporter.event(&WorkerEvent::Log {
-                    level: "warning".into(),
-                    message: w,
-                });
-            }
-            let timeout = std::time::Duration::from_secs(args.ddp_timeout.max(1));
-            opts.world = trainer::dist::World::connect(&place, &opts.device, timeout)?;
-            if opts.world.size() > 1 {
-                reporter.event(&WorkerEvent::Log {
-                    level: "info".into(),
-                    message: format!(
-                        "data-parallel run: {} ranks over {} ({} examples per rank and micro-batch)",
-                        opts.world.size(),
-                        opts.world.engine(),
-                        args.per_device_train_batch_size
-                    ),
-                });
-            }
-            run_job(&args, &opts, reporter.as_mut())
-        });
+    let result = loaded.and_then(|(args, mut warnings)| {
+        let (dtype, warning) = trainer::device::train_dtype(&args, &opts.device);
+        opts.dtype = dtype;
+        warnings.extend(warning);
+        for w in warnings {
+            reporter.event(&WorkerEvent::Log {
+                level: "warning".into(),
+                message: w,
+            });
+        }
+        let timeout = std::time::Duration::from_secs(args.ddp_timeout.max(1));
+        opts.world = trainer::dist::World::connect(&place, &opts.device, timeout)?;
+        if opts.world.size() > 1 {
+            reporter.event(&WorkerEvent::Log {
+                level: "info".into(),
+                message: format!(
+                    "data-parallel run: {} ranks over {} ({} examples per rank and micro-batch)",
+                    opts.world.size(),
+                    opts.world.engine(),
+                    args.per_device_train_batch_size
+                ),
+            });
+        }
+        run_job(&args, &opts, reporter.as_mut())
+    });
     match result {
         Ok(Outcome::Finished(_)) | Ok(Outcome::Aborted) => Ok(ExitCode::SUCCESS),
         Ok(Outcome::Failed(_)) => Ok(ExitCode::from(1)),

@@ -89,6 +89,13 @@ impl Collective for Alone {
     }
 }
 
+/// Rank `rank`'s part of `global`: its run of `per_rank` items, cut short at the end.
+fn rank_slice<T>(global: &[T], per_rank: usize, rank: usize) -> &[T] {
+    let start = (rank * per_rank).min(global.len());
+    let end = (start + per_rank).min(global.len());
+    &global[start..end]
+}
+
 /// Elements per all-reduce of gradients: larger gradient sets go in buckets of this size
 /// (100 MB of f32), so the flat copy never doubles a full fine-tune's gradient memory.
 const BUCKET_ELEMS: usize = 25 << 20;
@@ -194,9 +201,7 @@ impl World {
     /// examples (a global batch is `per_device_train_batch_size × world` examples; a short
     /// last batch leaves the last ranks fewer, possibly none).
     pub fn shard<'a, T>(&self, global: &'a [T], per_rank: usize) -> &'a [T] {
-        let start = (self.rank() * per_rank).min(global.len());
-        let end = (start + per_rank).min(global.len());
-        &global[start..end]
+        rank_slice(global, per_rank, self.rank())
     }
 
     fn armed(&self, what: &'static str) -> Option<watchdog::Armed<'_>> {
@@ -369,35 +374,10 @@ mod tests {
 
     #[test]
     fn shards_split_a_global_batch_in_rank_order_and_leave_late_ranks_short() {
-        struct Fake(usize, usize);
-        impl Collective for Fake {
-            fn rank(&self) -> usize {
-                self.0
-            }
-            fn world_size(&self) -> usize {
-                self.1
-            }
-            fn engine(&self) -> Engine {
-                Engine::Mpi
-            }
-            fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-                Ok(t.clone())
-            }
-            fn broadcast(&self, t: &Tensor) -> Result<Tensor> {
-                Ok(t.clone())
-            }
-            fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
-                Ok(vec![mine.to_vec()])
-            }
-        }
-        let world = |rank| World {
-            engine: Box::new(Fake(rank, 3)),
-            watchdog: None,
-        };
         let global = [10, 11, 12, 13, 14];
-        assert_eq!(world(0).shard(&global, 2), [10, 11]);
-        assert_eq!(world(1).shard(&global, 2), [12, 13]);
-        assert_eq!(world(2).shard(&global, 2), [14]);
-        assert!(world(2).shard(&global[..3], 2).is_empty());
+        assert_eq!(rank_slice(&global, 2, 0), [10, 11]);
+        assert_eq!(rank_slice(&global, 2, 1), [12, 13]);
+        assert_eq!(rank_slice(&global, 2, 2), [14]);
+        assert!(rank_slice(&global[..3], 2, 2).is_empty());
     }
 }

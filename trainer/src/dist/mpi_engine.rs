@@ -30,20 +30,43 @@ impl Mpi {
         })
     }
 
-    fn sum<T: Equivalence + Copy + Default>(&self, data: &mut [T]) {
+    /// `op` in place on `data`, in pieces.
+    fn apply<T: Equivalence + Copy>(&self, op: HostOp, data: &mut [T]) {
+        let root = self.world.process_at_rank(0);
         for piece in data.chunks_mut(PIECE) {
-            let send = piece.to_vec();
-            self.world
-                .all_reduce_into(&send[..], piece, SystemOperation::sum());
+            match op {
+                HostOp::Sum => {
+                    let send = piece.to_vec();
+                    self.world
+                        .all_reduce_into(&send[..], piece, SystemOperation::sum());
+                }
+                HostOp::Broadcast => root.broadcast_into(piece),
+            }
         }
     }
 
-    fn bcast<T: Equivalence>(&self, data: &mut [T]) {
-        let root = self.world.process_at_rank(0);
-        for piece in data.chunks_mut(PIECE) {
-            root.broadcast_into(piece);
-        }
+    /// `op` on a 1-D tensor through host memory: f64 stays f64, anything else goes as f32.
+    fn on_host(&self, t: &Tensor, op: HostOp) -> Result<Tensor> {
+        let device = t.device().clone();
+        Ok(match t.dtype() {
+            DType::F64 => {
+                let mut v = t.to_vec1::<f64>()?;
+                self.apply(op, &mut v);
+                Tensor::from_vec(v, t.dims(), &device)?
+            }
+            _ => {
+                let mut v = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                self.apply(op, &mut v);
+                Tensor::from_vec(v, t.dims(), &device)?.to_dtype(t.dtype())?
+            }
+        })
     }
+}
+
+#[derive(Clone, Copy)]
+enum HostOp {
+    Sum,
+    Broadcast,
 }
 
 impl Collective for Mpi {
@@ -60,35 +83,11 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let device = t.device().clone();
-        match t.dtype() {
-            DType::F64 => {
-                let mut v = t.to_vec1::<f64>()?;
-                self.sum(&mut v);
-                Ok(Tensor::from_vec(v, t.dims(), &device)?)
-            }
-            _ => {
-                let mut v = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                self.sum(&mut v);
-                Ok(Tensor::from_vec(v, t.dims(), &device)?.to_dtype(t.dtype())?)
-            }
-        }
+        self.on_host(t, HostOp::Sum)
     }
 
     fn broadcast(&self, t: &Tensor) -> Result<Tensor> {
-        let device = t.device().clone();
-        match t.dtype() {
-            DType::F64 => {
-                let mut v = t.to_vec1::<f64>()?;
-                self.bcast(&mut v);
-                Ok(Tensor::from_vec(v, t.dims(), &device)?)
-            }
-            _ => {
-                let mut v = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                self.bcast(&mut v);
-                Ok(Tensor::from_vec(v, t.dims(), &device)?.to_dtype(t.dtype())?)
-            }
-        }
+        self.on_host(t, HostOp::Broadcast)
     }
 
     fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
