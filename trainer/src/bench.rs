@@ -505,19 +505,13 @@ pub fn device_agreement(
     dtypes: &[candle_core::DType],
 ) -> Result<Vec<DeviceAgreement>> {
     use candle_core::{DType, Tensor};
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
 
     let mut c = train_bench_config("tiny")?;
     c.seq = 64;
     let cpu = random_model(&c, false)?;
+    cpu.randomize_lora_b(0.05, 9)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-    for l in cpu.lora_layers().values() {
-        let shape = l.b.shape().clone();
-        let data: Vec<f32> = (0..shape.elem_count())
-            .map(|_| rng.gen_range(-0.05..0.05))
-            .collect();
-        l.b.set(&Tensor::from_vec(data, shape, &candle_core::Device::Cpu)?)?;
-    }
     let batch = random_batch(&mut rng, 2, c.seq, c.vocab, 16);
     let measure = |m: &crate::model::Model| -> Result<(Tensor, f64, Vec<Tensor>)> {
         let logits = m

@@ -2,9 +2,8 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use protocol::TrainArgs;
-use rand::{Rng, SeedableRng};
 use trainer::model::adapter::LoraSpec;
 use trainer::model::{Batch, Model, RowRef};
 use trainer::train::checkpoint::{save_model, SaveKind};
@@ -36,15 +35,7 @@ fn merged_export_reproduces_adapter_logits() {
         };
         let spec = LoraSpec::from_args(&args);
         model.add_lora(&spec, 3).unwrap();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        for l in model.lora_layers().values() {
-            let shape = l.b.shape().clone();
-            let v: Vec<f32> = (0..shape.elem_count())
-                .map(|_| rng.gen_range(-0.05..0.05))
-                .collect();
-            l.b.set(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
-                .unwrap();
-        }
+        model.randomize_lora_b(0.05, 5).unwrap();
         let want = logits(&model);
         let adapter = tmp.path().join(format!("adapter-{use_dora}"));
         let tok = trainer::tokenizer::HfTokenizer::load(&base).unwrap();

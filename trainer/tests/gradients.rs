@@ -127,7 +127,7 @@ fn with_lora(name: &str, args: &TrainArgs) -> Model {
     let mut m = model(name);
     m.add_lora(&LoraSpec::for_model(args, &m).unwrap(), 1)
         .unwrap();
-    common::randomize_lora_b(&m);
+    m.randomize_lora_b(0.2, 3).unwrap();
     m
 }
 

@@ -11,7 +11,7 @@ use protocol::TrainArgs;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use trainer::model::adapter::LoraSpec;
-use trainer::model::{Batch, Model, RowRef};
+use trainer::model::{Batch, Model};
 
 fn lora_model(name: &str) -> Model {
     let dir = common::repo().join("tests/fixtures/models").join(name);
@@ -26,7 +26,7 @@ fn lora_model(name: &str) -> Model {
     };
     m.add_lora(&LoraSpec::for_model(&args, &m).unwrap(), 1)
         .unwrap();
-    common::randomize_lora_b(&m);
+    m.randomize_lora_b(0.2, 3).unwrap();
     m
 }
 
@@ -38,21 +38,7 @@ fn ragged_batch() -> Batch {
         vec![11, 2, 95, 33, 70, 4, 8, 19, 27, 66, 31, 50, 7, 12],
         vec![21, 64, 13, 90, 6],
     ];
-    let labels: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .map(|(i, &t)| if i < 3 { -100 } else { t as i64 })
-                .collect()
-        })
-        .collect();
-    let refs: Vec<RowRef> = rows
-        .iter()
-        .zip(&labels)
-        .map(|(r, l)| (r.as_slice(), l.as_slice(), None))
-        .collect();
-    Batch::pad(&refs, 0)
+    common::rows_with_prompt(&rows, 3)
 }
 
 fn flat(t: &Tensor) -> Vec<f64> {

@@ -289,6 +289,21 @@ impl Model {
             .collect()
     }
 
+    /// Sets every LoRA B to values drawn uniformly from (−bound, bound) with `seed`: a fresh
+    /// adapter's B is zero, which hides what A and B do from benchmarks and tests.
+    pub fn randomize_lora_b(&self, bound: f64, seed: u64) -> Result<()> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for l in self.lora_layers().values() {
+            let shape = l.b.shape().clone();
+            let data: Vec<f64> = (0..shape.elem_count())
+                .map(|_| rng.gen_range(-bound..bound))
+                .collect();
+            l.b.set(&Tensor::from_vec(data, shape, l.b.device())?.to_dtype(l.b.dtype())?)?;
+        }
+        Ok(())
+    }
+
     pub fn lora_layers_mut(&mut self) -> impl Iterator<Item = &mut LoraLayer> {
         self.linears_mut().filter_map(|l| l.lora.as_mut())
     }

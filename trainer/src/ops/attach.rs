@@ -31,33 +31,38 @@ impl Slot {
             .ok_or_else(|| candle_core::Error::Msg(format!("{}: the forward ran twice", self.name)))
     }
 
-    pub(super) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+    /// The result as the storage `pick` finds for this device (a copy of it, as an op's
+    /// output must own its storage).
+    fn take_as<S: BackendStorage>(&self, pick: fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
         let y = self.take()?;
         let (s, l) = y.storage_and_layout();
-        match &*s {
-            Storage::Cpu(c) => precomputed(self.name, c, l),
-            _ => candle_core::bail!("{}: result on another device", self.name),
+        match pick(&s) {
+            Some(c) => precomputed(self.name, c, l),
+            None => candle_core::bail!("{}: result on another device", self.name),
         }
+    }
+
+    pub(super) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        self.take_as(|s| match s {
+            Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
     }
 
     #[cfg(feature = "cuda")]
     pub(super) fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = self.take()?;
-        let (s, l) = y.storage_and_layout();
-        match &*s {
-            Storage::Cuda(c) => precomputed(self.name, c, l),
-            _ => candle_core::bail!("{}: result on another device", self.name),
-        }
+        self.take_as(|s| match s {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
     }
 
     #[cfg(feature = "metal")]
     pub(super) fn metal(&self) -> Result<(candle_core::MetalStorage, Shape)> {
-        let y = self.take()?;
-        let (s, l) = y.storage_and_layout();
-        match &*s {
-            Storage::Metal(c) => precomputed(self.name, c, l),
-            _ => candle_core::bail!("{}: result on another device", self.name),
-        }
+        self.take_as(|s| match s {
+            Storage::Metal(c) => Some(c),
+            _ => None,
+        })
     }
 }
 

@@ -148,24 +148,12 @@ pub fn attention(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::max_abs;
     use super::*;
     use candle_core::{Device, Var};
 
     fn var(shape: &[usize], seed: f64) -> Var {
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|i| ((i as f64 + seed) * 0.37).sin()).collect();
-        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-    }
-
-    fn max_abs(t: &Tensor) -> f64 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        super::super::test_util::wave_var(shape, seed, 0.37)
     }
 
     /// The node's output and its q, k, v gradients equal those of the composed graph (GQA with

@@ -235,6 +235,7 @@ fn shifted_exp_cpu(z: &Tensor, m_prev: Option<&Tensor>) -> Result<(Tensor, Tenso
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::max_diff;
     use super::*;
     use candle_core::{Device, Var};
 
@@ -247,17 +248,6 @@ mod tests {
             .map(|_| (0..12).map(|_| rng.gen::<f64>()).sum::<f64>() - 6.0)
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     /// 300 rows and a 20,000-token vocabulary cross chunk and tile boundaries; the reference
@@ -278,7 +268,7 @@ mod tests {
             .unwrap()
             .gather(&tgt, 1)
             .unwrap();
-        assert!(diff(&ours, &reference) < 1e-10);
+        assert!(max_diff(&ours, &reference) < 1e-10);
 
         let loss = |x: &Tensor| (x * &weights).unwrap().sum_all().unwrap();
         let g = loss(&ours).backward().unwrap();
@@ -287,14 +277,14 @@ mod tests {
             g.get(h.as_tensor()).unwrap(),
             g_ref.get(h.as_tensor()).unwrap(),
         );
-        assert!(diff(g_ref, &g_ref.zeros_like().unwrap()) > 0.1);
-        assert!(diff(g, g_ref) < 1e-10);
+        assert!(max_diff(g_ref, &g_ref.zeros_like().unwrap()) > 0.1);
+        assert!(max_diff(g, g_ref) < 1e-10);
 
         // The f32 CPU pass agrees with the f64 one.
         let h32 = Var::from_tensor(&h.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
         let w32 = w.to_dtype(DType::F32).unwrap();
         let ours32 = frozen_head_logps(h32.as_tensor(), &w32, &targets, None).unwrap();
-        assert!(diff(&ours32, &reference) < 1e-4);
+        assert!(max_diff(&ours32, &reference) < 1e-4);
         let weights32 = weights.to_dtype(DType::F32).unwrap();
         let g32 = (ours32 * &weights32)
             .unwrap()
@@ -303,8 +293,8 @@ mod tests {
             .backward()
             .unwrap();
         // f32 sums over a 20,000-token vocabulary: relative to the largest gradient entry.
-        let scale = diff(g_ref, &g_ref.zeros_like().unwrap());
-        let d32 = diff(g32.get(h32.as_tensor()).unwrap(), g_ref);
+        let scale = max_diff(g_ref, &g_ref.zeros_like().unwrap());
+        let d32 = max_diff(g32.get(h32.as_tensor()).unwrap(), g_ref);
         assert!(
             d32 < 2e-5 * scale,
             "f32 gradient off by {d32} (scale {scale})"
@@ -326,11 +316,11 @@ mod tests {
 
         let y = frozen_head(x.as_tensor(), &w).unwrap();
         let y_ref = x.as_tensor().matmul(&w32.t().unwrap()).unwrap();
-        assert!(diff(&y, &y_ref) < 1e-5);
+        assert!(max_diff(&y, &y_ref) < 1e-5);
         let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = y_ref.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         assert!(
-            diff(
+            max_diff(
                 g.get(x.as_tensor()).unwrap(),
                 g_ref.get(x.as_tensor()).unwrap()
             ) < 1e-2
@@ -339,7 +329,7 @@ mod tests {
         let lp = frozen_head_logps(x.as_tensor(), &w, &targets, None).unwrap();
         let lp_ref = frozen_head_logps(x.as_tensor(), &w32, &targets, None).unwrap();
         assert_eq!(lp.dtype(), DType::F32);
-        assert!(diff(&lp, &lp_ref) < 1e-4);
+        assert!(max_diff(&lp, &lp_ref) < 1e-4);
     }
 
     /// Soft-capped logits (Gemma 2): the composed `c · tanh(z / c)` graph is the reference.
@@ -358,13 +348,16 @@ mod tests {
             .unwrap()
             .gather(&tgt, 1)
             .unwrap();
-        assert!(diff(&ours, &reference) < 1e-10);
+        assert!(max_diff(&ours, &reference) < 1e-10);
         let uncapped = frozen_head_logps(h.as_tensor(), &w, &targets, None).unwrap();
-        assert!(diff(&ours, &uncapped) > 0.1, "the cap changes the result");
+        assert!(
+            max_diff(&ours, &uncapped) > 0.1,
+            "the cap changes the result"
+        );
         let g = ours.sum_all().unwrap().backward().unwrap();
         let g_ref = reference.sum_all().unwrap().backward().unwrap();
         assert!(
-            diff(
+            max_diff(
                 g.get(h.as_tensor()).unwrap(),
                 g_ref.get(h.as_tensor()).unwrap()
             ) < 1e-10

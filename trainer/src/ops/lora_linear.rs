@@ -89,13 +89,12 @@ pub fn lora_linear(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::max_diff;
     use super::*;
     use candle_core::{Device, Var};
 
     fn var(shape: (usize, usize), seed: f64) -> Var {
-        let n = shape.0 * shape.1;
-        let v: Vec<f64> = (0..n).map(|i| ((i as f64 + seed) * 0.7).sin()).collect();
-        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+        super::super::test_util::wave_var(shape, seed, 0.7)
     }
 
     /// The op's value and gradients equal the composed graph's, with and without a mask.
@@ -123,19 +122,7 @@ mod tests {
                     .matmul(&(b.as_tensor() * 0.5).unwrap().t().unwrap())
                     .unwrap())
             .unwrap();
-            let diff = |p: &Tensor, q: &Tensor| -> f64 {
-                (p - q)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap()
-            };
-            assert!(diff(&fused, &composed) < 1e-12);
+            assert!(max_diff(&fused, &composed) < 1e-12);
             // A loss that weights every output differently.
             let weights = Tensor::arange(0f64, 15.0, &Device::Cpu)
                 .unwrap()
@@ -154,7 +141,7 @@ mod tests {
                 .backward()
                 .unwrap();
             for v in [&x, &a, &b] {
-                let d = diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+                let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
                 assert!(d < 1e-10, "gradient differs by {d}");
                 // A value, holding no graph.
                 assert!(!gf.get(v).unwrap().track_op());

@@ -8,6 +8,8 @@ mod head_logps;
 mod log_sigmoid;
 mod lora_linear;
 mod rowwise;
+#[cfg(test)]
+mod test_util;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

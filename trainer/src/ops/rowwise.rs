@@ -798,6 +798,7 @@ pub fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::max_diff;
     use super::*;
     use candle_core::{Device, Var, D};
     use rand::{Rng, SeedableRng};
@@ -807,19 +808,6 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     /// Checks the op's gradient against central differences of `f` (a scalar function of the

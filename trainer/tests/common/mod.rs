@@ -42,9 +42,20 @@ pub const MODEL_VARIANTS: [&str; 15] = [
 
 /// Rows trained on every token (labels = ids), padded with 0.
 pub fn full_rows(rows: &[Vec<u32>]) -> Batch {
+    rows_with_prompt(rows, 0)
+}
+
+/// Rows whose first `prompt_len` tokens are a prompt (label -100) and the rest trained (labels =
+/// ids), padded with 0.
+pub fn rows_with_prompt(rows: &[Vec<u32>], prompt_len: usize) -> Batch {
     let labels: Vec<Vec<i64>> = rows
         .iter()
-        .map(|r| r.iter().map(|&x| x as i64).collect())
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .map(|(i, &t)| if i < prompt_len { -100 } else { t as i64 })
+                .collect()
+        })
         .collect();
     let refs: Vec<RowRef> = rows
         .iter()
@@ -151,20 +162,5 @@ pub fn assert_factors_match(
             max_diff(&rb, &(&wb * sign).unwrap()) < tol,
             "{what}: B column {i}"
         );
-    }
-}
-
-/// Sets every LoRA `B` of `m` to uniform draws in ±0.2 (seeded), so that the adapters change the
-/// function and both factors carry gradient.
-pub fn randomize_lora_b(m: &trainer::model::Model) {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    for l in m.lora_layers().values() {
-        let shape = l.b.shape().clone();
-        let data: Vec<f64> = (0..shape.elem_count())
-            .map(|_| rng.gen_range(-0.2..0.2))
-            .collect();
-        l.b.set(&candle_core::Tensor::from_vec(data, shape, &candle_core::Device::Cpu).unwrap())
-            .unwrap();
     }
 }
