@@ -96,6 +96,16 @@ fn rank_slice<T>(global: &[T], per_rank: usize, rank: usize) -> &[T] {
     &global[start..end]
 }
 
+/// The dtype tensors of `dtypes` travel in: f64 when any is f64 (tests), else f32 (the
+/// trained tensors' masters).
+fn wire_dtype(dtypes: impl IntoIterator<Item = DType>) -> DType {
+    if dtypes.into_iter().any(|d| d == DType::F64) {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// Elements per all-reduce of gradients: larger gradient sets go in buckets of this size
 /// (100 MB of f32), so the flat copy never doubles a full fine-tune's gradient memory.
 const BUCKET_ELEMS: usize = 25 << 20;
@@ -305,8 +315,7 @@ impl World {
         like: &[Var],
         present: &[f64],
     ) -> Result<()> {
-        let wide = like.iter().any(|v| v.dtype() == DType::F64);
-        let flat_dtype = if wide { DType::F64 } else { DType::F32 };
+        let flat_dtype = wire_dtype(like.iter().map(|v| v.dtype()));
         let mut parts = Vec::new();
         for ((g, v), &p) in grads.iter().zip(like).zip(present) {
             if p == 0.0 {
@@ -352,12 +361,7 @@ impl World {
         }
         for v in vars {
             let dtype = v.dtype();
-            let flat_dtype = if dtype == DType::F64 {
-                DType::F64
-            } else {
-                DType::F32
-            };
-            let flat = v.as_tensor().flatten_all()?.to_dtype(flat_dtype)?;
+            let flat = v.as_tensor().flatten_all()?.to_dtype(wire_dtype([dtype]))?;
             let got = {
                 let _armed = self.armed("initial weights");
                 self.engine.broadcast(&flat)?

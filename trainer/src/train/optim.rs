@@ -447,6 +447,11 @@ impl AdamW {
     }
 
     /// Moments by parameter name plus the step count, for checkpoints.
+    /// The trained tensors, in the order of [`AdamW::params`] (and of the gradients).
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.iter().map(|p| p.var.clone()).collect()
+    }
+
     pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         if self.ratio.is_some() {

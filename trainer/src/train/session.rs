@@ -281,8 +281,7 @@ impl<'a> Session<'a> {
         };
         let start_step = restored.as_ref().map_or(0, |r| r.step);
         // Every rank starts from rank 0's weights (a resumed run's come from one checkpoint).
-        let vars: Vec<candle_core::Var> = opt.params.iter().map(|p| p.var.clone()).collect();
-        world.broadcast_vars(&vars)?;
+        world.broadcast_vars(&opt.vars())?;
         let main = world.is_main();
         // PiSSA with `pissa_convert`: the initial adapter, which the conversion at the end
         // subtracts (LLaMA-Factory's `pissa_init` folder).
@@ -386,11 +385,7 @@ impl<'a> Session<'a> {
 
     /// Evaluates the held-out examples after `step` and records the result.
     fn evaluate(&mut self, step: usize, rep: &mut dyn Reporter) -> Result<()> {
-        let bs = self.args.per_device_eval_batch_size.max(1);
-        let Some(e) = self
-            .objective
-            .eval(&self.model, &self.eval, bs, self.pad, self.world)?
-        else {
+        let Some(e) = self.eval_held_out()? else {
             return Ok(());
         };
         let at = self.progress(step, 0.0);
@@ -406,6 +401,17 @@ impl<'a> Session<'a> {
             metrics,
         });
         Ok(())
+    }
+
+    /// The objective's evaluation of the held-out examples (every rank takes its turns); `None`
+    /// without any, or for an objective that does not evaluate.
+    fn eval_held_out(&self) -> Result<Option<super::step::EvalOutput>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let bs = self.args.per_device_eval_batch_size.max(1);
+        self.objective
+            .eval(&self.model, &self.eval, bs, self.pad, self.world)
     }
 
     /// The trained model (adapter or full weights), its tokenizer and its value head into `dir`.
@@ -517,13 +523,14 @@ impl<'a> Session<'a> {
 
     /// The final model, results, state and loss plot, as LLaMA-Factory writes them.
     fn finish(mut self) -> Result<Outcome> {
-        let total = self.plan.total_steps;
-        let main = self.world.is_main();
-        if main {
-            self.save_model_to(&self.output_dir)?;
+        if !self.world.is_main() {
+            // The other ranks take their turns at the final evaluation rank 0 records.
+            self.eval_held_out()?;
+            return Ok(Outcome::Finished(Map::new()));
         }
-        if main && self.args.pissa_convert && self.lora.as_ref().is_some_and(|s| s.pissa.is_some())
-        {
+        let total = self.plan.total_steps;
+        self.save_model_to(&self.output_dir)?;
+        if self.args.pissa_convert && self.lora.as_ref().is_some_and(|s| s.pissa.is_some()) {
             super::checkpoint::convert_pissa(&self.output_dir)?;
         }
         let runtime = self.elapsed();
@@ -547,17 +554,7 @@ impl<'a> Session<'a> {
             "throughput".into(),
             json!(round(self.tokens_seen as f64 / runtime, 2)),
         );
-        let bs = self.args.per_device_eval_batch_size.max(1);
-        let eval = match self.eval.is_empty() {
-            true => None,
-            false => self
-                .objective
-                .eval(&self.model, &self.eval, bs, self.pad, self.world)?,
-        };
-        if !self.world.is_main() {
-            return Ok(Outcome::Finished(Map::new()));
-        }
-        let eval = eval.map(|e| {
+        let eval = self.eval_held_out()?.map(|e| {
             let mut m = Map::new();
             m.insert("epoch".into(), json!(epoch));
             m.insert("eval_loss".into(), json!(e.loss));

@@ -317,8 +317,7 @@ impl BatchLoss<'_> {
             total += scaled.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             opt.accumulate(&mut grads, &model.backward(&scaled)?)?;
         }
-        let vars: Vec<Var> = opt.params.iter().map(|p| p.var.clone()).collect();
-        world.all_reduce_gradients(&mut grads, &vars)?;
+        world.all_reduce_gradients(&mut grads, &opt.vars())?;
         let local_tokens: u64 = batches.iter().map(|(_, m, _)| m.tokens).sum();
         let sums = world.sum_f64(&[total, local_tokens as f64], "loss")?;
         let (total, tokens) = (sums[0], sums[1] as u64);
