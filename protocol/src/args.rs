@@ -247,8 +247,9 @@ pub struct TrainArgs {
     /// before the rank ends with an error (transformers' default: 1800).
     pub ddp_timeout: u64,
     /// Data-parallel ranks on this machine (LLaMA-Factory's `NPROC_PER_NODE`; LlamaBoard's
-    /// device count): one per GPU over NCCL, or CPU ranks over MPI. 1: one process.
-    pub nproc_per_node: usize,
+    /// device count): one per GPU over NCCL, or CPU ranks over MPI. Unset: one per GPU when
+    /// several are visible (as LLaMA-Factory), else one process.
+    pub nproc_per_node: Option<usize>,
     pub deepspeed: Option<String>,
     pub resume_from_checkpoint: Option<String>,
     pub predict_with_generate: bool,
@@ -449,7 +450,7 @@ impl Default for TrainArgs {
             logging_dir: None,
             run_name: None,
             ddp_timeout: 1800,
-            nproc_per_node: 1,
+            nproc_per_node: None,
             deepspeed: None,
             resume_from_checkpoint: None,
             predict_with_generate: false,

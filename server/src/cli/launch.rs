@@ -59,7 +59,11 @@ impl LaunchArgs {
     pub fn plan(&self) -> Result<Option<Launch>> {
         let forced = std::env::var("FORCE_TORCHRUN")
             .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
-        let gpus = trainer::device::cuda_device_count();
+        self.plan_for(trainer::device::cuda_device_count(), forced)
+    }
+
+    /// [`LaunchArgs::plan`] on a machine with `gpus` GPUs, `FORCE_TORCHRUN` set or not.
+    fn plan_for(&self, gpus: usize, forced: bool) -> Result<Option<Launch>> {
         // As LLaMA-Factory: several visible GPUs, or FORCE_TORCHRUN, start one rank per GPU.
         let per_node = match self.nproc_per_node {
             Some(0) => bail!("`--nproc-per-node` (NPROC_PER_NODE) must be at least 1"),
@@ -312,5 +316,39 @@ fn describe(s: Option<ExitStatus>) -> String {
             _ => "an unknown end".into(),
         },
         None => "no exit status".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranks(nproc: Option<usize>, gpus: usize, forced: bool) -> Option<usize> {
+        let args = LaunchArgs {
+            nproc_per_node: nproc,
+            nnodes: 1,
+            ..LaunchArgs::default()
+        };
+        args.plan_for(gpus, forced).unwrap().map(|l| l.per_node)
+    }
+
+    #[test]
+    fn an_unset_count_takes_every_gpu_and_an_explicit_one_is_kept() {
+        // As LLaMA-Factory: several visible GPUs start one rank each unless told otherwise.
+        assert_eq!(ranks(None, 4, false), Some(4));
+        assert_eq!(ranks(None, 1, false), None);
+        assert_eq!(ranks(None, 0, false), None);
+        // LlamaBoard's Devices = 1 (or `nproc_per_node: 1`) is one process, even with 4 GPUs.
+        assert_eq!(ranks(Some(1), 4, false), None);
+        assert_eq!(ranks(Some(2), 4, false), Some(2));
+        assert_eq!(ranks(Some(2), 0, false), Some(2));
+        assert_eq!(ranks(None, 1, true), Some(1));
+        assert!(LaunchArgs {
+            nproc_per_node: Some(8),
+            nnodes: 1,
+            ..LaunchArgs::default()
+        }
+        .plan_for(4, false)
+        .is_err());
     }
 }

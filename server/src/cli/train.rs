@@ -62,7 +62,7 @@ pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
         // NPROC_PER_NODE says otherwise.
         let mut launch_args = cmd.launch.clone();
         if let (None, Ok((args, _))) = (launch_args.nproc_per_node, &loaded) {
-            launch_args.nproc_per_node = (args.nproc_per_node > 1).then_some(args.nproc_per_node);
+            launch_args.nproc_per_node = args.nproc_per_node;
         }
         if let Some(launch) = launch_args.plan()? {
             let mut train_args: Vec<std::ffi::OsString> = vec![cmd.config.clone().into()];

@@ -264,7 +264,7 @@ pub fn prepare(
     } else {
         args.adapter_name_or_path = None;
     }
-    if args.nproc_per_node > 1 {
+    if let Some(n) = args.nproc_per_node.filter(|&n| n > 1) {
         if kind != Some(&RunKind::Train) {
             return Err(ApiError::field(
                 "nproc_per_node",
@@ -272,7 +272,7 @@ pub fn prepare(
             ));
         }
         let gpus = trainer::device::cuda_device_count();
-        if gpus > 0 && args.nproc_per_node > gpus {
+        if gpus > 0 && n > gpus {
             return Err(ApiError::field(
                 "nproc_per_node",
                 format!("this machine has {gpus} GPUs (one rank per GPU)"),

@@ -120,10 +120,9 @@ pub fn run_training(
 fn check_data_parallel(args: &TrainArgs, world: &crate::dist::World) -> Result<()> {
     use protocol::args::Stage;
     if world.size() == 1 {
-        if args.nproc_per_node > 1 {
+        if let Some(n) = args.nproc_per_node.filter(|&n| n > 1) {
             anyhow::bail!(
-                "`nproc_per_node`: {} ranks are started by `llamafactory train` (or mpirun, torchrun, srun), not inside this process",
-                args.nproc_per_node
+                "`nproc_per_node`: {n} ranks are started by `llamafactory train` (or mpirun, torchrun, srun), not inside this process"
             );
         }
         return Ok(());
