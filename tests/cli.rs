@@ -280,6 +280,25 @@ fn malformed_rows_are_skipped_with_file_row_and_reason() {
     );
 }
 
+/// `bench gemm` times every product of its list and prints one row each.
+#[test]
+fn bench_gemm_prints_a_measured_row_per_product() {
+    let dir = workdir();
+    let o = run(&["bench", "gemm", "--rounds", "1"], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(" × ") && !l.starts_with("| product"))
+        .collect();
+    assert_eq!(rows.len(), 9, "{out}");
+    for row in rows {
+        let gflops: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
+        assert!(gflops > 0.0, "{row}");
+    }
+    assert!(out.contains("--python PY"), "{out}");
+}
+
 /// `bench e2e` runs a LLaMA-Factory YAML whole and prints its row; without `--python` it says
 /// how to add LLaMA-Factory's side (the side-by-side run is a dev measurement, in the README).
 #[test]

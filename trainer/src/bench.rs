@@ -590,3 +590,61 @@ fn random_batch(
         .collect();
     crate::model::Batch::pad(&refs, 0)
 }
+
+/// One f32 product of a training step: `m × k` by `k × n`, the right side stored transposed
+/// (a weight in `x · Wᵀ`) or not (`g · W`).
+#[derive(Clone, Copy, Debug)]
+pub struct GemmShape {
+    pub what: &'static str,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub transposed: bool,
+}
+
+/// The products of a LoRA step of the 135M (`smol`) shape at 512 tokens, and a large square one.
+pub fn gemm_shapes() -> Vec<GemmShape> {
+    let s = |what, m, n, k, transposed| GemmShape {
+        what,
+        m,
+        n,
+        k,
+        transposed,
+    };
+    vec![
+        s("q/o projection x·Wᵀ", 512, 576, 576, true),
+        s("k/v projection x·Wᵀ", 512, 192, 576, true),
+        s("gate/up x·Wᵀ", 512, 1536, 576, true),
+        s("down x·Wᵀ", 512, 576, 1536, true),
+        s("LM head tile x·Wᵀ", 512, 4096, 576, true),
+        s("input gradient g·W", 512, 576, 1536, false),
+        s("input gradient g·W (up)", 512, 1536, 576, false),
+        s("attention p·v, one head", 256, 64, 256, false),
+        s("square", 1024, 2048, 2048, true),
+    ]
+}
+
+/// GFLOP/s of candle's f32 matmul on `shape` with the current kernel choice: the best of
+/// `rounds` timings of enough repetitions for ~0.1 s.
+pub fn gemm_gflops(shape: &GemmShape, rounds: usize) -> Result<f64> {
+    let dev = candle_core::Device::Cpu;
+    use candle_core::Tensor;
+    let a = Tensor::randn(0f32, 1.0, (shape.m, shape.k), &dev)?;
+    let b = if shape.transposed {
+        Tensor::randn(0f32, 1.0, (shape.n, shape.k), &dev)?.t()?
+    } else {
+        Tensor::randn(0f32, 1.0, (shape.k, shape.n), &dev)?
+    };
+    let flops = 2.0 * (shape.m * shape.n * shape.k) as f64;
+    let reps = ((1e10 / flops) as usize).clamp(3, 2000);
+    let mut best = f64::MAX;
+    for _ in 0..rounds {
+        a.matmul(&b)?;
+        let t = Instant::now();
+        for _ in 0..reps {
+            a.matmul(&b)?;
+        }
+        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    Ok(flops / best / 1e9)
+}

@@ -113,6 +113,17 @@ pub enum BenchCommand {
         /// `key=value` overrides for both engines (e.g. `max_steps=20`).
         overrides: Vec<String>,
     },
+    /// f32 matrix products of a LoRA step (the 135M shape at 512 tokens) in GFLOP/s: candle's
+    /// matmul (the `gemm` crate) and, when `--python` has torch, PyTorch's (MKL) on the same
+    /// shapes and threads.
+    Gemm {
+        /// A Python with torch, for PyTorch's side.
+        #[arg(long)]
+        python: Option<String>,
+        /// Timed rounds per shape (the best counts).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// The compute device (a GPU when built with `--features cuda` or `metal`): logits, loss
     /// and LoRA gradients against the CPU on the same weights, then LoRA training step time,
     /// tokens/s and MFU, and decode tokens/s, for one shape (default: a 0.5B-class model).
@@ -147,6 +158,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode> {
             dtype,
             peak_tflops,
         } => device(&config, steps, batch, seq, &dtype, peak_tflops),
+        BenchCommand::Gemm { python, rounds } => gemm(python.as_deref(), rounds),
         BenchCommand::Server { subscribers, steps } => super::bench_server::run(subscribers, steps),
         BenchCommand::E2e {
             config,
@@ -522,5 +534,89 @@ fn device(
     );
     let (single, batched) = trainer::bench::decode_speed(&c, 8)?;
     println!("\ndecode (greedy, KV cache, 32-token prompt, 64 new): {single:.1} tokens/s at batch 1, {batched:.1} at batch 8");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// PyTorch's side of `bench gemm`: the same shapes, threads and timing rule.
+const TORCH_GEMM: &str = r#"
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[2]))
+for m, n, k, tr in json.loads(sys.argv[1]):
+    a = torch.randn(m, k)
+    b = torch.randn(n, k).t() if tr else torch.randn(k, n)
+    flops = 2.0 * m * n * k
+    reps = min(max(int(1e10 / flops), 3), 2000)
+    best = 1e9
+    for _ in range(int(sys.argv[3])):
+        a @ b
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / reps)
+    print(flops / best / 1e9, flush=True)
+"#;
+
+fn gemm(python: Option<&str>, rounds: usize) -> Result<ExitCode> {
+    use trainer::bench::{gemm_gflops, gemm_shapes};
+    let threads = candle_core::utils::get_num_threads();
+    println!(
+        "{threads} threads; AVX-512F: {}; bf16 units: {}",
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            "yes"
+        } else {
+            "no"
+        },
+        trainer::sysinfo::bf16_units().describe()
+    );
+    let shapes = gemm_shapes();
+    let ours = shapes
+        .iter()
+        .map(|s| gemm_gflops(s, rounds))
+        .collect::<Result<Vec<f64>>>()?;
+    let torch: Option<Vec<f64>> = python.and_then(|py| {
+        let list: Vec<(usize, usize, usize, bool)> = shapes
+            .iter()
+            .map(|s| (s.m, s.n, s.k, s.transposed))
+            .collect();
+        let out = std::process::Command::new(py)
+            .args(["-c", TORCH_GEMM])
+            .arg(serde_json::to_string(&list).ok()?)
+            .arg(threads.to_string())
+            .arg(rounds.to_string())
+            .output()
+            .ok()?;
+        let v: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if v.len() != shapes.len() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            eprintln!(
+                "PyTorch side not run ({py}): {}",
+                why.lines().last().unwrap_or("no output")
+            );
+            return None;
+        }
+        Some(v)
+    });
+    println!("\n| product | m × n × k | candle (gemm crate) | PyTorch (MKL) | candle / PyTorch |");
+    println!("|---|---|---:|---:|---:|");
+    for (i, s) in shapes.iter().enumerate() {
+        let t = torch.as_ref().map(|t| t[i]);
+        println!(
+            "| {} | {} × {} × {} | {:.0} | {} | {} |",
+            s.what,
+            s.m,
+            s.n,
+            s.k,
+            ours[i],
+            t.map_or("–".into(), |t| format!("{t:.0}")),
+            t.map_or("–".into(), |t| format!("{:.2}×", ours[i] / t)),
+        );
+    }
+    println!("\nGFLOP/s, f32, best of {rounds} rounds each.");
+    if python.is_none() {
+        println!("PyTorch's side: add --python PY (a Python with torch).");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -150,10 +150,37 @@ pub fn attention(
 mod tests {
     use super::super::test_util::max_abs;
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn var(shape: &[usize], seed: f64) -> Var {
         super::super::test_util::wave_var(shape, seed, 0.37)
+    }
+
+    /// A batch of products, as the heads make (shared out over the threads by the vendored
+    /// candle, one product per thread), equals each product on its own, with the left side
+    /// transposed or not.
+    #[test]
+    fn batched_products_equal_one_at_a_time() {
+        let q = var(&[2, 9, 70, 32], 0.0)
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let k = var(&[2, 9, 70, 32], 1.0)
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap();
+        for (lhs, rhs) in [(q.clone(), k.t().unwrap()), (q.t().unwrap(), k.clone())] {
+            let all = lhs.matmul(&rhs).unwrap();
+            for b in 0..2 {
+                for h in 0..9 {
+                    let one = lhs.get(b).unwrap().get(h).unwrap();
+                    let one = one.matmul(&rhs.get(b).unwrap().get(h).unwrap()).unwrap();
+                    let got = all.get(b).unwrap().get(h).unwrap();
+                    let d = max_abs(&(got - &one).unwrap());
+                    assert!(d <= 1e-5 * max_abs(&one), "batch {b}, head {h}: {d}");
+                }
+            }
+        }
     }
 
     /// The node's output and its q, k, v gradients equal those of the composed graph (GQA with

@@ -3,7 +3,8 @@
 //! and the SwiGLU activation. Composed from candle ops each of these is several full passes
 //! over its tensor forward and as many backward, every one allocating; here each is one pass
 //! forward and one backward, over contiguous rows in parallel. CPU f32/f64 only: other devices
-//! and dtypes keep the composed versions (see `ops::fused_for`).
+//! and dtypes keep the composed versions (see `ops::fused_for`). The hottest per-row loops are
+//! compiled for AVX-512 and AVX2 + FMA too and dispatched at run time (`simd_kernel!`).
 
 use std::sync::Arc;
 
@@ -34,6 +35,19 @@ fn last_dim(l: &Layout) -> Result<usize> {
 fn broadcast_row<T>(table: &[T], r: usize, heads: usize, t: usize, width: usize) -> &[T] {
     let row = r / (heads * t) * t + r % t;
     &table[row * width..(row + 1) * width]
+}
+
+/// Compiles a row kernel for AVX-512 and for AVX2 + FMA besides the baseline x86-64 (SSE2)
+/// the crate is built for, and calls the best copy this CPU runs (`multiversion`). Built for
+/// the baseline alone, the kernels' loops vectorise 4 floats wide instead of 16.
+macro_rules! simd_kernel {
+    ($($item:tt)*) => {
+        #[multiversion::multiversion(targets(
+            "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+            "x86_64+avx2+fma",
+        ))]
+        $($item)*
+    };
 }
 
 /// Dispatches a generic kernel on the storage's float type.
@@ -97,6 +111,7 @@ impl FastExp for f32 {
 
 /// Sum and maximum with eight independent accumulators: a plain fold is one long dependency
 /// chain that the compiler may not reorder (and so not vectorise).
+#[inline(always)]
 fn lane_sum<T: Float>(x: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let chunks = x.chunks_exact(8);
@@ -110,6 +125,7 @@ fn lane_sum<T: Float>(x: &[T]) -> T {
         .fold(acc.iter().fold(T::zero(), |a, &b| a + b), |a, &b| a + b)
 }
 
+#[inline(always)]
 fn lane_max<T: Float>(x: &[T]) -> T {
     let mut acc = [T::neg_infinity(); 8];
     let chunks = x.chunks_exact(8);
@@ -125,6 +141,7 @@ fn lane_max<T: Float>(x: &[T]) -> T {
     tail.iter().fold(m, |a, &b| if b > a { b } else { a })
 }
 
+simd_kernel! {
 /// `log Σ exp(row)` without keeping the exponentials (a small buffer at a time).
 fn log_sum_exp<T: FastExp>(row: &[T]) -> T {
     let max = lane_max(row);
@@ -137,6 +154,7 @@ fn log_sum_exp<T: FastExp>(row: &[T]) -> T {
         sum = sum + lane_sum(&buf[..c.len()]);
     }
     max + sum.ln()
+}
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -160,19 +178,39 @@ fn masked_softmax_rows<T: WithDType + FastExp>(
     out.par_chunks_mut(tk)
         .zip(s.par_chunks(tk))
         .enumerate()
-        .for_each(|(r, (o, x))| {
-            let mask = broadcast_row(m, r, heads, t, tk);
-            for (oj, (&xj, &mj)) in o.iter_mut().zip(x.iter().zip(mask)) {
-                *oj = xj * scale + mj;
-            }
-            let max = lane_max(o);
-            for oj in o.iter_mut() {
-                *oj = (*oj - max).fast_exp();
-            }
-            let inv = T::one() / lane_sum(o);
-            o.iter_mut().for_each(|oj| *oj *= inv);
-        });
+        .for_each(|(r, (o, x))| softmax_row(o, x, broadcast_row(m, r, heads, t, tk), scale));
     out
+}
+
+/// One row of the attention softmax, `o = softmax(scale · x + mask)`, computed over the span
+/// from the row's first to its last visible key only. A key outside it is masked (the model's
+/// masks add −1e9; anything below −1e8 counts here), so its probability is exactly 0 in a row
+/// that sees any key: `exp` of −1e9 − max is 0 in f32 and f64. A causal row skips the keys
+/// after it, half the work of a square pass. A row that sees no key keeps the whole row.
+fn softmax_row<T: FastExp>(o: &mut [T], x: &[T], mask: &[T], scale: T) {
+    let hidden = T::from(-1e8).unwrap_or_else(T::min_value);
+    let (lo, hi) = match mask.iter().position(|&m| m > hidden) {
+        Some(lo) => (lo, mask.iter().rposition(|&m| m > hidden).unwrap_or(lo) + 1),
+        None => (0, mask.len()),
+    };
+    o[..lo].fill(T::zero());
+    o[hi..].fill(T::zero());
+    softmax_span(&mut o[lo..hi], &x[lo..hi], &mask[lo..hi], scale)
+}
+
+simd_kernel! {
+/// `o = softmax(scale · x + mask)`.
+fn softmax_span<T: FastExp>(o: &mut [T], x: &[T], mask: &[T], scale: T) {
+    for (oj, (&xj, &mj)) in o.iter_mut().zip(x.iter().zip(mask)) {
+        *oj = xj * scale + mj;
+    }
+    let max = lane_max(o);
+    for oj in o.iter_mut() {
+        *oj = (*oj - max).fast_exp();
+    }
+    let inv = T::one() / lane_sum(o);
+    o.iter_mut().for_each(|oj| *oj = *oj * inv);
+}
 }
 
 impl CustomOp2 for MaskedSoftmax {
@@ -252,15 +290,28 @@ impl CustomOp2 for SoftmaxBwd {
             let mut out = vec![T::zero(); p.len()];
             out.par_chunks_mut(d)
                 .zip(p.par_chunks(d).zip(g.par_chunks(d)))
-                .for_each(|(o, (p, g))| {
-                    let dot = p.iter().zip(g).fold(T::zero(), |a, (&p, &g)| a + p * g);
-                    for (oj, (&pj, &gj)) in o.iter_mut().zip(p.iter().zip(g)) {
-                        *oj = scale * pj * (gj - dot);
-                    }
-                });
+                .for_each(|(o, (p, g))| softmax_bwd_row(o, p, g, scale));
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }
+}
+
+simd_kernel! {
+/// One row of the softmax's backward: `o = scale · p ⊙ (g − Σ g⊙p)`.
+fn softmax_bwd_row<T: Float>(o: &mut [T], p: &[T], g: &[T], scale: T) {
+    let mut acc = [T::zero(); 8];
+    let (pc, gc) = (p.chunks_exact(8), g.chunks_exact(8));
+    let tail = pc.remainder().iter().zip(gc.remainder());
+    for (p8, g8) in pc.zip(gc) {
+        for i in 0..8 {
+            acc[i] = acc[i] + p8[i] * g8[i];
+        }
+    }
+    let dot = tail.fold(lane_sum(&acc), |a, (&p, &g)| a + p * g);
+    for (oj, (&pj, &gj)) in o.iter_mut().zip(p.iter().zip(g)) {
+        *oj = scale * pj * (gj - dot);
+    }
+}
 }
 
 /// `softmax(scale · scores + mask)` over the last dim; `mask` is constant.
@@ -357,15 +408,21 @@ impl CustomOp2 for LogSoftmaxGatherBwd {
                 .zip(g.par_iter().zip(self.targets.par_iter()))
                 .zip(self.lse.par_iter())
                 .for_each(|(((o, row), (&gr, &t)), &lse)| {
-                    let lse = T::from_f64(lse);
-                    for (oj, &xj) in o.iter_mut().zip(row) {
-                        *oj = -gr * (xj - lse).fast_exp();
-                    }
+                    log_softmax_bwd_row(o, row, gr, T::from_f64(lse));
                     o[t as usize] += gr;
                 });
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }
+}
+
+simd_kernel! {
+/// `o = −g · softmax(row)`, the softmax given by the row's log-sum-exp.
+fn log_softmax_bwd_row<T: FastExp>(o: &mut [T], row: &[T], g: T, lse: T) {
+    for (oj, &xj) in o.iter_mut().zip(row) {
+        *oj = -g * (xj - lse).fast_exp();
+    }
+}
 }
 
 /// Log-probability of each row's target, `(n, 1)`: cross-entropy's per-token term.
