@@ -624,11 +624,11 @@ pub fn gemm_shapes() -> Vec<GemmShape> {
     ]
 }
 
-/// GFLOP/s of candle's f32 matmul on `shape` with the current kernel choice: the best of
-/// `rounds` timings of enough repetitions for ~0.1 s.
+/// GFLOP/s of candle's f32 matmul on `shape` on the CPU: the best of `rounds` timings of
+/// enough repetitions for ~0.1 s.
 pub fn gemm_gflops(shape: &GemmShape, rounds: usize) -> Result<f64> {
-    let dev = candle_core::Device::Cpu;
     use candle_core::Tensor;
+    let dev = candle_core::Device::Cpu;
     let a = Tensor::randn(0f32, 1.0, (shape.m, shape.k), &dev)?;
     let b = if shape.transposed {
         Tensor::randn(0f32, 1.0, (shape.n, shape.k), &dev)?.t()?

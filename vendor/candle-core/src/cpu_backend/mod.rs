@@ -1511,63 +1511,40 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
+        // Product `step` of the batch into `dst_p`, split over the threads or not.
+        let product = |step: usize, dst_p: &mut [T], parallelism: Parallelism| unsafe {
+            gemm(
+                /* m: usize = */ m,
+                /* n: usize = */ n,
+                /* k: usize = */ k,
+                /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                /* dst_cs: isize = */ dst_cs as isize,
+                /* dst_rs: isize = */ dst_rs as isize,
+                /* read_dst: bool = */ false,
+                /* lhs: *const T = */ lhs[step * a_skip..].as_ptr(),
+                /* lhs_cs: isize = */ lhs_cs as isize,
+                /* lhs_rs: isize = */ lhs_rs as isize,
+                /* rhs: *const T = */ rhs[step * b_skip..].as_ptr(),
+                /* rhs_cs: isize = */ rhs_cs as isize,
+                /* rhs_rs: isize = */ rhs_rs as isize,
+                /* alpha: T = */ T::zero(),
+                /* beta: T = */ T::one(),
+                /* conj_dst: bool = */ false,
+                /* conj_lhs: bool = */ false,
+                /* conj_rhs: bool = */ false,
+                parallelism,
+            )
+        };
         if b >= 2 * num_threads && num_threads > 1 {
             // Many products (attention heads): each runs on one thread, the batch is shared
             // out. Splitting each small product over the threads instead leaves them waiting
             // on each other at every one (a third of gemm's speed on 256 × 64 × 256).
             dst.par_chunks_mut(c_skip)
                 .enumerate()
-                .for_each(|(step, dst_p)| unsafe {
-                    gemm(
-                        m,
-                        n,
-                        k,
-                        dst_p.as_mut_ptr(),
-                        dst_cs as isize,
-                        dst_rs as isize,
-                        false,
-                        lhs[step * a_skip..].as_ptr(),
-                        lhs_cs as isize,
-                        lhs_rs as isize,
-                        rhs[step * b_skip..].as_ptr(),
-                        rhs_cs as isize,
-                        rhs_rs as isize,
-                        T::zero(),
-                        T::one(),
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    )
-                });
-            return Ok(dst);
-        }
-        for step in 0..b {
-            let lhs_p = &lhs[step * a_skip..];
-            let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
-            unsafe {
-                gemm(
-                    /* m: usize = */ m,
-                    /* n: usize = */ n,
-                    /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
-                    /* dst_cs: isize = */ dst_cs as isize,
-                    /* dst_rs: isize = */ dst_rs as isize,
-                    /* read_dst: bool = */ false,
-                    /* lhs: *const T = */ lhs_p.as_ptr(),
-                    /* lhs_cs: isize = */ lhs_cs as isize,
-                    /* lhs_rs: isize = */ lhs_rs as isize,
-                    /* rhs: *const T = */ rhs_p.as_ptr(),
-                    /* rhs_cs: isize = */ rhs_cs as isize,
-                    /* rhs_rs: isize = */ rhs_rs as isize,
-                    /* alpha: T = */ T::zero(),
-                    /* beta: T = */ T::one(),
-                    /* conj_dst: bool = */ false,
-                    /* conj_lhs: bool = */ false,
-                    /* conj_rhs: bool = */ false,
-                    parallelism,
-                )
+                .for_each(|(step, dst_p)| product(step, dst_p, Parallelism::None));
+        } else {
+            for step in 0..b {
+                product(step, &mut dst[step * c_skip..], parallelism)
             }
         }
         Ok(dst)
