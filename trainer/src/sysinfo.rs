@@ -46,6 +46,14 @@ pub fn bf16_units() -> Bf16Units {
     Bf16Units::default()
 }
 
+/// Whether the CPU has AVX-512F (x86-64 only; `false` elsewhere).
+pub fn avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "xsave")]
 unsafe fn xcr0() -> u64 {

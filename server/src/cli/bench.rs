@@ -561,7 +561,7 @@ fn gemm(python: Option<&str>, rounds: usize) -> Result<ExitCode> {
     let threads = candle_core::utils::get_num_threads();
     println!(
         "{threads} threads; AVX-512F: {}; bf16 units: {}",
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if trainer::sysinfo::avx512f() {
             "yes"
         } else {
             "no"
