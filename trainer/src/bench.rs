@@ -624,6 +624,38 @@ pub fn gemm_shapes() -> Vec<GemmShape> {
     ]
 }
 
+/// GFLOP/s of our AMX bf16 product on `shape` (A rounded and packed in the timing, B packed
+/// once before it, as a frozen weight is); `None` where the CPU or OS offers no AMX tiles.
+pub fn amx_gemm_gflops(shape: &GemmShape, rounds: usize) -> Result<Option<f64>> {
+    use crate::ops::amx_bf16;
+    if !amx_bf16::available() {
+        return Ok(None);
+    }
+    let wave = |len: usize, seed: f32| -> Vec<f32> {
+        (0..len).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
+    };
+    let (m, n, k) = (shape.m, shape.n, shape.k);
+    let a = wave(m * k, 0.1);
+    let b = if shape.transposed {
+        amx_bf16::PackedB::new(&wave(n * k, 0.7), k, n, 1, k)
+    } else {
+        amx_bf16::PackedB::new(&wave(k * n, 0.7), k, n, n, 1)
+    };
+    let mut c = vec![0f32; m * n];
+    let flops = 2.0 * (m * n * k) as f64;
+    let reps = ((4e10 / flops) as usize).clamp(3, 8000);
+    let mut best = f64::MAX;
+    for _ in 0..rounds {
+        amx_bf16::matmul(&a, m, k, &b, &mut c, n);
+        let t = Instant::now();
+        for _ in 0..reps {
+            amx_bf16::matmul(&a, m, k, &b, &mut c, n);
+        }
+        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    Ok(Some(flops / best / 1e9))
+}
+
 /// GFLOP/s of candle's f32 matmul on `shape` on the CPU: the best of `rounds` timings of
 /// enough repetitions for ~0.1 s.
 pub fn gemm_gflops(shape: &GemmShape, rounds: usize) -> Result<f64> {

@@ -24,17 +24,27 @@ pub fn describe(d: &Device) -> &'static str {
     }
 }
 
-/// The compute dtype of a training run on `device`, and a warning when the request cannot be
-/// honoured. GPUs compute in bf16/f16 when `bf16`/`fp16` (or `pure_bf16`) is set, with f32
-/// masters for the trained tensors ([`crate::model::Model::trainable_dtype`]); the CPU always
-/// trains in f32: candle's CPU matmul has no bf16 kernel (it widens to f32) and its f16 one is
-/// slower than f32. Only AMX tiles would make bf16 faster there: AVX512-BF16's `vdpbf16ps`
-/// runs at half the f32 FMA rate on the Xeon we measured (80–86 against 165–175 GFLOP/s per
-/// core), and an AMX kernel is not built yet — the warning says which the CPU has.
-pub fn train_dtype(
-    args: &protocol::TrainArgs,
-    device: &Device,
-) -> (candle_core::DType, Option<String>) {
+/// How a training run computes on its device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Precision {
+    /// The dtype of the model's tensors.
+    pub dtype: candle_core::DType,
+    /// The CPU's `bf16`: frozen linear weights multiply in bf16 on AMX tiles
+    /// ([`crate::ops::use_bf16_products`]); the rest computes in f32.
+    pub bf16_products: bool,
+    /// What the run should log about it: `(is_warning, message)`.
+    pub note: Option<(bool, String)>,
+}
+
+/// The compute precision of a training run on `device`. GPUs compute in bf16/f16 when
+/// `bf16`/`fp16` (or `pure_bf16`) is set, with f32 masters for the trained tensors
+/// ([`crate::model::Model::trainable_dtype`]). The CPU keeps its tensors in f32 (candle's CPU
+/// kernels have no bf16 arithmetic); with `bf16` and AMX-BF16 tiles the frozen linear products —
+/// most of a LoRA step's work — run in bf16 on the tiles, 4–5× the f32 rate there. Without
+/// tiles bf16 is not faster: AVX512-BF16's `vdpbf16ps` runs at half the f32 FMA rate on the
+/// Xeons we measured, so the run stays f32 and the note says which units the CPU has. `fp16`
+/// on the CPU is f32 (candle's f16 CPU matmul is slower than its f32).
+pub fn train_precision(args: &protocol::TrainArgs, device: &Device) -> Precision {
     use candle_core::DType;
     let wanted = if args.bf16 || args.pure_bf16 {
         Some((DType::BF16, "bf16"))
@@ -43,24 +53,43 @@ pub fn train_dtype(
     } else {
         None
     };
+    let f32 = |note| Precision {
+        dtype: DType::F32,
+        bf16_products: false,
+        note,
+    };
     match (wanted, device.is_cpu()) {
+        (Some((DType::BF16, name)), true) if crate::ops::amx_bf16::available() => Precision {
+            dtype: DType::F32,
+            bf16_products: true,
+            note: Some((
+                false,
+                format!("`{name}: true` on the CPU: frozen linear weights multiply in bf16 on AMX tiles (f32 sums); norms, softmax, losses, adapters and the optimizer compute in f32"),
+            )),
+        },
         (Some((_, name)), true) => {
             let units = crate::sysinfo::bf16_units();
-            (
-            DType::F32,
-            Some(format!(
-                "`{name}: true` has no effect on the CPU: training computes in f32 (this CPU has {}; {})",
-                units.describe(),
-                if units.amx_bf16 {
-                    "this build has no AMX kernel yet"
-                } else {
-                    "without AMX tiles bf16 is not faster than f32 here"
-                }
-            )),
-            )
+            f32(Some((
+                true,
+                format!(
+                    "`{name}: true` has no effect on the CPU: training computes in f32 (this CPU has {}; {})",
+                    units.describe(),
+                    if name == "fp16" {
+                        "the CPU's f16 products are slower than f32"
+                    } else if units.amx_bf16 {
+                        "the OS did not grant this process the AMX tile state"
+                    } else {
+                        "without AMX tiles bf16 is not faster than f32 here"
+                    }
+                ),
+            )))
         }
-        (Some((dtype, _)), false) => (dtype, None),
-        (None, _) => (DType::F32, None),
+        (Some((dtype, _)), false) => Precision {
+            dtype,
+            bf16_products: false,
+            note: None,
+        },
+        (None, _) => f32(None),
     }
 }
 

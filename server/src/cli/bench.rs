@@ -553,11 +553,22 @@ for m, n, k, tr in json.loads(sys.argv[1]):
         for _ in range(reps):
             a @ b
         best = min(best, (time.perf_counter() - t) / reps)
-    print(flops / best / 1e9, flush=True)
+    out = [flops / best / 1e9]
+    a, b = a.bfloat16(), b.bfloat16()
+    reps *= 4
+    best = 1e9
+    for _ in range(int(sys.argv[3])):
+        a @ b
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / reps)
+    out.append(flops / best / 1e9)
+    print(*out, flush=True)
 "#;
 
 fn gemm(python: Option<&str>, rounds: usize) -> Result<ExitCode> {
-    use trainer::bench::{gemm_gflops, gemm_shapes};
+    use trainer::bench::{amx_gemm_gflops, gemm_gflops, gemm_shapes};
     let threads = candle_core::utils::get_num_threads();
     println!(
         "{threads} threads; AVX-512F: {}; bf16 units: {}",
@@ -573,7 +584,12 @@ fn gemm(python: Option<&str>, rounds: usize) -> Result<ExitCode> {
         .iter()
         .map(|s| gemm_gflops(s, rounds))
         .collect::<Result<Vec<f64>>>()?;
-    let torch: Option<Vec<f64>> = python.and_then(|py| {
+    let amx = shapes
+        .iter()
+        .map(|s| amx_gemm_gflops(s, rounds))
+        .collect::<Result<Vec<Option<f64>>>>()?;
+    // PyTorch's f32 and bf16 figures per shape.
+    let torch: Option<Vec<(f64, f64)>> = python.and_then(|py| {
         let list: Vec<(usize, usize, usize, bool)> = shapes
             .iter()
             .map(|s| (s.m, s.n, s.k, s.transposed))
@@ -585,9 +601,12 @@ fn gemm(python: Option<&str>, rounds: usize) -> Result<ExitCode> {
             .arg(rounds.to_string())
             .output()
             .ok()?;
-        let v: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        let v: Vec<(f64, f64)> = String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter_map(|l| l.trim().parse().ok())
+            .filter_map(|l| {
+                let mut it = l.split_whitespace().map(|x| x.parse::<f64>().ok());
+                Some((it.next()??, it.next()??))
+            })
             .collect();
         if v.len() != shapes.len() {
             let why = String::from_utf8_lossy(&out.stderr);
@@ -599,22 +618,33 @@ fn gemm(python: Option<&str>, rounds: usize) -> Result<ExitCode> {
         }
         Some(v)
     });
-    println!("\n| product | m × n × k | candle (gemm crate) | PyTorch (MKL) | candle / PyTorch |");
-    println!("|---|---|---:|---:|---:|");
+    println!("\n| product | m × n × k | f32: candle (gemm crate) | PyTorch (MKL) | candle / PyTorch | bf16: ours (AMX tiles) | PyTorch | ours / PyTorch |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    let gflops = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.0}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    };
     for (i, s) in shapes.iter().enumerate() {
         let t = torch.as_ref().map(|t| t[i]);
         println!(
-            "| {} | {} × {} × {} | {:.0} | {} | {} |",
+            "| {} | {} × {} × {} | {:.0} | {} | {} | {} | {} | {} |",
             s.what,
             s.m,
             s.n,
             s.k,
             ours[i],
-            t.map_or("–".into(), |t| format!("{t:.0}")),
-            t.map_or("–".into(), |t| format!("{:.2}×", ours[i] / t)),
+            gflops(t.map(|t| t.0)),
+            ratio(Some(ours[i]), t.map(|t| t.0)),
+            gflops(amx[i]),
+            gflops(t.map(|t| t.1)),
+            ratio(amx[i], t.map(|t| t.1)),
         );
     }
-    println!("\nGFLOP/s, f32, best of {rounds} rounds each.");
+    println!("\nGFLOP/s, best of {rounds} rounds each. bf16: operands rounded to bf16, products summed in f32; ours packs the weight operand once, as it does for a frozen weight.");
+    if amx.iter().all(Option::is_none) {
+        println!("This CPU (or OS) offers no AMX-BF16 tiles: no bf16 column of ours.");
+    }
     if python.is_none() {
         println!("PyTorch's side: add --python PY (a Python with torch).");
     }

@@ -99,14 +99,16 @@ pub fn run(cmd: TrainCmd) -> Result<ExitCode> {
             std::process::exit(130);
         }
     })?;
-    let result = loaded.and_then(|(args, mut warnings)| {
-        let (dtype, warning) = trainer::device::train_dtype(&args, &opts.device);
-        opts.dtype = dtype;
-        warnings.extend(warning);
-        for w in warnings {
+    let result = loaded.and_then(|(args, warnings)| {
+        let precision = trainer::device::train_precision(&args, &opts.device);
+        opts.dtype = precision.dtype;
+        trainer::ops::use_bf16_products(precision.bf16_products);
+        let mut notes: Vec<(bool, String)> = warnings.into_iter().map(|w| (true, w)).collect();
+        notes.extend(precision.note);
+        for (warning, message) in notes {
             reporter.event(&WorkerEvent::Log {
-                level: "warning".into(),
-                message: w,
+                level: if warning { "warning" } else { "info" }.into(),
+                message,
             });
         }
         let timeout = std::time::Duration::from_secs(args.ddp_timeout.max(1));

@@ -124,6 +124,9 @@ pub struct Linear {
     pub lora: Option<LoraLayer>,
     /// Sees every input of this module while set (GPTQ's calibration).
     pub observer: Option<Arc<InputSums>>,
+    /// The frozen dense weight packed in bf16, made on first use while the CPU's bf16 products
+    /// are on (`ops::use_bf16_products`).
+    pub bf16: std::sync::OnceLock<Arc<crate::ops::Bf16Weight>>,
 }
 
 /// `Σ x xᵀ` over the rows of every input a linear module sees: GPTQ's Hessian.
@@ -161,8 +164,22 @@ impl Linear {
             },
             lora: None,
             observer: None,
+            bf16: std::sync::OnceLock::new(),
             name,
         })
+    }
+
+    /// The frozen weight `w` packed in bf16 when the CPU's bf16 products are on and `x` is an
+    /// f32 CPU tensor (packed on first use, then kept).
+    fn bf16_weight(&self, w: &Tensor, x: &Tensor) -> Result<Option<Arc<crate::ops::Bf16Weight>>> {
+        if !crate::ops::bf16_products() || x.dtype() != DType::F32 || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        if let Some(p) = self.bf16.get() {
+            return Ok(Some(p.clone()));
+        }
+        let packed = Arc::new(crate::ops::Bf16Weight::new(w)?);
+        Ok(Some(self.bf16.get_or_init(|| packed).clone()))
     }
 
     /// `x (N, in) → (N, out)` through the weight and, with the policy's weights, the LoRA layer.
@@ -193,7 +210,11 @@ impl Linear {
                     lora.a.as_tensor().to_dtype(dtype)?,
                     lora.b.as_tensor().to_dtype(dtype)?,
                 );
-                let mut y = crate::ops::lora_linear(x, &w, &a, &b, lora.scale, mask)?;
+                let frozen = match self.bf16_weight(&w, x)? {
+                    Some(packed) => crate::ops::Frozen::Bf16(packed),
+                    None => crate::ops::Frozen::Dense(w),
+                };
+                let mut y = crate::ops::lora_linear(x, frozen, &a, &b, lora.scale, mask)?;
                 if let Some(b) = &self.bias {
                     y = y.broadcast_add(&b.value(weights, dtype)?.0)?;
                 }
@@ -205,6 +226,8 @@ impl Linear {
                 let (w, trainable) = p.value(weights, dtype)?;
                 let y = if trainable {
                     x.matmul(&w.t()?)?
+                } else if let Some(packed) = self.bf16_weight(&w, x)? {
+                    crate::ops::bf16_linear(x, &packed)?
                 } else {
                     crate::ops::frozen_linear(x, &w)?
                 };

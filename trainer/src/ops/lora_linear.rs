@@ -7,13 +7,41 @@
 //! Backward, with `g = ∂L/∂y`, `gB = s·g·B` and `h = s·(m ⊙ x)·Aᵀ`:
 //! `dx = g·W + m ⊙ (gB·A)`, `dA = gBᵀ·(m ⊙ x)`, `dB = gᵀ·h`.
 
+use std::sync::Arc;
+
 use candle_core::{CustomOp3, Result, Tensor};
 
 use super::attach::{supported, Slot};
+use super::Bf16Weight;
+
+/// A LoRA layer's frozen weight: a tensor, or packed in bf16 for AMX tiles (the CPU's `bf16`).
+#[derive(Clone)]
+pub enum Frozen {
+    Dense(Tensor),
+    Bf16(Arc<Bf16Weight>),
+}
+
+impl Frozen {
+    /// `x · Wᵀ` as a value.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => x.matmul(&w.t()?),
+            Frozen::Bf16(w) => w.forward(x),
+        }
+    }
+
+    /// `g · W` as a value.
+    fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => g.matmul(w),
+            Frozen::Bf16(w) => w.input_grad(g),
+        }
+    }
+}
 
 struct LoraLinear {
     result: Slot,
-    w: Tensor,
+    w: Frozen,
     scale: f64,
     /// LoRA dropout's mask (already scaled by `1 / (1 − p)`), when it drops.
     mask: Option<Tensor>,
@@ -49,7 +77,7 @@ impl CustomOp3 for LoraLinear {
         let xm = self.dropped(&x)?;
         let gb = (g.matmul(&b)? * self.scale)?;
         let h = (xm.matmul(&a.t()?)? * self.scale)?;
-        let dx = (g.matmul(&self.w)? + self.dropped(&gb.matmul(&a)?)?)?;
+        let dx = (self.w.input_grad(&g)? + self.dropped(&gb.matmul(&a)?)?)?;
         let da = gb.t()?.matmul(&xm)?;
         let db = g.t()?.matmul(&h)?;
         Ok((Some(dx), Some(da), Some(db)))
@@ -60,22 +88,32 @@ impl CustomOp3 for LoraLinear {
 /// by `scale`, with LoRA dropout's `mask (N, in)` when given; differentiable in `x`, `a`, `b`.
 pub fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: Frozen,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
     mask: Option<Tensor>,
 ) -> Result<Tensor> {
-    let w = w.detach();
+    let w = match w {
+        Frozen::Dense(w) => Frozen::Dense(w.detach()),
+        packed => packed,
+    };
     let composed = |x: &Tensor| -> Result<Tensor> {
         let xm = match &mask {
             Some(m) => (x * m)?,
             None => x.clone(),
         };
-        x.matmul(&w.t()?)? + xm.matmul(&a.t()?)?.matmul(&(b * scale)?.t()?)?
+        w.product(x)? + xm.matmul(&a.t()?)?.matmul(&(b * scale)?.t()?)?
     };
     if !supported(x) || x.rank() != 2 {
-        return composed(x);
+        if let Frozen::Dense(w) = &w {
+            let xm = match &mask {
+                Some(m) => (x * m)?,
+                None => x.clone(),
+            };
+            return x.matmul(&w.t()?)? + xm.matmul(&a.t()?)?.matmul(&(b * scale)?.t()?)?;
+        }
+        candle_core::bail!("lora-linear: a bf16-packed weight takes (tokens, features) on the CPU");
     }
     let y = composed(&x.detach())?.detach();
     let op = LoraLinear {
@@ -111,7 +149,7 @@ mod tests {
         )
         .unwrap();
         for m in [None, Some(mask)] {
-            let fused = lora_linear(&x, &w, &a, &b, 0.5, m.clone()).unwrap();
+            let fused = lora_linear(&x, Frozen::Dense(w.clone()), &a, &b, 0.5, m.clone()).unwrap();
             let xm = match &m {
                 Some(m) => (x.as_tensor() * m).unwrap(),
                 None => x.as_tensor().clone(),

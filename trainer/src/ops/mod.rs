@@ -1,7 +1,9 @@
 //! CustomOps with hand-written backward passes.
 
+pub mod amx_bf16;
 mod attach;
 mod attention;
+mod bf16_linear;
 mod checkpoint;
 mod frozen_linear;
 mod head_logps;
@@ -17,11 +19,12 @@ use candle_core::{DType, Tensor};
 
 pub use attach::attach;
 pub use attention::attention;
+pub use bf16_linear::{bf16_linear, bf16_products, use_bf16_products, Bf16Weight};
 pub use checkpoint::{checkpoint, GradSink, Recompute};
 pub use frozen_linear::frozen_linear;
 pub use head_logps::{frozen_head, frozen_head_logps, HEAD_TILE_ELEMS};
 pub use log_sigmoid::log_sigmoid;
-pub use lora_linear::lora_linear;
+pub use lora_linear::{lora_linear, Frozen};
 pub use rowwise::{geglu, log_softmax_gather, masked_softmax, rms_norm, rope, swiglu};
 
 static COMPOSED: AtomicBool = AtomicBool::new(false);

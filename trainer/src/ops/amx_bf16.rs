@@ -1,0 +1,381 @@
+//! bf16 matrix products on AMX tiles, for training on CPUs that have them (Sapphire Rapids and
+//! later; x86-64 Linux): `C (m, n) = bf16(A) · B` in f32, with `A (m, k)` f32 rounded to bf16
+//! (nearest-even) as it is packed and `B (k, n)` packed once into AMX's pair-interleaved layout
+//! ([`PackedB`]). Products accumulate in f32 inside the tiles (`tdpbf16ps`), as PyTorch's
+//! autocast does on these CPUs; the rest of a step stays f32.
+//!
+//! Layout: A is packed row-major into rows padded to 32 and columns padded to 32 (one tile's
+//! depth); B into 1 KiB tiles of 32 rows × 16 columns, `[n-tile][k-tile][k/2][16][2]`, padded to
+//! an even number of n-tiles. Each 32 × 32 block of C is 2 × 2 tiles in registers, fed by two A
+//! and two B tiles per 32 steps of depth.
+
+use half::bf16;
+
+/// Rows and columns of one tile of C; depth of one tile step.
+const TILE: usize = 16;
+const DEPTH: usize = 32;
+/// A block of C: 2 × 2 tiles.
+const BLOCK: usize = 32;
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// `x` rounded to bf16 (nearest, ties to even; NaN stays NaN), as its bits.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `B (k, n)`, element `(i, j)` at `src[i·stride_k + j·stride_n]`, rounded to bf16 and packed
+/// for [`matmul`]. Pack a frozen weight once and reuse it every step.
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    k_tiles: usize,
+    n_tiles: usize,
+    data: Vec<u16>,
+}
+
+impl PackedB {
+    pub fn new(src: &[f32], k: usize, n: usize, stride_k: usize, stride_n: usize) -> Self {
+        let (k_tiles, n_tiles) = (k.div_ceil(DEPTH), round_up(n, BLOCK) / TILE);
+        assert!(k == 0 || n == 0 || src.len() > (k - 1) * stride_k + (n - 1) * stride_n);
+        let mut data = vec![0u16; n_tiles * k_tiles * DEPTH * TILE];
+        // One n-tile (16 columns × all of k) per task: disjoint slices of `data`.
+        use rayon::prelude::*;
+        data.par_chunks_mut(k_tiles * DEPTH * TILE)
+            .enumerate()
+            .for_each(|(nt, tiles)| {
+                for jj in 0..TILE.min(n.saturating_sub(nt * TILE)) {
+                    let j = nt * TILE + jj;
+                    for i in 0..k {
+                        let (kt, r) = (i / DEPTH, i % DEPTH);
+                        tiles[kt * DEPTH * TILE + (r / 2) * 2 * TILE + jj * 2 + r % 2] =
+                            bf16_bits(src[i * stride_k + j * stride_n]);
+                    }
+                }
+            });
+        Self {
+            k,
+            n,
+            k_tiles,
+            n_tiles,
+            data,
+        }
+    }
+
+    /// `(k, n)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+}
+
+/// Whether this process can run AMX-BF16 tiles: the CPU has them, the OS saves their state and
+/// Linux granted this process the tile data (asked once).
+pub fn available() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| crate::sysinfo::bf16_units().amx_bf16 && kernel::request_tiles())
+}
+
+/// `c (m, n, row stride ldc) = bf16(a (m, k, row stride lda)) · b` in f32. Call only when
+/// [`available`].
+pub fn matmul(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    let (k, n) = (b.k, b.n);
+    assert!(available(), "AMX-BF16 tiles are not available");
+    assert!(m == 0 || (a.len() >= (m - 1) * lda + k && c.len() >= (m - 1) * ldc + n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kp = b.k_tiles * DEPTH;
+    let mp = round_up(m, BLOCK);
+    use rayon::prelude::*;
+    let mut ap = vec![0u16; mp * kp];
+    ap.par_chunks_mut(kp * BLOCK)
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            for (r, dst) in rows.chunks_mut(kp).enumerate() {
+                let i = blk * BLOCK + r;
+                if i < m {
+                    round_row(&a[i * lda..i * lda + k], &mut dst[..k]);
+                }
+            }
+        });
+    let (m_blocks, n_blocks) = (mp / BLOCK, b.n_tiles / 2);
+    let blocks = m_blocks * n_blocks;
+    let threads = rayon::current_num_threads().max(1).min(blocks);
+    let per = blocks.div_ceil(threads);
+    let c_ptr = SendPtr(c.as_mut_ptr());
+    (0..threads).into_par_iter().for_each(|t| {
+        let c_ptr = &c_ptr;
+        let mut scratch = [0f32; BLOCK * BLOCK];
+        kernel::configure();
+        for blk in t * per..((t + 1) * per).min(blocks) {
+            let (mb, nb) = (blk / n_blocks, blk % n_blocks);
+            let a0 = &ap[mb * BLOCK * kp..];
+            let b0 = &b.data[2 * nb * b.k_tiles * DEPTH * TILE..];
+            // SAFETY: `a0` holds 32 rows of `kp`, `b0` two n-tiles of `k_tiles` tiles each.
+            unsafe { kernel::block(a0, kp, b0, b.k_tiles, &mut scratch) };
+            let (i0, j0) = (mb * BLOCK, nb * BLOCK);
+            let (rows, cols) = (BLOCK.min(m - i0), BLOCK.min(n - j0));
+            for r in 0..rows {
+                // SAFETY: blocks are disjoint, within `c` (checked above).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        scratch.as_ptr().add(r * BLOCK),
+                        c_ptr.0.add((i0 + r) * ldc + j0),
+                        cols,
+                    )
+                };
+            }
+        }
+    });
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: each task writes its own blocks of C.
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+multiversion_round! {}
+
+/// f32 → bf16 bits for a row (compiled for AVX-512 as well; picked at run time).
+macro_rules! multiversion_round {
+    () => {
+        #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
+        fn round_row(src: &[f32], dst: &mut [u16]) {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = bf16_bits(s);
+            }
+        }
+    };
+}
+use multiversion_round;
+
+/// `bf16(x)` as f32: what the tiles multiply (tests compare against it).
+pub fn round_to_bf16(x: f32) -> f32 {
+    bf16::from_bits(bf16_bits(x)).to_f32()
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod kernel {
+    use super::{BLOCK, DEPTH, TILE};
+
+    /// Asks Linux for the AMX tile data state for this process.
+    pub(super) fn request_tiles() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain syscall with integer arguments.
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
+    }
+
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// Loads this module's tile shapes on the calling thread: tmm0–3 C (16 × 16 f32),
+    /// tmm4–5 A (16 × 32 bf16), tmm6–7 B (16 pair rows × 16 columns). Run before every batch of
+    /// blocks: other code on the thread (candle's quantized kernels) loads other shapes.
+    pub(super) fn configure() {
+        let mut cfg = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = TILE as u8;
+        }
+        // SAFETY: `cfg` is a valid palette-1 configuration, 64-byte aligned; callers checked
+        // `available()`, so the OS granted the tile state.
+        unsafe { core::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack)) };
+    }
+
+    /// One 32 × 32 block of C into `out` (row-major, 32 wide): `a` 32 packed rows of `kp`
+    /// bf16, `b` two n-tiles of `k_tiles` B tiles each.
+    ///
+    /// # Safety
+    /// `configure` ran on this thread; the slices hold what is described.
+    pub(super) unsafe fn block(
+        a: &[u16],
+        kp: usize,
+        b: &[u16],
+        k_tiles: usize,
+        out: &mut [f32; BLOCK * BLOCK],
+    ) {
+        debug_assert!(a.len() >= BLOCK * kp && b.len() >= 2 * k_tiles * DEPTH * TILE);
+        let a0 = a.as_ptr();
+        let a1 = unsafe { a0.add(TILE * kp) };
+        let b0 = b.as_ptr();
+        let b1 = unsafe { b0.add(k_tiles * DEPTH * TILE) };
+        let c = out.as_mut_ptr();
+        unsafe {
+            core::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "2:",
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b0}, 1024",
+                "add {b1}, 1024",
+                "dec {n}",
+                "jnz 2b",
+                "tilestored [{c} + {sc}*1], tmm0",
+                "tilestored [{c1} + {sc}*1], tmm1",
+                "tilestored [{c2} + {sc}*1], tmm2",
+                "tilestored [{c3} + {sc}*1], tmm3",
+                a0 = inout(reg) a0 => _,
+                a1 = inout(reg) a1 => _,
+                b0 = inout(reg) b0 => _,
+                b1 = inout(reg) b1 => _,
+                n = inout(reg) k_tiles => _,
+                sa = in(reg) kp * 2,
+                sb = in(reg) 64usize,
+                c = in(reg) c,
+                c1 = in(reg) c.add(TILE),
+                c2 = in(reg) c.add(TILE * BLOCK),
+                c3 = in(reg) c.add(TILE * BLOCK + TILE),
+                sc = in(reg) BLOCK * 4,
+                options(nostack)
+            );
+        }
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+mod kernel {
+    use super::BLOCK;
+
+    pub(super) fn request_tiles() -> bool {
+        false
+    }
+
+    pub(super) fn configure() {}
+
+    pub(super) unsafe fn block(
+        _: &[u16],
+        _: usize,
+        _: &[u16],
+        _: usize,
+        _: &mut [f32; BLOCK * BLOCK],
+    ) {
+        unreachable!("AMX tiles are x86-64 Linux only")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wave(len: usize, seed: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 1.7 + (i % 7) as f32 * 0.01)
+            .collect()
+    }
+
+    /// f64 reference of `bf16(a) · bf16(b)`.
+    fn reference(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|p| {
+                        round_to_bf16(a[i * k + p]) as f64 * round_to_bf16(b[p * n + j]) as f64
+                    })
+                    .sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn rounds_to_nearest_even_like_half() {
+        for x in [
+            1.0f32,
+            -2.5,
+            // Halfway cases: ties go to the even neighbour (down here, up there).
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x3f80_8001),
+            3.0e38,
+            f32::INFINITY,
+            1e-40,
+            -0.0,
+        ] {
+            assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{x}");
+        }
+        assert!(round_to_bf16(f32::NAN).is_nan());
+    }
+
+    /// Ragged shapes (no dimension a multiple of a tile), both operand layouts of B, against
+    /// the f64 product of the rounded operands.
+    #[test]
+    fn products_equal_the_rounded_operands_product() {
+        if !available() {
+            eprintln!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+            return;
+        }
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 40, 17),
+            (37, 70, 45),
+            (64, 576, 96),
+            (100, 33, 31),
+        ] {
+            let a = wave(m * k, 0.3);
+            let b = wave(k * n, 1.1);
+            let want = reference(&a, m, k, &b, n);
+            // B row-major (k, n), and the same B stored transposed (n, k) as a weight is.
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            for packed in [PackedB::new(&b, k, n, n, 1), PackedB::new(&bt, k, n, 1, k)] {
+                let ldc = n + 3;
+                let mut c = vec![f32::NAN; m * ldc];
+                matmul(&a, m, k, &packed, &mut c, ldc);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (got, w) = (c[i * ldc + j] as f64, want[i * n + j]);
+                        assert!(
+                            (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "({m},{k},{n}) [{i},{j}]: {got} vs {w}"
+                        );
+                    }
+                    // Padding of C's rows is not written.
+                    assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Frozen linear products in bf16 on AMX tiles: the CPU's `bf16: true`. A frozen weight
+//! `W (out, in)` is rounded to bf16 and packed once, in both orientations a step needs (the
+//! forward `x·Wᵀ` and the input gradient `g·W`); activations and gradients stay f32 and are
+//! rounded as they are packed; the products sum in f32 (see [`super::amx_bf16`]). Everything
+//! else in the step — norms, softmax, log-probabilities, LoRA's low-rank path, the optimizer —
+//! computes in f32.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+
+use super::amx_bf16::{self, PackedB};
+
+static ON: AtomicBool = AtomicBool::new(false);
+
+/// Turns bf16 products of frozen linear weights on (only where AMX tiles are available);
+/// returns whether they are on.
+pub fn use_bf16_products(on: bool) -> bool {
+    let on = on && amx_bf16::available();
+    ON.store(on, Ordering::Relaxed);
+    on
+}
+
+/// Whether frozen linear weights multiply in bf16 on AMX tiles.
+pub fn bf16_products() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
+/// A frozen `W (out, in)` rounded to bf16, packed for `x·Wᵀ` and for `g·W`.
+pub struct Bf16Weight {
+    forward: PackedB,
+    input_grad: PackedB,
+}
+
+impl Bf16Weight {
+    /// Packs `w (out, in)`, an f32 CPU tensor.
+    pub fn new(w: &Tensor) -> Result<Self> {
+        let (out, inp) = w.dims2()?;
+        let w = w.to_dtype(DType::F32)?.contiguous()?;
+        with_f32(&w, |s| Self {
+            forward: PackedB::new(s, inp, out, 1, inp),
+            input_grad: PackedB::new(s, out, inp, inp, 1),
+        })
+    }
+
+    /// Bytes of the two packed copies.
+    pub fn bytes(&self) -> usize {
+        self.forward.bytes() + self.input_grad.bytes()
+    }
+}
+
+/// `f` on the f32 elements of a contiguous CPU tensor.
+fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
+    let (s, l) = t.storage_and_layout();
+    match (&*s, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => candle_core::bail!("bf16 product: expected a contiguous f32 CPU tensor"),
+    }
+}
+
+/// `x (..., k) · B → (..., n)` as a value (no graph).
+fn product(x: &Tensor, b: &PackedB) -> Result<Tensor> {
+    let (k, n) = b.dims();
+    let x = x.detach().contiguous()?;
+    let mut dims = x.dims().to_vec();
+    let last = dims.pop().unwrap_or(0);
+    if last != k {
+        candle_core::bail!("bf16 product: input has {last} features, the weight {k}");
+    }
+    let m: usize = dims.iter().product();
+    let mut c = vec![0f32; m * n];
+    with_f32(&x, |a| amx_bf16::matmul(a, m, k, b, &mut c, n))?;
+    dims.push(n);
+    Tensor::from_vec(c, dims, &Device::Cpu)
+}
+
+impl Bf16Weight {
+    /// `x · Wᵀ` as a value.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        product(x, &self.forward)
+    }
+
+    /// `g · W` as a value.
+    pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
+        product(g, &self.input_grad)
+    }
+}
+
+/// `x (..., in) · Wᵀ` for a frozen weight packed in bf16, differentiable in `x` (`dx = g · W`,
+/// also in bf16).
+pub fn bf16_linear(x: &Tensor, w: &Arc<Bf16Weight>) -> Result<Tensor> {
+    let y0 = w.forward(x)?;
+    let wb = w.clone();
+    match super::attach("bf16-linear", x, y0.clone(), move |_x, g| wb.input_grad(g))? {
+        Some(y) => Ok(y),
+        None => Ok(y0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::amx_bf16::round_to_bf16;
+    use super::*;
+
+    fn rounded(t: &Tensor) -> Tensor {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = v.into_iter().map(round_to_bf16).collect();
+        Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
+    }
+
+    /// Value and input gradient equal the f32 products of the bf16-rounded operands.
+    #[test]
+    fn value_and_input_gradient_are_the_rounded_products() {
+        if !amx_bf16::available() {
+            eprintln!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+            return;
+        }
+        let dev = Device::Cpu;
+        let x = candle_core::Var::from_tensor(
+            &(Tensor::arange(0f32, 3.0 * 7.0 * 40.0, &dev)
+                .unwrap()
+                .reshape((3, 7, 40))
+                .unwrap()
+                * 0.013)
+                .unwrap()
+                .sin()
+                .unwrap(),
+        )
+        .unwrap();
+        let w = (Tensor::arange(0f32, 50.0 * 40.0, &dev)
+            .unwrap()
+            .reshape((50, 40))
+            .unwrap()
+            * 0.07)
+            .unwrap()
+            .cos()
+            .unwrap();
+        let packed = Arc::new(Bf16Weight::new(&w).unwrap());
+        let y = bf16_linear(x.as_tensor(), &packed).unwrap();
+        let want = rounded(x.as_tensor())
+            .broadcast_matmul(&rounded(&w).t().unwrap())
+            .unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert_eq!(y.dims(), &[3, 7, 50]);
+        assert!(diff(&y, &want) < 1e-4, "{}", diff(&y, &want));
+        let weights = (Tensor::arange(0f32, 3.0 * 7.0 * 50.0, &dev)
+            .unwrap()
+            .reshape((3, 7, 50))
+            .unwrap()
+            * 0.01)
+            .unwrap();
+        let grads = (&y * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx = grads.get(x.as_tensor()).unwrap();
+        let want_dx = rounded(&weights).broadcast_matmul(&rounded(&w)).unwrap();
+        assert!(diff(dx, &want_dx) < 1e-4, "{}", diff(dx, &want_dx));
+        // Not the f32 product: the rounding is real.
+        let f32_y = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+        assert!(diff(&y, &f32_y) > 1e-3);
+        assert!(!dx.track_op());
+    }
+}
