@@ -50,16 +50,7 @@ impl PackedB {
         use rayon::prelude::*;
         data.par_chunks_mut(k_tiles * DEPTH * TILE)
             .enumerate()
-            .for_each(|(nt, tiles)| {
-                for jj in 0..TILE.min(n.saturating_sub(nt * TILE)) {
-                    let j = nt * TILE + jj;
-                    for i in 0..k {
-                        let (kt, r) = (i / DEPTH, i % DEPTH);
-                        tiles[kt * DEPTH * TILE + (r / 2) * 2 * TILE + jj * 2 + r % 2] =
-                            bf16_bits(src[i * stride_k + j * stride_n]);
-                    }
-                }
-            });
+            .for_each(|(nt, tiles)| pack_column(src, k, n, stride_k, stride_n, nt, tiles));
         Self {
             k,
             n,
@@ -140,6 +131,50 @@ pub fn matmul(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32], ldc: 
             }
         }
     });
+}
+
+/// Packs n-tile `nt` of B (16 columns, all of k) into `tiles`: along rows when a row's
+/// columns are adjacent (`stride_n == 1`: two rows interleaved 16 columns at a time), else
+/// along columns.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
+fn pack_column(
+    src: &[f32],
+    k: usize,
+    n: usize,
+    stride_k: usize,
+    stride_n: usize,
+    nt: usize,
+    tiles: &mut [u16],
+) {
+    let cols = TILE.min(n.saturating_sub(nt * TILE));
+    let j0 = nt * TILE;
+    if stride_n == 1 && cols == TILE {
+        for i in (0..k).step_by(2) {
+            let (kt, r) = (i / DEPTH, i % DEPTH);
+            let dst = &mut tiles[kt * DEPTH * TILE + r * TILE..][..2 * TILE];
+            let r0 = &src[i * stride_k + j0..][..TILE];
+            if i + 1 < k {
+                let r1 = &src[(i + 1) * stride_k + j0..][..TILE];
+                for jj in 0..TILE {
+                    dst[2 * jj] = bf16_bits(r0[jj]);
+                    dst[2 * jj + 1] = bf16_bits(r1[jj]);
+                }
+            } else {
+                for jj in 0..TILE {
+                    dst[2 * jj] = bf16_bits(r0[jj]);
+                }
+            }
+        }
+        return;
+    }
+    for jj in 0..cols {
+        let j = j0 + jj;
+        for i in 0..k {
+            let (kt, r) = (i / DEPTH, i % DEPTH);
+            tiles[kt * DEPTH * TILE + (r / 2) * 2 * TILE + jj * 2 + r % 2] =
+                bf16_bits(src[i * stride_k + j * stride_n]);
+        }
+    }
 }
 
 struct SendPtr(*mut f32);
@@ -354,6 +389,7 @@ mod tests {
             (37, 70, 45),
             (64, 576, 96),
             (100, 33, 31),
+            (40, 65, 64),
         ] {
             let a = wave(m * k, 0.3);
             let b = wave(k * n, 1.1);
