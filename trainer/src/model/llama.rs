@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -55,6 +56,9 @@ pub struct Model {
     pub router_aux_loss_coef: Option<f64>,
     /// The sparse layers' routing in the last policy pass, for [`Model::loss_sum`].
     routing: std::sync::Mutex<Vec<super::mlp::Routing>>,
+    /// The frozen LM head packed in bf16 (per vocabulary tile), made on first use while the
+    /// CPU's bf16 products are on.
+    head_bf16: std::sync::OnceLock<Arc<Vec<crate::ops::Bf16Weight>>>,
     dims: Dims,
     pub dtype: DType,
     pub device: Device,
@@ -176,6 +180,7 @@ impl Model {
             padding_free: true,
             router_aux_loss_coef: None,
             routing: Default::default(),
+            head_bf16: Default::default(),
             dtype,
             device: device.clone(),
         })
@@ -454,6 +459,27 @@ impl Model {
             return Ok((unit_rows(&w)?, true));
         }
         Ok((w, trains))
+    }
+
+    /// A frozen `head` packed in bf16 when the CPU's bf16 products are on and `h` is an f32 CPU
+    /// tensor (packed on first use, then kept).
+    fn head_bf16(
+        &self,
+        (w, trains): &(Tensor, bool),
+        h: &Tensor,
+    ) -> Result<Option<Arc<Vec<crate::ops::Bf16Weight>>>> {
+        if *trains
+            || !crate::ops::bf16_products()
+            || h.dtype() != DType::F32
+            || !h.device().is_cpu()
+        {
+            return Ok(None);
+        }
+        if let Some(p) = self.head_bf16.get() {
+            return Ok(Some(p.clone()));
+        }
+        let packed = Arc::new(crate::ops::pack_head_bf16(w)?);
+        Ok(Some(self.head_bf16.get_or_init(|| packed).clone()))
     }
 
     /// Gemma 2's `final_logit_softcapping`.
@@ -1107,11 +1133,13 @@ impl Model {
         let idx = Tensor::from_slice(&rows, rows.len(), &self.device)?;
         let h = h.index_select(&idx, 0)?;
         let head = self.head_weight(weights)?;
+        let head_bf16 = self.head_bf16(&head, &h)?;
         Ok(Some((
             h.clone(),
             TargetLogits {
                 h,
                 head,
+                head_bf16,
                 softcap: self.final_softcap(),
                 rows,
                 targets,
@@ -1271,6 +1299,8 @@ pub struct TargetLogits {
     h: Tensor,
     /// The LM head weight `(vocab, hidden)` and whether it trains.
     head: (Tensor, bool),
+    /// The frozen head packed in bf16, when the CPU's bf16 products are on.
+    head_bf16: Option<Arc<Vec<crate::ops::Bf16Weight>>>,
     /// Final logit soft-capping (Gemma 2).
     softcap: Option<f64>,
     pub rows: Vec<u32>,
@@ -1292,6 +1322,7 @@ impl TargetLogits {
                 w,
                 &self.targets,
                 self.softcap,
+                self.head_bf16.as_deref().map(Vec::as_slice),
             )?);
         }
         let logits = self.logits()?;

@@ -82,31 +82,65 @@ pub fn available() -> bool {
 /// `c (m, n, row stride ldc) = bf16(a (m, k, row stride lda)) · b` in f32. Call only when
 /// [`available`].
 pub fn matmul(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    assert!(m == 0 || c.len() >= (m - 1) * ldc + b.n);
+    // SAFETY: `c` holds the m rows of n at stride ldc (checked).
+    unsafe { matmul_raw(a, m, lda, b, c.as_mut_ptr(), ldc) }
+}
+
+/// `bf16(a (m, k, row stride lda)) · b` as a new row-major `(m, n)` buffer (not zero-filled
+/// first: every element is written once).
+pub fn matmul_new(a: &[f32], m: usize, lda: usize, b: &PackedB) -> Vec<f32> {
+    let len = m * b.n;
+    let mut c: Vec<f32> = Vec::with_capacity(len);
+    // SAFETY: the capacity holds m rows of n; `matmul_raw` writes every one of its elements,
+    // so all `len` are initialised before `set_len`.
+    unsafe {
+        matmul_raw(a, m, lda, b, c.as_mut_ptr(), b.n);
+        c.set_len(len);
+    }
+    c
+}
+
+/// # Safety
+/// `c` is valid for writes of `m` rows of `b.n` floats at row stride `ldc`.
+unsafe fn matmul_raw(a: &[f32], m: usize, lda: usize, b: &PackedB, c: *mut f32, ldc: usize) {
     let (k, n) = (b.k, b.n);
     assert!(available(), "AMX-BF16 tiles are not available");
-    assert!(m == 0 || (a.len() >= (m - 1) * lda + k && c.len() >= (m - 1) * ldc + n));
+    assert!(m == 0 || a.len() >= (m - 1) * lda + k);
     if m == 0 || n == 0 {
         return;
     }
     let kp = b.k_tiles * DEPTH;
     let mp = round_up(m, BLOCK);
     use rayon::prelude::*;
-    let mut ap = vec![0u16; mp * kp];
-    ap.par_chunks_mut(kp * BLOCK)
+    // A rounded to bf16, rows padded with zeros to kp and to a whole block. Not zero-filled
+    // first: each row is written whole.
+    let mut ap: Vec<u16> = Vec::with_capacity(mp * kp);
+    ap.spare_capacity_mut()[..mp * kp]
+        .par_chunks_mut(kp * BLOCK)
         .enumerate()
         .for_each(|(blk, rows)| {
             for (r, dst) in rows.chunks_mut(kp).enumerate() {
                 let i = blk * BLOCK + r;
+                // SAFETY: MaybeUninit<u16> has u16's layout; every element of the row is
+                // written below (its k values, then its padding) before anything reads it.
+                let dst: &mut [u16] =
+                    unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), dst.len()) };
                 if i < m {
                     round_row(&a[i * lda..i * lda + k], &mut dst[..k]);
+                    dst[k..].fill(0);
+                } else {
+                    dst.fill(0);
                 }
             }
         });
+    // SAFETY: all mp·kp elements were written above.
+    unsafe { ap.set_len(mp * kp) };
     let (m_blocks, n_blocks) = (mp / BLOCK, b.n_tiles / 2);
     let blocks = m_blocks * n_blocks;
     let threads = rayon::current_num_threads().max(1).min(blocks);
     let per = blocks.div_ceil(threads);
-    let c_ptr = SendPtr(c.as_mut_ptr());
+    let c_ptr = SendPtr(c);
     (0..threads).into_par_iter().for_each(|t| {
         let c_ptr = &c_ptr;
         let mut scratch = [0f32; BLOCK * BLOCK];
@@ -115,12 +149,19 @@ pub fn matmul(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32], ldc: 
             let (mb, nb) = (blk / n_blocks, blk % n_blocks);
             let a0 = &ap[mb * BLOCK * kp..];
             let b0 = &b.data[2 * nb * b.k_tiles * DEPTH * TILE..];
-            // SAFETY: `a0` holds 32 rows of `kp`, `b0` two n-tiles of `k_tiles` tiles each.
-            unsafe { kernel::block(a0, kp, b0, b.k_tiles, &mut scratch) };
             let (i0, j0) = (mb * BLOCK, nb * BLOCK);
             let (rows, cols) = (BLOCK.min(m - i0), BLOCK.min(n - j0));
+            if rows == BLOCK && cols == BLOCK {
+                // A whole block: the tiles store straight into C.
+                // SAFETY: `a0` holds 32 rows of `kp`, `b0` two n-tiles of `k_tiles` tiles
+                // each; the block lies within C, and blocks are disjoint.
+                unsafe { kernel::block(a0, kp, b0, b.k_tiles, c_ptr.0.add(i0 * ldc + j0), ldc) };
+                continue;
+            }
+            // SAFETY: as above, into the 32 × 32 scratch.
+            unsafe { kernel::block(a0, kp, b0, b.k_tiles, scratch.as_mut_ptr(), BLOCK) };
             for r in 0..rows {
-                // SAFETY: blocks are disjoint, within `c` (checked above).
+                // SAFETY: the block's rows and columns within C; blocks are disjoint.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         scratch.as_ptr().add(r * BLOCK),
@@ -249,24 +290,25 @@ mod kernel {
         unsafe { core::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack)) };
     }
 
-    /// One 32 × 32 block of C into `out` (row-major, 32 wide): `a` 32 packed rows of `kp`
+    /// One 32 × 32 block of C into `c` (row stride `ldc` floats): `a` 32 packed rows of `kp`
     /// bf16, `b` two n-tiles of `k_tiles` B tiles each.
     ///
     /// # Safety
-    /// `configure` ran on this thread; the slices hold what is described.
+    /// `configure` ran on this thread; the slices hold what is described; `c` is valid for
+    /// writes of 32 rows of 32 floats at stride `ldc`.
     pub(super) unsafe fn block(
         a: &[u16],
         kp: usize,
         b: &[u16],
         k_tiles: usize,
-        out: &mut [f32; BLOCK * BLOCK],
+        c: *mut f32,
+        ldc: usize,
     ) {
         debug_assert!(a.len() >= BLOCK * kp && b.len() >= 2 * k_tiles * DEPTH * TILE);
         let a0 = a.as_ptr();
         let a1 = unsafe { a0.add(TILE * kp) };
         let b0 = b.as_ptr();
         let b1 = unsafe { b0.add(k_tiles * DEPTH * TILE) };
-        let c = out.as_mut_ptr();
         unsafe {
             core::arch::asm!(
                 "tilezero tmm0",
@@ -301,9 +343,9 @@ mod kernel {
                 sb = in(reg) 64usize,
                 c = in(reg) c,
                 c1 = in(reg) c.add(TILE),
-                c2 = in(reg) c.add(TILE * BLOCK),
-                c3 = in(reg) c.add(TILE * BLOCK + TILE),
-                sc = in(reg) BLOCK * 4,
+                c2 = in(reg) c.add(TILE * ldc),
+                c3 = in(reg) c.add(TILE * ldc + TILE),
+                sc = in(reg) ldc * 4,
                 options(nostack)
             );
         }
@@ -312,21 +354,13 @@ mod kernel {
 
 #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
 mod kernel {
-    use super::BLOCK;
-
     pub(super) fn request_tiles() -> bool {
         false
     }
 
     pub(super) fn configure() {}
 
-    pub(super) unsafe fn block(
-        _: &[u16],
-        _: usize,
-        _: &[u16],
-        _: usize,
-        _: &mut [f32; BLOCK * BLOCK],
-    ) {
+    pub(super) unsafe fn block(_: &[u16], _: usize, _: &[u16], _: usize, _: *mut f32, _: usize) {
         unreachable!("AMX tiles are x86-64 Linux only")
     }
 }
@@ -400,6 +434,11 @@ mod tests {
                 let ldc = n + 3;
                 let mut c = vec![f32::NAN; m * ldc];
                 matmul(&a, m, k, &packed, &mut c, ldc);
+                // The same product into a new buffer, unpadded.
+                let fresh = matmul_new(&a, m, k, &packed);
+                for i in 0..m {
+                    assert_eq!(&fresh[i * n..(i + 1) * n], &c[i * ldc..i * ldc + n]);
+                }
                 for i in 0..m {
                     for j in 0..n {
                         let (got, w) = (c[i * ldc + j] as f64, want[i * n + j]);

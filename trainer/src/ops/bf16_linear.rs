@@ -70,8 +70,7 @@ fn product(x: &Tensor, b: &PackedB) -> Result<Tensor> {
         candle_core::bail!("bf16 product: input has {last} features, the weight {k}");
     }
     let m: usize = dims.iter().product();
-    let mut c = vec![0f32; m * n];
-    with_f32(&x, |a| amx_bf16::matmul(a, m, k, b, &mut c, n))?;
+    let c = with_f32(&x, |a| amx_bf16::matmul_new(a, m, k, b))?;
     dims.push(n);
     Tensor::from_vec(c, dims, &Device::Cpu)
 }

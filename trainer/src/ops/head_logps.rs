@@ -17,6 +17,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::attach::attach;
+use super::Bf16Weight;
 use crate::model::layers::f32_if_half;
 
 /// Hidden-state rows per chunk.
@@ -25,6 +26,16 @@ const ROWS: usize = 256;
 const VOCAB: usize = 8192;
 /// Elements of one tile of logits (what the memory estimate counts a few of).
 pub const HEAD_TILE_ELEMS: usize = ROWS * VOCAB;
+
+/// A frozen head `w (vocab, hidden)` packed in bf16 for [`frozen_head_logps`], one
+/// [`Bf16Weight`] per vocabulary tile.
+pub fn pack_head_bf16(w: &Tensor) -> Result<Vec<Bf16Weight>> {
+    let vocab = w.dim(0)?;
+    (0..vocab)
+        .step_by(VOCAB)
+        .map(|j| Bf16Weight::new(&w.narrow(0, j, VOCAB.min(vocab - j))?))
+        .collect()
+}
 
 /// `x (n, hidden) · wᵀ → (n, vocab)` for a frozen `w`, differentiable in `x`; `w` may be stored
 /// in another dtype, converted a tile at a time.
@@ -67,6 +78,7 @@ pub fn frozen_head_logps(
     w: &Tensor,
     targets: &[u32],
     softcap: Option<f64>,
+    bf16: Option<&[Bf16Weight]>,
 ) -> Result<Tensor> {
     let (n, _) = h.dims2()?;
     if n != targets.len() {
@@ -88,10 +100,14 @@ pub fn frozen_head_logps(
         })
         .collect();
     let vocab = w.dim(0)?;
-    for j in (0..vocab).step_by(VOCAB) {
+    if bf16.is_some_and(|tiles| tiles.len() != vocab.div_ceil(VOCAB)) {
+        candle_core::bail!("frozen-head-logps: the bf16 head has another number of tiles");
+    }
+    for (t, j) in (0..vocab).step_by(VOCAB).enumerate() {
         let wt = w.narrow(0, j, VOCAB.min(vocab - j))?.to_dtype(dtype)?;
+        let packed = bf16.map(|tiles| &tiles[t]);
         for (hc, state) in chunks.iter().zip(&mut states) {
-            state.add_tile(hc, &wt, wants_grad)?;
+            state.add_tile(hc, &wt, packed, wants_grad)?;
         }
     }
     let mut logps = Vec::new();
@@ -99,7 +115,7 @@ pub fn frozen_head_logps(
     for (k, (hc, state)) in chunks.iter().zip(states).enumerate() {
         let s = k * ROWS;
         let t = Tensor::from_slice(&targets[s..s + hc.dim(0)?], hc.dim(0)?, h.device())?;
-        let (logp, jacobian) = state.finish(hc, &w, &t)?;
+        let (logp, jacobian) = state.finish(hc, &w, &t, bf16.is_some())?;
         logps.push(logp);
         jacobians.extend(jacobian);
     }
@@ -129,10 +145,20 @@ fn capped(z: Tensor, cap: f64) -> Result<(Tensor, Tensor)> {
 }
 
 impl Online {
-    fn add_tile(&mut self, h: &Tensor, wt: &Tensor, jacobian: bool) -> Result<()> {
+    /// Adds a vocabulary tile `wt`, multiplied in bf16 on AMX tiles when `packed` is given.
+    fn add_tile(
+        &mut self,
+        h: &Tensor,
+        wt: &Tensor,
+        packed: Option<&Bf16Weight>,
+        jacobian: bool,
+    ) -> Result<()> {
         let dtype = h.dtype();
         let ldtype = f32_if_half(dtype);
-        let z = h.matmul(&wt.t()?)?.to_dtype(ldtype)?;
+        let z = match packed {
+            Some(p) => p.forward(h)?,
+            None => h.matmul(&wt.t()?)?.to_dtype(ldtype)?,
+        };
         let (z, slope) = match self.softcap {
             Some(cap) => {
                 let (z, slope) = capped(z, cap)?;
@@ -158,7 +184,10 @@ impl Online {
                 Some(slope) => (&p * slope)?,
                 None => p,
             };
-            Some(p.to_dtype(dtype)?.matmul(wt)?.to_dtype(ldtype)?)
+            Some(match packed {
+                Some(w) => w.input_grad(&p)?,
+                None => p.to_dtype(dtype)?.matmul(wt)?.to_dtype(ldtype)?,
+            })
         } else {
             None
         };
@@ -178,14 +207,29 @@ impl Online {
     }
 
     /// The log-probabilities `(r, 1)` of `targets` and, when accumulated, their gradients with
-    /// respect to the rows `(r, hidden)`.
-    fn finish(self, h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    /// respect to the rows `(r, hidden)`. `bf16`: the tiles were bf16 products, so the target's
+    /// logit is made of the same rounded operands (else a log-probability could exceed 0).
+    fn finish(
+        self,
+        h: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        bf16: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let Some((m, s, acc)) = self.state else {
             candle_core::bail!("frozen-head-logps: empty vocabulary")
         };
         let ldtype = f32_if_half(h.dtype());
-        let mut w_target = w.index_select(targets, 0)?.to_dtype(ldtype)?;
-        let mut target_logit = (h.to_dtype(ldtype)? * &w_target)?.sum_keepdim(D::Minus1)?;
+        let rounded = |t: Tensor| -> Result<Tensor> {
+            if bf16 {
+                t.to_dtype(DType::BF16)?.to_dtype(ldtype)
+            } else {
+                Ok(t)
+            }
+        };
+        let mut w_target = rounded(w.index_select(targets, 0)?.to_dtype(ldtype)?)?;
+        let mut target_logit =
+            (rounded(h.to_dtype(ldtype)?)? * &w_target)?.sum_keepdim(D::Minus1)?;
         if let Some(cap) = self.softcap {
             let (z, slope) = capped(target_logit, cap)?;
             target_logit = z;
@@ -261,7 +305,7 @@ mod tests {
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % v as u32).collect();
         let weights = randn((n, 1), 3);
 
-        let ours = frozen_head_logps(h.as_tensor(), &w, &targets, None).unwrap();
+        let ours = frozen_head_logps(h.as_tensor(), &w, &targets, None, None).unwrap();
         let tgt = Tensor::from_slice(&targets, (n, 1), &dev).unwrap();
         let logits = h.as_tensor().matmul(&w.t().unwrap()).unwrap();
         let reference = candle_nn::ops::log_softmax(&logits, D::Minus1)
@@ -283,7 +327,7 @@ mod tests {
         // The f32 CPU pass agrees with the f64 one.
         let h32 = Var::from_tensor(&h.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
         let w32 = w.to_dtype(DType::F32).unwrap();
-        let ours32 = frozen_head_logps(h32.as_tensor(), &w32, &targets, None).unwrap();
+        let ours32 = frozen_head_logps(h32.as_tensor(), &w32, &targets, None, None).unwrap();
         assert!(max_diff(&ours32, &reference) < 1e-4);
         let weights32 = weights.to_dtype(DType::F32).unwrap();
         let g32 = (ours32 * &weights32)
@@ -298,6 +342,50 @@ mod tests {
         assert!(
             d32 < 2e-5 * scale,
             "f32 gradient off by {d32} (scale {scale})"
+        );
+
+        // bf16 products on AMX tiles, three vocabulary tiles: the log-probabilities of the
+        // rounded operands (f64 reference), and a gradient within bf16's precision.
+        if !super::super::amx_bf16::available() {
+            eprintln!("bf16 part skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+            return;
+        }
+        let round = |t: &Tensor| -> Tensor {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let v: Vec<f64> = v
+                .into_iter()
+                .map(|x| super::super::amx_bf16::round_to_bf16(x) as f64)
+                .collect();
+            Tensor::from_vec(v, t.dims(), &dev).unwrap()
+        };
+        let packed = pack_head_bf16(&w32).unwrap();
+        assert_eq!(packed.len(), 3);
+        let h16 = Var::from_tensor(h32.as_tensor()).unwrap();
+        let ours16 =
+            frozen_head_logps(h16.as_tensor(), &w32, &targets, None, Some(&packed)).unwrap();
+        let logits16 = round(h32.as_tensor())
+            .matmul(&round(&w32).t().unwrap())
+            .unwrap();
+        let reference16 = candle_nn::ops::log_softmax(&logits16, D::Minus1)
+            .unwrap()
+            .gather(&tgt, 1)
+            .unwrap();
+        let d16 = max_diff(&ours16, &reference16);
+        assert!(d16 < 1e-4, "bf16 log-probabilities off by {d16}");
+        assert!(
+            max_diff(&reference16, &reference) > 1e-4,
+            "the rounding is real"
+        );
+        let g16 = (ours16 * &weights32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d16 = max_diff(g16.get(h16.as_tensor()).unwrap(), g_ref);
+        assert!(
+            d16 < 1e-2 * scale,
+            "bf16 gradient off by {d16} (scale {scale})"
         );
     }
 
@@ -326,8 +414,8 @@ mod tests {
             ) < 1e-2
         );
 
-        let lp = frozen_head_logps(x.as_tensor(), &w, &targets, None).unwrap();
-        let lp_ref = frozen_head_logps(x.as_tensor(), &w32, &targets, None).unwrap();
+        let lp = frozen_head_logps(x.as_tensor(), &w, &targets, None, None).unwrap();
+        let lp_ref = frozen_head_logps(x.as_tensor(), &w32, &targets, None, None).unwrap();
         assert_eq!(lp.dtype(), DType::F32);
         assert!(max_diff(&lp, &lp_ref) < 1e-4);
     }
@@ -340,7 +428,7 @@ mod tests {
         let h = Var::from_tensor(&randn((n, d), 4)).unwrap();
         let w = randn((v, d), 5);
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 1237) % v as u32).collect();
-        let ours = frozen_head_logps(h.as_tensor(), &w, &targets, Some(cap)).unwrap();
+        let ours = frozen_head_logps(h.as_tensor(), &w, &targets, Some(cap), None).unwrap();
         let z = h.as_tensor().matmul(&w.t().unwrap()).unwrap();
         let z = ((z / cap).unwrap().tanh().unwrap() * cap).unwrap();
         let tgt = Tensor::from_slice(&targets, (n, 1), &dev).unwrap();
@@ -349,7 +437,7 @@ mod tests {
             .gather(&tgt, 1)
             .unwrap();
         assert!(max_diff(&ours, &reference) < 1e-10);
-        let uncapped = frozen_head_logps(h.as_tensor(), &w, &targets, None).unwrap();
+        let uncapped = frozen_head_logps(h.as_tensor(), &w, &targets, None, None).unwrap();
         assert!(
             max_diff(&ours, &uncapped) > 0.1,
             "the cap changes the result"

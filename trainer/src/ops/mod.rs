@@ -22,7 +22,7 @@ pub use attention::attention;
 pub use bf16_linear::{bf16_linear, bf16_products, use_bf16_products, Bf16Weight};
 pub use checkpoint::{checkpoint, GradSink, Recompute};
 pub use frozen_linear::frozen_linear;
-pub use head_logps::{frozen_head, frozen_head_logps, HEAD_TILE_ELEMS};
+pub use head_logps::{frozen_head, frozen_head_logps, pack_head_bf16, HEAD_TILE_ELEMS};
 pub use log_sigmoid::log_sigmoid;
 pub use lora_linear::{lora_linear, Frozen};
 pub use rowwise::{geglu, log_softmax_gather, masked_softmax, rms_norm, rope, swiglu};
