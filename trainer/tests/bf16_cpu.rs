@@ -3,52 +3,23 @@
 //! differ from it (the rounding is real). Its own test binary, because the switch is
 //! process-wide. Skipped, saying so, where the CPU or OS offers no AMX-BF16 tiles.
 
+mod common;
+
 use std::path::PathBuf;
 
-use protocol::{TrainArgs, WorkerEvent};
-use trainer::train::report::Reporter;
-use trainer::train::{run_training, Outcome, TrainOptions};
-
-struct Losses(Vec<f64>);
-
-impl Reporter for Losses {
-    fn event(&mut self, e: &WorkerEvent) {
-        if let WorkerEvent::Step(m) = e {
-            self.0.push(m.loss);
-        }
-    }
-}
+use protocol::TrainArgs;
 
 fn args(base: &std::path::Path, out: PathBuf) -> TrainArgs {
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data");
     TrainArgs {
-        model_name_or_path: Some(base.display().to_string()),
-        dataset: Some("demo_sft".into()),
-        dataset_dir: data.display().to_string(),
-        template: Some("qwen".into()),
-        cutoff_len: 64,
-        per_device_train_batch_size: 4,
-        gradient_accumulation_steps: 1,
-        max_steps: 50,
-        logging_steps: 1,
-        learning_rate: 2e-3,
-        save_strategy: protocol::args::IntervalStrategy::No,
-        output_dir: Some(out.display().to_string()),
-        do_train: true,
         bf16: true,
-        ..TrainArgs::default()
+        ..common::demo_lora_args(base, out)
     }
 }
 
 /// Logged losses and the unrounded mean.
 fn curve(base: &std::path::Path, out: PathBuf, bf16: bool) -> (Vec<f64>, f64) {
     assert_eq!(trainer::ops::use_bf16_products(bf16), bf16);
-    let mut rep = Losses(Vec::new());
-    let outcome = run_training(&args(base, out), &TrainOptions::default(), &mut rep).unwrap();
-    let Outcome::Finished(m) = outcome else {
-        panic!("{outcome:?}")
-    };
-    (rep.0, m["train_loss"].as_f64().unwrap())
+    common::loss_curve(&args(base, out))
 }
 
 #[test]

@@ -541,30 +541,23 @@ fn device(
 const TORCH_GEMM: &str = r#"
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[2]))
+
+def gflops(a, b, flops, reps):
+    best = 1e9
+    for _ in range(int(sys.argv[3])):
+        a @ b
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / reps)
+    return flops / best / 1e9
+
 for m, n, k, tr in json.loads(sys.argv[1]):
     a = torch.randn(m, k)
     b = torch.randn(n, k).t() if tr else torch.randn(k, n)
     flops = 2.0 * m * n * k
     reps = min(max(int(1e10 / flops), 3), 2000)
-    best = 1e9
-    for _ in range(int(sys.argv[3])):
-        a @ b
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, (time.perf_counter() - t) / reps)
-    out = [flops / best / 1e9]
-    a, b = a.bfloat16(), b.bfloat16()
-    reps *= 4
-    best = 1e9
-    for _ in range(int(sys.argv[3])):
-        a @ b
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, (time.perf_counter() - t) / reps)
-    out.append(flops / best / 1e9)
-    print(*out, flush=True)
+    print(gflops(a, b, flops, reps), gflops(a.bfloat16(), b.bfloat16(), flops, 4 * reps), flush=True)
 "#;
 
 fn gemm(python: Option<&str>, rounds: usize) -> Result<ExitCode> {

@@ -285,6 +285,7 @@ impl Model {
                 let norms = match &lin.weight {
                     LinearWeight::Dense(p) => p.tensor.to_dtype(dtype)?.sqr()?.sum(1)?.sqrt()?,
                     LinearWeight::Quantized(q) => q.row_norms(None, dtype)?,
+                    LinearWeight::Bf16(w) => w.to_dense(dtype)?.sqr()?.sum(1)?.sqrt()?,
                 };
                 Some(Var::from_tensor(&norms)?)
             } else {
@@ -332,6 +333,7 @@ impl Model {
             .ok_or_else(|| anyhow!("no linear module `{module}`"))?;
         let w = match &lin.weight {
             LinearWeight::Dense(p) => p.tensor.to_dtype(DType::F32)?,
+            LinearWeight::Bf16(w) => w.to_dense(DType::F32)?,
             LinearWeight::Quantized(_) => bail!(
                 "`pissa_init` on a quantized base (`quantization_bit`) is not supported: the residual must stay in full precision; train PiSSA on the unquantized model"
             ),

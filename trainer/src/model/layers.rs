@@ -81,6 +81,10 @@ pub struct LoraLayer {
 pub enum LinearWeight {
     Dense(Param),
     Quantized(Arc<QuantWeight>),
+    /// A frozen weight kept only as its bf16 packings for AMX tiles (the CPU's `bf16` in a LoRA
+    /// run: [`crate::model::Model::keep_frozen_in_bf16`]); its value is the weight rounded to
+    /// bf16.
+    Bf16(Arc<crate::ops::Bf16Weight>),
 }
 
 impl LinearWeight {
@@ -89,6 +93,7 @@ impl LinearWeight {
         Ok(match self {
             LinearWeight::Dense(p) => p.tensor.dims2()?,
             LinearWeight::Quantized(q) => (q.rows, q.cols),
+            LinearWeight::Bf16(w) => w.dims(),
         })
     }
 
@@ -97,20 +102,21 @@ impl LinearWeight {
         match self {
             LinearWeight::Dense(p) => Ok(p.t().detach().to_dtype(dtype)?),
             LinearWeight::Quantized(q) => q.dequantize(dtype),
+            LinearWeight::Bf16(w) => Ok(w.to_dense(dtype)?),
         }
     }
 
     pub fn dense(&self) -> Option<&Param> {
         match self {
             LinearWeight::Dense(p) => Some(p),
-            LinearWeight::Quantized(_) => None,
+            LinearWeight::Quantized(_) | LinearWeight::Bf16(_) => None,
         }
     }
 
     pub fn dense_mut(&mut self) -> Option<&mut Param> {
         match self {
             LinearWeight::Dense(p) => Some(p),
-            LinearWeight::Quantized(_) => None,
+            LinearWeight::Quantized(_) | LinearWeight::Bf16(_) => None,
         }
     }
 }
@@ -194,14 +200,23 @@ impl Linear {
             o.add(x)?;
         }
         // Plain LoRA on a frozen dense weight: one graph node (see `ops::lora_linear`).
-        if let (LinearWeight::Dense(p), Some(lora)) = (
-            &self.weight,
-            self.lora
-                .as_ref()
-                .filter(|l| weights == Weights::Policy && l.magnitude.is_none()),
-        ) {
-            let (w, trainable) = p.value(weights, dtype)?;
-            if !trainable && x.rank() == 2 {
+        if let Some(lora) = self
+            .lora
+            .as_ref()
+            .filter(|l| weights == Weights::Policy && l.magnitude.is_none() && x.rank() == 2)
+        {
+            let frozen = match &self.weight {
+                LinearWeight::Dense(p) => match p.value(weights, dtype)? {
+                    (_, true) => None,
+                    (w, false) => Some(match self.bf16_weight(&w, x)? {
+                        Some(packed) => crate::ops::Frozen::Bf16(packed),
+                        None => crate::ops::Frozen::Dense(w),
+                    }),
+                },
+                LinearWeight::Bf16(packed) => Some(crate::ops::Frozen::Bf16(packed.clone())),
+                LinearWeight::Quantized(_) => None,
+            };
+            if let Some(frozen) = frozen {
                 let mask = match rng {
                     Some(rng) if lora.dropout > 0.0 => Some(dropout_mask(x, lora.dropout, rng)?),
                     _ => None,
@@ -210,10 +225,6 @@ impl Linear {
                     lora.a.as_tensor().to_dtype(dtype)?,
                     lora.b.as_tensor().to_dtype(dtype)?,
                 );
-                let frozen = match self.bf16_weight(&w, x)? {
-                    Some(packed) => crate::ops::Frozen::Bf16(packed),
-                    None => crate::ops::Frozen::Dense(w),
-                };
                 let mut y = crate::ops::lora_linear(x, frozen, &a, &b, lora.scale, mask)?;
                 if let Some(b) = &self.bias {
                     y = y.broadcast_add(&b.value(weights, dtype)?.0)?;
@@ -234,6 +245,7 @@ impl Linear {
                 (y, Some(w))
             }
             LinearWeight::Quantized(q) => (quant_linear(x, q)?, None),
+            LinearWeight::Bf16(w) => (crate::ops::bf16_linear(x, w)?, None),
         };
         if let Some(lora) = self.lora.as_ref().filter(|_| weights == Weights::Policy) {
             let xd = match rng {
@@ -253,6 +265,10 @@ impl Linear {
                     // detached as in PEFT (on a quantized base always: it is computed a tile
                     // at a time, outside the graph).
                     let delta_w = (b.matmul(&a)? * lora.scale)?;
+                    let w = match (w, &self.weight) {
+                        (None, LinearWeight::Bf16(packed)) => Some(packed.to_dense(dtype)?),
+                        (w, _) => w,
+                    };
                     let norm = match (&w, &self.weight) {
                         (Some(w), _) => {
                             let norm = (w + &delta_w)?.sqr()?.sum_keepdim(1)?.sqrt()?.squeeze(1)?;
@@ -268,7 +284,7 @@ impl Linear {
                             }
                             q.row_norms(Some(&delta_w), dtype)?
                         }
-                        (None, LinearWeight::Dense(_)) => {
+                        (None, LinearWeight::Dense(_) | LinearWeight::Bf16(_)) => {
                             unreachable!("a dense weight has a value")
                         }
                     };

@@ -360,6 +360,7 @@ impl Model {
                 .quantized()
                 .map(|q| (q.rows * q.cols) as u64)
                 .sum::<u64>()
+            + self.bf16_packed_params()
     }
 
     /// Grows the embeddings (and an untied LM head) to `new_size` rows for tokens a template
@@ -433,8 +434,44 @@ impl Model {
     pub fn quantized(&self) -> impl Iterator<Item = &std::sync::Arc<super::quant::QuantWeight>> {
         self.linears().filter_map(|l| match &l.weight {
             LinearWeight::Quantized(q) => Some(q),
-            LinearWeight::Dense(_) => None,
+            LinearWeight::Dense(_) | LinearWeight::Bf16(_) => None,
         })
+    }
+
+    /// Keeps the frozen weights of the LoRA-adapted linears (plain LoRA, not DoRA) only as
+    /// their bf16 packings for AMX tiles, dropping the f32 copies: while the CPU's bf16
+    /// products are on, those copies are never multiplied, and a LoRA run never saves them.
+    /// Returns how many weights and the bytes of their packings.
+    pub fn keep_frozen_in_bf16(&mut self) -> Result<(usize, usize)> {
+        let (mut n, mut bytes) = (0, 0);
+        for lin in self.linears_mut() {
+            let adapted = lin.lora.as_ref().is_some_and(|l| l.magnitude.is_none());
+            let LinearWeight::Dense(p) = &lin.weight else {
+                continue;
+            };
+            if !adapted || p.var.is_some() || !p.tensor.device().is_cpu() || lin.observer.is_some()
+            {
+                continue;
+            }
+            let packed = match lin.bf16.take() {
+                Some(packed) => packed,
+                None => Arc::new(crate::ops::Bf16Weight::new(&p.tensor)?),
+            };
+            bytes += packed.bytes();
+            lin.weight = LinearWeight::Bf16(packed);
+            n += 1;
+        }
+        Ok((n, bytes))
+    }
+
+    /// Elements of the weights kept only as bf16 packings ([`Model::keep_frozen_in_bf16`]).
+    fn bf16_packed_params(&self) -> u64 {
+        self.linears()
+            .filter_map(|l| match &l.weight {
+                LinearWeight::Bf16(w) => Some((w.dims().0 * w.dims().1) as u64),
+                _ => None,
+            })
+            .sum()
     }
 
     /// Elements in the base weights and the LoRA matrices (PEFT's "all params").

@@ -65,6 +65,24 @@ impl PackedB {
         (self.k, self.n)
     }
 
+    /// The packed values back as a row-major `(k, n)` matrix: B rounded to bf16.
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.k * self.n];
+        for i in 0..self.k {
+            let (kt, r) = (i / DEPTH, i % DEPTH);
+            for j in 0..self.n {
+                let (nt, jj) = (j / TILE, j % TILE);
+                let at = nt * self.k_tiles * DEPTH * TILE
+                    + kt * DEPTH * TILE
+                    + (r / 2) * 2 * TILE
+                    + jj * 2
+                    + r % 2;
+                out[i * self.n + j] = bf16::from_bits(self.data[at]).to_f32();
+            }
+        }
+        out
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.data.len() * 2
@@ -436,6 +454,9 @@ mod tests {
                 matmul(&a, m, k, &packed, &mut c, ldc);
                 // The same product into a new buffer, unpadded.
                 let fresh = matmul_new(&a, m, k, &packed);
+                // Unpacking gives B rounded.
+                let rounded: Vec<f32> = b.iter().map(|&v| round_to_bf16(v)).collect();
+                assert_eq!(packed.unpack(), rounded);
                 for i in 0..m {
                     assert_eq!(&fresh[i * n..(i + 1) * n], &c[i * ldc..i * ldc + n]);
                 }

@@ -45,6 +45,16 @@ impl Bf16Weight {
         })
     }
 
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        self.input_grad.dims()
+    }
+
+    /// The weight rounded to bf16, `(out, in)` in `dtype`: what the products multiply by.
+    pub fn to_dense(&self, dtype: DType) -> Result<Tensor> {
+        Tensor::from_vec(self.input_grad.unpack(), self.dims(), &Device::Cpu)?.to_dtype(dtype)
+    }
+
     /// Bytes of the two packed copies.
     pub fn bytes(&self) -> usize {
         self.forward.bytes() + self.input_grad.bytes()
@@ -174,5 +184,10 @@ mod tests {
         let f32_y = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
         assert!(diff(&y, &f32_y) > 1e-3);
         assert!(!dx.track_op());
+        // The packed weight unpacks to the rounded one.
+        assert_eq!(
+            diff(&packed.to_dense(DType::F32).unwrap(), &rounded(&w)),
+            0.0
+        );
     }
 }

@@ -215,6 +215,18 @@ pub(crate) fn prepare(
         args,
         train.max_len() + objective.generated_tokens(),
     )?;
+    let mut model = model;
+    if crate::ops::bf16_products() && lora.is_some() {
+        let (n, bytes) = model.keep_frozen_in_bf16()?;
+        log(
+            rep,
+            "info",
+            format!(
+                "{n} frozen linear weights kept only in bf16, packed for AMX tiles ({:.0} MB)",
+                bytes as f64 / 1e6
+            ),
+        );
+    }
     Ok(Prepared {
         output_dir,
         model_dir,

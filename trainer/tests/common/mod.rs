@@ -164,3 +164,44 @@ pub fn assert_factors_match(
         );
     }
 }
+
+/// The 50-step LoRA run on the demo data that the switch tests compare (fused vs composed
+/// kernels, bf16 vs f32 products): a demo model in `base`, outputs in `out`.
+pub fn demo_lora_args(base: &std::path::Path, out: PathBuf) -> protocol::TrainArgs {
+    protocol::TrainArgs {
+        model_name_or_path: Some(base.display().to_string()),
+        dataset: Some("demo_sft".into()),
+        dataset_dir: repo().join("data").display().to_string(),
+        template: Some("qwen".into()),
+        cutoff_len: 64,
+        per_device_train_batch_size: 4,
+        gradient_accumulation_steps: 1,
+        max_steps: 50,
+        logging_steps: 1,
+        learning_rate: 2e-3,
+        save_strategy: protocol::args::IntervalStrategy::No,
+        output_dir: Some(out.display().to_string()),
+        do_train: true,
+        ..protocol::TrainArgs::default()
+    }
+}
+
+/// The logged losses of a run and its unrounded mean training loss.
+pub fn loss_curve(args: &protocol::TrainArgs) -> (Vec<f64>, f64) {
+    struct Losses(Vec<f64>);
+    impl trainer::train::report::Reporter for Losses {
+        fn event(&mut self, e: &protocol::WorkerEvent) {
+            if let protocol::WorkerEvent::Step(m) = e {
+                self.0.push(m.loss);
+            }
+        }
+    }
+    let mut rep = Losses(Vec::new());
+    let outcome =
+        trainer::train::run_training(args, &trainer::train::TrainOptions::default(), &mut rep)
+            .unwrap();
+    let trainer::train::Outcome::Finished(m) = outcome else {
+        panic!("{outcome:?}")
+    };
+    (rep.0, m["train_loss"].as_f64().unwrap())
+}
