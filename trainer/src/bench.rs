@@ -644,16 +644,26 @@ pub fn amx_gemm_gflops(shape: &GemmShape, rounds: usize) -> Result<Option<f64>> 
     let mut c = vec![0f32; m * n];
     let flops = 2.0 * (m * n * k) as f64;
     let reps = ((4e10 / flops) as usize).clamp(3, 8000);
+    let best = best_seconds(rounds, reps, || {
+        amx_bf16::matmul(&a, m, k, &b, &mut c, n);
+        Ok(())
+    })?;
+    Ok(Some(flops / best / 1e9))
+}
+
+/// The best over `rounds` of the mean time of `reps` calls of `f`, each round after one
+/// untimed call.
+fn best_seconds(rounds: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let mut best = f64::MAX;
     for _ in 0..rounds {
-        amx_bf16::matmul(&a, m, k, &b, &mut c, n);
+        f()?;
         let t = Instant::now();
         for _ in 0..reps {
-            amx_bf16::matmul(&a, m, k, &b, &mut c, n);
+            f()?;
         }
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }
-    Ok(Some(flops / best / 1e9))
+    Ok(best)
 }
 
 /// GFLOP/s of candle's f32 matmul on `shape` on the CPU: the best of `rounds` timings of
@@ -669,14 +679,9 @@ pub fn gemm_gflops(shape: &GemmShape, rounds: usize) -> Result<f64> {
     };
     let flops = 2.0 * (shape.m * shape.n * shape.k) as f64;
     let reps = ((1e10 / flops) as usize).clamp(3, 2000);
-    let mut best = f64::MAX;
-    for _ in 0..rounds {
+    let best = best_seconds(rounds, reps, || {
         a.matmul(&b)?;
-        let t = Instant::now();
-        for _ in 0..reps {
-            a.matmul(&b)?;
-        }
-        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
-    }
+        Ok(())
+    })?;
     Ok(flops / best / 1e9)
 }

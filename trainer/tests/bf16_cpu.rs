@@ -45,12 +45,7 @@ fn fifty_bf16_steps_follow_the_f32_curve() {
     let (f32, f32_mean) = curve(&base, tmp.path().join("f32"), false);
     assert_eq!(bf16.len(), 50);
     assert_eq!(f32.len(), 50);
-    let worst = bf16
-        .iter()
-        .zip(&f32)
-        .map(|(a, b)| ((a - b) / b).abs())
-        .fold(0.0, f64::max);
-    let mean_diff = ((bf16_mean - f32_mean) / f32_mean).abs();
+    let (worst, mean_diff) = common::curve_gaps(&bf16, &f32, bf16_mean, f32_mean);
     eprintln!("bf16 vs f32: largest relative difference of logged losses {worst:.2e}; of the mean loss {mean_diff:.2e}");
     assert!(worst <= 1e-2, "bf16 {bf16:?}\nf32 {f32:?}");
     assert!(mean_diff <= 2e-3, "{bf16_mean} vs {f32_mean}");

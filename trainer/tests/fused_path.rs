@@ -30,12 +30,7 @@ fn fifty_steps_match_the_composed_path() {
             i + 1
         );
     }
-    let worst = fused
-        .iter()
-        .zip(&composed)
-        .map(|(a, b)| ((a - b) / b).abs())
-        .fold(0.0, f64::max);
-    let mean_diff = ((fused_mean - composed_mean) / composed_mean).abs();
+    let (worst, mean_diff) = common::curve_gaps(&fused, &composed, fused_mean, composed_mean);
     eprintln!("largest relative difference of logged losses: {worst:.2e}; of the unrounded mean loss: {mean_diff:.2e}");
     assert!(mean_diff <= 1e-3, "{fused_mean} vs {composed_mean}");
     assert!(fused[49] < fused[0], "the run learns: {fused:?}");

@@ -24,11 +24,7 @@ fn round_up(x: usize, to: usize) -> usize {
 /// `x` rounded to bf16 (nearest, ties to even; NaN stays NaN), as its bits.
 #[inline(always)]
 fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    if b & 0x7fff_ffff > 0x7f80_0000 {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    bf16::from_f32(x).to_bits()
 }
 
 /// `B (k, n)`, element `(i, j)` at `src[i·stride_k + j·stride_n]`, rounded to bf16 and packed
@@ -192,10 +188,10 @@ unsafe fn matmul_raw(a: &[f32], m: usize, lda: usize, b: &PackedB, c: *mut f32, 
     });
 }
 
+simd_kernel! {
 /// Packs n-tile `nt` of B (16 columns, all of k) into `tiles`: along rows when a row's
 /// columns are adjacent (`stride_n == 1`: two rows interleaved 16 columns at a time), else
 /// along columns.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
 fn pack_column(
     src: &[f32],
     k: usize,
@@ -235,30 +231,25 @@ fn pack_column(
         }
     }
 }
+}
 
 struct SendPtr(*mut f32);
 // SAFETY: each task writes its own blocks of C.
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
-multiversion_round! {}
-
-/// f32 → bf16 bits for a row (compiled for AVX-512 as well; picked at run time).
-macro_rules! multiversion_round {
-    () => {
-        #[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2"))]
-        fn round_row(src: &[f32], dst: &mut [u16]) {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = bf16_bits(s);
-            }
-        }
-    };
+simd_kernel! {
+/// f32 → bf16 bits for a row.
+fn round_row(src: &[f32], dst: &mut [u16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16_bits(s);
+    }
 }
-use multiversion_round;
+}
 
 /// `bf16(x)` as f32: what the tiles multiply (tests compare against it).
 pub fn round_to_bf16(x: f32) -> f32 {
-    bf16::from_bits(bf16_bits(x)).to_f32()
+    bf16::from_f32(x).to_f32()
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -406,25 +397,6 @@ mod tests {
             }
         }
         c
-    }
-
-    #[test]
-    fn rounds_to_nearest_even_like_half() {
-        for x in [
-            1.0f32,
-            -2.5,
-            // Halfway cases: ties go to the even neighbour (down here, up there).
-            f32::from_bits(0x3f80_8000),
-            f32::from_bits(0x3f81_8000),
-            f32::from_bits(0x3f80_8001),
-            3.0e38,
-            f32::INFINITY,
-            1e-40,
-            -0.0,
-        ] {
-            assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{x}");
-        }
-        assert!(round_to_bf16(f32::NAN).is_nan());
     }
 
     /// Ragged shapes (no dimension a multiple of a tile), both operand layouts of B, against

@@ -59,6 +59,16 @@ impl Bf16Weight {
     pub fn bytes(&self) -> usize {
         self.forward.bytes() + self.input_grad.bytes()
     }
+
+    /// `x · Wᵀ` as a value.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        product(x, &self.forward)
+    }
+
+    /// `g · W` as a value.
+    pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
+        product(g, &self.input_grad)
+    }
 }
 
 /// `f` on the f32 elements of a contiguous CPU tensor.
@@ -83,18 +93,6 @@ fn product(x: &Tensor, b: &PackedB) -> Result<Tensor> {
     let c = with_f32(&x, |a| amx_bf16::matmul_new(a, m, k, b))?;
     dims.push(n);
     Tensor::from_vec(c, dims, &Device::Cpu)
-}
-
-impl Bf16Weight {
-    /// `x · Wᵀ` as a value.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        product(x, &self.forward)
-    }
-
-    /// `g · W` as a value.
-    pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
-        product(g, &self.input_grad)
-    }
 }
 
 /// `x (..., in) · Wᵀ` for a frozen weight packed in bf16, differentiable in `x` (`dx = g · W`,

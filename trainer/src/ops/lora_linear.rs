@@ -106,14 +106,14 @@ pub fn lora_linear(
         w.product(x)? + xm.matmul(&a.t()?)?.matmul(&(b * scale)?.t()?)?
     };
     if !supported(x) || x.rank() != 2 {
-        if let Frozen::Dense(w) = &w {
-            let xm = match &mask {
-                Some(m) => (x * m)?,
-                None => x.clone(),
-            };
-            return x.matmul(&w.t()?)? + xm.matmul(&a.t()?)?.matmul(&(b * scale)?.t()?)?;
+        // The composed graph differentiates through a dense weight's product only: a packed
+        // one's is a value.
+        if matches!(w, Frozen::Bf16(_)) {
+            candle_core::bail!(
+                "lora-linear: a bf16-packed weight takes (tokens, features) on the CPU"
+            );
         }
-        candle_core::bail!("lora-linear: a bf16-packed weight takes (tokens, features) on the CPU");
+        return composed(x);
     }
     let y = composed(&x.detach())?.detach();
     let op = LoraLinear {

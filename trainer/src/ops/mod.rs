@@ -1,5 +1,19 @@
 //! CustomOps with hand-written backward passes.
 
+/// Compiles a kernel (a row of a fused op, an AMX packing loop) for AVX-512 and for AVX2 + FMA
+/// besides the baseline x86-64 (SSE2) the crate is built for, and calls the best copy this CPU
+/// runs (`multiversion`). Built for the baseline alone, the kernels' loops vectorise 4 floats
+/// wide instead of 16.
+macro_rules! simd_kernel {
+    ($($item:tt)*) => {
+        #[multiversion::multiversion(targets(
+            "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
+            "x86_64+avx2+fma",
+        ))]
+        $($item)*
+    };
+}
+
 pub mod amx_bf16;
 mod attach;
 mod attention;

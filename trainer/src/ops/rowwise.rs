@@ -37,19 +37,6 @@ fn broadcast_row<T>(table: &[T], r: usize, heads: usize, t: usize, width: usize)
     &table[row * width..(row + 1) * width]
 }
 
-/// Compiles a row kernel for AVX-512 and for AVX2 + FMA besides the baseline x86-64 (SSE2)
-/// the crate is built for, and calls the best copy this CPU runs (`multiversion`). Built for
-/// the baseline alone, the kernels' loops vectorise 4 floats wide instead of 16.
-macro_rules! simd_kernel {
-    ($($item:tt)*) => {
-        #[multiversion::multiversion(targets(
-            "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl",
-            "x86_64+avx2+fma",
-        ))]
-        $($item)*
-    };
-}
-
 /// Dispatches a generic kernel on the storage's float type.
 macro_rules! float_dispatch {
     ($s:expr, $name:expr, |$t:ident| $body:expr) => {

@@ -186,6 +186,17 @@ pub fn demo_lora_args(base: &std::path::Path, out: PathBuf) -> protocol::TrainAr
     }
 }
 
+/// How far curve `a` (with unrounded mean loss `mean_a`) is from the reference `b`: the largest
+/// relative difference of the logged losses, and the relative difference of the means.
+pub fn curve_gaps(a: &[f64], b: &[f64], mean_a: f64, mean_b: f64) -> (f64, f64) {
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) / y).abs())
+        .fold(0.0, f64::max);
+    (worst, ((mean_a - mean_b) / mean_b).abs())
+}
+
 /// The logged losses of a run and its unrounded mean training loss.
 pub fn loss_curve(args: &protocol::TrainArgs) -> (Vec<f64>, f64) {
     struct Losses(Vec<f64>);
