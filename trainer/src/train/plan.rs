@@ -78,6 +78,17 @@ impl Plan {
         }
     }
 
+    /// The examples the run trains on, as the Hugging Face Trainer counts them for
+    /// `train_samples_per_second`: `max_steps` × the examples of an optimizer step when
+    /// `max_steps` is set, else the examples × `num_train_epochs`.
+    pub(crate) fn samples(&self, args: &TrainArgs) -> f64 {
+        if args.max_steps > 0 {
+            (args.max_steps as usize * self.batch_size * self.micro_per_step) as f64
+        } else {
+            self.examples as f64 * args.num_train_epochs
+        }
+    }
+
     /// The learning rate after `done` optimizer steps.
     pub(crate) fn lr(&self, done: usize) -> f64 {
         self.peak_lr * self.schedule.factor(done)
@@ -168,6 +179,26 @@ mod tests {
             ..TrainArgs::default()
         };
         Plan::new(&args, 6, 1) // 3 steps per epoch
+    }
+
+    #[test]
+    fn samples_count_as_the_hugging_face_trainer_counts_them() {
+        // transformers' `num_train_samples`: max_steps × total batch when max_steps is set.
+        let p = plan(IntervalStrategy::No, IntervalStrategy::No, 3.0, 5);
+        let args = TrainArgs {
+            per_device_train_batch_size: 2,
+            num_train_epochs: 3.0,
+            max_steps: 5,
+            ..TrainArgs::default()
+        };
+        assert_eq!(p.samples(&args), 10.0);
+        let p = plan(IntervalStrategy::No, IntervalStrategy::No, 2.5, -1);
+        let args = TrainArgs {
+            num_train_epochs: 2.5,
+            max_steps: -1,
+            ..args
+        };
+        assert_eq!(p.samples(&args), 15.0);
     }
 
     #[test]
