@@ -9,9 +9,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::amx_bf16::{self, PackedB};
+use super::with_f32;
 
 static ON: AtomicBool = AtomicBool::new(false);
 
@@ -68,15 +69,6 @@ impl Bf16Weight {
     /// `g · W` as a value.
     pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
         product(g, &self.input_grad)
-    }
-}
-
-/// `f` on the f32 elements of a contiguous CPU tensor.
-fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
-    let (s, l) = t.storage_and_layout();
-    match (&*s, l.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
-        _ => candle_core::bail!("bf16 product: expected a contiguous f32 CPU tensor"),
     }
 }
 

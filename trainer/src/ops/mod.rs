@@ -23,6 +23,7 @@ mod frozen_linear;
 mod head_logps;
 mod log_sigmoid;
 mod lora_linear;
+pub mod low_rank;
 mod rowwise;
 #[cfg(test)]
 mod test_util;
@@ -51,6 +52,17 @@ pub fn use_composed_ops(on: bool) {
 /// Whether the fused kernels are switched off.
 pub(crate) fn composed() -> bool {
     COMPOSED.load(Ordering::Relaxed)
+}
+
+/// `f` on the f32 elements of a contiguous CPU tensor.
+pub(crate) fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> candle_core::Result<T> {
+    let (s, l) = t.storage_and_layout();
+    match (&*s, l.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+            Ok(f(&v[a..b]))
+        }
+        _ => candle_core::bail!("expected a contiguous f32 CPU tensor"),
+    }
 }
 
 /// Whether the fused kernels apply to `t`: CPU, f32 or f64, and not switched off.
