@@ -98,18 +98,54 @@ pub fn available() -> bool {
 pub fn matmul(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
     assert!(m == 0 || c.len() >= (m - 1) * ldc + b.n);
     // SAFETY: `c` holds the m rows of n at stride ldc (checked).
-    unsafe { matmul_raw(a, m, lda, b, c.as_mut_ptr(), ldc) }
+    unsafe { matmul_raw(a, m, lda, b, c.as_mut_ptr(), ldc, None) }
+}
+
+/// What a product does to each block of C right after storing it, while it is in cache:
+/// called with the block's first row `i`, first column `j` and the block.
+pub type Epilogue<'a> = &'a (dyn Fn(usize, usize, &mut BlockMut) + Sync);
+
+/// A stored block of C (at most 32 × 32): `rows` spans of `cols` floats, handed out one row
+/// at a time.
+pub struct BlockMut<'a> {
+    ptr: *mut f32,
+    ld: usize,
+    pub rows: usize,
+    pub cols: usize,
+    _c: std::marker::PhantomData<&'a mut f32>,
+}
+
+impl BlockMut<'_> {
+    /// Row `r` of the block.
+    #[inline(always)]
+    pub fn row(&mut self, r: usize) -> &mut [f32] {
+        assert!(r < self.rows);
+        // SAFETY: the block's rows lie within C, no other thread touches this block while its
+        // epilogue runs, and the span's borrow holds `self` exclusively.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.ld), self.cols) }
+    }
 }
 
 /// `bf16(a (m, k, row stride lda)) · b` as a new row-major `(m, n)` buffer (not zero-filled
 /// first: every element is written once).
 pub fn matmul_new(a: &[f32], m: usize, lda: usize, b: &PackedB) -> Vec<f32> {
+    matmul_new_then(a, m, lda, b, None)
+}
+
+/// [`matmul_new`], then `epilogue` on each stored span of the result.
+pub fn matmul_new_then(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    epilogue: Option<Epilogue>,
+) -> Vec<f32> {
     let len = m * b.n;
     let mut c: Vec<f32> = Vec::with_capacity(len);
     // SAFETY: the capacity holds m rows of n; `matmul_raw` writes every one of its elements,
     // so all `len` are initialised before `set_len`.
     unsafe {
-        matmul_raw(a, m, lda, b, c.as_mut_ptr(), b.n);
+        matmul_raw(a, m, lda, b, c.as_mut_ptr(), b.n, epilogue);
         c.set_len(len);
     }
     c
@@ -117,7 +153,15 @@ pub fn matmul_new(a: &[f32], m: usize, lda: usize, b: &PackedB) -> Vec<f32> {
 
 /// # Safety
 /// `c` is valid for writes of `m` rows of `b.n` floats at row stride `ldc`.
-unsafe fn matmul_raw(a: &[f32], m: usize, lda: usize, b: &PackedB, c: *mut f32, ldc: usize) {
+unsafe fn matmul_raw(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    epilogue: Option<Epilogue>,
+) {
     let (k, n) = (b.k, b.n);
     assert!(available(), "AMX-BF16 tiles are not available");
     assert!(m == 0 || a.len() >= (m - 1) * lda + k);
@@ -170,19 +214,30 @@ unsafe fn matmul_raw(a: &[f32], m: usize, lda: usize, b: &PackedB, c: *mut f32, 
                 // SAFETY: `a0` holds 32 rows of `kp`, `b0` two n-tiles of `k_tiles` tiles
                 // each; the block lies within C, and blocks are disjoint.
                 unsafe { kernel::block(a0, kp, b0, b.k_tiles, c_ptr.0.add(i0 * ldc + j0), ldc) };
-                continue;
+            } else {
+                // SAFETY: as above, into the 32 × 32 scratch.
+                unsafe { kernel::block(a0, kp, b0, b.k_tiles, scratch.as_mut_ptr(), BLOCK) };
+                for r in 0..rows {
+                    // SAFETY: the block's rows and columns within C; blocks are disjoint.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            scratch.as_ptr().add(r * BLOCK),
+                            c_ptr.0.add((i0 + r) * ldc + j0),
+                            cols,
+                        )
+                    };
+                }
             }
-            // SAFETY: as above, into the 32 × 32 scratch.
-            unsafe { kernel::block(a0, kp, b0, b.k_tiles, scratch.as_mut_ptr(), BLOCK) };
-            for r in 0..rows {
-                // SAFETY: the block's rows and columns within C; blocks are disjoint.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        scratch.as_ptr().add(r * BLOCK),
-                        c_ptr.0.add((i0 + r) * ldc + j0),
-                        cols,
-                    )
+            if let Some(epilogue) = epilogue {
+                let mut block = BlockMut {
+                    // SAFETY: the block's first element, within C (written above).
+                    ptr: unsafe { c_ptr.0.add(i0 * ldc + j0) },
+                    ld: ldc,
+                    rows,
+                    cols,
+                    _c: std::marker::PhantomData,
                 };
+                epilogue(i0, j0, &mut block);
             }
         }
     });

@@ -70,10 +70,39 @@ impl Bf16Weight {
     pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
         product(g, &self.input_grad)
     }
+
+    /// `x · Wᵀ + h · s` for `h (tokens, r)` and `s (r, out)` row-major (a LoRA layer's
+    /// low-rank term), added to each block of the product as it is stored.
+    pub fn forward_plus(&self, x: &Tensor, h: &[f32], s: &[f32]) -> Result<Tensor> {
+        product_plus(x, &self.forward, h, s)
+    }
+
+    /// `g · W + h · s` for `h (tokens, r)` and `s (r, in)`, as [`Self::forward_plus`].
+    pub fn input_grad_plus(&self, g: &Tensor, h: &[f32], s: &[f32]) -> Result<Tensor> {
+        product_plus(g, &self.input_grad, h, s)
+    }
+}
+
+/// `x · B + h · s` with the low-rank term added in the product's epilogue.
+fn product_plus(x: &Tensor, b: &PackedB, h: &[f32], s: &[f32]) -> Result<Tensor> {
+    let n = b.dims().1;
+    let r = s.len() / n.max(1);
+    if r * n != s.len() || h.len() != x.elem_count() / b.dims().0.max(1) * r {
+        candle_core::bail!("bf16 product: the low-rank term does not fit the product");
+    }
+    let add = move |i: usize, j: usize, block: &mut amx_bf16::BlockMut| {
+        super::low_rank::add_outer_block(block, i, j, h, s, n)
+    };
+    product_with(x, b, Some(&add))
 }
 
 /// `x (..., k) · B → (..., n)` as a value (no graph).
 fn product(x: &Tensor, b: &PackedB) -> Result<Tensor> {
+    product_with(x, b, None)
+}
+
+/// [`product`] with an epilogue on each stored span.
+fn product_with(x: &Tensor, b: &PackedB, epilogue: Option<amx_bf16::Epilogue>) -> Result<Tensor> {
     let (k, n) = b.dims();
     let x = x.detach().contiguous()?;
     let mut dims = x.dims().to_vec();
@@ -82,7 +111,7 @@ fn product(x: &Tensor, b: &PackedB) -> Result<Tensor> {
         candle_core::bail!("bf16 product: input has {last} features, the weight {k}");
     }
     let m: usize = dims.iter().product();
-    let c = with_f32(&x, |a| amx_bf16::matmul_new(a, m, k, b))?;
+    let c = with_f32(&x, |a| amx_bf16::matmul_new_then(a, m, k, b, epilogue))?;
     dims.push(n);
     Tensor::from_vec(c, dims, &Device::Cpu)
 }
@@ -107,6 +136,61 @@ mod tests {
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         let v: Vec<f32> = v.into_iter().map(round_to_bf16).collect();
         Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
+    }
+
+    /// The low-rank term added in the products' epilogue equals the product plus `h · s`
+    /// added afterwards, on shapes with partial blocks in both directions.
+    #[test]
+    fn products_plus_a_low_rank_term() {
+        if !amx_bf16::available() {
+            eprintln!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+            return;
+        }
+        let dev = Device::Cpu;
+        let wave = |rows: usize, cols: usize, f: f64| {
+            (Tensor::arange(0f32, (rows * cols) as f32, &dev)
+                .unwrap()
+                .reshape((rows, cols))
+                .unwrap()
+                * f)
+                .unwrap()
+                .sin()
+                .unwrap()
+        };
+        let (n, inp, out, r) = (37, 40, 50, 3);
+        let (x, w, g) = (
+            wave(n, inp, 0.013),
+            wave(out, inp, 0.07),
+            wave(n, out, 0.029),
+        );
+        let packed = Bf16Weight::new(&w).unwrap();
+        let (h, s_out, s_in) = (wave(n, r, 0.31), wave(r, out, 0.17), wave(r, inp, 0.23));
+        let v = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let cases = [
+            (
+                packed.forward_plus(&x, &v(&h), &v(&s_out)).unwrap(),
+                (packed.forward(&x).unwrap() + h.matmul(&s_out).unwrap()).unwrap(),
+            ),
+            (
+                packed.input_grad_plus(&g, &v(&h), &v(&s_in)).unwrap(),
+                (packed.input_grad(&g).unwrap() + h.matmul(&s_in).unwrap()).unwrap(),
+            ),
+        ];
+        for (got, want) in cases {
+            let d: f32 = (&got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(d < 1e-5, "differs by {d}");
+        }
+        // A term that does not fit is refused.
+        assert!(packed.forward_plus(&x, &v(&h), &v(&s_in)).is_err());
     }
 
     /// Value and input gradient equal the f32 products of the bf16-rounded operands.

@@ -6,6 +6,10 @@
 //!
 //! Backward, with `g = ∂L/∂y`, `gB = s·g·B` and `h = s·(m ⊙ x)·Aᵀ`:
 //! `dx = g·W + m ⊙ (gB·A)`, `dA = gBᵀ·(m ⊙ x)`, `dB = gᵀ·h`.
+//!
+//! In f32 on the CPU the rank-r products go through [`super::low_rank`]'s kernels and the
+//! rank-r terms are added into the frozen products (`y`, `dx`) in place; other dtypes and
+//! devices compose candle's products.
 
 use std::sync::Arc;
 
@@ -39,6 +43,28 @@ impl Frozen {
             Frozen::Bf16(w) => w.input_grad(g),
         }
     }
+
+    /// `x · Wᵀ + h · s` as a value, for f32 `x (tokens, in)`, `h (tokens, r)`, `s (r, out)`.
+    fn product_plus(&self, x: &Tensor, h: &[f32], s: &[f32]) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(_) => add_in_place(self.product(x)?, h, s),
+            Frozen::Bf16(w) => w.forward_plus(x, h, s),
+        }
+    }
+
+    /// `g · W + h · s` as a value, as [`Self::product_plus`].
+    fn input_grad_plus(&self, g: &Tensor, h: &[f32], s: &[f32]) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(_) => add_in_place(self.input_grad(g)?, h, s),
+            Frozen::Bf16(w) => w.input_grad_plus(g, h, s),
+        }
+    }
+}
+
+/// `y + h · s` in `y`'s own storage (a product just made, held by no one else).
+fn add_in_place(y: Tensor, h: &[f32], s: &[f32]) -> Result<Tensor> {
+    y.inplace_op1(&AddOuter { h, s })?;
+    Ok(y)
 }
 
 struct LoraLinear {
@@ -47,6 +73,9 @@ struct LoraLinear {
     scale: f64,
     /// LoRA dropout's mask (already scaled by `1 / (1 − p)`), when it drops.
     mask: Option<Tensor>,
+    /// `h = s·(m ⊙ x)·Aᵀ` `(tokens, r)` as the low-rank kernels' forward computed it, for the
+    /// backward (a few kilobytes; recomputing it would read `x` once more).
+    h: Option<Vec<f32>>,
 }
 
 impl LoraLinear {
@@ -74,24 +103,29 @@ impl LoraLinear {
         let a = a.contiguous()?;
         let bt = b.t()?.contiguous()?;
         let s = self.scale as f32;
-        let gb = with_f32(g, |gs| with_f32(&bt, |bs| low_rank::project(gs, out, bs, s)))??;
-        let h = with_f32(&xm, |xs| with_f32(&a, |as_| low_rank::project(xs, inp, as_, s)))??;
-        let dx = self.w.input_grad(g)?;
+        let gb = with_f32(g, |gs| {
+            with_f32(&bt, |bs| low_rank::project(gs, out, bs, s))
+        })??;
+        let h = match &self.h {
+            Some(h) => std::borrow::Cow::Borrowed(h),
+            None => std::borrow::Cow::Owned(with_f32(&xm, |xs| {
+                with_f32(&a, |as_| low_rank::project(xs, inp, as_, s))
+            })??),
+        };
         let dx = match &self.mask {
-            None => {
-                with_f32(&a, |as_| dx.inplace_op1(&AddOuter { h: &gb, s: as_ }))??;
-                dx
-            }
+            None => with_f32(&a, |as_| self.w.input_grad_plus(g, &gb, as_))??,
             Some(m) => {
                 let n = gb.len() / r.max(1);
                 let gb = Tensor::from_slice(&gb, (n, r), g.device())?;
-                (dx + (gb.matmul(&a)? * m)?)?
+                (self.w.input_grad(g)? + (gb.matmul(&a)? * m)?)?
             }
         };
         let da = with_f32(&xm, |xs| low_rank::gather(xs, inp, &gb, r))?;
         let dbt = with_f32(g, |gs| low_rank::gather(gs, out, &h, r))?;
         let da = Tensor::from_vec(da, (r, inp), g.device())?;
-        let db = Tensor::from_vec(dbt, (r, out), g.device())?.t()?.contiguous()?;
+        let db = Tensor::from_vec(dbt, (r, out), g.device())?
+            .t()?
+            .contiguous()?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
@@ -99,11 +133,11 @@ impl LoraLinear {
 /// Whether a layer's products go through [`low_rank`]'s kernels: a 2-D f32 input and adapter
 /// on the CPU, fused kernels on.
 fn low_rank_kernels(x: &Tensor, a: &Tensor) -> bool {
-    std::env::var_os("LF_NO_LOWRANK").is_none() && super::fused_for(x) && x.dtype() == DType::F32 && a.dtype() == DType::F32 && x.rank() == 2
+    super::fused_for(x) && x.dtype() == DType::F32 && a.dtype() == DType::F32 && x.rank() == 2
 }
 
 /// `x·Wᵀ + s·((m ⊙ x)·Aᵀ)·Bᵀ` with the low-rank kernels: the rank-r term is added into the
-/// frozen product in place.
+/// frozen product in place; also returns `h = s·(m ⊙ x)·Aᵀ`.
 fn forward_f32(
     w: &Frozen,
     x: &Tensor,
@@ -111,7 +145,7 @@ fn forward_f32(
     a: &Tensor,
     b: &Tensor,
     scale: f64,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Vec<f32>)> {
     let inp = a.dim(1)?;
     let xm = xm.contiguous()?;
     let a = a.contiguous()?;
@@ -119,9 +153,8 @@ fn forward_f32(
     let h = with_f32(&xm, |xs| {
         with_f32(&a, |as_| low_rank::project(xs, inp, as_, scale as f32))
     })??;
-    let y = w.product(x)?;
-    with_f32(&bt, |s| y.inplace_op1(&AddOuter { h: &h, s }))??;
-    Ok(y)
+    let y = with_f32(&bt, |s| w.product_plus(x, &h, s))??;
+    Ok((y, h))
 }
 
 impl CustomOp3 for LoraLinear {
@@ -186,21 +219,23 @@ pub fn lora_linear(
         }
         return composed(x);
     }
-    let y = if low_rank_kernels(x, a) {
+    let (y, h) = if low_rank_kernels(x, a) {
         let xd = x.detach();
         let xm = match &mask {
             Some(m) => (&xd * m)?,
             None => xd.clone(),
         };
-        forward_f32(&w, &xd, &xm, &a.detach(), &b.detach(), scale)?
+        let (y, h) = forward_f32(&w, &xd, &xm, &a.detach(), &b.detach(), scale)?;
+        (y, Some(h))
     } else {
-        composed(&x.detach())?.detach()
+        (composed(&x.detach())?.detach(), None)
     };
     let op = LoraLinear {
         result: Slot::new("lora-linear", y)?,
         w,
         scale,
         mask,
+        h,
     };
     x.apply_op3_arc(a, b, std::sync::Arc::new(Box::new(op)))
 }
@@ -257,7 +292,10 @@ mod tests {
                         .unwrap())
                 .unwrap();
                 let d = max_diff(&fused, &composed);
-                assert!(d <= tol * max_abs(&composed), "{dtype:?}: value differs by {d}");
+                assert!(
+                    d <= tol * max_abs(&composed),
+                    "{dtype:?}: value differs by {d}"
+                );
                 // A loss that weights every output differently.
                 let weights = Tensor::arange(0f64, (n * out) as f64, &Device::Cpu)
                     .unwrap()

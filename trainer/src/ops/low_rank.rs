@@ -7,11 +7,12 @@
 //!
 //! - [`project`]: `x · sᵀ` for `s (r, k)`: `(n, r)` (`x·Aᵀ`, `g·B`),
 //! - [`gather`]: `hᵀ · x` for `h (n, r)`: `(r, k)` (`dA`, `dBᵀ`),
-//! - [`add_outer`]: `y += h · s` in place (the low-rank term added to the frozen product).
+//! - [`add_outer`]: `y += h · s` in place (the low-rank term added to a dense frozen product);
+//!   [`add_outer_block`] adds it to each block of an AMX product as the block is stored.
 //!
 //! Each reads its large operand once, keeps the rank-sized side in registers or L1, splits
 //! the rows (or columns) over rayon's threads, and is compiled for AVX-512 and AVX2
-//! (`simd_kernel!`).
+//! (`simd_kernel!`). The forward's `h = x·Aᵀ` is kept for the backward (`tokens × r` floats).
 
 use candle_core::{CpuStorage, InplaceOp1, Layout, Result};
 use rayon::prelude::*;
@@ -20,8 +21,31 @@ use rayon::prelude::*;
 const LANES: usize = 16;
 /// Rows of `s` (or columns of `h`) a kernel keeps in registers at once.
 const GROUP: usize = 4;
+/// Columns of `h` [`gather`] keeps in registers at once (a rank-8 adapter in one pass).
+const WIDE: usize = 8;
 /// Rows per parallel task: enough work to outweigh a hand-off.
 const ROWS_PER_TASK: usize = 32;
+
+/// How many rows ahead [`gather`] asks for the strip it will read: its rows lie a row's
+/// stride apart, farther than the hardware prefetcher looks, so each would otherwise wait for
+/// memory.
+const PREFETCH_ROWS: usize = 8;
+
+/// Asks for the cache line holding `x[at]` (nothing past the end).
+#[inline(always)]
+fn prefetch(x: &[f32], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < x.len() {
+        // SAFETY: a prefetch only hints the cache; the address lies within `x`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                x.as_ptr().add(at).cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, at);
+}
 
 /// `acc += a ⊙ b`, lane by lane.
 #[inline(always)]
@@ -101,18 +125,25 @@ fn gather_strip(out: &mut [[f32; LANES]], x: &[f32], k: usize, c: usize, h: &[f3
     let n = h.len() / r;
     let mut j = 0;
     while j < r {
-        let g = (r - j).min(GROUP);
-        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        let g = (r - j).min(WIDE);
+        let mut acc = [[0f32; LANES]; WIDE];
         let last = g - 1;
         for i in 0..n {
+            prefetch(x, (i + PREFETCH_ROWS) * k + c);
             let xc: &[f32; LANES] = x[i * k + c..][..LANES].try_into().expect("a strip");
             let hs = &h[i * r + j..(i + 1) * r];
-            axpy(&mut a0, hs[0], xc);
-            axpy(&mut a1, hs[1.min(last)], xc);
-            axpy(&mut a2, hs[2.min(last)], xc);
-            axpy(&mut a3, hs[3.min(last)], xc);
+            let hv: [f32; WIDE] = std::array::from_fn(|q| hs[q.min(last)]);
+            let [a0, a1, a2, a3, a4, a5, a6, a7] = &mut acc;
+            axpy(a0, hv[0], xc);
+            axpy(a1, hv[1], xc);
+            axpy(a2, hv[2], xc);
+            axpy(a3, hv[3], xc);
+            axpy(a4, hv[4], xc);
+            axpy(a5, hv[5], xc);
+            axpy(a6, hv[6], xc);
+            axpy(a7, hv[7], xc);
         }
-        out[j..j + g].copy_from_slice(&[a0, a1, a2, a3][..g]);
+        out[j..j + g].copy_from_slice(&acc[..g]);
         j += g;
     }
 }
@@ -151,25 +182,52 @@ pub fn gather(x: &[f32], k: usize, h: &[f32], r: usize) -> Vec<f32> {
 }
 
 simd_kernel! {
-/// `y += h · s` for one row: `y (m)`, `h (r)`, `s (r, m)`.
-fn add_outer_row(y: &mut [f32], h: &[f32], s: &[f32]) {
+/// `y += h · s[.., j0 .. j0 + y.len()]` for one row: `y`, `h (r)`, `s (r, ld)` row-major.
+pub(super) fn add_outer_span(y: &mut [f32], h: &[f32], s: &[f32], ld: usize, j0: usize) {
+    span_body(y, h, s, ld, j0);
+}
+}
+
+simd_kernel! {
+/// [`add_outer_span`] for each row of a block of an AMX product starting at row `i0`, column
+/// `j0`: `h (tokens, r)` and `s (r, ld)` row-major (the epilogue of the frozen product).
+pub(super) fn add_outer_block(
+    block: &mut super::amx_bf16::BlockMut,
+    i0: usize,
+    j0: usize,
+    h: &[f32],
+    s: &[f32],
+    ld: usize,
+) {
+    let r = s.len() / ld.max(1);
+    for row in 0..block.rows {
+        let i = i0 + row;
+        span_body(block.row(row), &h[i * r..(i + 1) * r], s, ld, j0);
+    }
+}
+}
+
+/// The body of [`add_outer_span`], inlined into each compiled copy of its callers.
+#[inline(always)]
+fn span_body(y: &mut [f32], h: &[f32], s: &[f32], ld: usize, j0: usize) {
     let m = y.len();
-    let (yc, _) = y.as_chunks_mut::<LANES>();
+    let (yc, yt) = y.as_chunks_mut::<LANES>();
     let whole = yc.len() * LANES;
     for (ci, yv) in yc.iter_mut().enumerate() {
         let mut acc = *yv;
         for (j, &hv) in h.iter().enumerate() {
-            let sv: &[f32; LANES] = s[j * m + ci * LANES..][..LANES].try_into().expect("a strip");
+            let sv: &[f32; LANES] = s[j * ld + j0 + ci * LANES..][..LANES]
+                .try_into()
+                .expect("a strip");
             axpy(&mut acc, hv, sv);
         }
         *yv = acc;
     }
-    for c in whole..m {
+    for (c, yv) in (whole..m).zip(yt) {
         for (j, &hv) in h.iter().enumerate() {
-            y[c] += hv * s[j * m + c];
+            *yv += hv * s[j * ld + j0 + c];
         }
     }
-}
 }
 
 /// `y += h · s` in place for `y (n, m)`, `h (n, r)` and `s (r, m)` row-major.
@@ -182,7 +240,7 @@ pub fn add_outer(y: &mut [f32], m: usize, h: &[f32], s: &[f32]) {
         .zip(h.par_chunks(r * ROWS_PER_TASK))
         .for_each(|(ys, hs)| {
             for (yrow, hrow) in ys.chunks_exact_mut(m).zip(hs.chunks_exact(r)) {
-                add_outer_row(yrow, hrow, s);
+                add_outer_span(yrow, hrow, s, m, 0);
             }
         });
 }
@@ -216,9 +274,7 @@ mod tests {
     use super::*;
 
     fn wave(len: usize, seed: f32) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i as f32) * 0.37 + seed).sin())
-            .collect()
+        (0..len).map(|i| ((i as f32) * 0.37 + seed).sin()).collect()
     }
 
     /// `a (n, k) · b (k, m)` in f64.
@@ -281,6 +337,21 @@ mod tests {
             let want = reference(&transpose(&h, n, r), &x, r, n, k);
             close(&gather(&x, k, &h, r), &want);
         }
+    }
+
+    /// Spans of a row (as an AMX block's epilogue adds them) give the whole row's sum.
+    #[test]
+    fn spans_add_what_the_row_adds() {
+        let (m, r) = (75, 5);
+        let (y0, h, s) = (wave(m, 0.3), wave(r, 0.7), wave(r * m, 1.9));
+        let mut whole = y0.clone();
+        add_outer(&mut whole, m, &h, &s);
+        let mut spans = y0.clone();
+        for j0 in (0..m).step_by(32) {
+            let end = (j0 + 32).min(m);
+            add_outer_span(&mut spans[j0..end], &h, &s, m, j0);
+        }
+        assert_eq!(spans, whole);
     }
 
     #[test]

@@ -23,7 +23,7 @@ mod frozen_linear;
 mod head_logps;
 mod log_sigmoid;
 mod lora_linear;
-pub mod low_rank;
+mod low_rank;
 mod rowwise;
 #[cfg(test)]
 mod test_util;

@@ -539,7 +539,7 @@ impl<'a> Session<'a> {
         train.insert("total_flos".into(), json!(0.0));
         train.insert("train_loss".into(), json!(self.log.train_loss()));
         train.insert("train_runtime".into(), json!(round(runtime, 4)));
-        let samples = self.plan.samples(&self.args);
+        let samples = self.plan.samples(self.args);
         train.insert(
             "train_samples_per_second".into(),
             json!(round(samples / runtime, 3)),
