@@ -130,6 +130,7 @@ pub fn bf16_linear(x: &Tensor, w: &Arc<Bf16Weight>) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::super::amx_bf16::round_to_bf16;
+    use super::super::test_util::max_diff;
     use super::*;
 
     fn rounded(t: &Tensor) -> Tensor {
@@ -177,16 +178,7 @@ mod tests {
             ),
         ];
         for (got, want) in cases {
-            let d: f32 = (&got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = max_diff(&got, &want);
             assert!(d < 1e-5, "differs by {d}");
         }
         // A term that does not fit is refused.
@@ -225,18 +217,7 @@ mod tests {
         let want = rounded(x.as_tensor())
             .broadcast_matmul(&rounded(&w).t().unwrap())
             .unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = max_diff;
         assert_eq!(y.dims(), &[3, 7, 50]);
         assert!(diff(&y, &want) < 1e-4, "{}", diff(&y, &want));
         let weights = (Tensor::arange(0f32, 3.0 * 7.0 * 50.0, &dev)
