@@ -85,9 +85,7 @@ impl LoraLinear {
             None => Ok(x.clone()),
         }
     }
-}
 
-impl LoraLinear {
     /// The backward with the low-rank kernels: `gB` and `h` as row projections, `dA` and `dBᵀ`
     /// gathered over the tokens, `gB·A` added into the frozen input gradient in place.
     fn backward_f32(
