@@ -73,8 +73,9 @@ struct LoraLinear {
     scale: f64,
     /// LoRA dropout's mask (already scaled by `1 / (1 − p)`), when it drops.
     mask: Option<Tensor>,
-    /// `h = s·(m ⊙ x)·Aᵀ` `(tokens, r)` as the low-rank kernels' forward computed it, for the
-    /// backward (a few kilobytes; recomputing it would read `x` once more).
+    /// `h = s·(m ⊙ x)·Aᵀ` `(tokens, r)` when the forward ran on the low-rank kernels, whose
+    /// backward then runs on them too and reuses it (a few kilobytes; recomputing it would read
+    /// `x` once more).
     h: Option<Vec<f32>>,
 }
 
@@ -86,30 +87,22 @@ impl LoraLinear {
         }
     }
 
-    /// The backward with the low-rank kernels: `gB` and `h` as row projections, `dA` and `dBᵀ`
-    /// gathered over the tokens, `gB·A` added into the frozen input gradient in place.
+    /// The backward with the low-rank kernels, given the forward's `h`: `gB` as a row
+    /// projection, `dA` and `dBᵀ` gathered over the tokens, `gB·A` added into the frozen input
+    /// gradient in place.
     fn backward_f32(
         &self,
         xm: &Tensor,
         a: &Tensor,
         b: &Tensor,
         g: &Tensor,
+        h: &[f32],
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (r, inp) = a.dims2()?;
         let out = g.dim(1)?;
         let xm = xm.contiguous()?;
         let a = a.contiguous()?;
-        let bt = b.t()?.contiguous()?;
-        let s = self.scale as f32;
-        let gb = with_f32(g, |gs| {
-            with_f32(&bt, |bs| low_rank::project(gs, out, bs, s))
-        })??;
-        let h = match &self.h {
-            Some(h) => std::borrow::Cow::Borrowed(h),
-            None => std::borrow::Cow::Owned(with_f32(&xm, |xs| {
-                with_f32(&a, |as_| low_rank::project(xs, inp, as_, s))
-            })??),
-        };
+        let gb = projected(g, &b.t()?, self.scale)?;
         let dx = match &self.mask {
             None => with_f32(&a, |as_| self.w.input_grad_plus(g, &gb, as_))??,
             Some(m) => {
@@ -119,7 +112,7 @@ impl LoraLinear {
             }
         };
         let da = with_f32(&xm, |xs| low_rank::gather(xs, inp, &gb, r))?;
-        let dbt = with_f32(g, |gs| low_rank::gather(gs, out, &h, r))?;
+        let dbt = with_f32(g, |gs| low_rank::gather(gs, out, h, r))?;
         let da = Tensor::from_vec(da, (r, inp), g.device())?;
         let db = Tensor::from_vec(dbt, (r, out), g.device())?
             .t()?
@@ -134,6 +127,15 @@ fn low_rank_kernels(x: &Tensor, a: &Tensor) -> bool {
     super::fused_for(x) && x.dtype() == DType::F32 && a.dtype() == DType::F32 && x.rank() == 2
 }
 
+/// `scale · x · sᵀ` for `x (tokens, k)` and `s (r, k)`: `(tokens, r)`, row-major.
+fn projected(x: &Tensor, s: &Tensor, scale: f64) -> Result<Vec<f32>> {
+    let k = s.dim(1)?;
+    let (x, s) = (x.contiguous()?, s.contiguous()?);
+    with_f32(&x, |xs| {
+        with_f32(&s, |ss| low_rank::project(xs, k, ss, scale as f32))
+    })?
+}
+
 /// `x·Wᵀ + s·((m ⊙ x)·Aᵀ)·Bᵀ` with the low-rank kernels: the rank-r term is added into the
 /// frozen product in place; also returns `h = s·(m ⊙ x)·Aᵀ`.
 fn forward_f32(
@@ -144,13 +146,8 @@ fn forward_f32(
     b: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, Vec<f32>)> {
-    let inp = a.dim(1)?;
-    let xm = xm.contiguous()?;
-    let a = a.contiguous()?;
+    let h = projected(xm, a, scale)?;
     let bt = b.t()?.contiguous()?;
-    let h = with_f32(&xm, |xs| {
-        with_f32(&a, |as_| low_rank::project(xs, inp, as_, scale as f32))
-    })??;
     let y = with_f32(&bt, |s| w.product_plus(x, &h, s))??;
     Ok((y, h))
 }
@@ -174,8 +171,8 @@ impl CustomOp3 for LoraLinear {
         // (an optimizer's moments built on them would otherwise chain every step's graph).
         let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), g.detach());
         let xm = self.dropped(&x)?;
-        if low_rank_kernels(&x, &a) {
-            return self.backward_f32(&xm, &a, &b, &g.contiguous()?);
+        if let Some(h) = &self.h {
+            return self.backward_f32(&xm, &a, &b, &g.contiguous()?, h);
         }
         let gb = (g.matmul(&b)? * self.scale)?;
         let h = (xm.matmul(&a.t()?)? * self.scale)?;

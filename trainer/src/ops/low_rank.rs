@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 /// SIMD width the kernels are written for (16 f32 lanes: one AVX-512 register).
 const LANES: usize = 16;
-/// Rows of `s` (or columns of `h`) a kernel keeps in registers at once.
+/// Rows of `s` [`project`] keeps in registers at once.
 const GROUP: usize = 4;
 /// Columns of `h` [`gather`] keeps in registers at once (a rank-8 adapter in one pass).
 const WIDE: usize = 8;
@@ -156,10 +156,9 @@ pub fn gather(x: &[f32], k: usize, h: &[f32], r: usize) -> Vec<f32> {
         return out;
     }
     let n = h.len() / r;
-    let strips: Vec<usize> = (0..k / LANES).collect();
-    let parts: Vec<(usize, Vec<[f32; LANES]>)> = strips
-        .par_iter()
-        .map(|&s| {
+    let parts: Vec<(usize, Vec<[f32; LANES]>)> = (0..k / LANES)
+        .into_par_iter()
+        .map(|s| {
             let mut acc = vec![[0f32; LANES]; r];
             gather_strip(&mut acc, x, k, s * LANES, h, r);
             (s * LANES, acc)
