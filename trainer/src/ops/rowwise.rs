@@ -1010,7 +1010,8 @@ mod tests {
     fn f32_rows_match_f64() {
         // Rows of 37 and 100: whole AVX-512 vectors and a ragged tail in every kernel.
         type Inputs<'a> = &'a [&'a Tensor];
-        let cases: Vec<(&str, Vec<Tensor>, Box<dyn Fn(Inputs) -> Tensor>)> = vec![
+        type Case = (&'static str, Vec<Tensor>, Box<dyn Fn(Inputs) -> Tensor>);
+        let cases: Vec<Case> = vec![
             (
                 "rms_norm",
                 vec![rand_tensor(&[5, 100], 8), rand_tensor(&[100], 9)],
