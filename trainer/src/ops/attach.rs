@@ -33,17 +33,49 @@ impl Slot {
 
     /// The result as the storage `pick` finds for this device (a copy of it, as an op's
     /// output must own its storage).
+    #[cfg(any(feature = "cuda", feature = "metal"))]
     fn take_as<S: BackendStorage>(&self, pick: fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
-        let y = self.take()?;
+        Self::copied(self.name, self.take()?, pick)
+    }
+
+    fn copied<S: BackendStorage>(
+        name: &str,
+        y: Tensor,
+        pick: fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
         let (s, l) = y.storage_and_layout();
         match pick(&s) {
-            Some(c) => precomputed(self.name, c, l),
-            None => candle_core::bail!("{}: result on another device", self.name),
+            Some(c) => precomputed(name, c, l),
+            None => candle_core::bail!("{name}: result on another device"),
         }
     }
 
+    /// On the CPU the result's storage is moved into the op when the result owns all of it
+    /// (the usual case: a fresh product or kernel output), else copied.
     pub(super) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
-        self.take_as(|s| match s {
+        let y = self.take()?;
+        let shape = y.shape().clone();
+        let whole = {
+            let (s, l) = y.storage_and_layout();
+            let len = match &*s {
+                Storage::Cpu(CpuStorage::F32(v)) => Some(v.len()),
+                Storage::Cpu(CpuStorage::F64(v)) => Some(v.len()),
+                Storage::Cpu(CpuStorage::BF16(v)) => Some(v.len()),
+                Storage::Cpu(CpuStorage::F16(v)) => Some(v.len()),
+                _ => None,
+            };
+            l.is_contiguous() && l.start_offset() == 0 && len == Some(shape.elem_count())
+        };
+        let y = if whole {
+            match y.try_into_storage() {
+                Ok((Storage::Cpu(c), _)) => return Ok((c, shape)),
+                Ok(_) => candle_core::bail!("{}: result left the CPU", self.name),
+                Err(y) => y,
+            }
+        } else {
+            y
+        };
+        Self::copied(self.name, y, |s| match s {
             Storage::Cpu(c) => Some(c),
             _ => None,
         })
@@ -181,4 +213,53 @@ pub fn attach(
         input_grad: Box::new(input_grad),
     };
     Ok(Some(x.apply_op1_arc(std::sync::Arc::new(Box::new(op)))?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn buffer(t: &Tensor) -> usize {
+        let (s, l) = t.storage_and_layout();
+        match &*s {
+            Storage::Cpu(CpuStorage::F32(v)) => v[l.start_offset()..].as_ptr() as usize,
+            _ => panic!("an f32 CPU tensor"),
+        }
+    }
+
+    /// A result that owns all of its storage becomes the op's output without a copy; one that
+    /// shares its storage, or views part of a larger one, is copied; the values and the input
+    /// gradient are the same either way.
+    #[test]
+    fn a_result_that_owns_its_storage_moves_into_the_output() {
+        let dev = Device::Cpu;
+        let x = Var::new(&[1f32, 2., 3.], &dev).unwrap();
+        let grad = |x: &Tensor, g: &Tensor| x * g;
+        let owned = Tensor::new(&[4f32, 5., 6.], &dev).unwrap();
+        let shared = Tensor::new(&[4f32, 5., 6.], &dev).unwrap();
+        let view = Tensor::new(&[4f32, 5., 6., 7.], &dev)
+            .unwrap()
+            .narrow(0, 0, 3)
+            .unwrap();
+        for (name, y0, keep, moved) in [
+            ("owned", owned, None, true),
+            ("shared", shared.clone(), Some(shared), false),
+            ("view", view, None, false),
+        ] {
+            let before = buffer(&y0);
+            let y = attach(name, x.as_tensor(), y0, grad).unwrap().unwrap();
+            assert_eq!(buffer(&y) == before, moved, "{name}");
+            assert_eq!(y.to_vec1::<f32>().unwrap(), [4., 5., 6.], "{name}");
+            let g = y.sum_all().unwrap().backward().unwrap();
+            assert_eq!(
+                g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+                [1., 2., 3.],
+                "{name}"
+            );
+            if let Some(keep) = keep {
+                assert_eq!(keep.to_vec1::<f32>().unwrap(), [4., 5., 6.]);
+            }
+        }
+    }
 }

@@ -2781,6 +2781,18 @@ impl Tensor {
         (storage, &self.layout)
     }
 
+    /// The storage of a tensor that is its only holder, moved out without a copy, with the
+    /// tensor's layout; `Err` with the tensor back while anything else holds either.
+    pub fn try_into_storage(self) -> std::result::Result<(Storage, Layout), Tensor> {
+        match Arc::try_unwrap(self.0) {
+            Err(t) => Err(Tensor(t)),
+            Ok(t) => match Arc::try_unwrap(t.storage) {
+                Ok(lock) => Ok((lock.into_inner(), t.layout)),
+                Err(storage) => Err(Tensor(Arc::new(Tensor_ { storage, ..t }))),
+            },
+        }
+    }
+
     /// Unique key for this tensor's storage. Equal keys mean the tensors share the same allocation.
     #[inline]
     pub(crate) fn storage_key(&self) -> usize {
