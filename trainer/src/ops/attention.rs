@@ -5,6 +5,10 @@
 //! the few megabytes of `q`, `k`, `v`. The recomputation costs one `q·kᵀ` product and a softmax
 //! per layer, a few percent of a step.
 //!
+//! In f32 on the CPU (no soft cap) both passes run on `attention_blocks`: a block of query rows
+//! at a time, its products stopping at the block's last visible key — a causal mask's upper
+//! half is never computed. Other dtypes and devices, and Gemma 2's soft cap, run on candle.
+//!
 //! Grouped-query attention without copies: the `rep` query heads of a kv head are stacked along
 //! the sequence axis, `q (B, kv_heads, rep·n, hd)`, so one product per kv head serves them all.
 //!
@@ -13,9 +17,10 @@
 //! `dz' = P ⊙ (dP − Σ dP ⊙ P)`, `dz = dz' · scale` (times `1 − tanh²` when capped),
 //! `dq = dz·k`, `dk = dzᵀ·q`.
 
-use candle_core::{CustomOp3, Result, Tensor, D};
+use candle_core::{CustomOp3, DType, Result, Tensor, D};
 
 use super::attach::{supported, Slot};
+use super::{attention_blocks, with_f32};
 use crate::model::layers::f32_if_half;
 
 /// What one attention call computes with.
@@ -63,6 +68,58 @@ impl Scores {
 struct Attention {
     result: Slot,
     scores: Scores,
+    /// Set when the forward ran on [`attention_blocks`] (the backward does too).
+    blocks: Option<attention_blocks::Dims>,
+}
+
+/// The block kernels' dimensions when they apply: f32 on the CPU, no soft cap, a mask that
+/// fits `(B or 1, 1, n, total)`.
+fn block_dims(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    scores: &Scores,
+) -> Option<attention_blocks::Dims> {
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    if scores.softcap.is_some() || !f32_cpu(q) || !f32_cpu(k) || !f32_cpu(mask) {
+        return None;
+    }
+    let (batch, kv_heads, rn, head_dim) = q.dims4().ok()?;
+    let total = k.dim(2).ok()?;
+    let n = rn / scores.rep;
+    let (mb, one, mn, mt) = mask.dims4().ok()?;
+    if one != 1 || mn != n || mt != total || (mb != 1 && mb != batch) || n * scores.rep != rn {
+        return None;
+    }
+    Some(attention_blocks::Dims {
+        batch,
+        kv_heads,
+        rep: scores.rep,
+        n,
+        total,
+        head_dim,
+        mask_per_row: mb == batch && batch > 1,
+        scale: scores.scale as f32,
+    })
+}
+
+/// `f` on the f32 slices of contiguous CPU tensors `q`, `k`, `v` and the mask.
+fn with_slices<R>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    f: impl FnOnce(&[f32], &[f32], &[f32], &[f32]) -> R,
+) -> Result<R> {
+    let (q, k, v, mask) = (
+        q.contiguous()?,
+        k.contiguous()?,
+        v.contiguous()?,
+        mask.contiguous()?,
+    );
+    with_f32(&q, |q| {
+        with_f32(&k, |k| with_f32(&v, |v| with_f32(&mask, |m| f(q, k, v, m))))
+    })???
 }
 
 impl CustomOp3 for Attention {
@@ -81,6 +138,18 @@ impl CustomOp3 for Attention {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), g.detach());
+        if let Some(d) = &self.blocks {
+            let g = g.contiguous()?;
+            let (dq, dk, dv) = with_slices(&q, &k, &v, &self.scores.mask, |qs, ks, vs, m| {
+                with_f32(&g, |gs| attention_blocks::backward(d, qs, ks, vs, m, gs))
+            })??;
+            let dev = q.device();
+            return Ok((
+                Some(Tensor::from_vec(dq, q.shape(), dev)?),
+                Some(Tensor::from_vec(dk, k.shape(), dev)?),
+                Some(Tensor::from_vec(dv, v.shape(), dev)?),
+            ));
+        }
         let (p, t) = self.scores.probs(&q, &k)?;
         let dv = p.t()?.matmul(&g)?;
         let dp = g.matmul(&v.t()?)?;
@@ -136,19 +205,30 @@ pub fn attention(
         let (p, _) = scores.probs(q, k)?;
         return p.matmul(v);
     }
-    let (p, _) = scores.probs(&q.detach(), &k.detach())?;
-    let o = p.matmul(&v.detach())?;
-    drop(p);
+    let blocks = block_dims(q, k, &scores.mask, &scores);
+    let o = match &blocks {
+        Some(d) => {
+            let o = with_slices(q, k, v, &scores.mask, |qs, ks, vs, m| {
+                attention_blocks::forward(d, qs, ks, vs, m)
+            })?;
+            Tensor::from_vec(o, q.shape(), q.device())?
+        }
+        None => {
+            let (p, _) = scores.probs(&q.detach(), &k.detach())?;
+            p.matmul(&v.detach())?
+        }
+    };
     let op = Attention {
         result: Slot::new("attention", o)?,
         scores,
+        blocks,
     };
     q.apply_op3_arc(k, v, std::sync::Arc::new(Box::new(op)))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::max_abs;
+    use super::super::test_util::{max_abs, max_diff};
     use super::*;
     use candle_core::{DType, Device, Var};
 
@@ -245,5 +325,109 @@ mod tests {
                 assert!(!a.track_op(), "{name}: the gradient holds a graph");
             }
         }
+    }
+
+    /// A causal mask over `n` queries and `total` keys (the first `total − n` cached), where the
+    /// queries from `second` on are a second packed sequence that sees only the keys from
+    /// `second` on, and the queries from `blind` on see none.
+    fn causal(n: usize, total: usize, second: usize, blind: usize) -> Vec<f64> {
+        (0..n * total)
+            .map(|i| {
+                let (pos, key) = (i / total, i % total);
+                if key > pos + (total - n) || (pos >= second && key < second) || pos >= blind {
+                    -1e9
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
+    /// In f32 on the CPU the forward and backward run block by block, each block's products
+    /// stopping at its last visible key (`attention_blocks`); they agree with the f64 graph:
+    /// GQA with three query heads per kv head, 70 positions (two full blocks and a ragged one),
+    /// a causal mask per batch row (the second row two packed sequences), and a causal mask over
+    /// a cached prefix of five keys.
+    #[test]
+    fn blocks_in_f32_match_the_f64_graph() {
+        let (bs, nkv, rep, n, hd) = (2, 2, 3, 70, 20);
+        let per_row = [causal(n, n, n, n), causal(n, n, 30, n)].concat();
+        let shared = [causal(n, n + 5, n, n), causal(n, n + 5, n, n)].concat();
+        for (total, mask) in [(n, per_row), (n + 5, shared)] {
+            let mask = Tensor::from_vec(mask, (bs, 1, n, total), &Device::Cpu).unwrap();
+            let q = var(&[bs, nkv, rep * n, hd], 0.0);
+            let k = var(&[bs, nkv, total, hd], 1.0);
+            let v = var(&[bs, nkv, total, hd], 2.0);
+            let weights = var(&[bs, nkv, rep * n, hd], 3.0);
+            let run = |dtype: DType| {
+                let to = |t: &Var| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
+                let (q, k, v) = (to(&q), to(&k), to(&v));
+                let mask = mask.to_dtype(dtype).unwrap();
+                let o = attention(&q, &k, &v, &mask, 0.3, None, rep).unwrap();
+                let loss = (o.to_dtype(DType::F64).unwrap() * weights.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let g = loss.backward().unwrap();
+                let grad = |t: &Var| g.get(t).unwrap().to_dtype(DType::F64).unwrap();
+                [
+                    o.to_dtype(DType::F64).unwrap(),
+                    grad(&q),
+                    grad(&k),
+                    grad(&v),
+                ]
+            };
+            let f32_mask = mask.to_dtype(DType::F32).unwrap();
+            let scores = Scores {
+                mask: f32_mask.clone(),
+                scale: 0.3,
+                softcap: None,
+                rep,
+            };
+            let qf = q.to_dtype(DType::F32).unwrap();
+            let kf = k.to_dtype(DType::F32).unwrap();
+            assert!(
+                block_dims(&qf, &kf, &f32_mask, &scores).is_some(),
+                "the block path applies"
+            );
+            for (name, (a, b)) in ["o", "dq", "dk", "dv"]
+                .iter()
+                .zip(run(DType::F64).iter().zip(run(DType::F32)))
+            {
+                let (d, m) = (max_diff(a, &b), max_abs(a));
+                assert!(m > 1e-2, "{name} (total {total}): not zero");
+                assert!(
+                    d <= 2e-5 * m,
+                    "{name} (total {total}): f32 blocks off by {d} of {m}"
+                );
+            }
+        }
+    }
+
+    /// A query that sees no key keeps every key, as the unblocked softmax does (in f32 its
+    /// scores all round to −1e9, so it averages the values): the blocks' output equals the
+    /// f32 product of the unblocked probabilities for a mask whose last rows are blind.
+    #[test]
+    fn a_query_that_sees_no_key_keeps_every_key() {
+        let (bs, nkv, rep, n, hd) = (1, 1, 2, 40, 8);
+        let f32 = |t: &Var| t.to_dtype(DType::F32).unwrap();
+        let q = f32(&var(&[bs, nkv, rep * n, hd], 0.0));
+        let k = f32(&var(&[bs, nkv, n, hd], 1.0));
+        let v = f32(&var(&[bs, nkv, n, hd], 2.0));
+        let mask = Tensor::from_vec(causal(n, n, n, 35), (1, 1, n, n), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let scores = Scores {
+            mask: mask.clone(),
+            scale: 0.3,
+            softcap: None,
+            rep,
+        };
+        let (p, _) = scores.probs(&q, &k).unwrap();
+        let unblocked = p.matmul(&v).unwrap();
+        let blocked = attention(&q, &k, &v, &mask, 0.3, None, rep).unwrap();
+        let d = max_diff(&blocked, &unblocked);
+        assert!(d < 1e-5, "off by {d}");
     }
 }

@@ -17,6 +17,7 @@ macro_rules! simd_kernel {
 pub mod amx_bf16;
 mod attach;
 mod attention;
+mod attention_blocks;
 mod bf16_linear;
 mod checkpoint;
 mod frozen_linear;

@@ -58,7 +58,7 @@ macro_rules! float_dispatch {
 /// path for the masked entries that underflow); the f32 version here is branch-free arithmetic
 /// that the compiler vectorises, accurate to about 2e-7 relative. f64 keeps libm's `exp`, so
 /// the f64 gradient tests compare against exactly the composed ops.
-trait FastExp: Float {
+pub(super) trait FastExp: Float {
     fn fast_exp(self) -> Self;
 }
 
@@ -188,7 +188,7 @@ fn masked_softmax_rows<T: WithDType + FastExp>(
 /// masks add −1e9; anything below −1e8 counts here), so its probability is exactly 0 in a row
 /// that sees any key: `exp` of −1e9 − max is 0 in f32 and f64. A causal row skips the keys
 /// after it, half the work of a square pass. A row that sees no key keeps the whole row.
-fn softmax_row<T: FastExp>(o: &mut [T], x: &[T], mask: &[T], scale: T) {
+pub(super) fn softmax_row<T: FastExp>(o: &mut [T], x: &[T], mask: &[T], scale: T) {
     let hidden = T::from(-1e8).unwrap_or_else(T::min_value);
     let (lo, hi) = match mask.iter().position(|&m| m > hidden) {
         Some(lo) => (lo, mask.iter().rposition(|&m| m > hidden).unwrap_or(lo) + 1),
@@ -299,7 +299,7 @@ impl CustomOp2 for SoftmaxBwd {
 
 simd_kernel! {
 /// One row of the softmax's backward: `o = scale · p ⊙ (g − Σ g⊙p)`.
-fn softmax_bwd_row<T: Float>(o: &mut [T], p: &[T], g: &[T], scale: T) {
+pub(super) fn softmax_bwd_row<T: Float>(o: &mut [T], p: &[T], g: &[T], scale: T) {
     let dot = lane_dot(p, g);
     for (oj, (&pj, &gj)) in o.iter_mut().zip(p.iter().zip(g)) {
         *oj = scale * pj * (gj - dot);
