@@ -55,30 +55,13 @@ impl Slot {
     pub(super) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
         let y = self.take()?;
         let shape = y.shape().clone();
-        let whole = {
-            let (s, l) = y.storage_and_layout();
-            let len = match &*s {
-                Storage::Cpu(CpuStorage::F32(v)) => Some(v.len()),
-                Storage::Cpu(CpuStorage::F64(v)) => Some(v.len()),
-                Storage::Cpu(CpuStorage::BF16(v)) => Some(v.len()),
-                Storage::Cpu(CpuStorage::F16(v)) => Some(v.len()),
+        match owned_cpu_storage(y) {
+            Ok(c) => Ok((c, shape)),
+            Err(y) => Self::copied(self.name, y, |s| match s {
+                Storage::Cpu(c) => Some(c),
                 _ => None,
-            };
-            l.is_contiguous() && l.start_offset() == 0 && len == Some(shape.elem_count())
-        };
-        let y = if whole {
-            match y.try_into_storage() {
-                Ok((Storage::Cpu(c), _)) => return Ok((c, shape)),
-                Ok(_) => candle_core::bail!("{}: result left the CPU", self.name),
-                Err(y) => y,
-            }
-        } else {
-            y
-        };
-        Self::copied(self.name, y, |s| match s {
-            Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
+            }),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -177,6 +160,37 @@ impl CustomOp1 for Attach {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some((self.input_grad)(x, grad)?))
+    }
+}
+
+/// The CPU storage of a float tensor that holds all of it alone, in order from its start,
+/// moved out without a copy; `Err` with the tensor back otherwise.
+pub(crate) fn owned_cpu_storage(y: Tensor) -> std::result::Result<CpuStorage, Tensor> {
+    let whole = {
+        let (s, l) = y.storage_and_layout();
+        let len = match &*s {
+            Storage::Cpu(CpuStorage::F32(v)) => Some(v.len()),
+            Storage::Cpu(CpuStorage::F64(v)) => Some(v.len()),
+            Storage::Cpu(CpuStorage::BF16(v)) => Some(v.len()),
+            Storage::Cpu(CpuStorage::F16(v)) => Some(v.len()),
+            _ => None,
+        };
+        l.is_contiguous() && l.start_offset() == 0 && len == Some(l.shape().elem_count())
+    };
+    if !whole {
+        return Err(y);
+    }
+    match y.try_into_storage() {
+        Ok((Storage::Cpu(c), _)) => Ok(c),
+        // Checked above to be a CPU storage; rebuilt as it was (contiguous from its start),
+        // detached: the callers take results computed outside the graph.
+        Ok((s, l)) => Err(Tensor::from_storage(
+            s,
+            l.shape().clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        )),
+        Err(y) => Err(y),
     }
 }
 

@@ -168,7 +168,7 @@ impl Online {
         };
         let m_prev = self.state.as_ref().map(|(m, _, _)| m);
         let (m, p, tile_sum) = if z.dtype() == DType::F32 && super::fused_for(&z) {
-            shifted_exp_cpu(&z, m_prev)?
+            shifted_exp_cpu(z, m_prev)?
         } else {
             let tile_max = z.max_keepdim(D::Minus1)?;
             let m = match m_prev {
@@ -245,11 +245,18 @@ impl Online {
 }
 
 /// `m = max(m_prev, rowmax(z))`, `p = exp(z − m)` and `Σ_j p` of an f32 tile on the CPU, in one
-/// pass over its rows in parallel (candle's reductions and `exp` are one pass each, on one core).
-fn shifted_exp_cpu(z: &Tensor, m_prev: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
+/// pass over its rows in parallel (candle's reductions and `exp` are one pass each, on one core),
+/// vectorised (`rowwise::shifted_exp_row`) and in the tile's own buffer.
+fn shifted_exp_cpu(z: Tensor, m_prev: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
     use rayon::prelude::*;
     let (r, v) = z.dims2()?;
-    let mut p = z.flatten_all()?.to_vec1::<f32>()?;
+    let dev = z.device().clone();
+    // The tile is a fresh product: its buffer is taken over, not copied.
+    let mut p = match super::attach::owned_cpu_storage(z) {
+        Ok(candle_core::CpuStorage::F32(p)) => p,
+        Ok(_) => candle_core::bail!("an f32 tile"),
+        Err(z) => z.flatten_all()?.to_vec1::<f32>()?,
+    };
     let prev = m_prev
         .map(|m| m.flatten_all()?.to_vec1::<f32>())
         .transpose()?;
@@ -257,23 +264,14 @@ fn shifted_exp_cpu(z: &Tensor, m_prev: Option<&Tensor>) -> Result<(Tensor, Tenso
         .par_chunks_mut(v)
         .enumerate()
         .map(|(i, row)| {
-            let mut m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if let Some(prev) = &prev {
-                m = m.max(prev[i]);
-            }
-            let mut s = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - m).exp();
-                s += *x;
-            }
-            (m, s)
+            let floor = prev.as_ref().map_or(f32::NEG_INFINITY, |prev| prev[i]);
+            super::rowwise::shifted_exp_row(row, floor)
         })
         .unzip();
-    let dev = z.device();
     Ok((
-        Tensor::from_vec(m, (r, 1), dev)?,
-        Tensor::from_vec(p, (r, v), dev)?,
-        Tensor::from_vec(s, (r, 1), dev)?,
+        Tensor::from_vec(m, (r, 1), &dev)?,
+        Tensor::from_vec(p, (r, v), &dev)?,
+        Tensor::from_vec(s, (r, 1), &dev)?,
     ))
 }
 

@@ -165,6 +165,18 @@ fn log_sum_exp<T: FastExp>(row: &[T]) -> T {
 }
 }
 
+simd_kernel! {
+/// `row ← exp(row − m)` in place for `m = max(floor, max(row))`; `(m, Σ exp(row − m))` (a tile
+/// of the LM head's online log-sum-exp).
+pub(super) fn shifted_exp_row(row: &mut [f32], floor: f32) -> (f32, f32) {
+    let m = lane_max(row).max(floor);
+    for x in row.iter_mut() {
+        *x = (*x - m).fast_exp();
+    }
+    (m, lane_sum(row))
+}
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention softmax: softmax(scale · s + mask) over the last dim, with `mask (B, 1, T, Tk)`
 // broadcast over the heads of `s (B, H, T, Tk)`.
