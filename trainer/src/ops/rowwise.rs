@@ -6,6 +6,7 @@
 //! and dtypes keep the composed versions (see `ops::fused_for`). The hottest per-row loops are
 //! compiled for AVX-512 and AVX2 + FMA too and dispatched at run time (`simd_kernel!`).
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::{
@@ -35,6 +36,18 @@ fn last_dim(l: &Layout) -> Result<usize> {
 fn broadcast_row<T>(table: &[T], r: usize, heads: usize, t: usize, width: usize) -> &[T] {
     let row = r / (heads * t) * t + r % t;
     &table[row * width..(row + 1) * width]
+}
+
+/// A vector of `n` elements written by `fill` straight into fresh memory, with no zero-fill
+/// first (a whole extra pass over an output the kernels overwrite anyway). `fill` must write
+/// every element: its callers hand each element of the output to a kernel together with the
+/// input elements of the same index, their inputs checked to be as long as the output.
+fn written<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: `fill` wrote all `n` elements (its contract above).
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// Dispatches a generic kernel on the storage's float type.
@@ -630,21 +643,28 @@ fn rope_rows<T: WithDType + Float>(
     inverse: bool,
 ) -> Vec<T> {
     let h = d / 2;
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .enumerate()
-        .for_each(|(r, (o, x))| {
-            let c = broadcast_row(cos, r, heads, t, d);
-            let s = broadcast_row(sin, r, heads, t, d);
-            rope_row(o, x, c, s, h, inverse);
-        });
-    out
+    written(x.len(), |out| {
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .enumerate()
+            .for_each(|(r, (o, x))| {
+                let c = broadcast_row(cos, r, heads, t, d);
+                let s = broadcast_row(sin, r, heads, t, d);
+                rope_row(o, x, c, s, h, inverse);
+            })
+    })
 }
 
 simd_kernel! {
 /// One row of the rotation (`inverse`: its transpose, the backward) over halves of `h`.
-fn rope_row<T: Float>(o: &mut [T], x: &[T], c: &[T], s: &[T], h: usize, inverse: bool) {
+fn rope_row<T: Float>(
+    o: &mut [MaybeUninit<T>],
+    x: &[T],
+    c: &[T],
+    s: &[T],
+    h: usize,
+    inverse: bool,
+) {
     let (o1, o2) = o.split_at_mut(h);
     let (x1, x2) = x.split_at(h);
     let (c1, c2) = c.split_at(h);
@@ -653,13 +673,13 @@ fn rope_row<T: Float>(o: &mut [T], x: &[T], c: &[T], s: &[T], h: usize, inverse:
     if inverse {
         // Transpose of the rotation: dx[i] = g[i]c[i] + g[i+h]s[i+h], dx[i+h] = g[i+h]c[i+h] − g[i]s[i].
         for i in 0..h {
-            o1[i] = x1[i] * c1[i] + x2[i] * s2[i];
-            o2[i] = x2[i] * c2[i] - x1[i] * s1[i];
+            o1[i].write(x1[i] * c1[i] + x2[i] * s2[i]);
+            o2[i].write(x2[i] * c2[i] - x1[i] * s1[i]);
         }
     } else {
         for i in 0..h {
-            o1[i] = x1[i] * c1[i] - x2[i] * s1[i];
-            o2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+            o1[i].write(x1[i] * c1[i] - x2[i] * s1[i]);
+            o2[i].write(x2[i] * c2[i] + x1[i] * s2[i]);
         }
     }
 }
@@ -799,11 +819,12 @@ impl CustomOp2 for Glu {
         float_dispatch!(s1, self.name(), |T| {
             let g = rows::<T>(s1, l1, self.name())?;
             let u = rows::<T>(s2, l2, self.name())?;
-            let mut out = vec![T::zero(); g.len()];
-            out.par_chunks_mut(ELEMENTS_PER_TASK)
-                .zip(g.par_chunks(ELEMENTS_PER_TASK))
-                .zip(u.par_chunks(ELEMENTS_PER_TASK))
-                .for_each(|((out, g), u)| glu_span(act, out, g, u));
+            let out = written(g.len(), |out| {
+                out.par_chunks_mut(ELEMENTS_PER_TASK)
+                    .zip(g.par_chunks(ELEMENTS_PER_TASK))
+                    .zip(u.par_chunks(ELEMENTS_PER_TASK))
+                    .for_each(|((out, g), u)| glu_span(act, out, g, u))
+            });
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }
@@ -826,16 +847,16 @@ impl CustomOp2 for Glu {
 
 simd_kernel! {
 /// `o = act(g) ⊙ u`, one loop per activation so that each stays vectorised.
-fn glu_span<T: FastExp>(act: GateAct, o: &mut [T], g: &[T], u: &[T]) {
+fn glu_span<T: FastExp>(act: GateAct, o: &mut [MaybeUninit<T>], g: &[T], u: &[T]) {
     match act {
         GateAct::Silu => {
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(g) * u;
+                o.write(g * sigmoid(g) * u);
             }
         }
         GateAct::GeluTanh => {
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = act_and_slope(GateAct::GeluTanh, g).0 * u;
+                o.write(act_and_slope(GateAct::GeluTanh, g).0 * u);
             }
         }
     }
@@ -844,22 +865,29 @@ fn glu_span<T: FastExp>(act: GateAct, o: &mut [T], g: &[T], u: &[T]) {
 
 simd_kernel! {
 /// `da = g ⊙ u ⊙ act'(a)`, `du = g ⊙ act(a)`, one loop per activation.
-fn glu_bwd_span<T: FastExp>(act: GateAct, da: &mut [T], du: &mut [T], a: &[T], u: &[T], g: &[T]) {
+fn glu_bwd_span<T: FastExp>(
+    act: GateAct,
+    da: &mut [MaybeUninit<T>],
+    du: &mut [MaybeUninit<T>],
+    a: &[T],
+    u: &[T],
+    g: &[T],
+) {
     let n = da.len();
     let (du, a, u, g) = (&mut du[..n], &a[..n], &u[..n], &g[..n]);
     match act {
         GateAct::Silu => {
             for i in 0..n {
                 let (y, slope) = act_and_slope(GateAct::Silu, a[i]);
-                du[i] = g[i] * y;
-                da[i] = g[i] * u[i] * slope;
+                du[i].write(g[i] * y);
+                da[i].write(g[i] * u[i] * slope);
             }
         }
         GateAct::GeluTanh => {
             for i in 0..n {
                 let (y, slope) = act_and_slope(GateAct::GeluTanh, a[i]);
-                du[i] = g[i] * y;
-                da[i] = g[i] * u[i] * slope;
+                du[i].write(g[i] * y);
+                da[i].write(g[i] * u[i] * slope);
             }
         }
     }
@@ -884,19 +912,28 @@ impl CustomOp3 for GluBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let act = self.0;
+        if l2.shape() != l1.shape() || l3.shape() != l1.shape() {
+            bail!(
+                "glu-bwd: gate {:?}, up {:?} and gradient {:?} differ",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
         float_dispatch!(s1, self.name(), |T| {
             let a = rows::<T>(s1, l1, self.name())?;
             let u = rows::<T>(s2, l2, self.name())?;
             let g = rows::<T>(s3, l3, self.name())?;
             let n = a.len();
-            let mut out = vec![T::zero(); 2 * n];
-            let (da, du) = out.split_at_mut(n);
-            da.par_chunks_mut(ELEMENTS_PER_TASK)
-                .zip(du.par_chunks_mut(ELEMENTS_PER_TASK))
-                .zip(a.par_chunks(ELEMENTS_PER_TASK))
-                .zip(u.par_chunks(ELEMENTS_PER_TASK))
-                .zip(g.par_chunks(ELEMENTS_PER_TASK))
-                .for_each(|((((da, du), a), u), g)| glu_bwd_span(act, da, du, a, u, g));
+            let out = written(2 * n, |out| {
+                let (da, du) = out.split_at_mut(n);
+                da.par_chunks_mut(ELEMENTS_PER_TASK)
+                    .zip(du.par_chunks_mut(ELEMENTS_PER_TASK))
+                    .zip(a.par_chunks(ELEMENTS_PER_TASK))
+                    .zip(u.par_chunks(ELEMENTS_PER_TASK))
+                    .zip(g.par_chunks(ELEMENTS_PER_TASK))
+                    .for_each(|((((da, du), a), u), g)| glu_bwd_span(act, da, du, a, u, g))
+            });
             let mut dims = vec![2];
             dims.extend_from_slice(l1.shape().dims());
             Ok((T::to_cpu_storage_owned(out), Shape::from(dims)))
