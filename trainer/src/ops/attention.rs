@@ -74,12 +74,8 @@ struct Attention {
 
 /// The block kernels' dimensions when they apply: f32 on the CPU, no soft cap, a mask that
 /// fits `(B or 1, 1, n, total)`.
-fn block_dims(
-    q: &Tensor,
-    k: &Tensor,
-    mask: &Tensor,
-    scores: &Scores,
-) -> Option<attention_blocks::Dims> {
+fn block_dims(q: &Tensor, k: &Tensor, scores: &Scores) -> Option<attention_blocks::Dims> {
+    let mask = &scores.mask;
     let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
     if scores.softcap.is_some() || !f32_cpu(q) || !f32_cpu(k) || !f32_cpu(mask) {
         return None;
@@ -205,7 +201,7 @@ pub fn attention(
         let (p, _) = scores.probs(q, k)?;
         return p.matmul(v);
     }
-    let blocks = block_dims(q, k, &scores.mask, &scores);
+    let blocks = block_dims(q, k, &scores);
     let o = match &blocks {
         Some(d) => {
             let o = with_slices(q, k, v, &scores.mask, |qs, ks, vs, m| {
@@ -379,7 +375,7 @@ mod tests {
             };
             let f32_mask = mask.to_dtype(DType::F32).unwrap();
             let scores = Scores {
-                mask: f32_mask.clone(),
+                mask: f32_mask,
                 scale: 0.3,
                 softcap: None,
                 rep,
@@ -387,7 +383,7 @@ mod tests {
             let qf = q.to_dtype(DType::F32).unwrap();
             let kf = k.to_dtype(DType::F32).unwrap();
             assert!(
-                block_dims(&qf, &kf, &f32_mask, &scores).is_some(),
+                block_dims(&qf, &kf, &scores).is_some(),
                 "the block path applies"
             );
             for (name, (a, b)) in ["o", "dq", "dk", "dv"]

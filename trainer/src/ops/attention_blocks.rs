@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::rowwise::{softmax_bwd_row, softmax_row};
+use super::rowwise::{softmax_bwd_row, softmax_row, visible_keys};
 
 /// Query rows per block: small enough that the causal skip is fine-grained, large enough for
 /// the products to run at speed.
@@ -68,15 +68,11 @@ impl Dims {
     /// The blocks in storage order (group by group, rows ascending; a block never crosses from
     /// one query head to the next).
     fn blocks(&self, mask: &[f32]) -> Vec<Block> {
-        let visible = |row: &[f32]| match row.iter().rposition(|&m| m > -1e8) {
-            Some(last) => last + 1,
-            None => row.len(),
-        };
         let mut out = Vec::new();
         for group in 0..self.groups() {
             // Positions' extents, shared by the group's query heads.
             let ext: Vec<usize> = (0..self.n)
-                .map(|pos| visible(self.mask_row(mask, group, pos)))
+                .map(|pos| visible_keys(self.mask_row(mask, group, pos)).end)
                 .collect();
             for head in 0..self.rep {
                 for pos in (0..self.n).step_by(ROWS) {
@@ -209,12 +205,17 @@ fn probs(
     }
 }
 
-/// Splits `data` into consecutive pieces of the blocks' row counts × `head_dim`.
-fn split_rows<'a>(mut data: &'a mut [f32], blocks: &[Block], hd: usize) -> Vec<&'a mut [f32]> {
-    blocks
-        .iter()
-        .map(|b| {
-            let (head, tail) = std::mem::take(&mut data).split_at_mut(b.rows * hd);
+/// Splits `data` into consecutive pieces, one per run of blocks, each of the run's rows ×
+/// `head_dim` (a run of one block: that block's rows).
+fn split_rows<'a, 'b>(
+    mut data: &'a mut [f32],
+    runs: impl IntoIterator<Item = &'b [Block]>,
+    hd: usize,
+) -> Vec<&'a mut [f32]> {
+    runs.into_iter()
+        .map(|run| {
+            let len = run.iter().map(|b| b.rows * hd).sum();
+            let (head, tail) = std::mem::take(&mut data).split_at_mut(len);
             data = tail;
             head
         })
@@ -225,7 +226,7 @@ fn split_rows<'a>(mut data: &'a mut [f32], blocks: &[Block], hd: usize) -> Vec<&
 pub(super) fn forward(d: &Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32]) -> Vec<f32> {
     let blocks = d.blocks(mask);
     let mut o = vec![0f32; q.len()];
-    let outs = split_rows(&mut o, &blocks, d.head_dim);
+    let outs = split_rows(&mut o, blocks.chunks(1), d.head_dim);
     blocks.par_iter().zip(outs).for_each_init(
         || (Vec::new(), Vec::new()),
         |(z, p), (b, out)| {
@@ -265,17 +266,7 @@ pub(super) fn backward(
         .flat_map(|group| group.chunks(run_len))
         .collect();
     let mut dq = vec![0f32; q.len()];
-    let dq_runs = {
-        let mut rest = dq.as_mut_slice();
-        runs.iter()
-            .map(|run| {
-                let len: usize = run.iter().map(|b| b.rows * hd).sum();
-                let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
-                rest = tail;
-                head
-            })
-            .collect::<Vec<_>>()
-    };
+    let dq_runs = split_rows(&mut dq, runs.iter().copied(), hd);
     // Each run: its dq rows written, its dk and dv sums over the keys it sees returned.
     let sums: Vec<(usize, Vec<f32>, Vec<f32>)> = runs
         .par_iter()
@@ -284,7 +275,7 @@ pub(super) fn backward(
             let keys = run.iter().map(|b| b.keys).max().unwrap_or(0);
             let (mut dk, mut dv) = (vec![0f32; keys * hd], vec![0f32; keys * hd]);
             let (mut z, mut p, mut dz) = (Vec::new(), Vec::new(), Vec::new());
-            for (b, dq_b) in run.iter().zip(split_rows(dq_run, run, hd)) {
+            for (b, dq_b) in run.iter().zip(split_rows(dq_run, run.chunks(1), hd)) {
                 let (qs, ks) = d.spans(b);
                 let (rows, e) = (b.rows, b.keys);
                 probs(d, b, q, k, mask, &mut z, &mut p);

@@ -215,17 +215,23 @@ fn masked_softmax_rows<T: WithDType + FastExp>(
     out
 }
 
-/// One row of the attention softmax, `o = softmax(scale · x + mask)`, computed over the span
-/// from the row's first to its last visible key only. A key outside it is masked (the model's
-/// masks add −1e9; anything below −1e8 counts here), so its probability is exactly 0 in a row
-/// that sees any key: `exp` of −1e9 − max is 0 in f32 and f64. A causal row skips the keys
-/// after it, half the work of a square pass. A row that sees no key keeps the whole row.
-pub(super) fn softmax_row<T: FastExp>(o: &mut [T], x: &[T], mask: &[T], scale: T) {
+/// The keys a row of an additive attention mask sees, from its first visible key to its last.
+/// A key outside the span is masked (the model's masks add −1e9; anything below −1e8 counts
+/// here), so its probability is exactly 0 in a row that sees any key: `exp` of −1e9 − max is 0
+/// in f32 and f64. A row that sees no key keeps all of them, as the unmasked softmax does.
+pub(super) fn visible_keys<T: Float>(mask: &[T]) -> std::ops::Range<usize> {
     let hidden = T::from(-1e8).unwrap_or_else(T::min_value);
-    let (lo, hi) = match mask.iter().position(|&m| m > hidden) {
-        Some(lo) => (lo, mask.iter().rposition(|&m| m > hidden).unwrap_or(lo) + 1),
-        None => (0, mask.len()),
-    };
+    match mask.iter().position(|&m| m > hidden) {
+        Some(lo) => lo..mask.iter().rposition(|&m| m > hidden).unwrap_or(lo) + 1,
+        None => 0..mask.len(),
+    }
+}
+
+/// One row of the attention softmax, `o = softmax(scale · x + mask)`, computed over the row's
+/// [`visible_keys`] only (exactly 0 elsewhere): a causal row skips the keys after it, half the
+/// work of a square pass.
+pub(super) fn softmax_row<T: FastExp>(o: &mut [T], x: &[T], mask: &[T], scale: T) {
+    let std::ops::Range { start: lo, end: hi } = visible_keys(mask);
     o[..lo].fill(T::zero());
     o[hi..].fill(T::zero());
     softmax_span(&mut o[lo..hi], &x[lo..hi], &mask[lo..hi], scale)
