@@ -217,9 +217,8 @@ mod tests {
         let want = rounded(x.as_tensor())
             .broadcast_matmul(&rounded(&w).t().unwrap())
             .unwrap();
-        let diff = max_diff;
         assert_eq!(y.dims(), &[3, 7, 50]);
-        assert!(diff(&y, &want) < 1e-4, "{}", diff(&y, &want));
+        assert!(max_diff(&y, &want) < 1e-4, "{}", max_diff(&y, &want));
         let weights = (Tensor::arange(0f32, 3.0 * 7.0 * 50.0, &dev)
             .unwrap()
             .reshape((3, 7, 50))
@@ -234,14 +233,14 @@ mod tests {
             .unwrap();
         let dx = grads.get(x.as_tensor()).unwrap();
         let want_dx = rounded(&weights).broadcast_matmul(&rounded(&w)).unwrap();
-        assert!(diff(dx, &want_dx) < 1e-4, "{}", diff(dx, &want_dx));
+        assert!(max_diff(dx, &want_dx) < 1e-4, "{}", max_diff(dx, &want_dx));
         // Not the f32 product: the rounding is real.
         let f32_y = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
-        assert!(diff(&y, &f32_y) > 1e-3);
+        assert!(max_diff(&y, &f32_y) > 1e-3);
         assert!(!dx.track_op());
         // The packed weight unpacks to the rounded one.
         assert_eq!(
-            diff(&packed.to_dense(DType::F32).unwrap(), &rounded(&w)),
+            max_diff(&packed.to_dense(DType::F32).unwrap(), &rounded(&w)),
             0.0
         );
     }
