@@ -91,7 +91,8 @@ impl FastExp for f32 {
         const LN2_HI: f32 = 0.693_359_4;
         const LN2_LO: f32 = -2.121_944_4e-4;
         let x = self.clamp(-87.0, 88.0);
-        let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+        let t = x * std::f32::consts::LOG2_E + ROUND;
+        let n = t - ROUND;
         let r = (x - n * LN2_HI) - n * LN2_LO;
         // Horner's rule in fused multiply-adds: the callers are `simd_kernel!`s, compiled
         // with FMA, where `mul_add` is one instruction.
@@ -106,7 +107,10 @@ impl FastExp for f32 {
         ]
         .iter()
         .fold(1.0 / 5040.0, |acc: f32, &c| acc.mul_add(r, c));
-        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        // 2^n from `t`'s bits, whose low ones hold n (its exponent is ROUND's): integer
+        // operations that vectorise, where `n as i32` (a saturating cast) is done lane by lane.
+        let scale =
+            f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
         // Below -87 the true value is under 1.7e-38: flush to zero like an underflow.
         if self < -87.0 {
             0.0
