@@ -8,6 +8,9 @@
 //! depth); B into 1 KiB tiles of 32 rows × 16 columns, `[n-tile][k-tile][k/2][16][2]`, padded to
 //! an even number of n-tiles. Each 32 × 32 block of C is 2 × 2 tiles in registers, fed by two A
 //! and two B tiles per 32 steps of depth.
+//!
+//! A low-rank term `h · S` ([`LowRank`]: LoRA's `s·(x·Aᵀ)·Bᵀ`) joins a product as more depth:
+//! `h`'s rows are packed after A's, `S` is packed as a second B, and the same tiles sum both.
 
 use half::bf16;
 
@@ -106,51 +109,34 @@ pub fn matmul(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32], ldc: 
     unsafe { matmul_raw(a, m, lda, b, c.as_mut_ptr(), ldc, None) }
 }
 
-/// What a product does to each block of C right after storing it, while it is in cache:
-/// called with the block's first row `i`, first column `j` and the block.
-pub type Epilogue<'a> = &'a (dyn Fn(usize, usize, &mut BlockMut) + Sync);
-
-/// A stored block of C (at most 32 × 32): `rows` spans of `cols` floats, handed out one row
-/// at a time.
-pub struct BlockMut<'a> {
-    ptr: *mut f32,
-    ld: usize,
-    pub rows: usize,
-    pub cols: usize,
-    _c: std::marker::PhantomData<&'a mut f32>,
-}
-
-impl BlockMut<'_> {
-    /// Row `r` of the block.
-    #[inline(always)]
-    pub fn row(&mut self, r: usize) -> &mut [f32] {
-        assert!(r < self.rows);
-        // SAFETY: the block's rows lie within C, no other thread touches this block while its
-        // epilogue runs, and the span's borrow holds `self` exclusively.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.ld), self.cols) }
-    }
+/// A low-rank term `h · S` for a product `A · B (k, n)`: `h (m, r)` row-major f32, rounded to
+/// bf16 as it is packed, and `S (r, n)` packed. The tiles sum it as `r` more steps of depth.
+#[derive(Clone, Copy)]
+pub struct LowRank<'a> {
+    pub h: &'a [f32],
+    pub s: &'a PackedB,
 }
 
 /// `bf16(a (m, k, row stride lda)) · b` as a new row-major `(m, n)` buffer (not zero-filled
 /// first: every element is written once).
 pub fn matmul_new(a: &[f32], m: usize, lda: usize, b: &PackedB) -> Vec<f32> {
-    matmul_new_then(a, m, lda, b, None)
+    matmul_new_plus(a, m, lda, b, None)
 }
 
-/// [`matmul_new`], then `epilogue` on each stored span of the result.
-pub fn matmul_new_then(
+/// [`matmul_new`] plus a low-rank term summed in the same tiles.
+pub fn matmul_new_plus(
     a: &[f32],
     m: usize,
     lda: usize,
     b: &PackedB,
-    epilogue: Option<Epilogue>,
+    low_rank: Option<LowRank>,
 ) -> Vec<f32> {
     let len = m * b.n;
     let mut c: Vec<f32> = Vec::with_capacity(len);
     // SAFETY: the capacity holds m rows of n; `matmul_raw` writes every one of its elements,
     // so all `len` are initialised before `set_len`.
     unsafe {
-        matmul_raw(a, m, lda, b, c.as_mut_ptr(), b.n, epilogue);
+        matmul_raw(a, m, lda, b, c.as_mut_ptr(), b.n, low_rank);
         c.set_len(len);
     }
     c
@@ -165,40 +151,58 @@ unsafe fn matmul_raw(
     b: &PackedB,
     c: *mut f32,
     ldc: usize,
-    epilogue: Option<Epilogue>,
+    low_rank: Option<LowRank>,
 ) {
     let (k, n) = (b.k, b.n);
     assert!(available(), "AMX-BF16 tiles are not available");
     assert!(m == 0 || a.len() >= (m - 1) * lda + k);
+    // The low-rank term's rank, its depth in tiles and its packed S.
+    let (r, extra_tiles, extra) = match low_rank {
+        Some(LowRank { h, s }) => {
+            assert!(
+                s.n == n && h.len() >= m * s.k,
+                "low-rank term does not fit the product"
+            );
+            (s.k, s.k_tiles, &s.data[..])
+        }
+        None => (0, 0, &[][..]),
+    };
     if m == 0 || n == 0 {
         return;
     }
     let kp = b.k_tiles * DEPTH;
+    // A packed row: A's k values and h's r, each padded with zeros to whole tiles of depth.
+    let row_len = kp + extra_tiles * DEPTH;
     let mp = round_up(m, BLOCK);
     use rayon::prelude::*;
-    // A rounded to bf16, rows padded with zeros to kp and to a whole block. Not zero-filled
-    // first: each row is written whole.
-    let mut ap: Vec<u16> = Vec::with_capacity(mp * kp);
-    ap.spare_capacity_mut()[..mp * kp]
-        .par_chunks_mut(kp * BLOCK)
+    // A rounded to bf16, rows padded to a whole block. Not zero-filled first: each row is
+    // written whole.
+    let mut ap: Vec<u16> = Vec::with_capacity(mp * row_len);
+    ap.spare_capacity_mut()[..mp * row_len]
+        .par_chunks_mut(row_len * BLOCK)
         .enumerate()
         .for_each(|(blk, rows)| {
-            for (r, dst) in rows.chunks_mut(kp).enumerate() {
-                let i = blk * BLOCK + r;
+            for (row, dst) in rows.chunks_mut(row_len).enumerate() {
+                let i = blk * BLOCK + row;
                 // SAFETY: MaybeUninit<u16> has u16's layout; every element of the row is
-                // written below (its k values, then its padding) before anything reads it.
+                // written below (its values, then its padding) before anything reads it.
                 let dst: &mut [u16] =
                     unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), dst.len()) };
-                if i < m {
-                    round_row(&a[i * lda..i * lda + k], &mut dst[..k]);
-                    dst[k..].fill(0);
-                } else {
+                if i >= m {
                     dst.fill(0);
+                    continue;
+                }
+                let (main, low) = dst.split_at_mut(kp);
+                round_row(&a[i * lda..i * lda + k], &mut main[..k]);
+                main[k..].fill(0);
+                if let Some(LowRank { h, .. }) = low_rank {
+                    round_row(&h[i * r..(i + 1) * r], &mut low[..r]);
+                    low[r..].fill(0);
                 }
             }
         });
-    // SAFETY: all mp·kp elements were written above.
-    unsafe { ap.set_len(mp * kp) };
+    // SAFETY: all mp·row_len elements were written above.
+    unsafe { ap.set_len(mp * row_len) };
     let (m_blocks, n_blocks) = (mp / BLOCK, b.n_tiles / 2);
     let blocks = m_blocks * n_blocks;
     let threads = rayon::current_num_threads().max(1).min(blocks);
@@ -217,18 +221,23 @@ unsafe fn matmul_raw(
             .collect();
         mine.sort_unstable_by_key(|&(mb, nb)| (nb / panel, mb, nb));
         for (mb, nb) in mine {
-            let a0 = &ap[mb * BLOCK * kp..];
-            let b0 = &b.data[2 * nb * b.k_tiles * DEPTH * TILE..];
+            let a0 = &ap[mb * BLOCK * row_len..];
+            let depth = Depth {
+                b: &b.data[2 * nb * b.k_tiles * DEPTH * TILE..],
+                k_tiles: b.k_tiles,
+                extra: &extra[(2 * nb * extra_tiles * DEPTH * TILE).min(extra.len())..],
+                extra_tiles,
+            };
             let (i0, j0) = (mb * BLOCK, nb * BLOCK);
             let (rows, cols) = (BLOCK.min(m - i0), BLOCK.min(n - j0));
             if rows == BLOCK && cols == BLOCK {
                 // A whole block: the tiles store straight into C.
-                // SAFETY: `a0` holds 32 rows of `kp`, `b0` two n-tiles of `k_tiles` tiles
+                // SAFETY: `a0` holds 32 rows of `row_len`, the depth two n-tiles of its tiles
                 // each; the block lies within C, and blocks are disjoint.
-                unsafe { kernel::block(a0, kp, b0, b.k_tiles, c_ptr.0.add(i0 * ldc + j0), ldc) };
+                unsafe { kernel::block(a0, row_len, &depth, c_ptr.0.add(i0 * ldc + j0), ldc) };
             } else {
                 // SAFETY: as above, into the 32 × 32 scratch.
-                unsafe { kernel::block(a0, kp, b0, b.k_tiles, scratch.as_mut_ptr(), BLOCK) };
+                unsafe { kernel::block(a0, row_len, &depth, scratch.as_mut_ptr(), BLOCK) };
                 for r in 0..rows {
                     // SAFETY: the block's rows and columns within C; blocks are disjoint.
                     unsafe {
@@ -239,17 +248,6 @@ unsafe fn matmul_raw(
                         )
                     };
                 }
-            }
-            if let Some(epilogue) = epilogue {
-                let mut block = BlockMut {
-                    // SAFETY: the block's first element, within C (written above).
-                    ptr: unsafe { c_ptr.0.add(i0 * ldc + j0) },
-                    ld: ldc,
-                    rows,
-                    cols,
-                    _c: std::marker::PhantomData,
-                };
-                epilogue(i0, j0, &mut block);
             }
         }
     });
@@ -300,6 +298,16 @@ fn pack_column(
 }
 }
 
+/// The depth a block of C sums over: `k_tiles` tiles of B (two n-tiles, `[n-tile][k-tile]`
+/// as packed) and `extra_tiles` of a low-rank term's S (none: empty).
+#[derive(Clone, Copy)]
+struct Depth<'a> {
+    b: &'a [u16],
+    k_tiles: usize,
+    extra: &'a [u16],
+    extra_tiles: usize,
+}
+
 struct SendPtr(*mut f32);
 // SAFETY: each task writes its own blocks of C.
 unsafe impl Sync for SendPtr {}
@@ -321,7 +329,7 @@ pub fn round_to_bf16(x: f32) -> f32 {
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod kernel {
-    use super::{BLOCK, DEPTH, TILE};
+    use super::{Depth, BLOCK, DEPTH, TILE};
 
     /// Asks Linux for the AMX tile data state for this process.
     pub(super) fn request_tiles() -> bool {
@@ -366,31 +374,34 @@ mod kernel {
         unsafe { core::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack)) };
     }
 
-    /// One 32 × 32 block of C into `c` (row stride `ldc` floats): `a` 32 packed rows of `kp`
-    /// bf16, `b` two n-tiles of `k_tiles` B tiles each.
+    /// One 32 × 32 block of C into `c` (row stride `ldc` floats): `a` 32 packed rows of
+    /// `row_len` bf16 (B's depth, then the low-rank term's), summed against `depth`.
     ///
     /// # Safety
     /// `configure` ran on this thread; the slices hold what is described; `c` is valid for
     /// writes of 32 rows of 32 floats at stride `ldc`.
-    pub(super) unsafe fn block(
-        a: &[u16],
-        kp: usize,
-        b: &[u16],
-        k_tiles: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        debug_assert!(a.len() >= BLOCK * kp && b.len() >= 2 * k_tiles * DEPTH * TILE);
+    pub(super) unsafe fn block(a: &[u16], row_len: usize, depth: &Depth, c: *mut f32, ldc: usize) {
+        let Depth {
+            b,
+            k_tiles,
+            extra,
+            extra_tiles,
+        } = *depth;
+        let n_tile = |tiles: usize| tiles * DEPTH * TILE;
+        debug_assert!(a.len() >= BLOCK * row_len && row_len >= (k_tiles + extra_tiles) * DEPTH);
+        debug_assert!(b.len() >= 2 * n_tile(k_tiles) && extra.len() >= 2 * n_tile(extra_tiles));
         let a0 = a.as_ptr();
-        let a1 = unsafe { a0.add(TILE * kp) };
-        let b0 = b.as_ptr();
-        let b1 = unsafe { b0.add(k_tiles * DEPTH * TILE) };
+        let a1 = unsafe { a0.add(TILE * row_len) };
+        // Each loop runs over one B: two n-tiles `n_tile` elements apart, a tile of depth
+        // (1 KiB) per step; A's two row tiles run on through both.
         unsafe {
             core::arch::asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
                 "tilezero tmm2",
                 "tilezero tmm3",
+                "test {n}, {n}",
+                "jz 5f",
                 "2:",
                 "tileloadd tmm4, [{a0} + {sa}*1]",
                 "tileloadd tmm6, [{b0} + {sb}*1]",
@@ -406,21 +417,49 @@ mod kernel {
                 "add {b1}, 1024",
                 "dec {n}",
                 "jnz 2b",
+                "5:",
+                // The low-rank term's depth, if any, from the second B.
+                "test {e}, {e}",
+                "jz 4f",
+                "mov {b0}, {e0}",
+                "mov {b1}, {e1}",
+                "3:",
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b0}, 1024",
+                "add {b1}, 1024",
+                "dec {e}",
+                "jnz 3b",
+                "4:",
+                // C's four tiles: (0, 0), (0, 16), (16, 0), (16, 16).
                 "tilestored [{c} + {sc}*1], tmm0",
-                "tilestored [{c1} + {sc}*1], tmm1",
-                "tilestored [{c2} + {sc}*1], tmm2",
-                "tilestored [{c3} + {sc}*1], tmm3",
+                "lea {a0}, [{c} + 64]",
+                "tilestored [{a0} + {sc}*1], tmm1",
+                "mov {a1}, {sc}",
+                "shl {a1}, 4",
+                "add {a1}, {c}",
+                "tilestored [{a1} + {sc}*1], tmm2",
+                "add {a1}, 64",
+                "tilestored [{a1} + {sc}*1], tmm3",
                 a0 = inout(reg) a0 => _,
                 a1 = inout(reg) a1 => _,
-                b0 = inout(reg) b0 => _,
-                b1 = inout(reg) b1 => _,
+                b0 = inout(reg) b.as_ptr() => _,
+                b1 = inout(reg) b.as_ptr().add(n_tile(k_tiles)) => _,
                 n = inout(reg) k_tiles => _,
-                sa = in(reg) kp * 2,
+                e = inout(reg) extra_tiles => _,
+                e0 = in(reg) extra.as_ptr(),
+                e1 = in(reg) extra.as_ptr().wrapping_add(n_tile(extra_tiles)),
+                sa = in(reg) row_len * 2,
                 sb = in(reg) 64usize,
                 c = in(reg) c,
-                c1 = in(reg) c.add(TILE),
-                c2 = in(reg) c.add(TILE * ldc),
-                c3 = in(reg) c.add(TILE * ldc + TILE),
                 sc = in(reg) ldc * 4,
                 options(nostack)
             );
@@ -436,7 +475,7 @@ mod kernel {
 
     pub(super) fn configure() {}
 
-    pub(super) unsafe fn block(_: &[u16], _: usize, _: &[u16], _: usize, _: *mut f32, _: usize) {
+    pub(super) unsafe fn block(_: &[u16], _: usize, _: &super::Depth, _: *mut f32, _: usize) {
         unreachable!("AMX tiles are x86-64 Linux only")
     }
 }

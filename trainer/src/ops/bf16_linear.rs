@@ -72,7 +72,7 @@ impl Bf16Weight {
     }
 
     /// `x · Wᵀ + h · s` for `h (tokens, r)` and `s (r, out)` row-major (a LoRA layer's
-    /// low-rank term), added to each block of the product as it is stored.
+    /// low-rank term), summed on the tiles with the product (see [`product_plus`]).
     pub fn forward_plus(&self, x: &Tensor, h: &[f32], s: &[f32]) -> Result<Tensor> {
         product_plus(x, &self.forward, h, s)
     }
@@ -83,17 +83,16 @@ impl Bf16Weight {
     }
 }
 
-/// `x · B + h · s` with the low-rank term added in the product's epilogue.
+/// `x · B + h · s`, the low-rank term summed in the same tiles as more depth (`h` and `s`
+/// rounded to bf16 too, as PEFT's adapters compute under autocast; the sum stays f32).
 fn product_plus(x: &Tensor, b: &PackedB, h: &[f32], s: &[f32]) -> Result<Tensor> {
     let n = b.dims().1;
     let r = s.len() / n.max(1);
     if r * n != s.len() || h.len() != x.elem_count() / b.dims().0.max(1) * r {
         candle_core::bail!("bf16 product: the low-rank term does not fit the product");
     }
-    let add = move |i: usize, j: usize, block: &mut amx_bf16::BlockMut| {
-        super::low_rank::add_outer_block(block, i, j, h, s, n)
-    };
-    product_with(x, b, Some(&add))
+    let s = PackedB::new(s, r, n, n, 1);
+    product_with(x, b, Some(amx_bf16::LowRank { h, s: &s }))
 }
 
 /// `x (..., k) · B → (..., n)` as a value (no graph).
@@ -101,8 +100,8 @@ fn product(x: &Tensor, b: &PackedB) -> Result<Tensor> {
     product_with(x, b, None)
 }
 
-/// [`product`] with an epilogue on each stored span.
-fn product_with(x: &Tensor, b: &PackedB, epilogue: Option<amx_bf16::Epilogue>) -> Result<Tensor> {
+/// [`product`] plus a low-rank term.
+fn product_with(x: &Tensor, b: &PackedB, low_rank: Option<amx_bf16::LowRank>) -> Result<Tensor> {
     let (k, n) = b.dims();
     let x = x.detach().contiguous()?;
     let mut dims = x.dims().to_vec();
@@ -111,7 +110,7 @@ fn product_with(x: &Tensor, b: &PackedB, epilogue: Option<amx_bf16::Epilogue>) -
         candle_core::bail!("bf16 product: input has {last} features, the weight {k}");
     }
     let m: usize = dims.iter().product();
-    let c = with_f32(&x, |a| amx_bf16::matmul_new_then(a, m, k, b, epilogue))?;
+    let c = with_f32(&x, |a| amx_bf16::matmul_new_plus(a, m, k, b, low_rank))?;
     dims.push(n);
     Tensor::from_vec(c, dims, &Device::Cpu)
 }
@@ -139,8 +138,9 @@ mod tests {
         Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
     }
 
-    /// The low-rank term added in the products' epilogue equals the product plus `h · s`
-    /// added afterwards, on shapes with partial blocks in both directions.
+    /// The low-rank term summed on the tiles equals the product plus `h · s` of the rounded
+    /// operands added afterwards, on shapes with partial blocks in both directions and ranks
+    /// below, at and above one tile's depth.
     #[test]
     fn products_plus_a_low_rank_term() {
         if !amx_bf16::available() {
@@ -158,29 +158,33 @@ mod tests {
                 .sin()
                 .unwrap()
         };
-        let (n, inp, out, r) = (37, 40, 50, 3);
+        let (n, inp, out) = (37, 40, 50);
         let (x, w, g) = (
             wave(n, inp, 0.013),
             wave(out, inp, 0.07),
             wave(n, out, 0.029),
         );
         let packed = Bf16Weight::new(&w).unwrap();
-        let (h, s_out, s_in) = (wave(n, r, 0.31), wave(r, out, 0.17), wave(r, inp, 0.23));
         let v = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-        let cases = [
-            (
-                packed.forward_plus(&x, &v(&h), &v(&s_out)).unwrap(),
-                (packed.forward(&x).unwrap() + h.matmul(&s_out).unwrap()).unwrap(),
-            ),
-            (
-                packed.input_grad_plus(&g, &v(&h), &v(&s_in)).unwrap(),
-                (packed.input_grad(&g).unwrap() + h.matmul(&s_in).unwrap()).unwrap(),
-            ),
-        ];
-        for (got, want) in cases {
-            let d = max_diff(&got, &want);
-            assert!(d < 1e-5, "differs by {d}");
+        for r in [3, 32, 40] {
+            let (h, s_out, s_in) = (wave(n, r, 0.31), wave(r, out, 0.17), wave(r, inp, 0.23));
+            let term = |s: &Tensor| rounded(&h).matmul(&rounded(s)).unwrap();
+            let cases = [
+                (
+                    packed.forward_plus(&x, &v(&h), &v(&s_out)).unwrap(),
+                    (packed.forward(&x).unwrap() + term(&s_out)).unwrap(),
+                ),
+                (
+                    packed.input_grad_plus(&g, &v(&h), &v(&s_in)).unwrap(),
+                    (packed.input_grad(&g).unwrap() + term(&s_in)).unwrap(),
+                ),
+            ];
+            for (got, want) in cases {
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-5, "rank {r}: differs by {d}");
+            }
         }
+        let (h, s_in) = (wave(n, 3, 0.31), wave(3, inp, 0.23));
         // A term that does not fit is refused.
         assert!(packed.forward_plus(&x, &v(&h), &v(&s_in)).is_err());
     }

@@ -7,8 +7,8 @@
 //!
 //! - [`project`]: `x · sᵀ` for `s (r, k)`: `(n, r)` (`x·Aᵀ`, `g·B`),
 //! - [`gather`]: `hᵀ · x` for `h (n, r)`: `(r, k)` (`dA`, `dBᵀ`),
-//! - [`add_outer`]: `y += h · s` in place (the low-rank term added to a dense frozen product);
-//!   [`add_outer_block`] adds it to each block of an AMX product as the block is stored.
+//! - [`add_outer`]: `y += h · s` in place (the low-rank term added to a dense frozen product;
+//!   an AMX product sums it on its tiles instead, see [`super::amx_bf16::LowRank`]).
 //!
 //! Each reads its large operand once, keeps the rank-sized side in registers or L1, splits
 //! the rows (or columns) over rayon's threads, and is compiled for AVX-512 and AVX2
@@ -183,41 +183,15 @@ pub fn gather(x: &[f32], k: usize, h: &[f32], r: usize) -> Vec<f32> {
 }
 
 simd_kernel! {
-/// `y += h · s[.., j0 .. j0 + y.len()]` for one row: `y`, `h (r)`, `s (r, ld)` row-major.
-pub(super) fn add_outer_span(y: &mut [f32], h: &[f32], s: &[f32], ld: usize, j0: usize) {
-    span_body(y, h, s, ld, j0);
-}
-}
-
-simd_kernel! {
-/// [`add_outer_span`] for each row of a block of an AMX product starting at row `i0`, column
-/// `j0`: `h (tokens, r)` and `s (r, ld)` row-major (the epilogue of the frozen product).
-pub(super) fn add_outer_block(
-    block: &mut super::amx_bf16::BlockMut,
-    i0: usize,
-    j0: usize,
-    h: &[f32],
-    s: &[f32],
-    ld: usize,
-) {
-    let r = s.len() / ld.max(1);
-    for row in 0..block.rows {
-        let i = i0 + row;
-        span_body(block.row(row), &h[i * r..(i + 1) * r], s, ld, j0);
-    }
-}
-}
-
-/// The body of [`add_outer_span`], inlined into each compiled copy of its callers.
-#[inline(always)]
-fn span_body(y: &mut [f32], h: &[f32], s: &[f32], ld: usize, j0: usize) {
+/// `y += h · s` for one row: `y (m)`, `h (r)`, `s (r, m)` row-major.
+fn add_outer_row(y: &mut [f32], h: &[f32], s: &[f32]) {
     let m = y.len();
     let (yc, yt) = y.as_chunks_mut::<LANES>();
     let whole = yc.len() * LANES;
     for (ci, yv) in yc.iter_mut().enumerate() {
         let mut acc = *yv;
         for (j, &hv) in h.iter().enumerate() {
-            let sv: &[f32; LANES] = s[j * ld + j0 + ci * LANES..][..LANES]
+            let sv: &[f32; LANES] = s[j * m + ci * LANES..][..LANES]
                 .try_into()
                 .expect("a strip");
             axpy(&mut acc, hv, sv);
@@ -226,9 +200,10 @@ fn span_body(y: &mut [f32], h: &[f32], s: &[f32], ld: usize, j0: usize) {
     }
     for (c, yv) in (whole..m).zip(yt) {
         for (j, &hv) in h.iter().enumerate() {
-            *yv = hv.mul_add(s[j * ld + j0 + c], *yv);
+            *yv = hv.mul_add(s[j * m + c], *yv);
         }
     }
+}
 }
 
 /// `y += h · s` in place for `y (n, m)`, `h (n, r)` and `s (r, m)` row-major.
@@ -241,7 +216,7 @@ pub fn add_outer(y: &mut [f32], m: usize, h: &[f32], s: &[f32]) {
         .zip(h.par_chunks(r * ROWS_PER_TASK))
         .for_each(|(ys, hs)| {
             for (yrow, hrow) in ys.chunks_exact_mut(m).zip(hs.chunks_exact(r)) {
-                add_outer_span(yrow, hrow, s, m, 0);
+                add_outer_row(yrow, hrow, s);
             }
         });
 }
@@ -338,21 +313,6 @@ mod tests {
             let want = reference(&transpose(&h, n, r), &x, r, n, k);
             close(&gather(&x, k, &h, r), &want);
         }
-    }
-
-    /// Spans of a row (as an AMX block's epilogue adds them) give the whole row's sum.
-    #[test]
-    fn spans_add_what_the_row_adds() {
-        let (m, r) = (75, 5);
-        let (y0, h, s) = (wave(m, 0.3), wave(r, 0.7), wave(r * m, 1.9));
-        let mut whole = y0.clone();
-        add_outer(&mut whole, m, &h, &s);
-        let mut spans = y0.clone();
-        for j0 in (0..m).step_by(32) {
-            let end = (j0 + 32).min(m);
-            add_outer_span(&mut spans[j0..end], &h, &s, m, j0);
-        }
-        assert_eq!(spans, whole);
     }
 
     #[test]
