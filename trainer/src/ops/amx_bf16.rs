@@ -111,10 +111,23 @@ pub fn matmul(a: &[f32], m: usize, lda: usize, b: &PackedB, c: &mut [f32], ldc: 
 
 /// A low-rank term `h · S` for a product `A · B (k, n)`: `h (m, r)` row-major f32, rounded to
 /// bf16 as it is packed, and `S (r, n)` packed. The tiles sum it as `r` more steps of depth.
-#[derive(Clone, Copy)]
 pub struct LowRank<'a> {
-    pub h: &'a [f32],
+    pub h: Rows<'a>,
     pub s: &'a PackedB,
+}
+
+/// Where a [`LowRank`] term's `h (m, r)` comes from.
+pub enum Rows<'a> {
+    /// Given, row-major.
+    Given(&'a [f32]),
+    /// `h = scale · A · pᵀ` for `p (r, k)` row-major, made as A's rows are packed (each row
+    /// read once for both) and written to `out (m, r)`: LoRA's `s·x·Aᵀ` in the forward and
+    /// `s·g·B` in the backward.
+    Projected {
+        p: &'a [f32],
+        scale: f32,
+        out: &'a mut [f32],
+    },
 }
 
 /// `bf16(a (m, k, row stride lda)) · b` as a new row-major `(m, n)` buffer (not zero-filled
@@ -156,17 +169,30 @@ unsafe fn matmul_raw(
     let (k, n) = (b.k, b.n);
     assert!(available(), "AMX-BF16 tiles are not available");
     assert!(m == 0 || a.len() >= (m - 1) * lda + k);
-    // The low-rank term's rank, its depth in tiles and its packed S.
-    let (r, extra_tiles, extra) = match low_rank {
-        Some(LowRank { h, s }) => {
-            assert!(
-                s.n == n && h.len() >= m * s.k,
-                "low-rank term does not fit the product"
-            );
+    // The low-rank term's rank, its depth in tiles, its packed S and its rows: read from
+    // `given`, or projected into `made` (each packing task writes its own rows).
+    let (r, extra_tiles, extra) = match low_rank.as_ref().map(|t| t.s) {
+        Some(s) => {
+            assert!(s.n == n, "low-rank term does not fit the product");
             (s.k, s.k_tiles, &s.data[..])
         }
         None => (0, 0, &[][..]),
     };
+    let (given, projection, made) = match low_rank.map(|t| t.h) {
+        Some(Rows::Given(h)) => (Some(h), None, SendPtr(std::ptr::null_mut())),
+        Some(Rows::Projected { p, scale, out }) => {
+            assert!(
+                p.len() == r * k && out.len() >= m * r,
+                "projection does not fit"
+            );
+            (None, Some((p, scale)), SendPtr(out.as_mut_ptr()))
+        }
+        None => (None, None, SendPtr(std::ptr::null_mut())),
+    };
+    assert!(
+        given.is_none_or(|h| h.len() >= m * r),
+        "low-rank term does not fit the product"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -193,12 +219,21 @@ unsafe fn matmul_raw(
                     continue;
                 }
                 let (main, low) = dst.split_at_mut(kp);
-                round_row(&a[i * lda..i * lda + k], &mut main[..k]);
+                let row = &a[i * lda..i * lda + k];
+                round_row(row, &mut main[..k]);
                 main[k..].fill(0);
-                if let Some(LowRank { h, .. }) = low_rank {
-                    round_row(&h[i * r..(i + 1) * r], &mut low[..r]);
-                    low[r..].fill(0);
-                }
+                let h_row: &[f32] = match (given, projection) {
+                    (Some(h), _) => &h[i * r..(i + 1) * r],
+                    (None, Some((p, scale))) => {
+                        // SAFETY: `made` holds m rows of r (checked); row i is this task's.
+                        let out = unsafe { std::slice::from_raw_parts_mut(made.at(i * r), r) };
+                        super::low_rank::project_row(out, row, p, scale);
+                        out
+                    }
+                    (None, None) => continue,
+                };
+                round_row(h_row, &mut low[..r]);
+                low[r..].fill(0);
             }
         });
     // SAFETY: all mp·row_len elements were written above.
@@ -309,6 +344,13 @@ struct Depth<'a> {
 }
 
 struct SendPtr(*mut f32);
+
+impl SendPtr {
+    /// The element `i` places on (a method, so closures capture the whole `SendPtr`).
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
 // SAFETY: each task writes its own blocks of C.
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}

@@ -77,10 +77,54 @@ impl Bf16Weight {
         product_plus(x, &self.forward, h, s)
     }
 
-    /// `g · W + h · s` for `h (tokens, r)` and `s (r, in)`, as [`Self::forward_plus`].
-    pub fn input_grad_plus(&self, g: &Tensor, h: &[f32], s: &[f32]) -> Result<Tensor> {
-        product_plus(g, &self.input_grad, h, s)
+    /// `(x · Wᵀ + h · s, h)` for `h = scale · x · pᵀ`, `p (r, in)`, `s (r, out)`: the rows of
+    /// `h` are projected as `x` is packed, one read of `x` for both.
+    pub fn forward_projected(
+        &self,
+        x: &Tensor,
+        p: &[f32],
+        scale: f32,
+        s: &[f32],
+    ) -> Result<(Tensor, Vec<f32>)> {
+        product_projected(x, &self.forward, p, scale, s)
     }
+
+    /// `(g · W + h · s, h)` for `h = scale · g · pᵀ`, `p (r, out)`, `s (r, in)`, as
+    /// [`Self::forward_projected`].
+    pub fn input_grad_projected(
+        &self,
+        g: &Tensor,
+        p: &[f32],
+        scale: f32,
+        s: &[f32],
+    ) -> Result<(Tensor, Vec<f32>)> {
+        product_projected(g, &self.input_grad, p, scale, s)
+    }
+}
+
+/// `(x · B + h · s, h)` for `h = scale · x · pᵀ`, `p (r, k)`, `s (r, n)`: `h` projected as `x`
+/// is packed, then summed on the tiles as in [`product_plus`].
+fn product_projected(
+    x: &Tensor,
+    b: &PackedB,
+    p: &[f32],
+    scale: f32,
+    s: &[f32],
+) -> Result<(Tensor, Vec<f32>)> {
+    let (k, n) = b.dims();
+    let r = s.len() / n.max(1);
+    if r * n != s.len() || p.len() != r * k {
+        candle_core::bail!("bf16 product: the low-rank term does not fit the product");
+    }
+    let mut h = vec![0f32; x.elem_count() / k.max(1) * r];
+    let s = PackedB::new(s, r, n, n, 1);
+    let rows = amx_bf16::Rows::Projected {
+        p,
+        scale,
+        out: &mut h,
+    };
+    let y = product_with(x, b, Some(amx_bf16::LowRank { h: rows, s: &s }))?;
+    Ok((y, h))
 }
 
 /// `x · B + h · s`, the low-rank term summed in the same tiles as more depth (`h` and `s`
@@ -92,6 +136,7 @@ fn product_plus(x: &Tensor, b: &PackedB, h: &[f32], s: &[f32]) -> Result<Tensor>
         candle_core::bail!("bf16 product: the low-rank term does not fit the product");
     }
     let s = PackedB::new(s, r, n, n, 1);
+    let h = amx_bf16::Rows::Given(h);
     product_with(x, b, Some(amx_bf16::LowRank { h, s: &s }))
 }
 
@@ -169,19 +214,39 @@ mod tests {
         for r in [3, 32, 40] {
             let (h, s_out, s_in) = (wave(n, r, 0.31), wave(r, out, 0.17), wave(r, inp, 0.23));
             let term = |s: &Tensor| rounded(&h).matmul(&rounded(s)).unwrap();
-            let cases = [
+            let got = packed.forward_plus(&x, &v(&h), &v(&s_out)).unwrap();
+            let want = (packed.forward(&x).unwrap() + term(&s_out)).unwrap();
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-5, "rank {r}: differs by {d}");
+            // The rows projected as the input is packed: `h = 0.5 · x · pᵀ` in f32, and the
+            // product plus that `h`'s term.
+            let (p_in, p_out) = (wave(r, inp, 0.41), wave(r, out, 0.37));
+            let projected = [
                 (
-                    packed.forward_plus(&x, &v(&h), &v(&s_out)).unwrap(),
-                    (packed.forward(&x).unwrap() + term(&s_out)).unwrap(),
+                    packed.forward_projected(&x, &v(&p_in), 0.5, &v(&s_out)),
+                    &x,
+                    &p_in,
+                    &s_out,
                 ),
                 (
-                    packed.input_grad_plus(&g, &v(&h), &v(&s_in)).unwrap(),
-                    (packed.input_grad(&g).unwrap() + term(&s_in)).unwrap(),
+                    packed.input_grad_projected(&g, &v(&p_out), 0.5, &v(&s_in)),
+                    &g,
+                    &p_out,
+                    &s_in,
                 ),
             ];
-            for (got, want) in cases {
-                let d = max_diff(&got, &want);
-                assert!(d < 1e-5, "rank {r}: differs by {d}");
+            for (i, (got, input, p, s)) in projected.into_iter().enumerate() {
+                let (y, h) = got.unwrap();
+                let want_h = (input.matmul(&p.t().unwrap()).unwrap() * 0.5).unwrap();
+                let h = Tensor::from_vec(h, (n, r), &dev).unwrap();
+                assert!(max_diff(&h, &want_h) < 1e-5, "rank {r}: h differs");
+                let frozen = match i {
+                    0 => packed.forward(input).unwrap(),
+                    _ => packed.input_grad(input).unwrap(),
+                };
+                let want = (frozen + rounded(&h).matmul(&rounded(s)).unwrap()).unwrap();
+                let d = max_diff(&y, &want);
+                assert!(d < 1e-5, "rank {r}, projected: differs by {d}");
             }
         }
         let (h, s_in) = (wave(n, 3, 0.31), wave(3, inp, 0.23));

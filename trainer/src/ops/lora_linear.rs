@@ -52,11 +52,38 @@ impl Frozen {
         }
     }
 
-    /// `g · W + h · s` as a value, as [`Self::product_plus`].
-    fn input_grad_plus(&self, g: &Tensor, h: &[f32], s: &[f32]) -> Result<Tensor> {
+    /// `(x · Wᵀ + h · s, h)` for `h = scale · x · pᵀ`, `p (r, in)` and `s (r, out)`: with a
+    /// packed weight the rows of `h` are made as `x` is packed (one read of `x`).
+    fn product_projected(
+        &self,
+        x: &Tensor,
+        p: &[f32],
+        scale: f32,
+        s: &[f32],
+    ) -> Result<(Tensor, Vec<f32>)> {
         match self {
-            Frozen::Dense(_) => add_in_place(self.input_grad(g)?, h, s),
-            Frozen::Bf16(w) => w.input_grad_plus(g, h, s),
+            Frozen::Dense(_) => {
+                let h = projected_rows(x, p, scale)?;
+                Ok((add_in_place(self.product(x)?, &h, s)?, h))
+            }
+            Frozen::Bf16(w) => w.forward_projected(x, p, scale, s),
+        }
+    }
+
+    /// `(g · W + h · s, h)` for `h = scale · g · pᵀ`, as [`Self::product_projected`].
+    fn input_grad_projected(
+        &self,
+        g: &Tensor,
+        p: &[f32],
+        scale: f32,
+        s: &[f32],
+    ) -> Result<(Tensor, Vec<f32>)> {
+        match self {
+            Frozen::Dense(_) => {
+                let h = projected_rows(g, p, scale)?;
+                Ok((add_in_place(self.input_grad(g)?, &h, s)?, h))
+            }
+            Frozen::Bf16(w) => w.input_grad_projected(g, p, scale, s),
         }
     }
 }
@@ -102,13 +129,17 @@ impl LoraLinear {
         let out = g.dim(1)?;
         let xm = xm.contiguous()?;
         let a = a.contiguous()?;
-        let gb = projected(g, &b.t()?, self.scale)?;
-        let dx = match &self.mask {
-            None => with_f32(&a, |as_| self.w.input_grad_plus(g, &gb, as_))??,
+        let bt = b.t()?.contiguous()?;
+        let scale = self.scale as f32;
+        let (dx, gb) = match &self.mask {
+            None => with_f32(&bt, |p| {
+                with_f32(&a, |s| self.w.input_grad_projected(g, p, scale, s))
+            })???,
             Some(m) => {
+                let gb = projected(g, &bt, self.scale)?;
                 let n = gb.len() / r.max(1);
-                let gb = Tensor::from_slice(&gb, (n, r), g.device())?;
-                (self.w.input_grad(g)? + (gb.matmul(&a)? * m)?)?
+                let gbt = Tensor::from_slice(&gb, (n, r), g.device())?;
+                ((self.w.input_grad(g)? + (gbt.matmul(&a)? * m)?)?, gb)
             }
         };
         let da = with_f32(&xm, |xs| low_rank::gather(xs, inp, &gb, r))?;
@@ -129,27 +160,42 @@ fn low_rank_kernels(x: &Tensor, a: &Tensor) -> bool {
 
 /// `scale · x · sᵀ` for `x (tokens, k)` and `s (r, k)`: `(tokens, r)`, row-major.
 fn projected(x: &Tensor, s: &Tensor, scale: f64) -> Result<Vec<f32>> {
-    let k = s.dim(1)?;
-    let (x, s) = (x.contiguous()?, s.contiguous()?);
-    with_f32(&x, |xs| {
-        with_f32(&s, |ss| low_rank::project(xs, k, ss, scale as f32))
-    })?
+    let s = s.contiguous()?;
+    with_f32(&s, |ss| projected_rows(x, ss, scale as f32))?
+}
+
+/// [`projected`] for `s` as a slice.
+fn projected_rows(x: &Tensor, s: &[f32], scale: f32) -> Result<Vec<f32>> {
+    let x = x.contiguous()?;
+    let k = x.dims().last().copied().unwrap_or(0);
+    with_f32(&x, |xs| low_rank::project(xs, k, s, scale))
 }
 
 /// `x·Wᵀ + s·((m ⊙ x)·Aᵀ)·Bᵀ` with the low-rank kernels: the rank-r term is added into the
-/// frozen product in place; also returns `h = s·(m ⊙ x)·Aᵀ`.
+/// frozen product (on a packed weight's tiles, projected as `x` is packed, when no dropout
+/// mask makes `m ⊙ x` another input); also returns `h = s·(m ⊙ x)·Aᵀ`.
 fn forward_f32(
     w: &Frozen,
     x: &Tensor,
-    xm: &Tensor,
+    xm: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, Vec<f32>)> {
-    let h = projected(xm, a, scale)?;
     let bt = b.t()?.contiguous()?;
-    let y = with_f32(&bt, |s| w.product_plus(x, &h, s))??;
-    Ok((y, h))
+    match xm {
+        None => {
+            let a = a.contiguous()?;
+            with_f32(&a, |p| {
+                with_f32(&bt, |s| w.product_projected(x, p, scale as f32, s))
+            })??
+        }
+        Some(xm) => {
+            let h = projected(xm, a, scale)?;
+            let y = with_f32(&bt, |s| w.product_plus(x, &h, s))??;
+            Ok((y, h))
+        }
+    }
 }
 
 impl CustomOp3 for LoraLinear {
@@ -216,11 +262,8 @@ pub fn lora_linear(
     }
     let (y, h) = if low_rank_kernels(x, a) {
         let xd = x.detach();
-        let xm = match &mask {
-            Some(m) => (&xd * m)?,
-            None => xd.clone(),
-        };
-        let (y, h) = forward_f32(&w, &xd, &xm, &a.detach(), &b.detach(), scale)?;
+        let xm = mask.as_ref().map(|m| &xd * m).transpose()?;
+        let (y, h) = forward_f32(&w, &xd, xm.as_ref(), &a.detach(), &b.detach(), scale)?;
         (y, Some(h))
     } else {
         (composed(&x.detach())?.detach(), None)

@@ -26,11 +26,6 @@ const WIDE: usize = 8;
 /// Rows per parallel task: enough work to outweigh a hand-off.
 const ROWS_PER_TASK: usize = 32;
 
-/// How many rows ahead [`gather`] asks for the strip it will read: its rows lie a row's
-/// stride apart, farther than the hardware prefetcher looks, so each would otherwise wait for
-/// memory.
-const PREFETCH_ROWS: usize = 8;
-
 /// Asks for the cache line holding `x[at]` (nothing past the end).
 #[inline(always)]
 fn prefetch(x: &[f32], at: usize) {
@@ -112,71 +107,130 @@ pub fn project(x: &[f32], k: usize, s: &[f32], scale: f32) -> Vec<f32> {
         .zip(x.par_chunks(k * ROWS_PER_TASK))
         .for_each(|(o, xs)| {
             for (orow, xrow) in o.chunks_exact_mut(r).zip(xs.chunks_exact(k)) {
-                row_dots(orow, xrow, s);
-                if scale != 1.0 {
-                    orow.iter_mut().for_each(|v| *v *= scale);
-                }
+                project_row(orow, xrow, s, scale);
             }
         });
     out
 }
 
-simd_kernel! {
-/// Columns `c .. c + LANES` of `hᵀ · x` for `x (n, k)`, `h (n, r)`: `out (r, LANES)`.
-fn gather_strip(out: &mut [[f32; LANES]], x: &[f32], k: usize, c: usize, h: &[f32], r: usize) {
-    let n = h.len() / r;
-    let mut j = 0;
-    while j < r {
-        let g = (r - j).min(WIDE);
-        let mut acc = [[0f32; LANES]; WIDE];
-        let last = g - 1;
-        for i in 0..n {
-            prefetch(x, (i + PREFETCH_ROWS) * k + c);
-            let xc: &[f32; LANES] = x[i * k + c..][..LANES].try_into().expect("a strip");
-            let hs = &h[i * r + j..(i + 1) * r];
-            let hv: [f32; WIDE] = std::array::from_fn(|q| hs[q.min(last)]);
-            let [a0, a1, a2, a3, a4, a5, a6, a7] = &mut acc;
-            axpy(a0, hv[0], xc);
-            axpy(a1, hv[1], xc);
-            axpy(a2, hv[2], xc);
-            axpy(a3, hv[3], xc);
-            axpy(a4, hv[4], xc);
-            axpy(a5, hv[5], xc);
-            axpy(a6, hv[6], xc);
-            axpy(a7, hv[7], xc);
+/// One row of [`project`]: `out (r) = scale · x · sᵀ` for `x (k)` and `s (r, k)`.
+pub(super) fn project_row(out: &mut [f32], x: &[f32], s: &[f32], scale: f32) {
+    row_dots(out, x, s);
+    if scale != 1.0 {
+        out.iter_mut().for_each(|v| *v *= scale);
+    }
+}
+
+/// Rows of `x` [`gather`] sums in registers before adding into its output: enough for the
+/// adds to vanish beside the products, few enough that a block's rows stay in L1.
+const GATHER_ROWS: usize = 32;
+
+/// Rows `i0 .. i1` of `x (·, k)`, columns `c0 + c ..` (`S` strips of `LANES`), against `h`'s
+/// columns `j .. j + g` (`g ≤ WIDE`), added into `out (r, w)` at column `c`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gather_block<const S: usize>(
+    out: &mut [f32],
+    w: usize,
+    x: &[f32],
+    k: usize,
+    (c0, c): (usize, usize),
+    h: &[f32],
+    r: usize,
+    (i0, i1): (usize, usize),
+    (j, g): (usize, usize),
+) {
+    // One array of WIDE accumulators per strip, named one by one: indexed in loops, LLVM
+    // vectorised across them with gathers instead of keeping each in a register.
+    let mut acc = [[[0f32; LANES]; WIDE]; 2];
+    for i in i0..i1 {
+        // The same columns a block of rows ahead: asked for now, there when that block runs.
+        let ahead = (i + GATHER_ROWS) * k + c0 + c;
+        for s in 0..S {
+            prefetch(x, ahead + s * LANES);
         }
-        out[j..j + g].copy_from_slice(&acc[..g]);
-        j += g;
+        let row = &x[i * k + c0 + c..][..S * LANES];
+        let hs = &h[i * r + j..i * r + j + g];
+        let hv: [f32; WIDE] = std::array::from_fn(|q| hs[q.min(g - 1)]);
+        for (s, strip) in acc.iter_mut().enumerate().take(S) {
+            let xv: &[f32; LANES] = row[s * LANES..][..LANES].try_into().expect("a strip");
+            let [a0, a1, a2, a3, a4, a5, a6, a7] = strip;
+            axpy(a0, hv[0], xv);
+            axpy(a1, hv[1], xv);
+            axpy(a2, hv[2], xv);
+            axpy(a3, hv[3], xv);
+            axpy(a4, hv[4], xv);
+            axpy(a5, hv[5], xv);
+            axpy(a6, hv[6], xv);
+            axpy(a7, hv[7], xv);
+        }
+    }
+    for (s, strip) in acc.iter().enumerate().take(S) {
+        for (q, v) in strip.iter().enumerate().take(g) {
+            let dst: &mut [f32; LANES] = (&mut out[(j + q) * w + c + s * LANES..][..LANES])
+                .try_into()
+                .expect("a strip");
+            for l in 0..LANES {
+                dst[l] += v[l];
+            }
+        }
+    }
+}
+
+simd_kernel! {
+/// Columns `c0 .. c0 + w` of `hᵀ · x` for `x (n, k)`, `h (n, r)`: `out (r, w)`, zeroed first.
+/// Blocks of rows, each swept along its rows two strips at a time (a few streams of adjacent
+/// lines the hardware prefetches, where a strip down all the rows waited on every line).
+fn gather_part(out: &mut [f32], w: usize, x: &[f32], k: usize, c0: usize, h: &[f32], r: usize) {
+    let n = h.len() / r;
+    for i0 in (0..n).step_by(GATHER_ROWS) {
+        let rows = (i0, (i0 + GATHER_ROWS).min(n));
+        for j in (0..r).step_by(WIDE) {
+            let cols = (j, (r - j).min(WIDE));
+            let mut c = 0;
+            while c + 2 * LANES <= w {
+                gather_block::<2>(out, w, x, k, (c0, c), h, r, rows, cols);
+                c += 2 * LANES;
+            }
+            if c + LANES <= w {
+                gather_block::<1>(out, w, x, k, (c0, c), h, r, rows, cols);
+                c += LANES;
+            }
+            for cc in c..w {
+                for i in rows.0..rows.1 {
+                    for jj in cols.0..cols.0 + cols.1 {
+                        out[jj * w + cc] = h[i * r + jj].mul_add(x[i * k + c0 + cc], out[jj * w + cc]);
+                    }
+                }
+            }
+        }
     }
 }
 }
 
-/// `hᵀ · x` for `x (n, k)` and `h (n, r)` row-major: `(r, k)`.
+/// `hᵀ · x` for `x (n, k)` and `h (n, r)` row-major: `(r, k)`. The columns are split between
+/// the threads (each sums over all the rows: no partial sums to add).
 pub fn gather(x: &[f32], k: usize, h: &[f32], r: usize) -> Vec<f32> {
     let mut out = vec![0f32; r * k];
     if r == 0 || k == 0 {
         return out;
     }
-    let n = h.len() / r;
-    let parts: Vec<(usize, Vec<[f32; LANES]>)> = (0..k / LANES)
+    let parts = (2 * rayon::current_num_threads()).clamp(1, k.div_ceil(2 * LANES));
+    let width = k.div_ceil(parts).div_ceil(2 * LANES) * 2 * LANES;
+    let sums: Vec<(usize, usize, Vec<f32>)> = (0..k)
+        .step_by(width)
+        .collect::<Vec<_>>()
         .into_par_iter()
-        .map(|s| {
-            let mut acc = vec![[0f32; LANES]; r];
-            gather_strip(&mut acc, x, k, s * LANES, h, r);
-            (s * LANES, acc)
+        .map(|c0| {
+            let w = width.min(k - c0);
+            let mut part = vec![0f32; r * w];
+            gather_part(&mut part, w, x, k, c0, h, r);
+            (c0, w, part)
         })
         .collect();
-    for (c, acc) in parts {
-        for (j, lanes) in acc.iter().enumerate() {
-            out[j * k + c..j * k + c + LANES].copy_from_slice(lanes);
-        }
-    }
-    // Columns past the last whole strip.
-    for c in k / LANES * LANES..k {
-        for i in 0..n {
-            for j in 0..r {
-                out[j * k + c] += h[i * r + j] * x[i * k + c];
-            }
+    for (c0, w, part) in sums {
+        for (dst, src) in out.chunks_exact_mut(k).zip(part.chunks_exact(w)) {
+            dst[c0..c0 + w].copy_from_slice(src);
         }
     }
     out
