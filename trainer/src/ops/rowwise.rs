@@ -166,6 +166,24 @@ fn lane_dot<T: Float>(a: &[T], b: &[T]) -> T {
     tail.fold(lane_sum(&acc), |s, (&a, &b)| s + a * b)
 }
 
+/// `Σ a⊙b⊙c` with eight independent accumulators (see [`lane_sum`]).
+#[inline(always)]
+fn lane_dot3<T: Float>(a: &[T], b: &[T], c: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (ac, bc, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let tail = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .zip(cc.remainder());
+    for ((a8, b8), c8) in ac.zip(bc).zip(cc) {
+        for i in 0..8 {
+            acc[i] = acc[i] + a8[i] * b8[i] * c8[i];
+        }
+    }
+    tail.fold(lane_sum(&acc), |s, ((&a, &b), &c)| s + a * b * c)
+}
+
 simd_kernel! {
 /// `log Σ exp(row)` without keeping the exponentials (a small buffer at a time).
 fn log_sum_exp<T: FastExp>(row: &[T]) -> T {
@@ -482,27 +500,24 @@ fn inv_rms<T: Float>(x: &[T], eps: T) -> T {
 }
 
 simd_kernel! {
-/// One row of RMSNorm: `o = x · inv_rms(x) ⊙ w`.
-fn rms_norm_row<T: Float>(o: &mut [T], x: &[T], w: &[T], eps: T) {
+/// One row of RMSNorm: `o = x · inv_rms(x) ⊙ w` (every element of `o` written).
+fn rms_norm_row<T: Float>(o: &mut [MaybeUninit<T>], x: &[T], w: &[T], eps: T) {
     let inv = inv_rms(x, eps);
     for ((oj, &xj), &wj) in o.iter_mut().zip(x).zip(w) {
-        *oj = xj * inv * wj;
+        oj.write(xj * inv * wj);
     }
 }
 }
 
 simd_kernel! {
-/// One row of RMSNorm's input gradient: `o = inv · g⊙w − x · inv³ · Σ(g⊙w⊙x) / d`.
-fn rms_norm_bwd_row<T: Float>(o: &mut [T], x: &[T], g: &[T], w: &[T], eps: T) {
+/// One row of RMSNorm's input gradient: `o = inv · g⊙w − x · inv³ · Σ(g⊙w⊙x) / d` (every
+/// element of `o` written).
+fn rms_norm_bwd_row<T: Float>(o: &mut [MaybeUninit<T>], x: &[T], g: &[T], w: &[T], eps: T) {
     let inv = inv_rms(x, eps);
-    // Σ g⊙w⊙x, the product g⊙w staged in `o` (overwritten below).
-    for ((oj, &gj), &wj) in o.iter_mut().zip(g).zip(w) {
-        *oj = gj * wj;
-    }
-    let dot = lane_dot(o, x);
+    let dot = lane_dot3(g, w, x);
     let k = inv * inv * inv * dot / T::from(x.len()).unwrap_or_else(T::one);
-    for (oj, &xj) in o.iter_mut().zip(x) {
-        *oj = inv * *oj - xj * k;
+    for (((oj, &xj), &gj), &wj) in o.iter_mut().zip(x).zip(g).zip(w) {
+        oj.write(inv * (gj * wj) - xj * k);
     }
 }
 }
@@ -531,10 +546,11 @@ impl CustomOp2 for RmsNorm {
             let x = rows::<T>(s1, l1, self.name())?;
             let w = rows::<T>(s2, l2, self.name())?;
             let eps = T::from_f64(self.eps);
-            let mut out = vec![T::zero(); x.len()];
-            out.par_chunks_mut(d)
-                .zip(x.par_chunks(d))
-                .for_each(|(o, x)| rms_norm_row(o, x, w, eps));
+            let out = written(x.len(), |out| {
+                out.par_chunks_mut(d)
+                    .zip(x.par_chunks(d))
+                    .for_each(|(o, x)| rms_norm_row(o, x, w, eps))
+            });
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }
@@ -587,10 +603,11 @@ impl CustomOp3 for RmsNormBwdX {
             let w = rows::<T>(s2, l2, self.name())?;
             let g = rows::<T>(s3, l3, self.name())?;
             let eps = T::from_f64(self.eps);
-            let mut out = vec![T::zero(); x.len()];
-            out.par_chunks_mut(d)
-                .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-                .for_each(|(o, (x, g))| rms_norm_bwd_row(o, x, g, w, eps));
+            let out = written(x.len(), |out| {
+                out.par_chunks_mut(d)
+                    .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+                    .for_each(|(o, (x, g))| rms_norm_bwd_row(o, x, g, w, eps))
+            });
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
     }
