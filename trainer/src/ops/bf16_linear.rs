@@ -1,9 +1,10 @@
 //! Frozen linear products in bf16 on AMX tiles: the CPU's `bf16: true`. A frozen weight
 //! `W (out, in)` is rounded to bf16 and packed once, in both orientations a step needs (the
 //! forward `x·Wᵀ` and the input gradient `g·W`); activations and gradients stay f32 and are
-//! rounded as they are packed; the products sum in f32 (see [`super::amx_bf16`]). Everything else
-//! in the step — attention, norms, softmax, log-probabilities, LoRA's low-rank path, the
-//! optimizer — computes in f32. (The attention's products through the tiles were measured and
+//! rounded as they are packed; the products sum in f32 (see [`super::amx_bf16`]). A LoRA layer's
+//! rank-r term joins its frozen product on the tiles, rounded the same way (as PEFT's adapters
+//! compute under autocast). Everything else in the step — attention, norms, softmax,
+//! log-probabilities, LoRA's `h`, `gB` and its gradients, the optimizer — computes in f32. (The attention's products through the tiles were measured and
 //! gained nothing at 512 tokens: both operands must be rounded and packed per call.)
 
 use std::sync::atomic::{AtomicBool, Ordering};

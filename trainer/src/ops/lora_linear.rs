@@ -8,8 +8,10 @@
 //! `dx = g·W + m ⊙ (gB·A)`, `dA = gBᵀ·(m ⊙ x)`, `dB = gᵀ·h`.
 //!
 //! In f32 on the CPU the rank-r products go through [`super::low_rank`]'s kernels and the
-//! rank-r terms are added into the frozen products (`y`, `dx`) in place; other dtypes and
-//! devices compose candle's products.
+//! rank-r terms are added into the frozen products (`y`, `dx`) in place; with a weight packed
+//! for AMX tiles they are summed on the tiles within the product, and without a dropout mask
+//! `h` and `gB` are projected as its input is packed. Other dtypes and devices compose
+//! candle's products.
 
 use std::sync::Arc;
 
