@@ -54,40 +54,38 @@ impl Frozen {
         }
     }
 
-    /// `(x · Wᵀ + h · s, h)` for `h = scale · x · pᵀ`, `p (r, in)` and `s (r, out)`: with a
-    /// packed weight the rows of `h` are made as `x` is packed (one read of `x`).
+    /// `(x · Wᵀ + h · s, h)` for `h = scale · x · pᵀ`, `p (r, in)` and `s (r, out)` — or, for
+    /// [`Side::InputGrad`], `(g · W + h · s, h)` for `h = scale · g · pᵀ`, `p (r, out)` and
+    /// `s (r, in)`. With a packed weight the rows of `h` are made as the input is packed (one
+    /// read of it for both).
     fn product_projected(
         &self,
+        side: Side,
         x: &Tensor,
         p: &[f32],
         scale: f32,
         s: &[f32],
     ) -> Result<(Tensor, Vec<f32>)> {
-        match self {
-            Frozen::Dense(_) => {
+        match (self, side) {
+            (Frozen::Dense(_), _) => {
                 let h = projected_rows(x, p, scale)?;
-                Ok((add_in_place(self.product(x)?, &h, s)?, h))
+                let y = match side {
+                    Side::Forward => self.product(x)?,
+                    Side::InputGrad => self.input_grad(x)?,
+                };
+                Ok((add_in_place(y, &h, s)?, h))
             }
-            Frozen::Bf16(w) => w.forward_projected(x, p, scale, s),
+            (Frozen::Bf16(w), Side::Forward) => w.forward_projected(x, p, scale, s),
+            (Frozen::Bf16(w), Side::InputGrad) => w.input_grad_projected(x, p, scale, s),
         }
     }
+}
 
-    /// `(g · W + h · s, h)` for `h = scale · g · pᵀ`, as [`Self::product_projected`].
-    fn input_grad_projected(
-        &self,
-        g: &Tensor,
-        p: &[f32],
-        scale: f32,
-        s: &[f32],
-    ) -> Result<(Tensor, Vec<f32>)> {
-        match self {
-            Frozen::Dense(_) => {
-                let h = projected_rows(g, p, scale)?;
-                Ok((add_in_place(self.input_grad(g)?, &h, s)?, h))
-            }
-            Frozen::Bf16(w) => w.input_grad_projected(g, p, scale, s),
-        }
-    }
+/// Which of a frozen weight's products: the forward `x · Wᵀ` or the input gradient `g · W`.
+#[derive(Clone, Copy)]
+enum Side {
+    Forward,
+    InputGrad,
 }
 
 /// `y + h · s` in `y`'s own storage (a product just made, held by no one else).
@@ -135,7 +133,9 @@ impl LoraLinear {
         let scale = self.scale as f32;
         let (dx, gb) = match &self.mask {
             None => with_f32(&bt, |p| {
-                with_f32(&a, |s| self.w.input_grad_projected(g, p, scale, s))
+                with_f32(&a, |s| {
+                    self.w.product_projected(Side::InputGrad, g, p, scale, s)
+                })
             })???,
             Some(m) => {
                 let gb = projected(g, &bt, self.scale)?;
@@ -189,7 +189,9 @@ fn forward_f32(
         None => {
             let a = a.contiguous()?;
             with_f32(&a, |p| {
-                with_f32(&bt, |s| w.product_projected(x, p, scale as f32, s))
+                with_f32(&bt, |s| {
+                    w.product_projected(Side::Forward, x, p, scale as f32, s)
+                })
             })??
         }
         Some(xm) => {
