@@ -169,8 +169,8 @@ unsafe fn matmul_raw(
     let (k, n) = (b.k, b.n);
     assert!(available(), "AMX-BF16 tiles are not available");
     assert!(m == 0 || a.len() >= (m - 1) * lda + k);
-    // The low-rank term's rank, its depth in tiles, its packed S and its rows: read from
-    // `given`, or projected into `made` (each packing task writes its own rows).
+    // The low-rank term's rank, its depth in tiles, its packed S and where its rows come from
+    // (a projection's rows are written by the packing task that makes them).
     let (r, extra_tiles, extra) = match low_rank.as_ref().map(|t| t.s) {
         Some(s) => {
             assert!(s.n == n, "low-rank term does not fit the product");
@@ -178,21 +178,34 @@ unsafe fn matmul_raw(
         }
         None => (0, 0, &[][..]),
     };
-    let (given, projection, made) = match low_rank.map(|t| t.h) {
-        Some(Rows::Given(h)) => (Some(h), None, SendPtr(std::ptr::null_mut())),
+    /// The packing tasks' view of [`Rows`] (the projection's output shared as a pointer).
+    enum Source<'a> {
+        None,
+        Given(&'a [f32]),
+        Projected {
+            p: &'a [f32],
+            scale: f32,
+            out: SendPtr,
+        },
+    }
+    let source = match low_rank.map(|t| t.h) {
+        None => Source::None,
+        Some(Rows::Given(h)) => {
+            assert!(h.len() >= m * r, "low-rank term does not fit the product");
+            Source::Given(h)
+        }
         Some(Rows::Projected { p, scale, out }) => {
             assert!(
                 p.len() == r * k && out.len() >= m * r,
                 "projection does not fit"
             );
-            (None, Some((p, scale)), SendPtr(out.as_mut_ptr()))
+            Source::Projected {
+                p,
+                scale,
+                out: SendPtr(out.as_mut_ptr()),
+            }
         }
-        None => (None, None, SendPtr(std::ptr::null_mut())),
     };
-    assert!(
-        given.is_none_or(|h| h.len() >= m * r),
-        "low-rank term does not fit the product"
-    );
     if m == 0 || n == 0 {
         return;
     }
@@ -222,15 +235,15 @@ unsafe fn matmul_raw(
                 let row = &a[i * lda..i * lda + k];
                 round_row(row, &mut main[..k]);
                 main[k..].fill(0);
-                let h_row: &[f32] = match (given, projection) {
-                    (Some(h), _) => &h[i * r..(i + 1) * r],
-                    (None, Some((p, scale))) => {
-                        // SAFETY: `made` holds m rows of r (checked); row i is this task's.
-                        let out = unsafe { std::slice::from_raw_parts_mut(made.at(i * r), r) };
-                        super::low_rank::project_row(out, row, p, scale);
+                let h_row: &[f32] = match &source {
+                    Source::None => continue,
+                    Source::Given(h) => &h[i * r..(i + 1) * r],
+                    Source::Projected { p, scale, out } => {
+                        // SAFETY: `out` holds m rows of r (checked); row i is this task's.
+                        let out = unsafe { std::slice::from_raw_parts_mut(out.at(i * r), r) };
+                        super::low_rank::project_row(out, row, p, *scale);
                         out
                     }
-                    (None, None) => continue,
                 };
                 round_row(h_row, &mut low[..r]);
                 low[r..].fill(0);
@@ -246,7 +259,6 @@ unsafe fn matmul_raw(
     let panel = (PANEL_BYTES / (2 * TILE * kp * 2)).max(1);
     let c_ptr = SendPtr(c);
     (0..threads).into_par_iter().for_each(|t| {
-        let c_ptr = &c_ptr;
         let mut scratch = [0f32; BLOCK * BLOCK];
         kernel::configure();
         // The thread's blocks (a range in row-major order), panel by panel of B, each panel
@@ -269,7 +281,7 @@ unsafe fn matmul_raw(
                 // A whole block: the tiles store straight into C.
                 // SAFETY: `a0` holds 32 rows of `row_len`, the depth two n-tiles of its tiles
                 // each; the block lies within C, and blocks are disjoint.
-                unsafe { kernel::block(a0, row_len, &depth, c_ptr.0.add(i0 * ldc + j0), ldc) };
+                unsafe { kernel::block(a0, row_len, &depth, c_ptr.at(i0 * ldc + j0), ldc) };
             } else {
                 // SAFETY: as above, into the 32 × 32 scratch.
                 unsafe { kernel::block(a0, row_len, &depth, scratch.as_mut_ptr(), BLOCK) };
@@ -278,7 +290,7 @@ unsafe fn matmul_raw(
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             scratch.as_ptr().add(r * BLOCK),
-                            c_ptr.0.add((i0 + r) * ldc + j0),
+                            c_ptr.at((i0 + r) * ldc + j0),
                             cols,
                         )
                     };
@@ -351,7 +363,7 @@ impl SendPtr {
         self.0.wrapping_add(i)
     }
 }
-// SAFETY: each task writes its own blocks of C.
+// SAFETY: each task writes its own blocks of C (or its own rows of a projection's output).
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 

@@ -4,8 +4,9 @@
 //! rounded as they are packed; the products sum in f32 (see [`super::amx_bf16`]). A LoRA layer's
 //! rank-r term joins its frozen product on the tiles, rounded the same way (as PEFT's adapters
 //! compute under autocast). Everything else in the step — attention, norms, softmax,
-//! log-probabilities, LoRA's `h`, `gB` and its gradients, the optimizer — computes in f32. (The attention's products through the tiles were measured and
-//! gained nothing at 512 tokens: both operands must be rounded and packed per call.)
+//! log-probabilities, LoRA's `h`, `gB` and its gradients, the optimizer — computes in f32.
+//! (The attention's products through the tiles were measured and gained nothing at 512
+//! tokens: both operands must be rounded and packed per call.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,6 +29,13 @@ pub fn use_bf16_products(on: bool) -> bool {
 /// Whether frozen linear weights multiply in bf16 on AMX tiles.
 pub fn bf16_products() -> bool {
     ON.load(Ordering::Relaxed)
+}
+
+/// Which of a frozen weight's products: the forward `x · Wᵀ` or the input gradient `g · W`.
+#[derive(Clone, Copy)]
+pub enum Side {
+    Forward,
+    InputGrad,
 }
 
 /// A frozen `W (out, in)` rounded to bf16, packed for `x·Wᵀ` and for `g·W`.
@@ -78,28 +86,23 @@ impl Bf16Weight {
         product_plus(x, &self.forward, h, s)
     }
 
-    /// `(x · Wᵀ + h · s, h)` for `h = scale · x · pᵀ`, `p (r, in)`, `s (r, out)`: the rows of
-    /// `h` are projected as `x` is packed, one read of `x` for both.
-    pub fn forward_projected(
+    /// For [`Side::Forward`], `(x · Wᵀ + h · s, h)` with `h = scale · x · pᵀ`, `p (r, in)`,
+    /// `s (r, out)`; for [`Side::InputGrad`], `(g · W + h · s, h)` with `h = scale · g · pᵀ`,
+    /// `p (r, out)`, `s (r, in)`. The rows of `h` are projected as the input is packed, one
+    /// read of it for both.
+    pub fn product_projected(
         &self,
+        side: Side,
         x: &Tensor,
         p: &[f32],
         scale: f32,
         s: &[f32],
     ) -> Result<(Tensor, Vec<f32>)> {
-        product_projected(x, &self.forward, p, scale, s)
-    }
-
-    /// `(g · W + h · s, h)` for `h = scale · g · pᵀ`, `p (r, out)`, `s (r, in)`, as
-    /// [`Self::forward_projected`].
-    pub fn input_grad_projected(
-        &self,
-        g: &Tensor,
-        p: &[f32],
-        scale: f32,
-        s: &[f32],
-    ) -> Result<(Tensor, Vec<f32>)> {
-        product_projected(g, &self.input_grad, p, scale, s)
+        let b = match side {
+            Side::Forward => &self.forward,
+            Side::InputGrad => &self.input_grad,
+        };
+        product_projected(x, b, p, scale, s)
     }
 }
 
@@ -224,13 +227,13 @@ mod tests {
             let (p_in, p_out) = (wave(r, inp, 0.41), wave(r, out, 0.37));
             let projected = [
                 (
-                    packed.forward_projected(&x, &v(&p_in), 0.5, &v(&s_out)),
+                    packed.product_projected(Side::Forward, &x, &v(&p_in), 0.5, &v(&s_out)),
                     &x,
                     &p_in,
                     &s_out,
                 ),
                 (
-                    packed.input_grad_projected(&g, &v(&p_out), 0.5, &v(&s_in)),
+                    packed.product_projected(Side::InputGrad, &g, &v(&p_out), 0.5, &v(&s_in)),
                     &g,
                     &p_out,
                     &s_in,

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use candle_core::{CustomOp3, DType, Result, Tensor};
 
 use super::attach::{supported, Slot};
+use super::bf16_linear::Side;
 use super::low_rank::{self, AddOuter};
 use super::with_f32;
 use super::Bf16Weight;
@@ -75,17 +76,9 @@ impl Frozen {
                 };
                 Ok((add_in_place(y, &h, s)?, h))
             }
-            (Frozen::Bf16(w), Side::Forward) => w.forward_projected(x, p, scale, s),
-            (Frozen::Bf16(w), Side::InputGrad) => w.input_grad_projected(x, p, scale, s),
+            (Frozen::Bf16(w), _) => w.product_projected(side, x, p, scale, s),
         }
     }
-}
-
-/// Which of a frozen weight's products: the forward `x · Wᵀ` or the input gradient `g · W`.
-#[derive(Clone, Copy)]
-enum Side {
-    Forward,
-    InputGrad,
 }
 
 /// `y + h · s` in `y`'s own storage (a product just made, held by no one else).

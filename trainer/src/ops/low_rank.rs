@@ -217,10 +217,9 @@ pub fn gather(x: &[f32], k: usize, h: &[f32], r: usize) -> Vec<f32> {
     }
     let parts = (2 * rayon::current_num_threads()).clamp(1, k.div_ceil(2 * LANES));
     let width = k.div_ceil(parts).div_ceil(2 * LANES) * 2 * LANES;
-    let sums: Vec<(usize, usize, Vec<f32>)> = (0..k)
-        .step_by(width)
-        .collect::<Vec<_>>()
+    let sums: Vec<(usize, usize, Vec<f32>)> = (0..k.div_ceil(width))
         .into_par_iter()
+        .map(|part| part * width)
         .map(|c0| {
             let w = width.min(k - c0);
             let mut part = vec![0f32; r * w];
