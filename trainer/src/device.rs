@@ -29,7 +29,7 @@ pub fn describe(d: &Device) -> &'static str {
 pub struct Precision {
     /// The dtype of the model's tensors.
     pub dtype: candle_core::DType,
-    /// The CPU's `bf16`: frozen linear weights multiply in bf16 on AMX tiles
+    /// The CPU's `bf16`: frozen linear weights and attention multiply in bf16 on AMX tiles
     /// ([`crate::ops::use_bf16_products`]); the rest computes in f32.
     pub bf16_products: bool,
     /// What the run should log about it: `(is_warning, message)`.
@@ -40,7 +40,8 @@ pub struct Precision {
 /// `bf16`/`fp16` (or `pure_bf16`) is set, with f32 masters for the trained tensors
 /// ([`crate::model::Model::trainable_dtype`]). The CPU keeps its tensors in f32 (candle's CPU
 /// kernels have no bf16 arithmetic); with `bf16` and AMX-BF16 tiles the frozen linear products —
-/// most of a LoRA step's work — run in bf16 on the tiles, 4–5× the f32 rate there. Without
+/// most of a LoRA step's work — and attention's run in bf16 on the tiles, 4–5× the f32 rate
+/// there. Without
 /// tiles bf16 is not faster: AVX512-BF16's `vdpbf16ps` runs at half the f32 FMA rate on the
 /// Xeons we measured, so the run stays f32 and the note says which units the CPU has. `fp16`
 /// on the CPU is f32 (candle's f16 CPU matmul is slower than its f32).
@@ -64,7 +65,7 @@ pub fn train_precision(args: &protocol::TrainArgs, device: &Device) -> Precision
             bf16_products: true,
             note: Some((
                 false,
-                format!("`{name}: true` on the CPU: frozen linear weights multiply in bf16 on AMX tiles (f32 sums); norms, softmax, losses, adapters and the optimizer compute in f32"),
+                format!("`{name}: true` on the CPU: frozen linear weights and attention multiply in bf16 on AMX tiles (f32 sums); norms, softmax, losses, adapters and the optimizer compute in f32"),
             )),
         },
         (Some((_, name)), true) => {

@@ -37,6 +37,7 @@ fn bf16_bits(x: f32) -> u16 {
 
 /// `B (k, n)`, element `(i, j)` at `src[i·stride_k + j·stride_n]`, rounded to bf16 and packed
 /// for [`matmul`]. Pack a frozen weight once and reuse it every step.
+#[derive(Default)]
 pub struct PackedB {
     k: usize,
     n: usize,
@@ -47,21 +48,40 @@ pub struct PackedB {
 
 impl PackedB {
     pub fn new(src: &[f32], k: usize, n: usize, stride_k: usize, stride_n: usize) -> Self {
-        let (k_tiles, n_tiles) = (k.div_ceil(DEPTH), round_up(n, BLOCK) / TILE);
-        assert!(k == 0 || n == 0 || src.len() > (k - 1) * stride_k + (n - 1) * stride_n);
-        let mut data = vec![0u16; n_tiles * k_tiles * DEPTH * TILE];
+        let mut b = Self::default();
+        b.layout(src, k, n, stride_k, stride_n);
         // One n-tile (16 columns × all of k) per task: disjoint slices of `data`.
         use rayon::prelude::*;
-        data.par_chunks_mut(k_tiles * DEPTH * TILE)
+        b.data
+            .par_chunks_mut(b.k_tiles * DEPTH * TILE)
             .enumerate()
             .for_each(|(nt, tiles)| pack_column(src, k, n, stride_k, stride_n, nt, tiles));
-        Self {
+        b
+    }
+
+    /// Packs `B` as [`PackedB::new`] does, on the calling thread, into this buffer: for small
+    /// operands packed per call (attention's, a block at a time).
+    pub fn pack_here(&mut self, src: &[f32], k: usize, n: usize, stride_k: usize, stride_n: usize) {
+        self.layout(src, k, n, stride_k, stride_n);
+        let len = self.k_tiles * DEPTH * TILE;
+        for (nt, tiles) in self.data.chunks_mut(len.max(1)).enumerate() {
+            pack_column(src, k, n, stride_k, stride_n, nt, tiles);
+        }
+    }
+
+    /// Sets the dimensions and a zeroed buffer of their size (checking `src` holds B).
+    fn layout(&mut self, src: &[f32], k: usize, n: usize, stride_k: usize, stride_n: usize) {
+        assert!(k == 0 || n == 0 || src.len() > (k - 1) * stride_k + (n - 1) * stride_n);
+        let (k_tiles, n_tiles) = (k.div_ceil(DEPTH), round_up(n, BLOCK) / TILE);
+        *self = Self {
             k,
             n,
             k_tiles,
             n_tiles,
-            data,
-        }
+            data: std::mem::take(&mut self.data),
+        };
+        self.data.clear();
+        self.data.resize(n_tiles * k_tiles * DEPTH * TILE, 0);
     }
 
     /// `(k, n)`.
@@ -153,6 +173,114 @@ pub fn matmul_new_plus(
         c.set_len(len);
     }
     c
+}
+
+/// `A (m, k)`, element `(i, j)` at `src[i·rs + j·cs]`, rounded to bf16 and packed on the
+/// calling thread for [`matmul_here`]: rows padded to a block, depth to a tile, with zeros. Keep
+/// one per thread and repack it per call (the buffer is reused).
+#[derive(Default)]
+pub struct PackedA {
+    m: usize,
+    row_len: usize,
+    data: Vec<u16>,
+}
+
+impl PackedA {
+    pub fn pack(&mut self, src: &[f32], m: usize, k: usize, rs: usize, cs: usize) {
+        assert!(m == 0 || k == 0 || src.len() > (m - 1) * rs + (k - 1) * cs);
+        self.m = m;
+        self.row_len = round_up(k, DEPTH);
+        // Every element is written below (values, then zeros), so the buffer is only resized.
+        self.data.resize(round_up(m, BLOCK) * self.row_len, 0);
+        if m == 0 || k == 0 {
+            return;
+        }
+        let (rows, pad) = self.data.split_at_mut(m * self.row_len);
+        pad.fill(0);
+        if cs == 1 {
+            for (i, dst) in rows.chunks_mut(self.row_len).enumerate() {
+                round_row(&src[i * rs..][..k], &mut dst[..k]);
+                dst[k..].fill(0);
+            }
+        } else {
+            pack_columns(src, m, k, rs, cs, rows, self.row_len);
+            for dst in rows.chunks_mut(self.row_len) {
+                dst[k..].fill(0);
+            }
+        }
+    }
+}
+
+simd_kernel! {
+/// A's columns one at a time (each read along `rs`), for an A stored transposed: a column
+/// rounded a run at a time (vectorised where `rs == 1`), then put in place.
+fn pack_columns(src: &[f32], m: usize, k: usize, rs: usize, cs: usize, dst: &mut [u16], row_len: usize) {
+    let mut run = [0u16; 256];
+    for j in 0..k {
+        for i0 in (0..m).step_by(run.len()) {
+            let run = &mut run[..(m - i0).min(256)];
+            if rs == 1 {
+                for (d, &x) in run.iter_mut().zip(&src[i0 + j * cs..]) {
+                    *d = bf16_bits(x);
+                }
+            } else {
+                for (ii, d) in run.iter_mut().enumerate() {
+                    *d = bf16_bits(src[(i0 + ii) * rs + j * cs]);
+                }
+            }
+            for (ii, &x) in run.iter().enumerate() {
+                dst[(i0 + ii) * row_len + j] = x;
+            }
+        }
+    }
+}
+}
+
+/// `c (m, n, row stride ldc) = a · b[.., ..n]` (`add`: `+=`) on the calling thread, summed over
+/// A's depth, which may stop short of B's `k` (B's rows past it are not read: A's padding is
+/// zero). Call only when [`available`].
+pub fn matmul_here(a: &PackedA, b: &PackedB, n: usize, c: &mut [f32], ldc: usize, add: bool) {
+    let (m, k_tiles) = (a.m, a.row_len / DEPTH);
+    assert!(available(), "AMX-BF16 tiles are not available");
+    assert!(n <= b.n && k_tiles <= b.k_tiles, "A does not fit B");
+    assert!(m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    kernel::configure();
+    let mut scratch = [0f32; BLOCK * BLOCK];
+    for i0 in (0..m).step_by(BLOCK) {
+        let a0 = &a.data[i0 * a.row_len..];
+        for j0 in (0..n).step_by(BLOCK) {
+            let depth = Depth {
+                b: &b.data[(j0 / TILE) * b.k_tiles * DEPTH * TILE..],
+                k_tiles,
+                b_tiles: b.k_tiles,
+                extra: &[],
+                extra_tiles: 0,
+            };
+            let (rows, cols) = (BLOCK.min(m - i0), BLOCK.min(n - j0));
+            let at = i0 * ldc + j0;
+            if rows == BLOCK && cols == BLOCK {
+                // SAFETY: `a0` holds 32 packed rows of `row_len`, the depth two n-tiles of
+                // `b.k_tiles` tiles from column j0; the whole block lies within `c` (checked).
+                unsafe { kernel::block(a0, a.row_len, &depth, c[at..].as_mut_ptr(), ldc, add) };
+                continue;
+            }
+            // SAFETY: as above, into the 32 × 32 scratch.
+            unsafe { kernel::block(a0, a.row_len, &depth, scratch.as_mut_ptr(), BLOCK, false) };
+            for (r, got) in scratch.chunks(BLOCK).take(rows).enumerate() {
+                let dst = &mut c[at + r * ldc..][..cols];
+                if add {
+                    for (d, g) in dst.iter_mut().zip(got) {
+                        *d += g;
+                    }
+                } else {
+                    dst.copy_from_slice(&got[..cols]);
+                }
+            }
+        }
+    }
 }
 
 /// # Safety
@@ -272,6 +400,7 @@ unsafe fn matmul_raw(
             let depth = Depth {
                 b: &b.data[2 * nb * b.k_tiles * DEPTH * TILE..],
                 k_tiles: b.k_tiles,
+                b_tiles: b.k_tiles,
                 extra: &extra[(2 * nb * extra_tiles * DEPTH * TILE).min(extra.len())..],
                 extra_tiles,
             };
@@ -281,10 +410,10 @@ unsafe fn matmul_raw(
                 // A whole block: the tiles store straight into C.
                 // SAFETY: `a0` holds 32 rows of `row_len`, the depth two n-tiles of its tiles
                 // each; the block lies within C, and blocks are disjoint.
-                unsafe { kernel::block(a0, row_len, &depth, c_ptr.at(i0 * ldc + j0), ldc) };
+                unsafe { kernel::block(a0, row_len, &depth, c_ptr.at(i0 * ldc + j0), ldc, false) };
             } else {
                 // SAFETY: as above, into the 32 × 32 scratch.
-                unsafe { kernel::block(a0, row_len, &depth, scratch.as_mut_ptr(), BLOCK) };
+                unsafe { kernel::block(a0, row_len, &depth, scratch.as_mut_ptr(), BLOCK, false) };
                 for r in 0..rows {
                     // SAFETY: the block's rows and columns within C; blocks are disjoint.
                     unsafe {
@@ -302,8 +431,9 @@ unsafe fn matmul_raw(
 
 simd_kernel! {
 /// Packs n-tile `nt` of B (16 columns, all of k) into `tiles`: along rows when a row's
-/// columns are adjacent (`stride_n == 1`: two rows interleaved 16 columns at a time), else
-/// along columns.
+/// columns are adjacent (`stride_n == 1`: two rows interleaved a tile's columns at a time),
+/// along columns when a column's k values are (`stride_k == 1`: B stored transposed), else
+/// element by element.
 fn pack_column(
     src: &[f32],
     k: usize,
@@ -315,20 +445,42 @@ fn pack_column(
 ) {
     let cols = TILE.min(n.saturating_sub(nt * TILE));
     let j0 = nt * TILE;
-    if stride_n == 1 && cols == TILE {
+    if cols == 0 {
+        // A padding tile (B's n-tiles are an even number): zeros already.
+        return;
+    }
+    let at = |i: usize, jj: usize| (i / DEPTH) * DEPTH * TILE + (i % DEPTH) * TILE + jj * 2;
+    if stride_n == 1 {
         for i in (0..k).step_by(2) {
-            let (kt, r) = (i / DEPTH, i % DEPTH);
-            let dst = &mut tiles[kt * DEPTH * TILE + r * TILE..][..2 * TILE];
-            let r0 = &src[i * stride_k + j0..][..TILE];
+            let dst = &mut tiles[at(i, 0)..][..2 * cols];
+            let r0 = &src[i * stride_k + j0..][..cols];
             if i + 1 < k {
-                let r1 = &src[(i + 1) * stride_k + j0..][..TILE];
-                for jj in 0..TILE {
-                    dst[2 * jj] = bf16_bits(r0[jj]);
-                    dst[2 * jj + 1] = bf16_bits(r1[jj]);
+                let r1 = &src[(i + 1) * stride_k + j0..][..cols];
+                for ((d, &a), &b) in dst.chunks_exact_mut(2).zip(r0).zip(r1) {
+                    d[0] = bf16_bits(a);
+                    d[1] = bf16_bits(b);
                 }
             } else {
-                for jj in 0..TILE {
-                    dst[2 * jj] = bf16_bits(r0[jj]);
+                for (d, &a) in dst.chunks_exact_mut(2).zip(r0) {
+                    d[0] = bf16_bits(a);
+                }
+            }
+        }
+        return;
+    }
+    if stride_k == 1 {
+        // A column rounded a run at a time (vectorised), then its pairs put in place.
+        let mut run = [0u16; 256];
+        for jj in 0..cols {
+            let col = &src[(j0 + jj) * stride_n..][..k];
+            for (c, part) in col.chunks(run.len()).enumerate() {
+                let run = &mut run[..part.len()];
+                for (d, &x) in run.iter_mut().zip(part) {
+                    *d = bf16_bits(x);
+                }
+                for (p, pair) in run.chunks(2).enumerate() {
+                    let i = c * 256 + 2 * p;
+                    tiles[at(i, jj)..][..pair.len()].copy_from_slice(pair);
                 }
             }
         }
@@ -337,20 +489,19 @@ fn pack_column(
     for jj in 0..cols {
         let j = j0 + jj;
         for i in 0..k {
-            let (kt, r) = (i / DEPTH, i % DEPTH);
-            tiles[kt * DEPTH * TILE + (r / 2) * 2 * TILE + jj * 2 + r % 2] =
-                bf16_bits(src[i * stride_k + j * stride_n]);
+            tiles[at(i & !1, jj) + i % 2] = bf16_bits(src[i * stride_k + j * stride_n]);
         }
     }
 }
 }
 
 /// The depth a block of C sums over: `k_tiles` tiles of B (two n-tiles, `[n-tile][k-tile]`
-/// as packed) and `extra_tiles` of a low-rank term's S (none: empty).
+/// as packed, `b_tiles` apart) and `extra_tiles` of a low-rank term's S (none: empty).
 #[derive(Clone, Copy)]
 struct Depth<'a> {
     b: &'a [u16],
     k_tiles: usize,
+    b_tiles: usize,
     extra: &'a [u16],
     extra_tiles: usize,
 }
@@ -428,32 +579,57 @@ mod kernel {
         unsafe { core::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack)) };
     }
 
-    /// One 32 × 32 block of C into `c` (row stride `ldc` floats): `a` 32 packed rows of
-    /// `row_len` bf16 (B's depth, then the low-rank term's), summed against `depth`.
+    /// One 32 × 32 block of C into `c` (row stride `ldc` floats; `add`: added to what `c`
+    /// holds): `a` 32 packed rows of `row_len` bf16 (B's depth, then the low-rank term's),
+    /// summed against `depth`.
     ///
     /// # Safety
     /// `configure` ran on this thread; the slices hold what is described; `c` is valid for
-    /// writes of 32 rows of 32 floats at stride `ldc`.
-    pub(super) unsafe fn block(a: &[u16], row_len: usize, depth: &Depth, c: *mut f32, ldc: usize) {
+    /// reads and writes of 32 rows of 32 floats at stride `ldc`.
+    pub(super) unsafe fn block(
+        a: &[u16],
+        row_len: usize,
+        depth: &Depth,
+        c: *mut f32,
+        ldc: usize,
+        add: bool,
+    ) {
         let Depth {
             b,
             k_tiles,
+            b_tiles,
             extra,
             extra_tiles,
         } = *depth;
         let n_tile = |tiles: usize| tiles * DEPTH * TILE;
         debug_assert!(a.len() >= BLOCK * row_len && row_len >= (k_tiles + extra_tiles) * DEPTH);
-        debug_assert!(b.len() >= 2 * n_tile(k_tiles) && extra.len() >= 2 * n_tile(extra_tiles));
+        debug_assert!(k_tiles <= b_tiles && b.len() >= n_tile(b_tiles) + n_tile(k_tiles));
+        debug_assert!(extra.len() >= 2 * n_tile(extra_tiles));
         let a0 = a.as_ptr();
         let a1 = unsafe { a0.add(TILE * row_len) };
         // Each loop runs over one B: two n-tiles `n_tile` elements apart, a tile of depth
         // (1 KiB) per step; A's two row tiles run on through both.
         unsafe {
             core::arch::asm!(
+                // C's four tiles start at zero, or at what `c` holds: (0, 0), (0, 16),
+                // (16, 0), (16, 16).
+                "test {add}, {add}",
+                "jnz 5f",
                 "tilezero tmm0",
                 "tilezero tmm1",
                 "tilezero tmm2",
                 "tilezero tmm3",
+                "jmp 2f",
+                "5:",
+                "tileloadd tmm0, [{c} + {sc}*1]",
+                "lea {add}, [{c} + 64]",
+                "tileloadd tmm1, [{add} + {sc}*1]",
+                "mov {add}, {sc}",
+                "shl {add}, 4",
+                "add {add}, {c}",
+                "tileloadd tmm2, [{add} + {sc}*1]",
+                "add {add}, 64",
+                "tileloadd tmm3, [{add} + {sc}*1]",
                 // A pass over one B: `n` steps of depth.
                 "2:",
                 "test {n}, {n}",
@@ -495,9 +671,10 @@ mod kernel {
                 a0 = inout(reg) a0 => _,
                 a1 = inout(reg) a1 => _,
                 b0 = inout(reg) b.as_ptr() => _,
-                b1 = inout(reg) b.as_ptr().add(n_tile(k_tiles)) => _,
+                b1 = inout(reg) b.as_ptr().add(n_tile(b_tiles)) => _,
                 n = inout(reg) k_tiles => _,
                 e = inout(reg) extra_tiles => _,
+                add = inout(reg) add as usize => _,
                 e0 = in(reg) extra.as_ptr(),
                 e1 = in(reg) extra.as_ptr().wrapping_add(n_tile(extra_tiles)),
                 sa = in(reg) row_len * 2,
@@ -518,7 +695,14 @@ mod kernel {
 
     pub(super) fn configure() {}
 
-    pub(super) unsafe fn block(_: &[u16], _: usize, _: &super::Depth, _: *mut f32, _: usize) {
+    pub(super) unsafe fn block(
+        _: &[u16],
+        _: usize,
+        _: &super::Depth,
+        _: *mut f32,
+        _: usize,
+        _: bool,
+    ) {
         unreachable!("AMX tiles are x86-64 Linux only")
     }
 }
@@ -594,6 +778,60 @@ mod tests {
                     }
                     // Padding of C's rows is not written.
                     assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
+                }
+            }
+        }
+    }
+
+    /// Products on the calling thread: A packed from either layout, B packed here from either
+    /// (the transposed one through the column path), over A's depth where B's runs on (its
+    /// rows past A's depth hold values that must not count), for the first `n` of B's columns
+    /// only, written and added; against the f64 product of the rounded operands.
+    #[test]
+    fn products_here_over_a_depth_and_width_of_their_own() {
+        if !available() {
+            eprintln!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+            return;
+        }
+        let (mut pa, mut pb) = (PackedA::default(), PackedB::default());
+        // (m, k of A, k of B, n used, n of B)
+        for &(m, k, kb, n, nb) in &[
+            (1, 1, 1, 1, 1),
+            (32, 64, 64, 64, 64),
+            (37, 40, 70, 17, 45),
+            (70, 100, 130, 64, 96),
+            (5, 33, 33, 31, 31),
+        ] {
+            let a = wave(m * k, 0.3);
+            let at: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect();
+            let b = wave(kb * nb, 1.1);
+            let bt: Vec<f32> = (0..nb * kb).map(|i| b[(i % kb) * nb + i / kb]).collect();
+            let want = reference(&a, m, k, &b[..k * nb], nb);
+            for (a_src, rs, cs) in [(&a, k, 1), (&at, 1, m)] {
+                pa.pack(a_src, m, k, rs, cs);
+                for (b_src, sk, sn) in [(&b, nb, 1), (&bt, 1, kb)] {
+                    pb.pack_here(b_src, kb, nb, sk, sn);
+                    assert_eq!(pb.unpack(), PackedB::new(b_src, kb, nb, sk, sn).unpack());
+                    let ldc = n + 2;
+                    let mut c = vec![f32::NAN; m * ldc];
+                    matmul_here(&pa, &pb, n, &mut c, ldc, false);
+                    let mut sum = vec![0.5f32; m * ldc];
+                    matmul_here(&pa, &pb, n, &mut sum, ldc, true);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let w = want[i * nb + j];
+                            let tol = 1e-5 * (1.0 + w.abs());
+                            let got = c[i * ldc + j] as f64;
+                            assert!(
+                                (got - w).abs() <= tol,
+                                "({m},{k},{n}) [{i},{j}]: {got} vs {w}"
+                            );
+                            let got = sum[i * ldc + j] as f64 - 0.5;
+                            assert!((got - w).abs() <= tol, "added [{i},{j}]: {got} vs {w}");
+                        }
+                        assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
+                        assert!(sum[i * ldc + n..(i + 1) * ldc].iter().all(|&v| v == 0.5));
+                    }
                 }
             }
         }

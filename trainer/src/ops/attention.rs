@@ -7,7 +7,9 @@
 //!
 //! In f32 on the CPU (no soft cap) both passes run on `attention_blocks`: a block of query rows
 //! at a time, its products stopping at the block's last visible key — a causal mask's upper
-//! half is never computed. Other dtypes and devices, and Gemma 2's soft cap, run on candle.
+//! half is never computed; with the CPU's bf16 products on (`bf16_linear::bf16_products`) the
+//! blocks' products run on AMX tiles. Other dtypes and devices, and Gemma 2's soft cap, run on
+//! candle.
 //!
 //! Grouped-query attention without copies: the `rep` query heads of a kv head are stacked along
 //! the sequence axis, `q (B, kv_heads, rep·n, hd)`, so one product per kv head serves them all.
@@ -96,6 +98,7 @@ fn block_dims(q: &Tensor, k: &Tensor, scores: &Scores) -> Option<attention_block
         head_dim,
         mask_per_row: mb == batch && batch > 1,
         scale: scores.scale as f32,
+        bf16: super::bf16_linear::bf16_products(),
     })
 }
 

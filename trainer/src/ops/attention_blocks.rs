@@ -4,9 +4,11 @@
 //! probabilities are exactly 0): skipping them changes no value and saves close to half of the
 //! square products' work (`q·kᵀ`, `p·v` forward; the recomputed `q·kᵀ`, `pᵀ·g`, `g·vᵀ`,
 //! `dz·k`, `dzᵀ·q` backward). A block whose rows see no key at all keeps every key, as the
-//! composed softmax does. The products run on the `gemm` crate one block per thread, with the
-//! operands read in place through their strides (no transposed copies), and nothing of size
-//! `rows × keys` outlives its block.
+//! composed softmax does. The products run one block per thread, on the `gemm` crate in f32
+//! with the operands read in place through their strides (no transposed copies), or — the CPU's
+//! `bf16: true` — on AMX tiles with both operands rounded to bf16 (each group's `k` and `v`
+//! packed once per pass, a block's own operands on its thread); nothing of size `rows × keys`
+//! outlives its block.
 //!
 //! Layouts as in `ops::attention`: `q`, `o`, `dq` are `(B, kv, rep·n, hd)` — per kv head (a
 //! *group*) the `rep` query heads stacked along the rows; `k`, `v`, `dk`, `dv` are
@@ -14,6 +16,7 @@
 
 use rayon::prelude::*;
 
+use super::amx_bf16::{self, PackedA, PackedB};
 use super::rowwise::{softmax_bwd_row, softmax_row, visible_keys};
 
 /// Query rows per block: small enough that the causal skip is fine-grained, large enough for
@@ -35,6 +38,8 @@ pub(super) struct Dims {
     /// Whether the mask has one table per batch row (else one for all).
     pub mask_per_row: bool,
     pub scale: f32,
+    /// Products in bf16 on AMX tiles (else f32).
+    pub bf16: bool,
 }
 
 /// A block of query rows of one group.
@@ -178,27 +183,180 @@ fn product(dst: &mut [f32], add: bool, a: View, b: View) {
     }
 }
 
+/// Which of a group's key-side matrices a product takes.
+#[derive(Clone, Copy)]
+enum Keyed {
+    K,
+    V,
+}
+
+/// A block's products with its group's keys or values `M` (`k` or `v`, `(total, hd)`) over the
+/// block's `e` visible keys, in f32 ([`F32`]) or in bf16 on AMX tiles ([`Tiles`]).
+trait Products: Sync {
+    /// A thread's scratch.
+    type Scratch: Default + Send;
+    /// Whether a run's key-side sums are kept transposed, `(hd, keys)` rather than `(keys, hd)`.
+    const SUMS_TRANSPOSED: bool;
+    /// `out (rows × e) = x (rows × hd) · M[..e]ᵀ`.
+    fn times_t(&self, s: &mut Self::Scratch, b: &Block, m: Keyed, x: &[f32], out: &mut [f32]);
+    /// `out (rows × hd) = x (rows × e) · M[..e]`.
+    fn times(&self, s: &mut Self::Scratch, b: &Block, m: Keyed, x: &[f32], out: &mut [f32]);
+    /// `sum += xᵀ · y` for `x (rows × e)`, `y (rows × hd)`, into a run's sums of `keys` keys
+    /// (laid out as [`Products::SUMS_TRANSPOSED`] says).
+    fn add_t_times(
+        &self,
+        s: &mut Self::Scratch,
+        b: &Block,
+        x: &[f32],
+        y: &[f32],
+        sum: &mut [f32],
+        keys: usize,
+    );
+}
+
+/// The products on the `gemm` crate in f32, the operands read in place through their strides.
+struct F32<'a> {
+    d: &'a Dims,
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+impl F32<'_> {
+    fn keyed(&self, b: &Block, m: Keyed) -> View<'_> {
+        let (_, ks) = self.d.spans(b);
+        let m = match m {
+            Keyed::K => self.k,
+            Keyed::V => self.v,
+        };
+        View::new(&m[ks], b.keys, self.d.head_dim)
+    }
+}
+
+impl Products for F32<'_> {
+    type Scratch = ();
+    const SUMS_TRANSPOSED: bool = false;
+
+    fn times_t(&self, _: &mut (), b: &Block, m: Keyed, x: &[f32], out: &mut [f32]) {
+        let x = View::new(x, b.rows, self.d.head_dim);
+        product(out, false, x, self.keyed(b, m).t());
+    }
+
+    fn times(&self, _: &mut (), b: &Block, m: Keyed, x: &[f32], out: &mut [f32]) {
+        product(out, false, View::new(x, b.rows, b.keys), self.keyed(b, m));
+    }
+
+    fn add_t_times(&self, _: &mut (), b: &Block, x: &[f32], y: &[f32], sum: &mut [f32], _: usize) {
+        let x = View::new(x, b.rows, b.keys);
+        product(sum, true, x.t(), View::new(y, b.rows, self.d.head_dim));
+    }
+}
+
+/// The products in bf16 on AMX tiles (the CPU's `bf16: true`), as PyTorch's attention computes
+/// under bf16 autocast: both operands rounded to bf16, sums in f32. Each group's `k` and `v` are
+/// packed once per call, in the orientations the pass needs; a block's own operands are packed
+/// on its thread.
+struct Tiles {
+    /// Per group, `M` packed as `B (total, hd)` for [`Products::times`] (empty when the pass
+    /// does not need it).
+    plain: [Vec<PackedB>; 2],
+    /// Per group, `Mᵀ` packed as `B (hd, total)` for [`Products::times_t`].
+    transposed: [Vec<PackedB>; 2],
+    hd: usize,
+}
+
+impl Tiles {
+    /// Packs `(matrix, transposed)` for each of `wanted`.
+    fn new(d: &Dims, k: &[f32], v: &[f32], wanted: &[(Keyed, bool)]) -> Self {
+        let (hd, total) = (d.head_dim, d.total);
+        let mut tiles = Self {
+            plain: Default::default(),
+            transposed: Default::default(),
+            hd,
+        };
+        for &(m, t) in wanted {
+            let src = match m {
+                Keyed::K => k,
+                Keyed::V => v,
+            };
+            let packs = (0..d.groups())
+                .into_par_iter()
+                .map(|g| {
+                    let src = &src[g * total * hd..][..total * hd];
+                    let mut b = PackedB::default();
+                    if t {
+                        b.pack_here(src, hd, total, 1, hd);
+                    } else {
+                        b.pack_here(src, total, hd, hd, 1);
+                    }
+                    b
+                })
+                .collect();
+            match t {
+                true => tiles.transposed[m as usize] = packs,
+                false => tiles.plain[m as usize] = packs,
+            }
+        }
+        tiles
+    }
+}
+
+/// A thread's packed operands for [`Tiles`].
+#[derive(Default)]
+struct TileScratch {
+    a: PackedA,
+    b: PackedB,
+}
+
+impl Products for Tiles {
+    type Scratch = TileScratch;
+    const SUMS_TRANSPOSED: bool = true;
+
+    fn times_t(&self, s: &mut TileScratch, b: &Block, m: Keyed, x: &[f32], out: &mut [f32]) {
+        s.a.pack(x, b.rows, self.hd, self.hd, 1);
+        let mt = &self.transposed[m as usize][b.group];
+        amx_bf16::matmul_here(&s.a, mt, b.keys, out, b.keys, false);
+    }
+
+    fn times(&self, s: &mut TileScratch, b: &Block, m: Keyed, x: &[f32], out: &mut [f32]) {
+        s.a.pack(x, b.rows, b.keys, b.keys, 1);
+        let mp = &self.plain[m as usize][b.group];
+        amx_bf16::matmul_here(&s.a, mp, self.hd, out, self.hd, false);
+    }
+
+    /// As `sumᵀ += yᵀ · x`: `y`'s block is the smaller to read transposed.
+    fn add_t_times(
+        &self,
+        s: &mut TileScratch,
+        b: &Block,
+        x: &[f32],
+        y: &[f32],
+        sum: &mut [f32],
+        keys: usize,
+    ) {
+        s.a.pack(y, self.hd, b.rows, 1, self.hd);
+        s.b.pack_here(x, b.rows, b.keys, b.keys, 1);
+        amx_bf16::matmul_here(&s.a, &s.b, b.keys, sum, keys, true);
+    }
+}
+
 /// The block's probabilities, `softmax(scale · q·kᵀ + mask)` over its keys, into `p`
 /// (`rows × keys`), with `z` as scratch.
-fn probs(
+#[allow(clippy::too_many_arguments)]
+fn probs<P: Products>(
+    pr: &P,
+    s: &mut P::Scratch,
     d: &Dims,
     b: &Block,
     q: &[f32],
-    k: &[f32],
     mask: &[f32],
     z: &mut Vec<f32>,
     p: &mut Vec<f32>,
 ) {
-    let (qs, ks) = d.spans(b);
-    let (hd, e) = (d.head_dim, b.keys);
+    let (qs, _) = d.spans(b);
+    let e = b.keys;
     z.resize(b.rows * e, 0.0);
     p.resize(b.rows * e, 0.0);
-    product(
-        z,
-        false,
-        View::new(&q[qs], b.rows, hd),
-        View::new(&k[ks], e, hd).t(),
-    );
+    pr.times_t(s, b, Keyed::K, &q[qs], z);
     for (r, (pr, zr)) in p.chunks_mut(e).zip(z.chunks(e)).enumerate() {
         let m = &d.mask_row(mask, b.group, b.pos + r)[..e];
         softmax_row(pr, zr, m, d.scale);
@@ -224,20 +382,23 @@ fn split_rows<'a, 'b>(
 
 /// `softmax(scale · q·kᵀ + mask) · v`, `(B, kv, rep·n, hd)`.
 pub(super) fn forward(d: &Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32]) -> Vec<f32> {
+    if d.bf16 {
+        let tiles = Tiles::new(d, k, v, &[(Keyed::K, true), (Keyed::V, false)]);
+        forward_on(&tiles, d, q, mask)
+    } else {
+        forward_on(&F32 { d, k, v }, d, q, mask)
+    }
+}
+
+fn forward_on<P: Products>(pr: &P, d: &Dims, q: &[f32], mask: &[f32]) -> Vec<f32> {
     let blocks = d.blocks(mask);
     let mut o = vec![0f32; q.len()];
     let outs = split_rows(&mut o, blocks.chunks(1), d.head_dim);
     blocks.par_iter().zip(outs).for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(z, p), (b, out)| {
-            probs(d, b, q, k, mask, z, p);
-            let (_, ks) = d.spans(b);
-            product(
-                out,
-                false,
-                View::new(p, b.rows, b.keys),
-                View::new(&v[ks], b.keys, d.head_dim),
-            );
+        || (P::Scratch::default(), Vec::new(), Vec::new()),
+        |(s, z, p), (b, out)| {
+            probs(pr, s, d, b, q, mask, z, p);
+            pr.times(s, b, Keyed::V, p, out);
         },
     );
     o
@@ -249,6 +410,22 @@ pub(super) fn backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    mask: &[f32],
+    g: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    if d.bf16 {
+        let wanted = [(Keyed::K, true), (Keyed::V, true), (Keyed::K, false)];
+        let tiles = Tiles::new(d, k, v, &wanted);
+        backward_on(&tiles, d, q, mask, g)
+    } else {
+        backward_on(&F32 { d, k, v }, d, q, mask, g)
+    }
+}
+
+fn backward_on<P: Products>(
+    pr: &P,
+    d: &Dims,
+    q: &[f32],
     mask: &[f32],
     g: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -268,52 +445,221 @@ pub(super) fn backward(
     let mut dq = vec![0f32; q.len()];
     let dq_runs = split_rows(&mut dq, runs.iter().copied(), hd);
     // Each run: its dq rows written, its dk and dv sums over the keys it sees returned.
-    let sums: Vec<(usize, Vec<f32>, Vec<f32>)> = runs
+    let sums: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = runs
         .par_iter()
         .zip(dq_runs)
         .map(|(run, dq_run)| {
             let keys = run.iter().map(|b| b.keys).max().unwrap_or(0);
             let (mut dk, mut dv) = (vec![0f32; keys * hd], vec![0f32; keys * hd]);
+            let mut s = P::Scratch::default();
             let (mut z, mut p, mut dz) = (Vec::new(), Vec::new(), Vec::new());
             for (b, dq_b) in run.iter().zip(split_rows(dq_run, run.chunks(1), hd)) {
-                let (qs, ks) = d.spans(b);
-                let (rows, e) = (b.rows, b.keys);
-                probs(d, b, q, k, mask, &mut z, &mut p);
-                let (qb, gb) = (
-                    View::new(&q[qs.clone()], rows, hd),
-                    View::new(&g[qs], rows, hd),
-                );
-                let (kb, vb) = (View::new(&k[ks.clone()], e, hd), View::new(&v[ks], e, hd));
-                let pv = View::new(&p, rows, e);
-                product(&mut dv, true, pv.t(), gb);
+                let (qs, _) = d.spans(b);
+                let (qb, gb) = (&q[qs.clone()], &g[qs]);
+                probs(pr, &mut s, d, b, q, mask, &mut z, &mut p);
+                pr.add_t_times(&mut s, b, &p, gb, &mut dv, keys);
                 // z ← dp = g·vᵀ, then dz = scale · p ⊙ (dp − Σ dp⊙p).
-                product(&mut z, false, gb, vb.t());
-                dz.resize(rows * e, 0.0);
-                for ((o, pr), dpr) in dz.chunks_mut(e).zip(p.chunks(e)).zip(z.chunks(e)) {
-                    softmax_bwd_row(o, pr, dpr, d.scale);
+                pr.times_t(&mut s, b, Keyed::V, gb, &mut z);
+                dz.resize(b.rows * b.keys, 0.0);
+                let e = b.keys;
+                for ((o, pb), dpb) in dz.chunks_mut(e).zip(p.chunks(e)).zip(z.chunks(e)) {
+                    softmax_bwd_row(o, pb, dpb, d.scale);
                 }
-                let dzv = View::new(&dz, rows, e);
-                product(dq_b, false, dzv, kb);
-                product(&mut dk, true, dzv.t(), qb);
+                pr.times(&mut s, b, Keyed::K, &dz, dq_b);
+                pr.add_t_times(&mut s, b, &dz, qb, &mut dk, keys);
             }
-            (run[0].group, dk, dv)
+            (run[0].group, keys, dk, dv)
         })
         .collect();
     let size = d.total * hd;
-    let mut dk = vec![0f32; k.len()];
-    let mut dv = vec![0f32; v.len()];
+    let mut dk = vec![0f32; size * d.groups()];
+    let mut dv = vec![0f32; size * d.groups()];
     dk.par_chunks_mut(size)
         .zip(dv.par_chunks_mut(size))
         .enumerate()
         .for_each(|(group, (dk, dv))| {
-            for (_, sk, sv) in sums.iter().filter(|s| s.0 == group) {
-                for (a, b) in dk.iter_mut().zip(sk) {
-                    *a += b;
-                }
-                for (a, b) in dv.iter_mut().zip(sv) {
-                    *a += b;
-                }
+            for (_, keys, sk, sv) in sums.iter().filter(|s| s.0 == group) {
+                add_sums::<P>(dk, sk, *keys, hd);
+                add_sums::<P>(dv, sv, *keys, hd);
             }
         });
     (dq, dk, dv)
+}
+
+/// Adds a run's key-side sums over its first `keys` keys into a group's `(total, hd)`.
+fn add_sums<P: Products>(dst: &mut [f32], sum: &[f32], keys: usize, hd: usize) {
+    if !P::SUMS_TRANSPOSED {
+        for (a, b) in dst.iter_mut().zip(sum) {
+            *a += b;
+        }
+        return;
+    }
+    for (j, col) in sum.chunks(keys.max(1)).enumerate() {
+        for (key, b) in col.iter().enumerate() {
+            dst[key * hd + j] += b;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::amx_bf16::round_to_bf16;
+
+    fn wave(len: usize, seed: f64) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as f64 * 0.37 + seed).sin() * 1.3 + (i % 5) as f64 * 0.05) as f32)
+            .collect()
+    }
+
+    /// Attention in f64 for the block layouts, each product's operands rounded to bf16 first
+    /// when `round` (as the tiles take them: `q`, `k` for the scores; `p`, `v` for the output;
+    /// `p`, `g` for `dv`; `g`, `v` for `dp`; `dz` with `k` and with `q` for `dq` and `dk`).
+    /// `(o, dq, dk, dv)`.
+    fn reference(
+        d: &Dims,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &[f32],
+        g: &[f32],
+        round: bool,
+    ) -> [Vec<f64>; 4] {
+        let r = |x: f32| {
+            if round {
+                round_to_bf16(x) as f64
+            } else {
+                x as f64
+            }
+        };
+        let (hd, total, rn) = (d.head_dim, d.total, d.rep * d.n);
+        let mut o = vec![0f64; q.len()];
+        let mut dq = vec![0f64; q.len()];
+        let mut dk = vec![0f64; k.len()];
+        let mut dv = vec![0f64; v.len()];
+        for grp in 0..d.groups() {
+            let kv = |m: &[f32], j: usize, c: usize| m[(grp * total + j) * hd + c];
+            for row in 0..rn {
+                let at = (grp * rn + row) * hd;
+                let mrow = d.mask_row(mask, grp, row % d.n);
+                let x: Vec<f64> = (0..total)
+                    .map(|j| {
+                        let z: f64 = (0..hd).map(|c| r(q[at + c]) * r(kv(k, j, c))).sum();
+                        d.scale as f64 * z + mrow[j] as f64
+                    })
+                    .collect();
+                let top = x.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = x.iter().map(|x| (x - top).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                let p: Vec<f64> = e.iter().map(|e| e / sum).collect();
+                let rp = |j: usize| {
+                    if round {
+                        round_to_bf16(p[j] as f32) as f64
+                    } else {
+                        p[j]
+                    }
+                };
+                let dp: Vec<f64> = (0..total)
+                    .map(|j| (0..hd).map(|c| r(g[at + c]) * r(kv(v, j, c))).sum())
+                    .collect();
+                let dot: f64 = (0..total).map(|j| dp[j] * p[j]).sum();
+                let dz: Vec<f64> = (0..total)
+                    .map(|j| {
+                        let dz = d.scale as f64 * p[j] * (dp[j] - dot);
+                        if round {
+                            round_to_bf16(dz as f32) as f64
+                        } else {
+                            dz
+                        }
+                    })
+                    .collect();
+                for c in 0..hd {
+                    o[at + c] = (0..total).map(|j| rp(j) * r(kv(v, j, c))).sum();
+                    dq[at + c] = (0..total).map(|j| dz[j] * r(kv(k, j, c))).sum();
+                }
+                for j in 0..total {
+                    for c in 0..hd {
+                        let kvat = (grp * total + j) * hd + c;
+                        dv[kvat] += rp(j) * r(g[at + c]);
+                        dk[kvat] += dz[j] * r(q[at + c]);
+                    }
+                }
+            }
+        }
+        [o, dq, dk, dv]
+    }
+
+    fn rms(a: &[f32], b: &[f64]) -> f64 {
+        let s: f64 = a.iter().zip(b).map(|(&a, b)| (a as f64 - b).powi(2)).sum();
+        (s / a.len() as f64).sqrt()
+    }
+
+    /// With the products on AMX tiles, the forward and backward equal attention computed in f64
+    /// from operands rounded to bf16 as the tiles take them — much closer than to attention on
+    /// the unrounded operands (the rounding is real and where it should be). GQA with three
+    /// query heads per kv head, 70 positions (two full blocks and a ragged one), a head
+    /// dimension of 20 (no whole tile), a causal mask per batch row (the second row two packed
+    /// sequences), and one over a cached prefix of five keys.
+    #[test]
+    fn tiles_take_the_operands_rounded_to_bf16() {
+        if !amx_bf16::available() {
+            eprintln!("skipped: this CPU (or OS) offers no AMX-BF16 tiles");
+            return;
+        }
+        let (batch, kv_heads, rep, n, hd) = (2, 2, 3, 70, 20);
+        let causal = |total: usize, second: usize| -> Vec<f32> {
+            (0..n * total)
+                .map(|i| {
+                    let (pos, key) = (i / total, i % total);
+                    let hidden = key > pos + (total - n) || (pos >= second && key < second);
+                    if hidden {
+                        -1e9
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        };
+        for (total, per_row) in [(n, true), (n + 5, false)] {
+            let mask = if per_row {
+                [causal(n, n), causal(n, 30)].concat()
+            } else {
+                causal(total, n)
+            };
+            let d = Dims {
+                batch,
+                kv_heads,
+                rep,
+                n,
+                total,
+                head_dim: hd,
+                mask_per_row: per_row,
+                scale: 0.3,
+                bf16: true,
+            };
+            let q = wave(batch * kv_heads * rep * n * hd, 0.0);
+            let k = wave(batch * kv_heads * total * hd, 1.0);
+            let v = wave(batch * kv_heads * total * hd, 2.0);
+            let g = wave(q.len(), 3.0);
+            let o = forward(&d, &q, &k, &v, &mask);
+            let (dq, dk, dv) = backward(&d, &q, &k, &v, &mask, &g);
+            let rounded = reference(&d, &q, &k, &v, &mask, &g, true);
+            let exact = reference(&d, &q, &k, &v, &mask, &g, false);
+            for (name, got, r, e) in [
+                ("o", &o, &rounded[0], &exact[0]),
+                ("dq", &dq, &rounded[1], &exact[1]),
+                ("dk", &dk, &rounded[2], &exact[2]),
+                ("dv", &dv, &rounded[3], &exact[3]),
+            ] {
+                let (to_rounded, to_exact) = (rms(got, r), rms(got, e));
+                let size = rms(&vec![0f32; got.len()], e);
+                assert!(size > 1e-2, "{name}: not zero");
+                assert!(
+                    to_rounded <= 0.1 * to_exact && to_exact <= 1e-2 * size,
+                    "{name} (total {total}): {to_rounded:.2e} from the rounded operands' \
+                     attention, {to_exact:.2e} from the exact one (size {size:.2e})"
+                );
+            }
+        }
+    }
 }

@@ -3,10 +3,9 @@
 //! forward `x·Wᵀ` and the input gradient `g·W`); activations and gradients stay f32 and are
 //! rounded as they are packed; the products sum in f32 (see [`super::amx_bf16`]). A LoRA layer's
 //! rank-r term joins its frozen product on the tiles, rounded the same way (as PEFT's adapters
-//! compute under autocast). Everything else in the step — attention, norms, softmax,
-//! log-probabilities, LoRA's `h`, `gB` and its gradients, the optimizer — computes in f32.
-//! (The attention's products through the tiles were measured and gained nothing at 512
-//! tokens: both operands must be rounded and packed per call.)
+//! compute under autocast). Attention's products run on the tiles too (`attention_blocks`);
+//! everything else in the step — norms, softmax, log-probabilities, LoRA's `h`, `gB` and its
+//! gradients, the optimizer — computes in f32.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,7 +25,8 @@ pub fn use_bf16_products(on: bool) -> bool {
     on
 }
 
-/// Whether frozen linear weights multiply in bf16 on AMX tiles.
+/// Whether frozen linear weights (and attention, `attention_blocks`) multiply in bf16 on AMX
+/// tiles.
 pub fn bf16_products() -> bool {
     ON.load(Ordering::Relaxed)
 }
