@@ -705,18 +705,19 @@ impl DecoderLayer {
         let attn = match (&pass.blocks, &shifted) {
             // A padding-free pass: each sequence of the packed row attends within itself.
             (Some(blocks), None) => {
-                let mut outs = Vec::with_capacity(blocks.len());
-                for blk in blocks {
-                    let part = |t: &Tensor| t.narrow(2, blk.start, blk.len)?.contiguous();
-                    let mask = match (self.sliding_window, &blk.local_mask) {
-                        (Some(_), Some(local)) => local,
-                        _ => &blk.mask,
-                    };
-                    outs.push(attend(d, &part(&q)?, &part(&k)?, &part(&v)?, mask)?);
-                }
-                Tensor::cat(&outs, 2)?
+                // The longest sequence's mask: its top-left corner is each shorter one's (a
+                // causal mask, windowed or not, depends only on how far back a key is).
+                let longest = blocks.iter().max_by_key(|b| b.len);
+                let longest =
+                    anyhow::Context::context(longest, "a padding-free pass without sequences")?;
+                let mask = match (self.sliding_window, &longest.local_mask) {
+                    (Some(_), Some(local)) => local,
+                    _ => &longest.mask,
+                };
+                let segments: Vec<_> = blocks.iter().map(|b| (b.start, b.len)).collect();
+                attend(d, &q, &k, &v, mask, Some(&segments))?
             }
-            _ => attend(d, &q, &k, &v, &mask)?,
+            _ => attend(d, &q, &k, &v, &mask, None)?,
         };
         let (attn, bs, n) = match &shifted {
             Some(sg) => (sg.unshift(&attn)?, pass.batch, pass.n),
@@ -744,13 +745,26 @@ impl DecoderLayer {
 }
 
 /// Scaled dot-product attention of `q (B, heads, n, hd)` over `k`, `v (B, kv_heads, total, hd)`
-/// with an additive `mask` broadcast to `(B, 1, n, total)`; `(B, heads, n, hd)`.
-fn attend(d: &Dims, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// with an additive `mask` broadcast to `(B, 1, n, total)`; `(B, heads, n, hd)`. With
+/// `segments` (a padding-free row: `(start, len)` of each sequence) each sequence attends within
+/// itself under `mask`'s top-left corner ([`crate::ops::attention_packed`]).
+fn attend(
+    d: &Dims,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    segments: Option<&[(usize, usize)]>,
+) -> Result<Tensor> {
     let (bs, nh, n, hd) = q.dims4()?;
     let nkv = k.dim(1)?;
     let rep = nh / nkv;
     let q = q.reshape((bs, nkv, rep * n, hd))?;
-    let o = crate::ops::attention(&q, k, v, mask, d.attn_scale, d.attn_softcap, rep)?;
+    let (scale, cap) = (d.attn_scale, d.attn_softcap);
+    let o = match segments {
+        Some(segs) => crate::ops::attention_packed(&q, k, v, mask, segs, scale, cap, rep)?,
+        None => crate::ops::attention(&q, k, v, mask, scale, cap, rep)?,
+    };
     Ok(o.reshape((bs, nh, n, hd))?)
 }
 

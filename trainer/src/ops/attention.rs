@@ -75,8 +75,15 @@ struct Attention {
 }
 
 /// The block kernels' dimensions when they apply: f32 on the CPU, no soft cap, a mask that
-/// fits `(B or 1, 1, n, total)`.
-fn block_dims(q: &Tensor, k: &Tensor, scores: &Scores) -> Option<attention_blocks::Dims> {
+/// fits `(B or 1, 1, n, total)` — or, for a padding-free row's `segments` (`(start, len)`,
+/// in order, covering its `n` positions; no cached keys), `(1, 1, M, M)` for `M` at least the
+/// longest segment.
+fn block_dims(
+    q: &Tensor,
+    k: &Tensor,
+    scores: &Scores,
+    segments: Option<&[(usize, usize)]>,
+) -> Option<attention_blocks::Dims> {
     let mask = &scores.mask;
     let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
     if scores.softcap.is_some() || !f32_cpu(q) || !f32_cpu(k) || !f32_cpu(mask) {
@@ -86,9 +93,38 @@ fn block_dims(q: &Tensor, k: &Tensor, scores: &Scores) -> Option<attention_block
     let total = k.dim(2).ok()?;
     let n = rn / scores.rep;
     let (mb, one, mn, mt) = mask.dims4().ok()?;
-    if one != 1 || mn != n || mt != total || (mb != 1 && mb != batch) || n * scores.rep != rn {
+    if one != 1 || n * scores.rep != rn || (mb != 1 && mb != batch) {
         return None;
     }
+    let segs = match segments {
+        None if mn == n && mt == total => vec![attention_blocks::Seg {
+            q0: 0,
+            len: n,
+            k0: 0,
+            keys: total,
+        }],
+        Some(parts) if batch == 1 && total == n && mn == mt => {
+            let mut next = 0;
+            let mut segs = Vec::with_capacity(parts.len());
+            for &(start, len) in parts {
+                if start != next || len > mn {
+                    return None;
+                }
+                next += len;
+                segs.push(attention_blocks::Seg {
+                    q0: start,
+                    len,
+                    k0: start,
+                    keys: len,
+                });
+            }
+            if next != n {
+                return None;
+            }
+            segs
+        }
+        _ => return None,
+    };
     Some(attention_blocks::Dims {
         batch,
         kv_heads,
@@ -97,8 +133,10 @@ fn block_dims(q: &Tensor, k: &Tensor, scores: &Scores) -> Option<attention_block
         total,
         head_dim,
         mask_per_row: mb == batch && batch > 1,
+        mask_cols: mt,
         scale: scores.scale as f32,
         bf16: super::bf16_linear::bf16_products(),
+        segs,
     })
 }
 
@@ -204,7 +242,63 @@ pub fn attention(
         let (p, _) = scores.probs(q, k)?;
         return p.matmul(v);
     }
-    let blocks = block_dims(q, k, &scores);
+    let blocks = block_dims(q, k, &scores, None);
+    node(q, k, v, scores, blocks)
+}
+
+/// Attention over a padding-free row of sequences, each attending within itself: `q (1,
+/// kv_heads, rep·n, hd)`, `k`, `v (1, kv_heads, n, hd)`, `segments` the sequences' `(start,
+/// len)` in order, covering the `n` positions, and `mask (1, 1, M, M)` a table whose top-left
+/// `len × len` corner is each sequence's mask (a causal table at least as long as the longest
+/// sequence). On the block kernels, one node for the row: no per-sequence copies of `q`, `k`,
+/// `v` and their gradients; elsewhere, one [`attention`] per sequence, concatenated.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    segments: &[(usize, usize)],
+    scale: f64,
+    softcap: Option<f64>,
+    rep: usize,
+) -> Result<Tensor> {
+    let scores = Scores {
+        mask: mask.detach(),
+        scale,
+        softcap,
+        rep,
+    };
+    if supported(q) && !super::composed() {
+        if let Some(d) = block_dims(q, k, &scores, Some(segments)) {
+            return node(q, k, v, scores, Some(d));
+        }
+    }
+    let (bs, nkv, rn, hd) = q.dims4()?;
+    let n = rn / rep;
+    let q = q.reshape((bs, nkv, rep, n, hd))?;
+    let mut outs = Vec::with_capacity(segments.len());
+    for &(start, len) in segments {
+        let part = |t: &Tensor| t.narrow(2, start, len)?.contiguous();
+        let qs = q
+            .narrow(3, start, len)?
+            .contiguous()?
+            .reshape((bs, nkv, rep * len, hd))?;
+        let m = mask.narrow(2, 0, len)?.narrow(3, 0, len)?.contiguous()?;
+        let o = attention(&qs, &part(k)?, &part(v)?, &m, scale, softcap, rep)?;
+        outs.push(o.reshape((bs, nkv, rep, len, hd))?);
+    }
+    Tensor::cat(&outs, 3)?.reshape((bs, nkv, rn, hd))
+}
+
+/// The attention node, its forward on the block kernels when `blocks` says so (else candle).
+fn node(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scores: Scores,
+    blocks: Option<attention_blocks::Dims>,
+) -> Result<Tensor> {
     let o = match &blocks {
         Some(d) => {
             let o = with_slices(q, k, v, &scores.mask, |qs, ks, vs, m| {
@@ -386,7 +480,7 @@ mod tests {
             let qf = q.to_dtype(DType::F32).unwrap();
             let kf = k.to_dtype(DType::F32).unwrap();
             assert!(
-                block_dims(&qf, &kf, &scores).is_some(),
+                block_dims(&qf, &kf, &scores, None).is_some(),
                 "the block path applies"
             );
             for (name, (a, b)) in ["o", "dq", "dk", "dv"]
@@ -400,6 +494,97 @@ mod tests {
                     "{name} (total {total}): f32 blocks off by {d} of {m}"
                 );
             }
+        }
+    }
+
+    /// A padding-free row of three sequences (30, 25 and 15 positions: full, ragged and single
+    /// blocks) under one causal table of 40 (a windowed one too): in f32 one node on the block
+    /// kernels, its output and gradients equal to those of each sequence on its own (the f64
+    /// graph, a node per sequence and their concatenation), and no key of one sequence reaches
+    /// another (a change to the first sequence's values moves only its own outputs).
+    #[test]
+    fn a_packed_row_attends_within_each_sequence() {
+        let (nkv, rep, n, hd) = (2, 3, 70, 12);
+        let segments = [(0, 30), (30, 25), (55, 15)];
+        for window in [None, Some(6)] {
+            let table: Vec<f64> = (0..40 * 40)
+                .map(|i| {
+                    let (pos, key) = (i / 40, i % 40);
+                    let far = window.is_some_and(|w| pos >= key + w);
+                    if key > pos || far {
+                        -1e9
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(table, (1, 1, 40, 40), &Device::Cpu).unwrap();
+            let q = var(&[1, nkv, rep * n, hd], 0.0);
+            let k = var(&[1, nkv, n, hd], 1.0);
+            let v = var(&[1, nkv, n, hd], 2.0);
+            let weights = var(&[1, nkv, rep * n, hd], 3.0);
+            let run = |dtype: DType, v_shift: f64| {
+                let to = |t: &Tensor| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap();
+                let (q, k) = (to(&q), to(&k));
+                // The first sequence's values shifted (the others' untouched).
+                let shift = Tensor::arange(0u32, n as u32, &Device::Cpu)
+                    .unwrap()
+                    .lt(30u32)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .reshape((1, 1, n, 1))
+                    .unwrap();
+                let v = to(&(v.as_tensor().broadcast_add(&(shift * v_shift).unwrap())).unwrap());
+                let mask = mask.to_dtype(dtype).unwrap();
+                let o = attention_packed(&q, &k, &v, &mask, &segments, 0.3, None, rep).unwrap();
+                let loss = (o.to_dtype(DType::F64).unwrap() * weights.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let g = loss.backward().unwrap();
+                let grad = |t: &Var| g.get(t).unwrap().to_dtype(DType::F64).unwrap();
+                [
+                    o.to_dtype(DType::F64).unwrap(),
+                    grad(&q),
+                    grad(&k),
+                    grad(&v),
+                ]
+            };
+            let scores = Scores {
+                mask: mask.to_dtype(DType::F32).unwrap(),
+                scale: 0.3,
+                softcap: None,
+                rep,
+            };
+            let (qf, kf) = (
+                q.to_dtype(DType::F32).unwrap(),
+                k.to_dtype(DType::F32).unwrap(),
+            );
+            assert!(block_dims(&qf, &kf, &scores, Some(&segments)).is_some());
+            let exact = run(DType::F64, 0.0);
+            for (name, (a, b)) in ["o", "dq", "dk", "dv"]
+                .iter()
+                .zip(exact.iter().zip(run(DType::F32, 0.0)))
+            {
+                let (d, m) = (max_diff(a, &b), max_abs(a));
+                assert!(m > 1e-2, "{name}: not zero");
+                assert!(
+                    d <= 2e-5 * m,
+                    "{name} ({window:?}): packed f32 off by {d} of {m}"
+                );
+            }
+            // Outputs of the second and third sequences ignore the first one's values.
+            let moved = run(DType::F32, 5.0);
+            let rows = |t: &Tensor, from: usize, len: usize| {
+                t.reshape((nkv, rep, n, hd))
+                    .unwrap()
+                    .narrow(2, from, len)
+                    .unwrap()
+            };
+            let (later, before) = (rows(&moved[0], 30, 40), rows(&exact[0], 30, 40));
+            assert!(max_diff(&later, &before) <= 2e-5 * max_abs(&before));
+            assert!(max_diff(&rows(&moved[0], 0, 30), &rows(&exact[0], 0, 30)) > 1.0);
         }
     }
 

@@ -24,7 +24,7 @@ use super::rowwise::{softmax_bwd_row, softmax_row, visible_keys};
 const ROWS: usize = 32;
 
 /// What one attention call computes on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Dims {
     pub batch: usize,
     pub kv_heads: usize,
@@ -37,21 +37,41 @@ pub(super) struct Dims {
     pub head_dim: usize,
     /// Whether the mask has one table per batch row (else one for all).
     pub mask_per_row: bool,
+    /// Columns of a row of the mask's table.
+    pub mask_cols: usize,
     pub scale: f32,
     /// Products in bf16 on AMX tiles (else f32).
     pub bf16: bool,
+    /// The sequences of each row, each attending within itself; in order, covering the `n`
+    /// positions. One for a padded batch; the packed sequences of a padding-free row.
+    pub segs: Vec<Seg>,
+}
+
+/// A sequence of query positions `q0 .. q0 + len` and the keys `k0 .. k0 + keys` it attends
+/// to, its mask the table's top-left `len × keys` corner (a causal table serves every shorter
+/// sequence that way).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Seg {
+    pub q0: usize,
+    pub len: usize,
+    pub k0: usize,
+    pub keys: usize,
 }
 
 /// A block of query rows of one group.
 #[derive(Debug, Clone, Copy)]
 struct Block {
     group: usize,
+    /// Its sequence (an index into `Dims::segs`).
+    seg: usize,
     /// First row in the group's stack of `rep · n`.
     row: usize,
     rows: usize,
     /// Query position of the first row.
     pos: usize,
-    /// Keys the block's products cover: one past the last key any of its rows sees.
+    /// First key the block's products cover (its sequence's).
+    k0: usize,
+    /// Keys the block's products cover from `k0`: one past the last key any of its rows sees.
     keys: usize,
 }
 
@@ -60,35 +80,44 @@ impl Dims {
         self.batch * self.kv_heads
     }
 
-    /// The mask's row for query position `pos` of group `group`.
-    fn mask_row<'m>(&self, mask: &'m [f32], group: usize, pos: usize) -> &'m [f32] {
-        let b = if self.mask_per_row {
-            group / self.kv_heads
+    /// The mask's row for query position `pos` of group `group` in sequence `seg`, over the
+    /// sequence's keys.
+    fn mask_row<'m>(&self, mask: &'m [f32], group: usize, seg: usize, pos: usize) -> &'m [f32] {
+        let s = &self.segs[seg];
+        let table = if self.mask_per_row {
+            group / self.kv_heads * self.n * self.mask_cols
         } else {
             0
         };
-        &mask[(b * self.n + pos) * self.total..][..self.total]
+        &mask[table + (pos - s.q0) * self.mask_cols..][..s.keys]
     }
 
     /// The blocks in storage order (group by group, rows ascending; a block never crosses from
-    /// one query head to the next).
+    /// one query head, or one sequence, to the next).
     fn blocks(&self, mask: &[f32]) -> Vec<Block> {
         let mut out = Vec::new();
         for group in 0..self.groups() {
             // Positions' extents, shared by the group's query heads.
-            let ext: Vec<usize> = (0..self.n)
-                .map(|pos| visible_keys(self.mask_row(mask, group, pos)).end)
-                .collect();
+            let mut ext = vec![0; self.n];
+            for (i, s) in self.segs.iter().enumerate() {
+                for pos in s.q0..s.q0 + s.len {
+                    ext[pos] = visible_keys(self.mask_row(mask, group, i, pos)).end;
+                }
+            }
             for head in 0..self.rep {
-                for pos in (0..self.n).step_by(ROWS) {
-                    let rows = ROWS.min(self.n - pos);
-                    out.push(Block {
-                        group,
-                        row: head * self.n + pos,
-                        rows,
-                        pos,
-                        keys: ext[pos..pos + rows].iter().copied().max().unwrap_or(0),
-                    });
+                for (seg, s) in self.segs.iter().enumerate() {
+                    for pos in (s.q0..s.q0 + s.len).step_by(ROWS) {
+                        let rows = ROWS.min(s.q0 + s.len - pos);
+                        out.push(Block {
+                            group,
+                            seg,
+                            row: head * self.n + pos,
+                            rows,
+                            pos,
+                            k0: s.k0,
+                            keys: ext[pos..pos + rows].iter().copied().max().unwrap_or(0),
+                        });
+                    }
                 }
             }
         }
@@ -99,7 +128,7 @@ impl Dims {
     fn spans(&self, b: &Block) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
         let hd = self.head_dim;
         let q0 = (b.group * self.rep * self.n + b.row) * hd;
-        let k0 = b.group * self.total * hd;
+        let k0 = (b.group * self.total + b.k0) * hd;
         (q0..q0 + b.rows * hd, k0..k0 + b.keys * hd)
     }
 }
@@ -252,41 +281,44 @@ impl Products for F32<'_> {
 }
 
 /// The products in bf16 on AMX tiles (the CPU's `bf16: true`), as PyTorch's attention computes
-/// under bf16 autocast: both operands rounded to bf16, sums in f32. Each group's `k` and `v` are
-/// packed once per call, in the orientations the pass needs; a block's own operands are packed
-/// on its thread.
+/// under bf16 autocast: both operands rounded to bf16, sums in f32. Each sequence's `k` and `v`
+/// are packed once per call and group, in the orientations the pass needs; a block's own
+/// operands are packed on its thread.
 struct Tiles {
-    /// Per group, `M` packed as `B (total, hd)` for [`Products::times`] (empty when the pass
-    /// does not need it).
+    /// Per group and sequence (`group · segs + seg`), `M` packed as `B (keys, hd)` for
+    /// [`Products::times`] (empty when the pass does not need it).
     plain: [Vec<PackedB>; 2],
-    /// Per group, `Mᵀ` packed as `B (hd, total)` for [`Products::times_t`].
+    /// Per group and sequence, `Mᵀ` packed as `B (hd, keys)` for [`Products::times_t`].
     transposed: [Vec<PackedB>; 2],
     hd: usize,
+    segs: usize,
 }
 
 impl Tiles {
     /// Packs `(matrix, transposed)` for each of `wanted`.
     fn new(d: &Dims, k: &[f32], v: &[f32], wanted: &[(Keyed, bool)]) -> Self {
-        let (hd, total) = (d.head_dim, d.total);
+        let (hd, total, segs) = (d.head_dim, d.total, d.segs.len());
         let mut tiles = Self {
             plain: Default::default(),
             transposed: Default::default(),
             hd,
+            segs,
         };
         for &(m, t) in wanted {
             let src = match m {
                 Keyed::K => k,
                 Keyed::V => v,
             };
-            let packs = (0..d.groups())
+            let packs = (0..d.groups() * segs)
                 .into_par_iter()
-                .map(|g| {
-                    let src = &src[g * total * hd..][..total * hd];
+                .map(|i| {
+                    let s = &d.segs[i % segs];
+                    let src = &src[((i / segs) * total + s.k0) * hd..][..s.keys * hd];
                     let mut b = PackedB::default();
                     if t {
-                        b.pack_here(src, hd, total, 1, hd);
+                        b.pack_here(src, hd, s.keys, 1, hd);
                     } else {
-                        b.pack_here(src, total, hd, hd, 1);
+                        b.pack_here(src, s.keys, hd, hd, 1);
                     }
                     b
                 })
@@ -313,13 +345,13 @@ impl Products for Tiles {
 
     fn times_t(&self, s: &mut TileScratch, b: &Block, m: Keyed, x: &[f32], out: &mut [f32]) {
         s.a.pack(x, b.rows, self.hd, self.hd, 1);
-        let mt = &self.transposed[m as usize][b.group];
+        let mt = &self.transposed[m as usize][b.group * self.segs + b.seg];
         amx_bf16::matmul_here(&s.a, mt, b.keys, out, b.keys, false);
     }
 
     fn times(&self, s: &mut TileScratch, b: &Block, m: Keyed, x: &[f32], out: &mut [f32]) {
         s.a.pack(x, b.rows, b.keys, b.keys, 1);
-        let mp = &self.plain[m as usize][b.group];
+        let mp = &self.plain[m as usize][b.group * self.segs + b.seg];
         amx_bf16::matmul_here(&s.a, mp, self.hd, out, self.hd, false);
     }
 
@@ -358,7 +390,7 @@ fn probs<P: Products>(
     p.resize(b.rows * e, 0.0);
     pr.times_t(s, b, Keyed::K, &q[qs], z);
     for (r, (pr, zr)) in p.chunks_mut(e).zip(z.chunks(e)).enumerate() {
-        let m = &d.mask_row(mask, b.group, b.pos + r)[..e];
+        let m = &d.mask_row(mask, b.group, b.seg, b.pos + r)[..e];
         softmax_row(pr, zr, m, d.scale);
     }
 }
@@ -444,20 +476,24 @@ fn backward_on<P: Products>(
         .collect();
     let mut dq = vec![0f32; q.len()];
     let dq_runs = split_rows(&mut dq, runs.iter().copied(), hd);
-    // Each run: its dq rows written, its dk and dv sums over the keys it sees returned.
-    let sums: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = runs
+    // Each run: its dq rows written, its dk and dv sums over the keys it sees (from its
+    // first) returned.
+    let sums: Vec<RunSums> = runs
         .par_iter()
         .zip(dq_runs)
         .map(|(run, dq_run)| {
-            let keys = run.iter().map(|b| b.keys).max().unwrap_or(0);
+            let k0 = run.iter().map(|b| b.k0).min().unwrap_or(0);
+            let keys = run.iter().map(|b| b.k0 + b.keys).max().unwrap_or(0) - k0;
             let (mut dk, mut dv) = (vec![0f32; keys * hd], vec![0f32; keys * hd]);
+            // A block's sums start at its first key.
+            let at = |b: &Block| (b.k0 - k0) * if P::SUMS_TRANSPOSED { 1 } else { hd };
             let mut s = P::Scratch::default();
             let (mut z, mut p, mut dz) = (Vec::new(), Vec::new(), Vec::new());
             for (b, dq_b) in run.iter().zip(split_rows(dq_run, run.chunks(1), hd)) {
                 let (qs, _) = d.spans(b);
                 let (qb, gb) = (&q[qs.clone()], &g[qs]);
                 probs(pr, &mut s, d, b, q, mask, &mut z, &mut p);
-                pr.add_t_times(&mut s, b, &p, gb, &mut dv, keys);
+                pr.add_t_times(&mut s, b, &p, gb, &mut dv[at(b)..], keys);
                 // z ← dp = g·vᵀ, then dz = scale · p ⊙ (dp − Σ dp⊙p).
                 pr.times_t(&mut s, b, Keyed::V, gb, &mut z);
                 dz.resize(b.rows * b.keys, 0.0);
@@ -466,9 +502,15 @@ fn backward_on<P: Products>(
                     softmax_bwd_row(o, pb, dpb, d.scale);
                 }
                 pr.times(&mut s, b, Keyed::K, &dz, dq_b);
-                pr.add_t_times(&mut s, b, &dz, qb, &mut dk, keys);
+                pr.add_t_times(&mut s, b, &dz, qb, &mut dk[at(b)..], keys);
             }
-            (run[0].group, keys, dk, dv)
+            RunSums {
+                group: run[0].group,
+                k0,
+                keys,
+                dk,
+                dv,
+            }
         })
         .collect();
     let size = d.total * hd;
@@ -478,15 +520,24 @@ fn backward_on<P: Products>(
         .zip(dv.par_chunks_mut(size))
         .enumerate()
         .for_each(|(group, (dk, dv))| {
-            for (_, keys, sk, sv) in sums.iter().filter(|s| s.0 == group) {
-                add_sums::<P>(dk, sk, *keys, hd);
-                add_sums::<P>(dv, sv, *keys, hd);
+            for r in sums.iter().filter(|r| r.group == group) {
+                add_sums::<P>(&mut dk[r.k0 * hd..], &r.dk, r.keys, hd);
+                add_sums::<P>(&mut dv[r.k0 * hd..], &r.dv, r.keys, hd);
             }
         });
     (dq, dk, dv)
 }
 
-/// Adds a run's key-side sums over its first `keys` keys into a group's `(total, hd)`.
+/// A backward run's sums for its group's `dk` and `dv`, over `keys` keys from `k0`.
+struct RunSums {
+    group: usize,
+    k0: usize,
+    keys: usize,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+/// Adds a run's key-side sums over `keys` keys into a group's `(keys.., hd)` from the first.
 fn add_sums<P: Products>(dst: &mut [f32], sum: &[f32], keys: usize, hd: usize) {
     if !P::SUMS_TRANSPOSED {
         for (a, b) in dst.iter_mut().zip(sum) {
@@ -541,11 +592,15 @@ mod tests {
             let kv = |m: &[f32], j: usize, c: usize| m[(grp * total + j) * hd + c];
             for row in 0..rn {
                 let at = (grp * rn + row) * hd;
-                let mrow = d.mask_row(mask, grp, row % d.n);
+                let pos = row % d.n;
+                let seg = d.segs.iter().position(|s| pos < s.q0 + s.len).unwrap();
+                let (k0, mrow) = (d.segs[seg].k0, d.mask_row(mask, grp, seg, pos));
+                // Keys outside the sequence as if masked.
                 let x: Vec<f64> = (0..total)
                     .map(|j| {
                         let z: f64 = (0..hd).map(|c| r(q[at + c]) * r(kv(k, j, c))).sum();
-                        d.scale as f64 * z + mrow[j] as f64
+                        let m = mrow.get(j.wrapping_sub(k0)).map_or(-1e9, |&m| m as f64);
+                        d.scale as f64 * z + m
                     })
                     .collect();
                 let top = x.iter().cloned().fold(f64::MIN, f64::max);
@@ -599,7 +654,8 @@ mod tests {
     /// the unrounded operands (the rounding is real and where it should be). GQA with three
     /// query heads per kv head, 70 positions (two full blocks and a ragged one), a head
     /// dimension of 20 (no whole tile), a causal mask per batch row (the second row two packed
-    /// sequences), and one over a cached prefix of five keys.
+    /// sequences), one over a cached prefix of five keys, and a padding-free row of three
+    /// sequences (30, 25, 15) under one causal table of 40.
     #[test]
     fn tiles_take_the_operands_rounded_to_bf16() {
         if !amx_bf16::available() {
@@ -620,11 +676,34 @@ mod tests {
                 })
                 .collect()
         };
-        for (total, per_row) in [(n, true), (n + 5, false)] {
-            let mask = if per_row {
-                [causal(n, n), causal(n, 30)].concat()
-            } else {
-                causal(total, n)
+        let one = |total| {
+            vec![Seg {
+                q0: 0,
+                len: n,
+                k0: 0,
+                keys: total,
+            }]
+        };
+        let packed: Vec<Seg> = [(0, 30), (30, 25), (55, 15)]
+            .map(|(q0, len)| Seg {
+                q0,
+                len,
+                k0: q0,
+                keys: len,
+            })
+            .to_vec();
+        let table: Vec<f32> = (0..40 * 40)
+            .map(|i| if i % 40 > i / 40 { -1e9 } else { 0.0 })
+            .collect();
+        for (batch, total, per_row, segs) in [
+            (batch, n, true, one(n)),
+            (batch, n + 5, false, one(n + 5)),
+            (1, n, false, packed),
+        ] {
+            let (mask, mask_cols) = match (per_row, segs.len()) {
+                (true, _) => ([causal(n, n), causal(n, 30)].concat(), total),
+                (false, 1) => (causal(total, n), total),
+                _ => (table.clone(), 40),
             };
             let d = Dims {
                 batch,
@@ -634,8 +713,10 @@ mod tests {
                 total,
                 head_dim: hd,
                 mask_per_row: per_row,
+                mask_cols,
                 scale: 0.3,
                 bf16: true,
+                segs,
             };
             let q = wave(batch * kv_heads * rep * n * hd, 0.0);
             let k = wave(batch * kv_heads * total * hd, 1.0);
@@ -652,11 +733,12 @@ mod tests {
                 ("dv", &dv, &rounded[3], &exact[3]),
             ] {
                 let (to_rounded, to_exact) = (rms(got, r), rms(got, e));
+                let segs = d.segs.len();
                 let size = rms(&vec![0f32; got.len()], e);
                 assert!(size > 1e-2, "{name}: not zero");
                 assert!(
                     to_rounded <= 0.1 * to_exact && to_exact <= 1e-2 * size,
-                    "{name} (total {total}): {to_rounded:.2e} from the rounded operands' \
+                    "{name} (total {total}, {segs} sequences): {to_rounded:.2e} from the rounded operands' \
                      attention, {to_exact:.2e} from the exact one (size {size:.2e})"
                 );
             }

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Tensor};
 
 pub use attach::attach;
-pub use attention::attention;
+pub use attention::{attention, attention_packed};
 pub use bf16_linear::{bf16_linear, bf16_products, use_bf16_products, Bf16Weight};
 pub use checkpoint::{checkpoint, GradSink, Recompute};
 pub use frozen_linear::frozen_linear;
