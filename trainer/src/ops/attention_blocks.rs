@@ -96,13 +96,21 @@ impl Dims {
     /// one query head, or one sequence, to the next).
     fn blocks(&self, mask: &[f32]) -> Vec<Block> {
         let mut out = Vec::new();
-        for group in 0..self.groups() {
-            // Positions' extents, shared by the group's query heads.
+        // Positions' extents, per table of the mask (shared by the groups that read it).
+        let extents = |group: usize| {
             let mut ext = vec![0; self.n];
             for (i, s) in self.segs.iter().enumerate() {
                 for pos in s.q0..s.q0 + s.len {
                     ext[pos] = visible_keys(self.mask_row(mask, group, i, pos)).end;
                 }
+            }
+            ext
+        };
+        let per_table = if self.mask_per_row { self.kv_heads } else { self.groups() };
+        let mut ext = Vec::new();
+        for group in 0..self.groups() {
+            if group % per_table == 0 {
+                ext = extents(group);
             }
             for head in 0..self.rep {
                 for (seg, s) in self.segs.iter().enumerate() {
