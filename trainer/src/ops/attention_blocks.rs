@@ -106,7 +106,11 @@ impl Dims {
             }
             ext
         };
-        let per_table = if self.mask_per_row { self.kv_heads } else { self.groups() };
+        let per_table = if self.mask_per_row {
+            self.kv_heads
+        } else {
+            self.groups()
+        };
         let mut ext = Vec::new();
         for group in 0..self.groups() {
             if group % per_table == 0 {

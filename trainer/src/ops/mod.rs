@@ -28,6 +28,8 @@ mod low_rank;
 mod rowwise;
 #[cfg(test)]
 mod test_util;
+#[cfg(test)]
+mod vendored_candle_tests;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -320,6 +320,15 @@ impl BarrierPool {
         if n_items == 0 {
             return;
         }
+        // llamafactory: called from a rayon worker (a program that computes inside a rayon
+        // pool), the chunks go to that pool: its threads are the compute threads, and a
+        // barrier pool beside them would compete for the same cores (or, at one thread, leave
+        // the work serial).
+        if rayon::current_thread_index().is_some() {
+            use rayon::prelude::*;
+            (0..n_items).into_par_iter().for_each(|i| f(i..i + 1));
+            return;
+        }
         // nested use from a worker would deadlock on the call lock; run inline instead
         if IN_BARRIER_POOL.with(|f| f.get()) {
             f(0..n_items);

@@ -946,7 +946,7 @@ impl<I: IntDType> Map2 for IndexAdd<'_, I> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn copy2d_<T: Copy>(
+fn copy2d_<T: Copy + Send + Sync>(
     src: &[T],
     dst: &mut [T],
     d1: usize,
@@ -963,6 +963,20 @@ fn copy2d_<T: Copy>(
         dst[dst_start..dst_start + d1 * d2].copy_from_slice(&src[src_start..src_start + d1 * d2]);
         return;
     }
+    if d1 * d2 >= PAR_COPY_MIN && d1 > 1 && par_copy() {
+        use rayon::prelude::*;
+        let dst = &mut dst[dst_offset..];
+        let per_task = (PAR_COPY_MIN / 4 / d2).max(1);
+        dst.par_chunks_mut(dst_stride1)
+            .take(d1)
+            .enumerate()
+            .with_min_len(per_task)
+            .for_each(|(i, d)| {
+                let s = src_offset + i * src_stride1;
+                d[..d2].copy_from_slice(&src[s..s + d2]);
+            });
+        return;
+    }
     let mut src_idx = src_offset;
     let mut dst_idx = dst_offset;
     for _ in 0..d1 {
@@ -972,7 +986,20 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+/// llamafactory: elements from which a copy (`contiguous`, `cat`) made on a rayon worker is
+/// shared out over its pool.
+const PAR_COPY_MIN: usize = 64 * 1024;
+
+fn par_copy() -> bool {
+    rayon::current_thread_index().is_some()
+}
+
+fn copy_strided_src_<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    dst_offset: usize,
+    src_l: &Layout,
+) {
     match src_l.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } => dst
             [dst_offset..dst_offset + len]
@@ -1008,6 +1035,16 @@ fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l
         } => {
             let n_blocks = block_start_index.len();
             let dst = &mut dst[dst_offset..dst_offset + n_blocks * block_len];
+            if n_blocks * block_len >= PAR_COPY_MIN && par_copy() {
+                use rayon::prelude::*;
+                let starts: Vec<usize> = block_start_index.collect();
+                let per_task = (PAR_COPY_MIN / 4 / block_len).max(1);
+                dst.par_chunks_mut(block_len)
+                    .zip(starts.par_iter())
+                    .with_min_len(per_task)
+                    .for_each(|(d, &s)| d.copy_from_slice(&src[s..s + block_len]));
+                return;
+            }
             let mut dst_index = 0;
             for src_index in block_start_index {
                 dst[dst_index..dst_index + block_len]
