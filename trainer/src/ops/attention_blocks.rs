@@ -100,8 +100,9 @@ impl Dims {
         let extents = |group: usize| {
             let mut ext = vec![0; self.n];
             for (i, s) in self.segs.iter().enumerate() {
-                for pos in s.q0..s.q0 + s.len {
-                    ext[pos] = visible_keys(self.mask_row(mask, group, i, pos)).end;
+                let span = &mut ext[s.q0..s.q0 + s.len];
+                for (e, pos) in span.iter_mut().zip(s.q0..) {
+                    *e = visible_keys(self.mask_row(mask, group, i, pos)).end;
                 }
             }
             ext
@@ -644,11 +645,11 @@ mod tests {
                     o[at + c] = (0..total).map(|j| rp(j) * r(kv(v, j, c))).sum();
                     dq[at + c] = (0..total).map(|j| dz[j] * r(kv(k, j, c))).sum();
                 }
-                for j in 0..total {
+                for (j, dzj) in dz.iter().enumerate() {
                     for c in 0..hd {
                         let kvat = (grp * total + j) * hd + c;
                         dv[kvat] += rp(j) * r(g[at + c]);
-                        dk[kvat] += dz[j] * r(q[at + c]);
+                        dk[kvat] += dzj * r(q[at + c]);
                     }
                 }
             }

@@ -52,6 +52,50 @@ pub struct AdamW {
     pub ratio: Option<super::badam_ratio::RatioMasks>,
     /// Ratio mode's sparse moments, per tensor.
     sparse: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Whether f32 CPU parameters take [`AdamW::fused_update`] (tests compare both ways).
+    fused: bool,
+}
+
+/// One AdamW step's constants for a parameter, as f32 (as candle's scalar ops cast them).
+struct AdamStep {
+    /// `1 − lr · weight_decay`, when there is weight decay.
+    decay: Option<f32>,
+    beta1: f32,
+    keep1: f32,
+    beta2: f32,
+    keep2: f32,
+    /// `1 / √(1 − β₂ᵗ)`.
+    inv_bc2: f32,
+    eps: f32,
+    /// `lr / (1 − β₁ᵗ)`.
+    size: f32,
+}
+
+impl AdamStep {
+    /// `(θ', m', v')`. Each line is one of the composed update's tensor ops, written as candle
+    /// computes it (a scalar op is `x · mul + add`), so the results are the same bits.
+    fn apply(&self, theta: &[f32], g: &[f32], m: &[f32], v: &[f32]) -> [Vec<f32>; 3] {
+        let n = theta.len();
+        let (mut t2, mut m2, mut v2) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for i in 0..n {
+            let th = match self.decay {
+                Some(d) => theta[i] * d + 0.0,
+                None => theta[i],
+            };
+            let mi = (m[i] * self.beta1 + 0.0) + (g[i] * self.keep1 + 0.0);
+            let vi = (v[i] * self.beta2 + 0.0) + ((g[i] * g[i]) * self.keep2 + 0.0);
+            let denom = (vi.sqrt() * self.inv_bc2 + 0.0) * 1.0 + self.eps;
+            let update = (mi / denom) * self.size + 0.0;
+            t2.push(th - update);
+            m2.push(mi);
+            v2.push(vi);
+        }
+        [t2, m2, v2]
+    }
 }
 
 /// APOLLO's update for a weight: the full gradient `full` scaled by the ratio of the low-rank
@@ -130,6 +174,7 @@ impl AdamW {
             gradients_checked: false,
             ratio: None,
             sparse: Vec::new(),
+            fused: true,
         })
     }
 
@@ -159,6 +204,7 @@ impl AdamW {
             rule: Rule::Torch,
             gradients_checked: false,
             ratio: Some(masks),
+            fused: true,
         })
     }
 
@@ -326,8 +372,15 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
+        let fused = match self.fused {
+            true => self.fused_update(grads, lr, bc1, bc2)?,
+            false => vec![false; self.params.len()],
+        };
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
+            if fused[i] {
+                continue;
+            }
             let lr = lr * p.lr_scale;
             let mut theta = p.var.as_tensor().clone();
             if p.weight_decay != 0.0 {
@@ -340,6 +393,68 @@ impl AdamW {
             p.var.set(&(theta - update)?)?;
         }
         Ok(())
+    }
+
+    /// The update of every f32 CPU parameter (with contiguous gradient and moments) in one
+    /// pass per tensor, the tensors shared out over the threads: the same f32 operations in the
+    /// same order as the composed update in [`AdamW::update`] (so the same bits), without its
+    /// dozen tensors per parameter and serial passes. Which parameters it updated.
+    fn fused_update(
+        &mut self,
+        grads: &[Option<Tensor>],
+        lr: f64,
+        bc1: f64,
+        bc2: f64,
+    ) -> Result<Vec<bool>> {
+        use rayon::prelude::*;
+        let f32_cpu =
+            |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
+        let fits: Vec<bool> = (0..self.params.len())
+            .map(|i| {
+                let theta = self.params[i].var.as_tensor();
+                grads[i]
+                    .as_ref()
+                    .is_some_and(|g| [theta, g, &self.m[i], &self.v[i]].into_iter().all(f32_cpu))
+            })
+            .collect();
+        let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);
+        let (m, v) = (&self.m, &self.v);
+        let updated: Vec<(usize, [Vec<f32>; 3])> = self
+            .params
+            .par_iter()
+            .enumerate()
+            .filter(|(i, _)| fits[*i])
+            .map(|(i, p)| {
+                let g = grads[i].as_ref().expect("fits");
+                let lr = lr * p.lr_scale;
+                let step = AdamStep {
+                    decay: (p.weight_decay != 0.0).then_some((1.0 - lr * p.weight_decay) as f32),
+                    beta1: beta1 as f32,
+                    keep1: (1.0 - beta1) as f32,
+                    beta2: beta2 as f32,
+                    keep2: (1.0 - beta2) as f32,
+                    inv_bc2: (1.0 / bc2.sqrt()) as f32,
+                    eps: eps as f32,
+                    size: (lr / bc1) as f32,
+                };
+                let out = crate::ops::with_f32(p.var.as_tensor(), |theta| {
+                    crate::ops::with_f32(g, |g| {
+                        crate::ops::with_f32(&m[i], |m| {
+                            crate::ops::with_f32(&v[i], |v| step.apply(theta, g, m, v))
+                        })
+                    })
+                })????;
+                Ok((i, out))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        for (i, [theta, m, v]) in updated {
+            let p = &self.params[i];
+            let (shape, dev) = (p.var.shape().clone(), p.var.device().clone());
+            self.m[i] = Tensor::from_vec(m, shape.clone(), &dev)?;
+            self.v[i] = Tensor::from_vec(v, shape.clone(), &dev)?;
+            p.var.set(&Tensor::from_vec(theta, shape, &dev)?)?;
+        }
+        Ok(fits)
     }
 
     /// `BlockOptimizerRatio.step`: sparse Adam on the masked entries; the state starts afresh
@@ -588,6 +703,88 @@ mod tests {
                 && !decays("model.norm.weight")
                 && !decays("x.bias")
         );
+    }
+
+    /// In f32 on the CPU the update runs fused, one pass per tensor: the same bits as the
+    /// composed tensor ops over five steps (with and without weight decay, LoRA+'s learning-rate
+    /// scale, a parameter without a gradient), and torch's values for the reference problem.
+    #[test]
+    fn fused_f32_update_is_the_composed_one() {
+        let init = |i: usize| {
+            let v: Vec<f32> = (0..300)
+                .map(|j| ((i * 300 + j) as f32 * 0.37).sin())
+                .collect();
+            Var::from_tensor(&Tensor::from_vec(v, 300, &Device::Cpu).unwrap()).unwrap()
+        };
+        let run = |fused: bool| {
+            let vars: Vec<Var> = (0..3).map(init).collect();
+            let groups = vars
+                .iter()
+                .enumerate()
+                .map(|(i, v)| ParamGroup {
+                    name: format!("p{i}"),
+                    var: v.clone(),
+                    weight_decay: if i == 0 { 0.0 } else { 0.01 },
+                    lr_scale: if i == 2 { 16.0 } else { 1.0 },
+                    galore: None,
+                })
+                .collect();
+            let mut opt = AdamW::new(groups, 0.9, 0.999, 1e-8).unwrap();
+            opt.fused = fused;
+            for step in 0..5 {
+                let grads: Vec<Option<Tensor>> = vars
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        let g = (v.as_tensor() * (0.5 + step as f64))
+                            .unwrap()
+                            .cos()
+                            .unwrap();
+                        (i != 1 || step % 2 == 0).then_some(g)
+                    })
+                    .collect();
+                opt.update(&grads, 1e-2).unwrap();
+            }
+            let values: Vec<Vec<f32>> = vars
+                .iter()
+                .map(|v| v.as_tensor().to_vec1().unwrap())
+                .collect();
+            (values, opt.m.clone(), opt.v.clone())
+        };
+        let (fused, composed) = (run(true), run(false));
+        assert!(fused.0 == composed.0, "parameters differ");
+        for (a, b) in fused
+            .1
+            .iter()
+            .chain(&fused.2)
+            .zip(composed.1.iter().chain(&composed.2))
+        {
+            assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+        }
+        assert!(
+            fused.0[0] != init(0).as_tensor().to_vec1::<f32>().unwrap(),
+            "it moved"
+        );
+
+        // torch's two steps of the reference problem (`adamw_matches_torch_reference`) in f32.
+        let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap()).unwrap();
+        let group = ParamGroup {
+            name: "p".into(),
+            var: var.clone(),
+            weight_decay: 0.01,
+            lr_scale: 1.0,
+            galore: None,
+        };
+        let mut opt = AdamW::new(vec![group], 0.9, 0.999, 1e-8).unwrap();
+        for _ in 0..2 {
+            let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
+            let grads = opt.grads_of(&loss.backward().unwrap());
+            opt.update(&grads, 0.1).unwrap();
+        }
+        let got = var.as_tensor().to_vec1::<f32>().unwrap();
+        for (g, w) in got.iter().zip([0.798_519_1_f32, -1.796_272_6]) {
+            assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
     }
 
     /// `scripts/optim_reference.py`'s fixture `name`.
