@@ -331,15 +331,24 @@ impl AdamW {
 
     /// Pre-clipping global L2 norm of the gradients; scales them to `max_norm` when above it.
     pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
-        let mut total = 0.0;
-        for g in grads.iter().flatten() {
-            total += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-        }
-        let norm = total.sqrt();
+        use rayon::prelude::*;
+        // Each tensor's Σ g² in f64: f32 CPU ones in one pass each, shared over the threads.
+        let squares: Vec<f64> = grads
+            .par_iter()
+            .flatten()
+            .map(|g| -> Result<f64> {
+                if g.dtype() == DType::F32 && g.device().is_cpu() && g.is_contiguous() {
+                    return Ok(crate::ops::with_f32(g, |s| {
+                        s.iter().map(|&x| x as f64 * x as f64).sum::<f64>()
+                    })?);
+                }
+                Ok(g.to_dtype(DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?)
+            })
+            .collect::<Result<_>>()?;
+        let norm = squares.iter().sum::<f64>().sqrt();
         if max_norm > 0.0 {
             let coef = max_norm / (norm + 1e-6);
             if coef < 1.0 {
@@ -703,6 +712,40 @@ mod tests {
                 && !decays("model.norm.weight")
                 && !decays("x.bias")
         );
+    }
+
+    /// The global gradient norm over f32 and f64 gradients (and a missing one) is the f64 norm
+    /// of all their entries; above `max_norm` every gradient is scaled by `max_norm / (norm +
+    /// 1e-6)`, below it none is.
+    #[test]
+    fn gradient_norm_and_clipping() {
+        let f32s: Vec<f32> = (0..5000).map(|i| (i as f32 * 0.1).sin()).collect();
+        let f64s = [3.0f64, -4.0];
+        let want = (f32s.iter().map(|&x| x as f64 * x as f64).sum::<f64>() + 25.0).sqrt();
+        let grads = || {
+            vec![
+                Some(Tensor::from_vec(f32s.clone(), (50, 100), &Device::Cpu).unwrap()),
+                None,
+                Some(Tensor::new(&f64s, &Device::Cpu).unwrap()),
+            ]
+        };
+        let mut g = grads();
+        let norm = AdamW::clip_grad_norm(&mut g, 1e9).unwrap();
+        assert!((norm - want).abs() <= 1e-12 * want, "{norm} vs {want}");
+        assert_eq!(g[2].as_ref().unwrap().to_vec1::<f64>().unwrap(), f64s);
+        let mut g = grads();
+        AdamW::clip_grad_norm(&mut g, 1.0).unwrap();
+        let coef = 1.0 / (want + 1e-6);
+        let got = g[2].as_ref().unwrap().to_vec1::<f64>().unwrap();
+        assert!((got[0] - 3.0 * coef).abs() < 1e-12 && (got[1] + 4.0 * coef).abs() < 1e-12);
+        let first = g[0]
+            .as_ref()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!((first[1] - f32s[1] * coef as f32).abs() < 1e-7);
     }
 
     /// In f32 on the CPU the update runs fused, one pass per tensor: the same bits as the
