@@ -420,6 +420,17 @@ mod tests {
         }
     }
 
+    /// `[o, dq, dk, dv]` in f64 for the loss `Σ o ⊙ weights`.
+    fn with_gradients(o: &Tensor, weights: &Var, [q, k, v]: [&Var; 3]) -> [Tensor; 4] {
+        let loss = (o.to_dtype(DType::F64).unwrap() * weights.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let grad = |t: &Var| g.get(t).unwrap().to_dtype(DType::F64).unwrap();
+        [o.to_dtype(DType::F64).unwrap(), grad(q), grad(k), grad(v)]
+    }
+
     /// A causal mask over `n` queries and `total` keys (the first `total − n` cached), where the
     /// queries from `second` on are a second packed sequence that sees only the keys from
     /// `second` on, and the queries from `blind` on see none.
@@ -457,18 +468,7 @@ mod tests {
                 let (q, k, v) = (to(&q), to(&k), to(&v));
                 let mask = mask.to_dtype(dtype).unwrap();
                 let o = attention(&q, &k, &v, &mask, 0.3, None, rep).unwrap();
-                let loss = (o.to_dtype(DType::F64).unwrap() * weights.as_tensor())
-                    .unwrap()
-                    .sum_all()
-                    .unwrap();
-                let g = loss.backward().unwrap();
-                let grad = |t: &Var| g.get(t).unwrap().to_dtype(DType::F64).unwrap();
-                [
-                    o.to_dtype(DType::F64).unwrap(),
-                    grad(&q),
-                    grad(&k),
-                    grad(&v),
-                ]
+                with_gradients(&o, &weights, [&q, &k, &v])
             };
             let f32_mask = mask.to_dtype(DType::F32).unwrap();
             let scores = Scores {
@@ -538,18 +538,7 @@ mod tests {
                 let v = to(&(v.as_tensor().broadcast_add(&(shift * v_shift).unwrap())).unwrap());
                 let mask = mask.to_dtype(dtype).unwrap();
                 let o = attention_packed(&q, &k, &v, &mask, &segments, 0.3, None, rep).unwrap();
-                let loss = (o.to_dtype(DType::F64).unwrap() * weights.as_tensor())
-                    .unwrap()
-                    .sum_all()
-                    .unwrap();
-                let g = loss.backward().unwrap();
-                let grad = |t: &Var| g.get(t).unwrap().to_dtype(DType::F64).unwrap();
-                [
-                    o.to_dtype(DType::F64).unwrap(),
-                    grad(&q),
-                    grad(&k),
-                    grad(&v),
-                ]
+                with_gradients(&o, &weights, [&q, &k, &v])
             };
             let scores = Scores {
                 mask: mask.to_dtype(DType::F32).unwrap(),
