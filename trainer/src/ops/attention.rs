@@ -231,19 +231,7 @@ pub fn attention(
     softcap: Option<f64>,
     rep: usize,
 ) -> Result<Tensor> {
-    let scores = Scores {
-        mask: mask.detach(),
-        scale,
-        softcap,
-        rep,
-    };
-    if !supported(q) || super::composed() {
-        // The composed graph (benchmarks and tests compare the two).
-        let (p, _) = scores.probs(q, k)?;
-        return p.matmul(v);
-    }
-    let blocks = block_dims(q, k, &scores, None);
-    node(q, k, v, scores, blocks)
+    attend(q, k, v, mask, None, scale, softcap, rep)
 }
 
 /// Attention over a padding-free row of sequences, each attending within itself: `q (1,
@@ -263,17 +251,39 @@ pub fn attention_packed(
     softcap: Option<f64>,
     rep: usize,
 ) -> Result<Tensor> {
+    attend(q, k, v, mask, Some(segments), scale, softcap, rep)
+}
+
+/// [`attention`], or [`attention_packed`] with `segments`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    segments: Option<&[(usize, usize)]>,
+    scale: f64,
+    softcap: Option<f64>,
+    rep: usize,
+) -> Result<Tensor> {
     let scores = Scores {
         mask: mask.detach(),
         scale,
         softcap,
         rep,
     };
-    if supported(q) && !super::composed() {
-        if let Some(d) = block_dims(q, k, &scores, Some(segments)) {
-            return node(q, k, v, scores, Some(d));
+    let fused = supported(q) && !super::composed();
+    let blocks = fused.then(|| block_dims(q, k, &scores, segments)).flatten();
+    let segments = match (segments, fused) {
+        (None, false) => {
+            // The composed graph (benchmarks and tests compare the two).
+            let (p, _) = scores.probs(q, k)?;
+            return p.matmul(v);
         }
-    }
+        (None, true) => return node(q, k, v, scores, blocks),
+        (Some(_), true) if blocks.is_some() => return node(q, k, v, scores, blocks),
+        (Some(segments), _) => segments,
+    };
     let (bs, nkv, rn, hd) = q.dims4()?;
     let n = rn / rep;
     let q = q.reshape((bs, nkv, rep, n, hd))?;
