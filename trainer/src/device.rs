@@ -41,10 +41,9 @@ pub struct Precision {
 /// ([`crate::model::Model::trainable_dtype`]). The CPU keeps its tensors in f32 (candle's CPU
 /// kernels have no bf16 arithmetic); with `bf16` and AMX-BF16 tiles the frozen linear products —
 /// most of a LoRA step's work — and attention's run in bf16 on the tiles, 4–5× the f32 rate
-/// there. Without
-/// tiles bf16 is not faster: AVX512-BF16's `vdpbf16ps` runs at half the f32 FMA rate on the
-/// Xeons we measured, so the run stays f32 and the note says which units the CPU has. `fp16`
-/// on the CPU is f32 (candle's f16 CPU matmul is slower than its f32).
+/// there. Without tiles bf16 is not faster: AVX512-BF16's `vdpbf16ps` runs at half the f32 FMA
+/// rate on the Xeons we measured, so the run stays f32 and the note says which units the CPU
+/// has. `fp16` on the CPU is f32 (candle's f16 CPU matmul is slower than its f32).
 pub fn train_precision(args: &protocol::TrainArgs, device: &Device) -> Precision {
     use candle_core::DType;
     let wanted = if args.bf16 || args.pure_bf16 {

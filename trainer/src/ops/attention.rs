@@ -274,16 +274,18 @@ fn attend(
     };
     let fused = supported(q) && !super::composed();
     let blocks = fused.then(|| block_dims(q, k, &scores, segments)).flatten();
-    let segments = match (segments, fused) {
-        (None, false) => {
+    let Some(segments) = segments else {
+        if !fused {
             // The composed graph (benchmarks and tests compare the two).
             let (p, _) = scores.probs(q, k)?;
             return p.matmul(v);
         }
-        (None, true) => return node(q, k, v, scores, blocks),
-        (Some(_), true) if blocks.is_some() => return node(q, k, v, scores, blocks),
-        (Some(segments), _) => segments,
+        return node(q, k, v, scores, blocks);
     };
+    if blocks.is_some() {
+        return node(q, k, v, scores, blocks);
+    }
+    // Off the block kernels: one attention per sequence.
     let (bs, nkv, rn, hd) = q.dims4()?;
     let n = rn / rep;
     let q = q.reshape((bs, nkv, rep, n, hd))?;

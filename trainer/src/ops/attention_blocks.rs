@@ -69,9 +69,8 @@ struct Block {
     rows: usize,
     /// Query position of the first row.
     pos: usize,
-    /// First key the block's products cover (its sequence's).
-    k0: usize,
-    /// Keys the block's products cover from `k0`: one past the last key any of its rows sees.
+    /// Keys the block's products cover from its sequence's first: one past the last key any of
+    /// its rows sees.
     keys: usize,
 }
 
@@ -127,7 +126,6 @@ impl Dims {
                             row: head * self.n + pos,
                             rows,
                             pos,
-                            k0: s.k0,
                             keys: ext[pos..pos + rows].iter().copied().max().unwrap_or(0),
                         });
                     }
@@ -137,11 +135,16 @@ impl Dims {
         out
     }
 
+    /// The first key block `b`'s products cover: its sequence's.
+    fn k0(&self, b: &Block) -> usize {
+        self.segs[b.seg].k0
+    }
+
     /// `(q-like rows of the block, k-like rows the block sees)` offsets and lengths.
     fn spans(&self, b: &Block) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
         let hd = self.head_dim;
         let q0 = (b.group * self.rep * self.n + b.row) * hd;
-        let k0 = (b.group * self.total + b.k0) * hd;
+        let k0 = (b.group * self.total + self.k0(b)) * hd;
         (q0..q0 + b.rows * hd, k0..k0 + b.keys * hd)
     }
 }
@@ -495,11 +498,11 @@ fn backward_on<P: Products>(
         .par_iter()
         .zip(dq_runs)
         .map(|(run, dq_run)| {
-            let k0 = run.iter().map(|b| b.k0).min().unwrap_or(0);
-            let keys = run.iter().map(|b| b.k0 + b.keys).max().unwrap_or(0) - k0;
+            let k0 = run.iter().map(|b| d.k0(b)).min().unwrap_or(0);
+            let keys = run.iter().map(|b| d.k0(b) + b.keys).max().unwrap_or(0) - k0;
             let (mut dk, mut dv) = (vec![0f32; keys * hd], vec![0f32; keys * hd]);
             // A block's sums start at its first key.
-            let at = |b: &Block| (b.k0 - k0) * if P::SUMS_TRANSPOSED { 1 } else { hd };
+            let at = |b: &Block| (d.k0(b) - k0) * if P::SUMS_TRANSPOSED { 1 } else { hd };
             let mut s = P::Scratch::default();
             let (mut z, mut p, mut dz) = (Vec::new(), Vec::new(), Vec::new());
             for (b, dq_b) in run.iter().zip(split_rows(dq_run, run.chunks(1), hd)) {
@@ -567,14 +570,9 @@ fn add_sums<P: Products>(dst: &mut [f32], sum: &[f32], keys: usize, hd: usize) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::wave;
     use super::*;
     use crate::ops::amx_bf16::round_to_bf16;
-
-    fn wave(len: usize, seed: f64) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i as f64 * 0.37 + seed).sin() * 1.3 + (i % 5) as f64 * 0.05) as f32)
-            .collect()
-    }
 
     /// Attention in f64 for the block layouts, each product's operands rounded to bf16 first
     /// when `round` (as the tiles take them: `q`, `k` for the scores; `p`, `v` for the output;

@@ -67,8 +67,8 @@ impl Frozen {
         scale: f32,
         s: &[f32],
     ) -> Result<(Tensor, Vec<f32>)> {
-        match (self, side) {
-            (Frozen::Dense(_), _) => {
+        match self {
+            Frozen::Dense(_) => {
                 let h = projected_rows(x, p, scale)?;
                 let y = match side {
                     Side::Forward => self.product(x)?,
@@ -76,7 +76,7 @@ impl Frozen {
                 };
                 Ok((add_in_place(y, &h, s)?, h))
             }
-            (Frozen::Bf16(w), _) => w.product_projected(side, x, p, scale, s),
+            Frozen::Bf16(w) => w.product_projected(side, x, p, scale, s),
         }
     }
 }

@@ -300,11 +300,8 @@ impl InplaceOp1 for AddOuter<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::wave;
     use super::*;
-
-    fn wave(len: usize, seed: f32) -> Vec<f32> {
-        (0..len).map(|i| ((i as f32) * 0.37 + seed).sin()).collect()
-    }
 
     /// `a (n, k) · b (k, m)` in f64.
     fn reference(a: &[f32], b: &[f32], n: usize, k: usize, m: usize) -> Vec<f64> {

@@ -11,6 +11,11 @@ pub(super) fn wave_var(shape: impl Into<Shape>, seed: f64, freq: f64) -> Var {
     Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
 }
 
+/// `len` f32 values sin(i · 0.37 + seed).
+pub(super) fn wave(len: usize, seed: f32) -> Vec<f32> {
+    (0..len).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
+}
+
 /// The largest absolute entry of `t`.
 pub(super) fn max_abs(t: &Tensor) -> f64 {
     t.abs()

@@ -7,8 +7,7 @@ use candle_core::{Device, Tensor};
 
 fn wave(shape: &[usize], seed: f32) -> Tensor {
     let len: usize = shape.iter().product();
-    let v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(super::test_util::wave(len, seed), shape, &Device::Cpu).unwrap()
 }
 
 fn results() -> Vec<Vec<f32>> {
@@ -39,13 +38,5 @@ fn work_shared_over_a_pool_gives_the_serial_results() {
         assert!(s == p, "result {i} differs on the pool");
     }
     // The transposed copy is a real transpose (not, say, the input again).
-    assert_ne!(serial[0], results_input());
-}
-
-fn results_input() -> Vec<f32> {
-    wave(&[2, 300, 9, 64], 0.0)
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
+    assert_ne!(serial[0], super::test_util::wave(2 * 300 * 9 * 64, 0.0));
 }

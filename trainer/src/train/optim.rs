@@ -56,6 +56,11 @@ pub struct AdamW {
     fused: bool,
 }
 
+/// Whether `t`'s values can be read as one f32 slice (what the one-pass paths take).
+fn contiguous_f32_cpu(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous()
+}
+
 /// One AdamW step's constants for a parameter, as f32 (as candle's scalar ops cast them).
 struct AdamStep {
     /// `1 − lr · weight_decay`, when there is weight decay.
@@ -337,7 +342,7 @@ impl AdamW {
             .par_iter()
             .flatten()
             .map(|g| -> Result<f64> {
-                if g.dtype() == DType::F32 && g.device().is_cpu() && g.is_contiguous() {
+                if contiguous_f32_cpu(g) {
                     return Ok(crate::ops::with_f32(g, |s| {
                         s.iter().map(|&x| x as f64 * x as f64).sum::<f64>()
                     })?);
@@ -416,14 +421,14 @@ impl AdamW {
         bc2: f64,
     ) -> Result<Vec<bool>> {
         use rayon::prelude::*;
-        let f32_cpu =
-            |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous();
         let fits: Vec<bool> = (0..self.params.len())
             .map(|i| {
                 let theta = self.params[i].var.as_tensor();
-                grads[i]
-                    .as_ref()
-                    .is_some_and(|g| [theta, g, &self.m[i], &self.v[i]].into_iter().all(f32_cpu))
+                grads[i].as_ref().is_some_and(|g| {
+                    [theta, g, &self.m[i], &self.v[i]]
+                        .into_iter()
+                        .all(contiguous_f32_cpu)
+                })
             })
             .collect();
         let (beta1, beta2, eps) = (self.beta1, self.beta2, self.eps);

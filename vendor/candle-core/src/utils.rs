@@ -324,7 +324,7 @@ impl BarrierPool {
         // pool), the chunks go to that pool: its threads are the compute threads, and a
         // barrier pool beside them would compete for the same cores (or, at one thread, leave
         // the work serial).
-        if rayon::current_thread_index().is_some() {
+        if on_rayon_worker() {
             use rayon::prelude::*;
             (0..n_items).into_par_iter().for_each(|i| f(i..i + 1));
             return;
@@ -370,6 +370,12 @@ impl Drop for BarrierPool {
 }
 
 static BARRIER_POOL: OnceLock<BarrierPool> = OnceLock::new();
+
+/// llamafactory: whether this thread is a rayon pool's worker (whose pool then takes the
+/// element-wise ops' and copies' parallel work).
+pub(crate) fn on_rayon_worker() -> bool {
+    rayon::current_thread_index().is_some()
+}
 
 /// Persistent barrier pool
 pub fn barrier_pool() -> &'static BarrierPool {

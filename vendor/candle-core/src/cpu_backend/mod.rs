@@ -963,7 +963,7 @@ fn copy2d_<T: Copy + Send + Sync>(
         dst[dst_start..dst_start + d1 * d2].copy_from_slice(&src[src_start..src_start + d1 * d2]);
         return;
     }
-    if d1 * d2 >= PAR_COPY_MIN && d1 > 1 && par_copy() {
+    if d1 * d2 >= PAR_COPY_MIN && d1 > 1 && crate::utils::on_rayon_worker() {
         use rayon::prelude::*;
         let dst = &mut dst[dst_offset..];
         let per_task = (PAR_COPY_MIN / 4 / d2).max(1);
@@ -989,10 +989,6 @@ fn copy2d_<T: Copy + Send + Sync>(
 /// llamafactory: elements from which a copy (`contiguous`, `cat`) made on a rayon worker is
 /// shared out over its pool.
 const PAR_COPY_MIN: usize = 64 * 1024;
-
-fn par_copy() -> bool {
-    rayon::current_thread_index().is_some()
-}
 
 fn copy_strided_src_<T: Copy + Send + Sync>(
     src: &[T],
@@ -1035,7 +1031,7 @@ fn copy_strided_src_<T: Copy + Send + Sync>(
         } => {
             let n_blocks = block_start_index.len();
             let dst = &mut dst[dst_offset..dst_offset + n_blocks * block_len];
-            if n_blocks * block_len >= PAR_COPY_MIN && par_copy() {
+            if n_blocks * block_len >= PAR_COPY_MIN && crate::utils::on_rayon_worker() {
                 use rayon::prelude::*;
                 let starts: Vec<usize> = block_start_index.collect();
                 let per_task = (PAR_COPY_MIN / 4 / block_len).max(1);
